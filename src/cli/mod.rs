@@ -1,0 +1,225 @@
+//! The command line: `check`, `routes`, `schema`, `run`. Parses flags and calls the library;
+//! output formats live here, decisions do not.
+
+pub mod output;
+pub mod run;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, Options, TreeLimits, TreeOptions};
+
+/// Legate: an API gateway whose configuration lives in git.
+#[derive(Debug, Parser)]
+#[command(name = "legate", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format of the gateway's own logs.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "LEGATE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a config tree: schema, semantics, optionally TLS secrets. Exit 0 valid, 1 errors, 2 usage/I-O.
+    Check(CheckArgs),
+    /// Print the compiled route table in match order.
+    Routes(RoutesArgs),
+    /// Print the resource schemas, or the fields and their implementation status.
+    Schema(SchemaArgs),
+    /// Run the gateway.
+    Run(Box<run::RunArgs>),
+}
+
+/// Flags shared by every command that reads a config tree.
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Namespace for resources without metadata.namespace.
+    #[arg(long, default_value = "default", env = "LEGATE_NAMESPACE")]
+    pub namespace: String,
+    /// This gateway's ambassador_id; resources for other ids are skipped.
+    #[arg(long, default_value = "default", env = "LEGATE_AMBASSADOR_ID")]
+    pub ambassador_id: String,
+    /// Treat warnings as errors.
+    #[arg(long)]
+    pub strict: bool,
+    /// Only read files matching these globs (relative to the root; repeatable).
+    #[arg(long = "include", value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Skip files matching these globs (repeatable).
+    #[arg(long = "exclude", value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Largest YAML file read, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_file_bytes: u64,
+    /// Largest total of YAML in one revision, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_revision_bytes: u64,
+}
+
+impl ConfigArgs {
+    pub fn options(&self) -> Options {
+        Options {
+            tree: TreeOptions {
+                limits: TreeLimits {
+                    max_file_bytes: self.max_file_bytes,
+                    max_total_bytes: self.max_revision_bytes,
+                },
+                include: self.include.clone(),
+                exclude: self.exclude.clone(),
+            },
+            namespace: self.namespace.clone(),
+            ambassador_id: self.ambassador_id.clone(),
+            strict: self.strict,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum CheckFormat {
+    Text,
+    Json,
+    Github,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Config root (directory or single file).
+    #[arg(default_value = ".")]
+    pub path: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Also check that the TLS secrets Hosts name exist here (`<dir>/<name>/tls.crt|tls.key`).
+    #[arg(long, env = "LEGATE_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: CheckFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum TableFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct RoutesArgs {
+    #[arg(default_value = ".")]
+    pub path: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: TableFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// `mapping` or `host`; all kinds when omitted.
+    pub kind: Option<String>,
+    /// Print the JSON Schema itself instead of the field table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Run the CLI; returns the process exit code.
+pub fn main(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Check(a) => check(a),
+        Command::Routes(a) => routes(a),
+        Command::Schema(a) => schema(a),
+        Command::Run(a) => {
+            let cfg = a.config.options();
+            run::run(*a, cfg)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("legate: {e:#}");
+            2
+        }
+    }
+}
+
+fn check(a: CheckArgs) -> anyhow::Result<i32> {
+    if !a.path.exists() {
+        anyhow::bail!("{}: no such file or directory", a.path.display());
+    }
+    let opts = a.config.options();
+    let mut outcome = config::check_dir(&a.path, &opts);
+    if let Some(dir) = &a.secrets_dir {
+        let extra = crate::reconcile::preflight::check_secrets(&outcome.resources, dir);
+        let failed = extra.iter().any(|d| d.severity == config::Severity::Error);
+        outcome.diagnostics.extend(extra);
+        if failed {
+            outcome.graph = None;
+        }
+    }
+    output::print_check(&outcome, a.format, &a.path);
+    Ok(if outcome.is_ok() { 0 } else { 1 })
+}
+
+fn routes(a: RoutesArgs) -> anyhow::Result<i32> {
+    if !a.path.exists() {
+        anyhow::bail!("{}: no such file or directory", a.path.display());
+    }
+    let outcome = config::check_dir(&a.path, &a.config.options());
+    let Some(graph) = &outcome.graph else {
+        output::print_check(&outcome, CheckFormat::Text, &a.path);
+        return Ok(1);
+    };
+    for d in outcome
+        .diagnostics
+        .iter()
+        .filter(|d| d.severity >= config::Severity::Warning)
+    {
+        eprintln!("{d}");
+    }
+    match a.format {
+        TableFormat::Text => print!("{}", output::route_table(graph)),
+        TableFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&output::route_table_json(graph))?
+        ),
+    }
+    Ok(0)
+}
+
+fn schema(a: SchemaArgs) -> anyhow::Result<i32> {
+    use config::schema::{fields, Kind};
+    let kinds: Vec<Kind> = match a.kind.as_deref() {
+        None => Kind::ALL.to_vec(),
+        Some(k) => match Kind::ALL
+            .into_iter()
+            .find(|x| x.name().eq_ignore_ascii_case(k))
+        {
+            Some(x) => vec![x],
+            None => anyhow::bail!("unknown kind `{k}`: use mapping or host"),
+        },
+    };
+    for k in kinds {
+        if a.json {
+            println!("{}", k.schema_text().trim_end());
+            continue;
+        }
+        println!("{} ({})", k.name(), k.schema_file());
+        for f in fields(k) {
+            let status = format!("{:?}", f.status).to_ascii_lowercase();
+            print!("  {:<36} {:<12} {}", f.name, status, f.description);
+            if let Some(n) = &f.note {
+                print!(" [{n}]");
+            }
+            println!();
+        }
+        println!();
+    }
+    Ok(0)
+}

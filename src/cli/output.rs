@@ -1,0 +1,289 @@
+//! Output formats for `check` and `routes`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::json;
+
+use super::CheckFormat;
+use crate::config::{Diagnostic, Outcome, Severity};
+use crate::routes::{Action, Graph, HostMatch, MethodMatch, PathMatch, RedirectPath, Rewrite, ValueTest};
+
+/// Print a check outcome to stdout in the chosen format.
+pub fn print_check(outcome: &Outcome, format: CheckFormat, root: &Path) {
+    let c = outcome.counts();
+    match format {
+        CheckFormat::Text => {
+            for d in &outcome.diagnostics {
+                println!("{d}");
+            }
+            let routes = outcome.graph.as_ref().map(|g| g.len()).unwrap_or(0);
+            let verdict = if outcome.is_ok() { "valid" } else { "INVALID" };
+            println!(
+                "{}: {verdict}: {} file(s), {} resource(s), {} route(s); {} error(s), {} warning(s), {} note(s)",
+                root.display(),
+                outcome.files,
+                outcome.resources.len(),
+                routes,
+                c.errors,
+                c.warnings,
+                c.notes
+            );
+            if outcome.is_ok() && routes == 0 {
+                println!("note: the configuration defines no routes; every request will get 404");
+            }
+        }
+        CheckFormat::Json => {
+            let v = json!({
+                "valid": outcome.is_ok(),
+                "files": outcome.files,
+                "resources": outcome.resources.len(),
+                "routes": outcome.graph.as_ref().map(|g| g.len()).unwrap_or(0),
+                "hash": outcome.graph.as_ref().map(|g| g.hash.clone()),
+                "counts": c,
+                "diagnostics": outcome.diagnostics,
+            });
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
+        CheckFormat::Github => {
+            for d in &outcome.diagnostics {
+                println!("{}", github_annotation(d, root));
+            }
+        }
+    }
+}
+
+/// A GitHub Actions workflow command (`::error file=..,line=..,col=..::message`).
+pub fn github_annotation(d: &Diagnostic, root: &Path) -> String {
+    let level = match d.severity {
+        Severity::Error => "error",
+        Severity::Warning => "warning",
+        Severity::Note => "notice",
+    };
+    let file = if d.file.is_empty() {
+        root.display().to_string()
+    } else if root.is_dir() {
+        let p = root.join(&d.file);
+        p.strip_prefix("./").unwrap_or(&p).display().to_string()
+    } else {
+        root.display().to_string()
+    };
+    let mut msg = d.message.clone();
+    if let Some(h) = &d.help {
+        msg.push_str(" — ");
+        msg.push_str(h);
+    }
+    format!(
+        "::{level} file={},line={},col={},title={}::{}",
+        escape_prop(&file),
+        d.line,
+        d.column,
+        escape_prop(&format!("legate {}", d.code)),
+        escape_data(&msg)
+    )
+}
+
+fn escape_data(s: &str) -> String {
+    s.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A")
+}
+
+fn escape_prop(s: &str) -> String {
+    escape_data(s).replace(':', "%3A").replace(',', "%2C")
+}
+
+/// Describe a route's match in one short line.
+pub fn describe_match(g: &Graph, group: usize) -> String {
+    let m = &g.groups[group].matcher;
+    let mut s = String::new();
+    if let Some(mm) = &m.method {
+        match mm {
+            MethodMatch::Exact(x) => {
+                let _ = write!(s, "{x} ");
+            }
+            MethodMatch::Regex(r) => {
+                let _ = write!(s, "~{} ", strip_anchor(r.as_str()));
+            }
+        }
+    }
+    match &m.path {
+        PathMatch::Prefix(p) => s.push_str(&format!("{p}*")),
+        PathMatch::Exact(p) => s.push_str(&format!("={p}")),
+        PathMatch::Regex(r) => s.push_str(&format!("~{}", strip_anchor(r.as_str()))),
+    }
+    if !m.case_sensitive {
+        s.push_str(" (any case)");
+    }
+    for h in &m.headers {
+        let _ = write!(s, " [{}{}]", h.name, show(&h.test));
+    }
+    for q in &m.query {
+        let _ = write!(s, " ?{}{}", q.name, show(&q.test));
+    }
+    s
+}
+
+fn strip_anchor(s: &str) -> &str {
+    s.strip_prefix("^(?:")
+        .and_then(|x| x.strip_suffix(")$"))
+        .unwrap_or(s)
+}
+
+fn show(t: &ValueTest) -> String {
+    match t {
+        ValueTest::Exact(v) => format!("={v}"),
+        ValueTest::Regex(r) => format!("~{}", strip_anchor(r.as_str())),
+        ValueTest::Present => " present".into(),
+    }
+}
+
+fn host_of(m: &HostMatch) -> String {
+    match m {
+        HostMatch::Any => "*".into(),
+        HostMatch::Glob(p) => p.to_string(),
+        HostMatch::Regex(r) => format!("~{}", strip_anchor(r.as_str())),
+    }
+}
+
+/// What a route does, in one short line.
+pub fn describe_action(a: &Action) -> String {
+    match a {
+        Action::Forward(f) => {
+            let mut s = f.upstream.to_string();
+            match &f.rewrite {
+                Rewrite::Keep => {}
+                Rewrite::Prefix(p) => {
+                    let _ = write!(s, " rewrite={p}");
+                }
+                Rewrite::Regex { pattern, substitution } => {
+                    let _ = write!(s, " regex_rewrite={}=>{}", pattern.as_str(), substitution);
+                }
+            }
+            s
+        }
+        Action::Redirect(r) => {
+            let mut s = format!("redirect {}", r.status);
+            if let Some(h) = &r.host {
+                let _ = write!(s, " host={h}");
+            }
+            match &r.path {
+                RedirectPath::Keep => {}
+                RedirectPath::Replace(p) => {
+                    let _ = write!(s, " path={p}");
+                }
+                RedirectPath::Prefix(p) => {
+                    let _ = write!(s, " prefix={p}");
+                }
+                RedirectPath::Regex { pattern, substitution } => {
+                    let _ = write!(s, " regex={}=>{}", pattern.as_str(), substitution);
+                }
+            }
+            s
+        }
+    }
+}
+
+/// The route table as text: one block per Host plus the hostname fallback, in match order.
+pub fn route_table(g: &Graph) -> String {
+    let mut out = String::new();
+    let section = |title: String, groups: &[usize], out: &mut String| {
+        let _ = writeln!(out, "{title}");
+        if groups.is_empty() {
+            let _ = writeln!(out, "  (no routes)");
+        }
+        let _ = writeln!(
+            out,
+            "  {:<4} {:<5} {:<24} {:<40} {:<28} {:>6}  upstream",
+            "#", "prec", "host", "match", "mapping", "weight"
+        );
+        for (n, &gi) in groups.iter().enumerate() {
+            let grp = &g.groups[gi];
+            let host = host_of(&grp.matcher.host);
+            let mtch = describe_match(g, gi);
+            for (id, share) in grp.shares() {
+                let r = g.route(id);
+                let _ = writeln!(
+                    out,
+                    "  {:<4} {:<5} {:<24} {:<40} {:<28} {:>5}%  {}",
+                    n + 1,
+                    grp.precedence,
+                    host,
+                    mtch,
+                    format!("{}/{}", r.namespace, r.name),
+                    share,
+                    describe_action(&r.action)
+                );
+            }
+            if let Some((id, pct)) = grp.shadow {
+                let r = g.route(id);
+                let _ = writeln!(
+                    out,
+                    "  {:<4} {:<5} {:<24} {:<40} {:<28} {:>5}%  shadow {}",
+                    n + 1,
+                    grp.precedence,
+                    host,
+                    mtch,
+                    format!("{}/{}", r.namespace, r.name),
+                    pct,
+                    describe_action(&r.action)
+                );
+            }
+        }
+        let _ = writeln!(out);
+    };
+    for (i, h) in g.hosts.iter().enumerate() {
+        let tls = match &h.tls_secret {
+            Some(s) => format!("tls={}", s.name),
+            None => "no tls".into(),
+        };
+        section(
+            format!(
+                "Host {}/{} ({}; {}; insecure={:?})",
+                h.namespace, h.name, h.hostname, tls, h.insecure
+            ),
+            &g.tables[i].groups,
+            &mut out,
+        );
+    }
+    section(
+        "Requests matching no Host (Mappings with their own hostname)".into(),
+        &g.tables[g.hosts.len()].groups,
+        &mut out,
+    );
+    out
+}
+
+/// The route table as JSON (also used by the admin API).
+pub fn route_table_json(g: &Graph) -> serde_json::Value {
+    let table = |groups: &[usize]| -> Vec<serde_json::Value> {
+        groups
+            .iter()
+            .map(|&gi| {
+                let grp = &g.groups[gi];
+                json!({
+                    "match": describe_match(g, gi),
+                    "host": host_of(&grp.matcher.host),
+                    "precedence": grp.precedence,
+                    "members": grp.shares().iter().map(|(id, share)| {
+                        let r = g.route(*id);
+                        json!({"mapping": format!("{}/{}", r.namespace, r.name), "weight": share, "action": describe_action(&r.action), "source": r.source})
+                    }).collect::<Vec<_>>(),
+                    "shadow": grp.shadow.map(|(id, pct)| {
+                        let r = g.route(id);
+                        json!({"mapping": format!("{}/{}", r.namespace, r.name), "percent": pct, "action": describe_action(&r.action)})
+                    }),
+                })
+            })
+            .collect()
+    };
+    json!({
+        "hash": g.hash,
+        "hosts": g.hosts.iter().enumerate().map(|(i, h)| json!({
+            "host": format!("{}/{}", h.namespace, h.name),
+            "hostname": h.hostname.to_string(),
+            "tls_secret": h.tls_secret.as_ref().map(|s| s.name.clone()),
+            "insecure": format!("{:?}", h.insecure),
+            "routes": table(&g.tables[i].groups),
+        })).collect::<Vec<_>>(),
+        "fallback": table(&g.tables[g.hosts.len()].groups),
+    })
+}

@@ -1,0 +1,102 @@
+//! Configuration: read a tree of YAML, check it against the JSON Schemas, compile it.
+//!
+//! Owns: the file tree walk and its limits (`tree`), the YAML front end (`yaml`), schema
+//! validation (`schema`), the raw resource model (`model`) and `compile`, the only way to build
+//! a `routes::Graph`. Pure: no tokio, no sockets; `legate check`, `legate diff` and the
+//! reconciler all call [`load_and_compile`], so a pull request sees what the gateway will do.
+
+pub mod compile;
+pub mod diag;
+pub mod model;
+pub mod schema;
+pub mod tree;
+pub mod yaml;
+
+use std::sync::Arc;
+
+pub use compile::compile;
+pub use diag::{Counts, Diagnostic, Location, Severity};
+pub use model::{load, Loaded, Resource};
+pub use tree::{ConfigTree, DirTree, TreeLimits, TreeOptions};
+
+use crate::routes::Graph;
+
+/// Options that change how a revision is read and judged.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub tree: TreeOptions,
+    /// Namespace for resources without `metadata.namespace`.
+    pub namespace: String,
+    /// This gateway's `ambassador_id`.
+    pub ambassador_id: String,
+    /// Warnings count as errors.
+    pub strict: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            tree: TreeOptions::default(),
+            namespace: "default".into(),
+            ambassador_id: "default".into(),
+            strict: false,
+        }
+    }
+}
+
+/// The result of reading, validating and compiling one revision.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The compiled graph, present when there are no errors (warnings under `--strict` count).
+    pub graph: Option<Arc<Graph>>,
+    /// Every finding, sorted by file and position.
+    pub diagnostics: Vec<Diagnostic>,
+    /// Number of YAML files read.
+    pub files: usize,
+    /// The resources that were loaded (Mappings and Hosts for this gateway).
+    pub resources: Vec<Resource>,
+}
+
+impl Outcome {
+    pub fn counts(&self) -> Counts {
+        Counts::of(&self.diagnostics)
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.graph.is_some()
+    }
+}
+
+/// Read `tree`, validate every document and compile the whole revision.
+pub fn load_and_compile(tree: &dyn ConfigTree, opts: &Options) -> Outcome {
+    let loaded = load(tree, opts);
+    let (graph, mut diagnostics) = {
+        let (g, d) = compile(&loaded.resources);
+        let mut all = loaded.diagnostics;
+        all.extend(d);
+        (g, all)
+    };
+    if opts.strict {
+        for d in &mut diagnostics {
+            if d.severity == Severity::Warning {
+                d.severity = Severity::Error;
+            }
+        }
+    }
+    diagnostics.sort_by(|a, b| {
+        (&a.file, a.line, a.column, &a.pointer).cmp(&(&b.file, b.line, b.column, &b.pointer))
+    });
+    diagnostics.dedup();
+    let errors = diagnostics.iter().any(|d| d.severity == Severity::Error);
+    Outcome {
+        graph: if errors { None } else { Some(Arc::new(graph)) },
+        diagnostics,
+        files: loaded.files,
+        resources: loaded.resources,
+    }
+}
+
+/// Convenience for a plain directory.
+pub fn check_dir(path: &std::path::Path, opts: &Options) -> Outcome {
+    load_and_compile(&DirTree::new(path), opts)
+}

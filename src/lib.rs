@@ -1,0 +1,14 @@
+//! Legate: an API gateway whose configuration lives in git.
+//!
+//! The data flow is the module tree:
+//! `source` (git, dir) -> revision -> `config` (parse, schema, compile) -> `routes::Graph`
+//! -> `reconcile` (swap, verify, roll back, record) -> `proxy` (reads the current graph per
+//! request). `admin` and `cli` read the recorded status; `legate check` reuses `config` and
+//! `routes` with no server.
+
+pub mod cli;
+pub mod config;
+pub mod proxy;
+pub mod routes;
+pub mod tls;
+pub mod reconcile;

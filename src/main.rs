@@ -1,0 +1,20 @@
+//! The `legate` binary: parse the command line, set up logging, install the TLS provider,
+//! and hand over to the library.
+
+use clap::Parser;
+
+fn main() {
+    let cli = legate::cli::Cli::parse();
+    // One crypto provider for the whole process (ring); installing twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LEGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        legate::cli::LogFormat::Json => builder.json().init(),
+        legate::cli::LogFormat::Text => builder.init(),
+    }
+    std::process::exit(legate::cli::main(cli));
+}
