@@ -359,7 +359,7 @@ fn compile_mapping<'r>(
                     .with_help("keep `hostname` (`host` is its deprecated form)"),
             );
         }
-        match h.parse::<HostPattern>() {
+        match host_glob(res, "/spec/hostname", h, diags) {
             Ok(p) => {
                 assoc_glob = Some(p.clone());
                 if p == HostPattern::Any {
@@ -384,7 +384,7 @@ fn compile_mapping<'r>(
                 }
             }
         } else {
-            match h.parse::<HostPattern>() {
+            match host_glob(res, "/spec/host", h, diags) {
                 Ok(p) => {
                     assoc_glob = Some(p.clone());
                     HostMatch::Glob(p)
@@ -526,6 +526,27 @@ fn compile_mapping<'r>(
         redirect_assoc,
         host_regex,
     })
+}
+
+/// Parse a hostname glob; Emissary also accepts `name:port`, which Legate matches by name only.
+fn host_glob(
+    res: &Resource,
+    ptr: &str,
+    raw: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Result<HostPattern, String> {
+    let (name, port) = match raw.rsplit_once(':') {
+        Some((n, p)) if !n.contains(':') && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (n, Some(p)),
+        _ => (raw, None),
+    };
+    let pat = name.parse::<HostPattern>()?;
+    if port.is_some() {
+        diags.push(
+            Diagnostic::warning("hostname-port", &res.at(ptr), format!("the port in `{raw}` is ignored: Legate matches host names without the port"))
+                .with_help(format!("write `{name}`; to tell ports apart, use separate listeners")),
+        );
+    }
+    Ok(pat)
 }
 
 fn test_len(t: &ValueTest) -> usize {
@@ -792,7 +813,7 @@ fn build_regex(pat: &str, case_insensitive: bool, anchored: bool) -> Result<Rege
 }
 
 fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Option<HostRoute> {
-    let hostname = match h.hostname.as_deref().unwrap_or("*").parse::<HostPattern>() {
+    let hostname = match host_glob(r, "/spec/hostname", h.hostname.as_deref().unwrap_or("*"), diags) {
         Ok(p) => p,
         Err(e) => {
             diags.push(Diagnostic::error("bad-hostname", &r.at("/spec/hostname"), format!("hostname is not a valid host glob: {e}")).with_help("use a host name, `*`, or a glob like `*.example.com`"));
@@ -843,3 +864,140 @@ fn graph_hash(hosts: &[HostRoute], routes: &[Route], groups: &[Group]) -> String
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load_and_compile, MemTree, Options, Outcome, Severity};
+    use crate::routes::RequestHead;
+
+    fn mapping(name: &str, spec: &str) -> String {
+        let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+        format!("---\napiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata:\n  name: {name}\nspec:\n{spec}")
+    }
+
+    fn compile_text(text: &str) -> Outcome {
+        load_and_compile(&MemTree::new().with("m.yaml", text), &Options::default())
+    }
+
+    fn route_for(o: &Outcome, method: &str, path: &str, headers: &[(&str, &str)]) -> Option<String> {
+        let g = o.graph.as_ref().expect("valid config");
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        let head = RequestHead { host: "h.example", method, path, query: None, headers: &map };
+        g.lookup(&head).map(|m| g.route(m.group.pick(0).unwrap()).name.clone())
+    }
+
+    fn codes(o: &Outcome) -> Vec<&'static str> {
+        o.diagnostics.iter().map(|d| d.code).collect()
+    }
+
+    #[test]
+    fn longer_prefix_wins_then_precedence_overrides() {
+        let t = mapping("short", "hostname: '*'\nprefix: /api/\nservice: a")
+            + &mapping("long", "hostname: '*'\nprefix: /api/v1/\nservice: b");
+        let o = compile_text(&t);
+        assert_eq!(route_for(&o, "GET", "/api/v1/x", &[]).as_deref(), Some("long"));
+        assert_eq!(route_for(&o, "GET", "/api/v2/x", &[]).as_deref(), Some("short"));
+        assert_eq!(route_for(&o, "GET", "/other", &[]), None);
+        let t = mapping("short", "hostname: '*'\nprefix: /api/\nservice: a\nprecedence: 5")
+            + &mapping("long", "hostname: '*'\nprefix: /api/v1/\nservice: b");
+        let o = compile_text(&t);
+        assert_eq!(route_for(&o, "GET", "/api/v1/x", &[]).as_deref(), Some("short"));
+    }
+
+    #[test]
+    fn header_and_method_constraints_order_before_plain() {
+        let t = mapping("plain", "hostname: '*'\nprefix: /x/\nservice: a")
+            + &mapping("post", "hostname: '*'\nprefix: /x/\nservice: b\nmethod: post")
+            + &mapping("hdr", "hostname: '*'\nprefix: /x/\nservice: c\nheaders:\n  x-canary: 'yes'");
+        let o = compile_text(&t);
+        assert!(o.is_ok(), "{:?}", o.diagnostics);
+        assert_eq!(route_for(&o, "POST", "/x/1", &[]).as_deref(), Some("post"));
+        assert_eq!(route_for(&o, "GET", "/x/1", &[("x-canary", "yes")]).as_deref(), Some("hdr"));
+        assert_eq!(route_for(&o, "GET", "/x/1", &[]).as_deref(), Some("plain"));
+    }
+
+    #[test]
+    fn case_insensitive_and_exact_paths() {
+        let t = mapping("ci", "hostname: '*'\nprefix: /Docs/\ncase_sensitive: false\nservice: a")
+            + &mapping("exact", "hostname: '*'\nprefix: /health\nprefix_exact: true\nservice: b");
+        let o = compile_text(&t);
+        assert_eq!(route_for(&o, "GET", "/docs/a", &[]).as_deref(), Some("ci"));
+        assert_eq!(route_for(&o, "GET", "/DOCS/a", &[]).as_deref(), Some("ci"));
+        assert_eq!(route_for(&o, "GET", "/health", &[]).as_deref(), Some("exact"));
+        assert_eq!(route_for(&o, "GET", "/healthz", &[]), None);
+    }
+
+    #[test]
+    fn weights_and_unweighted_rest() {
+        let t = mapping("a", "hostname: '*'\nprefix: /c/\nservice: a\nweight: 30")
+            + &mapping("b", "hostname: '*'\nprefix: /c/\nservice: b")
+            + &mapping("c", "hostname: '*'\nprefix: /c/\nservice: c");
+        let o = compile_text(&t);
+        let g = o.graph.as_ref().unwrap();
+        let shares: Vec<u32> = g.groups[0].shares().iter().map(|s| s.1).collect();
+        assert_eq!(shares, vec![30, 35, 35]);
+        assert!(codes(&o).contains(&"accidental-split"));
+    }
+
+    #[test]
+    fn semantic_errors_are_all_collected() {
+        let t = mapping("w1", "hostname: '*'\nprefix: /w/\nservice: a\nweight: 70")
+            + &mapping("w2", "hostname: '*'\nprefix: /w/\nservice: b\nweight: 60")
+            + &mapping("re", "hostname: '*'\nprefix: '/(unclosed'\nprefix_regex: true\nservice: a")
+            + &mapping("glob", "hostname: 'a*b.example.com'\nprefix: /g/\nservice: a")
+            + &mapping("svc", "hostname: '*'\nprefix: /s/\nservice: 'http://bad host'")
+            + &mapping("hre", "hostname: '*'\nprefix: /h/\nservice: a\nregex_headers:\n  x-a: '(['");
+        let o = compile_text(&t);
+        assert!(!o.is_ok());
+        let c = codes(&o);
+        for want in ["weights-over-100", "bad-regex", "bad-hostname", "bad-service"] {
+            assert!(c.contains(&want), "{want} missing from {c:?}");
+        }
+        assert_eq!(c.iter().filter(|x| **x == "bad-regex").count(), 2);
+        assert!(o.diagnostics.iter().filter(|d| d.severity == Severity::Error).all(|d| d.line > 1));
+    }
+
+    #[test]
+    fn hostless_mapping_without_selector_is_warned() {
+        let o = compile_text(&mapping("lost", "prefix: /lost/\nservice: a"));
+        assert!(o.is_ok());
+        let d = o.diagnostics.iter().find(|d| d.code == "unreachable-mapping").expect("warned");
+        assert!(d.help.as_deref().unwrap().contains("hostname: \"*\""));
+        assert_eq!(route_for(&o, "GET", "/lost/", &[]), None);
+    }
+
+    #[test]
+    fn hash_is_stable_and_content_based() {
+        let a = mapping("x", "hostname: '*'\nprefix: /x/\nservice: a") + &mapping("y", "hostname: '*'\nprefix: /y/\nservice: b");
+        let b = mapping("y", "hostname: '*'\nprefix: /y/\nservice: b") + &mapping("x", "hostname: '*'\nprefix: /x/\nservice: a");
+        let c = mapping("x", "hostname: '*'\nprefix: /x/\nservice: c") + &mapping("y", "hostname: '*'\nprefix: /y/\nservice: b");
+        let (ha, hb, hc) = (compile_text(&a), compile_text(&b), compile_text(&c));
+        let h = |o: &Outcome| o.graph.as_ref().unwrap().hash.clone();
+        assert_eq!(h(&ha), h(&hb));
+        assert_ne!(h(&ha), h(&hc));
+        assert_eq!(h(&ha).len(), 64);
+    }
+
+    #[test]
+    fn envoy_substitutions_convert() {
+        assert_eq!(envoy_substitution("/v\\1/\\2"), "/v${1}/${2}");
+        assert_eq!(envoy_substitution("/cost$5"), "/cost$$5");
+    }
+
+    #[test]
+    fn host_association_by_glob_or_selector() {
+        let t = "---\napiVersion: legate.dev/v1alpha1\nkind: Host\nmetadata:\n  name: h\nspec:\n  hostname: h.example\n  mappingSelector:\n    matchLabels: {team: a}\n".to_string()
+            + "---\napiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata:\n  name: sel\n  labels: {team: a}\nspec:\n  prefix: /sel/\n  service: a\n"
+            + &mapping("other", "prefix: /other/\nservice: a")
+            + &mapping("glob", "hostname: '*.example'\nprefix: /glob/\nservice: a");
+        let o = compile_text(&t);
+        assert_eq!(route_for(&o, "GET", "/sel/", &[]).as_deref(), Some("sel"));
+        assert_eq!(route_for(&o, "GET", "/glob/", &[]).as_deref(), Some("glob"));
+        assert_eq!(route_for(&o, "GET", "/other/", &[]), None);
+        assert!(o.diagnostics.iter().any(|d| d.code == "unreachable-mapping" && d.message.contains("other")));
+    }
+}

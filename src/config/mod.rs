@@ -17,7 +17,7 @@ use std::sync::Arc;
 pub use compile::compile;
 pub use diag::{Counts, Diagnostic, Location, Severity};
 pub use model::{load, Loaded, Resource};
-pub use tree::{ConfigTree, DirTree, TreeLimits, TreeOptions};
+pub use tree::{ConfigTree, DirTree, MemTree, TreeLimits, TreeOptions};
 
 use crate::routes::Graph;
 

@@ -202,6 +202,30 @@ pub fn validate(kind: Kind, doc: &Document, file: &str) -> Vec<Diagnostic> {
                 }
                 out.push(d);
             }
+            ValidationErrorKind::Enum { options } => {
+                let loc = locate(doc, file, &path);
+                let allowed: Vec<String> = options
+                    .as_array()
+                    .map(|a| a.iter().map(|v| v.to_string()).collect())
+                    .unwrap_or_default();
+                let got = doc
+                    .value
+                    .pointer(&path)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
+                let mut d = Diagnostic::error(
+                    "schema",
+                    &loc,
+                    format!("{}: {got} is not allowed", show_path(&path)),
+                )
+                .with_help(format!("use one of: {}", allowed.join(", ")));
+                if let Some(s) = got.as_str().get(1..got.len().saturating_sub(1)).and_then(|g| {
+                    did_you_mean(g, allowed.iter().map(|a| a.trim_matches('"')))
+                }) {
+                    d = d.with_help(format!("did you mean \"{s}\"? (allowed: {})", allowed.join(", ")));
+                }
+                out.push(d);
+            }
             _ => {
                 let loc = locate(doc, file, &path);
                 let help = schema_at(&compiled.schema, &path)

@@ -377,3 +377,44 @@ fn check_symlink(root: &Path, link: &Path) -> Result<PathBuf, String> {
     }
     Ok(real)
 }
+
+/// An in-memory tree: for tests, benchmarks and sources that assemble files themselves.
+#[derive(Debug, Clone, Default)]
+pub struct MemTree {
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl MemTree {
+    pub fn new() -> MemTree {
+        MemTree::default()
+    }
+
+    pub fn with(mut self, path: &str, text: impl Into<Vec<u8>>) -> MemTree {
+        self.files.push((path.to_string(), text.into()));
+        self
+    }
+}
+
+impl ConfigTree for MemTree {
+    fn read(&self, opts: &TreeOptions) -> Result<TreeRead, String> {
+        let filter = Filter::new(opts)?;
+        let mut budget = Budget::new(opts.limits);
+        let mut out = TreeRead::default();
+        let mut files = self.files.clone();
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        for (path, bytes) in files {
+            if path.split('/').any(|seg| seg.starts_with('.')) || !filter.accepts_file(&path) {
+                continue;
+            }
+            if let Err(d) = budget.admit(&path, bytes.len() as u64) {
+                out.diagnostics.push(d);
+                continue;
+            }
+            match Budget::decode(&path, bytes) {
+                Ok(f) => out.files.push(f),
+                Err(d) => out.diagnostics.push(d),
+            }
+        }
+        Ok(out)
+    }
+}

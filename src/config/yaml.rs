@@ -125,7 +125,11 @@ pub fn parse_documents(text: &str, limits: YamlLimits) -> Result<Vec<Document>, 
                 line: e.marker().line(),
                 column: e.marker().col() + 1,
             },
-            message: format!("YAML syntax error: {}", e.info()),
+            message: if e.info().contains("recursion limit") {
+                "document nests deeper than the parser allows; flatten it".to_string()
+            } else {
+                format!("YAML syntax error: {}", e.info())
+            },
         })?;
         let pos = pos_from(&span);
         let node = match event {
