@@ -12,3 +12,5 @@ pub mod proxy;
 pub mod routes;
 pub mod tls;
 pub mod reconcile;
+pub mod diff;
+pub mod source;

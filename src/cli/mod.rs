@@ -35,6 +35,8 @@ pub enum Command {
     Routes(RoutesArgs),
     /// Print the resource schemas, or the fields and their implementation status.
     Schema(SchemaArgs),
+    /// Show what a change does to the routes: BASE and HEAD are git revisions (of --repo) or directories.
+    Diff(DiffArgs),
     /// Run the gateway.
     Run(Box<run::RunArgs>),
 }
@@ -87,7 +89,10 @@ impl ConfigArgs {
 pub enum CheckFormat {
     Text,
     Json,
+    /// GitHub Actions workflow annotations.
     Github,
+    /// GitLab Code Quality report (JSON array).
+    Gitlab,
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +125,34 @@ pub struct RoutesArgs {
     pub format: TableFormat,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DiffFormat {
+    Text,
+    Markdown,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The revision before the change: a git revision (branch, tag, commit) or a directory.
+    pub base: String,
+    /// The revision after the change.
+    pub head: String,
+    /// The git repository for revision arguments (default: the one containing the current directory).
+    #[arg(long, default_value = ".")]
+    pub repo: PathBuf,
+    /// Subdirectory of the repository (or of each directory) holding the config.
+    #[arg(long)]
+    pub path: Option<String>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: DiffFormat,
+    /// Exit 1 when routes changed and 0 when they did not (as `git diff --exit-code`).
+    #[arg(long)]
+    pub exit_code: bool,
+}
+
 #[derive(Debug, Args)]
 pub struct SchemaArgs {
     /// `mapping` or `host`; all kinds when omitted.
@@ -135,6 +168,7 @@ pub fn main(cli: Cli) -> i32 {
         Command::Check(a) => check(a),
         Command::Routes(a) => routes(a),
         Command::Schema(a) => schema(a),
+        Command::Diff(a) => diff(a),
         Command::Run(a) => {
             let cfg = a.config.options();
             run::run(*a, cfg)
@@ -222,4 +256,60 @@ fn schema(a: SchemaArgs) -> anyhow::Result<i32> {
         println!();
     }
     Ok(0)
+}
+
+/// Compile one side of a diff: a directory, or a git revision of `repo`.
+fn diff_side(spec: &str, a: &DiffArgs, opts: &Options) -> anyhow::Result<(String, config::Outcome)> {
+    let as_dir = std::path::Path::new(spec);
+    if as_dir.is_dir() {
+        let root = match &a.path {
+            Some(sub) => as_dir.join(sub),
+            None => as_dir.to_path_buf(),
+        };
+        return Ok((spec.to_string(), config::check_dir(&root, opts)));
+    }
+    let repo = git2::Repository::discover(&a.repo)
+        .map_err(|e| anyhow::anyhow!("`{spec}` is not a directory, and {} is not in a git repository: {}", a.repo.display(), e.message()))?;
+    let commit = repo
+        .revparse_single(spec)
+        .and_then(|o| o.peel_to_commit())
+        .map_err(|e| anyhow::anyhow!("`{spec}` is neither a directory nor a revision of {}: {}", repo.path().display(), e.message()))?;
+    let label = format!("{spec} ({})", &commit.id().to_string()[..12]);
+    let tree = crate::source::git::GitTree {
+        repo: repo.path().to_path_buf(),
+        commit: commit.id(),
+        subdir: a.path.clone(),
+    };
+    Ok((label, config::load_and_compile(&tree, opts)))
+}
+
+fn diff(a: DiffArgs) -> anyhow::Result<i32> {
+    let opts = a.config.options();
+    let (bl, base) = diff_side(&a.base, &a, &opts)?;
+    let (hl, head) = diff_side(&a.head, &a, &opts)?;
+    let mut invalid = false;
+    for (label, side) in [(&bl, &base), (&hl, &head)] {
+        if !side.is_ok() {
+            invalid = true;
+            eprintln!("{label} does not validate:");
+            for d in side.diagnostics.iter().filter(|d| d.severity == config::Severity::Error) {
+                eprintln!("  {d}");
+            }
+        }
+    }
+    let (Some(bg), Some(hg)) = (&base.graph, &head.graph) else {
+        debug_assert!(invalid);
+        return Ok(2);
+    };
+    let d = crate::diff::diff(bg, hg);
+    let out = match a.format {
+        DiffFormat::Text => crate::diff::render::text(&d),
+        DiffFormat::Markdown => crate::diff::render::markdown(&d),
+        DiffFormat::Json => crate::diff::render::json(&d),
+    };
+    print!("{out}");
+    if a.format == DiffFormat::Json {
+        println!();
+    }
+    Ok(if a.exit_code && !d.is_empty() { 1 } else { 0 })
 }

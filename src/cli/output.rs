@@ -7,7 +7,8 @@ use serde_json::json;
 
 use super::CheckFormat;
 use crate::config::{Diagnostic, Outcome, Severity};
-use crate::routes::{Action, Graph, HostMatch, MethodMatch, PathMatch, RedirectPath, Rewrite, ValueTest};
+pub use crate::routes::describe::{describe_action, describe_match, host_of};
+use crate::routes::Graph;
 
 /// Print a check outcome to stdout in the chosen format.
 pub fn print_check(outcome: &Outcome, format: CheckFormat, root: &Path) {
@@ -50,7 +51,52 @@ pub fn print_check(outcome: &Outcome, format: CheckFormat, root: &Path) {
                 println!("{}", github_annotation(d, root));
             }
         }
+        CheckFormat::Gitlab => {
+            let report: Vec<serde_json::Value> = outcome
+                .diagnostics
+                .iter()
+                .map(|d| gitlab_issue(d, root))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        }
     }
+}
+
+fn repo_path(d: &Diagnostic, root: &Path) -> String {
+    if d.file.is_empty() {
+        root.display().to_string()
+    } else if root.is_dir() {
+        let p = root.join(&d.file);
+        p.strip_prefix("./").unwrap_or(&p).display().to_string()
+    } else {
+        root.display().to_string()
+    }
+}
+
+/// One entry of a GitLab Code Quality report (the CodeClimate subset GitLab reads).
+pub fn gitlab_issue(d: &Diagnostic, root: &Path) -> serde_json::Value {
+    use sha2::{Digest, Sha256};
+    let path = repo_path(d, root);
+    let severity = match d.severity {
+        Severity::Error => "major",
+        Severity::Warning => "minor",
+        Severity::Note => "info",
+    };
+    let mut description = d.message.clone();
+    if let Some(h) = &d.help {
+        description.push_str(" — ");
+        description.push_str(h);
+    }
+    // Stable across runs and line moves of unrelated content: what, where (by pointer), which file.
+    let fp = Sha256::digest(format!("{}|{}|{}|{}", path, d.code, d.pointer, d.message));
+    let fingerprint: String = fp.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    json!({
+        "description": description,
+        "check_name": format!("legate/{}", d.code),
+        "fingerprint": fingerprint,
+        "severity": severity,
+        "location": {"path": path, "lines": {"begin": d.line}},
+    })
 }
 
 /// A GitHub Actions workflow command (`::error file=..,line=..,col=..::message`).
@@ -60,14 +106,7 @@ pub fn github_annotation(d: &Diagnostic, root: &Path) -> String {
         Severity::Warning => "warning",
         Severity::Note => "notice",
     };
-    let file = if d.file.is_empty() {
-        root.display().to_string()
-    } else if root.is_dir() {
-        let p = root.join(&d.file);
-        p.strip_prefix("./").unwrap_or(&p).display().to_string()
-    } else {
-        root.display().to_string()
-    };
+    let file = repo_path(d, root);
     let mut msg = d.message.clone();
     if let Some(h) = &d.help {
         msg.push_str(" — ");
@@ -89,97 +128,6 @@ fn escape_data(s: &str) -> String {
 
 fn escape_prop(s: &str) -> String {
     escape_data(s).replace(':', "%3A").replace(',', "%2C")
-}
-
-/// Describe a route's match in one short line.
-pub fn describe_match(g: &Graph, group: usize) -> String {
-    let m = &g.groups[group].matcher;
-    let mut s = String::new();
-    if let Some(mm) = &m.method {
-        match mm {
-            MethodMatch::Exact(x) => {
-                let _ = write!(s, "{x} ");
-            }
-            MethodMatch::Regex(r) => {
-                let _ = write!(s, "~{} ", strip_anchor(r.as_str()));
-            }
-        }
-    }
-    match &m.path {
-        PathMatch::Prefix(p) => s.push_str(&format!("{p}*")),
-        PathMatch::Exact(p) => s.push_str(&format!("={p}")),
-        PathMatch::Regex(r) => s.push_str(&format!("~{}", strip_anchor(r.as_str()))),
-    }
-    if !m.case_sensitive {
-        s.push_str(" (any case)");
-    }
-    for h in &m.headers {
-        let _ = write!(s, " [{}{}]", h.name, show(&h.test));
-    }
-    for q in &m.query {
-        let _ = write!(s, " ?{}{}", q.name, show(&q.test));
-    }
-    s
-}
-
-fn strip_anchor(s: &str) -> &str {
-    s.strip_prefix("^(?:")
-        .and_then(|x| x.strip_suffix(")$"))
-        .unwrap_or(s)
-}
-
-fn show(t: &ValueTest) -> String {
-    match t {
-        ValueTest::Exact(v) => format!("={v}"),
-        ValueTest::Regex(r) => format!("~{}", strip_anchor(r.as_str())),
-        ValueTest::Present => " present".into(),
-    }
-}
-
-fn host_of(m: &HostMatch) -> String {
-    match m {
-        HostMatch::Any => "*".into(),
-        HostMatch::Glob(p) => p.to_string(),
-        HostMatch::Regex(r) => format!("~{}", strip_anchor(r.as_str())),
-    }
-}
-
-/// What a route does, in one short line.
-pub fn describe_action(a: &Action) -> String {
-    match a {
-        Action::Forward(f) => {
-            let mut s = f.upstream.to_string();
-            match &f.rewrite {
-                Rewrite::Keep => {}
-                Rewrite::Prefix(p) => {
-                    let _ = write!(s, " rewrite={p}");
-                }
-                Rewrite::Regex { pattern, substitution } => {
-                    let _ = write!(s, " regex_rewrite={}=>{}", pattern.as_str(), substitution);
-                }
-            }
-            s
-        }
-        Action::Redirect(r) => {
-            let mut s = format!("redirect {}", r.status);
-            if let Some(h) = &r.host {
-                let _ = write!(s, " host={h}");
-            }
-            match &r.path {
-                RedirectPath::Keep => {}
-                RedirectPath::Replace(p) => {
-                    let _ = write!(s, " path={p}");
-                }
-                RedirectPath::Prefix(p) => {
-                    let _ = write!(s, " prefix={p}");
-                }
-                RedirectPath::Regex { pattern, substitution } => {
-                    let _ = write!(s, " regex={}=>{}", pattern.as_str(), substitution);
-                }
-            }
-            s
-        }
-    }
 }
 
 /// The route table as text: one block per Host plus the hostname fallback, in match order.

@@ -58,6 +58,7 @@ pub fn compile(resources: &[Resource]) -> (Graph, Vec<Diagnostic>) {
                 }
             }
             Spec::Host(h) => hosts.push((r, h)),
+            Spec::RouteTest(_) => {}
         }
     }
     // Stable route ids: by namespace/name.

@@ -8,6 +8,7 @@
 pub mod compile;
 pub mod diag;
 pub mod model;
+pub mod routetest;
 pub mod schema;
 pub mod tree;
 pub mod yaml;
@@ -76,6 +77,10 @@ pub fn load_and_compile(tree: &dyn ConfigTree, opts: &Options) -> Outcome {
         all.extend(d);
         (g, all)
     };
+    // Route tests judge the routes only when the routes themselves compiled cleanly.
+    if !diagnostics.iter().any(|d| d.severity == Severity::Error) {
+        diagnostics.extend(routetest::run(&graph, &loaded.resources));
+    }
     if opts.strict {
         for d in &mut diagnostics {
             if d.severity == Severity::Warning {

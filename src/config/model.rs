@@ -64,6 +64,7 @@ impl Resource {
 pub enum Spec {
     Mapping(Box<MappingSpec>),
     Host(Box<HostSpec>),
+    RouteTest(Box<super::routetest::RouteTestSpec>),
 }
 
 /// A header or query value to match: a string, or `true` for "present".
@@ -437,7 +438,7 @@ fn load_document(
     };
     // ambassador_id decides whether this gateway reads the resource at all.
     let ids = ambassador_ids(obj.get("spec"));
-    if !ids.iter().any(|i| i == &opts.ambassador_id) {
+    if kind != Kind::RouteTest && !ids.iter().any(|i| i == &opts.ambassador_id) {
         let name = obj
             .get("metadata")
             .and_then(|m| m.get("name"))
@@ -479,6 +480,8 @@ fn load_document(
     let spec = match kind {
         Kind::Mapping => serde_json::from_value::<MappingSpec>(spec_value).map(|s| Spec::Mapping(Box::new(s))),
         Kind::Host => serde_json::from_value::<HostSpec>(spec_value).map(|s| Spec::Host(Box::new(s))),
+        Kind::RouteTest => serde_json::from_value::<super::routetest::RouteTestSpec>(spec_value)
+            .map(|s| Spec::RouteTest(Box::new(s))),
     };
     let spec = match spec {
         Ok(s) => s,

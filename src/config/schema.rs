@@ -18,15 +18,17 @@ use super::yaml::{escape_pointer, Document};
 pub enum Kind {
     Mapping,
     Host,
+    RouteTest,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::Mapping, Kind::Host];
+    pub const ALL: [Kind; 3] = [Kind::Mapping, Kind::Host, Kind::RouteTest];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Mapping => "Mapping",
             Kind::Host => "Host",
+            Kind::RouteTest => "RouteTest",
         }
     }
 
@@ -39,6 +41,7 @@ impl Kind {
         match self {
             Kind::Mapping => include_str!("../../schemas/mapping.schema.json"),
             Kind::Host => include_str!("../../schemas/host.schema.json"),
+            Kind::RouteTest => include_str!("../../schemas/routetest.schema.json"),
         }
     }
 
@@ -46,15 +49,18 @@ impl Kind {
         match self {
             Kind::Mapping => "schemas/mapping.schema.json",
             Kind::Host => "schemas/host.schema.json",
+            Kind::RouteTest => "schemas/routetest.schema.json",
         }
     }
 
     fn compiled(self) -> &'static Compiled {
         static MAPPING: OnceLock<Compiled> = OnceLock::new();
         static HOST: OnceLock<Compiled> = OnceLock::new();
+        static ROUTE_TEST: OnceLock<Compiled> = OnceLock::new();
         let cell = match self {
             Kind::Mapping => &MAPPING,
             Kind::Host => &HOST,
+            Kind::RouteTest => &ROUTE_TEST,
         };
         cell.get_or_init(|| Compiled::new(self))
     }

@@ -14,6 +14,8 @@
 //! touches a handful of candidates however many routes are loaded; the candidate with the
 //! lowest match-order index whose remaining conditions hold wins.
 
+mod action;
+pub mod describe;
 mod host;
 mod index;
 mod types;

@@ -244,3 +244,49 @@ fn ambassador_id_flag_selects_resources() {
     let out = stdout(&check(d.path(), &["--ambassador-id", "blue"]));
     assert!(out.contains("1 route(s)"), "{out}");
 }
+
+#[test]
+fn gitlab_format_is_a_code_quality_report() {
+    let body = "apiVersion: legate.dev/v1alpha1\nkind: Host\nmetadata:\n  name: h\nspec:\n  hosname: x.example\n";
+    let d = tree(&[("h.yaml", body.as_bytes())]);
+    let o = check(d.path(), &["--format", "gitlab"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let issues = v.as_array().unwrap();
+    assert!(!issues.is_empty());
+    for i in issues {
+        for key in ["description", "check_name", "fingerprint", "severity"] {
+            assert!(i[key].is_string(), "{key} in {i}");
+        }
+        assert!(["info", "minor", "major", "critical", "blocker"].contains(&i["severity"].as_str().unwrap()));
+        assert!(i["location"]["path"].as_str().unwrap().ends_with("h.yaml"));
+        assert!(i["location"]["lines"]["begin"].as_u64().unwrap() >= 1);
+    }
+    let typo = issues.iter().find(|i| i["check_name"] == "legate/unknown-field").unwrap();
+    assert_eq!(typo["severity"], "major");
+    assert_eq!(typo["location"]["lines"]["begin"], 6);
+    // Fingerprints are stable run to run.
+    let again: serde_json::Value = serde_json::from_slice(&check(d.path(), &["--format", "gitlab"]).stdout).unwrap();
+    assert_eq!(v, again);
+}
+
+#[test]
+fn failing_route_tests_fail_the_check_with_file_and_line() {
+    let ex = repo_root().join("examples/repo");
+    let d = tempfile::tempdir().unwrap();
+    for entry in ["hosts.yaml", "mappings", "tests"] {
+        let status = Command::new("cp").arg("-r").arg(ex.join(entry)).arg(d.path()).status().unwrap();
+        assert!(status.success());
+    }
+    assert_eq!(check(d.path(), &[]).status.code(), Some(0));
+    // Break the echo route: its route test must fail and name the case.
+    let echo = d.path().join("mappings/echo.yaml");
+    let text = std::fs::read_to_string(&echo).unwrap().replacen("rewrite: /\n", "rewrite: /api/\n", 1);
+    std::fs::write(&echo, text).unwrap();
+    let o = check(d.path(), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    let line = out.lines().find(|l| l.contains("route-test-failed")).expect("a failed case");
+    assert!(line.starts_with("tests/routes.yaml:"), "{line}");
+    assert!(line.contains("echo strips its prefix") && line.contains("expected upstream path `/hello`"), "{line}");
+}

@@ -1,0 +1,508 @@
+//! `legate diff`: what a change does to the routes, not to the YAML.
+//!
+//! Owns: comparing two compiled graphs (route by route, per Host table, in match order) and the
+//! findings a YAML diff hides: a new or changed route that takes another's traffic (shadowing),
+//! a route that becomes unreachable, canary share changes, a Host that loses TLS, changed
+//! redirects. Pure: both sides arrive compiled by the same `config` code as the gateway.
+//!
+//! Shadowing is found with witness requests: for each route with a literal match, a request
+//! it must serve (its prefix, host, method, exact headers and query) is routed through both
+//! graphs; where the answer changes, the finding names who serves it now.
+
+pub mod render;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::routes::describe::{describe_action, describe_match, host_of};
+use crate::routes::{
+    Action, Graph, HostMatch, HostPattern, MethodMatch, PathMatch, RequestHead, Route, ValueTest,
+};
+
+/// The whole comparison.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct RouteDiff {
+    pub tables: Vec<TableDiff>,
+    pub hosts: Vec<HostChange>,
+    pub findings: Vec<Finding>,
+    /// Mappings whose compiled route differs in any field.
+    pub changed_mappings: usize,
+    pub added_mappings: usize,
+    pub removed_mappings: usize,
+}
+
+impl RouteDiff {
+    /// Whether anything about routing changed.
+    pub fn is_empty(&self) -> bool {
+        self.tables.iter().all(|t| t.entries.is_empty()) && self.hosts.is_empty()
+    }
+}
+
+/// Changes in the route table of one Host (or of the hostname fallback).
+#[derive(Debug, Clone, Serialize)]
+pub struct TableDiff {
+    /// `Host default/www (www.example.test)` or the fallback's title.
+    pub title: String,
+    pub entries: Vec<Entry>,
+    /// Routes in the table after the change.
+    pub routes_after: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    Added,
+    Removed,
+    Changed,
+}
+
+/// One route that was added, removed or changed in a table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub kind: ChangeKind,
+    /// `namespace/name` of the Mapping.
+    pub mapping: String,
+    /// Match position (1-based) before and after, when present.
+    pub before: Option<usize>,
+    pub after: Option<usize>,
+    /// What the route matches (after the change, or before for removed routes).
+    pub matches: String,
+    /// Field-by-field differences: (field, before, after).
+    pub fields: Vec<(String, String, String)>,
+}
+
+/// A Host added, removed or changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostChange {
+    pub kind: ChangeKind,
+    pub host: String,
+    pub fields: Vec<(String, String, String)>,
+}
+
+/// Something a reviewer must not miss.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Finding {
+    pub kind: FindingKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum FindingKind {
+    Shadowed,
+    Unreachable,
+    TrafficMoved,
+    CanaryShift,
+    TlsLost,
+    RedirectChanged,
+}
+
+/// Per-route facts compared field by field.
+fn fields_of(g: &Graph, r: &Route) -> BTreeMap<&'static str, String> {
+    let mut m = BTreeMap::new();
+    let grp = &g.groups[r.group];
+    m.insert("match", describe_match(g, r.group));
+    m.insert("host", host_of(&r.matcher.host));
+    m.insert("precedence", r.precedence.to_string());
+    let share = grp
+        .shares()
+        .iter()
+        .find(|(id, _)| *id == r.id)
+        .map(|(_, s)| format!("{s}%"));
+    match (share, grp.shadow) {
+        (Some(s), _) => {
+            m.insert("weight", s);
+        }
+        (None, Some((id, pct))) if id == r.id => {
+            m.insert("shadow", format!("{pct}% of requests copied"));
+        }
+        _ => {}
+    }
+    match &r.action {
+        Action::Forward(f) => {
+            m.insert("upstream", f.upstream.to_string());
+            m.insert("action", describe_action(&r.action));
+            m.insert("timeout", fmt_dur(f.timeout));
+            m.insert("connect_timeout", fmt_dur(Some(f.connect_timeout)));
+            m.insert("idle_timeout", fmt_dur(f.idle_timeout));
+            if let Some(h) = &f.host_rewrite {
+                m.insert("host_rewrite", h.clone());
+            }
+            if f.auto_host_rewrite {
+                m.insert("auto_host_rewrite", "true".into());
+            }
+            let hdrs = |v: &[crate::routes::AddHeader]| {
+                v.iter()
+                    .map(|h| format!("{}={}{}", h.name, h.value, if h.append { "" } else { " (replace)" }))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            for (k, v) in [
+                ("add_request_headers", hdrs(&f.add_request_headers)),
+                ("add_response_headers", hdrs(&f.add_response_headers)),
+                ("remove_request_headers", f.remove_request_headers.join(", ")),
+                ("remove_response_headers", f.remove_response_headers.join(", ")),
+                ("allow_upgrade", f.allow_upgrade.join(", ")),
+            ] {
+                if !v.is_empty() {
+                    m.insert(k, v);
+                }
+            }
+            if f.http2 {
+                m.insert("grpc", "true".into());
+            }
+        }
+        Action::Redirect(_) => {
+            m.insert("redirect", describe_action(&r.action));
+        }
+    }
+    m
+}
+
+fn fmt_dur(d: Option<std::time::Duration>) -> String {
+    match d {
+        None => "none".into(),
+        Some(d) => format!("{}ms", d.as_millis()),
+    }
+}
+
+fn key(r: &Route) -> String {
+    format!("{}/{}", r.namespace, r.name)
+}
+
+/// Tables of a graph keyed by a stable identity: the Host's `namespace/name`, or "" for the
+/// hostname fallback.
+fn tables(g: &Graph) -> Vec<(String, String, &[usize])> {
+    let mut out: Vec<(String, String, &[usize])> = g
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            (
+                format!("{}/{}", h.namespace, h.name),
+                format!("Host {}/{} ({})", h.namespace, h.name, h.hostname),
+                g.tables[i].groups.as_slice(),
+            )
+        })
+        .collect();
+    out.push((
+        String::new(),
+        "Requests matching no Host (Mappings with their own hostname)".into(),
+        g.tables[g.hosts.len()].groups.as_slice(),
+    ));
+    out
+}
+
+/// Route order within a table: mapping key -> (1-based position, route).
+fn ordered<'g>(g: &'g Graph, groups: &[usize]) -> Vec<(String, usize, &'g Route)> {
+    let mut out = Vec::new();
+    for (pos, &gi) in groups.iter().enumerate() {
+        let grp = &g.groups[gi];
+        let mut ids: Vec<_> = grp.members.iter().map(|(id, _)| *id).collect();
+        if let Some((s, _)) = grp.shadow {
+            ids.push(s);
+        }
+        for id in ids {
+            let r = g.route(id);
+            out.push((key(r), pos + 1, r));
+        }
+    }
+    out
+}
+
+/// Compare two graphs.
+pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
+    let mut d = RouteDiff::default();
+    let base_routes: BTreeMap<String, &Route> = base.routes.iter().map(|r| (key(r), r)).collect();
+    let head_routes: BTreeMap<String, &Route> = head.routes.iter().map(|r| (key(r), r)).collect();
+    d.added_mappings = head_routes.keys().filter(|k| !base_routes.contains_key(*k)).count();
+    d.removed_mappings = base_routes.keys().filter(|k| !head_routes.contains_key(*k)).count();
+    d.changed_mappings = head_routes
+        .iter()
+        .filter(|(k, r)| base_routes.get(*k).is_some_and(|b| fields_of(base, b) != fields_of(head, r)))
+        .count();
+
+    // Hosts.
+    let bh: BTreeMap<String, &crate::routes::HostRoute> = base.hosts.iter().map(|h| (format!("{}/{}", h.namespace, h.name), h)).collect();
+    let hh: BTreeMap<String, &crate::routes::HostRoute> = head.hosts.iter().map(|h| (format!("{}/{}", h.namespace, h.name), h)).collect();
+    let host_fields = |h: &crate::routes::HostRoute| -> BTreeMap<&'static str, String> {
+        let mut m = BTreeMap::new();
+        m.insert("hostname", h.hostname.to_string());
+        m.insert("tls", h.tls_secret.as_ref().map(|s| format!("secret {}/{}", s.namespace, s.name)).unwrap_or_else(|| "none".into()));
+        m.insert("insecure", format!("{:?}", h.insecure));
+        m
+    };
+    for k in bh.keys().chain(hh.keys()).collect::<BTreeSet<_>>() {
+        match (bh.get(k), hh.get(k)) {
+            (Some(_), None) => d.hosts.push(HostChange { kind: ChangeKind::Removed, host: k.clone(), fields: vec![] }),
+            (None, Some(h)) => d.hosts.push(HostChange {
+                kind: ChangeKind::Added,
+                host: k.clone(),
+                fields: host_fields(h).into_iter().map(|(f, v)| (f.to_string(), String::new(), v)).collect(),
+            }),
+            (Some(b), Some(h)) => {
+                let fb = host_fields(b);
+                let fh = host_fields(h);
+                let fields = field_changes(&fb, &fh);
+                if !fields.is_empty() {
+                    if b.tls_secret.is_some() && h.tls_secret.is_none() {
+                        d.findings.push(Finding { kind: FindingKind::TlsLost, message: format!("Host `{k}` ({}) loses TLS: it will serve cleartext only", h.hostname) });
+                    }
+                    d.hosts.push(HostChange { kind: ChangeKind::Changed, host: k.clone(), fields });
+                }
+            }
+            (None, None) => {}
+        }
+    }
+
+    // Tables.
+    let bt = tables(base);
+    let ht = tables(head);
+    let mut keys: Vec<&String> = Vec::new();
+    for (k, _, _) in ht.iter().chain(bt.iter()) {
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    for tk in keys {
+        let b = bt.iter().find(|(k, _, _)| k == tk);
+        let h = ht.iter().find(|(k, _, _)| k == tk);
+        let title = h.or(b).map(|t| t.1.clone()).unwrap_or_default();
+        let bo = b.map(|(_, _, g)| ordered(base, g)).unwrap_or_default();
+        let ho = h.map(|(_, _, g)| ordered(head, g)).unwrap_or_default();
+        let mut entries = Vec::new();
+        for (k, pos, r) in &ho {
+            match bo.iter().find(|(bk, _, _)| bk == k) {
+                None => entries.push(Entry {
+                    kind: ChangeKind::Added,
+                    mapping: k.clone(),
+                    before: None,
+                    after: Some(*pos),
+                    matches: describe_match(head, r.group),
+                    fields: fields_of(head, r).into_iter().map(|(f, v)| (f.to_string(), String::new(), v)).collect(),
+                }),
+                Some((_, bpos, br)) => {
+                    let mut fields = field_changes(&fields_of(base, br), &fields_of(head, r));
+                    // A route that keeps its fields but moves in the order is a change too:
+                    // it is matched before or after others now.
+                    let moved = relative_order_changed(&bo, &ho, k);
+                    if moved {
+                        fields.push(("position".into(), format!("#{bpos}"), format!("#{pos}")));
+                    }
+                    if !fields.is_empty() {
+                        entries.push(Entry {
+                            kind: ChangeKind::Changed,
+                            mapping: k.clone(),
+                            before: Some(*bpos),
+                            after: Some(*pos),
+                            matches: describe_match(head, r.group),
+                            fields,
+                        });
+                    }
+                }
+            }
+        }
+        for (k, pos, r) in &bo {
+            if !ho.iter().any(|(hk, _, _)| hk == k) {
+                entries.push(Entry {
+                    kind: ChangeKind::Removed,
+                    mapping: k.clone(),
+                    before: Some(*pos),
+                    after: None,
+                    matches: describe_match(base, r.group),
+                    fields: vec![],
+                });
+            }
+        }
+        entries.sort_by_key(|e| (e.after.or(e.before).unwrap_or(0), e.kind as u8));
+        d.tables.push(TableDiff { title, entries, routes_after: ho.len() });
+    }
+
+    // Canary shares and redirects, per Mapping.
+    for (k, r) in &head_routes {
+        let Some(b) = base_routes.get(k) else { continue };
+        let (fb, fh) = (fields_of(base, b), fields_of(head, r));
+        if let (Some(wb), Some(wh)) = (fb.get("weight"), fh.get("weight")) {
+            if wb != wh {
+                d.findings.push(Finding { kind: FindingKind::CanaryShift, message: format!("`{k}` ({}) now takes {wh} of its traffic, was {wb}", describe_match(head, r.group)) });
+            }
+        }
+        if let (Some(rb), Some(rh)) = (fb.get("redirect"), fh.get("redirect")) {
+            if rb != rh {
+                d.findings.push(Finding { kind: FindingKind::RedirectChanged, message: format!("`{k}` redirects differently: {rb} -> {rh}") });
+            }
+        }
+        if fb.contains_key("redirect") != fh.contains_key("redirect") {
+            d.findings.push(Finding { kind: FindingKind::RedirectChanged, message: format!("`{k}` now {}", if fh.contains_key("redirect") { "redirects instead of forwarding" } else { "forwards instead of redirecting" }) });
+        }
+    }
+
+    // Witness requests: who serves each route's own traffic, before and after.
+    let head_keys: BTreeSet<&String> = head_routes.keys().collect();
+    for (tk, _, groups) in &bt {
+        let host = tk_host(base, tk);
+        for &gi in groups.iter() {
+            let grp = &base.groups[gi];
+            let Some(w) = witness(&grp.matcher, host.as_ref()) else { continue };
+            let before = serve(base, &w);
+            if before.as_ref() != Some(&gi) {
+                continue; // already shadowed before the change
+            }
+            let before_names = member_names(base, gi);
+            let after = serve(head, &w).map(|g| member_names(head, g));
+            let still_here = before_names.iter().any(|n| head_keys.contains(n));
+            match after {
+                Some(after_names) if after_names.iter().any(|n| before_names.contains(n)) => {}
+                Some(after_names) => {
+                    let kind = if still_here { FindingKind::Shadowed } else { FindingKind::TrafficMoved };
+                    let verb = if still_here { "now takes the traffic of" } else { "now serves what was served by" };
+                    d.findings.push(Finding {
+                        kind,
+                        message: format!("{} {verb} {} (e.g. {})", list(&after_names), list(&before_names), w.show()),
+                    });
+                }
+                None if still_here => {}
+                None => d.findings.push(Finding {
+                    kind: FindingKind::TrafficMoved,
+                    message: format!("requests served by {} now get 404 (e.g. {})", list(&before_names), w.show()),
+                }),
+            }
+        }
+    }
+    // Routes that cannot be reached after the change (and could before, or are new).
+    for (tk, _, groups) in &ht {
+        let host = tk_host(head, tk);
+        for &gi in groups.iter() {
+            let grp = &head.groups[gi];
+            let Some(w) = witness(&grp.matcher, host.as_ref()) else { continue };
+            let after = serve(head, &w);
+            if after == Some(gi) {
+                continue;
+            }
+            let names = member_names(head, gi);
+            let was_reachable = serve(base, &w).is_some_and(|bg| member_names(base, bg).iter().any(|n| names.contains(n)));
+            let is_new = names.iter().all(|n| !base_routes.contains_key(n));
+            if was_reachable || is_new {
+                let by = after.map(|g| list(&member_names(head, g))).unwrap_or_else(|| "nothing".into());
+                d.findings.push(Finding {
+                    kind: FindingKind::Unreachable,
+                    message: format!("{} cannot be reached: {by} matches first (e.g. {})", list(&names), w.show()),
+                });
+            }
+        }
+    }
+    d.findings.sort();
+    d.findings.dedup();
+    d
+}
+
+fn list(names: &[String]) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+fn member_names(g: &Graph, gi: usize) -> Vec<String> {
+    g.groups[gi].members.iter().map(|(id, _)| key(g.route(*id))).collect()
+}
+
+fn field_changes(b: &BTreeMap<&'static str, String>, h: &BTreeMap<&'static str, String>) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for k in b.keys().chain(h.keys()).collect::<BTreeSet<_>>() {
+        let (x, y) = (b.get(k).cloned().unwrap_or_default(), h.get(k).cloned().unwrap_or_default());
+        if x != y {
+            out.push((k.to_string(), x, y));
+        }
+    }
+    out
+}
+
+/// Whether the routes before `k` in the table are a different set now (it moved relative to
+/// routes present on both sides).
+fn relative_order_changed(bo: &[(String, usize, &Route)], ho: &[(String, usize, &Route)], k: &str) -> bool {
+    let common: BTreeSet<&String> = bo.iter().map(|x| &x.0).filter(|x| ho.iter().any(|h| &h.0 == *x)).collect();
+    let before_b: BTreeSet<&String> = bo.iter().take_while(|x| x.0 != k).map(|x| &x.0).filter(|x| common.contains(x)).collect();
+    let before_h: BTreeSet<&String> = ho.iter().take_while(|x| x.0 != k).map(|x| &x.0).filter(|x| common.contains(x)).collect();
+    before_b != before_h
+}
+
+fn tk_host(g: &Graph, tk: &str) -> Option<HostPattern> {
+    g.hosts.iter().find(|h| format!("{}/{}", h.namespace, h.name) == tk).map(|h| h.hostname.clone())
+}
+
+/// A request a route group must serve.
+#[derive(Debug, Clone)]
+struct Witness {
+    host: String,
+    method: String,
+    path: String,
+    query: Option<String>,
+    headers: http::HeaderMap,
+}
+
+impl Witness {
+    fn show(&self) -> String {
+        let mut s = format!("{} {}{}", self.method, self.host, self.path);
+        if let Some(q) = &self.query {
+            s.push('?');
+            s.push_str(q);
+        }
+        for (k, v) in &self.headers {
+            s.push_str(&format!(" {k}: {}", v.to_str().unwrap_or("")));
+        }
+        s
+    }
+}
+
+fn serve(g: &Graph, w: &Witness) -> Option<usize> {
+    let head = RequestHead { host: &w.host, method: &w.method, path: &w.path, query: w.query.as_deref(), headers: &w.headers };
+    let m = g.lookup(&head)?;
+    // Group index from the matched group reference.
+    g.groups.iter().position(|x| std::ptr::eq(x, m.group))
+}
+
+/// A concrete name a host glob matches.
+fn instantiate(p: &HostPattern) -> String {
+    match p {
+        HostPattern::Any => "example.invalid".into(),
+        HostPattern::Exact(e) => e.clone(),
+        HostPattern::Suffix(s) => format!("w{s}"),
+        HostPattern::Prefix(p) => format!("{p}example"),
+    }
+}
+
+fn witness(m: &crate::routes::RouteMatch, table_host: Option<&HostPattern>) -> Option<Witness> {
+    let path = match &m.path {
+        PathMatch::Prefix(p) | PathMatch::Exact(p) => p.clone(),
+        PathMatch::Regex(_) => return None,
+    };
+    let host = match (&m.host, table_host) {
+        (HostMatch::Regex(_), _) => return None,
+        (HostMatch::Glob(g), Some(HostPattern::Any) | None) => instantiate(g),
+        (HostMatch::Glob(HostPattern::Exact(e)), _) => e.clone(),
+        (_, Some(t)) => instantiate(t),
+        (HostMatch::Any, None) => "example.invalid".into(),
+    };
+    let method = match &m.method {
+        None => "GET".to_string(),
+        Some(MethodMatch::Exact(x)) => x.clone(),
+        Some(MethodMatch::Regex(_)) => return None,
+    };
+    let mut headers = http::HeaderMap::new();
+    for h in &m.headers {
+        let v = match &h.test {
+            ValueTest::Exact(v) => v.clone(),
+            ValueTest::Present => "1".into(),
+            ValueTest::Regex(_) => return None,
+        };
+        headers.append(http::HeaderName::from_bytes(h.name.as_bytes()).ok()?, http::HeaderValue::from_str(&v).ok()?);
+    }
+    let mut q = Vec::new();
+    for p in &m.query {
+        match &p.test {
+            ValueTest::Exact(v) => q.push(format!("{}={v}", p.name)),
+            ValueTest::Present => q.push(p.name.clone()),
+            ValueTest::Regex(_) => return None,
+        }
+    }
+    Some(Witness { host, method, path, query: (!q.is_empty()).then(|| q.join("&")), headers })
+}
