@@ -11,7 +11,7 @@
 
 pub mod render;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -271,9 +271,18 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
         let title = h.or(b).map(|t| t.1.clone()).unwrap_or_default();
         let bo = b.map(|(_, _, g)| ordered(base, g)).unwrap_or_default();
         let ho = h.map(|(_, _, g)| ordered(head, g)).unwrap_or_default();
+        let b_index: HashMap<&str, usize> = bo.iter().enumerate().map(|(i, x)| (x.0.as_str(), i)).collect();
+        let h_keys: HashSet<&str> = ho.iter().map(|x| x.0.as_str()).collect();
+        // Rank among the routes present on both sides: a route whose rank changes moved
+        // relative to the others (it is matched before or after different routes now).
+        let rank = |list: &[(String, usize, &Route)], other: &dyn Fn(&str) -> bool| -> HashMap<String, usize> {
+            list.iter().filter(|x| other(&x.0)).enumerate().map(|(i, x)| (x.0.clone(), i)).collect()
+        };
+        let b_rank = rank(&bo, &|k| h_keys.contains(k));
+        let h_rank = rank(&ho, &|k| b_index.contains_key(k));
         let mut entries = Vec::new();
         for (k, pos, r) in &ho {
-            match bo.iter().find(|(bk, _, _)| bk == k) {
+            match b_index.get(k.as_str()).map(|&i| &bo[i]) {
                 None => entries.push(Entry {
                     kind: ChangeKind::Added,
                     mapping: k.clone(),
@@ -284,10 +293,7 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
                 }),
                 Some((_, bpos, br)) => {
                     let mut fields = field_changes(&fields_of(base, br), &fields_of(head, r));
-                    // A route that keeps its fields but moves in the order is a change too:
-                    // it is matched before or after others now.
-                    let moved = relative_order_changed(&bo, &ho, k);
-                    if moved {
+                    if b_rank.get(k) != h_rank.get(k) {
                         fields.push(("position".into(), format!("#{bpos}"), format!("#{pos}")));
                     }
                     if !fields.is_empty() {
@@ -304,7 +310,7 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
             }
         }
         for (k, pos, r) in &bo {
-            if !ho.iter().any(|(hk, _, _)| hk == k) {
+            if !h_keys.contains(k.as_str()) {
                 entries.push(Entry {
                     kind: ChangeKind::Removed,
                     mapping: k.clone(),
@@ -416,15 +422,6 @@ fn field_changes(b: &BTreeMap<&'static str, String>, h: &BTreeMap<&'static str, 
     out
 }
 
-/// Whether the routes before `k` in the table are a different set now (it moved relative to
-/// routes present on both sides).
-fn relative_order_changed(bo: &[(String, usize, &Route)], ho: &[(String, usize, &Route)], k: &str) -> bool {
-    let common: BTreeSet<&String> = bo.iter().map(|x| &x.0).filter(|x| ho.iter().any(|h| &h.0 == *x)).collect();
-    let before_b: BTreeSet<&String> = bo.iter().take_while(|x| x.0 != k).map(|x| &x.0).filter(|x| common.contains(x)).collect();
-    let before_h: BTreeSet<&String> = ho.iter().take_while(|x| x.0 != k).map(|x| &x.0).filter(|x| common.contains(x)).collect();
-    before_b != before_h
-}
-
 fn tk_host(g: &Graph, tk: &str) -> Option<HostPattern> {
     g.hosts.iter().find(|h| format!("{}/{}", h.namespace, h.name) == tk).map(|h| h.hostname.clone())
 }
@@ -455,9 +452,7 @@ impl Witness {
 
 fn serve(g: &Graph, w: &Witness) -> Option<usize> {
     let head = RequestHead { host: &w.host, method: &w.method, path: &w.path, query: w.query.as_deref(), headers: &w.headers };
-    let m = g.lookup(&head)?;
-    // Group index from the matched group reference.
-    g.groups.iter().position(|x| std::ptr::eq(x, m.group))
+    g.lookup(&head).map(|m| m.group_index)
 }
 
 /// A concrete name a host glob matches.

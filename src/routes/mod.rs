@@ -45,6 +45,8 @@ pub struct Matched<'g> {
     /// The Host resource whose table served the lookup (None: the hostname fallback table).
     pub host: Option<&'g HostRoute>,
     pub group: &'g Group,
+    /// Index of `group` in `Graph::groups` (its match order).
+    pub group_index: usize,
 }
 
 /// An immutable, compiled revision of the configuration. Built only by `config::compile`.
@@ -111,6 +113,7 @@ impl Graph {
         Some(Matched {
             host: host_idx.map(|i| &self.hosts[i]),
             group: &self.groups[group],
+            group_index: group,
         })
     }
 
