@@ -16,11 +16,11 @@ pub fn print_check(outcome: &Outcome, format: CheckFormat, root: &Path) {
     match format {
         CheckFormat::Text => {
             for d in &outcome.diagnostics {
-                println!("{d}");
+                outln!("{d}");
             }
             let routes = outcome.graph.as_ref().map(|g| g.len()).unwrap_or(0);
             let verdict = if outcome.is_ok() { "valid" } else { "INVALID" };
-            println!(
+            outln!(
                 "{}: {verdict}: {} file(s), {} resource(s), {} route(s); {} error(s), {} warning(s), {} note(s)",
                 root.display(),
                 outcome.files,
@@ -31,7 +31,7 @@ pub fn print_check(outcome: &Outcome, format: CheckFormat, root: &Path) {
                 c.notes
             );
             if outcome.is_ok() && routes == 0 {
-                println!("note: the configuration defines no routes; every request will get 404");
+                outln!("note: the configuration defines no routes; every request will get 404");
             }
         }
         CheckFormat::Json => {
@@ -44,11 +44,11 @@ pub fn print_check(outcome: &Outcome, format: CheckFormat, root: &Path) {
                 "counts": c,
                 "diagnostics": outcome.diagnostics,
             });
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
         CheckFormat::Github => {
             for d in &outcome.diagnostics {
-                println!("{}", github_annotation(d, root));
+                outln!("{}", github_annotation(d, root));
             }
         }
         CheckFormat::Gitlab => {
@@ -57,7 +57,7 @@ pub fn print_check(outcome: &Outcome, format: CheckFormat, root: &Path) {
                 .iter()
                 .map(|d| gitlab_issue(d, root))
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            outln!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
         }
     }
 }

@@ -6,6 +6,7 @@
 //! reconciler all call [`load_and_compile`], so a pull request sees what the gateway will do.
 
 pub mod compile;
+pub mod crd;
 pub mod diag;
 pub mod model;
 pub mod routetest;

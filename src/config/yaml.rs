@@ -488,3 +488,96 @@ mod tests {
         assert_eq!(d.value["der"], json!({"x":1,"y":3}));
     }
 }
+
+/// Write a JSON value as block-style YAML (for generated manifests). Strings that a YAML
+/// reader could take for something else are double-quoted with JSON escapes, which YAML reads
+/// back identically.
+pub fn to_yaml(v: &Value) -> String {
+    let mut out = String::new();
+    emit(v, 0, &mut out, false);
+    out
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => {
+            let plain_ok = !s.is_empty()
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+                && !matches!(resolve_scalar(s, ScalarStyle::Plain, None), Value::Number(_) | Value::Bool(_) | Value::Null)
+                && !s.starts_with(['-', '.', '/']);
+            if plain_ok {
+                s.clone()
+            } else {
+                Value::String(s.clone()).to_string()
+            }
+        }
+        Value::Object(m) if m.is_empty() => "{}".into(),
+        Value::Array(a) if a.is_empty() => "[]".into(),
+        other => other.to_string(),
+    }
+}
+
+fn is_block(v: &Value) -> bool {
+    matches!(v, Value::Object(m) if !m.is_empty()) || matches!(v, Value::Array(a) if !a.is_empty())
+}
+
+/// `inline_first`: the first line continues a `- ` already written (a mapping in a list).
+fn emit(v: &Value, indent: usize, out: &mut String, inline_first: bool) {
+    let pad = " ".repeat(indent);
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            for (i, (k, val)) in m.iter().enumerate() {
+                if !(inline_first && i == 0) {
+                    out.push_str(&pad);
+                }
+                out.push_str(&scalar(&Value::String(k.clone())));
+                out.push(':');
+                if is_block(val) {
+                    out.push('\n');
+                    let child = if matches!(val, Value::Array(_)) { indent } else { indent + 2 };
+                    emit(val, child, out, false);
+                } else {
+                    out.push(' ');
+                    out.push_str(&scalar(val));
+                    out.push('\n');
+                }
+            }
+        }
+        Value::Array(a) if !a.is_empty() => {
+            for (i, item) in a.iter().enumerate() {
+                if !(inline_first && i == 0) {
+                    out.push_str(&pad);
+                }
+                out.push_str("- ");
+                if is_block(item) {
+                    emit(item, indent + 2, out, true);
+                } else {
+                    out.push_str(&scalar(item));
+                    out.push('\n');
+                }
+            }
+        }
+        other => {
+            out.push_str(&scalar(other));
+            out.push('\n');
+        }
+    }
+}
+
+#[cfg(test)]
+mod emit_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn yaml_round_trips() {
+        let v = json!({
+            "a": "plain", "b": "needs: quoting", "c": "123", "d": 5, "e": true, "f": null,
+            "g": [1, "two", {"x": 1, "y": [true, {}]}, []], "h": {"i": {"j": "k"}}, "l": {},
+            "m": "", "n": "-dash", "o": "multi\nline", "p": [[1, 2], [3]]
+        });
+        let text = to_yaml(&v);
+        let back = parse_documents(&text, YamlLimits::default()).unwrap();
+        assert_eq!(back[0].value, v, "{text}");
+    }
+}

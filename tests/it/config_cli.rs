@@ -290,3 +290,46 @@ fn failing_route_tests_fail_the_check_with_file_and_line() {
     assert!(line.starts_with("tests/routes.yaml:"), "{line}");
     assert!(line.contains("echo strips its prefix") && line.contains("expected upstream path `/hello`"), "{line}");
 }
+
+#[test]
+fn committed_crds_match_the_schemas() {
+    let out = tempfile::tempdir().unwrap();
+    let o = legate(&["crds", "--out", out.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0));
+    let committed = repo_root().join("deploy/crds");
+    let mut names: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    names.sort();
+    assert_eq!(names.len(), 3);
+    for n in names {
+        let fresh = std::fs::read_to_string(out.path().join(&n)).unwrap();
+        let old = std::fs::read_to_string(committed.join(&n)).unwrap_or_default();
+        assert_eq!(fresh, old, "deploy/crds/{} is stale: run `legate crds --out deploy/crds`", n.to_string_lossy());
+        // Structural: no refs, unions, consts or closed objects; every node typed or open.
+        let docs = legate::config::yaml::parse_documents(&fresh, Default::default()).unwrap();
+        let crd = &docs[0].value;
+        assert_eq!(crd["kind"], "CustomResourceDefinition");
+        let v = &crd["spec"]["versions"][0];
+        assert_eq!(v["subresources"]["status"], serde_json::json!({}));
+        let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["x-kubernetes-preserve-unknown-fields"], true, "typos must reach Legate");
+        fn walk(v: &serde_json::Value, path: &str) {
+            let o = v.as_object().unwrap_or_else(|| panic!("{path} not an object"));
+            for bad in ["$ref", "oneOf", "anyOf", "const", "$defs", "x-legate-status"] {
+                assert!(!o.contains_key(bad), "{bad} at {path}");
+            }
+            assert!(o.get("additionalProperties") != Some(&serde_json::Value::Bool(false)), "closed object at {path}");
+            assert!(o.contains_key("type") || o.contains_key("x-kubernetes-preserve-unknown-fields") || o.contains_key("x-kubernetes-int-or-string"), "untyped node at {path}");
+            if let Some(p) = o.get("properties").and_then(|p| p.as_object()) {
+                for (k, c) in p {
+                    walk(c, &format!("{path}.{k}"));
+                }
+            }
+            for k in ["items", "additionalProperties"] {
+                if let Some(c) = o.get(k).filter(|c| c.is_object()) {
+                    walk(c, &format!("{path}[{k}]"));
+                }
+            }
+        }
+        walk(&v["schema"]["openAPIV3Schema"], "root");
+    }
+}
