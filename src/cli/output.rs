@@ -19,13 +19,13 @@ pub fn print_check(outcome: &Outcome, format: CheckFormat, root: &Path) {
                 outln!("{d}");
             }
             let routes = outcome.graph.as_ref().map(|g| g.len()).unwrap_or(0);
-            let verdict = if outcome.is_ok() { "valid" } else { "INVALID" };
+            let verdict = match &outcome.graph {
+                Some(_) => format!("valid: {} file(s), {} resource(s), {routes} route(s)", outcome.files, outcome.resources.len()),
+                None => format!("INVALID: {} file(s), {} resource(s) read, nothing compiled", outcome.files, outcome.resources.len()),
+            };
             outln!(
-                "{}: {verdict}: {} file(s), {} resource(s), {} route(s); {} error(s), {} warning(s), {} note(s)",
+                "{}: {verdict}; {} error(s), {} warning(s), {} note(s)",
                 root.display(),
-                outcome.files,
-                outcome.resources.len(),
-                routes,
                 c.errors,
                 c.warnings,
                 c.notes

@@ -335,7 +335,7 @@ fn compile_mapping<'r>(
         match build_regex(&spec.prefix, !case_sensitive, true) {
             Ok(r) => Some(PathMatch::Regex(r)),
             Err(e) => {
-                err(diags, "/spec/prefix", "bad-regex", format!("prefix regex does not compile: {e}"), "fix the regular expression (RE2 syntax: no look-around or backreferences)");
+                err(diags, "/spec/prefix", "bad-regex", format!("prefix regex does not compile: {}", regex_error(&e)), "fix the regular expression (RE2 syntax: no look-around or backreferences)");
                 None
             }
         }
@@ -380,7 +380,7 @@ fn compile_mapping<'r>(
             match build_regex(h, true, true) {
                 Ok(r) => HostMatch::Regex(r),
                 Err(e) => {
-                    err(diags, "/spec/host", "bad-regex", format!("host regex does not compile: {e}"), "fix the regular expression");
+                    err(diags, "/spec/host", "bad-regex", format!("host regex does not compile: {}", regex_error(&e)), "fix the regular expression");
                     HostMatch::Any
                 }
             }
@@ -414,7 +414,7 @@ fn compile_mapping<'r>(
         Some(m) if spec.method_regex => match build_regex(m, false, true) {
             Ok(r) => Some(MethodMatch::Regex(r)),
             Err(e) => {
-                err(diags, "/spec/method", "bad-regex", format!("method regex does not compile: {e}"), "fix the regular expression");
+                err(diags, "/spec/method", "bad-regex", format!("method regex does not compile: {}", regex_error(&e)), "fix the regular expression");
                 None
             }
         },
@@ -452,7 +452,7 @@ fn compile_mapping<'r>(
             match regex_subst(rs) {
                 Ok((pattern, substitution)) => RedirectPath::Regex { pattern, substitution },
                 Err(e) => {
-                    err(diags, "/spec/regex_redirect/pattern", "bad-regex", format!("regex_redirect pattern does not compile: {e}"), "fix the regular expression");
+                    err(diags, "/spec/regex_redirect/pattern", "bad-regex", format!("regex_redirect pattern does not compile: {}", regex_error(&e)), "fix the regular expression");
                     path
                 }
             }
@@ -643,7 +643,7 @@ fn value_matches(
                 name: if is_header { name.to_ascii_lowercase() } else { name.clone() },
                 test: ValueTest::Regex(r),
             }),
-            Err(e) => diags.push(Diagnostic::error("bad-regex", &res.at(&ptr), format!("regex for `{name}` does not compile: {e}")).with_help("fix the regular expression (RE2 syntax)")),
+            Err(e) => diags.push(Diagnostic::error("bad-regex", &res.at(&ptr), format!("regex for `{name}` does not compile: {}", regex_error(&e))).with_help("fix the regular expression (RE2 syntax)")),
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| show_test(&a.test).cmp(&show_test(&b.test))));
@@ -680,7 +680,7 @@ fn compile_forward(res: &Resource, spec: &MappingSpec, diags: &mut Vec<Diagnosti
             match regex_subst(rs) {
                 Ok((pattern, substitution)) => Rewrite::Regex { pattern, substitution },
                 Err(e) => {
-                    diags.push(Diagnostic::error("bad-regex", &res.at("/spec/regex_rewrite/pattern"), format!("regex_rewrite pattern does not compile: {e}")).with_help("fix the regular expression (RE2 syntax)"));
+                    diags.push(Diagnostic::error("bad-regex", &res.at("/spec/regex_rewrite/pattern"), format!("regex_rewrite pattern does not compile: {}", regex_error(&e))).with_help("fix the regular expression (RE2 syntax)"));
                     return None;
                 }
             }
@@ -771,6 +771,20 @@ fn redirect_target(service: &str) -> Result<String, String> {
         .rsplit_once(':')
         .is_some_and(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty());
     Ok(if explicit_port { u.authority() } else if u.host.contains(':') { format!("[{}]", u.host) } else { u.host })
+}
+
+/// The regex crate's error, as one line (its Display repeats the pattern with a caret).
+fn regex_error(e: &regex::Error) -> String {
+    match e {
+        regex::Error::Syntax(text) => text
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("error: "))
+            .unwrap_or(text)
+            .to_string(),
+        regex::Error::CompiledTooBig(limit) => format!("the compiled pattern exceeds {limit} bytes; simplify it"),
+        other => other.to_string(),
+    }
 }
 
 fn regex_subst(rs: &RegexSubst) -> Result<(Regex, String), regex::Error> {

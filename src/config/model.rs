@@ -512,14 +512,17 @@ fn load_document(
             )
             .with_help("rename one of them or delete the copy"),
         );
-        out.diagnostics.push(Diagnostic::error(
-            "duplicate-resource",
-            first,
-            format!(
-                "{} `{namespace}/{name}` is defined twice: here and at {loc}",
-                kind.name()
-            ),
-        ));
+        out.diagnostics.push(
+            Diagnostic::error(
+                "duplicate-resource",
+                first,
+                format!(
+                    "{} `{namespace}/{name}` is defined twice: here and at {loc}",
+                    kind.name()
+                ),
+            )
+            .with_help("rename one of them or delete the copy"),
+        );
         // Neither copy is used: which one would win is not knowable from the files.
         out.resources
             .retain(|r| !(r.kind == kind && r.namespace == namespace && r.name == name));

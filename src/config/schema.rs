@@ -401,9 +401,9 @@ mod tests {
     #[test]
     fn schemas_compile_and_list_fields() {
         for k in Kind::ALL {
-            let f = fields(k);
-            assert!(f.len() > 5, "{k:?}");
+            assert!(!fields(k).is_empty(), "{k:?}");
         }
+        assert!(fields(Kind::Mapping).len() > 60 && fields(Kind::Host).len() >= 10);
         let m = fields(Kind::Mapping);
         let get = |n: &str| m.iter().find(|f| f.name == n).unwrap().status;
         assert_eq!(get("prefix"), FieldStatus::Implemented);
