@@ -6,11 +6,13 @@
 //! request). `admin` and `cli` read the recorded status; `legate check` reuses `config` and
 //! `routes` with no server.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
-pub mod proxy;
-pub mod routes;
-pub mod tls;
-pub mod reconcile;
 pub mod diff;
+pub mod kube;
+pub mod proxy;
+pub mod reconcile;
+pub mod routes;
 pub mod source;
+pub mod tls;

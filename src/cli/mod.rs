@@ -27,7 +27,13 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// Log format of the gateway's own logs.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "LEGATE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "LEGATE_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
 }
 
@@ -84,6 +90,16 @@ pub struct ConfigArgs {
     /// Largest total of YAML in one revision, in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     pub max_revision_bytes: u64,
+    /// What an invalid resource does to its revision: reject the whole revision (default), or
+    /// apply the valid resources and report the invalid ones.
+    #[arg(long, value_enum, default_value = "reject", env = "LEGATE_ON_INVALID")]
+    pub on_invalid: OnInvalid,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum OnInvalid {
+    Reject,
+    SkipResource,
 }
 
 impl ConfigArgs {
@@ -100,6 +116,7 @@ impl ConfigArgs {
             namespace: self.namespace.clone(),
             ambassador_id: self.ambassador_id.clone(),
             strict: self.strict,
+            skip_invalid: self.on_invalid == OnInvalid::SkipResource,
         }
     }
 }
@@ -279,7 +296,11 @@ fn schema(a: SchemaArgs) -> anyhow::Result<i32> {
 }
 
 /// Compile one side of a diff: a directory, or a git revision of `repo`.
-fn diff_side(spec: &str, a: &DiffArgs, opts: &Options) -> anyhow::Result<(String, config::Outcome)> {
+fn diff_side(
+    spec: &str,
+    a: &DiffArgs,
+    opts: &Options,
+) -> anyhow::Result<(String, config::Outcome)> {
     let as_dir = std::path::Path::new(spec);
     if as_dir.is_dir() {
         let root = match &a.path {
@@ -288,12 +309,23 @@ fn diff_side(spec: &str, a: &DiffArgs, opts: &Options) -> anyhow::Result<(String
         };
         return Ok((spec.to_string(), config::check_dir(&root, opts)));
     }
-    let repo = git2::Repository::discover(&a.repo)
-        .map_err(|e| anyhow::anyhow!("`{spec}` is not a directory, and {} is not in a git repository: {}", a.repo.display(), e.message()))?;
+    let repo = git2::Repository::discover(&a.repo).map_err(|e| {
+        anyhow::anyhow!(
+            "`{spec}` is not a directory, and {} is not in a git repository: {}",
+            a.repo.display(),
+            e.message()
+        )
+    })?;
     let commit = repo
         .revparse_single(spec)
         .and_then(|o| o.peel_to_commit())
-        .map_err(|e| anyhow::anyhow!("`{spec}` is neither a directory nor a revision of {}: {}", repo.path().display(), e.message()))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "`{spec}` is neither a directory nor a revision of {}: {}",
+                repo.path().display(),
+                e.message()
+            )
+        })?;
     let label = format!("{spec} ({})", &commit.id().to_string()[..12]);
     let tree = crate::source::git::GitTree {
         repo: repo.path().to_path_buf(),
@@ -312,7 +344,11 @@ fn diff(a: DiffArgs) -> anyhow::Result<i32> {
         if !side.is_ok() {
             invalid = true;
             eprintln!("{label} does not validate:");
-            for d in side.diagnostics.iter().filter(|d| d.severity == config::Severity::Error) {
+            for d in side
+                .diagnostics
+                .iter()
+                .filter(|d| d.severity == config::Severity::Error)
+            {
                 eprintln!("  {d}");
             }
         }

@@ -47,10 +47,15 @@ struct Compiled<'r> {
 
 /// Compile resources into a graph. The graph is only meaningful when no diagnostic is an error.
 pub fn compile(resources: &[Resource]) -> (Graph, Vec<Diagnostic>) {
+    compile_refs(&resources.iter().collect::<Vec<_>>())
+}
+
+/// `compile` over borrowed resources (a subset, for skip-invalid mode).
+pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
     let mut diags = Vec::new();
     let mut mappings: Vec<Compiled<'_>> = Vec::new();
     let mut hosts: Vec<(&Resource, &HostSpec)> = Vec::new();
-    for r in resources {
+    for &r in resources {
         match &r.spec {
             Spec::Mapping(m) => {
                 if let Some(c) = compile_mapping(r, m, &mut diags) {
@@ -87,7 +92,11 @@ pub fn compile(resources: &[Resource]) -> (Graph, Vec<Diagnostic>) {
             name: m.res.name.clone(),
             namespace: m.res.namespace.clone(),
             source: format!("{}:{}", m.res.loc.file, m.res.loc.line),
-            stats_name: m.spec.stats_name.clone().unwrap_or_else(|| m.res.name.clone()),
+            stats_name: m
+                .spec
+                .stats_name
+                .clone()
+                .unwrap_or_else(|| m.res.name.clone()),
             matcher: m.matcher.clone(),
             precedence: m.spec.precedence,
             action: m.action.clone(),
@@ -131,8 +140,12 @@ pub fn compile(resources: &[Resource]) -> (Graph, Vec<Diagnostic>) {
             for &m in members {
                 let c = &mappings[m];
                 let host_match = c.host_regex
-                    || c.assoc_glob.as_ref().is_some_and(|g| g.overlaps(&hr.hostname))
-                    || c.redirect_assoc.as_ref().is_some_and(|g| g.overlaps(&hr.hostname));
+                    || c.assoc_glob
+                        .as_ref()
+                        .is_some_and(|g| g.overlaps(&hr.hostname))
+                    || c.redirect_assoc
+                        .as_ref()
+                        .is_some_and(|g| g.overlaps(&hr.hostname));
                 let sel_match = selector.is_some_and(|s| !s.is_empty() && s.matches(&c.res.labels));
                 if host_match || sel_match {
                     selected[m] = true;
@@ -267,7 +280,11 @@ fn build_group(
                 &c.res.at("/spec"),
                 format!(
                     "Mappings {} have the same match and no weight, so they split traffic evenly",
-                    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                    names
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )
             .with_help("give each a `weight`, or make the matches differ if this was not a canary"),
@@ -293,7 +310,10 @@ fn build_group(
         diags.push(Diagnostic::warning(
             "zero-weight",
             &c.res.at("/spec/weight"),
-            format!("every Mapping matching `{}` has weight 0: none takes traffic", c.spec.prefix),
+            format!(
+                "every Mapping matching `{}` has weight 0: none takes traffic",
+                c.spec.prefix
+            ),
         ));
         return (Vec::new(), shadow);
     } else {
@@ -304,7 +324,7 @@ fn build_group(
             let share = if idx + 1 == live.len() {
                 100 - acc
             } else {
-                w * 100 / weighted
+                (w * 100).checked_div(weighted).unwrap_or(0)
             };
             acc += share;
             shares.push((m, share));
@@ -324,24 +344,40 @@ fn compile_mapping<'r>(
     spec: &'r MappingSpec,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Compiled<'r>> {
-    let before = diags.iter().filter(|d| d.severity == super::Severity::Error).count();
+    let before = diags
+        .iter()
+        .filter(|d| d.severity == super::Severity::Error)
+        .count();
     let case_sensitive = spec.case_sensitive.unwrap_or(true);
-    let err = |diags: &mut Vec<Diagnostic>, ptr: &str, code: &'static str, msg: String, help: &str| {
-        diags.push(Diagnostic::error(code, &res.at(ptr), msg).with_help(help.to_string()));
-    };
+    let err =
+        |diags: &mut Vec<Diagnostic>, ptr: &str, code: &'static str, msg: String, help: &str| {
+            diags.push(Diagnostic::error(code, &res.at(ptr), msg).with_help(help.to_string()));
+        };
 
     // Path.
     let path = if spec.prefix_regex {
         match build_regex(&spec.prefix, !case_sensitive, true) {
             Ok(r) => Some(PathMatch::Regex(r)),
             Err(e) => {
-                err(diags, "/spec/prefix", "bad-regex", format!("prefix regex does not compile: {}", regex_error(&e)), "fix the regular expression (RE2 syntax: no look-around or backreferences)");
+                err(
+                    diags,
+                    "/spec/prefix",
+                    "bad-regex",
+                    format!("prefix regex does not compile: {}", regex_error(&e)),
+                    "fix the regular expression (RE2 syntax: no look-around or backreferences)",
+                );
                 None
             }
         }
     } else {
         if !spec.prefix.starts_with('/') {
-            err(diags, "/spec/prefix", "bad-prefix", format!("prefix `{}` does not start with `/`", spec.prefix), "write the path prefix starting with `/`, as in `/api/`");
+            err(
+                diags,
+                "/spec/prefix",
+                "bad-prefix",
+                format!("prefix `{}` does not start with `/`", spec.prefix),
+                "write the path prefix starting with `/`, as in `/api/`",
+            );
         }
         Some(if spec.prefix_exact {
             PathMatch::Exact(spec.prefix.clone())
@@ -356,8 +392,12 @@ fn compile_mapping<'r>(
     let host = if let Some(h) = &spec.hostname {
         if spec.host.is_some() {
             diags.push(
-                Diagnostic::warning("host-and-hostname", &res.at("/spec/host"), "both `hostname` and `host` are set; `host` is ignored")
-                    .with_help("keep `hostname` (`host` is its deprecated form)"),
+                Diagnostic::warning(
+                    "host-and-hostname",
+                    &res.at("/spec/host"),
+                    "both `hostname` and `host` are set; `host` is ignored",
+                )
+                .with_help("keep `hostname` (`host` is its deprecated form)"),
             );
         }
         match host_glob(res, "/spec/hostname", h, diags) {
@@ -380,7 +420,13 @@ fn compile_mapping<'r>(
             match build_regex(h, true, true) {
                 Ok(r) => HostMatch::Regex(r),
                 Err(e) => {
-                    err(diags, "/spec/host", "bad-regex", format!("host regex does not compile: {}", regex_error(&e)), "fix the regular expression");
+                    err(
+                        diags,
+                        "/spec/host",
+                        "bad-regex",
+                        format!("host regex does not compile: {}", regex_error(&e)),
+                        "fix the regular expression",
+                    );
                     HostMatch::Any
                 }
             }
@@ -391,7 +437,13 @@ fn compile_mapping<'r>(
                     HostMatch::Glob(p)
                 }
                 Err(e) => {
-                    err(diags, "/spec/host", "bad-hostname", format!("host is not a valid host name: {e}"), "use a host name such as `api.example.com`");
+                    err(
+                        diags,
+                        "/spec/host",
+                        "bad-hostname",
+                        format!("host is not a valid host name: {e}"),
+                        "use a host name such as `api.example.com`",
+                    );
                     HostMatch::Any
                 }
             }
@@ -402,9 +454,11 @@ fn compile_mapping<'r>(
     // Emissary associates a host_redirect Mapping with Hosts through its target host too; that
     // glob is used for association only, the route still matches any authority.
     let redirect_assoc = if assoc_glob.is_none() && !host_regex && spec.host_redirect {
-        redirect_target(&spec.service)
-            .ok()
-            .and_then(|t| t.split(':').next().and_then(|h| h.parse::<HostPattern>().ok()))
+        redirect_target(&spec.service).ok().and_then(|t| {
+            t.split(':')
+                .next()
+                .and_then(|h| h.parse::<HostPattern>().ok())
+        })
     } else {
         None
     };
@@ -414,23 +468,51 @@ fn compile_mapping<'r>(
         Some(m) if spec.method_regex => match build_regex(m, false, true) {
             Ok(r) => Some(MethodMatch::Regex(r)),
             Err(e) => {
-                err(diags, "/spec/method", "bad-regex", format!("method regex does not compile: {}", regex_error(&e)), "fix the regular expression");
+                err(
+                    diags,
+                    "/spec/method",
+                    "bad-regex",
+                    format!("method regex does not compile: {}", regex_error(&e)),
+                    "fix the regular expression",
+                );
                 None
             }
         },
         Some(m) => Some(MethodMatch::Exact(m.to_ascii_uppercase())),
     };
 
-    let headers = value_matches(res, "headers", &spec.headers, &spec.regex_headers, true, diags);
-    let query = value_matches(res, "query_parameters", &spec.query_parameters, &spec.regex_query_parameters, false, diags);
+    let headers = value_matches(
+        res,
+        "headers",
+        &spec.headers,
+        &spec.regex_headers,
+        true,
+        diags,
+    );
+    let query = value_matches(
+        res,
+        "query_parameters",
+        &spec.query_parameters,
+        &spec.regex_query_parameters,
+        false,
+        diags,
+    );
 
     // Action.
-    let redirect_fields = spec.path_redirect.is_some() || spec.prefix_redirect.is_some() || spec.regex_redirect.is_some();
+    let redirect_fields = spec.path_redirect.is_some()
+        || spec.prefix_redirect.is_some()
+        || spec.regex_redirect.is_some();
     let action = if spec.host_redirect {
         let target = match redirect_target(&spec.service) {
             Ok(t) => Some(t),
             Err(e) => {
-                err(diags, "/spec/service", "bad-service", format!("redirect target `{}` is not a host: {e}", spec.service), "with host_redirect, `service` is the host (and port) to redirect to");
+                err(
+                    diags,
+                    "/spec/service",
+                    "bad-service",
+                    format!("redirect target `{}` is not a host: {e}", spec.service),
+                    "with host_redirect, `service` is the host (and port) to redirect to",
+                );
                 None
             }
         };
@@ -450,9 +532,21 @@ fn compile_mapping<'r>(
         let path = if let Some(rs) = &spec.regex_redirect {
             n += 1;
             match regex_subst(rs) {
-                Ok((pattern, substitution)) => RedirectPath::Regex { pattern, substitution },
+                Ok((pattern, substitution)) => RedirectPath::Regex {
+                    pattern,
+                    substitution,
+                },
                 Err(e) => {
-                    err(diags, "/spec/regex_redirect/pattern", "bad-regex", format!("regex_redirect pattern does not compile: {}", regex_error(&e)), "fix the regular expression");
+                    err(
+                        diags,
+                        "/spec/regex_redirect/pattern",
+                        "bad-regex",
+                        format!(
+                            "regex_redirect pattern does not compile: {}",
+                            regex_error(&e)
+                        ),
+                        "fix the regular expression",
+                    );
                     path
                 }
             }
@@ -460,7 +554,13 @@ fn compile_mapping<'r>(
             path
         };
         if n > 1 {
-            err(diags, "/spec/host_redirect", "conflicting-redirect", "more than one of path_redirect, prefix_redirect and regex_redirect is set".into(), "keep one of them");
+            err(
+                diags,
+                "/spec/host_redirect",
+                "conflicting-redirect",
+                "more than one of path_redirect, prefix_redirect and regex_redirect is set".into(),
+                "keep one of them",
+            );
         }
         target.map(|host| {
             Action::Redirect(Redirect {
@@ -472,14 +572,23 @@ fn compile_mapping<'r>(
     } else {
         if redirect_fields || spec.redirect_response_code.is_some() {
             diags.push(
-                Diagnostic::warning("redirect-without-host-redirect", &res.at("/spec"), "redirect fields are ignored because `host_redirect` is not true")
-                    .with_help("set `host_redirect: true` (and `service` to the target host) to redirect"),
+                Diagnostic::warning(
+                    "redirect-without-host-redirect",
+                    &res.at("/spec"),
+                    "redirect fields are ignored because `host_redirect` is not true",
+                )
+                .with_help(
+                    "set `host_redirect: true` (and `service` to the target host) to redirect",
+                ),
             );
         }
         compile_forward(res, spec, diags).map(|f| Action::Forward(Box::new(f)))
     };
 
-    let errors_now = diags.iter().filter(|d| d.severity == super::Severity::Error).count();
+    let errors_now = diags
+        .iter()
+        .filter(|d| d.severity == super::Severity::Error)
+        .count();
     let (path, action) = match (path, action) {
         (Some(p), Some(a)) if errors_now == before => (p, a),
         _ => return None,
@@ -537,14 +646,26 @@ fn host_glob(
     diags: &mut Vec<Diagnostic>,
 ) -> Result<HostPattern, String> {
     let (name, port) = match raw.rsplit_once(':') {
-        Some((n, p)) if !n.contains(':') && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => (n, Some(p)),
+        Some((n, p))
+            if !n.contains(':') && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            (n, Some(p))
+        }
         _ => (raw, None),
     };
     let pat = name.parse::<HostPattern>()?;
     if port.is_some() {
         diags.push(
-            Diagnostic::warning("hostname-port", &res.at(ptr), format!("the port in `{raw}` is ignored: Legate matches host names without the port"))
-                .with_help(format!("write `{name}`; to tell ports apart, use separate listeners")),
+            Diagnostic::warning(
+                "hostname-port",
+                &res.at(ptr),
+                format!(
+                    "the port in `{raw}` is ignored: Legate matches host names without the port"
+                ),
+            )
+            .with_help(format!(
+                "write `{name}`; to tell ports apart, use separate listeners"
+            )),
         );
     }
     Ok(pat)
@@ -582,10 +703,14 @@ fn match_key(m: &RouteMatch, spec: &MappingSpec) -> String {
             let _ = write!(k, "r:{}", r.as_str());
         }
     }
-    let _ = write!(k, "|{:?}|", m.method.as_ref().map(|mm| match mm {
-        MethodMatch::Exact(s) => format!("={s}"),
-        MethodMatch::Regex(r) => format!("~{}", r.as_str()),
-    }));
+    let _ = write!(
+        k,
+        "|{:?}|",
+        m.method.as_ref().map(|mm| match mm {
+            MethodMatch::Exact(s) => format!("={s}"),
+            MethodMatch::Regex(r) => format!("~{}", r.as_str()),
+        })
+    );
     for list in [&m.headers, &m.query] {
         for v in list {
             let _ = write!(k, "{}{};", v.name, show_test(&v.test));
@@ -611,13 +736,24 @@ fn value_matches(
     is_header: bool,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<ValueMatch> {
-    let regex_field = if is_header { "regex_headers" } else { "regex_query_parameters" };
+    let regex_field = if is_header {
+        "regex_headers"
+    } else {
+        "regex_query_parameters"
+    };
     let mut out = Vec::new();
     let name_ok = |n: &str| !is_header || http::HeaderName::from_bytes(n.as_bytes()).is_ok();
     for (name, v) in exact {
         let ptr = format!("/spec/{field}/{}", super::yaml::escape_pointer(name));
         if !name_ok(name) {
-            diags.push(Diagnostic::error("bad-header-name", &res.at(&ptr), format!("`{name}` is not a valid header name")).with_help("header names are tokens: letters, digits and `-`"));
+            diags.push(
+                Diagnostic::error(
+                    "bad-header-name",
+                    &res.at(&ptr),
+                    format!("`{name}` is not a valid header name"),
+                )
+                .with_help("header names are tokens: letters, digits and `-`"),
+            );
             continue;
         }
         let test = match v {
@@ -629,32 +765,69 @@ fn value_matches(
                 continue;
             }
         };
-        let name = if is_header { name.to_ascii_lowercase() } else { name.clone() };
+        let name = if is_header {
+            name.to_ascii_lowercase()
+        } else {
+            name.clone()
+        };
         out.push(ValueMatch { name, test });
     }
     for (name, pat) in regex {
         let ptr = format!("/spec/{regex_field}/{}", super::yaml::escape_pointer(name));
         if !name_ok(name) {
-            diags.push(Diagnostic::error("bad-header-name", &res.at(&ptr), format!("`{name}` is not a valid header name")).with_help("header names are tokens: letters, digits and `-`"));
+            diags.push(
+                Diagnostic::error(
+                    "bad-header-name",
+                    &res.at(&ptr),
+                    format!("`{name}` is not a valid header name"),
+                )
+                .with_help("header names are tokens: letters, digits and `-`"),
+            );
             continue;
         }
         match build_regex(pat, false, true) {
             Ok(r) => out.push(ValueMatch {
-                name: if is_header { name.to_ascii_lowercase() } else { name.clone() },
+                name: if is_header {
+                    name.to_ascii_lowercase()
+                } else {
+                    name.clone()
+                },
                 test: ValueTest::Regex(r),
             }),
-            Err(e) => diags.push(Diagnostic::error("bad-regex", &res.at(&ptr), format!("regex for `{name}` does not compile: {}", regex_error(&e))).with_help("fix the regular expression (RE2 syntax)")),
+            Err(e) => diags.push(
+                Diagnostic::error(
+                    "bad-regex",
+                    &res.at(&ptr),
+                    format!("regex for `{name}` does not compile: {}", regex_error(&e)),
+                )
+                .with_help("fix the regular expression (RE2 syntax)"),
+            ),
         }
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| show_test(&a.test).cmp(&show_test(&b.test))));
+    out.sort_by(|a, b| {
+        a.name
+            .cmp(&b.name)
+            .then_with(|| show_test(&a.test).cmp(&show_test(&b.test)))
+    });
     out
 }
 
-fn compile_forward(res: &Resource, spec: &MappingSpec, diags: &mut Vec<Diagnostic>) -> Option<Forward> {
+fn compile_forward(
+    res: &Resource,
+    spec: &MappingSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Forward> {
     let mut upstream: Upstream = match spec.service.parse() {
         Ok(u) => u,
         Err(e) => {
-            diags.push(Diagnostic::error("bad-service", &res.at("/spec/service"), format!("service `{}` is not a usable address: {e}", spec.service)).with_help("write `host`, `host:port`, `http://host:port` or `https://host:port`"));
+            diags.push(
+                Diagnostic::error(
+                    "bad-service",
+                    &res.at("/spec/service"),
+                    format!("service `{}` is not a usable address: {e}", spec.service),
+                )
+                .with_help("write `host`, `host:port`, `http://host:port` or `https://host:port`"),
+            );
             return None;
         }
     };
@@ -665,7 +838,14 @@ fn compile_forward(res: &Resource, spec: &MappingSpec, diags: &mut Vec<Diagnosti
     };
     if tls_wanted && upstream.scheme == Scheme::Http {
         if spec.service.starts_with("http://") {
-            diags.push(Diagnostic::warning("tls-and-http", &res.at("/spec/tls"), "`tls` is set but the service says http://; TLS is used").with_help("write the service as https://... to make this explicit"));
+            diags.push(
+                Diagnostic::warning(
+                    "tls-and-http",
+                    &res.at("/spec/tls"),
+                    "`tls` is set but the service says http://; TLS is used",
+                )
+                .with_help("write the service as https://... to make this explicit"),
+            );
         }
         upstream.scheme = Scheme::Https;
         if !spec.service.contains(':') {
@@ -675,12 +855,32 @@ fn compile_forward(res: &Resource, spec: &MappingSpec, diags: &mut Vec<Diagnosti
     let rewrite = match (&spec.regex_rewrite, &spec.rewrite) {
         (Some(rs), r) => {
             if r.is_some() {
-                diags.push(Diagnostic::warning("rewrite-ignored", &res.at("/spec/rewrite"), "`rewrite` is ignored because `regex_rewrite` is set").with_help("remove one of them"));
+                diags.push(
+                    Diagnostic::warning(
+                        "rewrite-ignored",
+                        &res.at("/spec/rewrite"),
+                        "`rewrite` is ignored because `regex_rewrite` is set",
+                    )
+                    .with_help("remove one of them"),
+                );
             }
             match regex_subst(rs) {
-                Ok((pattern, substitution)) => Rewrite::Regex { pattern, substitution },
+                Ok((pattern, substitution)) => Rewrite::Regex {
+                    pattern,
+                    substitution,
+                },
                 Err(e) => {
-                    diags.push(Diagnostic::error("bad-regex", &res.at("/spec/regex_rewrite/pattern"), format!("regex_rewrite pattern does not compile: {}", regex_error(&e))).with_help("fix the regular expression (RE2 syntax)"));
+                    diags.push(
+                        Diagnostic::error(
+                            "bad-regex",
+                            &res.at("/spec/regex_rewrite/pattern"),
+                            format!(
+                                "regex_rewrite pattern does not compile: {}",
+                                regex_error(&e)
+                            ),
+                        )
+                        .with_help("fix the regular expression (RE2 syntax)"),
+                    );
                     return None;
                 }
             }
@@ -694,37 +894,72 @@ fn compile_forward(res: &Resource, spec: &MappingSpec, diags: &mut Vec<Diagnosti
             Rewrite::Prefix("/".into())
         }
     };
-    let mut allow_upgrade: Vec<String> = spec.allow_upgrade.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let mut allow_upgrade: Vec<String> = spec
+        .allow_upgrade
+        .iter()
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
     if spec.use_websocket && !allow_upgrade.iter().any(|u| u == "websocket") {
         allow_upgrade.push("websocket".into());
     }
-    let headers = |map: &BTreeMap<String, AddedHeader>, field: &str, diags: &mut Vec<Diagnostic>| -> Vec<AddHeader> {
+    let headers = |map: &BTreeMap<String, AddedHeader>,
+                   field: &str,
+                   diags: &mut Vec<Diagnostic>|
+     -> Vec<AddHeader> {
         let mut out = Vec::new();
         for (name, v) in map {
             let ptr = format!("/spec/{field}/{}", super::yaml::escape_pointer(name));
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                diags.push(Diagnostic::error("bad-header-name", &res.at(&ptr), format!("`{name}` is not a valid header name")).with_help("header names are tokens: letters, digits and `-`"));
+                diags.push(
+                    Diagnostic::error(
+                        "bad-header-name",
+                        &res.at(&ptr),
+                        format!("`{name}` is not a valid header name"),
+                    )
+                    .with_help("header names are tokens: letters, digits and `-`"),
+                );
                 continue;
             }
             let (value, append) = match v {
                 AddedHeader::Full { value, append } => (value.clone(), append.unwrap_or(true)),
                 AddedHeader::Text(s) => (s.clone(), true),
-                AddedHeader::Other(o) => (match o { serde_json::Value::String(s) => s.clone(), other => other.to_string() }, true),
+                AddedHeader::Other(o) => (
+                    match o {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    },
+                    true,
+                ),
             };
             if http::HeaderValue::from_str(&value).is_err() {
-                diags.push(Diagnostic::error("bad-header-value", &res.at(&ptr), format!("the value of `{name}` has characters a header cannot carry")).with_help("remove control characters and line breaks"));
+                diags.push(
+                    Diagnostic::error(
+                        "bad-header-value",
+                        &res.at(&ptr),
+                        format!("the value of `{name}` has characters a header cannot carry"),
+                    )
+                    .with_help("remove control characters and line breaks"),
+                );
                 continue;
             }
             for var in unsupported_vars(&value) {
                 diags.push(Diagnostic::warning("header-variable", &res.at(&ptr), format!("`%{var}%` is not substituted by Legate; it is sent as written")).with_help("supported: %DOWNSTREAM_REMOTE_ADDRESS%, %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%, %PROTOCOL%, %REQ(header)%"));
             }
-            out.push(AddHeader { name: name.to_ascii_lowercase(), value, append });
+            out.push(AddHeader {
+                name: name.to_ascii_lowercase(),
+                value,
+                append,
+            });
         }
         out
     };
     let add_request_headers = headers(&spec.add_request_headers, "add_request_headers", diags);
     let add_response_headers = headers(&spec.add_response_headers, "add_response_headers", diags);
-    let lower = |v: Vec<String>| v.into_iter().map(|s| s.to_ascii_lowercase()).collect::<Vec<_>>();
+    let lower = |v: Vec<String>| {
+        v.into_iter()
+            .map(|s| s.to_ascii_lowercase())
+            .collect::<Vec<_>>()
+    };
     Some(Forward {
         upstream,
         rewrite,
@@ -738,8 +973,15 @@ fn compile_forward(res: &Resource, spec: &MappingSpec, diags: &mut Vec<Diagnosti
             0 => None,
             ms => Some(Duration::from_millis(ms)),
         },
-        connect_timeout: Duration::from_millis(spec.connect_timeout_ms.unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS).max(1)),
-        idle_timeout: spec.idle_timeout_ms.filter(|ms| *ms > 0).map(Duration::from_millis),
+        connect_timeout: Duration::from_millis(
+            spec.connect_timeout_ms
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT_MS)
+                .max(1),
+        ),
+        idle_timeout: spec
+            .idle_timeout_ms
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis),
         allow_upgrade,
         http2: spec.grpc,
     })
@@ -747,13 +989,24 @@ fn compile_forward(res: &Resource, spec: &MappingSpec, diags: &mut Vec<Diagnosti
 
 /// Variables in `%NAME%` form that the proxy does not substitute.
 fn unsupported_vars(v: &str) -> Vec<String> {
-    const SUPPORTED: [&str; 3] = ["DOWNSTREAM_REMOTE_ADDRESS", "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", "PROTOCOL"];
+    const SUPPORTED: [&str; 3] = [
+        "DOWNSTREAM_REMOTE_ADDRESS",
+        "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT",
+        "PROTOCOL",
+    ];
     let mut out = Vec::new();
     let mut parts = v.split('%');
     parts.next();
     while let (Some(name), Some(_)) = (parts.next(), parts.clone().next()) {
         if !name.is_empty()
-            && name.bytes().all(|b| b.is_ascii_uppercase() || b == b'_' || b == b'(' || b == b')' || b == b'-' || b.is_ascii_alphanumeric())
+            && name.bytes().all(|b| {
+                b.is_ascii_uppercase()
+                    || b == b'_'
+                    || b == b'('
+                    || b == b')'
+                    || b == b'-'
+                    || b.is_ascii_alphanumeric()
+            })
             && !SUPPORTED.contains(&name)
             && !name.starts_with("REQ(")
         {
@@ -766,11 +1019,19 @@ fn unsupported_vars(v: &str) -> Vec<String> {
 
 /// `host[:port]` of a redirect target (`service` may carry a scheme).
 fn redirect_target(service: &str) -> Result<String, String> {
-    let u: Upstream = service.parse().map_err(|e: crate::routes::UpstreamError| e.0)?;
+    let u: Upstream = service
+        .parse()
+        .map_err(|e: crate::routes::UpstreamError| e.0)?;
     let explicit_port = service
         .rsplit_once(':')
         .is_some_and(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()) && !p.is_empty());
-    Ok(if explicit_port { u.authority() } else if u.host.contains(':') { format!("[{}]", u.host) } else { u.host })
+    Ok(if explicit_port {
+        u.authority()
+    } else if u.host.contains(':') {
+        format!("[{}]", u.host)
+    } else {
+        u.host
+    })
 }
 
 /// The regex crate's error, as one line (its Display repeats the pattern with a caret).
@@ -782,7 +1043,9 @@ fn regex_error(e: &regex::Error) -> String {
             .find_map(|l| l.strip_prefix("error: "))
             .unwrap_or(text)
             .to_string(),
-        regex::Error::CompiledTooBig(limit) => format!("the compiled pattern exceeds {limit} bytes; simplify it"),
+        regex::Error::CompiledTooBig(limit) => {
+            format!("the compiled pattern exceeds {limit} bytes; simplify it")
+        }
         other => other.to_string(),
     }
 }
@@ -819,7 +1082,11 @@ pub fn envoy_substitution(s: &str) -> String {
 
 /// Compile a regex with bounded size; `anchored` requires a full match (Envoy's safe_regex).
 fn build_regex(pat: &str, case_insensitive: bool, anchored: bool) -> Result<Regex, regex::Error> {
-    let src = if anchored { format!("^(?:{pat})$") } else { pat.to_string() };
+    let src = if anchored {
+        format!("^(?:{pat})$")
+    } else {
+        pat.to_string()
+    };
     RegexBuilder::new(&src)
         .case_insensitive(case_insensitive)
         .size_limit(REGEX_SIZE_LIMIT)
@@ -828,15 +1095,34 @@ fn build_regex(pat: &str, case_insensitive: bool, anchored: bool) -> Result<Rege
 }
 
 fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Option<HostRoute> {
-    let hostname = match host_glob(r, "/spec/hostname", h.hostname.as_deref().unwrap_or("*"), diags) {
+    let hostname = match host_glob(
+        r,
+        "/spec/hostname",
+        h.hostname.as_deref().unwrap_or("*"),
+        diags,
+    ) {
         Ok(p) => p,
         Err(e) => {
-            diags.push(Diagnostic::error("bad-hostname", &r.at("/spec/hostname"), format!("hostname is not a valid host glob: {e}")).with_help("use a host name, `*`, or a glob like `*.example.com`"));
+            diags.push(
+                Diagnostic::error(
+                    "bad-hostname",
+                    &r.at("/spec/hostname"),
+                    format!("hostname is not a valid host glob: {e}"),
+                )
+                .with_help("use a host name, `*`, or a glob like `*.example.com`"),
+            );
             return None;
         }
     };
     if h.mapping_selector.is_some() && h.selector.is_some() {
-        diags.push(Diagnostic::warning("selector-ignored", &r.at("/spec/selector"), "both `mappingSelector` and `selector` are set; `selector` is ignored").with_help("remove `selector` (the deprecated name)"));
+        diags.push(
+            Diagnostic::warning(
+                "selector-ignored",
+                &r.at("/spec/selector"),
+                "both `mappingSelector` and `selector` are set; `selector` is ignored",
+            )
+            .with_help("remove `selector` (the deprecated name)"),
+        );
     }
     let tls_secret = h.tls_secret.as_ref().map(|s| SecretRef {
         namespace: s.namespace.clone().unwrap_or_else(|| r.namespace.clone()),
@@ -850,7 +1136,17 @@ fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Opti
         _ => InsecureAction::Route,
     };
     if insecure != InsecureAction::Route && tls_secret.is_none() {
-        diags.push(Diagnostic::warning("insecure-without-tls", &r.at("/spec/requestPolicy/insecure/action"), format!("Host `{}` has no TLS, so `{insecure:?}` turns away all of its traffic", r.name)).with_help("add a `tlsSecret`, or set `requestPolicy.insecure.action: Route`"));
+        diags.push(
+            Diagnostic::warning(
+                "insecure-without-tls",
+                &r.at("/spec/requestPolicy/insecure/action"),
+                format!(
+                    "Host `{}` has no TLS, so `{insecure:?}` turns away all of its traffic",
+                    r.name
+                ),
+            )
+            .with_help("add a `tlsSecret`, or set `requestPolicy.insecure.action: Route`"),
+        );
     }
     Some(HostRoute {
         name: r.name.clone(),
@@ -858,7 +1154,11 @@ fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Opti
         hostname,
         tls_secret,
         insecure,
-        insecure_additional_port: h.request_policy.insecure.additional_port.and_then(|p| u16::try_from(p).ok()),
+        insecure_additional_port: h
+            .request_policy
+            .insecure
+            .additional_port
+            .and_then(|p| u16::try_from(p).ok()),
         groups: Vec::new(),
         source: format!("{}:{}", r.loc.file, r.loc.line),
     })
@@ -867,18 +1167,32 @@ fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Opti
 fn graph_hash(hosts: &[HostRoute], routes: &[Route], groups: &[Group]) -> String {
     let mut h = Sha256::new();
     for host in hosts {
-        h.update(format!("H{}/{}|{}|{:?}|{:?}|{:?}|{:?}\n", host.namespace, host.name, host.hostname, host.tls_secret, host.insecure, host.insecure_additional_port, host.groups));
+        h.update(format!(
+            "H{}/{}|{}|{:?}|{:?}|{:?}|{:?}\n",
+            host.namespace,
+            host.name,
+            host.hostname,
+            host.tls_secret,
+            host.insecure,
+            host.insecure_additional_port,
+            host.groups
+        ));
     }
     for r in routes {
-        h.update(format!("R{}/{}|{:?}|{}|{:?}|{}|{}\n", r.namespace, r.name, r.matcher, r.precedence, r.action, r.group, r.stats_name));
+        h.update(format!(
+            "R{}/{}|{:?}|{}|{:?}|{}|{}\n",
+            r.namespace, r.name, r.matcher, r.precedence, r.action, r.group, r.stats_name
+        ));
     }
     for g in groups {
-        h.update(format!("G{:?}|{:?}|{}\n", g.members, g.shadow, g.serves_without_host));
+        h.update(format!(
+            "G{:?}|{:?}|{}\n",
+            g.members, g.shadow, g.serves_without_host
+        ));
     }
     let digest = h.finalize();
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -895,14 +1209,29 @@ mod tests {
         load_and_compile(&MemTree::new().with("m.yaml", text), &Options::default())
     }
 
-    fn route_for(o: &Outcome, method: &str, path: &str, headers: &[(&str, &str)]) -> Option<String> {
+    fn route_for(
+        o: &Outcome,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Option<String> {
         let g = o.graph.as_ref().expect("valid config");
         let mut map = http::HeaderMap::new();
         for (k, v) in headers {
-            map.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            map.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
-        let head = RequestHead { host: "h.example", method, path, query: None, headers: &map };
-        g.lookup(&head).map(|m| g.route(m.group.pick(0).unwrap()).name.clone())
+        let head = RequestHead {
+            host: "h.example",
+            method,
+            path,
+            query: None,
+            headers: &map,
+        };
+        g.lookup(&head)
+            .map(|m| g.route(m.group.pick(0).unwrap()).name.clone())
     }
 
     fn codes(o: &Outcome) -> Vec<&'static str> {
@@ -914,35 +1243,63 @@ mod tests {
         let t = mapping("short", "hostname: '*'\nprefix: /api/\nservice: a")
             + &mapping("long", "hostname: '*'\nprefix: /api/v1/\nservice: b");
         let o = compile_text(&t);
-        assert_eq!(route_for(&o, "GET", "/api/v1/x", &[]).as_deref(), Some("long"));
-        assert_eq!(route_for(&o, "GET", "/api/v2/x", &[]).as_deref(), Some("short"));
+        assert_eq!(
+            route_for(&o, "GET", "/api/v1/x", &[]).as_deref(),
+            Some("long")
+        );
+        assert_eq!(
+            route_for(&o, "GET", "/api/v2/x", &[]).as_deref(),
+            Some("short")
+        );
         assert_eq!(route_for(&o, "GET", "/other", &[]), None);
-        let t = mapping("short", "hostname: '*'\nprefix: /api/\nservice: a\nprecedence: 5")
-            + &mapping("long", "hostname: '*'\nprefix: /api/v1/\nservice: b");
+        let t = mapping(
+            "short",
+            "hostname: '*'\nprefix: /api/\nservice: a\nprecedence: 5",
+        ) + &mapping("long", "hostname: '*'\nprefix: /api/v1/\nservice: b");
         let o = compile_text(&t);
-        assert_eq!(route_for(&o, "GET", "/api/v1/x", &[]).as_deref(), Some("short"));
+        assert_eq!(
+            route_for(&o, "GET", "/api/v1/x", &[]).as_deref(),
+            Some("short")
+        );
     }
 
     #[test]
     fn header_and_method_constraints_order_before_plain() {
         let t = mapping("plain", "hostname: '*'\nprefix: /x/\nservice: a")
-            + &mapping("post", "hostname: '*'\nprefix: /x/\nservice: b\nmethod: post")
-            + &mapping("hdr", "hostname: '*'\nprefix: /x/\nservice: c\nheaders:\n  x-canary: 'yes'");
+            + &mapping(
+                "post",
+                "hostname: '*'\nprefix: /x/\nservice: b\nmethod: post",
+            )
+            + &mapping(
+                "hdr",
+                "hostname: '*'\nprefix: /x/\nservice: c\nheaders:\n  x-canary: 'yes'",
+            );
         let o = compile_text(&t);
         assert!(o.is_ok(), "{:?}", o.diagnostics);
         assert_eq!(route_for(&o, "POST", "/x/1", &[]).as_deref(), Some("post"));
-        assert_eq!(route_for(&o, "GET", "/x/1", &[("x-canary", "yes")]).as_deref(), Some("hdr"));
+        assert_eq!(
+            route_for(&o, "GET", "/x/1", &[("x-canary", "yes")]).as_deref(),
+            Some("hdr")
+        );
         assert_eq!(route_for(&o, "GET", "/x/1", &[]).as_deref(), Some("plain"));
     }
 
     #[test]
     fn case_insensitive_and_exact_paths() {
-        let t = mapping("ci", "hostname: '*'\nprefix: /Docs/\ncase_sensitive: false\nservice: a")
-            + &mapping("exact", "hostname: '*'\nprefix: /health\nprefix_exact: true\nservice: b");
+        let t = mapping(
+            "ci",
+            "hostname: '*'\nprefix: /Docs/\ncase_sensitive: false\nservice: a",
+        ) + &mapping(
+            "exact",
+            "hostname: '*'\nprefix: /health\nprefix_exact: true\nservice: b",
+        );
         let o = compile_text(&t);
         assert_eq!(route_for(&o, "GET", "/docs/a", &[]).as_deref(), Some("ci"));
         assert_eq!(route_for(&o, "GET", "/DOCS/a", &[]).as_deref(), Some("ci"));
-        assert_eq!(route_for(&o, "GET", "/health", &[]).as_deref(), Some("exact"));
+        assert_eq!(
+            route_for(&o, "GET", "/health", &[]).as_deref(),
+            Some("exact")
+        );
         assert_eq!(route_for(&o, "GET", "/healthz", &[]), None);
     }
 
@@ -962,34 +1319,62 @@ mod tests {
     fn semantic_errors_are_all_collected() {
         let t = mapping("w1", "hostname: '*'\nprefix: /w/\nservice: a\nweight: 70")
             + &mapping("w2", "hostname: '*'\nprefix: /w/\nservice: b\nweight: 60")
-            + &mapping("re", "hostname: '*'\nprefix: '/(unclosed'\nprefix_regex: true\nservice: a")
-            + &mapping("glob", "hostname: 'a*b.example.com'\nprefix: /g/\nservice: a")
-            + &mapping("svc", "hostname: '*'\nprefix: /s/\nservice: 'http://bad host'")
-            + &mapping("hre", "hostname: '*'\nprefix: /h/\nservice: a\nregex_headers:\n  x-a: '(['");
+            + &mapping(
+                "re",
+                "hostname: '*'\nprefix: '/(unclosed'\nprefix_regex: true\nservice: a",
+            )
+            + &mapping(
+                "glob",
+                "hostname: 'a*b.example.com'\nprefix: /g/\nservice: a",
+            )
+            + &mapping(
+                "svc",
+                "hostname: '*'\nprefix: /s/\nservice: 'http://bad host'",
+            )
+            + &mapping(
+                "hre",
+                "hostname: '*'\nprefix: /h/\nservice: a\nregex_headers:\n  x-a: '(['",
+            );
         let o = compile_text(&t);
         assert!(!o.is_ok());
         let c = codes(&o);
-        for want in ["weights-over-100", "bad-regex", "bad-hostname", "bad-service"] {
+        for want in [
+            "weights-over-100",
+            "bad-regex",
+            "bad-hostname",
+            "bad-service",
+        ] {
             assert!(c.contains(&want), "{want} missing from {c:?}");
         }
         assert_eq!(c.iter().filter(|x| **x == "bad-regex").count(), 2);
-        assert!(o.diagnostics.iter().filter(|d| d.severity == Severity::Error).all(|d| d.line > 1));
+        assert!(o
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .all(|d| d.line > 1));
     }
 
     #[test]
     fn hostless_mapping_without_selector_is_warned() {
         let o = compile_text(&mapping("lost", "prefix: /lost/\nservice: a"));
         assert!(o.is_ok());
-        let d = o.diagnostics.iter().find(|d| d.code == "unreachable-mapping").expect("warned");
+        let d = o
+            .diagnostics
+            .iter()
+            .find(|d| d.code == "unreachable-mapping")
+            .expect("warned");
         assert!(d.help.as_deref().unwrap().contains("hostname: \"*\""));
         assert_eq!(route_for(&o, "GET", "/lost/", &[]), None);
     }
 
     #[test]
     fn hash_is_stable_and_content_based() {
-        let a = mapping("x", "hostname: '*'\nprefix: /x/\nservice: a") + &mapping("y", "hostname: '*'\nprefix: /y/\nservice: b");
-        let b = mapping("y", "hostname: '*'\nprefix: /y/\nservice: b") + &mapping("x", "hostname: '*'\nprefix: /x/\nservice: a");
-        let c = mapping("x", "hostname: '*'\nprefix: /x/\nservice: c") + &mapping("y", "hostname: '*'\nprefix: /y/\nservice: b");
+        let a = mapping("x", "hostname: '*'\nprefix: /x/\nservice: a")
+            + &mapping("y", "hostname: '*'\nprefix: /y/\nservice: b");
+        let b = mapping("y", "hostname: '*'\nprefix: /y/\nservice: b")
+            + &mapping("x", "hostname: '*'\nprefix: /x/\nservice: a");
+        let c = mapping("x", "hostname: '*'\nprefix: /x/\nservice: c")
+            + &mapping("y", "hostname: '*'\nprefix: /y/\nservice: b");
         let (ha, hb, hc) = (compile_text(&a), compile_text(&b), compile_text(&c));
         let h = |o: &Outcome| o.graph.as_ref().unwrap().hash.clone();
         assert_eq!(h(&ha), h(&hb));
@@ -1013,6 +1398,53 @@ mod tests {
         assert_eq!(route_for(&o, "GET", "/sel/", &[]).as_deref(), Some("sel"));
         assert_eq!(route_for(&o, "GET", "/glob/", &[]).as_deref(), Some("glob"));
         assert_eq!(route_for(&o, "GET", "/other/", &[]), None);
-        assert!(o.diagnostics.iter().any(|d| d.code == "unreachable-mapping" && d.message.contains("other")));
+        assert!(o
+            .diagnostics
+            .iter()
+            .any(|d| d.code == "unreachable-mapping" && d.message.contains("other")));
+    }
+}
+
+#[cfg(test)]
+mod skip_tests {
+    use crate::config::{load_and_compile, MemTree, Options, Severity};
+
+    #[test]
+    fn skip_invalid_serves_the_valid_resources_and_reports_the_rest() {
+        let doc = |name: &str, spec: &str| {
+            format!("---\napiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata:\n  name: {name}\nspec:\n  hostname: '*'\n{spec}")
+        };
+        let text = doc("good", "  prefix: /good/\n  service: good\n")
+            + &doc(
+                "bad-regex",
+                "  prefix: '/(x'\n  prefix_regex: true\n  service: x\n",
+            )
+            + &doc(
+                "schema-bad",
+                "  prefix: /s/\n  service: s\n  timeout_ms: soon\n",
+            )
+            + &doc("also-good", "  prefix: /also/\n  service: also\n");
+        let tree = MemTree::new().with("m.yaml", text);
+        let strict = load_and_compile(&tree, &Options::default());
+        assert!(
+            strict.graph.is_none(),
+            "whole-revision rejection by default"
+        );
+        let opts = Options {
+            skip_invalid: true,
+            ..Options::default()
+        };
+        let o = load_and_compile(&tree, &opts);
+        let g = o.graph.expect("valid part compiles");
+        let names: Vec<&str> = g.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, vec!["also-good", "good"]);
+        let errs: Vec<_> = o
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .collect();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs.iter().any(|d| d.code == "bad-regex"));
+        assert!(errs.iter().any(|d| d.pointer == "/spec/timeout_ms"));
     }
 }

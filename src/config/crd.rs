@@ -32,7 +32,12 @@ fn printer_columns(kind: Kind) -> Value {
             state,
             age,
         ],
-        Kind::Host => vec![col("Hostname", ".spec.hostname"), col("TLS Secret", ".spec.tlsSecret.name"), state, age],
+        Kind::Host => vec![
+            col("Hostname", ".spec.hostname"),
+            col("TLS Secret", ".spec.tlsSecret.name"),
+            state,
+            age,
+        ],
         Kind::RouteTest => vec![state, age],
     })
 }
@@ -40,10 +45,16 @@ fn printer_columns(kind: Kind) -> Value {
 /// The CRD of `kind` as a JSON value.
 pub fn crd(kind: Kind) -> Value {
     let schema: Value = serde_json::from_str(kind.schema_text()).unwrap_or(Value::Null);
-    let spec = schema.pointer("/properties/spec").cloned().unwrap_or(Value::Null);
+    let spec = schema
+        .pointer("/properties/spec")
+        .cloned()
+        .unwrap_or(Value::Null);
     let mut spec = structural(&schema, &spec, 0);
     if let Value::Object(m) = &mut spec {
-        m.insert("x-kubernetes-preserve-unknown-fields".into(), Value::Bool(true));
+        m.insert(
+            "x-kubernetes-preserve-unknown-fields".into(),
+            Value::Bool(true),
+        );
         // The server must accept what Legate would reject, so Legate can say why on status.
         m.remove("required");
     }
@@ -119,7 +130,10 @@ fn open_node(description: Option<&Value>) -> Value {
     if let Some(d) = description {
         m.insert("description".into(), d.clone());
     }
-    m.insert("x-kubernetes-preserve-unknown-fields".into(), Value::Bool(true));
+    m.insert(
+        "x-kubernetes-preserve-unknown-fields".into(),
+        Value::Bool(true),
+    );
     Value::Object(m)
 }
 
@@ -136,14 +150,23 @@ fn structural(root: &Value, s: &Value, depth: usize) -> Value {
             .get("oneOf")
             .or_else(|| s.get("anyOf"))
             .and_then(Value::as_array)
-            .map(|a| a.iter().map(|b| resolve(root, b).get("type").and_then(Value::as_str)).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|b| resolve(root, b).get("type").and_then(Value::as_str))
+                    .collect()
+            })
             .unwrap_or_default();
         let one_type = types.first().copied().flatten();
         if one_type.is_none() || types.iter().any(|t| *t != one_type) {
             let mut node = open_node(description);
-            if types.iter().all(|t| matches!(t, Some("string") | Some("integer"))) && types.len() == 2 {
+            if types
+                .iter()
+                .all(|t| matches!(t, Some("string") | Some("integer")))
+                && types.len() == 2
+            {
                 node["x-kubernetes-int-or-string"] = Value::Bool(true);
-                node.as_object_mut().map(|m| m.remove("x-kubernetes-preserve-unknown-fields"));
+                node.as_object_mut()
+                    .map(|m| m.remove("x-kubernetes-preserve-unknown-fields"));
             }
             return node;
         }
@@ -191,13 +214,22 @@ fn structural(root: &Value, s: &Value, depth: usize) -> Value {
                     .collect();
                 m.insert("properties".into(), Value::Object(p));
             } else if let Some(ap) = s.get("additionalProperties").filter(|a| a.is_object()) {
-                m.insert("additionalProperties".into(), structural(root, ap, depth + 1));
+                m.insert(
+                    "additionalProperties".into(),
+                    structural(root, ap, depth + 1),
+                );
             } else if s.get("additionalProperties") != Some(&Value::Bool(false)) {
-                m.insert("x-kubernetes-preserve-unknown-fields".into(), Value::Bool(true));
+                m.insert(
+                    "x-kubernetes-preserve-unknown-fields".into(),
+                    Value::Bool(true),
+                );
             }
         }
         "array" => {
-            let items = s.get("items").map(|i| structural(root, i, depth + 1)).unwrap_or_else(|| open_node(None));
+            let items = s
+                .get("items")
+                .map(|i| structural(root, i, depth + 1))
+                .unwrap_or_else(|| open_node(None));
             m.insert("items".into(), items);
         }
         _ => {}

@@ -33,6 +33,9 @@ pub struct Options {
     pub ambassador_id: String,
     /// Warnings count as errors.
     pub strict: bool,
+    /// Compile the valid resources even when others are invalid (`--on-invalid=skip-resource`;
+    /// Kubernetes mode). The invalid ones are still reported as errors and left out.
+    pub skip_invalid: bool,
 }
 
 impl Default for Options {
@@ -42,6 +45,7 @@ impl Default for Options {
             namespace: "default".into(),
             ambassador_id: "default".into(),
             strict: false,
+            skip_invalid: false,
         }
     }
 }
@@ -72,6 +76,9 @@ impl Outcome {
 /// Read `tree`, validate every document and compile the whole revision.
 pub fn load_and_compile(tree: &dyn ConfigTree, opts: &Options) -> Outcome {
     let loaded = load(tree, opts);
+    if opts.skip_invalid {
+        return skip_invalid(loaded, opts);
+    }
     let (graph, mut diagnostics) = {
         let (g, d) = compile(&loaded.resources);
         let mut all = loaded.diagnostics;
@@ -105,4 +112,80 @@ pub fn load_and_compile(tree: &dyn ConfigTree, opts: &Options) -> Outcome {
 /// Convenience for a plain directory.
 pub fn check_dir(path: &std::path::Path, opts: &Options) -> Outcome {
     load_and_compile(&DirTree::new(path), opts)
+}
+
+/// The resource whose document holds `d`: same file, the last resource document starting at
+/// or before its line. Only for findings of `compile` and route tests, which always point
+/// inside a resource's own document.
+fn owner(resources: &[&Resource], d: &Diagnostic) -> Option<usize> {
+    resources
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.loc.file == d.file && r.doc.pos.line <= d.line)
+        .max_by_key(|(_, r)| r.doc.pos.line)
+        .map(|(i, _)| i)
+}
+
+/// Leave out the resources that compile errors or failing route tests point at, and compile
+/// the rest, until it compiles cleanly. Schema-invalid documents never became resources.
+fn skip_invalid(loaded: Loaded, opts: &Options) -> Outcome {
+    let all: Vec<&Resource> = loaded.resources.iter().collect();
+    let mut keep = vec![true; all.len()];
+    let mut diagnostics = loaded.diagnostics.clone();
+    let is_err = |d: &Diagnostic| {
+        d.severity == Severity::Error || (opts.strict && d.severity == Severity::Warning)
+    };
+    let graph = loop {
+        let current: Vec<&Resource> = all
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(r, _)| *r)
+            .collect();
+        let (graph, mut found) = compile::compile_refs(&current);
+        if !found.iter().any(is_err) {
+            found.extend(routetest::run(&graph, current.iter().copied()));
+        }
+        let bad: Vec<usize> = found
+            .iter()
+            .filter(|d| is_err(d))
+            .filter_map(|d| owner(&all, d))
+            .collect();
+        for d in found {
+            if !diagnostics.contains(&d) {
+                diagnostics.push(d);
+            }
+        }
+        let newly: Vec<usize> = bad.into_iter().filter(|&i| keep[i]).collect();
+        if newly.is_empty() {
+            break graph;
+        }
+        for i in newly {
+            keep[i] = false;
+        }
+    };
+    if opts.strict {
+        for d in &mut diagnostics {
+            if d.severity == Severity::Warning {
+                d.severity = Severity::Error;
+            }
+        }
+    }
+    diagnostics.sort_by(|a, b| {
+        (&a.file, a.line, a.column, &a.pointer).cmp(&(&b.file, b.line, b.column, &b.pointer))
+    });
+    diagnostics.dedup();
+    let resources = loaded
+        .resources
+        .iter()
+        .zip(&keep)
+        .filter(|(_, k)| **k)
+        .map(|(r, _)| r.clone())
+        .collect();
+    Outcome {
+        graph: Some(Arc::new(graph)),
+        diagnostics,
+        files: loaded.files,
+        resources,
+    }
 }

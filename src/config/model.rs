@@ -250,11 +250,8 @@ pub fn load(tree: &dyn ConfigTree, opts: &Options) -> Loaded {
     let read = match tree.read(&opts.tree) {
         Ok(r) => r,
         Err(e) => {
-            out.diagnostics.push(Diagnostic::error(
-                "unreadable",
-                &Location::default(),
-                e,
-            ));
+            out.diagnostics
+                .push(Diagnostic::error("unreadable", &Location::default(), e));
             return out;
         }
     };
@@ -416,7 +413,9 @@ fn load_document(
             out.diagnostics.push(Diagnostic::warning(
                 "kind-not-implemented",
                 &at("/kind"),
-                format!("kind `{kind_s}` is not implemented by Legate yet; this resource is ignored"),
+                format!(
+                    "kind `{kind_s}` is not implemented by Legate yet; this resource is ignored"
+                ),
             ));
         } else {
             let known: Vec<&str> = Kind::ALL
@@ -450,7 +449,10 @@ fn load_document(
                 &at("/spec/ambassador_id"),
                 format!(
                     "{kind_s} `{name}` is for ambassador_id {} and this gateway is `{}`; skipped",
-                    ids.iter().map(|i| format!("`{i}`")).collect::<Vec<_>>().join(", "),
+                    ids.iter()
+                        .map(|i| format!("`{i}`"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     opts.ambassador_id
                 ),
             )
@@ -478,8 +480,12 @@ fn load_document(
         .unwrap_or_default();
     let spec_value = obj.get("spec").cloned().unwrap_or(Value::Null);
     let spec = match kind {
-        Kind::Mapping => serde_json::from_value::<MappingSpec>(spec_value).map(|s| Spec::Mapping(Box::new(s))),
-        Kind::Host => serde_json::from_value::<HostSpec>(spec_value).map(|s| Spec::Host(Box::new(s))),
+        Kind::Mapping => {
+            serde_json::from_value::<MappingSpec>(spec_value).map(|s| Spec::Mapping(Box::new(s)))
+        }
+        Kind::Host => {
+            serde_json::from_value::<HostSpec>(spec_value).map(|s| Spec::Host(Box::new(s)))
+        }
         Kind::RouteTest => serde_json::from_value::<super::routetest::RouteTestSpec>(spec_value)
             .map(|s| Spec::RouteTest(Box::new(s))),
     };
@@ -552,7 +558,10 @@ fn ambassador_ids(spec: Option<&Value>) -> Vec<String> {
     match spec.and_then(|s| s.get("ambassador_id")) {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => {
-            let v: Vec<String> = a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect();
+            let v: Vec<String> = a
+                .iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect();
             if v.is_empty() {
                 vec!["default".into()]
             } else {

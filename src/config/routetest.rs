@@ -58,21 +58,37 @@ pub struct Expect {
 pub enum Verdict {
     NoRoute,
     InsecureRejected,
-    Redirect { status: u16, location: String, mapping: Option<String> },
-    Forward { mapping: String, upstream: String, path: String },
+    Redirect {
+        status: u16,
+        location: String,
+        mapping: Option<String>,
+    },
+    Forward {
+        mapping: String,
+        upstream: String,
+        path: String,
+    },
 }
 
 /// Run every RouteTest against `graph`; each failing case is an error at the case.
-pub fn run(graph: &Graph, resources: &[Resource]) -> Vec<Diagnostic> {
+pub fn run<'r>(
+    graph: &Graph,
+    resources: impl IntoIterator<Item = &'r Resource>,
+) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     for r in resources {
-        let Spec::RouteTest(t) = &r.spec else { continue };
+        let Spec::RouteTest(t) = &r.spec else {
+            continue;
+        };
         for (i, case) in t.cases.iter().enumerate() {
             let failures = check_case(graph, case);
             if failures.is_empty() {
                 continue;
             }
-            let label = case.name.clone().unwrap_or_else(|| format!("case {}", i + 1));
+            let label = case
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("case {}", i + 1));
             out.push(
                 Diagnostic::error(
                     "route-test-failed",
@@ -88,7 +104,11 @@ pub fn run(graph: &Graph, resources: &[Resource]) -> Vec<Diagnostic> {
 
 /// Route one test request the way the proxy would.
 pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
-    let host = req.host.as_deref().unwrap_or("localhost").to_ascii_lowercase();
+    let host = req
+        .host
+        .as_deref()
+        .unwrap_or("localhost")
+        .to_ascii_lowercase();
     let method = req.method.as_deref().unwrap_or("GET").to_ascii_uppercase();
     let query = match &req.query {
         None => None,
@@ -125,7 +145,11 @@ pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
                         loc.push('?');
                         loc.push_str(q);
                     }
-                    return vec![Verdict::Redirect { status: 301, location: loc, mapping: None }];
+                    return vec![Verdict::Redirect {
+                        status: 301,
+                        location: loc,
+                        mapping: None,
+                    }];
                 }
             }
         }
@@ -149,7 +173,14 @@ pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
         .collect()
 }
 
-fn verdict_for(graph: &Graph, id: RouteId, scheme: &str, host: &str, path: &str, query: Option<&str>) -> Verdict {
+fn verdict_for(
+    graph: &Graph,
+    id: RouteId,
+    scheme: &str,
+    host: &str,
+    path: &str,
+    query: Option<&str>,
+) -> Verdict {
     let route = graph.route(id);
     let mapping = format!("{}/{}", route.namespace, route.name);
     match &route.action {
@@ -157,7 +188,11 @@ fn verdict_for(graph: &Graph, id: RouteId, scheme: &str, host: &str, path: &str,
             let (status, location) = route
                 .redirect_location(scheme, host, path, query)
                 .unwrap_or((301, String::new()));
-            Verdict::Redirect { status, location, mapping: Some(mapping) }
+            Verdict::Redirect {
+                status,
+                location,
+                mapping: Some(mapping),
+            }
         }
         Action::Forward(f) => Verdict::Forward {
             mapping,
@@ -184,11 +219,19 @@ fn show(v: &Verdict) -> String {
     match v {
         Verdict::NoRoute => "no route (404)".into(),
         Verdict::InsecureRejected => "rejected: cleartext not allowed for this Host".into(),
-        Verdict::Redirect { status, location, mapping } => match mapping {
+        Verdict::Redirect {
+            status,
+            location,
+            mapping,
+        } => match mapping {
             Some(m) => format!("{status} redirect to {location} by {m}"),
             None => format!("{status} redirect to {location} (Host insecure policy)"),
         },
-        Verdict::Forward { mapping, upstream, path } => format!("{mapping} -> {upstream}{path}"),
+        Verdict::Forward {
+            mapping,
+            upstream,
+            path,
+        } => format!("{mapping} -> {upstream}{path}"),
     }
 }
 
@@ -211,7 +254,9 @@ fn check_case(graph: &Graph, case: &Case) -> Vec<String> {
                 .iter()
                 .filter(|v| match v {
                     Verdict::Forward { mapping, .. } => same_mapping(want, mapping),
-                    Verdict::Redirect { mapping: Some(m), .. } => same_mapping(want, m),
+                    Verdict::Redirect {
+                        mapping: Some(m), ..
+                    } => same_mapping(want, m),
                     _ => false,
                 })
                 .collect();
@@ -241,7 +286,9 @@ fn check_case(graph: &Graph, case: &Case) -> Vec<String> {
                     bad.push("expected a redirect".into());
                 }
             }
-            Verdict::Redirect { status, location, .. } => {
+            Verdict::Redirect {
+                status, location, ..
+            } => {
                 if let Some(l) = &e.redirect {
                     if l != location {
                         bad.push(format!("expected redirect to `{l}`"));

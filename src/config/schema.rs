@@ -225,10 +225,15 @@ pub fn validate(kind: Kind, doc: &Document, file: &str) -> Vec<Diagnostic> {
                     format!("{}: {got} is not allowed", show_path(&path)),
                 )
                 .with_help(format!("use one of: {}", allowed.join(", ")));
-                if let Some(s) = got.as_str().get(1..got.len().saturating_sub(1)).and_then(|g| {
-                    did_you_mean(g, allowed.iter().map(|a| a.trim_matches('"')))
-                }) {
-                    d = d.with_help(format!("did you mean \"{s}\"? (allowed: {})", allowed.join(", ")));
+                if let Some(s) = got
+                    .as_str()
+                    .get(1..got.len().saturating_sub(1))
+                    .and_then(|g| did_you_mean(g, allowed.iter().map(|a| a.trim_matches('"'))))
+                {
+                    d = d.with_help(format!(
+                        "did you mean \"{s}\"? (allowed: {})",
+                        allowed.join(", ")
+                    ));
                 }
                 out.push(d);
             }
@@ -238,11 +243,8 @@ pub fn validate(kind: Kind, doc: &Document, file: &str) -> Vec<Diagnostic> {
                     .and_then(|s| s.get("description"))
                     .and_then(Value::as_str)
                     .map(|d| format!("{}: {d}", show_path(&path)));
-                let mut d = Diagnostic::error(
-                    "schema",
-                    &loc,
-                    format!("{}: {}", show_path(&path), err),
-                );
+                let mut d =
+                    Diagnostic::error("schema", &loc, format!("{}: {}", show_path(&path), err));
                 if let Some(h) = help {
                     d = d.with_help(h);
                 }
@@ -261,15 +263,20 @@ pub fn status_warnings(kind: Kind, doc: &Document, file: &str) -> Vec<Diagnostic
     };
     let schema = &kind.compiled().schema;
     for key in spec.keys() {
-        let Some(p) = schema.pointer(&format!("/properties/spec/properties/{}", escape_pointer(key)))
-        else {
+        let Some(p) = schema.pointer(&format!(
+            "/properties/spec/properties/{}",
+            escape_pointer(key)
+        )) else {
             continue;
         };
         let status = p.get("x-legate-status").and_then(Value::as_str);
         let note = p.get("x-legate-note").and_then(Value::as_str);
         let (code, what) = match status {
             Some("planned") => ("not-implemented-yet", "is accepted but not acted on yet"),
-            Some("unsupported") => ("not-implemented", "is an Emissary field Legate does not implement; it is ignored"),
+            Some("unsupported") => (
+                "not-implemented",
+                "is an Emissary field Legate does not implement; it is ignored",
+            ),
             _ => continue,
         };
         let loc = locate(doc, file, &format!("/spec/{}", escape_pointer(key)));
@@ -294,7 +301,11 @@ fn abbreviate(names: &[String]) -> String {
     if names.len() <= 8 {
         names.join(", ")
     } else {
-        format!("{}, ... ({} in all; `legate schema` lists them)", names[..8].join(", "), names.len())
+        format!(
+            "{}, ... ({} in all; `legate schema` lists them)",
+            names[..8].join(", "),
+            names.len()
+        )
     }
 }
 
@@ -395,7 +406,9 @@ mod tests {
     use crate::config::yaml::{parse_documents, YamlLimits};
 
     fn doc(text: &str) -> Document {
-        parse_documents(text, YamlLimits::default()).unwrap().remove(0)
+        parse_documents(text, YamlLimits::default())
+            .unwrap()
+            .remove(0)
     }
 
     #[test]

@@ -122,6 +122,8 @@ impl Budget {
     }
 
     /// Check a file's size before reading it. `Err` carries the diagnostic.
+    // A diagnostic is a cold-path value; boxing it would only add noise at every call site.
+    #[allow(clippy::result_large_err)]
     pub fn admit(&mut self, rel: &str, size: u64) -> Result<(), Diagnostic> {
         let loc = file_loc(rel);
         if size > self.limits.max_file_bytes {
@@ -144,7 +146,11 @@ impl Budget {
                 format!(
                     "the revision's YAML exceeds {} bytes in total{}",
                     self.limits.max_total_bytes,
-                    if first { "" } else { " (this file also skipped)" }
+                    if first {
+                        ""
+                    } else {
+                        " (this file also skipped)"
+                    }
                 ),
             )
             .with_help("narrow the tree with --include/--exclude or raise --max-revision-bytes"));
@@ -154,6 +160,7 @@ impl Budget {
     }
 
     /// Decode a file's bytes as UTF-8 text.
+    #[allow(clippy::result_large_err)]
     pub fn decode(rel: &str, bytes: Vec<u8>) -> Result<SourceFile, Diagnostic> {
         let loc = file_loc(rel);
         if bytes.contains(&0) {

@@ -502,8 +502,12 @@ fn scalar(v: &Value) -> String {
     match v {
         Value::String(s) => {
             let plain_ok = !s.is_empty()
-                && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
-                && !matches!(resolve_scalar(s, ScalarStyle::Plain, None), Value::Number(_) | Value::Bool(_) | Value::Null)
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+                && !matches!(
+                    resolve_scalar(s, ScalarStyle::Plain, None),
+                    Value::Number(_) | Value::Bool(_) | Value::Null
+                )
                 && !s.starts_with(['-', '.', '/']);
             if plain_ok {
                 s.clone()
@@ -534,7 +538,11 @@ fn emit(v: &Value, indent: usize, out: &mut String, inline_first: bool) {
                 out.push(':');
                 if is_block(val) {
                     out.push('\n');
-                    let child = if matches!(val, Value::Array(_)) { indent } else { indent + 2 };
+                    let child = if matches!(val, Value::Array(_)) {
+                        indent
+                    } else {
+                        indent + 2
+                    };
                     emit(val, child, out, false);
                 } else {
                     out.push(' ');

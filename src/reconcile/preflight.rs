@@ -15,7 +15,9 @@ pub fn check_secrets(resources: &[Resource], dir: &Path) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     for r in resources {
         let Spec::Host(h) = &r.spec else { continue };
-        let Some(secret) = &h.tls_secret else { continue };
+        let Some(secret) = &h.tls_secret else {
+            continue;
+        };
         let loc = r.at("/spec/tlsSecret/name");
         let base = dir.join(&secret.name);
         let fail = |msg: String| {
@@ -60,7 +62,9 @@ pub fn load_pair(base: &Path) -> Result<(), String> {
         .map_err(|e| format!("has a tls.key rustls cannot use: {e}"))?;
     let ck = rustls::sign::CertifiedKey::new(certs, signing);
     ck.keys_match().map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => "has a tls.key that does not belong to tls.crt".to_string(),
+        rustls::Error::InconsistentKeys(_) => {
+            "has a tls.key that does not belong to tls.crt".to_string()
+        }
         other => format!("could not be checked: {other}"),
     })
 }

@@ -1,0 +1,105 @@
+//! Admin API: reconciler status, history, manual sync, pin/unpin, and webhook triggers.
+//!
+//! Owns: HTTP handlers over a [`reconcile::Handle`]. Must not change the graph itself: every
+//! write goes through the reconciler. Webhook bodies are authenticated before anything else and
+//! never parsed: a valid hook only asks for a fetch, the content comes from the source.
+
+pub mod hooks;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Body;
+
+use crate::reconcile::{self, Outcome, PassResult};
+
+pub use hooks::{HookKind, HookSecret, MAX_HOOK_BODY};
+
+/// What the admin handlers need.
+#[derive(Clone)]
+pub struct AdminState {
+    pub reconciler: reconcile::Handle,
+    /// Webhook secret; hooks answer 404 without one.
+    pub hook_secret: Option<Arc<HookSecret>>,
+}
+
+/// Route one admin request: `GET /api/status`, `GET /api/revisions`, `POST /api/sync`,
+/// `POST /api/pin/{rev}`, `POST /api/unpin`, `POST /hooks/{github,gitlab,generic}`.
+pub async fn handle<B>(req: Request<B>, state: &AdminState) -> Response<Full<Bytes>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    if let Some(kind) = path.strip_prefix("/hooks/") {
+        return hooks::handle(kind, req, state).await;
+    }
+    match (method, path.as_str()) {
+        (Method::GET, "/api/status") => json(StatusCode::OK, &state.reconciler.status()),
+        (Method::GET, "/api/revisions") => json(StatusCode::OK, &state.reconciler.history()),
+        (Method::POST, "/api/sync") => pass(state.reconciler.sync().await),
+        (Method::POST, "/api/unpin") => pass(state.reconciler.unpin().await),
+        (Method::POST, p) if p.starts_with("/api/pin/") => {
+            let rev = &p["/api/pin/".len()..];
+            if rev.is_empty() || rev.len() > 128 || !rev.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "a revision id is hex or alphanumeric",
+                );
+            }
+            pass(state.reconciler.pin(rev).await)
+        }
+        (_, "/api/status" | "/api/revisions" | "/api/sync" | "/api/unpin") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
+    }
+}
+
+/// Serve [`handle`] on `listener` until the task is dropped (for tests and a bare admin port).
+pub async fn serve(listener: tokio::net::TcpListener, state: AdminState) -> std::io::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(req, &state).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}
+
+fn pass(r: PassResult) -> Response<Full<Bytes>> {
+    let code = match &r {
+        PassResult::Unchanged { .. } => StatusCode::OK,
+        PassResult::Recorded { entry } if entry.outcome == Outcome::Applied => StatusCode::OK,
+        PassResult::Recorded { .. } => StatusCode::CONFLICT,
+        PassResult::SourceFailed { .. } => StatusCode::BAD_GATEWAY,
+    };
+    json(code, &r)
+}
+
+pub(crate) fn json<T: serde::Serialize>(code: StatusCode, v: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(v).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+pub(crate) fn error(code: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+    json(code, &serde_json::json!({ "error": msg }))
+}

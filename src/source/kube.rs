@@ -1,0 +1,1058 @@
+//! Kubernetes source: Mappings, Hosts and RouteTests watched in a cluster become revisions.
+//!
+//! Owns: the watches (kube-runtime's watcher, which relists after `410 Gone` and restarts
+//! dropped watches), the in-memory store of watched objects, turning a consistent snapshot of
+//! it into a [`MemTree`] (one file per object, `kube/<namespace>/<Kind>/<name>.yaml`, so a
+//! diagnostic's `file` names its object), setting invalid objects aside one by one, and
+//! materializing the TLS Secrets named by Hosts into a private secrets directory. Like every
+//! source it only produces revisions: it never swaps a graph (that is `reconcile`) and never
+//! writes status (that is `crate::kube`, which reads the [`Snapshot`]s published here).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ::kube::api::{Api, ApiResource, DynamicObject};
+use ::kube::runtime::watcher::{self, Event};
+use ::kube::runtime::WatchStreamExt;
+use ::kube::Client;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+
+use super::{hex, MemFile, MemTree, Revision, Source, SourceError};
+use crate::config::model::Spec;
+use crate::config::{self, Diagnostic, Severity};
+
+/// How many recent revisions are kept so they can be pinned.
+const RECENT: usize = 8;
+/// Rounds of "drop the invalid objects and compile again" before giving up on a snapshot.
+const MAX_ROUNDS: usize = 6;
+
+/// What to watch and how.
+#[derive(Debug, Clone)]
+pub struct KubeOptions {
+    /// Watch one namespace; `None` watches all namespaces.
+    pub namespace: Option<String>,
+    /// Label selector (`app=x,tier!=y`) applied to Mappings, Hosts and RouteTests.
+    pub selector: Option<String>,
+    /// Also watch `getambassador.io/v3alpha1` Mappings and Hosts when their CRDs exist.
+    pub ambassador: bool,
+    /// Quiet time after the last change before a snapshot is taken.
+    pub debounce: Duration,
+    /// Where the TLS Secrets named by Hosts are written, as `<dir>/<name>/tls.crt|tls.key`;
+    /// pass the same directory to the proxy as its secrets directory.
+    pub secrets_dir: PathBuf,
+    /// How revisions are read and judged (`ambassador_id`, strictness).
+    pub config: config::Options,
+}
+
+impl KubeOptions {
+    pub fn new(secrets_dir: impl Into<PathBuf>) -> KubeOptions {
+        KubeOptions {
+            namespace: None,
+            selector: None,
+            ambassador: true,
+            debounce: Duration::from_millis(250),
+            secrets_dir: secrets_dir.into(),
+            config: config::Options::default(),
+        }
+    }
+}
+
+/// Why the kube source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot reach the Kubernetes API: {0}")]
+    Api(#[from] ::kube::Error),
+    #[error("cannot prepare the secrets directory {path}: {message}")]
+    SecretsDir { path: String, message: String },
+    #[error("cannot load the Kubernetes client configuration: {0}")]
+    Config(String),
+}
+
+/// A client from `kubeconfig` when given, else inferred: in-cluster (the pod's ServiceAccount)
+/// or `$KUBECONFIG` / `~/.kube/config`.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = ::kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| KubeError::Config(format!("{}: {e}", path.display())))?;
+            ::kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| KubeError::Config(format!("{}: {e}", path.display())))?
+        }
+        None => ::kube::Config::infer()
+            .await
+            .map_err(|e| KubeError::Config(e.to_string()))?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// One watched kind.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KindRef {
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+    pub plural: String,
+}
+
+impl KindRef {
+    fn new(group: &str, version: &str, kind: &str, plural: &str) -> KindRef {
+        KindRef {
+            group: group.into(),
+            version: version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        }
+    }
+
+    pub fn api_version(&self) -> String {
+        format!("{}/{}", self.group, self.version)
+    }
+
+    pub fn api_resource(&self) -> ApiResource {
+        ApiResource {
+            group: self.group.clone(),
+            version: self.version.clone(),
+            api_version: self.api_version(),
+            kind: self.kind.clone(),
+            plural: self.plural.clone(),
+        }
+    }
+}
+
+/// The kinds Legate serves from, in its own group.
+pub fn legate_kinds() -> Vec<KindRef> {
+    vec![
+        KindRef::new("legate.dev", "v1alpha1", "Mapping", "mappings"),
+        KindRef::new("legate.dev", "v1alpha1", "Host", "hosts"),
+        KindRef::new("legate.dev", "v1alpha1", "RouteTest", "routetests"),
+    ]
+}
+
+/// The Emissary kinds, watched when their CRDs are installed.
+pub fn ambassador_kinds() -> Vec<KindRef> {
+    vec![
+        KindRef::new("getambassador.io", "v3alpha1", "Mapping", "mappings"),
+        KindRef::new("getambassador.io", "v3alpha1", "Host", "hosts"),
+    ]
+}
+
+/// Which object: kind, namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    pub kind: KindRef,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// The file that stands for this object in a revision.
+    pub fn file(&self) -> String {
+        let kind = if self.kind.group == "legate.dev" {
+            self.kind.kind.clone()
+        } else {
+            format!("{}.{}", self.kind.kind, self.kind.group)
+        };
+        format!("kube/{}/{}/{}.yaml", self.namespace, kind, self.name)
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}.{} {}/{}",
+            self.kind.kind, self.kind.group, self.namespace, self.name
+        )
+    }
+}
+
+/// What the source keeps of one watched object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredObject {
+    pub generation: Option<i64>,
+    pub labels: BTreeMap<String, String>,
+    pub spec: Value,
+    /// The status as last seen, so a new leader does not rewrite an equal status.
+    pub status: Option<Value>,
+}
+
+/// A TLS Secret's key pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPair {
+    pub crt: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+/// The verdict on one object in a snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub object: ObjectRef,
+    pub generation: Option<i64>,
+    /// False when the object was set aside.
+    pub accepted: bool,
+    /// Short CamelCase reason for the `Accepted` condition.
+    pub reason: String,
+    /// The diagnostics as `legate check` prints them (warnings too when accepted).
+    pub message: String,
+    pub diagnostics: Vec<Diagnostic>,
+    pub status: Option<Value>,
+}
+
+/// A consistent snapshot of the watched objects and what became of each.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The revision of the accepted objects only.
+    pub revision: Revision,
+    /// Every object for this gateway (objects for another `ambassador_id` are not listed).
+    pub verdicts: Vec<Verdict>,
+}
+
+/// Everything the watches have seen.
+#[derive(Debug, Default, Clone)]
+pub struct Store {
+    pub objects: BTreeMap<ObjectRef, StoredObject>,
+    pub secrets: BTreeMap<(String, String), TlsPair>,
+}
+
+/// Rewrite a bare `service: quote` to `quote.<namespace>`, as Emissary reads it. Services with
+/// a dot, an IP address, `localhost`, or Mappings that redirect are left alone.
+pub fn qualify_service(service: &str, namespace: &str) -> Option<String> {
+    let (scheme, rest) = match service.find("://") {
+        Some(i) => service.split_at(i + 3),
+        None => ("", service),
+    };
+    if rest.starts_with('[') {
+        return None;
+    }
+    let (host, port) = match rest.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (rest, None),
+    };
+    if host.is_empty()
+        || host.contains('.')
+        || host.contains('/')
+        || host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok()
+    {
+        return None;
+    }
+    Some(match port {
+        Some(p) => format!("{scheme}{host}.{namespace}:{p}"),
+        None => format!("{scheme}{host}.{namespace}"),
+    })
+}
+
+/// The YAML document that stands for one object.
+pub fn object_yaml(obj: &ObjectRef, stored: &StoredObject) -> String {
+    let mut spec = stored.spec.clone();
+    if obj.kind.kind == "Mapping" {
+        let redirect = spec.get("host_redirect").and_then(Value::as_bool) == Some(true);
+        if let Some(Value::String(s)) = spec.get_mut("service") {
+            if !redirect {
+                if let Some(q) = qualify_service(s, &obj.namespace) {
+                    *s = q;
+                }
+            }
+        }
+    }
+    let mut meta = serde_json::Map::new();
+    meta.insert("name".into(), json!(obj.name));
+    meta.insert("namespace".into(), json!(obj.namespace));
+    if !stored.labels.is_empty() {
+        meta.insert("labels".into(), json!(stored.labels));
+    }
+    if let Some(g) = stored.generation {
+        meta.insert("generation".into(), json!(g));
+    }
+    let doc = json!({
+        "apiVersion": obj.kind.api_version(),
+        "kind": obj.kind.kind,
+        "metadata": Value::Object(meta),
+        "spec": spec,
+    });
+    config::yaml::to_yaml(&doc)
+}
+
+/// What [`judge`] found.
+#[derive(Debug)]
+pub struct Judged {
+    /// The accepted objects, one file each.
+    pub tree: MemTree,
+    pub verdicts: Vec<Verdict>,
+    /// `(namespace, name)` of the TLS Secrets named by accepted Hosts.
+    pub tls: Vec<(String, String)>,
+}
+
+/// Judge a store: compile every object, set aside the ones with errors (and Hosts whose TLS
+/// Secret is missing), compile the rest again until what is left is clean.
+pub fn judge(store: &Store, opts: &config::Options) -> Judged {
+    let mut files: BTreeMap<String, (ObjectRef, String)> = BTreeMap::new();
+    for (obj, stored) in &store.objects {
+        files.insert(obj.file(), (obj.clone(), object_yaml(obj, stored)));
+    }
+    let mut rejected: BTreeMap<String, (String, Vec<Diagnostic>)> = BTreeMap::new();
+    let mut last = None;
+    for _ in 0..MAX_ROUNDS {
+        let tree = tree_of(&files, &rejected);
+        let outcome = config::load_and_compile(&tree, opts);
+        let mut bad: BTreeMap<String, (String, Vec<Diagnostic>)> = BTreeMap::new();
+        for d in &outcome.diagnostics {
+            if d.severity == Severity::Error && files.contains_key(&d.file) {
+                bad.entry(d.file.clone())
+                    .or_insert_with(|| ("Invalid".into(), Vec::new()))
+                    .1
+                    .push(d.clone());
+            }
+        }
+        for r in &outcome.resources {
+            let Spec::Host(h) = &r.spec else { continue };
+            let Some(secret) = &h.tls_secret else {
+                continue;
+            };
+            let ns = secret
+                .namespace
+                .clone()
+                .unwrap_or_else(|| r.namespace.clone());
+            if !store
+                .secrets
+                .contains_key(&(ns.clone(), secret.name.clone()))
+            {
+                let loc = r.at("/spec/tlsSecret/name");
+                let d = Diagnostic::error(
+                    "tls-secret",
+                    &loc,
+                    format!(
+                        "TLS Secret `{ns}/{}` is not there (or is not of type kubernetes.io/tls)",
+                        secret.name
+                    ),
+                )
+                .with_help("create the Secret with `kubectl create secret tls`, or fix the name");
+                bad.entry(r.loc.file.clone())
+                    .or_insert_with(|| ("SecretMissing".into(), Vec::new()))
+                    .1
+                    .push(d);
+            }
+        }
+        if bad.is_empty() {
+            last = Some(outcome);
+            break;
+        }
+        for (file, (reason, diags)) in bad {
+            // Keep every finding of the file (warnings too) next to the errors.
+            let mut all: Vec<Diagnostic> = outcome
+                .diagnostics
+                .iter()
+                .filter(|d| d.file == file && !diags.contains(d))
+                .cloned()
+                .collect();
+            all.extend(diags);
+            all.sort_by_key(|d| (d.line, d.column));
+            all.dedup();
+            rejected.insert(file, (reason, all));
+        }
+    }
+    let tree = tree_of(&files, &rejected);
+    let outcome = last.unwrap_or_else(|| config::load_and_compile(&tree, opts));
+    let loaded: BTreeSet<&str> = outcome
+        .resources
+        .iter()
+        .map(|r| r.loc.file.as_str())
+        .collect();
+    let mut verdicts = Vec::new();
+    for (file, (obj, _)) in &files {
+        let stored = &store.objects[obj];
+        let base = Verdict {
+            object: obj.clone(),
+            generation: stored.generation,
+            accepted: false,
+            reason: String::new(),
+            message: String::new(),
+            diagnostics: Vec::new(),
+            status: stored.status.clone(),
+        };
+        if let Some((reason, diags)) = rejected.get(file) {
+            verdicts.push(Verdict {
+                reason: reason.clone(),
+                message: render(diags),
+                diagnostics: diags.clone(),
+                ..base
+            });
+        } else if loaded.contains(file.as_str()) {
+            let diags: Vec<Diagnostic> = outcome
+                .diagnostics
+                .iter()
+                .filter(|d| &d.file == file)
+                .cloned()
+                .collect();
+            let (accepted, reason) = if outcome.graph.is_some() {
+                (true, "Accepted")
+            } else {
+                // Errors no single object is to blame for: nothing serves from this snapshot.
+                (false, "RevisionRejected")
+            };
+            let message = if diags.is_empty() {
+                if accepted {
+                    "accepted".to_string()
+                } else {
+                    render(&outcome.diagnostics)
+                }
+            } else {
+                render(&diags)
+            };
+            verdicts.push(Verdict {
+                accepted,
+                reason: reason.into(),
+                message,
+                diagnostics: diags,
+                ..base
+            });
+        }
+        // Otherwise the object is for another ambassador_id: not ours to judge.
+    }
+    let tls = outcome
+        .resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            Spec::Host(h) => h.tls_secret.as_ref().map(|s| {
+                let ns = s.namespace.clone().unwrap_or_else(|| r.namespace.clone());
+                (ns, s.name.clone())
+            }),
+            _ => None,
+        })
+        .collect();
+    Judged {
+        tree,
+        verdicts,
+        tls,
+    }
+}
+
+fn tree_of(
+    files: &BTreeMap<String, (ObjectRef, String)>,
+    rejected: &BTreeMap<String, (String, Vec<Diagnostic>)>,
+) -> MemTree {
+    MemTree {
+        files: files
+            .iter()
+            .filter(|(f, _)| !rejected.contains_key(*f))
+            .map(|(f, (_, text))| MemFile {
+                path: f.clone(),
+                text: text.clone(),
+            })
+            .collect(),
+        diagnostics: Vec::new(),
+    }
+}
+
+/// Diagnostics as `legate check` prints them, one per line.
+pub fn render(diags: &[Diagnostic]) -> String {
+    diags
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The revision id: the accepted files and the key pairs they serve with.
+fn revision_id(tree: &MemTree, secrets: &[(String, &TlsPair)]) -> String {
+    let mut h = Sha256::new();
+    h.update(tree.hash().as_bytes());
+    for (name, pair) in secrets {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(Sha256::digest(&pair.crt));
+        h.update(Sha256::digest(&pair.key));
+    }
+    hex(&h.finalize()[..8])
+}
+
+/// The key pairs named by the accepted Hosts, by directory name.
+fn wanted_secrets<'s>(store: &'s Store, tls: &[(String, String)]) -> Vec<(String, &'s TlsPair)> {
+    let mut out: BTreeMap<String, &TlsPair> = BTreeMap::new();
+    for (ns, name) in tls {
+        if let Some(pair) = store.secrets.get(&(ns.clone(), name.clone())) {
+            if let Some(prev) = out.insert(name.clone(), pair) {
+                if prev != pair {
+                    tracing::warn!(secret = %name, namespace = %ns, "two TLS Secrets of the same name in different namespaces; the secrets directory holds one of them");
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Write `<dir>/<name>/tls.crt|tls.key` atomically: the pair goes into a fresh directory and a
+/// symlink `<name>` is renamed over, so the proxy never reads a certificate with the other
+/// revision's key (the kubelet's atomic writer does the same).
+pub fn materialize(dir: &Path, name: &str, pair: &TlsPair) -> std::io::Result<()> {
+    let mut h = Sha256::new();
+    h.update(&pair.crt);
+    h.update(&pair.key);
+    let data = format!(".{name}.{}", hex(&h.finalize()[..8]));
+    let data_path = dir.join(&data);
+    let link = dir.join(name);
+    if std::fs::read_link(&link).ok().as_deref() == Some(Path::new(&data)) {
+        return Ok(());
+    }
+    if !data_path.exists() {
+        let tmp = dir.join(format!("{data}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)?;
+        write_private(&tmp.join("tls.crt"), &pair.crt)?;
+        write_private(&tmp.join("tls.key"), &pair.key)?;
+        std::fs::rename(&tmp, &data_path)?;
+    }
+    let tmp_link = dir.join(format!(".{name}.link"));
+    let _ = std::fs::remove_file(&tmp_link);
+    std::os::unix::fs::symlink(&data, &tmp_link)?;
+    let old = std::fs::read_link(&link).ok();
+    if link.is_dir() && old.is_none() {
+        // A plain directory left by someone else: a rename cannot replace it.
+        std::fs::remove_dir_all(&link)?;
+    }
+    std::fs::rename(&tmp_link, &link)?;
+    if let Some(old) = old {
+        let old = dir.join(old);
+        if old != data_path {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Shared between the watch tasks and the [`Source`] face.
+struct Shared {
+    recent: Mutex<VecDeque<(String, Arc<MemTree>)>>,
+    latest: watch::Sender<Option<Arc<Snapshot>>>,
+    describe: String,
+}
+
+/// The revisions of the watched objects, as a [`Source`].
+#[derive(Clone)]
+pub struct KubeSource {
+    shared: Arc<Shared>,
+}
+
+impl Source for KubeSource {
+    fn describe(&self) -> String {
+        self.shared.describe.clone()
+    }
+
+    fn current(&self, _applied: Option<&str>) -> Result<Revision, SourceError> {
+        match &*self.shared.latest.borrow() {
+            Some(s) => Ok(s.revision.clone()),
+            None => Err(SourceError::NotFound(
+                "the Kubernetes watches have not listed every kind yet".into(),
+            )),
+        }
+    }
+
+    fn at(&self, id: &str) -> Result<Revision, SourceError> {
+        let r = self.shared.recent.lock().unwrap_or_else(|e| e.into_inner());
+        r.iter()
+            .find(|(i, _)| i == id)
+            .map(|(i, t)| Revision {
+                id: i.clone(),
+                commit: None,
+                forced: false,
+                signature_error: None,
+                tree: t.clone(),
+            })
+            .ok_or_else(|| {
+                SourceError::NotFound(format!(
+                    "revision {id} is no longer held; the cluster's current objects are"
+                ))
+            })
+    }
+
+    fn remember(&self, _rev: &Revision) -> Result<(), SourceError> {
+        // The cluster keeps the objects; after a restart the watches list them again.
+        Ok(())
+    }
+}
+
+/// The running watches. Dropping it stops them.
+pub struct KubeWatch {
+    source: KubeSource,
+    snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    kinds: Vec<KindRef>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl KubeWatch {
+    /// The [`Source`] face, for the reconciler.
+    pub fn source(&self) -> KubeSource {
+        self.source.clone()
+    }
+
+    /// Every new snapshot (debounced; equal snapshots are not sent again).
+    pub fn snapshots(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        self.snapshots.clone()
+    }
+
+    /// The kinds being watched (the Emissary ones only when their CRDs exist).
+    pub fn kinds(&self) -> &[KindRef] {
+        &self.kinds
+    }
+}
+
+impl Drop for KubeWatch {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+enum Msg {
+    Objects(KindRef, ObjEvent),
+    Secrets(ObjEvent<TlsPair>),
+}
+
+enum ObjEvent<T = StoredObject> {
+    Init,
+    InitApply(String, String, T),
+    InitDone,
+    Apply(String, String, T),
+    Delete(String, String),
+}
+
+/// Start watching. `trigger` is notified once per new snapshot (the reconciler's "something
+/// changed"); the snapshot itself is read with [`Source::current`] or [`KubeWatch::snapshots`].
+pub async fn start(
+    client: Client,
+    opts: KubeOptions,
+    trigger: Option<Arc<Notify>>,
+) -> Result<KubeWatch, KubeError> {
+    std::fs::create_dir_all(&opts.secrets_dir).map_err(|e| KubeError::SecretsDir {
+        path: opts.secrets_dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let mut kinds = legate_kinds();
+    if opts.ambassador && ambassador_installed(&client).await {
+        kinds.extend(ambassador_kinds());
+    }
+    let (tx, rx) = mpsc::channel::<Msg>(1024);
+    let mut tasks = Vec::new();
+    for kind in &kinds {
+        let api: Api<DynamicObject> = match &opts.namespace {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &kind.api_resource()),
+            None => Api::all_with(client.clone(), &kind.api_resource()),
+        };
+        let mut cfg = watcher::Config::default();
+        if let Some(sel) = &opts.selector {
+            cfg = cfg.labels(sel);
+        }
+        tasks.push(tokio::spawn(watch_objects(
+            api,
+            cfg,
+            kind.clone(),
+            tx.clone(),
+        )));
+    }
+    let secrets: Api<Secret> = match &opts.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let cfg = watcher::Config::default().fields("type=kubernetes.io/tls");
+    tasks.push(tokio::spawn(watch_secrets(secrets, cfg, tx.clone())));
+    drop(tx);
+
+    let describe = format!(
+        "kubernetes {} ({}){}",
+        opts.namespace
+            .as_deref()
+            .map(|n| format!("namespace {n}"))
+            .unwrap_or_else(|| "all namespaces".into()),
+        kinds
+            .iter()
+            .map(|k| format!("{}.{}", k.plural, k.group))
+            .collect::<Vec<_>>()
+            .join(", "),
+        opts.selector
+            .as_deref()
+            .map(|s| format!(" selector {s}"))
+            .unwrap_or_default(),
+    );
+    let (latest, snapshots) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        recent: Mutex::new(VecDeque::new()),
+        latest,
+        describe,
+    });
+    tasks.push(tokio::spawn(aggregate(
+        rx,
+        kinds.clone(),
+        opts,
+        shared.clone(),
+        trigger,
+    )));
+    Ok(KubeWatch {
+        source: KubeSource { shared },
+        snapshots,
+        kinds,
+        tasks,
+    })
+}
+
+/// Whether the getambassador.io/v3alpha1 API group is served (its CRDs are installed).
+async fn ambassador_installed(client: &Client) -> bool {
+    match client
+        .list_api_group_resources("getambassador.io/v3alpha1")
+        .await
+    {
+        Ok(list) => list.resources.iter().any(|r| r.name == "mappings"),
+        Err(e) => {
+            tracing::debug!(error = %e, "getambassador.io/v3alpha1 is not served; not watching Emissary kinds");
+            false
+        }
+    }
+}
+
+async fn watch_objects(
+    api: Api<DynamicObject>,
+    cfg: watcher::Config,
+    kind: KindRef,
+    tx: mpsc::Sender<Msg>,
+) {
+    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    while let Some(ev) = stream.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                // The watcher relists after 410 Gone and re-watches after a dropped stream.
+                tracing::warn!(kind = %kind.kind, group = %kind.group, error = %e, "watch interrupted; retrying");
+                continue;
+            }
+        };
+        let conv = |o: DynamicObject| {
+            let ns = o.metadata.namespace.clone().unwrap_or_default();
+            let name = o.metadata.name.clone().unwrap_or_default();
+            let stored = StoredObject {
+                generation: o.metadata.generation,
+                labels: o.metadata.labels.clone().unwrap_or_default(),
+                spec: o.data.get("spec").cloned().unwrap_or(Value::Null),
+                status: o.data.get("status").cloned(),
+            };
+            (ns, name, stored)
+        };
+        let ev = match ev {
+            Event::Init => ObjEvent::Init,
+            Event::InitDone => ObjEvent::InitDone,
+            Event::InitApply(o) => {
+                let (ns, n, s) = conv(o);
+                ObjEvent::InitApply(ns, n, s)
+            }
+            Event::Apply(o) => {
+                let (ns, n, s) = conv(o);
+                ObjEvent::Apply(ns, n, s)
+            }
+            Event::Delete(o) => {
+                let (ns, n, _) = conv(o);
+                ObjEvent::Delete(ns, n)
+            }
+        };
+        if tx.send(Msg::Objects(kind.clone(), ev)).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn watch_secrets(api: Api<Secret>, cfg: watcher::Config, tx: mpsc::Sender<Msg>) {
+    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    while let Some(ev) = stream.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(error = %e, "Secret watch interrupted; retrying");
+                continue;
+            }
+        };
+        let conv = |s: Secret| {
+            let ns = s.metadata.namespace.clone().unwrap_or_default();
+            let name = s.metadata.name.clone().unwrap_or_default();
+            let data = s.data.unwrap_or_default();
+            let pair = match (data.get("tls.crt"), data.get("tls.key")) {
+                (Some(c), Some(k)) => Some(TlsPair {
+                    crt: c.0.clone(),
+                    key: k.0.clone(),
+                }),
+                _ => None,
+            };
+            (ns, name, pair)
+        };
+        let ev = match ev {
+            Event::Init => ObjEvent::Init,
+            Event::InitDone => ObjEvent::InitDone,
+            Event::InitApply(s) => match conv(s) {
+                (ns, n, Some(p)) => ObjEvent::InitApply(ns, n, p),
+                _ => continue,
+            },
+            Event::Apply(s) => match conv(s) {
+                (ns, n, Some(p)) => ObjEvent::Apply(ns, n, p),
+                // A Secret that lost its key pair is as good as gone.
+                (ns, n, None) => ObjEvent::Delete(ns, n),
+            },
+            Event::Delete(s) => {
+                let (ns, n, _) = conv(s);
+                ObjEvent::Delete(ns, n)
+            }
+        };
+        if tx.send(Msg::Secrets(ev)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Apply one event to a map; `pending` buffers a relist until it is complete, so a snapshot
+/// never shows half a list.
+fn apply<T>(
+    map: &mut BTreeMap<(String, String), T>,
+    pending: &mut Option<BTreeMap<(String, String), T>>,
+    ev: ObjEvent<T>,
+) -> bool {
+    match ev {
+        ObjEvent::Init => {
+            *pending = Some(BTreeMap::new());
+            false
+        }
+        ObjEvent::InitApply(ns, n, v) => {
+            pending.get_or_insert_with(BTreeMap::new).insert((ns, n), v);
+            false
+        }
+        ObjEvent::InitDone => {
+            *map = pending.take().unwrap_or_default();
+            true
+        }
+        ObjEvent::Apply(ns, n, v) => {
+            map.insert((ns, n), v);
+            true
+        }
+        ObjEvent::Delete(ns, n) => map.remove(&(ns, n)).is_some(),
+    }
+}
+
+type Keyed<T> = BTreeMap<(String, String), T>;
+
+async fn aggregate(
+    mut rx: mpsc::Receiver<Msg>,
+    kinds: Vec<KindRef>,
+    opts: KubeOptions,
+    shared: Arc<Shared>,
+    trigger: Option<Arc<Notify>>,
+) {
+    let mut objects: BTreeMap<KindRef, Keyed<StoredObject>> = BTreeMap::new();
+    let mut pending_objects: BTreeMap<KindRef, Option<Keyed<StoredObject>>> = BTreeMap::new();
+    let mut listed: BTreeSet<KindRef> = BTreeSet::new();
+    let mut secrets: Keyed<TlsPair> = BTreeMap::new();
+    let mut pending_secrets: Option<Keyed<TlsPair>> = None;
+    let mut secrets_listed = false;
+    let mut last_key: Option<(String, Vec<Verdict>)> = None;
+    loop {
+        // Wait for a change, then for `debounce` of quiet.
+        let mut dirty = false;
+        let Some(first) = rx.recv().await else { return };
+        let mut next = Some(first);
+        loop {
+            if let Some(msg) = next.take() {
+                match msg {
+                    Msg::Objects(kind, ev) => {
+                        if matches!(ev, ObjEvent::InitDone) {
+                            listed.insert(kind.clone());
+                        }
+                        let map = objects.entry(kind.clone()).or_default();
+                        let pending = pending_objects.entry(kind).or_default();
+                        dirty |= apply(map, pending, ev);
+                    }
+                    Msg::Secrets(ev) => {
+                        if matches!(ev, ObjEvent::InitDone) {
+                            secrets_listed = true;
+                        }
+                        dirty |= apply(&mut secrets, &mut pending_secrets, ev);
+                    }
+                }
+            }
+            match tokio::time::timeout(opts.debounce, rx.recv()).await {
+                Ok(Some(m)) => next = Some(m),
+                Ok(None) => return,
+                Err(_) => break,
+            }
+        }
+        // A snapshot is consistent once every kind has been listed completely.
+        if !dirty || !secrets_listed || kinds.iter().any(|k| !listed.contains(k)) {
+            continue;
+        }
+        let mut store = Store {
+            objects: BTreeMap::new(),
+            secrets: secrets.clone(),
+        };
+        for (kind, map) in &objects {
+            for ((ns, name), stored) in map {
+                store.objects.insert(
+                    ObjectRef {
+                        kind: kind.clone(),
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                    },
+                    stored.clone(),
+                );
+            }
+        }
+        let cfg = opts.config.clone();
+        let dir = opts.secrets_dir.clone();
+        let built = tokio::task::spawn_blocking(move || build(&store, &cfg, &dir)).await;
+        let (snapshot, tree) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "building a Kubernetes snapshot failed");
+                continue;
+            }
+        };
+        // Status-only changes (our own writes come back through the watch) are no news.
+        let key = (
+            snapshot.revision.id.clone(),
+            snapshot
+                .verdicts
+                .iter()
+                .map(|v| Verdict {
+                    status: None,
+                    ..v.clone()
+                })
+                .collect::<Vec<_>>(),
+        );
+        let news = last_key.as_ref() != Some(&key);
+        last_key = Some(key);
+        {
+            let mut r = shared.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if !r.iter().any(|(i, _)| *i == snapshot.revision.id) {
+                if r.len() >= RECENT {
+                    r.pop_front();
+                }
+                r.push_back((snapshot.revision.id.clone(), tree));
+            }
+        }
+        // Always refresh the stored statuses; wake the reconciler only on news.
+        shared.latest.send_replace(Some(Arc::new(snapshot)));
+        if news {
+            if let Some(t) = &trigger {
+                t.notify_one();
+            }
+        }
+    }
+}
+
+fn build(store: &Store, cfg: &config::Options, dir: &Path) -> (Snapshot, Arc<MemTree>) {
+    let Judged {
+        tree,
+        verdicts,
+        tls,
+    } = judge(store, cfg);
+    let wanted = wanted_secrets(store, &tls);
+    for (name, pair) in &wanted {
+        if let Err(e) = materialize(dir, name, pair) {
+            tracing::error!(secret = %name, dir = %dir.display(), error = %e, "cannot write a TLS Secret to the secrets directory");
+        }
+    }
+    let id = revision_id(&tree, &wanted);
+    let tree = Arc::new(tree);
+    (
+        Snapshot {
+            revision: Revision {
+                id,
+                commit: None,
+                forced: false,
+                signature_error: None,
+                tree: tree.clone(),
+            },
+            verdicts,
+        },
+        tree,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_services_get_the_mapping_namespace() {
+        assert_eq!(
+            qualify_service("quote", "prod").as_deref(),
+            Some("quote.prod")
+        );
+        assert_eq!(
+            qualify_service("quote:8080", "prod").as_deref(),
+            Some("quote.prod:8080")
+        );
+        assert_eq!(
+            qualify_service("http://quote:80", "p").as_deref(),
+            Some("http://quote.p:80")
+        );
+        assert_eq!(qualify_service("quote.other", "prod"), None);
+        assert_eq!(qualify_service("10.0.0.1:80", "prod"), None);
+        assert_eq!(qualify_service("[::1]:80", "prod"), None);
+        assert_eq!(qualify_service("localhost:80", "prod"), None);
+    }
+
+    #[test]
+    fn an_invalid_object_is_set_aside_alone() {
+        let kind = legate_kinds()[0].clone();
+        let mut store = Store::default();
+        let obj = |name: &str| ObjectRef {
+            kind: kind.clone(),
+            namespace: "default".into(),
+            name: name.into(),
+        };
+        store.objects.insert(
+            obj("good"),
+            StoredObject {
+                generation: Some(1),
+                labels: BTreeMap::new(),
+                spec: json!({"hostname": "*", "prefix": "/good/", "service": "good:80"}),
+                status: None,
+            },
+        );
+        store.objects.insert(
+            obj("bad"),
+            StoredObject {
+                generation: Some(3),
+                labels: BTreeMap::new(),
+                spec: json!({"hostname": "*", "prefix": "/bad/", "servce": "bad:80"}),
+                status: None,
+            },
+        );
+        let Judged { tree, verdicts, .. } = judge(&store, &config::Options::default());
+        assert_eq!(tree.files.len(), 1);
+        let bad = verdicts.iter().find(|v| v.object.name == "bad").unwrap();
+        assert!(!bad.accepted);
+        assert!(
+            bad.message.contains("kube/default/Mapping/bad.yaml"),
+            "{}",
+            bad.message
+        );
+        let good = verdicts.iter().find(|v| v.object.name == "good").unwrap();
+        assert!(good.accepted, "{}", good.message);
+        assert!(config::load_and_compile(&tree, &config::Options::default()).is_ok());
+    }
+}

@@ -1,0 +1,292 @@
+//! The manifests in `deploy/`: each overlay rendered by `kubectl kustomize` (or `kustomize
+//! build`), its content checked (probes, admin binding, least-privilege RBAC per mode), and the
+//! rendered objects and the CRDs validated offline against the Kubernetes OpenAPI schemas by
+//! the PyPI package `kubernetes-validate`. Neither an API server nor a container engine runs
+//! here: CRD acceptance, RBAC enforcement and the Dockerfile build stay unverified.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use legate::config::yaml::{parse_documents, YamlLimits};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn on_path(cmd: &str) -> bool {
+    Command::new(cmd)
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Render an overlay, or `None` (with a message saying why) when no renderer is installed.
+fn render(overlay: &str) -> Option<String> {
+    let dir = root().join("deploy/overlays").join(overlay);
+    let out = if on_path("kubectl") {
+        Command::new("kubectl").arg("kustomize").arg(&dir).output()
+    } else if on_path("kustomize") {
+        Command::new("kustomize").arg("build").arg(&dir).output()
+    } else {
+        eprintln!("SKIPPED: neither kubectl nor kustomize is installed; deploy/ was not rendered");
+        return None;
+    }
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "rendering {overlay} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8(out.stdout).unwrap())
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    parse_documents(
+        yaml,
+        YamlLimits {
+            max_nodes: 1_000_000,
+            max_depth: 64,
+        },
+    )
+    .unwrap()
+    .into_iter()
+    .map(|d| d.value)
+    .filter(|v| !v.is_null())
+    .collect()
+}
+
+fn find<'a>(objs: &'a [Value], kind: &str) -> Option<&'a Value> {
+    objs.iter().find(|o| o["kind"] == kind)
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What both modes share.
+fn check_common(objs: &[Value], mode: &str) {
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+    ] {
+        assert!(find(objs, kind).is_some(), "{mode}: no {kind}");
+    }
+    for o in objs.iter().filter(|o| o["kind"] != "Namespace") {
+        assert_eq!(o["metadata"]["namespace"], "legate", "{mode}: {o}");
+    }
+    let dep = find(objs, "Deployment").unwrap();
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{mode}");
+    let c = &pod["containers"][0];
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    let args = strs(&c["args"]);
+    assert_eq!(args[0], "run");
+    assert!(
+        args.contains(&"--admin-listen=$(POD_IP):8877".to_string()),
+        "{args:?}"
+    );
+    let env = c["env"].as_array().unwrap();
+    let var = |name: &str| env.iter().find(|e| e["name"] == name).cloned();
+    assert_eq!(
+        var("POD_IP").unwrap()["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+    assert_eq!(
+        var("LEGATE_ADMIN_TOKEN").unwrap()["valueFrom"]["secretKeyRef"]["name"],
+        "legate-admin"
+    );
+    let ports: Vec<&Value> = c["ports"].as_array().unwrap().iter().collect();
+    assert!(ports
+        .iter()
+        .any(|p| p["name"] == "admin" && p["containerPort"] == 8877));
+    // The Service does not expose the admin port.
+    let svc = find(objs, "Service").unwrap();
+    assert!(svc["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["targetPort"] != "admin"));
+    let sel = &dep["spec"]["selector"]["matchLabels"];
+    let pdb = find(objs, "PodDisruptionBudget").unwrap();
+    for (k, v) in pdb["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&sel[k], v, "{mode}: the PDB does not select the pods");
+    }
+    let hpa = find(objs, "HorizontalPodAutoscaler").unwrap();
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        dep["metadata"]["name"]
+    );
+    assert!(hpa["spec"]["minReplicas"].as_i64().unwrap() >= 2);
+}
+
+#[test]
+fn deploy_git_mode_renders_with_no_api_access() {
+    let Some(text) = render("git-mode") else {
+        return;
+    };
+    let objs = docs(&text);
+    check_common(&objs, "git-mode");
+    for kind in ["Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"] {
+        assert!(find(&objs, kind).is_none(), "git mode needs no {kind}");
+    }
+    assert_eq!(
+        find(&objs, "ServiceAccount").unwrap()["automountServiceAccountToken"],
+        false
+    );
+    let pod = &find(&objs, "Deployment").unwrap()["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let args = strs(&pod["containers"][0]["args"]);
+    assert!(args.iter().any(|a| a.starts_with("--repo=")), "{args:?}");
+    assert!(!args.iter().any(|a| a == "--kubernetes"));
+}
+
+#[test]
+fn deploy_kube_mode_renders_with_least_privilege_rbac() {
+    let Some(text) = render("kube-mode") else {
+        return;
+    };
+    let objs = docs(&text);
+    check_common(&objs, "kube-mode");
+    assert!(
+        find(&objs, "ClusterRole").is_none(),
+        "namespace mode needs no ClusterRole"
+    );
+    let role = find(&objs, "Role").unwrap();
+    let mut grants: Vec<(String, String, String)> = Vec::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for g in strs(&rule["apiGroups"]) {
+            for r in strs(&rule["resources"]) {
+                for v in strs(&rule["verbs"]) {
+                    grants.push((g.clone(), r.clone(), v));
+                }
+            }
+        }
+    }
+    let has = |g: &str, r: &str, v: &str| {
+        grants
+            .iter()
+            .any(|(gg, rr, vv)| gg == g && rr == r && vv == v)
+    };
+    for r in ["mappings", "hosts", "routetests"] {
+        for v in ["get", "list", "watch"] {
+            assert!(has("legate.dev", r, v), "missing {v} {r}");
+        }
+        assert!(has("legate.dev", &format!("{r}/status"), "patch"));
+    }
+    for v in ["get", "list", "watch"] {
+        assert!(has("", "secrets", v));
+    }
+    for v in ["get", "create", "update"] {
+        assert!(has("coordination.k8s.io", "leases", v));
+    }
+    // Least privilege: no wildcards, no writes beyond status patches and the Lease.
+    for (g, r, v) in &grants {
+        assert!(
+            g != "*" && r != "*" && v != "*",
+            "wildcard grant {g} {r} {v}"
+        );
+        let write = !matches!(v.as_str(), "get" | "list" | "watch");
+        if write {
+            assert!(
+                (r.ends_with("/status") && v == "patch")
+                    || (g == "coordination.k8s.io" && r == "leases"),
+                "unexpected write grant: {v} {g}/{r}"
+            );
+        }
+        assert!(r != "secrets" || !write, "secrets must stay read-only");
+    }
+    let binding = find(&objs, "RoleBinding").unwrap();
+    assert_eq!(binding["subjects"][0]["name"], "legate");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let pod = &find(&objs, "Deployment").unwrap()["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    let args = strs(&pod["containers"][0]["args"]);
+    assert!(args.contains(&"--kubernetes".to_string()), "{args:?}");
+    assert!(args.contains(&"--namespace=$(POD_NAMESPACE)".to_string()));
+    assert!(!args.iter().any(|a| a.starts_with("--repo")));
+}
+
+/// `kubernetes-validate` (PyPI), which carries the Kubernetes OpenAPI schemas and runs offline.
+fn validator() -> Option<PathBuf> {
+    if on_path("kubernetes-validate") {
+        return Some(PathBuf::from("kubernetes-validate"));
+    }
+    eprintln!(
+        "SKIPPED: kubernetes-validate is not installed (pip install kubernetes-validate); \
+         the rendered manifests were not schema-checked"
+    );
+    None
+}
+
+fn validate(files: &[&Path]) {
+    let Some(bin) = validator() else { return };
+    let out = Command::new(bin)
+        .arg("--strict")
+        .arg("--quiet")
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kubernetes-validate rejected the manifests:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn deploy_rendered_manifests_and_crds_pass_kubernetes_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for overlay in ["git-mode", "kube-mode"] {
+        let Some(text) = render(overlay) else { return };
+        let path = dir.path().join(format!("{overlay}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        files.push(path);
+    }
+    for e in std::fs::read_dir(root().join("deploy/crds")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            files.push(p);
+        }
+    }
+    let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    validate(&refs);
+}
+
+#[test]
+fn deploy_dockerfile_is_multi_stage_and_non_root() {
+    // No container engine runs here: this checks the file's shape, not that it builds.
+    let text = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let froms = text
+        .lines()
+        .filter(|l| l.trim_start().to_ascii_uppercase().starts_with("FROM "))
+        .count();
+    assert!(froms >= 2, "not multi-stage");
+    let user = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().to_ascii_uppercase().starts_with("USER "))
+        .expect("no USER");
+    let who = user.split_whitespace().nth(1).unwrap();
+    assert!(
+        who != "root" && who != "0" && !who.starts_with("0:"),
+        "{user}"
+    );
+    assert!(text.contains("ENTRYPOINT"));
+}

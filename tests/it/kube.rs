@@ -1,0 +1,1259 @@
+//! Kubernetes mode against `FakeApiServer`: a small HTTP/1.1 server started by each test that
+//! serves list and watch (a chunked stream of JSON events) for the Legate CRDs and Secrets,
+//! applies and records status merge patches, and keeps a Lease. No cluster runs here, so what
+//! only a real API server checks (CRD acceptance, RBAC, the status subresource) stays
+//! unverified; this checks what the gateway does with what an API server says.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use legate::kube::{spawn_status, start_status, Leader, LeaseConfig};
+use legate::source::kube::{self as ksrc, KubeOptions, Snapshot};
+use legate::source::Source;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+
+const MAPPINGS: &str = "legate.dev/v1alpha1/mappings";
+const HOSTS: &str = "legate.dev/v1alpha1/hosts";
+const SECRETS: &str = "v1/secrets";
+
+/// What the fake API server holds and saw.
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// Collection (`group/version/plural`) -> (namespace, name) -> object.
+    objects: BTreeMap<String, BTreeMap<(String, String), Value>>,
+    /// (resourceVersion, collection, event type, object).
+    events: Vec<(u64, String, &'static str, Value)>,
+    /// Watches from a resourceVersion below this get `410 Gone`.
+    compacted: u64,
+    /// Bumped to cut every open watch.
+    epoch: u64,
+    patches: Vec<(String, Value)>,
+    lease_calls: Vec<String>,
+    lists: usize,
+    watches: usize,
+    /// Serve the getambassador.io/v3alpha1 group (its CRDs are "installed").
+    ambassador: bool,
+}
+
+/// A fake Kubernetes API server: list, watch, status patches and Leases, over plain HTTP.
+struct FakeApiServer {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    changed: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeApiServer {
+    async fn start() -> FakeApiServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let changed = Arc::new(Notify::new());
+        let (s, c) = (state.clone(), changed.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(serve(conn, s.clone(), c.clone()));
+            }
+        });
+        FakeApiServer {
+            addr,
+            state,
+            changed,
+            task,
+        }
+    }
+
+    fn client(&self) -> ::kube::Client {
+        let mut cfg = ::kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
+        cfg.default_namespace = "default".into();
+        cfg.read_timeout = Some(Duration::from_secs(60));
+        ::kube::Client::try_from(cfg).unwrap()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    /// Create or update an object, as `kubectl apply` would (generation follows the spec).
+    fn apply(&self, collection: &str, obj: Value) {
+        let mut st = self.lock();
+        apply_in(&mut st, collection, obj, true);
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    fn delete(&self, collection: &str, ns: &str, name: &str) {
+        let mut st = self.lock();
+        delete_in(&mut st, collection, ns, name, true);
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Cut every open watch connection mid-stream.
+    fn drop_watches(&self) {
+        self.lock().epoch += 1;
+        self.changed.notify_waiters();
+    }
+
+    /// Change objects while the history is compacted away, then cut the watches: a watch
+    /// resumed from an old resourceVersion gets `410 Gone`, and only a relist sees the change.
+    fn compact_with(&self, f: impl FnOnce(&mut State)) {
+        let mut st = self.lock();
+        f(&mut st);
+        st.compacted = st.rv + 1;
+        st.rv += 1;
+        st.epoch += 1;
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    fn patches(&self) -> Vec<(String, Value)> {
+        self.lock().patches.clone()
+    }
+
+    fn patches_for(&self, name: &str) -> Vec<Value> {
+        self.patches()
+            .into_iter()
+            .filter(|(p, _)| p.ends_with(&format!("/{name}/status")))
+            .map(|(_, v)| v)
+            .collect()
+    }
+}
+
+fn meta_key(obj: &Value) -> (String, String) {
+    let m = &obj["metadata"];
+    (
+        m["namespace"].as_str().unwrap_or("").to_string(),
+        m["name"].as_str().unwrap().to_string(),
+    )
+}
+
+fn apply_in(st: &mut State, collection: &str, mut obj: Value, record: bool) {
+    st.rv += 1;
+    let rv = st.rv;
+    let key = meta_key(&obj);
+    let coll = st.objects.entry(collection.to_string()).or_default();
+    let (kind, generation, status) = match coll.get(&key) {
+        Some(old) => {
+            let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
+            let g = if old.get("spec") != obj.get("spec") {
+                g + 1
+            } else {
+                g
+            };
+            ("MODIFIED", g, old.get("status").cloned())
+        }
+        None => ("ADDED", 1, None),
+    };
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    obj["metadata"]["generation"] = json!(generation);
+    obj["metadata"]["uid"] = json!(format!("uid-{}-{}", key.0, key.1));
+    if let (Some(s), None) = (status, obj.get("status")) {
+        obj["status"] = s;
+    }
+    coll.insert(key, obj.clone());
+    if record {
+        st.events.push((rv, collection.to_string(), kind, obj));
+    }
+}
+
+fn delete_in(st: &mut State, collection: &str, ns: &str, name: &str, record: bool) {
+    st.rv += 1;
+    let rv = st.rv;
+    let removed = st
+        .objects
+        .get_mut(collection)
+        .and_then(|c| c.remove(&(ns.to_string(), name.to_string())));
+    if let (Some(mut obj), true) = (removed, record) {
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.events.push((rv, collection.to_string(), "DELETED", obj));
+    }
+}
+
+/// JSON merge patch (RFC 7386).
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        _ => *target = patch.clone(),
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    query: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+async fn read_request(conn: &mut TcpStream) -> Option<Request> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let method = first.next()?.to_string();
+    let target = first.next()?.to_string();
+    let len: usize = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < len {
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    let (path, q) = target.split_once('?').unwrap_or((&target, ""));
+    let query = q
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), unescape(v)))
+        .collect();
+    Some(Request {
+        method,
+        path: path.to_string(),
+        query,
+        body,
+    })
+}
+
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let hex = s
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+/// Standard base64, for Secret data.
+fn b64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in s.as_bytes().chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+async fn respond(conn: &mut TcpStream, code: u16, body: &Value) {
+    let text = body.to_string();
+    let head = format!(
+        "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        text.len()
+    );
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(text.as_bytes()).await;
+    let _ = conn.shutdown().await;
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+/// Which collection and scope a path names.
+struct Target {
+    collection: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn parse_target(path: &str) -> Option<Target> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (gv, rest) = match *segs.first()? {
+        "api" => (segs.get(1)?.to_string(), &segs[2..]),
+        "apis" => (format!("{}/{}", segs.get(1)?, segs.get(2)?), &segs[3..]),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+        _ => (None, rest),
+    };
+    let plural = rest.first()?;
+    Some(Target {
+        collection: format!("{gv}/{plural}"),
+        namespace,
+        name: rest.get(1).map(|s| s.to_string()),
+        subresource: rest.get(2).map(|s| s.to_string()),
+    })
+}
+
+fn selected(obj: &Value, t: &Target, q: &BTreeMap<String, String>) -> bool {
+    let (ns, _) = meta_key(obj);
+    if t.namespace.as_ref().is_some_and(|n| *n != ns) {
+        return false;
+    }
+    if let Some(sel) = q.get("labelSelector").filter(|s| !s.is_empty()) {
+        for term in sel.split(',') {
+            let Some((k, v)) = term.split_once('=') else {
+                return false;
+            };
+            if obj["metadata"]["labels"][k].as_str() != Some(v) {
+                return false;
+            }
+        }
+    }
+    if let Some(sel) = q.get("fieldSelector").filter(|s| !s.is_empty()) {
+        if let Some(ty) = sel.strip_prefix("type=") {
+            if obj["type"].as_str() != Some(ty) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<Notify>) {
+    let Some(req) = read_request(&mut conn).await else {
+        return;
+    };
+    if req.path == "/apis/getambassador.io/v3alpha1" {
+        if !state.lock().unwrap().ambassador {
+            return respond(&mut conn, 404, &status(404, "NotFound", "no such group")).await;
+        }
+        let list = json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "getambassador.io/v3alpha1",
+            "resources": [
+                {"name": "mappings", "singularName": "mapping", "namespaced": true, "kind": "Mapping", "verbs": ["get", "list", "watch"]},
+                {"name": "hosts", "singularName": "host", "namespaced": true, "kind": "Host", "verbs": ["get", "list", "watch"]}]});
+        return respond(&mut conn, 200, &list).await;
+    }
+    let Some(t) = parse_target(&req.path) else {
+        return respond(&mut conn, 404, &status(404, "NotFound", "no such path")).await;
+    };
+    if t.collection.starts_with("coordination.k8s.io/v1/leases") {
+        return lease(&mut conn, &state, &req, &t).await;
+    }
+    match (req.method.as_str(), &t.name) {
+        ("GET", None)
+            if req
+                .query
+                .get("watch")
+                .is_some_and(|w| w == "true" || w == "1") =>
+        {
+            watch_stream(conn, state, changed, req, t).await
+        }
+        ("GET", None) => {
+            let body = {
+                let mut st = state.lock().unwrap();
+                st.lists += 1;
+                let items: Vec<Value> = st
+                    .objects
+                    .get(&t.collection)
+                    .map(|c| {
+                        c.values()
+                            .filter(|o| selected(o, &t, &req.query))
+                            .cloned()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                json!({"apiVersion": "v1", "kind": "List",
+                       "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})
+            };
+            respond(&mut conn, 200, &body).await
+        }
+        ("PATCH", Some(name)) if t.subresource.as_deref() == Some("status") => {
+            let patch: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+            let out = {
+                let mut st = state.lock().unwrap();
+                st.patches.push((req.path.clone(), patch.clone()));
+                let ns = t.namespace.clone().unwrap_or_default();
+                let current = st
+                    .objects
+                    .get(&t.collection)
+                    .and_then(|c| c.get(&(ns, name.clone())))
+                    .cloned();
+                current.map(|mut obj| {
+                    merge(&mut obj, &patch);
+                    // A status write is an update too: it comes back through the watch.
+                    apply_in(&mut st, &t.collection, obj.clone(), true);
+                    obj
+                })
+            };
+            changed.notify_waiters();
+            match out {
+                Some(obj) => respond(&mut conn, 200, &obj).await,
+                None => respond(&mut conn, 404, &status(404, "NotFound", "gone")).await,
+            }
+        }
+        _ => {
+            respond(
+                &mut conn,
+                405,
+                &status(405, "MethodNotAllowed", "not faked"),
+            )
+            .await
+        }
+    }
+}
+
+async fn lease(conn: &mut TcpStream, state: &Mutex<State>, req: &Request, t: &Target) {
+    let (code, body) = {
+        let mut st = state.lock().unwrap();
+        st.lease_calls.push(req.method.clone());
+        let ns = t.namespace.clone().unwrap_or_default();
+        let coll = "coordination.k8s.io/v1/leases";
+        match req.method.as_str() {
+            "GET" => {
+                let name = t.name.clone().unwrap_or_default();
+                match st.objects.get(coll).and_then(|c| c.get(&(ns, name))) {
+                    Some(l) => (200, l.clone()),
+                    None => (404, status(404, "NotFound", "no lease")),
+                }
+            }
+            "POST" | "PUT" => {
+                let obj: Value = serde_json::from_slice(&req.body).unwrap();
+                let key = meta_key(&obj);
+                let existing = st.objects.get(coll).and_then(|c| c.get(&key)).cloned();
+                let conflict = match (&existing, req.method.as_str()) {
+                    (Some(_), "POST") => true,
+                    (None, "PUT") => true,
+                    (Some(e), _) => {
+                        e["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]
+                    }
+                    _ => false,
+                };
+                if conflict {
+                    (409, status(409, "Conflict", "lease changed"))
+                } else {
+                    apply_in(&mut st, coll, obj, false);
+                    (200, st.objects[coll][&key].clone())
+                }
+            }
+            _ => (405, status(405, "MethodNotAllowed", "")),
+        }
+    };
+    respond(conn, code, &body).await
+}
+
+async fn watch_stream(
+    mut conn: TcpStream,
+    state: Arc<Mutex<State>>,
+    changed: Arc<Notify>,
+    req: Request,
+    t: Target,
+) {
+    let mut from: u64 = req
+        .query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+    let (epoch, gone) = {
+        let mut st = state.lock().unwrap();
+        st.watches += 1;
+        (st.epoch, from < st.compacted)
+    };
+    if conn.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    if gone {
+        let ev =
+            json!({"type": "ERROR", "object": status(410, "Expired", "too old resource version")});
+        let _ = write_chunk(&mut conn, &ev).await;
+        let _ = conn.write_all(b"0\r\n\r\n").await;
+        return;
+    }
+    loop {
+        let wake = changed.notified();
+        let (batch, cut) = {
+            let st = state.lock().unwrap();
+            let batch: Vec<(u64, &'static str, Value)> = st
+                .events
+                .iter()
+                .filter(|(rv, c, _, o)| {
+                    *rv > from && *c == t.collection && selected(o, &t, &req.query)
+                })
+                .map(|(rv, _, ty, o)| (*rv, *ty, o.clone()))
+                .collect();
+            (batch, st.epoch != epoch)
+        };
+        if cut {
+            // Drop the connection mid-stream, with no final chunk: a broken watch.
+            return;
+        }
+        for (rv, ty, obj) in batch {
+            from = rv;
+            if write_chunk(&mut conn, &json!({"type": ty, "object": obj}))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), wake).await;
+    }
+}
+
+async fn write_chunk(conn: &mut TcpStream, ev: &Value) -> std::io::Result<()> {
+    let line = format!("{ev}\n");
+    conn.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes())
+        .await
+}
+
+// ---- helpers ----
+
+fn mapping(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "legate.dev/v1alpha1", "kind": "Mapping",
+           "metadata": {"name": name, "namespace": ns, "labels": {"gateway": "test"}}, "spec": spec})
+}
+
+fn host(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "legate.dev/v1alpha1", "kind": "Host",
+           "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+struct Running {
+    watch: ksrc::KubeWatch,
+    rx: watch::Receiver<Option<Arc<Snapshot>>>,
+    _dir: tempfile::TempDir,
+    secrets: std::path::PathBuf,
+}
+
+async fn start_source(fake: &FakeApiServer, namespace: Option<&str>) -> Running {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let mut opts = KubeOptions::new(&secrets);
+    opts.namespace = namespace.map(str::to_string);
+    opts.debounce = Duration::from_millis(50);
+    let watch = ksrc::start(fake.client(), opts, None).await.unwrap();
+    let rx = watch.snapshots();
+    Running {
+        watch,
+        rx,
+        _dir: dir,
+        secrets,
+    }
+}
+
+/// Wait (at most 15 s) for a snapshot that satisfies `pred`.
+async fn wait_snapshot(
+    rx: &mut watch::Receiver<Option<Arc<Snapshot>>>,
+    what: &str,
+    pred: impl Fn(&Snapshot) -> bool,
+) -> Arc<Snapshot> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(s) = rx.borrow_and_update().clone() {
+            if pred(&s) {
+                return s;
+            }
+        }
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
+            let last = rx.borrow().clone();
+            panic!(
+                "timed out waiting for {what}; last snapshot: {:?}",
+                last.map(|s| (files(&s), s.verdicts.clone()))
+            );
+        }
+    }
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn files(s: &Snapshot) -> Vec<String> {
+    s.revision
+        .tree
+        .read(&Default::default())
+        .unwrap()
+        .files
+        .into_iter()
+        .map(|f| f.path)
+        .collect()
+}
+
+fn text_of(s: &Snapshot, path: &str) -> String {
+    s.revision
+        .tree
+        .read(&Default::default())
+        .unwrap()
+        .files
+        .into_iter()
+        .find(|f| f.path == path)
+        .map(|f| f.text)
+        .unwrap_or_default()
+}
+
+/// The `service:` of a Mapping file, unquoted.
+fn service_of(yaml: &str) -> String {
+    yaml.lines()
+        .find_map(|l| l.trim().strip_prefix("service:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .unwrap_or_default()
+}
+
+/// Route names of the graph compiled from the snapshot, the way the reconciler compiles it.
+fn routes(s: &Snapshot) -> Vec<String> {
+    let out = legate::config::load_and_compile(&*s.revision.tree, &Default::default());
+    let g = out
+        .graph
+        .unwrap_or_else(|| panic!("snapshot does not compile: {:?}", out.diagnostics));
+    let mut names: Vec<String> = g.routes.iter().map(|r| r.name.clone()).collect();
+    names.sort();
+    names
+}
+
+fn has_routes<'a>(want: &'a [&'a str]) -> impl Fn(&Snapshot) -> bool + 'a {
+    move |s| routes(s) == want
+}
+
+fn always_leader() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(true);
+    std::mem::forget(tx);
+    rx
+}
+
+// ---- tests ----
+
+#[tokio::test]
+async fn kube_objects_added_changed_and_deleted_reach_the_graph() {
+    let fake = FakeApiServer::start().await;
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "a",
+            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
+        ),
+    );
+    let mut run = start_source(&fake, Some("default")).await;
+    let s = wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
+    assert_eq!(files(&s), ["kube/default/Mapping/a.yaml"]);
+    assert_eq!(run.watch.source().current(None).unwrap().id, s.revision.id);
+
+    // Changed: the new prefix is what the graph holds.
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "a",
+            json!({"hostname": "*", "prefix": "/a2/", "service": "a.default:80"}),
+        ),
+    );
+    let s = wait_snapshot(&mut run.rx, "a changed", |s| {
+        text_of(s, "kube/default/Mapping/a.yaml").contains("/a2/")
+    })
+    .await;
+    assert!(text_of(&s, "kube/default/Mapping/a.yaml").contains("generation: 2"));
+
+    // Added and deleted.
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "b",
+            json!({"hostname": "*", "prefix": "/b/", "service": "b.default:80"}),
+        ),
+    );
+    wait_snapshot(&mut run.rx, "a and b", has_routes(&["a", "b"])).await;
+    fake.delete(MAPPINGS, "default", "a");
+    let s = wait_snapshot(&mut run.rx, "only b", has_routes(&["b"])).await;
+    // Older revisions stay available for pinning.
+    assert_eq!(
+        run.watch.source().at(&s.revision.id).unwrap().id,
+        s.revision.id
+    );
+
+    // Objects in another namespace are not watched in namespace mode.
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "other",
+            "c",
+            json!({"hostname": "*", "prefix": "/c/", "service": "c.other:80"}),
+        ),
+    );
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "d",
+            json!({"hostname": "*", "prefix": "/d/", "service": "d.default:80"}),
+        ),
+    );
+    wait_snapshot(&mut run.rx, "b and d, not c", has_routes(&["b", "d"])).await;
+}
+
+#[tokio::test]
+async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
+    let fake = FakeApiServer::start().await;
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "good",
+            json!({"hostname": "*", "prefix": "/good/", "service": "good.default:80"}),
+        ),
+    );
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "bad",
+            json!({"hostname": "*", "prefix": "/bad/", "servce": "bad.default:80"}),
+        ),
+    );
+    let mut run = start_source(&fake, Some("default")).await;
+    let s = wait_snapshot(&mut run.rx, "good only", has_routes(&["good"])).await;
+    let bad = s.verdicts.iter().find(|v| v.object.name == "bad").unwrap();
+    assert!(!bad.accepted);
+    assert!(
+        bad.message.contains("kube/default/Mapping/bad.yaml"),
+        "{}",
+        bad.message
+    );
+
+    let (served_tx, served) = watch::channel(None);
+    let _status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
+    served_tx.send_replace(Some(s.revision.id.clone()));
+    let rev = s.revision.id.clone();
+    wait_until("status of good with its revision", || {
+        fake.patches_for("good")
+            .last()
+            .is_some_and(|p| p["status"]["revision"] == json!(rev))
+    })
+    .await;
+    wait_until("status of bad", || !fake.patches_for("bad").is_empty()).await;
+    let p = fake.patches_for("bad").last().unwrap().clone();
+    let cond = &p["status"]["conditions"][0];
+    assert_eq!(cond["type"], "Accepted");
+    assert_eq!(cond["status"], "False");
+    assert_eq!(cond["reason"], "Invalid");
+    let msg = cond["message"].as_str().unwrap();
+    // The message is what `legate check` prints: file:line:col: error[code]: ...
+    assert!(msg.starts_with("kube/default/Mapping/bad.yaml:"), "{msg}");
+    assert!(msg.contains("error["), "{msg}");
+    assert!(msg.contains("servce"), "{msg}");
+    assert_eq!(p["status"]["observedGeneration"], 1);
+    assert_eq!(p["status"]["revision"], Value::Null);
+    let g = fake.patches_for("good").last().unwrap().clone();
+    assert_eq!(g["status"]["conditions"][0]["status"], "True");
+
+    // Fixing the object accepts it, and both serve from the new revision.
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "bad",
+            json!({"hostname": "*", "prefix": "/bad/", "service": "bad.default:80"}),
+        ),
+    );
+    let s2 = wait_snapshot(&mut run.rx, "both", has_routes(&["bad", "good"])).await;
+    served_tx.send_replace(Some(s2.revision.id.clone()));
+    let rev2 = s2.revision.id.clone();
+    wait_until("bad accepted at generation 2", || {
+        fake.patches_for("bad").last().is_some_and(|p| {
+            p["status"]["conditions"][0]["status"] == "True"
+                && p["status"]["observedGeneration"] == 2
+                && p["status"]["revision"] == json!(rev2)
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kube_status_is_written_only_when_it_changes() {
+    let fake = FakeApiServer::start().await;
+    for n in ["m1", "m2", "m3"] {
+        fake.apply(
+            MAPPINGS,
+            mapping(
+                "default",
+                n,
+                json!({"hostname": "*", "prefix": format!("/{n}/"), "service": "x.default:80"}),
+            ),
+        );
+    }
+    let mut run = start_source(&fake, Some("default")).await;
+    let s = wait_snapshot(&mut run.rx, "three", has_routes(&["m1", "m2", "m3"])).await;
+    let (served_tx, served) = watch::channel(Some(s.revision.id.clone()));
+    let _status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
+    wait_until("three statuses", || fake.patches().len() >= 3).await;
+    // Our own writes come back through the watch as MODIFIED events; a watch restart replays
+    // everything; the served revision is re-announced. None of it is a change of status.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fake.drop_watches();
+    served_tx.send_replace(Some(s.revision.id.clone()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fake.patches().len(), 3, "{:#?}", fake.patches());
+
+    // A restarted writer (a new leader) reads the statuses back and writes nothing either.
+    let (_tx2, served2) = watch::channel(Some(s.revision.id.clone()));
+    let other = spawn_status(fake.client(), run.rx.clone(), served2, always_leader());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    other.abort();
+    assert_eq!(fake.patches().len(), 3, "{:#?}", fake.patches());
+}
+
+#[tokio::test]
+async fn kube_watch_restarts_after_the_server_drops_the_connection() {
+    let fake = FakeApiServer::start().await;
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "a",
+            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
+        ),
+    );
+    let mut run = start_source(&fake, Some("default")).await;
+    wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
+    wait_until("watches open", || fake.lock().watches >= 3).await;
+    let watches = fake.lock().watches;
+    let lists = fake.lock().lists;
+    fake.drop_watches();
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "b",
+            json!({"hostname": "*", "prefix": "/b/", "service": "b.default:80"}),
+        ),
+    );
+    wait_snapshot(&mut run.rx, "b after the drop", has_routes(&["a", "b"])).await;
+    let st = fake.lock();
+    assert!(st.watches > watches, "the watch was not restarted");
+    // Resumed from the last resourceVersion: no relist was needed.
+    assert_eq!(st.lists, lists);
+}
+
+#[tokio::test]
+async fn kube_a_relist_after_410_gone_heals() {
+    let fake = FakeApiServer::start().await;
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "a",
+            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
+        ),
+    );
+    let mut run = start_source(&fake, Some("default")).await;
+    wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
+    let lists = fake.lock().lists;
+    // While the history is compacted away: a is deleted and d added, with no events to replay.
+    fake.compact_with(|st| {
+        delete_in(st, MAPPINGS, "default", "a", false);
+        apply_in(
+            st,
+            MAPPINGS,
+            mapping(
+                "default",
+                "d",
+                json!({"hostname": "*", "prefix": "/d/", "service": "d.default:80"}),
+            ),
+            false,
+        );
+    });
+    wait_snapshot(&mut run.rx, "d only, after a relist", has_routes(&["d"])).await;
+    assert!(fake.lock().lists > lists, "no relist happened");
+}
+
+#[tokio::test]
+async fn kube_a_bare_service_means_the_mapping_namespace() {
+    let fake = FakeApiServer::start().await;
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "shop",
+            "quote",
+            json!({"hostname": "*", "prefix": "/q/", "service": "quote"}),
+        ),
+    );
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "web",
+            "other",
+            json!({"hostname": "*", "prefix": "/o/", "service": "other.elsewhere:8080"}),
+        ),
+    );
+    // All namespaces.
+    let mut run = start_source(&fake, None).await;
+    let s = wait_snapshot(&mut run.rx, "both", has_routes(&["other", "quote"])).await;
+    let q = text_of(&s, "kube/shop/Mapping/quote.yaml");
+    assert_eq!(service_of(&q), "quote.shop", "{q}");
+    let o = text_of(&s, "kube/web/Mapping/other.yaml");
+    assert_eq!(service_of(&o), "other.elsewhere:8080", "{o}");
+}
+
+#[tokio::test]
+async fn kube_tls_secrets_named_by_hosts_are_written_to_the_secrets_dir() {
+    let fake = FakeApiServer::start().await;
+    fake.apply(
+        SECRETS,
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+               "metadata": {"name": "site-tls", "namespace": "default"},
+               "data": {"tls.crt": b64("CERT-1"), "tls.key": b64("KEY-1")}}),
+    );
+    fake.apply(
+        SECRETS,
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+               "metadata": {"name": "not-tls", "namespace": "default"}, "data": {}}),
+    );
+    fake.apply(
+        HOSTS,
+        host(
+            "default",
+            "site",
+            json!({"hostname": "site.example.com", "tlsSecret": {"name": "site-tls"}}),
+        ),
+    );
+    fake.apply(
+        HOSTS,
+        host(
+            "default",
+            "nokey",
+            json!({"hostname": "nokey.example.com", "tlsSecret": {"name": "missing"}}),
+        ),
+    );
+    let mut run = start_source(&fake, Some("default")).await;
+    let s = wait_snapshot(&mut run.rx, "site host", |s| {
+        files(s) == ["kube/default/Host/site.yaml"]
+    })
+    .await;
+    let nokey = s
+        .verdicts
+        .iter()
+        .find(|v| v.object.name == "nokey")
+        .unwrap();
+    assert!(!nokey.accepted);
+    assert_eq!(nokey.reason, "SecretMissing");
+    assert!(
+        nokey.message.contains("default/missing"),
+        "{}",
+        nokey.message
+    );
+    let crt = std::fs::read_to_string(run.secrets.join("site-tls/tls.crt")).unwrap();
+    assert_eq!(crt, "CERT-1");
+    let first = s.revision.id.clone();
+
+    // A rotated certificate is a new revision (the proxy must load it), swapped atomically.
+    fake.apply(
+        SECRETS,
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+               "metadata": {"name": "site-tls", "namespace": "default"},
+               "data": {"tls.crt": b64("CERT-2"), "tls.key": b64("KEY-2")}}),
+    );
+    let s = wait_snapshot(&mut run.rx, "new revision", |s| s.revision.id != first).await;
+    assert_eq!(
+        std::fs::read_to_string(run.secrets.join("site-tls/tls.key")).unwrap(),
+        "KEY-2"
+    );
+    assert_eq!(files(&s), ["kube/default/Host/site.yaml"]);
+    // Only the current pair is left behind the symlink.
+    let dirs = std::fs::read_dir(&run.secrets).unwrap().count();
+    assert_eq!(dirs, 2, "expected the link and one data directory");
+}
+
+#[tokio::test]
+async fn kube_only_the_lease_holder_writes_status() {
+    let fake = FakeApiServer::start().await;
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "a",
+            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
+        ),
+    );
+    // Another replica holds a fresh Lease.
+    let now = k8s_openapi::chrono::Utc::now();
+    let lease = |holder: &str, renewed: k8s_openapi::chrono::DateTime<k8s_openapi::chrono::Utc>| {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "legate-status", "namespace": "default"},
+               "spec": {"holderIdentity": holder, "leaseDurationSeconds": 2,
+                        "renewTime": renewed.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()}})
+    };
+    {
+        let mut st = fake.lock();
+        apply_in(
+            &mut st,
+            "coordination.k8s.io/v1/leases",
+            lease("other", now + k8s_openapi::chrono::Duration::seconds(3600)),
+            false,
+        );
+    }
+    let mut run = start_source(&fake, Some("default")).await;
+    let s = wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
+    let mut cfg = LeaseConfig::new("default", "me");
+    cfg.duration = Duration::from_secs(2);
+    cfg.retry = Duration::from_millis(100);
+    let (_tx, served) = watch::channel(Some(s.revision.id.clone()));
+    let status = start_status(fake.client(), run.rx.clone(), served, cfg);
+    let leader = status.is_leader();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(fake.patches().is_empty(), "a follower wrote status");
+    assert!(!*leader.borrow());
+    assert!(fake.lock().lease_calls.iter().all(|m| m == "GET"));
+
+    // The other replica stops renewing: its Lease expires and we take over.
+    {
+        let mut st = fake.lock();
+        apply_in(
+            &mut st,
+            "coordination.k8s.io/v1/leases",
+            lease("other", now - k8s_openapi::chrono::Duration::seconds(60)),
+            false,
+        );
+    }
+    wait_until("status written by the new leader", || {
+        !fake.patches().is_empty()
+    })
+    .await;
+    assert!(*leader.borrow());
+    let held = fake.lock().objects["coordination.k8s.io/v1/leases"]
+        [&("default".to_string(), "legate-status".to_string())]
+        .clone();
+    assert_eq!(held["spec"]["holderIdentity"], "me");
+    assert_eq!(held["spec"]["leaseTransitions"], 1);
+    // And it keeps renewing.
+    let puts = fake
+        .lock()
+        .lease_calls
+        .iter()
+        .filter(|m| *m == "PUT")
+        .count();
+    wait_until("renewals", || {
+        fake.lock()
+            .lease_calls
+            .iter()
+            .filter(|m| *m == "PUT")
+            .count()
+            >= puts + 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kube_a_new_lease_is_created_when_none_exists() {
+    let fake = FakeApiServer::start().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut cfg = LeaseConfig::new("default", "me");
+    cfg.retry = Duration::from_millis(100);
+    let leader = Leader::spawn(fake.client(), cfg);
+    let mut rx = leader.watch();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|l| *l))
+        .await
+        .expect("never became leader")
+        .unwrap();
+    let calls = fake.lock().lease_calls.clone();
+    assert_eq!(&calls[..2], ["GET", "POST"]);
+}
+
+#[tokio::test]
+async fn kube_emissary_kinds_are_watched_when_installed_and_ambassador_id_is_honoured() {
+    let fake = FakeApiServer::start().await;
+    fake.lock().ambassador = true;
+    let amb = |name: &str, spec: Value| {
+        json!({"apiVersion": "getambassador.io/v3alpha1", "kind": "Mapping",
+               "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+    };
+    const AMB: &str = "getambassador.io/v3alpha1/mappings";
+    fake.apply(
+        AMB,
+        amb(
+            "ours",
+            json!({"hostname": "*", "prefix": "/ours/", "service": "ours"}),
+        ),
+    );
+    fake.apply(
+        AMB,
+        amb("theirs", json!({"hostname": "*", "prefix": "/theirs/", "service": "t", "ambassador_id": ["other"]})),
+    );
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "native",
+            json!({"hostname": "*", "prefix": "/n/", "service": "n.default:80"}),
+        ),
+    );
+    let mut run = start_source(&fake, Some("default")).await;
+    assert_eq!(run.watch.kinds().len(), 5);
+    let s = wait_snapshot(
+        &mut run.rx,
+        "ours and native",
+        has_routes(&["native", "ours"]),
+    )
+    .await;
+    assert_eq!(
+        service_of(&text_of(
+            &s,
+            "kube/default/Mapping.getambassador.io/ours.yaml"
+        )),
+        "ours.default"
+    );
+    // Another gateway's object is neither served nor given a status by this one.
+    assert!(s.verdicts.iter().all(|v| v.object.name != "theirs"));
+}
+
+#[tokio::test]
+async fn kube_the_label_selector_limits_what_is_watched() {
+    let fake = FakeApiServer::start().await;
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "labelled",
+            json!({"hostname": "*", "prefix": "/l/", "service": "l.default:80"}),
+        ),
+    );
+    let mut other = mapping(
+        "default",
+        "unlabelled",
+        json!({"hostname": "*", "prefix": "/u/", "service": "u.default:80"}),
+    );
+    other["metadata"]["labels"] = json!({"gateway": "other"});
+    fake.apply(MAPPINGS, other);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = KubeOptions::new(dir.path().join("secrets"));
+    opts.namespace = Some("default".into());
+    opts.selector = Some("gateway=test".into());
+    opts.debounce = Duration::from_millis(50);
+    let watch = ksrc::start(fake.client(), opts, None).await.unwrap();
+    let mut rx = watch.snapshots();
+    wait_snapshot(&mut rx, "only the labelled one", has_routes(&["labelled"])).await;
+}
+
+/// Not a pass/fail check: how long a change takes to reach a snapshot, and how long judging
+/// (compile, set aside, compile again) takes for many objects. `cargo test -- --ignored
+/// kube_timings --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn kube_timings() {
+    let fake = FakeApiServer::start().await;
+    let n = 1000;
+    for i in 0..n {
+        fake.apply(
+            MAPPINGS,
+            mapping(
+                "default",
+                &format!("m{i}"),
+                json!({"hostname": "*", "prefix": format!("/m{i}/"), "service": "x.default:80"}),
+            ),
+        );
+    }
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "bad",
+            json!({"hostname": "*", "prefix": "/bad/", "servce": "x"}),
+        ),
+    );
+    let t = std::time::Instant::now();
+    let mut run = start_source(&fake, Some("default")).await;
+    wait_snapshot(&mut run.rx, "all", |s| s.verdicts.len() == n + 1).await;
+    println!(
+        "initial list of {} objects to first snapshot: {:?} (debounce 50 ms)",
+        n + 1,
+        t.elapsed()
+    );
+    let mut lat = Vec::new();
+    for i in 0..10 {
+        let t = std::time::Instant::now();
+        let name = format!("new{i}");
+        fake.apply(
+            MAPPINGS,
+            mapping(
+                "default",
+                &name,
+                json!({"hostname": "*", "prefix": format!("/new{i}/"), "service": "x.default:80"}),
+            ),
+        );
+        wait_snapshot(&mut run.rx, "new", |s| {
+            s.verdicts.iter().any(|v| v.object.name == name)
+        })
+        .await;
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    println!(
+        "change to snapshot with {} objects: median {:?}, max {:?} (debounce 50 ms)",
+        n + 11,
+        lat[5],
+        lat[9]
+    );
+}

@@ -1,0 +1,13 @@
+//! The integration-test binary: real binaries, sockets, files, git servers and clients.
+
+mod ci_recipes;
+mod compat;
+mod config_cli;
+mod deploy;
+mod diff;
+mod git_source;
+mod golden;
+mod kube;
+mod proxy;
+mod reconcile;
+mod support;
