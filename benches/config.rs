@@ -56,7 +56,10 @@ fn bench(c: &mut Criterion) {
     let paths: Vec<(String, String)> = (0..1000)
         .map(|k| {
             let i = (k * 7919) % 10_000;
-            (format!("h{}.example.com", i % 100), format!("/svc-{i}/api/items/42"))
+            (
+                format!("h{}.example.com", i % 100),
+                format!("/svc-{i}/api/items/42"),
+            )
         })
         .collect();
     let mut g = c.benchmark_group("lookup");
@@ -65,20 +68,44 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let (host, path) = &paths[k % paths.len()];
             k += 1;
-            let head = RequestHead { host, method: "GET", path, query: None, headers: &headers };
+            let head = RequestHead {
+                host,
+                method: "GET",
+                path,
+                query: None,
+                headers: &headers,
+            };
             black_box(graph.lookup(black_box(&head)).is_some())
         })
     });
     g.bench_function("10k_routes_header_match", |b| {
-        let head = RequestHead { host: "h0.example.com", method: "GET", path: "/svc-0/api/x", query: None, headers: &gold };
+        let head = RequestHead {
+            host: "h0.example.com",
+            method: "GET",
+            path: "/svc-0/api/x",
+            query: None,
+            headers: &gold,
+        };
         b.iter(|| black_box(graph.lookup(black_box(&head)).is_some()))
     });
     g.bench_function("10k_routes_miss", |b| {
-        let head = RequestHead { host: "h5.example.com", method: "GET", path: "/nothing/here/at/all", query: None, headers: &headers };
+        let head = RequestHead {
+            host: "h5.example.com",
+            method: "GET",
+            path: "/nothing/here/at/all",
+            query: None,
+            headers: &headers,
+        };
         b.iter(|| black_box(graph.lookup(black_box(&head)).is_none()))
     });
     g.bench_function("10k_routes_unknown_host", |b| {
-        let head = RequestHead { host: "unknown.example.org", method: "GET", path: "/svc-5/api/x", query: None, headers: &headers };
+        let head = RequestHead {
+            host: "unknown.example.org",
+            method: "GET",
+            path: "/svc-5/api/x",
+            query: None,
+            headers: &headers,
+        };
         b.iter(|| black_box(graph.lookup(black_box(&head))).is_some())
     });
     g.finish();

@@ -5,6 +5,15 @@ use clap::Parser;
 
 fn main() {
     let cli = legate::cli::Cli::parse();
+    // libgit2's network timeouts are process-global and must be set before any thread starts
+    // (the runtime, a fetch): a git server that accepts and never answers then fails a fetch
+    // instead of holding its thread forever.
+    if let Err(e) = legate::source::git::set_network_timeouts(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(30),
+    ) {
+        eprintln!("legate: cannot set git network timeouts: {}", e.message());
+    }
     // One crypto provider for the whole process (ring); installing twice is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEGATE_LOG")

@@ -24,6 +24,19 @@ pub struct AdminState {
     pub reconciler: reconcile::Handle,
     /// Webhook secret; hooks answer 404 without one.
     pub hook_secret: Option<Arc<HookSecret>>,
+    /// Bearer token required for every mutating call (`POST /api/...`); `None`: not required
+    /// (only allowed while the admin listener is on loopback).
+    pub token: Option<Arc<String>>,
+}
+
+/// Whether `req` carries `Authorization: Bearer <token>` (constant-time comparison).
+fn authorized<B>(req: &Request<B>, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    req.headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t.as_bytes().ct_eq(token.as_bytes()).into())
 }
 
 /// Route one admin request: `GET /api/status`, `GET /api/revisions`, `POST /api/sync`,
@@ -37,6 +50,35 @@ where
     let method = req.method().clone();
     if let Some(kind) = path.strip_prefix("/hooks/") {
         return hooks::handle(kind, req, state).await;
+    }
+    match (&method, path.as_str()) {
+        // Open to probes and scrapers even when a token is configured.
+        (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            // Ready once a revision is applied; stays ready while serving the last good one.
+            let st = state.reconciler.status();
+            return if st.applied.is_some() || st.verifying.is_some() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no revision applied yet\n")
+            };
+        }
+        _ => {}
+    }
+    if method == Method::POST {
+        if let Some(t) = &state.token {
+            if !authorized(&req, t) {
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    "this call needs `Authorization: Bearer <admin token>`",
+                );
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer"),
+                );
+                return r;
+            }
+        }
     }
     match (method, path.as_str()) {
         (Method::GET, "/api/status") => json(StatusCode::OK, &state.reconciler.status()),
@@ -87,6 +129,12 @@ fn pass(r: PassResult) -> Response<Full<Bytes>> {
         PassResult::SourceFailed { .. } => StatusCode::BAD_GATEWAY,
     };
     json(code, &r)
+}
+
+fn text(code: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = code;
+    r
 }
 
 pub(crate) fn json<T: serde::Serialize>(code: StatusCode, v: &T) -> Response<Full<Bytes>> {

@@ -20,8 +20,16 @@ pub fn print_check(outcome: &Outcome, format: CheckFormat, root: &Path) {
             }
             let routes = outcome.graph.as_ref().map(|g| g.len()).unwrap_or(0);
             let verdict = match &outcome.graph {
-                Some(_) => format!("valid: {} file(s), {} resource(s), {routes} route(s)", outcome.files, outcome.resources.len()),
-                None => format!("INVALID: {} file(s), {} resource(s) read, nothing compiled", outcome.files, outcome.resources.len()),
+                Some(_) => format!(
+                    "valid: {} file(s), {} resource(s), {routes} route(s)",
+                    outcome.files,
+                    outcome.resources.len()
+                ),
+                None => format!(
+                    "INVALID: {} file(s), {} resource(s) read, nothing compiled",
+                    outcome.files,
+                    outcome.resources.len()
+                ),
             };
             outln!(
                 "{}: {verdict}; {} error(s), {} warning(s), {} note(s)",
@@ -57,7 +65,10 @@ pub fn print_check(outcome: &Outcome, format: CheckFormat, root: &Path) {
                 .iter()
                 .map(|d| gitlab_issue(d, root))
                 .collect();
-            outln!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            outln!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
         }
     }
 }
@@ -123,7 +134,9 @@ pub fn github_annotation(d: &Diagnostic, root: &Path) -> String {
 }
 
 fn escape_data(s: &str) -> String {
-    s.replace('%', "%25").replace('\r', "%0D").replace('\n', "%0A")
+    s.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
 }
 
 fn escape_prop(s: &str) -> String {

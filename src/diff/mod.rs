@@ -134,15 +134,28 @@ fn fields_of(g: &Graph, r: &Route) -> BTreeMap<&'static str, String> {
             }
             let hdrs = |v: &[crate::routes::AddHeader]| {
                 v.iter()
-                    .map(|h| format!("{}={}{}", h.name, h.value, if h.append { "" } else { " (replace)" }))
+                    .map(|h| {
+                        format!(
+                            "{}={}{}",
+                            h.name,
+                            h.value,
+                            if h.append { "" } else { " (replace)" }
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             };
             for (k, v) in [
                 ("add_request_headers", hdrs(&f.add_request_headers)),
                 ("add_response_headers", hdrs(&f.add_response_headers)),
-                ("remove_request_headers", f.remove_request_headers.join(", ")),
-                ("remove_response_headers", f.remove_response_headers.join(", ")),
+                (
+                    "remove_request_headers",
+                    f.remove_request_headers.join(", "),
+                ),
+                (
+                    "remove_response_headers",
+                    f.remove_response_headers.join(", "),
+                ),
                 ("allow_upgrade", f.allow_upgrade.join(", ")),
             ] {
                 if !v.is_empty() {
@@ -216,30 +229,61 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
     let mut d = RouteDiff::default();
     let base_routes: BTreeMap<String, &Route> = base.routes.iter().map(|r| (key(r), r)).collect();
     let head_routes: BTreeMap<String, &Route> = head.routes.iter().map(|r| (key(r), r)).collect();
-    d.added_mappings = head_routes.keys().filter(|k| !base_routes.contains_key(*k)).count();
-    d.removed_mappings = base_routes.keys().filter(|k| !head_routes.contains_key(*k)).count();
+    d.added_mappings = head_routes
+        .keys()
+        .filter(|k| !base_routes.contains_key(*k))
+        .count();
+    d.removed_mappings = base_routes
+        .keys()
+        .filter(|k| !head_routes.contains_key(*k))
+        .count();
     d.changed_mappings = head_routes
         .iter()
-        .filter(|(k, r)| base_routes.get(*k).is_some_and(|b| fields_of(base, b) != fields_of(head, r)))
+        .filter(|(k, r)| {
+            base_routes
+                .get(*k)
+                .is_some_and(|b| fields_of(base, b) != fields_of(head, r))
+        })
         .count();
 
     // Hosts.
-    let bh: BTreeMap<String, &crate::routes::HostRoute> = base.hosts.iter().map(|h| (format!("{}/{}", h.namespace, h.name), h)).collect();
-    let hh: BTreeMap<String, &crate::routes::HostRoute> = head.hosts.iter().map(|h| (format!("{}/{}", h.namespace, h.name), h)).collect();
+    let bh: BTreeMap<String, &crate::routes::HostRoute> = base
+        .hosts
+        .iter()
+        .map(|h| (format!("{}/{}", h.namespace, h.name), h))
+        .collect();
+    let hh: BTreeMap<String, &crate::routes::HostRoute> = head
+        .hosts
+        .iter()
+        .map(|h| (format!("{}/{}", h.namespace, h.name), h))
+        .collect();
     let host_fields = |h: &crate::routes::HostRoute| -> BTreeMap<&'static str, String> {
         let mut m = BTreeMap::new();
         m.insert("hostname", h.hostname.to_string());
-        m.insert("tls", h.tls_secret.as_ref().map(|s| format!("secret {}/{}", s.namespace, s.name)).unwrap_or_else(|| "none".into()));
+        m.insert(
+            "tls",
+            h.tls_secret
+                .as_ref()
+                .map(|s| format!("secret {}/{}", s.namespace, s.name))
+                .unwrap_or_else(|| "none".into()),
+        );
         m.insert("insecure", format!("{:?}", h.insecure));
         m
     };
     for k in bh.keys().chain(hh.keys()).collect::<BTreeSet<_>>() {
         match (bh.get(k), hh.get(k)) {
-            (Some(_), None) => d.hosts.push(HostChange { kind: ChangeKind::Removed, host: k.clone(), fields: vec![] }),
+            (Some(_), None) => d.hosts.push(HostChange {
+                kind: ChangeKind::Removed,
+                host: k.clone(),
+                fields: vec![],
+            }),
             (None, Some(h)) => d.hosts.push(HostChange {
                 kind: ChangeKind::Added,
                 host: k.clone(),
-                fields: host_fields(h).into_iter().map(|(f, v)| (f.to_string(), String::new(), v)).collect(),
+                fields: host_fields(h)
+                    .into_iter()
+                    .map(|(f, v)| (f.to_string(), String::new(), v))
+                    .collect(),
             }),
             (Some(b), Some(h)) => {
                 let fb = host_fields(b);
@@ -247,9 +291,19 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
                 let fields = field_changes(&fb, &fh);
                 if !fields.is_empty() {
                     if b.tls_secret.is_some() && h.tls_secret.is_none() {
-                        d.findings.push(Finding { kind: FindingKind::TlsLost, message: format!("Host `{k}` ({}) loses TLS: it will serve cleartext only", h.hostname) });
+                        d.findings.push(Finding {
+                            kind: FindingKind::TlsLost,
+                            message: format!(
+                                "Host `{k}` ({}) loses TLS: it will serve cleartext only",
+                                h.hostname
+                            ),
+                        });
                     }
-                    d.hosts.push(HostChange { kind: ChangeKind::Changed, host: k.clone(), fields });
+                    d.hosts.push(HostChange {
+                        kind: ChangeKind::Changed,
+                        host: k.clone(),
+                        fields,
+                    });
                 }
             }
             (None, None) => {}
@@ -271,12 +325,22 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
         let title = h.or(b).map(|t| t.1.clone()).unwrap_or_default();
         let bo = b.map(|(_, _, g)| ordered(base, g)).unwrap_or_default();
         let ho = h.map(|(_, _, g)| ordered(head, g)).unwrap_or_default();
-        let b_index: HashMap<&str, usize> = bo.iter().enumerate().map(|(i, x)| (x.0.as_str(), i)).collect();
+        let b_index: HashMap<&str, usize> = bo
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (x.0.as_str(), i))
+            .collect();
         let h_keys: HashSet<&str> = ho.iter().map(|x| x.0.as_str()).collect();
         // Rank among the routes present on both sides: a route whose rank changes moved
         // relative to the others (it is matched before or after different routes now).
-        let rank = |list: &[(String, usize, &Route)], other: &dyn Fn(&str) -> bool| -> HashMap<String, usize> {
-            list.iter().filter(|x| other(&x.0)).enumerate().map(|(i, x)| (x.0.clone(), i)).collect()
+        let rank = |list: &[(String, usize, &Route)],
+                    other: &dyn Fn(&str) -> bool|
+         -> HashMap<String, usize> {
+            list.iter()
+                .filter(|x| other(&x.0))
+                .enumerate()
+                .map(|(i, x)| (x.0.clone(), i))
+                .collect()
         };
         let b_rank = rank(&bo, &|k| h_keys.contains(k));
         let h_rank = rank(&ho, &|k| b_index.contains_key(k));
@@ -289,7 +353,10 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
                     before: None,
                     after: Some(*pos),
                     matches: describe_match(head, r.group),
-                    fields: fields_of(head, r).into_iter().map(|(f, v)| (f.to_string(), String::new(), v)).collect(),
+                    fields: fields_of(head, r)
+                        .into_iter()
+                        .map(|(f, v)| (f.to_string(), String::new(), v))
+                        .collect(),
                 }),
                 Some((_, bpos, br)) => {
                     let mut fields = field_changes(&fields_of(base, br), &fields_of(head, r));
@@ -322,25 +389,50 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
             }
         }
         entries.sort_by_key(|e| (e.after.or(e.before).unwrap_or(0), e.kind as u8));
-        d.tables.push(TableDiff { title, entries, routes_after: ho.len() });
+        d.tables.push(TableDiff {
+            title,
+            entries,
+            routes_after: ho.len(),
+        });
     }
 
     // Canary shares and redirects, per Mapping.
     for (k, r) in &head_routes {
-        let Some(b) = base_routes.get(k) else { continue };
+        let Some(b) = base_routes.get(k) else {
+            continue;
+        };
         let (fb, fh) = (fields_of(base, b), fields_of(head, r));
         if let (Some(wb), Some(wh)) = (fb.get("weight"), fh.get("weight")) {
             if wb != wh {
-                d.findings.push(Finding { kind: FindingKind::CanaryShift, message: format!("`{k}` ({}) now takes {wh} of its traffic, was {wb}", describe_match(head, r.group)) });
+                d.findings.push(Finding {
+                    kind: FindingKind::CanaryShift,
+                    message: format!(
+                        "`{k}` ({}) now takes {wh} of its traffic, was {wb}",
+                        describe_match(head, r.group)
+                    ),
+                });
             }
         }
         if let (Some(rb), Some(rh)) = (fb.get("redirect"), fh.get("redirect")) {
             if rb != rh {
-                d.findings.push(Finding { kind: FindingKind::RedirectChanged, message: format!("`{k}` redirects differently: {rb} -> {rh}") });
+                d.findings.push(Finding {
+                    kind: FindingKind::RedirectChanged,
+                    message: format!("`{k}` redirects differently: {rb} -> {rh}"),
+                });
             }
         }
         if fb.contains_key("redirect") != fh.contains_key("redirect") {
-            d.findings.push(Finding { kind: FindingKind::RedirectChanged, message: format!("`{k}` now {}", if fh.contains_key("redirect") { "redirects instead of forwarding" } else { "forwards instead of redirecting" }) });
+            d.findings.push(Finding {
+                kind: FindingKind::RedirectChanged,
+                message: format!(
+                    "`{k}` now {}",
+                    if fh.contains_key("redirect") {
+                        "redirects instead of forwarding"
+                    } else {
+                        "forwards instead of redirecting"
+                    }
+                ),
+            });
         }
     }
 
@@ -350,7 +442,9 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
         let host = tk_host(base, tk);
         for &gi in groups.iter() {
             let grp = &base.groups[gi];
-            let Some(w) = witness(&grp.matcher, host.as_ref()) else { continue };
+            let Some(w) = witness(&grp.matcher, host.as_ref()) else {
+                continue;
+            };
             let before = serve(base, &w);
             if before.as_ref() != Some(&gi) {
                 continue; // already shadowed before the change
@@ -361,17 +455,34 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
             match after {
                 Some(after_names) if after_names.iter().any(|n| before_names.contains(n)) => {}
                 Some(after_names) => {
-                    let kind = if still_here { FindingKind::Shadowed } else { FindingKind::TrafficMoved };
-                    let verb = if still_here { "now takes the traffic of" } else { "now serves what was served by" };
+                    let kind = if still_here {
+                        FindingKind::Shadowed
+                    } else {
+                        FindingKind::TrafficMoved
+                    };
+                    let verb = if still_here {
+                        "now takes the traffic of"
+                    } else {
+                        "now serves what was served by"
+                    };
                     d.findings.push(Finding {
                         kind,
-                        message: format!("{} {verb} {} (e.g. {})", list(&after_names), list(&before_names), w.show()),
+                        message: format!(
+                            "{} {verb} {} (e.g. {})",
+                            list(&after_names),
+                            list(&before_names),
+                            w.show()
+                        ),
                     });
                 }
                 None if still_here => {}
                 None => d.findings.push(Finding {
                     kind: FindingKind::TrafficMoved,
-                    message: format!("requests served by {} now get 404 (e.g. {})", list(&before_names), w.show()),
+                    message: format!(
+                        "requests served by {} now get 404 (e.g. {})",
+                        list(&before_names),
+                        w.show()
+                    ),
                 }),
             }
         }
@@ -381,19 +492,28 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
         let host = tk_host(head, tk);
         for &gi in groups.iter() {
             let grp = &head.groups[gi];
-            let Some(w) = witness(&grp.matcher, host.as_ref()) else { continue };
+            let Some(w) = witness(&grp.matcher, host.as_ref()) else {
+                continue;
+            };
             let after = serve(head, &w);
             if after == Some(gi) {
                 continue;
             }
             let names = member_names(head, gi);
-            let was_reachable = serve(base, &w).is_some_and(|bg| member_names(base, bg).iter().any(|n| names.contains(n)));
+            let was_reachable = serve(base, &w)
+                .is_some_and(|bg| member_names(base, bg).iter().any(|n| names.contains(n)));
             let is_new = names.iter().all(|n| !base_routes.contains_key(n));
             if was_reachable || is_new {
-                let by = after.map(|g| list(&member_names(head, g))).unwrap_or_else(|| "nothing".into());
+                let by = after
+                    .map(|g| list(&member_names(head, g)))
+                    .unwrap_or_else(|| "nothing".into());
                 d.findings.push(Finding {
                     kind: FindingKind::Unreachable,
-                    message: format!("{} cannot be reached: {by} matches first (e.g. {})", list(&names), w.show()),
+                    message: format!(
+                        "{} cannot be reached: {by} matches first (e.g. {})",
+                        list(&names),
+                        w.show()
+                    ),
                 });
             }
         }
@@ -404,17 +524,31 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
 }
 
 fn list(names: &[String]) -> String {
-    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn member_names(g: &Graph, gi: usize) -> Vec<String> {
-    g.groups[gi].members.iter().map(|(id, _)| key(g.route(*id))).collect()
+    g.groups[gi]
+        .members
+        .iter()
+        .map(|(id, _)| key(g.route(*id)))
+        .collect()
 }
 
-fn field_changes(b: &BTreeMap<&'static str, String>, h: &BTreeMap<&'static str, String>) -> Vec<(String, String, String)> {
+fn field_changes(
+    b: &BTreeMap<&'static str, String>,
+    h: &BTreeMap<&'static str, String>,
+) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     for k in b.keys().chain(h.keys()).collect::<BTreeSet<_>>() {
-        let (x, y) = (b.get(k).cloned().unwrap_or_default(), h.get(k).cloned().unwrap_or_default());
+        let (x, y) = (
+            b.get(k).cloned().unwrap_or_default(),
+            h.get(k).cloned().unwrap_or_default(),
+        );
         if x != y {
             out.push((k.to_string(), x, y));
         }
@@ -423,7 +557,10 @@ fn field_changes(b: &BTreeMap<&'static str, String>, h: &BTreeMap<&'static str, 
 }
 
 fn tk_host(g: &Graph, tk: &str) -> Option<HostPattern> {
-    g.hosts.iter().find(|h| format!("{}/{}", h.namespace, h.name) == tk).map(|h| h.hostname.clone())
+    g.hosts
+        .iter()
+        .find(|h| format!("{}/{}", h.namespace, h.name) == tk)
+        .map(|h| h.hostname.clone())
 }
 
 /// A request a route group must serve.
@@ -451,7 +588,13 @@ impl Witness {
 }
 
 fn serve(g: &Graph, w: &Witness) -> Option<usize> {
-    let head = RequestHead { host: &w.host, method: &w.method, path: &w.path, query: w.query.as_deref(), headers: &w.headers };
+    let head = RequestHead {
+        host: &w.host,
+        method: &w.method,
+        path: &w.path,
+        query: w.query.as_deref(),
+        headers: &w.headers,
+    };
     g.lookup(&head).map(|m| m.group_index)
 }
 
@@ -489,7 +632,10 @@ fn witness(m: &crate::routes::RouteMatch, table_host: Option<&HostPattern>) -> O
             ValueTest::Present => "1".into(),
             ValueTest::Regex(_) => return None,
         };
-        headers.append(http::HeaderName::from_bytes(h.name.as_bytes()).ok()?, http::HeaderValue::from_str(&v).ok()?);
+        headers.append(
+            http::HeaderName::from_bytes(h.name.as_bytes()).ok()?,
+            http::HeaderValue::from_str(&v).ok()?,
+        );
     }
     let mut q = Vec::new();
     for p in &m.query {
@@ -499,5 +645,11 @@ fn witness(m: &crate::routes::RouteMatch, table_host: Option<&HostPattern>) -> O
             ValueTest::Regex(_) => return None,
         }
     }
-    Some(Witness { host, method, path, query: (!q.is_empty()).then(|| q.join("&")), headers })
+    Some(Witness {
+        host,
+        method,
+        path,
+        query: (!q.is_empty()).then(|| q.join("&")),
+        headers,
+    })
 }

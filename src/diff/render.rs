@@ -65,13 +65,24 @@ pub fn text(d: &RouteDiff) -> String {
                 (Some(b), None) => format!("was #{b}"),
                 (None, None) => String::new(),
             };
-            let _ = writeln!(s, "  {} {:<8} {}  {}", sign(e.kind), pos, e.mapping, e.matches);
+            let _ = writeln!(
+                s,
+                "  {} {:<8} {}  {}",
+                sign(e.kind),
+                pos,
+                e.mapping,
+                e.matches
+            );
             if e.kind == ChangeKind::Changed {
                 for (f, b, a) in &e.fields {
                     let _ = writeln!(s, "      {f}: {} -> {}", or_dash(b), or_dash(a));
                 }
             } else if e.kind == ChangeKind::Added {
-                for (f, _, a) in e.fields.iter().filter(|(f, _, _)| f == "action" || f == "redirect" || f == "weight") {
+                for (f, _, a) in e
+                    .fields
+                    .iter()
+                    .filter(|(f, _, _)| f == "action" || f == "redirect" || f == "weight")
+                {
                     let _ = writeln!(s, "      {f}: {a}");
                 }
             }
@@ -104,18 +115,33 @@ pub fn markdown(d: &RouteDiff) -> String {
     if !d.findings.is_empty() {
         for f in &d.findings {
             // Findings are list items: backticks render as code there, only HTML needs escaping.
-            let _ = writeln!(s, "- :warning: **{}**: {}", finding_label(f.kind), f.message.replace('<', "&lt;"));
+            let _ = writeln!(
+                s,
+                "- :warning: **{}**: {}",
+                finding_label(f.kind),
+                f.message.replace('<', "&lt;")
+            );
         }
         s.push('\n');
     }
     if !d.hosts.is_empty() {
-        let _ = writeln!(s, "| | Host | field | before | after |\n|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "| | Host | field | before | after |\n|---|---|---|---|---|"
+        );
         for h in &d.hosts {
             if h.fields.is_empty() {
                 let _ = writeln!(s, "| {} | `{}` | | | |", sign(h.kind), h.host);
             }
             for (f, b, a) in &h.fields {
-                let _ = writeln!(s, "| {} | `{}` | {f} | {} | {} |", sign(h.kind), h.host, md_escape(or_dash(b)), md_escape(or_dash(a)));
+                let _ = writeln!(
+                    s,
+                    "| {} | `{}` | {f} | {} | {} |",
+                    sign(h.kind),
+                    h.host,
+                    md_escape(or_dash(b)),
+                    md_escape(or_dash(a))
+                );
             }
         }
         s.push('\n');
@@ -123,11 +149,19 @@ pub fn markdown(d: &RouteDiff) -> String {
     for t in d.tables.iter().filter(|t| !t.entries.is_empty()) {
         let long = t.entries.len() > 10;
         if long {
-            let _ = writeln!(s, "<details><summary>{} — {} change(s)</summary>\n", md_escape(&t.title), t.entries.len());
+            let _ = writeln!(
+                s,
+                "<details><summary>{} — {} change(s)</summary>\n",
+                md_escape(&t.title),
+                t.entries.len()
+            );
         } else {
             let _ = writeln!(s, "**{}**\n", md_escape(&t.title));
         }
-        let _ = writeln!(s, "| | # | Mapping | match | change |\n|---|---|---|---|---|");
+        let _ = writeln!(
+            s,
+            "| | # | Mapping | match | change |\n|---|---|---|---|---|"
+        );
         for e in &t.entries {
             let pos = match (e.before, e.after) {
                 (Some(b), Some(a)) if a != b => format!("{b}→{a}"),
@@ -136,11 +170,30 @@ pub fn markdown(d: &RouteDiff) -> String {
                 (None, None) => String::new(),
             };
             let change = match e.kind {
-                ChangeKind::Added => e.fields.iter().filter(|(f, _, _)| f == "action" || f == "redirect" || f == "weight").map(|(f, _, a)| format!("{f}: {}", md_escape(a))).collect::<Vec<_>>().join("<br>"),
+                ChangeKind::Added => e
+                    .fields
+                    .iter()
+                    .filter(|(f, _, _)| f == "action" || f == "redirect" || f == "weight")
+                    .map(|(f, _, a)| format!("{f}: {}", md_escape(a)))
+                    .collect::<Vec<_>>()
+                    .join("<br>"),
                 ChangeKind::Removed => "removed".into(),
-                ChangeKind::Changed => e.fields.iter().map(|(f, b, a)| format!("{f}: {} → {}", md_escape(or_dash(b)), md_escape(or_dash(a)))).collect::<Vec<_>>().join("<br>"),
+                ChangeKind::Changed => e
+                    .fields
+                    .iter()
+                    .map(|(f, b, a)| {
+                        format!("{f}: {} → {}", md_escape(or_dash(b)), md_escape(or_dash(a)))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("<br>"),
             };
-            let _ = writeln!(s, "| {} | {pos} | `{}` | `{}` | {change} |", sign(e.kind), e.mapping, md_escape(&e.matches));
+            let _ = writeln!(
+                s,
+                "| {} | {pos} | `{}` | `{}` | {change} |",
+                sign(e.kind),
+                e.mapping,
+                md_escape(&e.matches)
+            );
         }
         if long {
             s.push_str("\n</details>\n");

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use crate::config::{self, Diagnostic, Severity};
@@ -224,9 +224,16 @@ pub struct Handle {
     tx: mpsc::Sender<Command>,
     shared: Arc<Mutex<Shared>>,
     trigger: Arc<Notify>,
+    events: broadcast::Sender<Entry>,
 }
 
 impl Handle {
+    /// Every history entry as it is recorded (notifications, Kubernetes status). A slow
+    /// receiver misses events (`Lagged`) instead of holding the reconciler up.
+    pub fn subscribe(&self) -> broadcast::Receiver<Entry> {
+        self.events.subscribe()
+    }
+
     pub fn status(&self) -> Status {
         self.lock().status.clone()
     }
@@ -320,7 +327,9 @@ pub fn start(
         .status
         .source = source.describe();
     let trigger = Arc::new(Notify::new());
+    let (events, _) = broadcast::channel(64);
     let r = Reconciler {
+        events: events.clone(),
         source,
         sink,
         settings,
@@ -338,6 +347,7 @@ pub fn start(
         tx,
         shared,
         trigger,
+        events,
     }
 }
 
@@ -347,6 +357,7 @@ struct AppliedRev {
 }
 
 struct Reconciler {
+    events: broadcast::Sender<Entry>,
     source: Arc<dyn Source>,
     sink: Arc<dyn GraphSink>,
     settings: Settings,
@@ -533,13 +544,19 @@ impl Reconciler {
 
     fn record(&self, entry: Entry) {
         let mut s = self.lock();
-        // A revision waiting for a secret is retried every resync: keep one entry for it.
+        // A revision waiting for a secret is retried every resync: keep one entry for it, and
+        // announce it once.
+        let mut repeat = false;
         if entry.reject == Some(RejectKind::External) {
             if let Some(last) = s.history.back() {
                 if last.revision == entry.revision && last.reject == Some(RejectKind::External) {
                     s.history.pop_back();
+                    repeat = true;
                 }
             }
+        }
+        if !repeat {
+            let _ = self.events.send(entry.clone());
         }
         if entry.outcome == Outcome::Applied {
             for e in s.history.iter_mut() {

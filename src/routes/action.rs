@@ -38,7 +38,9 @@ impl Route {
             Rewrite::Regex {
                 pattern,
                 substitution,
-            } => pattern.replace_all(path, substitution.as_str()).into_owned(),
+            } => pattern
+                .replace_all(path, substitution.as_str())
+                .into_owned(),
         };
         if !out.starts_with('/') {
             out.insert(0, '/');

@@ -68,7 +68,10 @@ pub fn describe_action(a: &Action) -> String {
                 Rewrite::Prefix(p) => {
                     let _ = write!(s, " rewrite={p}");
                 }
-                Rewrite::Regex { pattern, substitution } => {
+                Rewrite::Regex {
+                    pattern,
+                    substitution,
+                } => {
                     let _ = write!(s, " regex_rewrite={}=>{}", pattern.as_str(), substitution);
                 }
             }
@@ -87,7 +90,10 @@ pub fn describe_action(a: &Action) -> String {
                 RedirectPath::Prefix(p) => {
                     let _ = write!(s, " prefix={p}");
                 }
-                RedirectPath::Regex { pattern, substitution } => {
+                RedirectPath::Regex {
+                    pattern,
+                    substitution,
+                } => {
                     let _ = write!(s, " regex={}=>{}", pattern.as_str(), substitution);
                 }
             }
@@ -95,4 +101,3 @@ pub fn describe_action(a: &Action) -> String {
         }
     }
 }
-

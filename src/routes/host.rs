@@ -29,7 +29,8 @@ impl HostPattern {
                     && host.as_bytes()[host.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
             }
             HostPattern::Prefix(p) => {
-                host.len() > p.len() && host.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+                host.len() > p.len()
+                    && host.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
             }
         }
     }
@@ -74,7 +75,9 @@ impl std::str::FromStr for HostPattern {
         }
         let stars = s.matches('*').count();
         if stars > 1 {
-            return Err(format!("`{s}` has more than one `*`; use one, at the start or the end"));
+            return Err(format!(
+                "`{s}` has more than one `*`; use one, at the start or the end"
+            ));
         }
         if let Some(rest) = s.strip_prefix('*') {
             if !rest.starts_with('.') {
@@ -138,7 +141,8 @@ impl HostIndex {
                 p => idx.wild.push((p.clone(), i)),
             }
         }
-        idx.wild.sort_by(|a, b| b.0.rank().cmp(&a.0.rank()).then(a.1.cmp(&b.1)));
+        idx.wild
+            .sort_by(|a, b| b.0.rank().cmp(&a.0.rank()).then(a.1.cmp(&b.1)));
         idx
     }
 
@@ -146,7 +150,10 @@ impl HostIndex {
         if let Some(i) = self.exact.get(host) {
             return Some(*i);
         }
-        self.wild.iter().find(|(p, _)| p.matches(host)).map(|(_, i)| *i)
+        self.wild
+            .iter()
+            .find(|(p, _)| p.matches(host))
+            .map(|(_, i)| *i)
     }
 }
 
@@ -171,7 +178,14 @@ mod tests {
 
     #[test]
     fn bad_globs_are_refused() {
-        for bad in ["a*b.com", "*example.com", "*.*.com", "ex ample.com", "host:8080", "-a.com"] {
+        for bad in [
+            "a*b.com",
+            "*example.com",
+            "*.*.com",
+            "ex ample.com",
+            "host:8080",
+            "-a.com",
+        ] {
             assert!(bad.parse::<HostPattern>().is_err(), "{bad}");
         }
     }

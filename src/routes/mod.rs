@@ -66,7 +66,12 @@ pub struct Graph {
 impl Graph {
     /// A graph that routes nothing.
     pub fn empty() -> Arc<Graph> {
-        Arc::new(Graph::build(Vec::new(), Vec::new(), Vec::new(), String::new()))
+        Arc::new(Graph::build(
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            String::new(),
+        ))
     }
 
     pub(crate) fn build(

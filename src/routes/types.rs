@@ -281,7 +281,10 @@ pub enum Rewrite {
     /// whole path is the matched part.
     Prefix(String),
     /// `regex_rewrite`: replace every match of `pattern` with `substitution` (`$1` syntax).
-    Regex { pattern: Regex, substitution: String },
+    Regex {
+        pattern: Regex,
+        substitution: String,
+    },
 }
 
 /// Answer with a redirect instead of proxying.
@@ -300,7 +303,10 @@ pub enum RedirectPath {
     Replace(String),
     /// `prefix_redirect`: replace the matched prefix.
     Prefix(String),
-    Regex { pattern: Regex, substitution: String },
+    Regex {
+        pattern: Regex,
+        substitution: String,
+    },
 }
 
 /// The scheme spoken to an upstream.
@@ -443,7 +449,10 @@ mod tests {
     #[test]
     fn upstream_forms() {
         let u: Upstream = "quote".parse().unwrap();
-        assert_eq!((u.scheme, u.host.as_str(), u.port), (Scheme::Http, "quote", 80));
+        assert_eq!(
+            (u.scheme, u.host.as_str(), u.port),
+            (Scheme::Http, "quote", 80)
+        );
         let u: Upstream = "quote.default:8080".parse().unwrap();
         assert_eq!(u.authority(), "quote.default:8080");
         let u: Upstream = "https://shop.internal".parse().unwrap();

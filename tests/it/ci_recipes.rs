@@ -53,7 +53,12 @@ fn fake_api(list: &'static str) -> (String, Arc<Mutex<Vec<Seen>>>) {
             let mut body = vec![0; len];
             r.read_exact(&mut body).unwrap();
             let reply = if method == "GET" { list } else { "{\"id\": 1}" };
-            rec.lock().unwrap().push(Seen { method, path, headers, body: String::from_utf8_lossy(&body).into_owned() });
+            rec.lock().unwrap().push(Seen {
+                method,
+                path,
+                headers,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
             let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}", reply.len());
         }
     });
@@ -61,12 +66,20 @@ fn fake_api(list: &'static str) -> (String, Arc<Mutex<Vec<Seen>>>) {
 }
 
 fn script(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ci").join(name).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/ci")
+        .join(name)
+        .display()
+        .to_string()
 }
 
 fn body_file() -> tempfile::NamedTempFile {
     let f = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(f.path(), "<!-- legate-diff -->\n### Legate route diff\n\nNo route changes.\n").unwrap();
+    std::fs::write(
+        f.path(),
+        "<!-- legate-diff -->\n### Legate route diff\n\nNo route changes.\n",
+    )
+    .unwrap();
     f
 }
 
@@ -89,19 +102,38 @@ fn github_comment_is_posted_then_edited() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let reqs = seen.lock().unwrap().clone();
     assert_eq!(reqs.len(), 2);
-    assert_eq!((reqs[0].method.as_str(), reqs[0].path.as_str()), ("GET", "/repos/acme/gateway-config/issues/42/comments?per_page=100"));
-    assert_eq!((reqs[1].method.as_str(), reqs[1].path.as_str()), ("POST", "/repos/acme/gateway-config/issues/42/comments"));
-    assert!(reqs[1].headers.contains(&("authorization".into(), "Bearer t0ken".into())));
+    assert_eq!(
+        (reqs[0].method.as_str(), reqs[0].path.as_str()),
+        (
+            "GET",
+            "/repos/acme/gateway-config/issues/42/comments?per_page=100"
+        )
+    );
+    assert_eq!(
+        (reqs[1].method.as_str(), reqs[1].path.as_str()),
+        ("POST", "/repos/acme/gateway-config/issues/42/comments")
+    );
+    assert!(reqs[1]
+        .headers
+        .contains(&("authorization".into(), "Bearer t0ken".into())));
     let v: serde_json::Value = serde_json::from_str(&reqs[1].body).unwrap();
-    assert!(v["body"].as_str().unwrap().starts_with("<!-- legate-diff -->"));
+    assert!(v["body"]
+        .as_str()
+        .unwrap()
+        .starts_with("<!-- legate-diff -->"));
 
     // The next push finds its own comment by the marker and edits it.
-    let (api, seen) = fake_api("[{\"id\": 7, \"body\": \"hi\"}, {\"id\": 99, \"body\": \"<!-- legate-diff -->\\nold\"}]");
+    let (api, seen) = fake_api(
+        "[{\"id\": 7, \"body\": \"hi\"}, {\"id\": 99, \"body\": \"<!-- legate-diff -->\\nold\"}]",
+    );
     let o = run(&api);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let reqs = seen.lock().unwrap().clone();
     assert_eq!(reqs.len(), 2);
-    assert_eq!((reqs[1].method.as_str(), reqs[1].path.as_str()), ("PATCH", "/repos/acme/gateway-config/issues/comments/99"));
+    assert_eq!(
+        (reqs[1].method.as_str(), reqs[1].path.as_str()),
+        ("PATCH", "/repos/acme/gateway-config/issues/comments/99")
+    );
 }
 
 #[test]
@@ -121,10 +153,18 @@ fn gitlab_note_is_posted_then_edited() {
     let (api, seen) = fake_api("[]");
     assert!(run(&api).status.success());
     let reqs = seen.lock().unwrap().clone();
-    assert_eq!((reqs[1].method.as_str(), reqs[1].path.as_str()), ("POST", "/api/v4/projects/17/merge_requests/5/notes"));
-    assert!(reqs[1].headers.contains(&("private-token".into(), "glpat".into())));
+    assert_eq!(
+        (reqs[1].method.as_str(), reqs[1].path.as_str()),
+        ("POST", "/api/v4/projects/17/merge_requests/5/notes")
+    );
+    assert!(reqs[1]
+        .headers
+        .contains(&("private-token".into(), "glpat".into())));
     let (api, seen) = fake_api("[{\"id\": 3, \"body\": \"<!-- legate-diff -->\"}]");
     assert!(run(&api).status.success());
     let reqs = seen.lock().unwrap().clone();
-    assert_eq!((reqs[1].method.as_str(), reqs[1].path.as_str()), ("PUT", "/api/v4/projects/17/merge_requests/5/notes/3"));
+    assert_eq!(
+        (reqs[1].method.as_str(), reqs[1].path.as_str()),
+        ("PUT", "/api/v4/projects/17/merge_requests/5/notes/3")
+    );
 }

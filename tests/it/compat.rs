@@ -53,19 +53,38 @@ fn without_doc(text: &str, n: usize) -> String {
 }
 
 fn errors(o: &Outcome) -> Vec<&Diagnostic> {
-    o.diagnostics.iter().filter(|d| d.severity == Severity::Error).collect()
+    o.diagnostics
+        .iter()
+        .filter(|d| d.severity == Severity::Error)
+        .collect()
 }
 
 fn with_code<'a>(o: &'a Outcome, code: &str) -> Vec<&'a Diagnostic> {
     o.diagnostics.iter().filter(|d| d.code == code).collect()
 }
 
-fn serve<'g>(g: &'g Graph, host: &str, method: &str, path: &str, query: Option<&str>, headers: &[(&str, &str)]) -> Option<&'g str> {
+fn serve<'g>(
+    g: &'g Graph,
+    host: &str,
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Option<&'g str> {
     let mut map = http::HeaderMap::new();
     for (k, v) in headers {
-        map.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        map.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
     }
-    let head = RequestHead { host, method, path, query, headers: &map };
+    let head = RequestHead {
+        host,
+        method,
+        path,
+        query,
+        headers: &map,
+    };
     let m = g.lookup(&head)?;
     let id: RouteId = m.group.pick(0)?;
     Some(g.route(id).name.as_str())
@@ -78,7 +97,10 @@ fn get<'g>(g: &'g Graph, host: &str, path: &str, headers: &[(&str, &str)]) -> Op
 #[test]
 fn every_file_loads_without_panicking_and_reports_positions() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/emissary-compat");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     assert_eq!(files.len(), 16);
     for f in files {
@@ -97,23 +119,49 @@ fn f01_header_routing_honours_ambassador_id() {
     assert_eq!(o.resources.len(), 0);
     let notes = with_code(&o, "other-ambassador-id");
     assert_eq!(notes.len(), 2);
-    assert!(notes[0].message.contains("(env('SLOT'))"), "{}", notes[0].message);
+    assert!(
+        notes[0].message.contains("(env('SLOT'))"),
+        "{}",
+        notes[0].message
+    );
 
-    let opts = Options { ambassador_id: "(env('SLOT'))".into(), ..Options::default() };
+    let opts = Options {
+        ambassador_id: "(env('SLOT'))".into(),
+        ..Options::default()
+    };
     let o = load_text(&fixture("01-"), &opts);
     let g = o.graph.expect("valid");
-    assert_eq!(get(&g, "any.host", "/header-routing/x", &[("x-route", "target2")]), Some("header-routing-target2"));
-    assert_eq!(get(&g, "any.host", "/header-routing/x", &[]), Some("header-routing-target1"));
-    assert_eq!(get(&g, "any.host", "/header-routing/x", &[("x-route", "other")]), Some("header-routing-target1"));
+    assert_eq!(
+        get(
+            &g,
+            "any.host",
+            "/header-routing/x",
+            &[("x-route", "target2")]
+        ),
+        Some("header-routing-target2")
+    );
+    assert_eq!(
+        get(&g, "any.host", "/header-routing/x", &[]),
+        Some("header-routing-target1")
+    );
+    assert_eq!(
+        get(&g, "any.host", "/header-routing/x", &[("x-route", "other")]),
+        Some("header-routing-target1")
+    );
 }
 
 #[test]
 fn f04_grpc_keeps_path_and_speaks_http2() {
-    let opts = Options { ambassador_id: "(env('SLOT'))".into(), ..Options::default() };
+    let opts = Options {
+        ambassador_id: "(env('SLOT'))".into(),
+        ..Options::default()
+    };
     let o = load_text(&fixture("04-"), &opts);
     let g = o.graph.expect("valid");
     assert_eq!(g.routes.len(), 1);
-    let Action::Forward(f) = &g.routes[0].action else { panic!("forward") };
+    let Action::Forward(f) = &g.routes[0].action else {
+        panic!("forward")
+    };
     assert!(matches!(f.rewrite, Rewrite::Keep));
     assert!(f.http2);
 }
@@ -122,8 +170,14 @@ fn f04_grpc_keeps_path_and_speaks_http2() {
 fn f05_selector_and_hostname_route_separately() {
     let o = load("05-");
     let g = o.graph.expect("valid");
-    assert_eq!(get(&g, "foo.example.com", "/test/", &[]), Some("star-backend-foo"));
-    assert_eq!(get(&g, "bar.example.com", "/test/", &[]), Some("star-backend-bar"));
+    assert_eq!(
+        get(&g, "foo.example.com", "/test/", &[]),
+        Some("star-backend-foo")
+    );
+    assert_eq!(
+        get(&g, "bar.example.com", "/test/", &[]),
+        Some("star-backend-bar")
+    );
     assert_eq!(get(&g, "baz.example.com", "/test/", &[]), None);
 }
 
@@ -134,11 +188,19 @@ fn f06_unimplemented_kinds_warned_and_missing_secret_reported() {
     let kinds = with_code(&o, "kind-not-implemented");
     assert!(kinds.iter().any(|d| d.message.contains("Listener")));
     assert!(kinds.iter().any(|d| d.message.contains("TLSContext")));
-    assert_eq!(o.resources.iter().filter(|r| r.kind == config::schema::Kind::Host).count(), 2);
+    assert_eq!(
+        o.resources
+            .iter()
+            .filter(|r| r.kind == config::schema::Kind::Host)
+            .count(),
+        2
+    );
     let empty = tempfile::tempdir().unwrap();
     let secrets = legate::reconcile::preflight::check_secrets(&o.resources, empty.path());
     assert!(!secrets.is_empty());
-    assert!(secrets.iter().all(|d| d.severity == Severity::Error && d.message.contains("tls-cert")));
+    assert!(secrets
+        .iter()
+        .all(|d| d.severity == Severity::Error && d.message.contains("tls-cert")));
     assert!(secrets.iter().any(|d| d.message.contains("minimal-host")));
 }
 
@@ -146,7 +208,10 @@ fn f06_unimplemented_kinds_warned_and_missing_secret_reported() {
 fn f07_schema_breakers_are_located_and_the_rest_loads() {
     let o = load("07-");
     let errs = errors(&o);
-    let lb: Vec<_> = errs.iter().filter(|d| d.pointer.ends_with("/spec/load_balancer/policy")).collect();
+    let lb: Vec<_> = errs
+        .iter()
+        .filter(|d| d.pointer.ends_with("/spec/load_balancer/policy"))
+        .collect();
     assert_eq!(lb.len(), 1, "{errs:?}");
     assert!(lb[0].line > 1);
     assert!(lb[0].message.contains("some_policy"), "{}", lb[0].message);
@@ -176,7 +241,15 @@ fn f09_canary_warns_then_splits_90_10() {
     assert_eq!(with_code(&o, "unreachable-mapping").len(), 2);
     let o = load_text(&with_star_hostname(&fixture("09-")), &Options::default());
     let g = o.graph.expect("valid");
-    let m = g.lookup(&RequestHead { host: "x", method: "GET", path: "/backend/", query: None, headers: &http::HeaderMap::new() }).unwrap();
+    let m = g
+        .lookup(&RequestHead {
+            host: "x",
+            method: "GET",
+            path: "/backend/",
+            query: None,
+            headers: &http::HeaderMap::new(),
+        })
+        .unwrap();
     let mut v2 = 0;
     for roll in 0..100 {
         if g.route(m.group.pick(roll).unwrap()).name == "quote-backend2" {
@@ -195,7 +268,15 @@ fn f10_second_shadow_is_an_error_first_is_kept() {
     let o = load_text(&without_doc(&fixture("10-"), 2), &Options::default());
     let g = o.graph.expect("valid");
     assert_eq!(get(&g, "h", "/myservice/a", &[]), Some("myservice"));
-    let m = g.lookup(&RequestHead { host: "h", method: "GET", path: "/myservice/a", query: None, headers: &http::HeaderMap::new() }).unwrap();
+    let m = g
+        .lookup(&RequestHead {
+            host: "h",
+            method: "GET",
+            path: "/myservice/a",
+            query: None,
+            headers: &http::HeaderMap::new(),
+        })
+        .unwrap();
     let (shadow, pct) = m.group.shadow.expect("shadow");
     assert_eq!(g.route(shadow).name, "myservice-shadow");
     assert_eq!(pct, 100);
@@ -205,7 +286,9 @@ fn f10_second_shadow_is_an_error_first_is_kept() {
 fn f12_timeouts_load() {
     let o = load("12-");
     let g = o.graph.expect("valid");
-    let Action::Forward(f) = &g.routes[0].action else { panic!() };
+    let Action::Forward(f) = &g.routes[0].action else {
+        panic!()
+    };
     assert!(f.timeout.is_some() && f.idle_timeout.is_some());
 }
 
@@ -213,13 +296,19 @@ fn f12_timeouts_load() {
 fn f15_cors_comma_form_loads() {
     let o = load_text(&with_star_hostname(&fixture("15-")), &Options::default());
     assert!(o.is_ok(), "{:?}", errors(&o));
-    assert!(!with_code(&o, "not-implemented-yet").is_empty(), "cors is planned: warned");
+    assert!(
+        !with_code(&o, "not-implemented-yet").is_empty(),
+        "cors is planned: warned"
+    );
 }
 
 #[test]
 fn f16_typo_fragments_and_duplicate() {
     let o = load("16-");
-    let typo: Vec<_> = with_code(&o, "unknown-field").into_iter().filter(|d| d.message.contains("hosname")).collect();
+    let typo: Vec<_> = with_code(&o, "unknown-field")
+        .into_iter()
+        .filter(|d| d.message.contains("hosname"))
+        .collect();
     assert_eq!(typo.len(), 1);
     assert_eq!(typo[0].help.as_deref(), Some("did you mean `hostname`?"));
     assert!(!with_code(&o, "not-a-resource").is_empty());
@@ -233,8 +322,14 @@ fn f16_typo_fragments_and_duplicate() {
 fn f17_host_exact_and_regex() {
     let o = load("17-");
     let g = o.graph.expect("valid");
-    assert_eq!(get(&g, "quote.datawire.io", "/backend/", &[]), Some("quote-backend-2"));
-    assert_eq!(get(&g, "quote3.datawire.io", "/backend/", &[]), Some("quote-backend-3"));
+    assert_eq!(
+        get(&g, "quote.datawire.io", "/backend/", &[]),
+        Some("quote-backend-2")
+    );
+    assert_eq!(
+        get(&g, "quote3.datawire.io", "/backend/", &[]),
+        Some("quote-backend-3")
+    );
     assert_eq!(get(&g, "quote1.datawire.io", "/backend/", &[]), None);
 }
 
@@ -245,8 +340,19 @@ fn f18_duplicate_then_header_routing() {
     let text = with_star_hostname(&without_doc(&fixture("18-"), 3));
     let o = load_text(&text, &Options::default());
     let g = o.graph.expect("valid");
-    assert_eq!(get(&g, "h", "/backend/", &[("x-quote-mode", "backend"), ("x-random-header", "datawire")]), Some("quote-backend"));
-    assert_eq!(get(&g, "h", "/backend/", &[("x-quote-mode", "anything")]), Some("quote-mode"));
+    assert_eq!(
+        get(
+            &g,
+            "h",
+            "/backend/",
+            &[("x-quote-mode", "backend"), ("x-random-header", "datawire")]
+        ),
+        Some("quote-backend")
+    );
+    assert_eq!(
+        get(&g, "h", "/backend/", &[("x-quote-mode", "anything")]),
+        Some("quote-mode")
+    );
     assert_eq!(get(&g, "h", "/backend/", &[]), Some("quote-regular"));
 }
 
@@ -255,10 +361,29 @@ fn f19_query_true_is_a_presence_test() {
     let text = with_star_hostname(&without_doc(&fixture("19-"), 3));
     let o = load_text(&text, &Options::default());
     let g = o.graph.expect("valid");
-    assert_eq!(serve(&g, "h", "GET", "/backend/", Some("quote-mode=backend&random-query-parameter=datawire"), &[]), Some("quote-backend"));
-    assert_eq!(serve(&g, "h", "GET", "/backend/", Some("quote-mode=x"), &[]), Some("quote-mode"));
-    assert_eq!(serve(&g, "h", "GET", "/backend/", Some("quote-mode"), &[]), Some("quote-mode"));
-    assert_eq!(serve(&g, "h", "GET", "/backend/", None, &[]), Some("quote-regular"));
+    assert_eq!(
+        serve(
+            &g,
+            "h",
+            "GET",
+            "/backend/",
+            Some("quote-mode=backend&random-query-parameter=datawire"),
+            &[]
+        ),
+        Some("quote-backend")
+    );
+    assert_eq!(
+        serve(&g, "h", "GET", "/backend/", Some("quote-mode=x"), &[]),
+        Some("quote-mode")
+    );
+    assert_eq!(
+        serve(&g, "h", "GET", "/backend/", Some("quote-mode"), &[]),
+        Some("quote-mode")
+    );
+    assert_eq!(
+        serve(&g, "h", "GET", "/backend/", None, &[]),
+        Some("quote-regular")
+    );
 }
 
 #[test]
@@ -266,7 +391,9 @@ fn f21_header_forms_and_variables() {
     let o = load("21-");
     assert!(o.is_ok(), "{:?}", errors(&o));
     // The two variables named in EXPECTATIONS.md are substituted by the proxy: no warning.
-    assert!(with_code(&o, "header-variable").iter().all(|d| !d.message.contains("PROTOCOL") && !d.message.contains("WITHOUT_PORT")));
+    assert!(with_code(&o, "header-variable")
+        .iter()
+        .all(|d| !d.message.contains("PROTOCOL") && !d.message.contains("WITHOUT_PORT")));
     let g = o.graph.unwrap();
     let mut appends = std::collections::HashSet::new();
     for r in &g.routes {
@@ -276,7 +403,10 @@ fn f21_header_forms_and_variables() {
             }
         }
     }
-    assert!(appends.contains(&true) && appends.contains(&false), "both forms present: {appends:?}");
+    assert!(
+        appends.contains(&true) && appends.contains(&false),
+        "both forms present: {appends:?}"
+    );
 }
 
 #[test]

@@ -65,7 +65,13 @@ fn missing_path_is_a_usage_error() {
 
 #[test]
 fn malformed_yaml_names_file_line_and_column() {
-    let d = tree(&[("bad.yaml", b"apiVersion: legate.dev/v1alpha1\nkind: Mapping\nspec: [unclosed\n"), ("good.yaml", GOOD.as_bytes())]);
+    let d = tree(&[
+        (
+            "bad.yaml",
+            b"apiVersion: legate.dev/v1alpha1\nkind: Mapping\nspec: [unclosed\n",
+        ),
+        ("good.yaml", GOOD.as_bytes()),
+    ]);
     let o = check(d.path(), &[]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
@@ -81,12 +87,18 @@ fn wrong_types_and_typos_are_explained() {
     assert_eq!(o.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let diags = v["diagnostics"].as_array().unwrap();
-    let typo = diags.iter().find(|d| d["code"] == "unknown-field").expect("typo");
+    let typo = diags
+        .iter()
+        .find(|d| d["code"] == "unknown-field")
+        .expect("typo");
     assert_eq!(typo["line"], 7);
     assert_eq!(typo["column"], 3);
     assert_eq!(typo["pointer"], "/spec/prefx");
     assert_eq!(typo["help"], "did you mean `prefix`?");
-    let ty = diags.iter().find(|d| d["pointer"] == "/spec/timeout_ms").expect("type error");
+    let ty = diags
+        .iter()
+        .find(|d| d["pointer"] == "/spec/timeout_ms")
+        .expect("type error");
     assert_eq!(ty["line"], 10);
     assert_eq!(v["valid"], false);
 }
@@ -98,13 +110,20 @@ fn near_miss_api_version_and_kind_get_suggestions() {
     let o = check(d.path(), &[]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
-    assert!(out.contains("did you mean `getambassador.io/v3alpha1`?"), "{out}");
+    assert!(
+        out.contains("did you mean `getambassador.io/v3alpha1`?"),
+        "{out}"
+    );
     assert!(out.contains("did you mean `Mapping`?"), "{out}");
 }
 
 #[test]
 fn binary_and_non_utf8_files_are_rejected_by_name() {
-    let d = tree(&[("bin.yaml", b"\x00\x01\x02binary"), ("latin1.yaml", b"name: caf\xe9\n"), ("good.yaml", GOOD.as_bytes())]);
+    let d = tree(&[
+        ("bin.yaml", b"\x00\x01\x02binary"),
+        ("latin1.yaml", b"name: caf\xe9\n"),
+        ("good.yaml", GOOD.as_bytes()),
+    ]);
     let out = stdout(&check(d.path(), &[]));
     assert!(out.contains("bin.yaml:1:1: error[binary-file]"), "{out}");
     assert!(out.contains("latin1.yaml:1:1: error[not-utf8]"), "{out}");
@@ -120,10 +139,19 @@ fn size_limits_per_file_and_per_revision() {
     // At the limit passes, one byte past fails.
     let exact = GOOD.len().to_string();
     let d = tree(&[("good.yaml", GOOD.as_bytes())]);
-    assert_eq!(check(d.path(), &["--max-file-bytes", &exact]).status.code(), Some(0));
+    assert_eq!(
+        check(d.path(), &["--max-file-bytes", &exact]).status.code(),
+        Some(0)
+    );
     let less = (GOOD.len() - 1).to_string();
-    assert_eq!(check(d.path(), &["--max-file-bytes", &less]).status.code(), Some(1));
-    let d = tree(&[("a.yaml", GOOD.as_bytes()), ("b.yaml", GOOD.replace("good", "other").as_bytes())]);
+    assert_eq!(
+        check(d.path(), &["--max-file-bytes", &less]).status.code(),
+        Some(1)
+    );
+    let d = tree(&[
+        ("a.yaml", GOOD.as_bytes()),
+        ("b.yaml", GOOD.replace("good", "other").as_bytes()),
+    ]);
     let o = check(d.path(), &["--max-revision-bytes", &exact]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stdout(&o).contains("error[revision-too-large]"));
@@ -133,31 +161,58 @@ fn size_limits_per_file_and_per_revision() {
 fn alias_bomb_and_deep_nesting_fail_cleanly() {
     let mut bomb = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
     for i in 1..12 {
-        bomb.push_str(&format!("a{i}: &a{i} [{}]\n", vec![format!("*a{}", i - 1); 9].join(", ")));
+        bomb.push_str(&format!(
+            "a{i}: &a{i} [{}]\n",
+            vec![format!("*a{}", i - 1); 9].join(", ")
+        ));
     }
     let deep = "x: ".to_string() + &"[".repeat(500) + &"]".repeat(500) + "\n";
-    let d = tree(&[("bomb.yaml", bomb.as_bytes()), ("deep.yaml", deep.as_bytes()), ("good.yaml", GOOD.as_bytes())]);
+    let d = tree(&[
+        ("bomb.yaml", bomb.as_bytes()),
+        ("deep.yaml", deep.as_bytes()),
+        ("good.yaml", GOOD.as_bytes()),
+    ]);
     let o = check(d.path(), &[]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
-    assert!(out.contains("bomb.yaml:") && out.contains("alias bomb"), "{out}");
-    assert!(out.contains("deep.yaml:") && out.contains("nests deeper"), "{out}");
-    assert!(out.contains("good.yaml") || out.contains("1 resource(s)"), "{out}");
+    assert!(
+        out.contains("bomb.yaml:") && out.contains("alias bomb"),
+        "{out}"
+    );
+    assert!(
+        out.contains("deep.yaml:") && out.contains("nests deeper"),
+        "{out}"
+    );
+    assert!(
+        out.contains("good.yaml") || out.contains("1 resource(s)"),
+        "{out}"
+    );
 }
 
 #[test]
 fn symlinks_out_of_the_root_are_rejected() {
     let outside = tree(&[("secret.yaml", GOOD.as_bytes())]);
     let d = tree(&[("good.yaml", GOOD.as_bytes())]);
-    std::os::unix::fs::symlink(outside.path().join("secret.yaml"), d.path().join("abs.yaml")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("secret.yaml"),
+        d.path().join("abs.yaml"),
+    )
+    .unwrap();
     std::fs::create_dir(d.path().join("sub")).unwrap();
     std::os::unix::fs::symlink("../../escape.yaml", d.path().join("sub/rel.yaml")).unwrap();
     std::os::unix::fs::symlink("good.yaml", d.path().join("inside.yml")).unwrap();
     let o = check(d.path(), &[]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
-    assert!(out.contains("abs.yaml:1:1: error[symlink-escape]") && out.contains("absolute path"), "{out}");
-    assert!(out.contains("sub/rel.yaml:1:1: error[symlink-escape]") && out.contains("leaves the config root"), "{out}");
+    assert!(
+        out.contains("abs.yaml:1:1: error[symlink-escape]") && out.contains("absolute path"),
+        "{out}"
+    );
+    assert!(
+        out.contains("sub/rel.yaml:1:1: error[symlink-escape]")
+            && out.contains("leaves the config root"),
+        "{out}"
+    );
     // A link inside the root is followed: the same Mapping twice is a duplicate, naming both.
     assert!(out.contains("duplicate-resource"), "{out}");
 }
@@ -168,20 +223,31 @@ fn empty_repository_is_valid_with_zero_routes() {
     let o = check(d.path(), &[]);
     assert_eq!(o.status.code(), Some(0));
     let out = stdout(&o);
-    assert!(out.contains("0 route(s)") && out.contains("defines no routes"), "{out}");
+    assert!(
+        out.contains("0 route(s)") && out.contains("defines no routes"),
+        "{out}"
+    );
 }
 
 #[test]
 fn dot_dirs_other_apis_and_fragments() {
     let deploy = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: x\n";
     let frag = "prefix: /just-a-fragment/\n";
-    let d = tree(&[(".github/workflows/ci.yaml", b"on: push\njobs: {}\n"), ("deploy.yaml", deploy.as_bytes()), ("frag.yaml", frag.as_bytes()), ("good.yaml", GOOD.as_bytes())]);
+    let d = tree(&[
+        (".github/workflows/ci.yaml", b"on: push\njobs: {}\n"),
+        ("deploy.yaml", deploy.as_bytes()),
+        ("frag.yaml", frag.as_bytes()),
+        ("good.yaml", GOOD.as_bytes()),
+    ]);
     let o = check(d.path(), &[]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
     let out = stdout(&o);
     assert!(!out.contains(".github"), "{out}");
     assert!(out.contains("deploy.yaml:1:1: note[other-api]"), "{out}");
-    assert!(out.contains("frag.yaml:1:1: warning[not-a-resource]"), "{out}");
+    assert!(
+        out.contains("frag.yaml:1:1: warning[not-a-resource]"),
+        "{out}"
+    );
     // --strict makes the warning an error.
     assert_eq!(check(d.path(), &["--strict"]).status.code(), Some(1));
     // --exclude narrows the tree.
@@ -198,7 +264,10 @@ fn github_format_prints_workflow_annotations() {
     let o = check(d.path(), &["--format", "github"]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
-    let line = out.lines().find(|l| l.starts_with("::error ")).expect("annotation");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("::error "))
+        .expect("annotation");
     assert!(line.contains("hosts/h.yaml,line=6,col=3"), "{line}");
     assert!(line.contains("did you mean `hostname`?"), "{line}");
 }
@@ -215,8 +284,16 @@ fn secrets_dir_check_names_the_host() {
     let secrets = repo_root().join("examples/secrets/www-example-tls");
     let bad = tempfile::tempdir().unwrap();
     std::fs::create_dir(bad.path().join("www-example-tls")).unwrap();
-    std::fs::copy(secrets.join("tls.crt"), bad.path().join("www-example-tls/tls.crt")).unwrap();
-    std::fs::write(bad.path().join("www-example-tls/tls.key"), b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n").unwrap();
+    std::fs::copy(
+        secrets.join("tls.crt"),
+        bad.path().join("www-example-tls/tls.crt"),
+    )
+    .unwrap();
+    std::fs::write(
+        bad.path().join("www-example-tls/tls.key"),
+        b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
     let o = check(&ex, &["--secrets-dir", bad.path().to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stdout(&o).contains("tls.key"), "{}", stdout(&o));
@@ -227,8 +304,12 @@ fn schema_command_lists_fields_with_status() {
     let o = legate(&["schema", "mapping"]);
     assert_eq!(o.status.code(), Some(0));
     let out = stdout(&o);
-    assert!(out.lines().any(|l| l.trim_start().starts_with("prefix ") && l.contains("implemented")));
-    assert!(out.lines().any(|l| l.trim_start().starts_with("retry_policy ") && l.contains("planned")));
+    assert!(out
+        .lines()
+        .any(|l| l.trim_start().starts_with("prefix ") && l.contains("implemented")));
+    assert!(out
+        .lines()
+        .any(|l| l.trim_start().starts_with("retry_policy ") && l.contains("planned")));
     let o = legate(&["schema", "host", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["$schema"], "https://json-schema.org/draft/2020-12/schema");
@@ -236,10 +317,16 @@ fn schema_command_lists_fields_with_status() {
 
 #[test]
 fn ambassador_id_flag_selects_resources() {
-    let body = GOOD.replace("  hostname: '*'\n", "  hostname: '*'\n  ambassador_id: [blue]\n");
+    let body = GOOD.replace(
+        "  hostname: '*'\n",
+        "  hostname: '*'\n  ambassador_id: [blue]\n",
+    );
     let d = tree(&[("m.yaml", body.as_bytes())]);
     let out = stdout(&check(d.path(), &[]));
-    assert!(out.contains("note[other-ambassador-id]") && out.contains("`blue`"), "{out}");
+    assert!(
+        out.contains("note[other-ambassador-id]") && out.contains("`blue`"),
+        "{out}"
+    );
     assert!(out.contains("0 route(s)"));
     let out = stdout(&check(d.path(), &["--ambassador-id", "blue"]));
     assert!(out.contains("1 route(s)"), "{out}");
@@ -258,15 +345,20 @@ fn gitlab_format_is_a_code_quality_report() {
         for key in ["description", "check_name", "fingerprint", "severity"] {
             assert!(i[key].is_string(), "{key} in {i}");
         }
-        assert!(["info", "minor", "major", "critical", "blocker"].contains(&i["severity"].as_str().unwrap()));
+        assert!(["info", "minor", "major", "critical", "blocker"]
+            .contains(&i["severity"].as_str().unwrap()));
         assert!(i["location"]["path"].as_str().unwrap().ends_with("h.yaml"));
         assert!(i["location"]["lines"]["begin"].as_u64().unwrap() >= 1);
     }
-    let typo = issues.iter().find(|i| i["check_name"] == "legate/unknown-field").unwrap();
+    let typo = issues
+        .iter()
+        .find(|i| i["check_name"] == "legate/unknown-field")
+        .unwrap();
     assert_eq!(typo["severity"], "major");
     assert_eq!(typo["location"]["lines"]["begin"], 6);
     // Fingerprints are stable run to run.
-    let again: serde_json::Value = serde_json::from_slice(&check(d.path(), &["--format", "gitlab"]).stdout).unwrap();
+    let again: serde_json::Value =
+        serde_json::from_slice(&check(d.path(), &["--format", "gitlab"]).stdout).unwrap();
     assert_eq!(v, again);
 }
 
@@ -275,20 +367,34 @@ fn failing_route_tests_fail_the_check_with_file_and_line() {
     let ex = repo_root().join("examples/repo");
     let d = tempfile::tempdir().unwrap();
     for entry in ["hosts.yaml", "mappings", "tests"] {
-        let status = Command::new("cp").arg("-r").arg(ex.join(entry)).arg(d.path()).status().unwrap();
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(ex.join(entry))
+            .arg(d.path())
+            .status()
+            .unwrap();
         assert!(status.success());
     }
     assert_eq!(check(d.path(), &[]).status.code(), Some(0));
     // Break the echo route: its route test must fail and name the case.
     let echo = d.path().join("mappings/echo.yaml");
-    let text = std::fs::read_to_string(&echo).unwrap().replacen("rewrite: /\n", "rewrite: /api/\n", 1);
+    let text =
+        std::fs::read_to_string(&echo)
+            .unwrap()
+            .replacen("rewrite: /\n", "rewrite: /api/\n", 1);
     std::fs::write(&echo, text).unwrap();
     let o = check(d.path(), &[]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
-    let line = out.lines().find(|l| l.contains("route-test-failed")).expect("a failed case");
+    let line = out
+        .lines()
+        .find(|l| l.contains("route-test-failed"))
+        .expect("a failed case");
     assert!(line.starts_with("tests/routes.yaml:"), "{line}");
-    assert!(line.contains("echo strips its prefix") && line.contains("expected upstream path `/hello`"), "{line}");
+    assert!(
+        line.contains("echo strips its prefix") && line.contains("expected upstream path `/hello`"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -297,13 +403,21 @@ fn committed_crds_match_the_schemas() {
     let o = legate(&["crds", "--out", out.path().to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0));
     let committed = repo_root().join("deploy/crds");
-    let mut names: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut names: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     names.sort();
     assert_eq!(names.len(), 3);
     for n in names {
         let fresh = std::fs::read_to_string(out.path().join(&n)).unwrap();
         let old = std::fs::read_to_string(committed.join(&n)).unwrap_or_default();
-        assert_eq!(fresh, old, "deploy/crds/{} is stale: run `legate crds --out deploy/crds`", n.to_string_lossy());
+        assert_eq!(
+            fresh,
+            old,
+            "deploy/crds/{} is stale: run `legate crds --out deploy/crds`",
+            n.to_string_lossy()
+        );
         // Structural: no refs, unions, consts or closed objects; every node typed or open.
         let docs = legate::config::yaml::parse_documents(&fresh, Default::default()).unwrap();
         let crd = &docs[0].value;
@@ -311,14 +425,34 @@ fn committed_crds_match_the_schemas() {
         let v = &crd["spec"]["versions"][0];
         assert_eq!(v["subresources"]["status"], serde_json::json!({}));
         let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
-        assert_eq!(spec["x-kubernetes-preserve-unknown-fields"], true, "typos must reach Legate");
+        assert_eq!(
+            spec["x-kubernetes-preserve-unknown-fields"], true,
+            "typos must reach Legate"
+        );
         fn walk(v: &serde_json::Value, path: &str) {
-            let o = v.as_object().unwrap_or_else(|| panic!("{path} not an object"));
-            for bad in ["$ref", "oneOf", "anyOf", "const", "$defs", "x-legate-status"] {
+            let o = v
+                .as_object()
+                .unwrap_or_else(|| panic!("{path} not an object"));
+            for bad in [
+                "$ref",
+                "oneOf",
+                "anyOf",
+                "const",
+                "$defs",
+                "x-legate-status",
+            ] {
                 assert!(!o.contains_key(bad), "{bad} at {path}");
             }
-            assert!(o.get("additionalProperties") != Some(&serde_json::Value::Bool(false)), "closed object at {path}");
-            assert!(o.contains_key("type") || o.contains_key("x-kubernetes-preserve-unknown-fields") || o.contains_key("x-kubernetes-int-or-string"), "untyped node at {path}");
+            assert!(
+                o.get("additionalProperties") != Some(&serde_json::Value::Bool(false)),
+                "closed object at {path}"
+            );
+            assert!(
+                o.contains_key("type")
+                    || o.contains_key("x-kubernetes-preserve-unknown-fields")
+                    || o.contains_key("x-kubernetes-int-or-string"),
+                "untyped node at {path}"
+            );
             if let Some(p) = o.get("properties").and_then(|p| p.as_object()) {
                 for (k, c) in p {
                     walk(c, &format!("{path}.{k}"));

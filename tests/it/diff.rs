@@ -21,14 +21,29 @@ fn golden(case: &str, format: &str, ext: &str) -> String {
     let dir = fixtures().join(case);
     let base = dir.join("base");
     let head = dir.join("head");
-    let o = legate(&["diff", base.to_str().unwrap(), head.to_str().unwrap(), "--format", format], None);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = legate(
+        &[
+            "diff",
+            base.to_str().unwrap(),
+            head.to_str().unwrap(),
+            "--format",
+            format,
+        ],
+        None,
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let got = String::from_utf8(o.stdout).unwrap();
     let file = dir.join(format!("expected.{ext}"));
     if std::env::var_os("LEGATE_BLESS").is_some() {
         std::fs::write(&file, &got).unwrap();
     }
-    let want = std::fs::read_to_string(&file).unwrap_or_else(|_| panic!("missing {}; run with LEGATE_BLESS=1", file.display()));
+    let want = std::fs::read_to_string(&file)
+        .unwrap_or_else(|_| panic!("missing {}; run with LEGATE_BLESS=1", file.display()));
     assert_eq!(got, want, "{case} {format} differs from {}", file.display());
     got
 }
@@ -71,7 +86,11 @@ fn json_format_and_exit_codes() {
     let dir = fixtures();
     let same = dir.join("same");
     let args = |c: &str| -> Vec<String> {
-        vec!["diff".into(), dir.join(c).join("base").display().to_string(), dir.join(c).join("head").display().to_string()]
+        vec![
+            "diff".into(),
+            dir.join(c).join("base").display().to_string(),
+            dir.join(c).join("head").display().to_string(),
+        ]
     };
     let run = |c: &str, extra: &[&str]| {
         let mut a: Vec<String> = args(c);
@@ -80,30 +99,64 @@ fn json_format_and_exit_codes() {
         legate(&a, None)
     };
     assert_eq!(run("same", &["--exit-code"]).status.code(), Some(0));
-    assert_eq!(String::from_utf8_lossy(&run("same", &[]).stdout), "No route changes.\n");
+    assert_eq!(
+        String::from_utf8_lossy(&run("same", &[]).stdout),
+        "No route changes.\n"
+    );
     assert_eq!(run("basic", &["--exit-code"]).status.code(), Some(1));
     assert_eq!(run("basic", &[]).status.code(), Some(0));
     let o = run("shadow", &["--format", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["added_mappings"], 1);
-    assert!(v["findings"].as_array().unwrap().iter().any(|f| f["kind"] == "shadowed"));
+    assert!(v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["kind"] == "shadowed"));
     // An invalid side: exit 2 with its diagnostics, never a crash.
     let bad = tempfile::tempdir().unwrap();
     std::fs::write(bad.path().join("m.yaml"), "apiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata: {name: x}\nspec: {prefix: /x/}\n").unwrap();
-    let o = legate(&["diff", same.join("base").to_str().unwrap(), bad.path().to_str().unwrap()], None);
+    let o = legate(
+        &[
+            "diff",
+            same.join("base").to_str().unwrap(),
+            bad.path().to_str().unwrap(),
+        ],
+        None,
+    );
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("`spec.service` is required"), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(legate(&["diff", "no-such-rev", "nor-this"], Some(bad.path())).status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("`spec.service` is required"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        legate(&["diff", "no-such-rev", "nor-this"], Some(bad.path()))
+            .status
+            .code(),
+        Some(2)
+    );
 }
 
 fn git(dir: &Path, args: &[&str]) {
     let o = Command::new("git")
-        .args(["-c", "user.name=T", "-c", "user.email=t@example.test", "-c", "commit.gpgsign=false"])
+        .args([
+            "-c",
+            "user.name=T",
+            "-c",
+            "user.email=t@example.test",
+            "-c",
+            "commit.gpgsign=false",
+        ])
         .args(args)
         .current_dir(dir)
         .output()
         .expect("git");
-    assert!(o.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 #[test]
@@ -113,16 +166,52 @@ fn git_revisions_with_path() {
     git(r, &["init", "-q", "-b", "main"]);
     std::fs::create_dir(r.join("gateway")).unwrap();
     std::fs::write(r.join("README.md"), "not config\n").unwrap();
-    std::fs::copy(fixtures().join("canary/base/m.yaml"), r.join("gateway/m.yaml")).unwrap();
+    std::fs::copy(
+        fixtures().join("canary/base/m.yaml"),
+        r.join("gateway/m.yaml"),
+    )
+    .unwrap();
     git(r, &["add", "."]);
     git(r, &["commit", "-qm", "base"]);
-    std::fs::copy(fixtures().join("canary/head/m.yaml"), r.join("gateway/m.yaml")).unwrap();
+    std::fs::copy(
+        fixtures().join("canary/head/m.yaml"),
+        r.join("gateway/m.yaml"),
+    )
+    .unwrap();
     git(r, &["commit", "-qam", "shift the canary"]);
-    let o = legate(&["diff", "HEAD~1", "HEAD", "--path", "gateway", "--exit-code"], Some(r));
-    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = legate(
+        &["diff", "HEAD~1", "HEAD", "--path", "gateway", "--exit-code"],
+        Some(r),
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("now takes 50% of its traffic, was 10%"), "{out}");
+    assert!(
+        out.contains("now takes 50% of its traffic, was 10%"),
+        "{out}"
+    );
     // --repo from elsewhere, and a branch name.
-    let o = legate(&["diff", "main", "HEAD", "--repo", r.to_str().unwrap(), "--path", "gateway", "--exit-code"], None);
-    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = legate(
+        &[
+            "diff",
+            "main",
+            "HEAD",
+            "--repo",
+            r.to_str().unwrap(),
+            "--path",
+            "gateway",
+            "--exit-code",
+        ],
+        None,
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -218,6 +218,7 @@ async fn commits_over_git_daemon_go_live_bad_is_rejected_fix_goes_live() {
     let state = AdminState {
         reconciler: h.clone(),
         hook_secret: Some(Arc::new(HookSecret::new("k").unwrap())),
+        token: None,
     };
     let body: &'static [u8] = b"{}";
     let req = http::Request::post("/hooks/github")
@@ -541,6 +542,7 @@ async fn bench_commit_to_live_via_webhook() {
     let state = AdminState {
         reconciler: h.clone(),
         hook_secret: Some(Arc::new(HookSecret::new("k").unwrap())),
+        token: None,
     };
     let body: &'static [u8] = b"{}";
     let mut times = Vec::new();

@@ -8,7 +8,11 @@ use std::process::Command;
 #[test]
 fn check_output_matches_golden_files() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/check");
-    let mut cases: Vec<_> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    let mut cases: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
     cases.sort();
     assert!(cases.len() >= 4);
     let mut failures = Vec::new();

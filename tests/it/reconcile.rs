@@ -374,6 +374,7 @@ async fn webhooks_check_signatures_and_trigger_a_pass() {
     let state = AdminState {
         reconciler: h.clone(),
         hook_secret: Some(Arc::new(HookSecret::new("s3cret").unwrap())),
+        token: None,
     };
     let body: &'static [u8] = br#"{"ref":"refs/heads/main"}"#;
     let good = admin::hooks::sign(b"s3cret", body);
@@ -442,6 +443,7 @@ async fn webhooks_check_signatures_and_trigger_a_pass() {
     let open = AdminState {
         reconciler: h.clone(),
         hook_secret: None,
+        token: None,
     };
     assert_eq!(
         st(admin::handle(

@@ -1,0 +1,525 @@
+//! `legate run`: start the gateway.
+//!
+//! Builds the runtime, starts the proxy and the reconciler on one source (`--dir`, `--repo` or
+//! `--kubernetes`), binds the HTTP, HTTPS and admin listeners (admin API, webhooks; webhooks
+//! also under `--hooks-prefix` on the proxy listeners when a secret is set), sends revision
+//! notifications, polls the secrets directory for rotated certificates, and on SIGTERM/SIGINT
+//! stops accepting and drains up to `--drain-timeout`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::proxy::{Limits, Listeners, Proxy, Settings};
+
+/// A duration flag: `500ms`, `30s`, `5m`, `1h`, or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 30s, 5m or 1h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Flags of `legate run`. Every flag can also be set by the environment variable shown.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Follow a directory (watched; for local development).
+    #[arg(long, env = "LEGATE_DIR", conflicts_with_all = ["repo", "kubernetes"])]
+    pub dir: Option<std::path::PathBuf>,
+    /// Follow a git repository: file://, git://, http(s):// or ssh:// URL.
+    #[arg(long, env = "LEGATE_REPO", conflicts_with = "kubernetes")]
+    pub repo: Option<String>,
+    /// Branch, tag or commit to follow.
+    #[arg(long = "ref", env = "LEGATE_REF", default_value = "HEAD")]
+    pub git_ref: String,
+    /// Subdirectory of the repository that holds the config.
+    #[arg(long, env = "LEGATE_PATH")]
+    pub path: Option<String>,
+    /// How often the source is checked (and everything resynced).
+    #[arg(long, env = "LEGATE_POLL", default_value = "30s", value_parser = parse_duration)]
+    pub poll: Duration,
+    /// Longest a git fetch may take.
+    #[arg(long, env = "LEGATE_FETCH_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub fetch_timeout: Duration,
+    /// Where the git cache and the last applied revision live (required with --repo).
+    #[arg(long, env = "LEGATE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// File with `username:password` or a token for http(s) git (also LEGATE_GIT_TOKEN or
+    /// LEGATE_GIT_USERNAME + LEGATE_GIT_PASSWORD); never logged.
+    #[arg(long, env = "LEGATE_GIT_CREDENTIALS_FILE")]
+    pub git_credentials_file: Option<PathBuf>,
+    /// Private key for ssh:// repositories.
+    #[arg(long, env = "LEGATE_SSH_KEY")]
+    pub ssh_key: Option<PathBuf>,
+    /// known_hosts file for ssh:// repositories (unknown or changed host keys are refused).
+    #[arg(long, env = "LEGATE_KNOWN_HOSTS")]
+    pub known_hosts: Option<PathBuf>,
+    /// Accept any ssh host key. Unsafe: only for throwaway setups.
+    #[arg(long)]
+    pub insecure_skip_host_key_check: bool,
+    /// Apply a new head that is not a descendant of the applied one (a force push).
+    #[arg(long, env = "LEGATE_ALLOW_FORCE_PUSH")]
+    pub allow_force_push: bool,
+    /// Require head commits signed (SSH signatures) by a key in this allowed_signers file.
+    #[arg(long, env = "LEGATE_VERIFY_SIGNATURES", value_name = "ALLOWED_SIGNERS")]
+    pub verify_signatures: Option<PathBuf>,
+    /// How long a new revision is watched after it is applied (0 disables).
+    #[arg(long, env = "LEGATE_VERIFY_WINDOW", default_value = "10s", value_parser = parse_duration)]
+    pub verify_window: Duration,
+    /// During the window, GET this path on every plain-HTTP upstream the revision uses.
+    #[arg(long, env = "LEGATE_HEALTH_PATH")]
+    pub health_path: Option<String>,
+    /// Gateway-made upstream errors tolerated during the window before rolling back.
+    #[arg(long, env = "LEGATE_MAX_NEW_ERRORS", default_value_t = 0)]
+    pub max_new_errors: u64,
+    /// Revisions kept in history.
+    #[arg(long, env = "LEGATE_HISTORY", default_value_t = 50)]
+    pub history: usize,
+    /// Webhook secret file (or LEGATE_WEBHOOK_SECRET); webhooks are served only with a secret.
+    #[arg(long, env = "LEGATE_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Path prefix under which the proxy listeners also accept webhooks.
+    #[arg(long, env = "LEGATE_HOOKS_PREFIX", default_value = "/.legate/hooks/")]
+    pub hooks_prefix: String,
+    /// File holding the bearer token required for mutating admin calls (or LEGATE_ADMIN_TOKEN).
+    /// Required when the admin listener is not on loopback.
+    #[arg(long, env = "LEGATE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// POST a JSON (Slack-compatible) message here when a revision is applied, rejected or
+    /// rolled back.
+    #[arg(long, env = "LEGATE_NOTIFY_URL")]
+    pub notify_url: Option<String>,
+    /// Watch Mappings, Hosts and their TLS Secrets in Kubernetes instead of a repository.
+    #[arg(long, env = "LEGATE_KUBERNETES")]
+    pub kubernetes: bool,
+    /// With --kubernetes: watch every namespace (else the one of --namespace).
+    #[arg(long, env = "LEGATE_ALL_NAMESPACES")]
+    pub all_namespaces: bool,
+    /// With --kubernetes: only objects with these labels (`key=value,...`).
+    #[arg(long, env = "LEGATE_SELECTOR")]
+    pub selector: Option<String>,
+    /// With --kubernetes: kubeconfig file (default: in-cluster, then $KUBECONFIG, ~/.kube/config).
+    #[arg(long, env = "LEGATE_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// How the config tree is read (namespace, ambassador_id, strict, include/exclude, limits).
+    #[command(flatten)]
+    pub config: super::ConfigArgs,
+
+    /// Plain HTTP listener (HTTP/1.1 and h2c by prior knowledge); `off` disables it.
+    #[arg(long, env = "LEGATE_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+    pub http_listen: String,
+    /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN); `off` disables it.
+    #[arg(long, env = "LEGATE_HTTPS_LISTEN", default_value = "0.0.0.0:8443")]
+    pub https_listen: String,
+    /// Admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`); `off` disables it.
+    #[arg(long, env = "LEGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8877")]
+    pub admin_listen: String,
+    /// Directory of mounted Secrets: `<name>/tls.crt` and `<name>/tls.key` per Host `tlsSecret`.
+    #[arg(long, env = "LEGATE_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// Secret served to TLS clients whose SNI matches no Host (default: handshake failure).
+    #[arg(long, env = "LEGATE_DEFAULT_CERT", value_name = "SECRET")]
+    pub default_cert: Option<String>,
+    /// How often the secrets directory is checked for rotated certificates, in seconds.
+    #[arg(long, env = "LEGATE_SECRETS_POLL_SECS", default_value_t = 5)]
+    pub secrets_poll_secs: u64,
+    /// PEM CA bundle trusted for `https://` upstreams, in addition to the webpki roots.
+    #[arg(long, env = "LEGATE_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// Seconds resolved upstream addresses are used before the name is looked up again.
+    #[arg(long, env = "LEGATE_DNS_TTL_SECS", default_value_t = 30)]
+    pub dns_ttl_secs: u64,
+    /// Port used in the Location of insecure redirects to HTTPS (443 is left out of the URL).
+    #[arg(long, env = "LEGATE_HTTPS_REDIRECT_PORT", default_value_t = 443)]
+    pub https_redirect_port: u16,
+    /// Proxies in front of Legate trusted to append to X-Forwarded-For (0: replace the client's).
+    #[arg(long, env = "LEGATE_XFF_TRUSTED_HOPS", default_value_t = 0)]
+    pub xff_trusted_hops: usize,
+    /// Add `x-legate-route` (namespace/name of the Mapping) and `x-legate-revision` to responses.
+    #[arg(long, env = "LEGATE_DEBUG_HEADERS")]
+    pub debug_headers: bool,
+    /// Request timeout of Mappings without timeout_ms, in milliseconds.
+    #[arg(long, env = "LEGATE_DEFAULT_TIMEOUT_MS", default_value_t = 3000)]
+    pub default_timeout_ms: u64,
+    /// Also serve the built-in demo echo upstream on this address (for the quickstart).
+    #[arg(long, env = "LEGATE_DEMO_ECHO", value_name = "ADDR")]
+    pub demo_echo: Option<SocketAddr>,
+
+    /// Largest request head: sum of header name and value bytes (431 above).
+    #[arg(long, env = "LEGATE_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
+    pub max_header_bytes: usize,
+    /// Most header fields in one request (431 above).
+    #[arg(long, env = "LEGATE_MAX_HEADERS", default_value_t = 100)]
+    pub max_headers: usize,
+    /// Longest request target in bytes (414 above).
+    #[arg(long, env = "LEGATE_MAX_URI_BYTES", default_value_t = 8 * 1024)]
+    pub max_uri_bytes: usize,
+    /// Largest request body in bytes (413 above); unlimited when unset.
+    #[arg(long, env = "LEGATE_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<u64>,
+    /// Time allowed for a TLS handshake and a complete request head, in milliseconds.
+    #[arg(long, env = "LEGATE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// A downstream connection idle this long is closed, in milliseconds.
+    #[arg(long, env = "LEGATE_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+    /// Concurrent streams per HTTP/2 connection.
+    #[arg(long, env = "LEGATE_MAX_H2_STREAMS", default_value_t = 100)]
+    pub max_h2_streams: u32,
+    /// Open downstream connections; new ones beyond it are closed at accept.
+    #[arg(long, env = "LEGATE_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish, in seconds.
+    #[arg(long, env = "LEGATE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+    /// Runtime worker threads (default: one per CPU; 1 runs a single-threaded runtime).
+    #[arg(long, env = "LEGATE_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+}
+
+impl RunArgs {
+    /// The proxy settings these flags describe.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            xff_trusted_hops: self.xff_trusted_hops,
+            debug_headers: self.debug_headers,
+            default_timeout: Duration::from_millis(self.default_timeout_ms),
+            https_redirect_port: self.https_redirect_port,
+            limits: Limits {
+                max_header_bytes: self.max_header_bytes,
+                max_headers: self.max_headers,
+                max_uri_bytes: self.max_uri_bytes,
+                max_body_bytes: self.max_body_bytes,
+                header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+                idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+                max_h2_streams: self.max_h2_streams,
+                max_connections: self.max_connections,
+            },
+            secrets_dir: self.secrets_dir.clone(),
+            default_cert: self.default_cert.clone(),
+            upstream_ca: self.upstream_ca.clone(),
+            dns_ttl: Duration::from_secs(self.dns_ttl_secs),
+            ..Settings::default()
+        }
+    }
+}
+
+fn listen_addr(flag: &str, v: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if v.eq_ignore_ascii_case("off") || v.is_empty() {
+        return Ok(None);
+    }
+    v.parse()
+        .map(Some)
+        .with_context(|| format!("--{flag} `{v}` is not an address like 0.0.0.0:8080 (or `off`)"))
+}
+
+/// Start the gateway and block until it stops. Returns the process exit code.
+pub fn run(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result<i32> {
+    // main installs the provider; doing it here too keeps library callers working.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // One worker: a current-thread runtime, with no cross-thread wake-ups or work stealing
+    // (what a gateway pinned to one core wants). More: the work-stealing scheduler.
+    let mut rt = match args.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    rt.enable_all();
+    let rt = rt.build().context("cannot start the async runtime")?;
+    rt.block_on(run_async(args, cfg))
+}
+
+async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result<i32> {
+    use crate::reconcile::{self, Settings as RSettings, SourceSpec, VerifySettings};
+
+    let http = listen_addr("http-listen", &args.http_listen)?;
+    let https = listen_addr("https-listen", &args.https_listen)?;
+    let admin = listen_addr("admin-listen", &args.admin_listen)?;
+    let token = admin_token(&args)?;
+    if let Some(a) = admin {
+        if !a.ip().is_loopback() && token.is_none() {
+            bail!("the admin listener {a} is not on loopback: give --admin-token-file (or LEGATE_ADMIN_TOKEN) so mutating calls need a token");
+        }
+    }
+    let hook_secret = match &args.webhook_secret_file {
+        Some(f) => Some(crate::admin::hooks::HookSecret::from_file(f).map_err(anyhow::Error::msg)?),
+        None => crate::admin::hooks::HookSecret::from_env("LEGATE_WEBHOOK_SECRET")
+            .map_err(anyhow::Error::msg)?,
+    }
+    .map(Arc::new);
+
+    // In Kubernetes mode the TLS Secrets are written to a private directory the proxy reads.
+    let mut settings = args.settings();
+    if args.kubernetes && settings.secrets_dir.is_none() {
+        settings.secrets_dir =
+            Some(std::env::temp_dir().join(format!("legate-kube-secrets-{}", std::process::id())));
+    }
+    let secrets_dir = settings.secrets_dir.clone();
+    let proxy = Proxy::new(settings)?;
+
+    let rsettings = RSettings {
+        config: cfg.clone(),
+        secrets_dir: secrets_dir.clone(),
+        cache_dir: args.cache_dir.clone(),
+        poll: args.poll,
+        fetch_timeout: args.fetch_timeout,
+        history: args.history,
+        allow_force_push: args.allow_force_push,
+        verify: VerifySettings {
+            window: args.verify_window,
+            probe_path: args.health_path.clone(),
+            max_new_errors: args.max_new_errors,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let sink: Arc<dyn reconcile::GraphSink> = proxy.clone();
+    let errors: Arc<dyn reconcile::ErrorCounter> = proxy.clone();
+    // Keep-alives for the source's watches and tasks.
+    let mut _keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    let (handle, source_name) = if args.kubernetes {
+        let client = crate::source::kube::client(args.kubeconfig.as_deref()).await?;
+        let dir = secrets_dir
+            .clone()
+            .context("kubernetes mode needs a secrets directory")?;
+        let mut k = crate::source::kube::KubeOptions::new(&dir);
+        k.namespace = (!args.all_namespaces).then(|| cfg.namespace.clone());
+        k.selector = args.selector.clone();
+        k.config = crate::config::Options {
+            skip_invalid: true,
+            ..cfg.clone()
+        };
+        let kwatch = crate::source::kube::start(client.clone(), k, None).await?;
+        let source = Arc::new(kwatch.source());
+        let handle = reconcile::start(source, sink, rsettings, Some(errors));
+        // The served revision goes to the objects' status, written by the Lease holder only.
+        let (served_tx, served_rx) = tokio::sync::watch::channel(None::<String>);
+        let mut events = handle.subscribe();
+        tokio::spawn(async move {
+            while let Ok(e) = events.recv().await {
+                if e.outcome == reconcile::Outcome::Applied {
+                    served_tx.send_replace(Some(e.revision));
+                }
+            }
+        });
+        let lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| cfg.namespace.clone());
+        let status = crate::kube::start_status(
+            client,
+            kwatch.snapshots(),
+            served_rx,
+            crate::kube::LeaseConfig::new(lease_ns, crate::kube::default_identity()),
+        );
+        _keep.push(Box::new(kwatch));
+        _keep.push(Box::new(status));
+        (handle, "kubernetes".to_string())
+    } else {
+        let spec = match (&args.dir, &args.repo) {
+            (Some(d), None) => SourceSpec::Dir(d.clone()),
+            (None, Some(url)) => {
+                use crate::source::git::{GitAuth, GitOptions};
+                let cache_dir = args
+                    .cache_dir
+                    .clone()
+                    .context("--repo needs --cache-dir (where the repository is cached)")?;
+                SourceSpec::Git(Box::new(GitOptions {
+                    url: url.clone(),
+                    reference: args.git_ref.clone(),
+                    subdir: args.path.clone(),
+                    cache_dir,
+                    tree: cfg.tree.clone(),
+                    auth: GitAuth {
+                        userpass: GitAuth::userpass_from(args.git_credentials_file.as_deref())
+                            .map_err(anyhow::Error::msg)?,
+                        ssh_key: args.ssh_key.clone(),
+                        known_hosts: args.known_hosts.clone(),
+                        insecure_skip_host_key_check: args.insecure_skip_host_key_check,
+                    },
+                    allowed_signers: args.verify_signatures.clone(),
+                }))
+            }
+            _ => bail!("give one source: --dir PATH, --repo URL or --kubernetes"),
+        };
+        let name = match &spec {
+            SourceSpec::Dir(d) => d.display().to_string(),
+            SourceSpec::Git(g) => crate::source::git::redact(&g.url),
+        };
+        let running =
+            reconcile::launch(spec, sink, rsettings, Some(errors)).map_err(anyhow::Error::msg)?;
+        let handle = running.handle.clone();
+        _keep.push(Box::new(running));
+        (handle, name)
+    };
+
+    if let Some(url) = &args.notify_url {
+        let n = crate::notify::Notifier::new(url).map_err(anyhow::Error::msg)?;
+        n.spawn(handle.subscribe(), source_name.clone());
+    }
+    let admin_state = crate::admin::AdminState {
+        reconciler: handle.clone(),
+        hook_secret: hook_secret.clone(),
+        token: token.map(Arc::new),
+    };
+    if hook_secret.is_some() {
+        let prefix = if args.hooks_prefix.ends_with('/') {
+            args.hooks_prefix.clone()
+        } else {
+            format!("{}/", args.hooks_prefix)
+        };
+        proxy.set_local(
+            prefix.clone(),
+            Arc::new(Hooks {
+                prefix,
+                state: admin_state.clone(),
+            }),
+        );
+    }
+
+    if let Some(addr) = args.demo_echo {
+        let l = bind(addr, "demo-echo").await?;
+        tracing::info!(%addr, "demo echo upstream listening");
+        tokio::spawn(crate::proxy::echo::serve(l));
+    }
+
+    let http_l = match http {
+        Some(a) => Some(bind(a, "http-listen").await?),
+        None => None,
+    };
+    let https_l = match https {
+        Some(a) => {
+            let cfg = crate::tls::server_config(proxy.cert_source())?;
+            Some((bind(a, "https-listen").await?, Arc::new(cfg)))
+        }
+        None => None,
+    };
+    let running = proxy.start(Listeners {
+        http: http_l,
+        https: https_l,
+    })?;
+    if let Some(a) = running.http_addr {
+        tracing::info!(addr = %a, "HTTP listener ready");
+    }
+    if let Some(a) = running.https_addr {
+        tracing::info!(addr = %a, "HTTPS listener ready");
+    }
+    if let Some(a) = admin {
+        let l = bind(a, "admin-listen").await?;
+        tracing::info!(addr = %a, "admin listener ready");
+        tokio::spawn(crate::admin::serve(l, admin_state));
+    }
+    if secrets_dir.is_some() {
+        let proxy = proxy.clone();
+        let every = Duration::from_secs(args.secrets_poll_secs.max(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let p = proxy.clone();
+                let _ = tokio::task::spawn_blocking(move || p.refresh_certs()).await;
+            }
+        });
+    }
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining connections");
+    let drained = running
+        .shutdown(Duration::from_secs(args.drain_timeout_secs))
+        .await;
+    tracing::info!(drained, "stopped");
+    drop(_keep);
+    Ok(0)
+}
+
+/// The admin token from `--admin-token-file` or `LEGATE_ADMIN_TOKEN`.
+fn admin_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
+    let t = match &args.admin_token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read --admin-token-file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("LEGATE_ADMIN_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string()),
+    };
+    match t {
+        Some(t) if t.is_empty() => bail!("the admin token is empty"),
+        other => Ok(other),
+    }
+}
+
+/// Webhooks on the proxy listeners, under the hooks prefix.
+struct Hooks {
+    prefix: String,
+    state: crate::admin::AdminState,
+}
+
+impl crate::proxy::LocalService for Hooks {
+    fn call(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<bytes::Bytes>> + Send>>
+    {
+        let state = self.state.clone();
+        let kind = req.uri().path()[self.prefix.len()..].to_string();
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            let resp = crate::admin::hooks::handle(&kind, req, &state).await;
+            let (parts, body) = resp.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            http::Response::from_parts(parts, bytes)
+        })
+    }
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--{flag})"))
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,167 @@
+//! Every way a request can fail, and the one place that turns a failure into a response.
+//!
+//! Bodies are short fixed strings: a client learns the class of failure (its status code), never
+//! an upstream address, an OS error or a Rust type name. Details go to the log.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::{full, RespBody};
+
+/// Which side failed (pingora's `ErrorSource`): decides the status code and the log level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something we refuse.
+    Downstream,
+    /// The upstream could not be reached or misbehaved.
+    Upstream,
+    /// A bug or a resource problem in the gateway itself.
+    Internal,
+}
+
+/// A request the proxy answers itself instead of with an upstream response.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches the request")]
+    NoRoute,
+    #[error("plain-HTTP request refused by the Host's insecure policy")]
+    InsecureRejected,
+    #[error("request target longer than the limit")]
+    UriTooLong,
+    #[error("request headers larger than the limit")]
+    HeadersTooLarge,
+    #[error("request body larger than the limit")]
+    BodyTooLarge,
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("route group has no member taking traffic")]
+    NoHealthyUpstream,
+    #[error("upstream connect failed: {0}")]
+    Connect(String),
+    #[error("upstream request failed: {0}")]
+    Upstream(String),
+    #[error("upstream did not answer within the route timeout")]
+    Timeout,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    pub fn side(&self) -> Side {
+        use ProxyError::*;
+        match self {
+            NoRoute | InsecureRejected | UriTooLong | HeadersTooLarge | BodyTooLarge
+            | BadRequest(_) => Side::Downstream,
+            NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout => Side::Upstream,
+            Internal(_) => Side::Internal,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        use ProxyError::*;
+        match self {
+            NoRoute => StatusCode::NOT_FOUND,
+            InsecureRejected => StatusCode::FORBIDDEN,
+            UriTooLong => StatusCode::URI_TOO_LONG,
+            HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BadRequest(_) => StatusCode::BAD_REQUEST,
+            NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
+            Connect(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
+            Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn body(&self) -> &'static str {
+        use ProxyError::*;
+        match self {
+            NoRoute => "no route\n",
+            InsecureRejected => "https required\n",
+            UriTooLong => "uri too long\n",
+            HeadersTooLarge => "request headers too large\n",
+            BodyTooLarge => "request body too large\n",
+            BadRequest(_) => "bad request\n",
+            NoHealthyUpstream => "no healthy upstream\n",
+            Connect(_) | Upstream(_) => "upstream unavailable\n",
+            Timeout => "upstream timeout\n",
+            Internal(_) => "internal error\n",
+        }
+    }
+
+    /// The response the client gets; logs the detail the client does not.
+    pub fn into_response(self) -> Response<RespBody> {
+        match self.side() {
+            Side::Downstream => tracing::debug!(error = %self, "request refused"),
+            Side::Upstream => tracing::warn!(error = %self, "upstream failure"),
+            Side::Internal => tracing::error!(error = %self, "internal failure"),
+        }
+        let mut resp = Response::new(full(Bytes::from_static(self.body().as_bytes())));
+        *resp.status_mut() = self.status();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if matches!(self, ProxyError::BodyTooLarge | ProxyError::BadRequest(_)) {
+            // The unread rest of the body makes the connection unusable for another request.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+
+    /// Classify a failure of the upstream client.
+    pub fn from_client(e: hyper_util::client::legacy::Error) -> ProxyError {
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = src {
+            if s.is::<super::body::TooLarge>() {
+                return ProxyError::BodyTooLarge;
+            }
+            src = s.source();
+        }
+        if e.is_connect() {
+            ProxyError::Connect(chain(&e))
+        } else {
+            ProxyError::Upstream(chain(&e))
+        }
+    }
+}
+
+impl ProxyError {
+    /// Classify a failure of a pooled HTTP/1.1 exchange.
+    pub fn from_hyper(e: hyper::Error) -> ProxyError {
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = src {
+            if s.is::<super::body::TooLarge>() {
+                return ProxyError::BodyTooLarge;
+            }
+            src = s.source();
+        }
+        ProxyError::Upstream(chain(&e))
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Why the proxy could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("upstream TLS: {0}")]
+    UpstreamTls(#[from] crate::tls::TlsError),
+    #[error("TLS listener: {0}")]
+    ServerTls(#[from] rustls::Error),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,382 @@
+//! The per-request path: limits, host and path, insecure policy, lookup, weighted pick, then a
+//! redirect or a forward with rewrites and header edits.
+//!
+//! Kept lean on purpose: one snapshot load, no regex compiled, no graph cloned, and only the
+//! allocations a request needs (the upstream path, the `X-Forwarded-For` value).
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Uri};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+
+use super::body::{full, ReqBody, RespBody};
+use super::error::ProxyError;
+use super::headers::{self as hdr, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
+use super::path::normalize;
+use super::{Prepared, Proxy, Snapshot, UpstreamClient};
+use crate::routes::{Action, InsecureAction, RequestHead, Route};
+
+/// Facts about the downstream connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub tls: bool,
+}
+
+impl Proxy {
+    /// Serve one request; never fails (failures become responses in `error`).
+    pub(crate) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<RespBody> {
+        if let Some((prefix, svc)) = self.local.get() {
+            if req.uri().path().starts_with(prefix.as_str()) {
+                return svc.call(req).await.map(full);
+            }
+        }
+        let snap = self.shared.load_full();
+        match self.serve(&snap, req, conn).await {
+            Ok(r) => r,
+            Err(e) => {
+                if matches!(e.status().as_u16(), 502..=504) {
+                    self.gateway_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                e.into_response()
+            }
+        }
+    }
+
+    async fn serve(
+        &self,
+        snap: &Arc<Snapshot>,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        self.check_limits(&req)?;
+        let graph = &*snap.graph;
+        let uri = req.uri();
+        let authority: &str = match uri.authority() {
+            Some(a) => a.as_str(),
+            None => match req.headers().get(header::HOST) {
+                Some(h) => h.to_str().map_err(|_| ProxyError::BadRequest("host"))?,
+                None => "",
+            },
+        };
+        let host = host_name(authority);
+        let raw_path = uri.path();
+        if !raw_path.starts_with('/') {
+            // `OPTIONS *` and friends: nothing to route.
+            return Err(ProxyError::NoRoute);
+        }
+        let path = normalize(raw_path);
+        let query = uri.query();
+
+        if !conn.tls && snap.any_insecure_policy {
+            if let Some(h) = graph.host_for(&host) {
+                match h.insecure {
+                    InsecureAction::Route => {}
+                    InsecureAction::Reject => return Err(ProxyError::InsecureRejected),
+                    InsecureAction::Redirect => {
+                        return Ok(self.https_redirect(&host, &path, query));
+                    }
+                }
+            }
+        }
+
+        let head = RequestHead {
+            host: &host,
+            method: req.method().as_str(),
+            path: &path,
+            query,
+            headers: req.headers(),
+        };
+        let matched = graph.lookup(&head).ok_or(ProxyError::NoRoute)?;
+        let members = &matched.group.members;
+        let id = if members.len() == 1 {
+            members[0].0
+        } else {
+            matched
+                .group
+                .pick(hdr::roll())
+                .ok_or(ProxyError::NoHealthyUpstream)?
+        };
+        let route = graph.route(id);
+        match &route.action {
+            Action::Redirect(_) => {
+                let (status, loc) = redirect_location(route, &path, query, authority, conn.tls)?;
+                let mut resp = local(status, Bytes::new());
+                resp.headers_mut().insert(header::LOCATION, loc);
+                Ok(resp)
+            }
+            Action::Forward(_) => {
+                let prep = snap.routes[id.0]
+                    .as_ref()
+                    .ok_or_else(|| ProxyError::Internal("forward route not prepared".into()))?;
+                let upstream_pq = rewrite_path(route, &path, query)?;
+                let original_host = match req.headers().get(header::HOST) {
+                    Some(h) => h.clone(),
+                    None => HeaderValue::from_str(authority)
+                        .map_err(|_| ProxyError::BadRequest("authority"))?,
+                };
+                self.forward(snap, prep, req, conn, upstream_pq, original_host)
+                    .await
+            }
+        }
+    }
+
+    fn check_limits(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        let limits = &self.settings.limits;
+        let uri = req.uri();
+        let uri_len = uri.path_and_query().map_or(0, |p| p.as_str().len())
+            + uri.authority().map_or(0, |a| a.as_str().len());
+        if uri_len > limits.max_uri_bytes {
+            return Err(ProxyError::UriTooLong);
+        }
+        let h = req.headers();
+        if h.len() > limits.max_headers {
+            return Err(ProxyError::HeadersTooLarge);
+        }
+        let mut bytes = 0usize;
+        for (n, v) in h {
+            bytes += n.as_str().len() + v.len();
+        }
+        if bytes > limits.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge);
+        }
+        if let Some(max) = limits.max_body_bytes {
+            if let Some(len) = h.get(header::CONTENT_LENGTH) {
+                let len: u64 = len
+                    .to_str()
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or(ProxyError::BadRequest("content-length"))?;
+                if len > max {
+                    return Err(ProxyError::BodyTooLarge);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn https_redirect(&self, host: &str, path: &str, query: Option<&str>) -> Response<RespBody> {
+        let port = self.settings.https_redirect_port;
+        let mut loc = String::with_capacity(16 + host.len() + path.len());
+        loc.push_str("https://");
+        loc.push_str(host);
+        if port != 443 {
+            loc.push(':');
+            loc.push_str(&port.to_string());
+        }
+        loc.push_str(path);
+        if let Some(q) = query {
+            loc.push('?');
+            loc.push_str(q);
+        }
+        let mut resp = local(StatusCode::MOVED_PERMANENTLY, Bytes::new());
+        if let Ok(v) = HeaderValue::from_str(&loc) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        resp
+    }
+
+    async fn forward(
+        &self,
+        snap: &Snapshot,
+        prep: &Prepared,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+        upstream_pq: PathAndQuery,
+        original_host: HeaderValue,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        // An Upgrade the route allows (e.g. websocket) survives hop-by-hop stripping.
+        let upgrade = if prep.allow_upgrade.is_empty() || prep.http2 {
+            None
+        } else {
+            hdr::allowed_upgrade(req.headers(), &prep.allow_upgrade)
+        };
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let h = &mut parts.headers;
+        hdr::strip_hop_by_hop(h, prep.http2);
+        if let Some(u) = &upgrade {
+            h.insert(header::UPGRADE, u.clone());
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        hdr::set_forwarded_for(h, conn.remote.ip(), self.settings.xff_trusted_hops);
+        if self.settings.xff_trusted_hops == 0 || !h.contains_key(&X_FORWARDED_PROTO) {
+            h.insert(
+                X_FORWARDED_PROTO.clone(),
+                HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+            );
+        }
+        h.insert(X_FORWARDED_HOST.clone(), original_host.clone());
+        if !h.contains_key(&X_REQUEST_ID) {
+            h.insert(X_REQUEST_ID.clone(), hdr::new_request_id());
+        }
+        h.insert(
+            header::HOST,
+            prep.host_header.clone().unwrap_or(original_host),
+        );
+        let ctx = hdr::VarContext {
+            peer: conn.remote,
+            protocol: if parts.version == Version::HTTP_2 {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            },
+        };
+        hdr::edit(h, &prep.remove_request, &prep.add_request, &ctx, None);
+
+        let body = ReqBody::new(body, self.settings.limits.max_body_bytes);
+        let mut resp = match &prep.upstream {
+            UpstreamClient::H1(pool) => {
+                // Origin-form on an HTTP/1.1 connection the pool already dialled.
+                parts.uri = Uri::from(upstream_pq);
+                parts.version = Version::HTTP_11;
+                let sent = pool.send(Request::from_parts(parts, body));
+                match tokio::time::timeout(prep.timeout, sent).await {
+                    Err(_) => return Err(ProxyError::Timeout),
+                    Ok(r) => r?.map(RespBody::Pooled),
+                }
+            }
+            UpstreamClient::H2(client) => {
+                let mut up = http::uri::Parts::default();
+                up.scheme = Some(prep.scheme.clone());
+                up.authority = Some(prep.authority.clone());
+                up.path_and_query = Some(upstream_pq);
+                parts.uri = Uri::from_parts(up)
+                    .map_err(|e| ProxyError::Internal(format!("upstream uri: {e}")))?;
+                parts.version = Version::HTTP_2;
+                let sent = client.request(Request::from_parts(parts, body));
+                match tokio::time::timeout(prep.timeout, sent).await {
+                    Err(_) => return Err(ProxyError::Timeout),
+                    Ok(Err(e)) => return Err(ProxyError::from_client(e)),
+                    Ok(Ok(r)) => r.map(RespBody::Streamed),
+                }
+            }
+        };
+        let switched = match client_upgrade {
+            Some(down) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(down, up));
+                resp.headers().get(header::UPGRADE).cloned()
+            }
+            _ => None,
+        };
+        let (mut parts, body) = resp.into_parts();
+        hdr::strip_hop_by_hop(&mut parts.headers, false);
+        if let Some(u) = switched {
+            parts.headers.insert(header::UPGRADE, u);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        hdr::edit(
+            &mut parts.headers,
+            &prep.remove_response,
+            &prep.add_response,
+            &ctx,
+            None,
+        );
+        if self.settings.debug_headers {
+            parts
+                .headers
+                .insert(hdr::X_LEGATE_ROUTE.clone(), prep.label.clone());
+            parts
+                .headers
+                .insert(hdr::X_LEGATE_REVISION.clone(), snap.revision.clone());
+        }
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// Copy bytes both ways between an upgraded client connection and upstream connection.
+async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(down, up) {
+        Ok((d, u)) => {
+            let mut d = hyper_util::rt::TokioIo::new(d);
+            let mut u = hyper_util::rt::TokioIo::new(u);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}
+
+/// A small local response.
+fn local(status: StatusCode, body: Bytes) -> Response<RespBody> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r
+}
+
+/// The host name of an authority: port and userinfo removed, lowercase.
+fn host_name(authority: &str) -> Cow<'_, str> {
+    let a = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let h = if a.starts_with('[') {
+        // `[v6]:port`: keep the brackets, which is how Host patterns spell IPv6.
+        a.find(']').map_or(a, |i| &a[..=i])
+    } else {
+        a.rsplit_once(':').map_or(a, |(h, _)| h)
+    };
+    let h = h.strip_suffix('.').unwrap_or(h);
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(h)
+    }
+}
+
+/// The path and query sent upstream (the rewrite itself lives in `routes`, shared with route
+/// tests).
+fn rewrite_path(
+    route: &Route,
+    path: &str,
+    query: Option<&str>,
+) -> Result<PathAndQuery, ProxyError> {
+    let new = route
+        .upstream_path(path, query)
+        .ok_or_else(|| ProxyError::Internal("not a forwarding route".into()))?;
+    PathAndQuery::from_maybe_shared(Bytes::from(new))
+        .map_err(|_| ProxyError::Internal("rewritten path is not a valid URI path".into()))
+}
+
+/// `Location` of a Mapping redirect (computed in `routes`, shared with route tests).
+fn redirect_location(
+    route: &Route,
+    path: &str,
+    query: Option<&str>,
+    authority: &str,
+    tls: bool,
+) -> Result<(StatusCode, HeaderValue), ProxyError> {
+    let scheme = if tls { "https" } else { "http" };
+    let (status, loc) = route
+        .redirect_location(scheme, authority, path, query)
+        .ok_or_else(|| ProxyError::Internal("not a redirecting route".into()))?;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    let loc = HeaderValue::from_str(&loc)
+        .map_err(|_| ProxyError::Internal("redirect location".into()))?;
+    Ok((status, loc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_name;
+
+    #[test]
+    fn host_names() {
+        assert_eq!(host_name("Example.COM:8080"), "example.com");
+        assert_eq!(host_name("example.com"), "example.com");
+        assert_eq!(host_name("[::1]:80"), "[::1]");
+        assert_eq!(host_name("u@h.test:1"), "h.test");
+        assert_eq!(host_name("h.test."), "h.test");
+    }
+}

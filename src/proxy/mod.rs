@@ -1,0 +1,425 @@
+//! The proxy: listeners, connections, and the per-request path from a request to an upstream
+//! response or a local answer (redirect, 404, error).
+//!
+//! Owns: the one pointer to the current [`Snapshot`] (graph + what the request path derives from
+//! it: parsed upstream authorities, header values, TLS certificates), the HTTP server (hyper 1,
+//! HTTP/1.1 and h2/h2c), the pooled upstream clients, limits, and the mapping of every failure to
+//! a response (`error`). Must not parse or compile configuration (that is `config`) nor match
+//! routes itself (that is `routes`): it asks the graph and does what the route says. A request
+//! reads the snapshot once at its start and finishes on it, so a swap never disturbs it.
+
+mod body;
+mod client;
+pub mod echo;
+mod error;
+mod handle;
+mod headers;
+mod path;
+mod pool;
+mod server;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::header::{HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme as UriScheme};
+
+use crate::routes::{Action, Graph, Scheme};
+use crate::tls::{CertSource, CertTable, SecretStore};
+
+pub use client::{Lookup, SystemLookup};
+pub use error::{ProxyError, SetupError};
+pub use server::{Listeners, Running};
+
+/// Limits applied to every downstream connection and request.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Sum of header name and value bytes of one request (431 above it).
+    pub max_header_bytes: usize,
+    /// Number of header fields of one request (431 above it).
+    pub max_headers: usize,
+    /// Length of the request target (path and query, plus authority in absolute form; 414).
+    pub max_uri_bytes: usize,
+    /// Request body size (413 above it); `None`: unlimited.
+    pub max_body_bytes: Option<u64>,
+    /// Time to receive a complete request head (and a TLS handshake); the connection is closed.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed gracefully.
+    pub idle_timeout: Duration,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_h2_streams: u32,
+    /// Open downstream connections over all listeners; more are refused (closed at accept).
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_uri_bytes: 8 * 1024,
+            max_body_bytes: None,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_h2_streams: 100,
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// How the proxy behaves, independent of the route graph.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How many proxies in front of Legate may have appended to `X-Forwarded-For`; 0 distrusts
+    /// the client's header entirely.
+    pub xff_trusted_hops: usize,
+    /// Add `x-legate-route` and `x-legate-revision` to responses.
+    pub debug_headers: bool,
+    /// Request timeout of Mappings without `timeout_ms` (Emissary's default: 3000 ms).
+    pub default_timeout: Duration,
+    /// Port written in insecure-redirect `Location`s (443 is omitted).
+    pub https_redirect_port: u16,
+    pub limits: Limits,
+    /// Directory of Kubernetes-style mounted Secrets (`<name>/tls.crt`, `<name>/tls.key`).
+    pub secrets_dir: Option<PathBuf>,
+    /// Secret served when the SNI matches no Host with a certificate; `None`: handshake fails.
+    pub default_cert: Option<String>,
+    /// PEM bundle of CAs trusted for `https://` upstreams, in addition to the webpki roots.
+    pub upstream_ca: Option<PathBuf>,
+    /// How long resolved upstream addresses are used before a new lookup.
+    pub dns_ttl: Duration,
+    /// Name lookups for upstreams (default: the system resolver). Tests inject their own.
+    pub lookup: Arc<dyn Lookup>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            xff_trusted_hops: 0,
+            debug_headers: false,
+            default_timeout: Duration::from_millis(3000),
+            https_redirect_port: 443,
+            limits: Limits::default(),
+            secrets_dir: None,
+            default_cert: None,
+            upstream_ca: None,
+            dns_ttl: Duration::from_secs(30),
+            lookup: Arc::new(client::SystemLookup),
+        }
+    }
+}
+
+impl crate::reconcile::GraphSink for Proxy {
+    fn swap(&self, graph: Arc<Graph>) {
+        Proxy::swap(self, graph)
+    }
+}
+
+impl crate::reconcile::ErrorCounter for Proxy {
+    fn gateway_errors(&self) -> u64 {
+        Proxy::gateway_errors(self)
+    }
+}
+
+/// Everything a request reads, built once per graph (or per certificate change).
+pub(crate) struct Snapshot {
+    pub graph: Arc<Graph>,
+    /// Indexed by `RouteId`; `None` for redirects.
+    pub routes: Vec<Option<Prepared>>,
+    pub certs: CertTable,
+    /// `x-legate-revision` value.
+    pub revision: HeaderValue,
+    /// Whether any Host redirects or rejects plain HTTP (else that lookup is skipped).
+    pub any_insecure_policy: bool,
+}
+
+/// A header to add, parsed once.
+#[derive(Debug, Clone)]
+pub(crate) struct HeaderOp {
+    pub name: HeaderName,
+    pub value: HeaderValue,
+    pub append: bool,
+    /// The value holds `%VARIABLE%`s substituted per request (see `headers::substitute`).
+    pub template: bool,
+}
+
+/// A `Forward` route with its header names, values and upstream address pre-parsed.
+pub(crate) struct Prepared {
+    pub scheme: UriScheme,
+    pub authority: Authority,
+    pub upstream: UpstreamClient,
+    pub http2: bool,
+    /// Host header sent upstream (`host_rewrite`, or the upstream with `auto_host_rewrite`).
+    pub host_header: Option<HeaderValue>,
+    pub add_request: Vec<HeaderOp>,
+    pub remove_request: Vec<HeaderName>,
+    pub add_response: Vec<HeaderOp>,
+    pub remove_response: Vec<HeaderName>,
+    pub timeout: Duration,
+    /// Upgrade protocols allowed (lowercase), e.g. `websocket`.
+    pub allow_upgrade: Vec<String>,
+    /// `namespace/name`, for `x-legate-route`.
+    pub label: HeaderValue,
+}
+
+/// How a route reaches its upstream.
+#[derive(Clone)]
+pub(crate) enum UpstreamClient {
+    /// HTTP/1.1: Legate's own pool for this upstream.
+    H1(Arc<pool::HostPool>),
+    /// HTTP/2 (`grpc`): hyper-util's client, one multiplexed connection.
+    H2(Box<client::Client>),
+}
+
+/// The gateway's request path and its current snapshot. Cheap to share: `Arc<Proxy>`.
+pub struct Proxy {
+    shared: Arc<ArcSwap<Snapshot>>,
+    settings: Settings,
+    secrets: SecretStore,
+    clients: client::Clients,
+    /// Serializes snapshot builds (swap and certificate refresh); readers never take it.
+    writer: Mutex<()>,
+    builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    loaded: std::sync::atomic::AtomicBool,
+    /// Gateway-made upstream failures (502/503/504), for the reconciler's verification window.
+    gateway_errors: std::sync::atomic::AtomicU64,
+    /// Requests under a reserved path prefix answered in-process (webhooks on the proxy
+    /// listeners), set once at startup.
+    local: std::sync::OnceLock<(String, Arc<dyn LocalService>)>,
+}
+
+/// An in-process handler for a reserved path prefix on the proxy listeners.
+pub trait LocalService: Send + Sync + 'static {
+    fn call(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<bytes::Bytes>> + Send>>;
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("revision", &self.shared.load().revision)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// A proxy serving an empty graph until [`Proxy::swap`] is called.
+    pub fn new(settings: Settings) -> Result<Arc<Proxy>, SetupError> {
+        let resolver = client::Resolver::new(settings.lookup.clone(), settings.dns_ttl);
+        let clients = client::Clients::new(settings.upstream_ca.as_deref(), resolver)?;
+        let secrets = SecretStore::new(settings.secrets_dir.clone());
+        let builder = server::http_builder(&settings.limits);
+        let proxy = Proxy {
+            shared: Arc::new(ArcSwap::from_pointee(Snapshot {
+                graph: Graph::empty(),
+                routes: Vec::new(),
+                certs: CertTable::default(),
+                revision: HeaderValue::from_static(""),
+                any_insecure_policy: false,
+            })),
+            settings,
+            secrets,
+            clients,
+            writer: Mutex::new(()),
+            builder,
+            loaded: std::sync::atomic::AtomicBool::new(false),
+            gateway_errors: std::sync::atomic::AtomicU64::new(0),
+            local: std::sync::OnceLock::new(),
+        };
+        Ok(Arc::new(proxy))
+    }
+
+    /// Make `graph` the one that new requests see. In-flight requests finish on their graph.
+    pub fn swap(&self, graph: Arc<Graph>) {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let snap = self.build(graph);
+        self.shared.store(Arc::new(snap));
+        self.loaded
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Serve requests whose path starts with `prefix` (e.g. `/.legate/hooks/`) with `svc`
+    /// instead of routing them. Only the first call takes effect.
+    pub fn set_local(&self, prefix: impl Into<String>, svc: Arc<dyn LocalService>) {
+        let _ = self.local.set((prefix.into(), svc));
+    }
+
+    /// Gateway-made upstream failures so far (502, 503, 504).
+    pub fn gateway_errors(&self) -> u64 {
+        self.gateway_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The graph new requests see.
+    pub fn graph(&self) -> Arc<Graph> {
+        self.shared.load().graph.clone()
+    }
+
+    /// Whether a graph has been swapped in (readiness).
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Reload certificates whose files changed under the secrets directory; returns whether
+    /// anything changed. Listeners keep running: the rustls resolver reads the new snapshot.
+    pub fn refresh_certs(&self) -> bool {
+        if !self.secrets.changed() {
+            return false;
+        }
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.shared.load_full();
+        let certs = CertTable::build(
+            &cur.graph,
+            &self.secrets,
+            self.settings.default_cert.as_deref(),
+        );
+        let snap = Snapshot {
+            graph: cur.graph.clone(),
+            routes: cur.routes.clone(),
+            certs,
+            revision: cur.revision.clone(),
+            any_insecure_policy: cur.any_insecure_policy,
+        };
+        self.shared.store(Arc::new(snap));
+        tracing::info!("reloaded TLS certificates after a change under the secrets directory");
+        true
+    }
+
+    /// The certificate source for the TLS listener's resolver.
+    pub fn cert_source(&self) -> Arc<dyn CertSource> {
+        Arc::new(SnapshotCerts(self.shared.clone()))
+    }
+
+    fn build(&self, graph: Arc<Graph>) -> Snapshot {
+        let mut routes = Vec::with_capacity(graph.routes.len());
+        for route in &graph.routes {
+            let prepared = match &route.action {
+                Action::Forward(f) => Some(self.prepare(route, f)),
+                Action::Redirect(_) => None,
+            };
+            routes.push(prepared);
+        }
+        let certs = CertTable::build(&graph, &self.secrets, self.settings.default_cert.as_deref());
+        let short = graph.hash.get(..12).unwrap_or(&graph.hash);
+        Snapshot {
+            revision: HeaderValue::from_str(short).unwrap_or(HeaderValue::from_static("")),
+            any_insecure_policy: graph
+                .hosts
+                .iter()
+                .any(|h| h.insecure != crate::routes::InsecureAction::Route),
+            routes,
+            certs,
+            graph,
+        }
+    }
+
+    fn prepare(&self, route: &crate::routes::Route, f: &crate::routes::Forward) -> Prepared {
+        let authority_str = f.upstream.authority();
+        // A compiled Upstream is always a valid authority; the fallback is unreachable in practice.
+        let authority = Authority::try_from(authority_str.as_str())
+            .unwrap_or_else(|_| Authority::from_static("invalid.invalid"));
+        let host_header = if let Some(h) = &f.host_rewrite {
+            HeaderValue::from_str(h).ok()
+        } else if f.auto_host_rewrite {
+            HeaderValue::from_str(&authority_str).ok()
+        } else {
+            None
+        };
+        let ops = |list: &[crate::routes::AddHeader]| -> Vec<HeaderOp> {
+            list.iter()
+                .filter_map(|h| {
+                    let parsed = HeaderName::from_bytes(h.name.as_bytes())
+                        .ok()
+                        .zip(HeaderValue::from_str(&h.value).ok());
+                    if parsed.is_none() {
+                        tracing::warn!(route = %route.name, header = %h.name, "skipping an invalid header");
+                    }
+                    parsed.map(|(name, value)| HeaderOp {
+                        name,
+                        template: h.value.matches('%').count() >= 2,
+                        value,
+                        append: h.append,
+                    })
+                })
+                .collect()
+        };
+        let names = |list: &[String]| -> Vec<HeaderName> {
+            list.iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+                .collect()
+        };
+        Prepared {
+            scheme: match f.upstream.scheme {
+                Scheme::Http => UriScheme::HTTP,
+                Scheme::Https => UriScheme::HTTPS,
+            },
+            authority,
+            upstream: if f.http2 {
+                UpstreamClient::H2(Box::new(self.clients.get(
+                    true,
+                    f.connect_timeout,
+                    f.idle_timeout,
+                )))
+            } else {
+                UpstreamClient::H1(self.clients.pool(
+                    &f.upstream,
+                    f.connect_timeout,
+                    f.idle_timeout,
+                ))
+            },
+            http2: f.http2,
+            host_header,
+            add_request: ops(&f.add_request_headers),
+            remove_request: names(&f.remove_request_headers),
+            add_response: ops(&f.add_response_headers),
+            remove_response: names(&f.remove_response_headers),
+            timeout: f.timeout.unwrap_or(self.settings.default_timeout),
+            allow_upgrade: f.allow_upgrade.clone(),
+            label: HeaderValue::from_str(&format!("{}/{}", route.namespace, route.name))
+                .unwrap_or(HeaderValue::from_static("-")),
+        }
+    }
+}
+
+impl Clone for Prepared {
+    fn clone(&self) -> Self {
+        Prepared {
+            scheme: self.scheme.clone(),
+            authority: self.authority.clone(),
+            upstream: self.upstream.clone(),
+            http2: self.http2,
+            host_header: self.host_header.clone(),
+            add_request: self.add_request.clone(),
+            remove_request: self.remove_request.clone(),
+            add_response: self.add_response.clone(),
+            remove_response: self.remove_response.clone(),
+            timeout: self.timeout,
+            allow_upgrade: self.allow_upgrade.clone(),
+            label: self.label.clone(),
+        }
+    }
+}
+
+/// Hands the rustls resolver the certificates of the snapshot current at handshake time.
+struct SnapshotCerts(Arc<ArcSwap<Snapshot>>);
+
+impl std::fmt::Debug for SnapshotCerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SnapshotCerts")
+    }
+}
+
+impl CertSource for SnapshotCerts {
+    fn resolve(&self, sni: Option<&str>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let snap = self.0.load();
+        snap.certs.resolve(&snap.graph, sni)
+    }
+}

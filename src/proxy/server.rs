@@ -1,0 +1,304 @@
+//! Listeners and connections: accept (with the connection limit), TLS handshake, hyper's
+//! HTTP/1.1 + HTTP/2 server (h2c by prior knowledge on the plain listener, ALPN on TLS), the idle
+//! timeout, and graceful shutdown (stop accepting, let connections finish, up to a deadline).
+//!
+//! A client that asks for `Upgrade: h2c` over HTTP/1.1 is answered over HTTP/1.1: the upgrade
+//! header is hop-by-hop and ignored, which RFC 9110 allows.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use super::handle::ConnInfo;
+use super::{Limits, Proxy, SetupError};
+
+/// hyper's server builder with the limits applied.
+pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // hyper's read buffer bounds the head; the exact header limits are checked per request (so
+    // "at the limit" passes and "one past" gets 431), this only has to be roomy enough.
+    let buf =
+        (limits.max_header_bytes + limits.max_uri_bytes + 4 * limits.max_headers + 4096).max(8192);
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(buf)
+        .max_headers(limits.max_headers + 1)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_h2_streams)
+        .max_header_list_size(
+            (limits.max_header_bytes + 32 * limits.max_headers + limits.max_uri_bytes) as u32,
+        )
+        .max_pending_accept_reset_streams(Some(200))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// The sockets to serve. `https` needs a TLS server config (see `tls::server_config`).
+pub struct Listeners {
+    pub http: Option<TcpListener>,
+    pub https: Option<(TcpListener, Arc<rustls::ServerConfig>)>,
+}
+
+/// A started proxy. Dropping it does not stop it; call [`Running::shutdown`].
+pub struct Running {
+    pub http_addr: Option<SocketAddr>,
+    pub https_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+    accepts: Vec<JoinHandle<()>>,
+    conns: Arc<Semaphore>,
+    max_conns: u32,
+}
+
+impl Running {
+    /// Stop accepting, ask every connection to finish (HTTP/1.1: after the current response;
+    /// HTTP/2: GOAWAY), wait for them up to `deadline`. Returns whether all of them finished.
+    pub async fn shutdown(self, deadline: Duration) -> bool {
+        let _ = self.stop.send(true);
+        for a in self.accepts {
+            let _ = a.await;
+        }
+        let drained = tokio::time::timeout(deadline, self.conns.acquire_many(self.max_conns))
+            .await
+            .is_ok();
+        if !drained {
+            tracing::warn!("drain deadline passed with connections still open");
+        }
+        drained
+    }
+
+    /// Open downstream connections.
+    pub fn open_connections(&self) -> usize {
+        self.max_conns as usize - self.conns.available_permits()
+    }
+}
+
+impl Proxy {
+    /// Serve the given listeners until [`Running::shutdown`].
+    pub fn start(self: &Arc<Self>, listeners: Listeners) -> Result<Running, SetupError> {
+        let max_conns = self
+            .settings
+            .limits
+            .max_connections
+            .clamp(1, u32::MAX as usize >> 4) as u32;
+        let conns = Arc::new(Semaphore::new(max_conns as usize));
+        let (stop, stop_rx) = watch::channel(false);
+        let mut accepts = Vec::new();
+        let local = |l: &TcpListener| {
+            l.local_addr().map_err(|source| SetupError::Bind {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })
+        };
+        let mut http_addr = None;
+        let mut https_addr = None;
+        if let Some(l) = listeners.http {
+            http_addr = Some(local(&l)?);
+            accepts.push(tokio::spawn(self.clone().accept_loop(
+                l,
+                None,
+                conns.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        if let Some((l, cfg)) = listeners.https {
+            https_addr = Some(local(&l)?);
+            accepts.push(tokio::spawn(self.clone().accept_loop(
+                l,
+                Some(TlsAcceptor::from(cfg)),
+                conns.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        Ok(Running {
+            http_addr,
+            https_addr,
+            stop,
+            accepts,
+            conns,
+            max_conns,
+        })
+    }
+
+    async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<TlsAcceptor>,
+        conns: Arc<Semaphore>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = stop.changed() => return,
+            };
+            let (stream, remote) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; never exit the loop.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = conns.clone().try_acquire_owned() else {
+                tracing::debug!(%remote, "connection refused: --max-connections reached");
+                drop(stream);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let proxy = self.clone();
+            let tls = tls.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                proxy.serve_conn(stream, remote, tls, stop).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve_conn(
+        self: Arc<Self>,
+        stream: TcpStream,
+        remote: SocketAddr,
+        tls: Option<TlsAcceptor>,
+        stop: watch::Receiver<bool>,
+    ) {
+        let info = ConnInfo {
+            remote,
+            tls: tls.is_some(),
+        };
+        match tls {
+            None => self.serve_io(TokioIo::new(stream), info, stop).await,
+            Some(acceptor) => {
+                let hs = tokio::time::timeout(
+                    self.settings.limits.header_read_timeout,
+                    acceptor.accept(stream),
+                )
+                .await;
+                match hs {
+                    Ok(Ok(s)) => self.serve_io(TokioIo::new(s), info, stop).await,
+                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                }
+            }
+        }
+    }
+
+    async fn serve_io<I>(self: Arc<Self>, io: I, info: ConnInfo, mut stop: watch::Receiver<bool>)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let activity = Arc::new(Activity::new());
+        let svc = {
+            let proxy = self.clone();
+            let activity = activity.clone();
+            service_fn(move |req| {
+                let proxy = proxy.clone();
+                let activity = activity.clone();
+                async move {
+                    // A guard, so a request cancelled by a client reset still counts as ended.
+                    let _busy = activity.begin();
+                    Ok::<_, Infallible>(proxy.handle(req, info).await)
+                }
+            })
+        };
+        let conn = self.builder.serve_connection_with_upgrades(io, svc);
+        tokio::pin!(conn);
+        let idle = self.settings.limits.idle_timeout;
+        let idle_timer = tokio::time::sleep(idle);
+        tokio::pin!(idle_timer);
+        let mut closing = *stop.borrow();
+        if closing {
+            conn.as_mut().graceful_shutdown();
+        }
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(remote = %info.remote, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = stop.changed(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = &mut idle_timer, if !closing => {
+                    match activity.idle_deadline(idle) {
+                        None => {
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        Some(at) => idle_timer.as_mut().reset(at.into()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Requests in flight on a connection and when the last one ended, for the idle timeout.
+struct Activity {
+    base: Instant,
+    inflight: AtomicUsize,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            base: Instant::now(),
+            inflight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    fn end(&self) {
+        self.last_ms
+            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// `None` when the connection has been idle for `idle`; else when to look again.
+    fn idle_deadline(&self, idle: Duration) -> Option<Instant> {
+        let now = Instant::now();
+        if self.inflight.load(Ordering::Relaxed) > 0 {
+            return Some(now + idle);
+        }
+        let last = self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        let at = last + idle;
+        if at <= now {
+            None
+        } else {
+            Some(at)
+        }
+    }
+}
+
+/// One request in flight on a connection; ends it when dropped.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}

@@ -1,0 +1,284 @@
+//! TLS termination: certificates from Kubernetes-style mounted Secrets and the rustls resolver
+//! that picks one per handshake by SNI.
+//!
+//! Owns: reading `<secrets-dir>/<name>/tls.{crt,key}` (with an mtime cache, so a rotated Secret
+//! is noticed without a commit), the per-graph [`CertTable`] (one certificate per Host, plus the
+//! default), and the rustls `ServerConfig`. Must not bind sockets or rebuild listeners: the
+//! proxy swaps a new table in with its snapshot and the resolver reads whatever is current.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::routes::Graph;
+
+/// Why a Secret's certificate could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("no --secrets-dir is configured, so secret `{0}` cannot be read")]
+    NoSecretsDir(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCert { path: PathBuf },
+    #[error("{path} holds no usable PEM private key")]
+    NoKey { path: PathBuf },
+    #[error("secret `{name}`: {source}")]
+    Key { name: String, source: rustls::Error },
+}
+
+/// Modification times of `tls.crt` and `tls.key`.
+type Stamp = (Option<SystemTime>, Option<SystemTime>);
+
+#[derive(Clone)]
+struct Cached {
+    stamp: Stamp,
+    key: Arc<CertifiedKey>,
+}
+
+/// Reads Secrets from disk and remembers what it read, keyed by secret name.
+pub struct SecretStore {
+    dir: Option<PathBuf>,
+    cache: Mutex<HashMap<String, Cached>>,
+}
+
+impl fmt::Debug for SecretStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretStore")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    // `metadata` follows symlinks: Kubernetes swaps a `..data` symlink on rotation.
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+impl SecretStore {
+    pub fn new(dir: Option<PathBuf>) -> SecretStore {
+        SecretStore {
+            dir,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn paths(&self, name: &str) -> Result<(PathBuf, PathBuf), TlsError> {
+        let dir = self
+            .dir
+            .as_ref()
+            .ok_or_else(|| TlsError::NoSecretsDir(name.to_string()))?;
+        let d = dir.join(name);
+        Ok((d.join("tls.crt"), d.join("tls.key")))
+    }
+
+    /// The certificate of secret `name`, from the cache when its files did not change.
+    pub fn load(&self, name: &str) -> Result<Arc<CertifiedKey>, TlsError> {
+        let (crt, key) = self.paths(name)?;
+        let stamp = (mtime(&crt), mtime(&key));
+        if let Some(c) = self.lock().get(name) {
+            if c.stamp == stamp && stamp.0.is_some() {
+                return Ok(c.key.clone());
+            }
+        }
+        let loaded = Arc::new(load_pair(name, &crt, &key)?);
+        self.lock().insert(
+            name.to_string(),
+            Cached {
+                stamp,
+                key: loaded.clone(),
+            },
+        );
+        Ok(loaded)
+    }
+
+    /// Whether a cached secret's files changed on disk since they were read.
+    pub fn changed(&self) -> bool {
+        let names: Vec<(String, Stamp)> = self
+            .lock()
+            .iter()
+            .map(|(n, c)| (n.clone(), c.stamp))
+            .collect();
+        names
+            .into_iter()
+            .any(|(name, stamp)| match self.paths(&name) {
+                Ok((crt, key)) => (mtime(&crt), mtime(&key)) != stamp,
+                Err(_) => false,
+            })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cached>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn load_pair(name: &str, crt: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| TlsError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let crt_pem = read(crt)?;
+    let key_pem = read(key)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&crt_pem)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(TlsError::NoCert {
+            path: crt.to_path_buf(),
+        });
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey {
+        path: key.to_path_buf(),
+    })?;
+    let provider = rustls::crypto::ring::default_provider();
+    CertifiedKey::from_der(certs, key_der, &provider).map_err(|source| TlsError::Key {
+        name: name.to_string(),
+        source,
+    })
+}
+
+/// The certificates of one graph: one per Host (by index in `Graph::hosts`) and the default.
+#[derive(Default, Clone)]
+pub struct CertTable {
+    by_host: Vec<Option<Arc<CertifiedKey>>>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl fmt::Debug for CertTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertTable")
+            .field(
+                "hosts",
+                &self.by_host.iter().filter(|c| c.is_some()).count(),
+            )
+            .field("default", &self.default.is_some())
+            .finish()
+    }
+}
+
+impl CertTable {
+    /// Load (or reuse) the certificate of every Host with a `tlsSecret`. A Secret that cannot be
+    /// read is logged and leaves its Host without a certificate (its handshakes fail or get the
+    /// default), so one bad Secret never takes the others down.
+    pub fn build(graph: &Graph, store: &SecretStore, default: Option<&str>) -> CertTable {
+        let by_host = graph
+            .hosts
+            .iter()
+            .map(|h| {
+                let secret = h.tls_secret.as_ref()?;
+                match store.load(&secret.name) {
+                    Ok(k) => Some(k),
+                    Err(e) => {
+                        tracing::error!(host = %h.hostname, error = %e, "TLS certificate unavailable");
+                        None
+                    }
+                }
+            })
+            .collect();
+        let default = default.and_then(|name| match store.load(name) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::error!(error = %e, "default TLS certificate unavailable");
+                None
+            }
+        });
+        CertTable { by_host, default }
+    }
+
+    /// The certificate for a handshake with this SNI (`None`: the client sent none).
+    pub fn resolve(&self, graph: &Graph, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = sni {
+            let lower;
+            let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+                lower = name.to_ascii_lowercase();
+                &lower
+            } else {
+                name
+            };
+            if let Some(host) = graph.host_for(name) {
+                // `host_for` returns a reference into `graph.hosts`: recover its index.
+                let idx = (host as *const _ as usize - graph.hosts.as_ptr() as usize)
+                    / std::mem::size_of::<crate::routes::HostRoute>().max(1);
+                if let Some(Some(k)) = self.by_host.get(idx) {
+                    return Some(k.clone());
+                }
+            }
+        }
+        self.default.clone()
+    }
+}
+
+/// Where the resolver gets the current certificates from.
+pub trait CertSource: Send + Sync + fmt::Debug {
+    fn resolve(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>>;
+}
+
+/// The rustls resolver: asks the current snapshot at every handshake.
+#[derive(Debug)]
+pub struct Resolver(pub Arc<dyn CertSource>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.resolve(hello.server_name())
+    }
+}
+
+/// The server config of the HTTPS listener: HTTP/2 and HTTP/1.1 by ALPN, ring crypto.
+pub fn server_config(source: Arc<dyn CertSource>) -> Result<rustls::ServerConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Resolver(source)));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// The client config for `https://` upstreams: webpki roots plus an optional extra CA bundle.
+pub fn client_config(
+    extra_ca: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut n = 0;
+        for c in CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok) {
+            if roots.add(c).is_ok() {
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Err(TlsError::NoCert {
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Key {
+            name: "client".into(),
+            source,
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
+}

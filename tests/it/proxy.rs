@@ -1,0 +1,1126 @@
+//! The proxy end to end: the real gateway on 127.0.0.1:0, real upstreams, real clients (hyper,
+//! raw TCP, curl). Each routing rule and action, rewrites, redirects, headers, errors, TLS/SNI,
+//! HTTP/2, limits at their value and one past, streaming, reload under load, shutdown.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use legate::proxy::{Limits, Settings};
+
+use crate::support::*;
+
+fn settings_with(f: impl FnOnce(&mut Settings)) -> Settings {
+    let mut s = Settings::default();
+    f(&mut s);
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_exact_regex_and_no_route() {
+    let up = Upstream::start("a").await;
+    let svc = up.service();
+    let yaml = [
+        mapping("pre", &format!("hostname: '*'\nprefix: /pre/\nservice: {svc}")),
+        mapping(
+            "exact",
+            &format!("hostname: '*'\nprefix: /exact\nprefix_exact: true\nservice: {svc}\nrewrite: /was-exact"),
+        ),
+        mapping(
+            "rx",
+            &format!(
+                "hostname: '*'\nprefix: '/api/v[0-9]+/items/.*'\nprefix_regex: true\nservice: {svc}\nregex_rewrite:\n  pattern: '^/api/v([0-9]+)/items/(.*)$'\n  substitution: '/items/\\2/v\\1'"
+            ),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+
+    // Prefix with the default rewrite "/": the matched prefix is replaced.
+    let r = get(&gw.url("/pre/a/b?x=1"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["path"], "/a/b");
+    assert_eq!(r.json()["query"], "x=1");
+
+    // Exact: only the exact path; the whole path is the matched part of the rewrite.
+    let r = get(&gw.url("/exact"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["path"], "/was-exact");
+    assert_eq!(get(&gw.url("/exact/more"), &[]).await.status, 404);
+
+    // Regex: the whole path must match; regex_rewrite with capture groups.
+    let r = get(&gw.url("/api/v2/items/abc"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["path"], "/items/abc/v2");
+    assert_eq!(get(&gw.url("/api/vX/items/abc"), &[]).await.status, 404);
+
+    // No route: 404 with a short body.
+    let r = get(&gw.url("/nothing/here"), &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body, "no route\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_is_normalized_once_and_forwarded_normalized() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "keep",
+        &format!(
+            "hostname: '*'\nprefix: /app/\nservice: {}\nrewrite: ''",
+            up.service()
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let resp = raw(
+        gw.http,
+        b"GET /x/../app//a/./b%2F..%2Fc HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // Dot segments and duplicate slashes removed; the encoded slashes stay encoded.
+    assert!(resp.contains(r#""path":"/app/a/b%2F..%2Fc""#), "{resp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_query_method_case_and_precedence() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let (sa, sb) = (a.service(), b.service());
+    let yaml = [
+        mapping("base", &format!("hostname: '*'\nprefix: /r/\nservice: {sa}")),
+        mapping("hdr", &format!("hostname: '*'\nprefix: /r/\nheaders:\n  x-v: two\nservice: {sb}")),
+        mapping(
+            "rxhdr",
+            &format!("hostname: '*'\nprefix: /r/\nregex_headers:\n  x-tier: '^(gold|platinum)$'\nservice: {sb}"),
+        ),
+        mapping("q", &format!("hostname: '*'\nprefix: /q/\nquery_parameters:\n  mode: preview\nservice: {sb}")),
+        mapping("qbase", &format!("hostname: '*'\nprefix: /q/\nservice: {sa}")),
+        mapping("post", &format!("hostname: '*'\nprefix: /m/\nmethod: POST\nservice: {sb}")),
+        mapping("mbase", &format!("hostname: '*'\nprefix: /m/\nservice: {sa}")),
+        mapping("ci", &format!("hostname: '*'\nprefix: /CaSe/\ncase_sensitive: false\nservice: {sb}")),
+        mapping("cs", &format!("hostname: '*'\nprefix: /Strict/\nservice: {sb}")),
+        mapping("long", &format!("hostname: '*'\nprefix: /p/long/\nservice: {sa}")),
+        mapping("prec", &format!("hostname: '*'\nprefix: /p/\nprecedence: 10\nservice: {sb}")),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    let up = |r: &Got| r.json()["upstream"].as_str().unwrap().to_string();
+
+    assert_eq!(up(&get(&gw.url("/r/x"), &[]).await), "a");
+    assert_eq!(up(&get(&gw.url("/r/x"), &[("x-v", "two")]).await), "b");
+    assert_eq!(up(&get(&gw.url("/r/x"), &[("x-v", "three")]).await), "a");
+    assert_eq!(up(&get(&gw.url("/r/x"), &[("x-tier", "gold")]).await), "b");
+    assert_eq!(
+        up(&get(&gw.url("/r/x"), &[("x-tier", "golden")]).await),
+        "a"
+    );
+
+    assert_eq!(up(&get(&gw.url("/q/x?mode=preview"), &[]).await), "b");
+    assert_eq!(up(&get(&gw.url("/q/x?a=1&mode=preview"), &[]).await), "b");
+    assert_eq!(up(&get(&gw.url("/q/x?mode=live"), &[]).await), "a");
+
+    assert_eq!(up(&send("POST", &gw.url("/m/x"), &[], empty()).await), "b");
+    assert_eq!(up(&get(&gw.url("/m/x"), &[]).await), "a");
+
+    assert_eq!(up(&get(&gw.url("/case/x"), &[]).await), "b");
+    assert_eq!(up(&get(&gw.url("/CASE/x"), &[]).await), "b");
+    assert_eq!(up(&get(&gw.url("/Strict/x"), &[]).await), "b");
+    assert_eq!(get(&gw.url("/strict/x"), &[]).await.status, 404);
+
+    // Higher precedence wins over a longer prefix.
+    assert_eq!(up(&get(&gw.url("/p/long/x"), &[]).await), "b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_association_and_hostname_fallback() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let (sa, sb) = (a.service(), b.service());
+    let yaml = [
+        host(
+            "shop",
+            "shop.test",
+            "requestPolicy:\n  insecure:\n    action: Route",
+        ),
+        // Labelled, no hostname: served only through the Host that selects it.
+        mapping("labelled", &format!("prefix: /l/\nservice: {sa}")),
+        // Own hostname: served on unknown authorities that match it (Legate's fallback).
+        mapping(
+            "byname",
+            &format!("hostname: '*.fallback.test'\nprefix: /f/\nservice: {sb}"),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    let r = get(&gw.url("/l/x"), &[("host", "shop.test")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["upstream"], "a");
+    // Authority case and port do not matter.
+    assert_eq!(
+        get(&gw.url("/l/x"), &[("host", "SHOP.test:8080")])
+            .await
+            .status,
+        200
+    );
+    // Unknown authority: the labelled Mapping (no hostname) is not served.
+    assert_eq!(
+        get(&gw.url("/l/x"), &[("host", "other.test")]).await.status,
+        404
+    );
+    // Unknown authority matching a Mapping's own hostname glob: served.
+    let r = get(&gw.url("/f/x"), &[("host", "a.fallback.test")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["upstream"], "b");
+    assert_eq!(
+        get(&gw.url("/f/x"), &[("host", "fallback.test")])
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewrites_and_host_header() {
+    let up = Upstream::start("a").await;
+    let svc = up.service();
+    let yaml = [
+        mapping(
+            "keep",
+            &format!("hostname: '*'\nprefix: /keep/\nservice: {svc}\nrewrite: ''"),
+        ),
+        mapping(
+            "pre",
+            &format!("hostname: '*'\nprefix: /pre/\nservice: {svc}\nrewrite: /new/"),
+        ),
+        mapping(
+            "hr",
+            &format!("hostname: '*'\nprefix: /hr/\nservice: {svc}\nhost_rewrite: internal.test"),
+        ),
+        mapping(
+            "auto",
+            &format!("hostname: '*'\nprefix: /auto/\nservice: {svc}\nauto_host_rewrite: true"),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    let r = get(&gw.url("/keep/a"), &[("host", "front.test")]).await;
+    assert_eq!(r.json()["path"], "/keep/a");
+    // Default: the client's Host is preserved.
+    assert_eq!(r.seen("host").as_deref(), Some("front.test"));
+    assert_eq!(
+        get(&gw.url("/pre/a/b"), &[]).await.json()["path"],
+        "/new/a/b"
+    );
+    let r = get(&gw.url("/hr/a"), &[("host", "front.test")]).await;
+    assert_eq!(r.seen("host").as_deref(), Some("internal.test"));
+    assert_eq!(r.seen("x-forwarded-host").as_deref(), Some("front.test"));
+    let r = get(&gw.url("/auto/a"), &[("host", "front.test")]).await;
+    assert_eq!(r.seen("host"), Some(svc.clone()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects() {
+    let yaml = [
+        mapping(
+            "path",
+            "hostname: '*'\nprefix: /old/\nhost_redirect: true\nservice: docs.test\npath_redirect: /docs/\nredirect_response_code: 301",
+        ),
+        mapping(
+            "prefix",
+            "hostname: '*'\nprefix: /blog/\nhost_redirect: true\nservice: www.test\nprefix_redirect: /news/\nredirect_response_code: 302",
+        ),
+        mapping(
+            "rx",
+            "hostname: '*'\nprefix: /rx/\nhost_redirect: true\nservice: www.test\nregex_redirect:\n  pattern: '^/rx/([a-z]+)/(.*)$'\n  substitution: '/\\2/\\1'\nredirect_response_code: 307",
+        ),
+        mapping("hostonly", "hostname: '*'\nprefix: /moved/\nhost_redirect: true\nservice: elsewhere.test"),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    let r = get(&gw.url("/old/page"), &[]).await;
+    assert_eq!(r.status, 301);
+    assert_eq!(r.header("location"), Some("http://docs.test/docs/"));
+    let r = get(&gw.url("/blog/2024/post?q=1"), &[]).await;
+    assert_eq!(r.status, 302);
+    assert_eq!(
+        r.header("location"),
+        Some("http://www.test/news/2024/post?q=1")
+    );
+    let r = get(&gw.url("/rx/abc/def"), &[]).await;
+    assert_eq!(r.status, 307);
+    assert_eq!(r.header("location"), Some("http://www.test/def/abc"));
+    let r = get(&gw.url("/moved/x"), &[]).await;
+    assert_eq!(r.status, 301);
+    assert_eq!(r.header("location"), Some("http://elsewhere.test/moved/x"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_add_and_remove_both_ways() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "h",
+        &format!(
+            "hostname: '*'\nprefix: /h/\nservice: {}\nadd_request_headers:\n  x-added: one\n  x-replaced:\n    value: mine\n    append: false\n  x-appended:\n    value: two\n    append: true\nremove_request_headers:\n- cookie\nadd_response_headers:\n  x-resp: yes\nremove_response_headers:\n- server",
+            up.service()
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let r = get(
+        &gw.url("/h/"),
+        &[
+            ("x-replaced", "client"),
+            ("x-appended", "one"),
+            ("cookie", "secret=1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let j = r.json();
+    assert_eq!(j["headers"]["x-added"], serde_json::json!(["one"]));
+    assert_eq!(j["headers"]["x-replaced"], serde_json::json!(["mine"]));
+    assert_eq!(
+        j["headers"]["x-appended"],
+        serde_json::json!(["one", "two"])
+    );
+    assert!(j["headers"]["cookie"].is_null());
+    assert_eq!(r.header("x-resp"), Some("yes"));
+    assert_eq!(r.header("server"), None);
+    assert_eq!(r.header("x-upstream"), Some("a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_stripped_both_ways() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "h",
+        &format!("hostname: '*'\nprefix: /h/\nservice: {}", up.service()),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let resp = raw(
+        gw.http,
+        b"GET /h/?hop=1 HTTP/1.1\r\nHost: t\r\nConnection: close, x-listed\r\nx-listed: 1\r\nKeep-Alive: timeout=1\r\nProxy-Connection: keep-alive\r\nTE: gzip\r\nUpgrade: h2c\r\nx-normal: 1\r\n\r\n",
+    )
+    .await;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let body = body.trim();
+    // The upstream saw none of the hop-by-hop request headers, but the end-to-end one.
+    let body_json = body
+        .find('{')
+        .map(|i| &body[i..body.rfind('}').unwrap() + 1])
+        .unwrap();
+    let j: serde_json::Value = serde_json::from_str(body_json).unwrap();
+    for h in [
+        "x-listed",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ] {
+        assert!(j["headers"][h].is_null(), "{h} reached the upstream: {j}");
+    }
+    assert_eq!(j["headers"]["x-normal"], serde_json::json!(["1"]));
+    // And the client got none of the upstream's hop-by-hop response headers.
+    let head = head.to_ascii_lowercase();
+    for h in [
+        "x-hop-listed",
+        "keep-alive",
+        "proxy-connection",
+        "trailer",
+        "upgrade",
+    ] {
+        assert!(
+            !head.contains(&format!("\n{h}:")),
+            "{h} reached the client: {head}"
+        );
+    }
+    assert!(head.contains("\nx-upstream: a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_and_request_id() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "h",
+        &format!("hostname: '*'\nprefix: /h/\nservice: {}", up.service()),
+    );
+    let gw = Gateway::start(&yaml).await;
+    // A client-sent X-Forwarded-For is replaced when no hop is trusted.
+    let r = get(
+        &gw.url("/h/"),
+        &[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("host", "front.test"),
+        ],
+    )
+    .await;
+    assert_eq!(r.seen("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(r.seen("x-forwarded-proto").as_deref(), Some("http"));
+    assert_eq!(r.seen("x-forwarded-host").as_deref(), Some("front.test"));
+    let id = r.seen("x-request-id").unwrap();
+    assert_eq!(id.len(), 36, "{id}");
+    let r2 = get(&gw.url("/h/"), &[]).await;
+    assert_ne!(
+        r2.seen("x-request-id").unwrap(),
+        id,
+        "ids are fresh per request"
+    );
+    // A client's request id is kept.
+    let r = get(&gw.url("/h/"), &[("x-request-id", "abc-123")]).await;
+    assert_eq!(r.seen("x-request-id").as_deref(), Some("abc-123"));
+
+    // With one trusted hop, the last entry the trusted proxy appended is kept.
+    let gw = Gateway::with(&yaml, settings_with(|s| s.xff_trusted_hops = 1)).await;
+    let r = get(&gw.url("/h/"), &[("x-forwarded-for", "6.6.6.6, 10.1.2.3")]).await;
+    assert_eq!(
+        r.seen("x-forwarded-for").as_deref(),
+        Some("10.1.2.3, 127.0.0.1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_headers_name_route_and_revision() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "dbg",
+        &format!("hostname: '*'\nprefix: /d/\nservice: {}", up.service()),
+    );
+    let gw = Gateway::start(&yaml).await;
+    assert_eq!(
+        get(&gw.url("/d/"), &[]).await.header("x-legate-route"),
+        None
+    );
+    let gw = Gateway::with(&yaml, settings_with(|s| s.debug_headers = true)).await;
+    let r = get(&gw.url("/d/"), &[]).await;
+    assert_eq!(r.header("x-legate-route"), Some("default/dbg"));
+    let rev = r.header("x-legate-revision").unwrap();
+    assert!(gw.proxy.graph().hash.starts_with(rev) && !rev.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_504_dead_upstream_502_and_weights() {
+    let up = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    // A port with nothing listening: bind, note the port, close.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let yaml = [
+        mapping(
+            "slow",
+            &format!(
+                "hostname: '*'\nprefix: /slow/\nservice: {}\ntimeout_ms: 200",
+                up.service()
+            ),
+        ),
+        mapping(
+            "dead",
+            &format!("hostname: '*'\nprefix: /dead/\nservice: {dead}"),
+        ),
+        mapping(
+            "w1",
+            &format!(
+                "hostname: '*'\nprefix: /w/\nservice: {}\nweight: 50",
+                up.service()
+            ),
+        ),
+        mapping(
+            "w2",
+            &format!(
+                "hostname: '*'\nprefix: /w/\nservice: {}\nweight: 50",
+                b.service()
+            ),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    let r = get(&gw.url("/slow/?sleep_ms=2000"), &[]).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.body, "upstream timeout\n");
+    assert_eq!(get(&gw.url("/slow/?sleep_ms=10"), &[]).await.status, 200);
+    let r = get(&gw.url("/dead/"), &[]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.body, "upstream unavailable\n", "no internals leak");
+
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let r = get(&gw.url("/w/"), &[]).await;
+        seen.insert(r.json()["upstream"].as_str().unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 2, "a 50/50 split reaches both members");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sni_http2_insecure_policy_and_rotation() {
+    let up = Upstream::start("a").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let ca_one = make_secret(secrets.path(), "one-tls", &["one.test"]);
+    let ca_two = make_secret(secrets.path(), "two-tls", &["two.test"]);
+    let ca_dflt = make_secret(secrets.path(), "fallback-tls", &["fallback.test"]);
+    let yaml = [
+        host("one", "one.test", "tlsSecret:\n  name: one-tls"),
+        host(
+            "two",
+            "two.test",
+            "tlsSecret:\n  name: two-tls\nrequestPolicy:\n  insecure:\n    action: Reject",
+        ),
+        mapping("m", &format!("prefix: /s/\nservice: {}", up.service())),
+    ]
+    .concat();
+    let dir = secrets.path().to_path_buf();
+    let gw = Gateway::with(
+        &yaml,
+        settings_with(|s| {
+            s.secrets_dir = Some(dir.clone());
+            s.https_redirect_port = 8443;
+        }),
+    )
+    .await;
+    let port = gw.https.port();
+    let tls_get = |name: &str, ca: &std::path::Path, extra: &[&str]| {
+        let mut a = vec![
+            "-i".to_string(),
+            "--cacert".into(),
+            ca.display().to_string(),
+            "--resolve".into(),
+            format!("{name}:{port}:127.0.0.1"),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.push(format!("https://{name}:{port}/s/x"));
+        a
+    };
+    // SNI picks the certificate: each is only valid for its own name, and curl verifies it.
+    let (ok, out, err) = curl(&tls_get("one.test", &ca_one, &["--http2"])).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    assert!(out.contains(r#""x-forwarded-proto":["https"]"#), "{out}");
+    let (ok, out, err) = curl(&tls_get("two.test", &ca_two, &["--http1.1"])).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // The other Host's certificate does not verify for this name.
+    let (ok, _, _) = curl(&tls_get("one.test", &ca_two, &[])).await;
+    assert!(!ok);
+    // Unknown SNI, no default certificate: the handshake fails.
+    let (ok, _, err) = curl(&tls_get("nobody.test", &ca_one, &["-k"])).await;
+    assert!(!ok, "handshake should fail: {err}");
+
+    // Insecure policy on the plain listener: Redirect (default for TLS Hosts) and Reject.
+    let r = get(&gw.url("/s/x?q=1"), &[("host", "one.test")]).await;
+    assert_eq!(r.status, 301);
+    assert_eq!(r.header("location"), Some("https://one.test:8443/s/x?q=1"));
+    let r = get(&gw.url("/s/x"), &[("host", "two.test")]).await;
+    assert_eq!(r.status, 403);
+
+    // A rotated Secret is served after a refresh, without a new graph or a rebind.
+    make_secret(secrets.path(), "one-tls", &["one.test"]);
+    let new_ca = secrets.path().join("one-tls/tls.crt");
+    let rotated = std::fs::read(&new_ca).unwrap();
+    let (ok, _, _) = curl(&tls_get("one.test", &new_ca, &[])).await;
+    assert!(!ok, "old certificate still served before refresh");
+    assert!(gw.proxy.refresh_certs());
+    let (ok, out, err) = curl(&tls_get("one.test", &new_ca, &[])).await;
+    assert!(ok, "{err}");
+    assert!(out.contains(" 200"), "{out}");
+    assert_eq!(std::fs::read(&new_ca).unwrap(), rotated);
+    drop(ca_one);
+
+    // A default certificate for unknown SNI.
+    let gw2 = Gateway::with(
+        &yaml,
+        settings_with(|s| {
+            s.secrets_dir = Some(dir.clone());
+            s.default_cert = Some("fallback-tls".into());
+        }),
+    )
+    .await;
+    let port2 = gw2.https.port();
+    let (ok, _, err) = curl(&[
+        "--cacert".into(),
+        ca_dflt.display().to_string(),
+        "--resolve".into(),
+        format!("fallback.test:{port2}:127.0.0.1"),
+        format!("https://fallback.test:{port2}/s/x"),
+    ])
+    .await;
+    assert!(ok, "default certificate served: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_and_upgrade_attempt() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "m",
+        &format!("hostname: '*'\nprefix: /s/\nservice: {}", up.service()),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let (ok, out, err) = curl(&[
+        "-i".into(),
+        "--http2-prior-knowledge".into(),
+        gw.url("/s/x"),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    // The upstream is spoken to over HTTP/1.1 whatever the client used.
+    assert!(out.contains(r#""version":"HTTP/1.1""#), "{out}");
+    // `Upgrade: h2c` (curl --http2 on http://) is ignored: the answer comes over HTTP/1.1.
+    let (ok, out, err) = curl(&["-i".into(), "--http2".into(), gw.url("/s/x")]).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_both_ways() {
+    const N: u64 = 200 * 1024 * 1024;
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "big",
+        &format!(
+            "hostname: '*'\nprefix: /big/\nservice: {}\ntimeout_ms: 600000",
+            up.service()
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let before = peak_rss();
+    // Upload: generated on the fly, chunked; the upstream counts what arrives.
+    let body =
+        http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(Generated::new(N), |e| {
+            match e {}
+        }));
+    let r = send("POST", &gw.url("/big/up"), &[], body).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_bytes"], N);
+    // Download: the upstream generates N bytes; count them as they arrive.
+    let resp = client()
+        .request(
+            http::Request::get(gw.url(&format!("/big/down?download={N}")))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = 0u64;
+    while let Some(f) = http_body_util::BodyExt::frame(&mut body).await {
+        if let Some(d) = f.unwrap().data_ref() {
+            got += d.len() as u64;
+        }
+    }
+    assert_eq!(got, N);
+    // 400 MiB went through; had either been buffered whole, the peak would have grown by more.
+    let grown = peak_rss().saturating_sub(before);
+    assert!(grown < 100 * 1024 * 1024, "peak RSS grew by {grown} bytes");
+}
+
+fn limits(f: impl FnOnce(&mut Limits)) -> Settings {
+    settings_with(|s| f(&mut s.limits))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_uri_length() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "m",
+        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
+    );
+    let gw = Gateway::with(&yaml, limits(|l| l.max_uri_bytes = 100)).await;
+    let at = format!("/{}", "a".repeat(99));
+    assert_eq!(get(&gw.url(&at), &[]).await.status, 200);
+    let past = format!("/{}", "a".repeat(100));
+    let r = get(&gw.url(&past), &[]).await;
+    assert_eq!(r.status, 414);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_header_count_and_size() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "m",
+        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
+    );
+    let gw = Gateway::with(
+        &yaml,
+        limits(|l| {
+            l.max_headers = 10;
+            l.max_header_bytes = 1000;
+        }),
+    )
+    .await;
+    // The hyper client adds `host`: 1 + 9 = 10 headers.
+    let names: Vec<String> = (0..10).map(|i| format!("x-h{i}")).collect();
+    let hs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    assert_eq!(get(&gw.url("/"), &hs[..9]).await.status, 200);
+    assert_eq!(get(&gw.url("/"), &hs[..10]).await.status, 431);
+
+    // Size: name + value bytes. `host` + `127.0.0.1:PORT` plus one filler header.
+    let host_len = 4 + gw.http.to_string().len();
+    let filler = 1000 - host_len - "x-fill".len();
+    let v = "v".repeat(filler);
+    assert_eq!(get(&gw.url("/"), &[("x-fill", &v)]).await.status, 200);
+    let v = "v".repeat(filler + 1);
+    assert_eq!(get(&gw.url("/"), &[("x-fill", &v)]).await.status, 431);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_body_size() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "m",
+        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
+    );
+    let gw = Gateway::with(&yaml, limits(|l| l.max_body_bytes = Some(1000))).await;
+    let full = |n: usize| {
+        http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+            http_body_util::Full::new(bytes::Bytes::from(vec![b'x'; n])),
+            |e| match e {},
+        ))
+    };
+    let r = send("POST", &gw.url("/"), &[], full(1000)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_bytes"], 1000);
+    assert_eq!(
+        send("POST", &gw.url("/"), &[], full(1001)).await.status,
+        413
+    );
+    // Chunked (no Content-Length): counted while streaming.
+    let chunked = |n: u64| {
+        http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(Generated::new(n), |e| {
+            match e {}
+        }))
+    };
+    assert_eq!(
+        send("POST", &gw.url("/"), &[], chunked(1000)).await.status,
+        200
+    );
+    assert_eq!(
+        send("POST", &gw.url("/"), &[], chunked(1001)).await.status,
+        413
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_header_read_timeout_and_idle_timeout() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "m",
+        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
+    );
+    let gw = Gateway::with(
+        &yaml,
+        limits(|l| {
+            l.header_read_timeout = Duration::from_millis(300);
+            l.idle_timeout = Duration::from_millis(300);
+        }),
+    )
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A head that never completes: the gateway closes the connection (no response needed).
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf))
+        .await
+        .expect("closed by the header read timeout");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        n.is_err() || text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+
+    // A complete request is served, then the idle keep-alive connection is closed.
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    s.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest))
+        .await
+        .expect("idle connection closed")
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_max_connections() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "m",
+        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
+    );
+    let gw = Gateway::with(&yaml, limits(|l| l.max_connections = 3)).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn request_on(s: &mut tokio::net::TcpStream) -> bool {
+        if s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut b = [0u8; 12];
+        s.read_exact(&mut b).await.is_ok() && &b == b"HTTP/1.1 200"
+    }
+    // At the limit: three kept-alive connections all served.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        assert!(request_on(&mut s).await);
+        open.push(s);
+    }
+    assert_eq!(gw.running().open_connections(), 3);
+    // One past: refused (closed without an answer); the gateway keeps serving the others.
+    let mut extra = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    assert!(!request_on(&mut extra).await);
+    let mut s0 = open.remove(0);
+    let mut buf = vec![0u8; 4096];
+    let _ = s0.read(&mut buf).await; // rest of the first response
+    drop(s0);
+    // Once one closes, a new connection is accepted again (poll for the slot to free up).
+    let mut served = false;
+    for _ in 0..200 {
+        let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        if request_on(&mut s).await {
+            served = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(served);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_h2_concurrent_streams_advertised() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "m",
+        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
+    );
+    let gw = Gateway::with(&yaml, limits(|l| l.max_h2_streams = 7)).await;
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut h2, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    // Drive the connection and publish the server's advertised stream limit as it arrives.
+    let (tx, advertised) = tokio::sync::watch::channel(0usize);
+    tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| {
+            let r = std::pin::Pin::new(&mut conn).poll(cx);
+            let _ = tx.send(conn.max_concurrent_send_streams());
+            r
+        })
+        .await;
+    });
+    // Streams up to the limit run concurrently and all succeed.
+    let mut pending = Vec::new();
+    for _ in 0..7 {
+        h2 = h2.ready().await.unwrap();
+        let req = http::Request::get(format!("http://{}/?sleep_ms=50", gw.http))
+            .body(())
+            .unwrap();
+        let (resp, _) = h2.send_request(req, true).unwrap();
+        pending.push(resp);
+    }
+    for p in pending {
+        assert_eq!(p.await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        *advertised.borrow(),
+        7,
+        "the server's SETTINGS advertise the limit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_loses_nothing() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let ya = mapping(
+        "r",
+        &format!("hostname: '*'\nprefix: /r/\nservice: {}", a.service()),
+    );
+    let yb = mapping(
+        "r",
+        &format!("hostname: '*'\nprefix: /r/\nservice: {}", b.service()),
+    ) + &mapping(
+        "extra",
+        &format!("hostname: '*'\nprefix: /x/\nservice: {}", b.service()),
+    );
+    let (ga, gb) = (compile(&ya), compile(&yb));
+    let gw = Gateway::start(&ya).await;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let bad = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (done, ok, bad, url) = (done.clone(), ok.clone(), bad.clone(), gw.url("/r/x"));
+        clients.push(tokio::spawn(async move {
+            let c = client();
+            while !done.load(Ordering::Relaxed) {
+                let req = http::Request::get(&url).body(empty()).unwrap();
+                match c.request(req).await {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        bad.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    // Wait until traffic flows, then swap 100 times while it does.
+    while ok.load(Ordering::Relaxed) < 10 {
+        tokio::task::yield_now().await;
+    }
+    for i in 0..100 {
+        let g = if i % 2 == 0 { gb.clone() } else { ga.clone() };
+        gw.proxy.swap(g);
+        let target = ok.load(Ordering::Relaxed) + 3;
+        while ok.load(Ordering::Relaxed) < target && bad.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "every request succeeds across swaps"
+    );
+    assert!(ok.load(Ordering::Relaxed) >= 300);
+    assert!(a.hits.load(Ordering::Relaxed) > 0 && b.hits.load(Ordering::Relaxed) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_drains_in_flight() {
+    let up = Upstream::start("a").await;
+    let yaml = mapping(
+        "m",
+        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
+    );
+    let mut gw = Gateway::start(&yaml).await;
+    let url = gw.url("/?sleep_ms=300");
+    let inflight = tokio::spawn(async move { get(&url, &[]).await });
+    // Wait until the request reached the upstream, then shut down.
+    while up.hits.load(Ordering::Relaxed) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let addr = gw.http;
+    assert!(
+        gw.shutdown(Duration::from_secs(20)).await,
+        "drained before the deadline"
+    );
+    assert_eq!(inflight.await.unwrap().status, 200);
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+/// The binary: `legate run` with the demo echo upstream, readiness, a proxied request, SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_runs_quickstart_and_exits_zero_on_sigterm() {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (echo, http, admin) = (free(), free(), free());
+    let tree = Tree::new(&mapping(
+        "echo",
+        &format!("hostname: '*'\nprefix: /echo/\nservice: {echo}\nrewrite: /"),
+    ));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+        .arg("run")
+        .arg("--dir")
+        .arg(tree.path())
+        .args(["--demo-echo", &echo.to_string()])
+        .args(["--http-listen", &http.to_string()])
+        .args(["--https-listen", "off"])
+        .args(["--admin-listen", &admin.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Readiness: poll /readyz until it answers 200.
+    let mut ready = false;
+    for _ in 0..500 {
+        if let Ok(Ok(r)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            client().request(
+                http::Request::get(format!("http://{admin}/readyz"))
+                    .body(empty())
+                    .unwrap(),
+            ),
+        )
+        .await
+        {
+            if r.status() == 200 {
+                ready = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready, "gateway became ready");
+    let r = get(&format!("http://{http}/echo/hello?a=1"), &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["path"], "/hello");
+    assert_eq!(r.json()["query"], "a=1");
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_and_http2_upstreams() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_secret(certs.path(), "up", &["localhost"]);
+    let tls_up = Upstream::start_tls("tls", &certs.path().join("up")).await;
+    let h2_up = Upstream::start("h2").await;
+    let yaml = [
+        mapping(
+            "tls",
+            &format!(
+                "hostname: '*'\nprefix: /tls/\nservice: https://localhost:{}",
+                tls_up.addr.port()
+            ),
+        ),
+        mapping(
+            "grpc",
+            &format!(
+                "hostname: '*'\nprefix: /g/\nservice: {}\ngrpc: true",
+                h2_up.service()
+            ),
+        ),
+    ]
+    .concat();
+    // The upstream's certificate is verified: trusted through --upstream-ca only.
+    let gw = Gateway::with(&yaml, settings_with(|s| s.upstream_ca = Some(ca.clone()))).await;
+    let r = get(&gw.url("/tls/x"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["upstream"], "tls");
+    assert_eq!(r.json()["version"], "HTTP/1.1");
+    let r = get(&gw.url("/g/x"), &[("te", "trailers")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["version"], "HTTP/2.0", "h2c to a grpc upstream");
+    assert_eq!(r.seen("te").as_deref(), Some("trailers"));
+    let untrusted = Gateway::start(&yaml).await;
+    assert_eq!(get(&untrusted.url("/tls/x"), &[]).await.status, 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_only_when_allowed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("a").await;
+    let yaml = [
+        mapping(
+            "ws",
+            &format!(
+                "hostname: '*'\nprefix: /ws/\nservice: {}\nallow_upgrade:\n- websocket",
+                up.service()
+            ),
+        ),
+        mapping(
+            "plain",
+            &format!("hostname: '*'\nprefix: /plain/\nservice: {}", up.service()),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(
+        b"GET /ws/ HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    s.write_all(b"ping through the tunnel").await.unwrap();
+    let mut echoed = [0u8; 23];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping through the tunnel");
+    // Not allowed on this route: Upgrade is stripped and the request is proxied normally.
+    let resp = raw(
+        gw.http,
+        b"GET /plain/ HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_names_use_every_address_and_survive_lookup_failures() {
+    let a = Upstream::start("a").await;
+    let port = a.addr.port();
+    // Same port on a second loopback address.
+    let b = Upstream::start_on("b", format!("127.0.0.2:{port}").parse().unwrap()).await;
+    let dns = Arc::new(FakeDns::default());
+    dns.answers.lock().unwrap().insert(
+        "svc.test".into(),
+        vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()],
+    );
+    let yaml = mapping(
+        "dns",
+        &format!("hostname: '*'\nprefix: /d/\nservice: svc.test:{port}"),
+    );
+    let lookup: Arc<dyn legate::proxy::Lookup> = dns.clone();
+    let gw = Gateway::with(
+        &yaml,
+        settings_with(|s| {
+            s.lookup = lookup;
+            s.dns_ttl = Duration::ZERO; // re-resolve for every new connection
+        }),
+    )
+    .await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        // `close=1`: the upstream closes, so every request needs a new upstream connection.
+        let r = get(&gw.url("/d/?close=1"), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        seen.insert(r.json()["upstream"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "both resolved addresses take connections: {seen:?}"
+    );
+    let before = dns.lookups.load(Ordering::SeqCst);
+    assert!(before >= 6, "re-resolved after the TTL ({before} lookups)");
+    dns.failing.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let r = get(&gw.url("/d/?close=1"), &[]).await;
+        assert_eq!(r.status, 200, "last good addresses kept when DNS fails");
+    }
+    assert!(dns.lookups.load(Ordering::SeqCst) > before);
+    // A name that never resolved: 502.
+    let yaml = mapping(
+        "nx",
+        &format!("hostname: '*'\nprefix: /n/\nservice: nowhere.test:{port}"),
+    );
+    let lookup: Arc<dyn legate::proxy::Lookup> = dns.clone();
+    let gw = Gateway::with(&yaml, settings_with(|s| s.lookup = lookup)).await;
+    assert_eq!(get(&gw.url("/n/"), &[]).await.status, 502);
+    drop(b);
+}
