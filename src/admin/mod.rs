@@ -24,9 +24,103 @@ pub struct AdminState {
     pub reconciler: reconcile::Handle,
     /// Webhook secret; hooks answer 404 without one.
     pub hook_secret: Option<Arc<HookSecret>>,
+    /// The graph the proxy serves now, for `/api/routes` and `/api/routes/explain`.
+    pub graph: Option<GraphView>,
     /// Bearer token required for every mutating call (`POST /api/...`); `None`: not required
     /// (only allowed while the admin listener is on loopback).
     pub token: Option<Arc<String>>,
+}
+
+/// Reads the live graph.
+pub type GraphView = Arc<dyn Fn() -> Arc<crate::routes::Graph> + Send + Sync>;
+
+/// `GET /api/routes/explain?method=&host=&path=&header=name:value&query=`: which Mapping would
+/// serve the request, and why.
+fn explain(g: &crate::routes::Graph, query: &str) -> serde_json::Value {
+    use crate::routes::describe::{describe_action, describe_match};
+    let mut method = "GET".to_string();
+    let mut host = "localhost".to_string();
+    let mut path = "/".to_string();
+    let mut q: Option<String> = None;
+    let mut headers = http::HeaderMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "method" => method = v.to_ascii_uppercase(),
+            "host" => host = v.to_ascii_lowercase(),
+            "path" => path = v,
+            "query" => q = Some(v),
+            "header" => {
+                if let Some((n, val)) = v.split_once(':') {
+                    if let (Ok(n), Ok(val)) = (
+                        http::HeaderName::from_bytes(n.trim().as_bytes()),
+                        http::HeaderValue::from_str(val.trim()),
+                    ) {
+                        headers.append(n, val);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let host_name = host.split(':').next().unwrap_or("").to_string();
+    let head = crate::routes::RequestHead {
+        host: &host_name,
+        method: &method,
+        path: &path,
+        query: q.as_deref(),
+        headers: &headers,
+    };
+    let via = match g.host_for(&host_name) {
+        Some(h) => {
+            serde_json::json!({"host": format!("{}/{}", h.namespace, h.name), "hostname": h.hostname.to_string(), "insecure": format!("{:?}", h.insecure)})
+        }
+        None => serde_json::json!("no Host matches: Mappings with their own hostname serve it"),
+    };
+    match g.lookup(&head) {
+        None => serde_json::json!({"matched": false, "table": via, "answer": "404 no route"}),
+        Some(m) => serde_json::json!({
+            "matched": true,
+            "table": via,
+            "match": describe_match(g, m.group_index),
+            "position": m.group_index,
+            "members": m.group.shares().iter().map(|(id, share)| {
+                let r = g.route(*id);
+                serde_json::json!({
+                    "mapping": format!("{}/{}", r.namespace, r.name),
+                    "source": r.source,
+                    "weight": share,
+                    "action": describe_action(&r.action),
+                    "upstream_path": r.upstream_path(&path, q.as_deref()),
+                })
+            }).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(x) => {
+                        out.push(x);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Whether `req` carries `Authorization: Bearer <token>` (constant-time comparison).
@@ -83,6 +177,17 @@ where
     match (method, path.as_str()) {
         (Method::GET, "/api/status") => json(StatusCode::OK, &state.reconciler.status()),
         (Method::GET, "/api/revisions") => json(StatusCode::OK, &state.reconciler.history()),
+        (Method::GET, "/api/routes") => match &state.graph {
+            Some(g) => json(StatusCode::OK, &crate::cli::output::route_table_json(&g())),
+            None => error(StatusCode::NOT_FOUND, "no route graph on this listener"),
+        },
+        (Method::GET, "/api/routes/explain") => match &state.graph {
+            Some(g) => json(
+                StatusCode::OK,
+                &explain(&g(), req.uri().query().unwrap_or("")),
+            ),
+            None => error(StatusCode::NOT_FOUND, "no route graph on this listener"),
+        },
         (Method::POST, "/api/sync") => pass(state.reconciler.sync().await),
         (Method::POST, "/api/unpin") => pass(state.reconciler.unpin().await),
         (Method::POST, p) if p.starts_with("/api/pin/") => {

@@ -12,6 +12,7 @@ macro_rules! outln {
 }
 
 pub mod output;
+pub mod remote;
 pub mod run;
 
 use std::path::PathBuf;
@@ -57,6 +58,8 @@ pub enum Command {
     Crds(CrdsArgs),
     /// Run the gateway.
     Run(Box<run::RunArgs>),
+    /// Ask a running gateway: status, revisions, sync, pin, unpin, routes, explain.
+    Admin(remote::AdminArgs),
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +209,7 @@ pub fn main(cli: Cli) -> i32 {
         Command::Schema(a) => schema(a),
         Command::Diff(a) => diff(a),
         Command::Crds(a) => crds(a),
+        Command::Admin(a) => remote::run(a),
         Command::Run(a) => {
             let cfg = a.config.options();
             run::run(*a, cfg)

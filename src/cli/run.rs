@@ -377,6 +377,10 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     let admin_state = crate::admin::AdminState {
         reconciler: handle.clone(),
         hook_secret: hook_secret.clone(),
+        graph: Some({
+            let p = proxy.clone();
+            Arc::new(move || p.graph())
+        }),
         token: token.map(Arc::new),
     };
     if hook_secret.is_some() {

@@ -953,6 +953,7 @@ fn compile_forward(
         }
         out
     };
+    let h2c = upstream.scheme == Scheme::H2c;
     let add_request_headers = headers(&spec.add_request_headers, "add_request_headers", diags);
     let add_response_headers = headers(&spec.add_response_headers, "add_response_headers", diags);
     let lower = |v: Vec<String>| {
@@ -983,7 +984,7 @@ fn compile_forward(
             .filter(|ms| *ms > 0)
             .map(Duration::from_millis),
         allow_upgrade,
-        http2: spec.grpc,
+        http2: spec.grpc || h2c,
     })
 }
 

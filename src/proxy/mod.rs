@@ -358,7 +358,7 @@ impl Proxy {
         };
         Prepared {
             scheme: match f.upstream.scheme {
-                Scheme::Http => UriScheme::HTTP,
+                Scheme::Http | Scheme::H2c => UriScheme::HTTP,
                 Scheme::Https => UriScheme::HTTPS,
             },
             authority,

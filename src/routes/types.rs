@@ -315,6 +315,8 @@ pub enum RedirectPath {
 pub enum Scheme {
     Http,
     Https,
+    /// Cleartext HTTP/2 by prior knowledge (`h2c://`).
+    H2c,
 }
 
 /// A validated upstream address: `[scheme://]host[:port]`.
@@ -342,6 +344,7 @@ impl fmt::Display for Upstream {
         let scheme = match self.scheme {
             Scheme::Http => "http",
             Scheme::Https => "https",
+            Scheme::H2c => "h2c",
         };
         write!(f, "{scheme}://{}", self.authority())
     }
@@ -362,9 +365,11 @@ impl std::str::FromStr for Upstream {
             (Scheme::Http, r)
         } else if let Some(r) = s.strip_prefix("https://") {
             (Scheme::Https, r)
+        } else if let Some(r) = s.strip_prefix("h2c://") {
+            (Scheme::H2c, r)
         } else if let Some((sch, _)) = s.split_once("://") {
             return Err(UpstreamError(format!(
-                "unsupported scheme `{sch}://`; use http://, https:// or none"
+                "unsupported scheme `{sch}://`; use http://, https://, h2c:// or none"
             )));
         } else {
             (Scheme::Http, s)
@@ -379,7 +384,7 @@ impl std::str::FromStr for Upstream {
             )));
         }
         let default_port = match scheme {
-            Scheme::Http => 80,
+            Scheme::Http | Scheme::H2c => 80,
             Scheme::Https => 443,
         };
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
@@ -459,6 +464,8 @@ mod tests {
         assert_eq!((u.scheme, u.port), (Scheme::Https, 443));
         let u: Upstream = "[::1]:9000".parse().unwrap();
         assert_eq!(u.authority(), "[::1]:9000");
+        let u: Upstream = "h2c://grpc.apps:50051".parse().unwrap();
+        assert_eq!((u.scheme, u.port), (Scheme::H2c, 50051));
         let u: Upstream = "127.0.0.1:9001".parse().unwrap();
         assert_eq!(u.to_string(), "http://127.0.0.1:9001");
     }

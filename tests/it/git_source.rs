@@ -219,6 +219,7 @@ async fn commits_over_git_daemon_go_live_bad_is_rejected_fix_goes_live() {
         reconciler: h.clone(),
         hook_secret: Some(Arc::new(HookSecret::new("k").unwrap())),
         token: None,
+        graph: None,
     };
     let body: &'static [u8] = b"{}";
     let req = http::Request::post("/hooks/github")
@@ -543,6 +544,7 @@ async fn bench_commit_to_live_via_webhook() {
         reconciler: h.clone(),
         hook_secret: Some(Arc::new(HookSecret::new("k").unwrap())),
         token: None,
+        graph: None,
     };
     let body: &'static [u8] = b"{}";
     let mut times = Vec::new();

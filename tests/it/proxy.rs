@@ -1007,6 +1007,13 @@ async fn https_and_http2_upstreams() {
                 h2_up.service()
             ),
         ),
+        mapping(
+            "h2c",
+            &format!(
+                "hostname: '*'\nprefix: /h2c/\nservice: h2c://{}",
+                h2_up.service()
+            ),
+        ),
     ]
     .concat();
     // The upstream's certificate is verified: trusted through --upstream-ca only.
@@ -1019,6 +1026,13 @@ async fn https_and_http2_upstreams() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["version"], "HTTP/2.0", "h2c to a grpc upstream");
     assert_eq!(r.seen("te").as_deref(), Some("trailers"));
+    let r = get(&gw.url("/h2c/x"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["version"],
+        "HTTP/2.0",
+        "an h2c:// service is spoken to over HTTP/2"
+    );
     let untrusted = Gateway::start(&yaml).await;
     assert_eq!(get(&untrusted.url("/tls/x"), &[]).await.status, 502);
 }

@@ -375,6 +375,7 @@ async fn webhooks_check_signatures_and_trigger_a_pass() {
         reconciler: h.clone(),
         hook_secret: Some(Arc::new(HookSecret::new("s3cret").unwrap())),
         token: None,
+        graph: None,
     };
     let body: &'static [u8] = br#"{"ref":"refs/heads/main"}"#;
     let good = admin::hooks::sign(b"s3cret", body);
@@ -444,6 +445,7 @@ async fn webhooks_check_signatures_and_trigger_a_pass() {
         reconciler: h.clone(),
         hook_secret: None,
         token: None,
+        graph: None,
     };
     assert_eq!(
         st(admin::handle(
