@@ -1185,3 +1185,37 @@ async fn ssh_with_known_unknown_and_changed_host_keys() {
     h.sync().await;
     assert_eq!(h.status().applied.as_deref(), Some(c1.as_str()));
 }
+
+#[tokio::test]
+async fn replicas_following_one_repository_converge_on_the_same_revision() {
+    let repo = Repo::new();
+    repo.commit(
+        &[("a.yaml", Some(&mapping("a", "/a/", "127.0.0.1:9001")))],
+        "a",
+    );
+    let d = daemon(repo.path.parent().unwrap()).await;
+    let url = format!("git://127.0.0.1:{}/repo", d.port);
+    // Three replicas, each with its own cache, as three pods would have.
+    let caches: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let replicas: Vec<_> = caches
+        .iter()
+        .map(|c| start_git(&url, "main", c.path(), settings(None)))
+        .collect();
+    let head = repo.commit(
+        &[("b.yaml", Some(&mapping("b", "/b/", "127.0.0.1:9002")))],
+        "b",
+    );
+    for (h, _) in &replicas {
+        h.sync().await;
+    }
+    for (h, live) in &replicas {
+        assert_eq!(h.status().applied.as_deref(), Some(head.as_str()));
+        assert_eq!(live.load().len(), 2);
+    }
+    // Same commit, same compiled graph on every replica.
+    let hashes: Vec<String> = replicas
+        .iter()
+        .map(|(_, l)| l.load().hash.clone())
+        .collect();
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
+}
