@@ -382,7 +382,9 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
             Arc::new(move || p.graph())
         }),
         token: token.map(Arc::new),
+        metrics: Some(proxy.metrics().clone()),
     };
+    proxy.metrics().follow(&handle);
     if hook_secret.is_some() {
         let prefix = if args.hooks_prefix.ends_with('/') {
             args.hooks_prefix.clone()

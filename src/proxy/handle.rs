@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use super::body::{full, ReqBody, RespBody};
 use super::error::ProxyError;
 use super::headers::{self as hdr, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
+use super::observe::{self, Exchange};
 use super::path::normalize;
 use super::{Prepared, Proxy, Snapshot, UpstreamClient};
 use crate::routes::{Action, InsecureAction, RequestHead, Route};
@@ -40,17 +41,24 @@ impl Proxy {
                 return svc.call(req).await.map(full);
             }
         }
+        let start = std::time::Instant::now();
+        let method = crate::metrics::method_class(req.method());
+        let mut ex = Exchange::default();
         let snap = self.shared.load_full();
-        match self.serve(&snap, req, conn).await {
+        let resp = match self.serve(&snap, req, conn, &mut ex).await {
             Ok(r) => r,
             Err(e) => {
                 if matches!(e.status().as_u16(), 502..=504) {
                     self.gateway_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
+                observe::count_error(&self.metrics, &e);
                 e.into_response()
             }
-        }
+        };
+        let took = start.elapsed();
+        observe::record(&self.metrics, &snap, &ex, method, resp.status(), took);
+        resp
     }
 
     async fn serve(
@@ -58,6 +66,7 @@ impl Proxy {
         snap: &Arc<Snapshot>,
         req: Request<Incoming>,
         conn: ConnInfo,
+        ex: &mut Exchange,
     ) -> Result<Response<RespBody>, ProxyError> {
         self.check_limits(&req)?;
         let graph = &*snap.graph;
@@ -108,6 +117,7 @@ impl Proxy {
                 .ok_or(ProxyError::NoHealthyUpstream)?
         };
         let route = graph.route(id);
+        ex.route = Some(id.0);
         match &route.action {
             Action::Redirect(_) => {
                 let (status, loc) = redirect_location(route, &path, query, authority, conn.tls)?;
@@ -119,6 +129,7 @@ impl Proxy {
                 let prep = snap.routes[id.0]
                     .as_ref()
                     .ok_or_else(|| ProxyError::Internal("forward route not prepared".into()))?;
+                ex.upstream = Some(prep.authority.clone());
                 let upstream_pq = rewrite_path(route, &path, query)?;
                 let original_host = match req.headers().get(header::HOST) {
                     Some(h) => h.clone(),

@@ -14,6 +14,7 @@ pub mod echo;
 mod error;
 mod handle;
 mod headers;
+mod observe;
 mod path;
 mod pool;
 mod server;
@@ -133,6 +134,8 @@ pub(crate) struct Snapshot {
     pub revision: HeaderValue,
     /// Whether any Host redirects or rejects plain HTTP (else that lookup is skipped).
     pub any_insecure_policy: bool,
+    /// Request counters per route, indexed by `RouteId` (resolved here, not per request).
+    pub stats: Vec<Arc<crate::metrics::RouteStats>>,
 }
 
 /// A header to add, parsed once.
@@ -188,6 +191,7 @@ pub struct Proxy {
     /// Requests under a reserved path prefix answered in-process (webhooks on the proxy
     /// listeners), set once at startup.
     local: std::sync::OnceLock<(String, Arc<dyn LocalService>)>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An in-process handler for a reserved path prefix on the proxy listeners.
@@ -220,6 +224,7 @@ impl Proxy {
                 certs: CertTable::default(),
                 revision: HeaderValue::from_static(""),
                 any_insecure_policy: false,
+                stats: Vec::new(),
             })),
             settings,
             secrets,
@@ -229,6 +234,7 @@ impl Proxy {
             loaded: std::sync::atomic::AtomicBool::new(false),
             gateway_errors: std::sync::atomic::AtomicU64::new(0),
             local: std::sync::OnceLock::new(),
+            metrics: crate::metrics::Metrics::new(),
         };
         Ok(Arc::new(proxy))
     }
@@ -252,6 +258,11 @@ impl Proxy {
     pub fn gateway_errors(&self) -> u64 {
         self.gateway_errors
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The gateway's metrics (`GET /metrics` renders them).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// The graph new requests see.
@@ -287,6 +298,7 @@ impl Proxy {
             certs,
             revision: cur.revision.clone(),
             any_insecure_policy: cur.any_insecure_policy,
+            stats: cur.stats.clone(),
         };
         self.shared.store(Arc::new(snap));
         tracing::info!("reloaded TLS certificates after a change under the secrets directory");
@@ -315,6 +327,11 @@ impl Proxy {
                 .hosts
                 .iter()
                 .any(|h| h.insecure != crate::routes::InsecureAction::Route),
+            stats: graph
+                .routes
+                .iter()
+                .map(|r| self.metrics.route(&r.stats_name))
+                .collect(),
             routes,
             certs,
             graph,

@@ -1,0 +1,206 @@
+//! Observability: `GET /metrics` after known traffic (counts match, promtool accepts the text),
+//! the access log line of a request, and W3C `traceparent` propagation.
+
+use std::sync::Arc;
+
+use legate::admin::AdminState;
+use legate::reconcile::{self, Outcome};
+use legate::source::dir::DirSource;
+
+use crate::reconcile::{outcome, settings};
+use crate::support::{get, mapping, send, Gateway, Tree, Upstream};
+
+fn config(up: &Upstream) -> String {
+    let svc = up.service();
+    [
+        mapping(
+            "api",
+            &format!("hostname: '*'\nprefix: /api/\nservice: {svc}\nstats_name: api-stats"),
+        ),
+        mapping(
+            "web",
+            &format!("hostname: '*'\nprefix: /web/\nservice: {svc}"),
+        ),
+        mapping(
+            "slow",
+            &format!("hostname: '*'\nprefix: /slow/\nservice: {svc}\ntimeout_ms: 50"),
+        ),
+        // Nothing listens on port 1: every request is a connect failure.
+        mapping(
+            "dead",
+            "hostname: '*'\nprefix: /dead/\nservice: 127.0.0.1:1",
+        ),
+    ]
+    .concat()
+}
+
+/// The value of the sample with exactly this name and label set.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == series).then(|| v.parse().ok())?
+    })
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_and_pass_promtool() {
+    let up = Upstream::start("u").await;
+    let yaml = config(&up);
+    let gw = Gateway::start(&yaml).await;
+    // The real reconciler feeding the same proxy, so revision and pass metrics are live.
+    let tree = Tree::new(&yaml);
+    let src = Arc::new(DirSource::new(
+        tree.path(),
+        legate::config::Options::default().tree,
+        None,
+    ));
+    let h = reconcile::start(src, gw.proxy.clone(), settings(None), None);
+    // Subscribed before the first pass can run (the test runtime is single-threaded).
+    gw.proxy.metrics().follow(&h);
+    let first = h.sync().await;
+    assert!(matches!(outcome(&first), Some(Outcome::Applied) | None));
+    assert!(h.status().applied.is_some(), "{first:?}");
+
+    for _ in 0..3 {
+        assert_eq!(get(&gw.url("/api/x?token=secret"), &[]).await.status, 200);
+    }
+    for _ in 0..2 {
+        let r = send("POST", &gw.url("/web/y"), &[], crate::support::empty()).await;
+        assert_eq!(r.status, 200);
+    }
+    // An upstream's own 503 is relayed: a 5xx for the route, not a gateway error.
+    assert_eq!(get(&gw.url("/web/z?status=503"), &[]).await.status, 503);
+    assert_eq!(get(&gw.url("/nowhere/raw-path"), &[]).await.status, 404);
+    assert_eq!(get(&gw.url("/dead/"), &[]).await.status, 502);
+    assert_eq!(get(&gw.url("/slow/?sleep_ms=5000"), &[]).await.status, 504);
+
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let state = AdminState {
+        reconciler: h.clone(),
+        hook_secret: None,
+        graph: None,
+        // A token guards mutating calls only: /metrics stays open.
+        token: Some(Arc::new("t0ken".into())),
+        metrics: Some(gw.proxy.metrics().clone()),
+    };
+    let server = tokio::spawn(legate::admin::serve(admin, state));
+    let url = format!("http://{admin_addr}/metrics");
+
+    // The history event reaches the metrics through a broadcast: wait for it.
+    let mut text = String::new();
+    for _ in 0..500 {
+        let r = get(&url, &[]).await;
+        assert_eq!(r.status, 200);
+        assert!(r
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"));
+        text = r.body;
+        if sample(
+            &text,
+            "legate_reconcile_revisions_total{outcome=\"applied\"}",
+        ) == Some(1.0)
+        {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let req = |route: &str, m: &str, s: &str| {
+        sample(
+            &text,
+            &format!("legate_requests_total{{route=\"{route}\",method=\"{m}\",status=\"{s}\"}}"),
+        )
+    };
+    assert_eq!(
+        sample(
+            &text,
+            "legate_reconcile_revisions_total{outcome=\"applied\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(req("api-stats", "GET", "2xx"), Some(3.0), "{text}");
+    assert_eq!(req("web", "POST", "2xx"), Some(2.0), "{text}");
+    assert_eq!(req("web", "GET", "5xx"), Some(1.0), "{text}");
+    assert_eq!(req("none", "GET", "4xx"), Some(1.0), "{text}");
+    assert_eq!(req("dead", "GET", "5xx"), Some(1.0), "{text}");
+    assert_eq!(req("slow", "GET", "5xx"), Some(1.0), "{text}");
+    // The Mapping name is not a label when stats_name is set.
+    assert_eq!(req("api", "GET", "2xx"), None);
+    assert_eq!(
+        sample(
+            &text,
+            "legate_request_duration_seconds_count{route=\"api-stats\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "legate_request_duration_seconds_bucket{route=\"web\",le=\"+Inf\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&text, "legate_upstream_connect_failures_total"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "legate_upstream_timeouts_total"), Some(1.0));
+    assert_eq!(sample(&text, "legate_gateway_errors_total"), Some(2.0));
+    assert!(sample(&text, "legate_downstream_connections").is_some());
+    let rev = h.status().applied.unwrap();
+    assert_eq!(
+        sample(
+            &text,
+            &format!("legate_revision_info{{revision=\"{rev}\"}}")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "legate_reconcile_passes_total{outcome=\"fetched\"}"),
+        Some(h.status().passes as f64)
+    );
+    assert!(sample(&text, "legate_source_last_success_age_seconds").is_some());
+    // Bounded labels: no raw paths, query values or revision ids on request metrics.
+    for bad in ["raw-path", "secret", "/api/"] {
+        assert!(!text.contains(bad), "{bad} leaked into the metrics");
+    }
+    assert!(!text
+        .lines()
+        .any(|l| l.starts_with("legate_request") && l.contains(&rev)));
+
+    promtool_check(&text);
+    server.abort();
+}
+
+/// `promtool check metrics` (Debian package `prometheus`) must accept the exposition.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIPPED promtool check: promtool not runnable ({e}); install the Debian package `prometheus`");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool rejected the metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
