@@ -191,6 +191,9 @@ pub struct RunArgs {
     /// Runtime worker threads (default: one per CPU; 1 runs a single-threaded runtime).
     #[arg(long, env = "LEGATE_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// Access log (one JSON line per request): `stdout` (or `-`), a file appended to, or `off`.
+    #[arg(long, env = "LEGATE_ACCESS_LOG", default_value = "stdout")]
+    pub access_log: String,
 }
 
 impl RunArgs {
@@ -273,6 +276,11 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     if args.kubernetes && settings.secrets_dir.is_none() {
         settings.secrets_dir =
             Some(std::env::temp_dir().join(format!("legate-kube-secrets-{}", std::process::id())));
+    }
+    if let Some(sink) = crate::proxy::accesslog::Sink::parse(&args.access_log) {
+        let log = crate::proxy::accesslog::AccessLog::start(sink)
+            .with_context(|| format!("cannot open --access-log {}", args.access_log))?;
+        settings.access_log = Some(log);
     }
     let secrets_dir = settings.secrets_dir.clone();
     let proxy = Proxy::new(settings)?;

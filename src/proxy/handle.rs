@@ -14,6 +14,7 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
+use super::accesslog;
 use super::body::{full, ReqBody, RespBody};
 use super::error::ProxyError;
 use super::headers::{self as hdr, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
@@ -45,6 +46,11 @@ impl Proxy {
         let method = crate::metrics::method_class(req.method());
         let mut ex = Exchange::default();
         let snap = self.shared.load_full();
+        let line = self
+            .settings
+            .access_log
+            .as_ref()
+            .map(|_| accesslog::Line::start(&req, &snap));
         let resp = match self.serve(&snap, req, conn, &mut ex).await {
             Ok(r) => r,
             Err(e) => {
@@ -58,7 +64,26 @@ impl Proxy {
         };
         let took = start.elapsed();
         observe::record(&self.metrics, &snap, &ex, method, resp.status(), took);
-        resp
+        match (&self.settings.access_log, line) {
+            (Some(log), Some(mut line)) => {
+                line.route = ex.route;
+                line.upstream = ex.upstream;
+                if ex.request_id.is_some() {
+                    line.request_id = ex.request_id;
+                }
+                let status = resp.status().as_u16();
+                resp.map(|b| {
+                    RespBody::Counted(Box::new(accesslog::Counted::new(
+                        b,
+                        line,
+                        status,
+                        log.clone(),
+                        self.metrics.clone(),
+                    )))
+                })
+            }
+            _ => resp,
+        }
     }
 
     async fn serve(
@@ -136,7 +161,7 @@ impl Proxy {
                     None => HeaderValue::from_str(authority)
                         .map_err(|_| ProxyError::BadRequest("authority"))?,
                 };
-                self.forward(snap, prep, req, conn, upstream_pq, original_host)
+                self.forward(snap, prep, req, conn, upstream_pq, original_host, ex)
                     .await
             }
         }
@@ -197,6 +222,8 @@ impl Proxy {
         resp
     }
 
+    // One call site; a struct for these would only be unpacked again.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         snap: &Snapshot,
@@ -205,6 +232,7 @@ impl Proxy {
         conn: ConnInfo,
         upstream_pq: PathAndQuery,
         original_host: HeaderValue,
+        ex: &mut Exchange,
     ) -> Result<Response<RespBody>, ProxyError> {
         // An Upgrade the route allows (e.g. websocket) survives hop-by-hop stripping.
         let upgrade = if prep.allow_upgrade.is_empty() || prep.http2 {
@@ -229,7 +257,11 @@ impl Proxy {
         }
         h.insert(X_FORWARDED_HOST.clone(), original_host.clone());
         if !h.contains_key(&X_REQUEST_ID) {
-            h.insert(X_REQUEST_ID.clone(), hdr::new_request_id());
+            let id = hdr::new_request_id();
+            if self.settings.access_log.is_some() {
+                ex.request_id = Some(id.clone());
+            }
+            h.insert(X_REQUEST_ID.clone(), id);
         }
         h.insert(
             header::HOST,

@@ -8,6 +8,7 @@
 //! routes itself (that is `routes`): it asks the graph and does what the route says. A request
 //! reads the snapshot once at its start and finishes on it, so a swap never disturbs it.
 
+pub mod accesslog;
 mod body;
 mod client;
 pub mod echo;
@@ -93,6 +94,8 @@ pub struct Settings {
     pub dns_ttl: Duration,
     /// Name lookups for upstreams (default: the system resolver). Tests inject their own.
     pub lookup: Arc<dyn Lookup>,
+    /// Where access log lines go; `None`: no access log.
+    pub access_log: Option<accesslog::AccessLog>,
 }
 
 impl Default for Settings {
@@ -108,6 +111,7 @@ impl Default for Settings {
             upstream_ca: None,
             dns_ttl: Duration::from_secs(30),
             lookup: Arc::new(client::SystemLookup),
+            access_log: None,
         }
     }
 }

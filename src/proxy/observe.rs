@@ -20,6 +20,8 @@ pub(crate) struct Exchange {
     pub route: Option<usize>,
     /// The upstream it was forwarded to.
     pub upstream: Option<Authority>,
+    /// The `x-request-id` the gateway generated (a client's own is read from the request).
+    pub request_id: Option<http::HeaderValue>,
 }
 
 /// Count a failure the gateway answered itself.

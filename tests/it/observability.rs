@@ -204,3 +204,62 @@ fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn access_log_lines_match_the_requests() {
+    use legate::proxy::accesslog::{AccessLog, Sink};
+    let up = Upstream::start("u").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let settings = legate::proxy::Settings {
+        access_log: Some(AccessLog::start(Sink::File(path.clone())).unwrap()),
+        ..Default::default()
+    };
+    let gw = Gateway::with(&config(&up), settings).await;
+
+    let given = get(&gw.url("/api/x?token=secret"), &[("x-request-id", "req-1")]).await;
+    assert_eq!(given.status, 200);
+    let generated = get(&gw.url("/web/y"), &[]).await;
+    assert_eq!(generated.status, 200);
+    assert_eq!(get(&gw.url("/nowhere"), &[]).await.status, 404);
+
+    // The writer is a thread of its own: wait until all three lines are there.
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    crate::reconcile::eventually("three access log lines", || read().len() == 3).await;
+    let lines = read();
+    let by_path = |p: &str| lines.iter().find(|l| l["path"] == p).unwrap().clone();
+    let rev = &gw.proxy.graph().hash[..12];
+
+    let a = by_path("/api/x");
+    assert_eq!(a["request_id"], "req-1");
+    assert_eq!(a["method"], "GET");
+    assert_eq!(a["host"], gw.http.to_string());
+    assert_eq!(a["status"], 200);
+    assert_eq!(a["bytes"], given.body.len() as u64);
+    assert_eq!(a["upstream"], up.service());
+    assert!(a["route"].as_str().unwrap().ends_with("/api"), "{a}");
+    assert_eq!(a["revision"], rev);
+    assert_eq!(a["retries"], 0);
+    assert!(a["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(a["time"].as_str().unwrap().ends_with('Z'));
+
+    // The id the gateway made up is the one the upstream saw.
+    let w = by_path("/web/y");
+    assert_eq!(
+        w["request_id"].as_str(),
+        generated.seen("x-request-id").as_deref()
+    );
+    assert_eq!(w["bytes"], generated.body.len() as u64);
+
+    let n = by_path("/nowhere");
+    assert_eq!(n["status"], 404);
+    assert!(n["route"].is_null() && n["upstream"].is_null());
+    // The query string never reaches the log.
+    assert!(!std::fs::read_to_string(&path).unwrap().contains("secret"));
+}
