@@ -194,6 +194,16 @@ pub struct RunArgs {
     /// Access log (one JSON line per request): `stdout` (or `-`), a file appended to, or `off`.
     #[arg(long, env = "LEGATE_ACCESS_LOG", default_value = "stdout")]
     pub access_log: String,
+    /// Share of new traces (requests without a `traceparent`) marked sampled, 0 to 1.
+    #[arg(long, env = "LEGATE_TRACE_SAMPLE_RATIO", default_value_t = 0.0, value_parser = parse_ratio)]
+    pub trace_sample_ratio: f64,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("`{s}` is not a ratio between 0 and 1")),
+    }
 }
 
 impl RunArgs {
@@ -218,6 +228,7 @@ impl RunArgs {
             default_cert: self.default_cert.clone(),
             upstream_ca: self.upstream_ca.clone(),
             dns_ttl: Duration::from_secs(self.dns_ttl_secs),
+            trace_sample_ratio: self.trace_sample_ratio,
             ..Settings::default()
         }
     }

@@ -263,6 +263,7 @@ impl Proxy {
             }
             h.insert(X_REQUEST_ID.clone(), id);
         }
+        super::trace::propagate(h, self.settings.trace_sample_ratio);
         h.insert(
             header::HOST,
             prep.host_header.clone().unwrap_or(original_host),

@@ -19,6 +19,7 @@ mod observe;
 mod path;
 mod pool;
 mod server;
+pub mod trace;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -96,6 +97,8 @@ pub struct Settings {
     pub lookup: Arc<dyn Lookup>,
     /// Where access log lines go; `None`: no access log.
     pub access_log: Option<accesslog::AccessLog>,
+    /// Share of new traces (no incoming `traceparent`) marked sampled, 0.0..=1.0.
+    pub trace_sample_ratio: f64,
 }
 
 impl Default for Settings {
@@ -112,6 +115,7 @@ impl Default for Settings {
             dns_ttl: Duration::from_secs(30),
             lookup: Arc::new(client::SystemLookup),
             access_log: None,
+            trace_sample_ratio: 0.0,
         }
     }
 }

@@ -263,3 +263,71 @@ async fn access_log_lines_match_the_requests() {
     // The query string never reaches the log.
     assert!(!std::fs::read_to_string(&path).unwrap().contains("secret"));
 }
+
+/// A `traceparent` as `(trace id, parent id, flags)`, checked for the W3C shape.
+fn traceparent(v: &str) -> (String, String, String) {
+    let parts: Vec<&str> = v.split('-').collect();
+    assert_eq!(parts.len(), 4, "{v}");
+    assert_eq!(parts[0], "00");
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    assert!(hex(parts[1], 32) && parts[1] != "0".repeat(32), "{v}");
+    assert!(hex(parts[2], 16) && parts[2] != "0".repeat(16), "{v}");
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+#[tokio::test]
+async fn traceparent_is_forwarded_with_a_new_parent_or_started() {
+    let up = Upstream::start("u").await;
+    let gw = Gateway::start(&config(&up)).await;
+
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = get(
+        &gw.url("/api/"),
+        &[("traceparent", given), ("tracestate", "vendor=1")],
+    )
+    .await;
+    let (trace, parent, flags) = traceparent(&r.seen("traceparent").unwrap());
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(parent, "00f067aa0ba902b7");
+    assert_eq!(flags, "01");
+    assert_eq!(r.seen("tracestate").as_deref(), Some("vendor=1"));
+
+    // Absent: a new trace, not sampled at the default ratio of 0; each request its own.
+    let a = get(&gw.url("/api/"), &[])
+        .await
+        .seen("traceparent")
+        .unwrap();
+    let b = get(&gw.url("/api/"), &[])
+        .await
+        .seen("traceparent")
+        .unwrap();
+    let (ta, _, fa) = traceparent(&a);
+    let (tb, _, _) = traceparent(&b);
+    assert_ne!(ta, tb);
+    assert_eq!(fa, "00");
+
+    // Malformed: replaced by a new trace, and its tracestate dropped.
+    let r = get(
+        &gw.url("/api/"),
+        &[("traceparent", "00-xyz-01"), ("tracestate", "vendor=1")],
+    )
+    .await;
+    traceparent(&r.seen("traceparent").unwrap());
+    assert_eq!(r.seen("tracestate"), None);
+
+    // Sample ratio 1: every new trace is sampled.
+    let settings = legate::proxy::Settings {
+        trace_sample_ratio: 1.0,
+        ..Default::default()
+    };
+    let all = Gateway::with(&config(&up), settings).await;
+    let v = get(&all.url("/api/"), &[])
+        .await
+        .seen("traceparent")
+        .unwrap();
+    assert_eq!(traceparent(&v).2, "01");
+}
