@@ -273,6 +273,43 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let log = AccessLog { tx };
+        let metrics = Metrics::new();
+        let snap = Arc::new(Snapshot {
+            graph: crate::routes::Graph::empty(),
+            routes: Vec::new(),
+            certs: Default::default(),
+            revision: HeaderValue::from_static("abc"),
+            any_insecure_policy: false,
+            stats: Vec::new(),
+        });
+        let req = http::Request::get("http://h.test/p?q=secret")
+            .body(())
+            .unwrap();
+        for _ in 0..3 {
+            let body = Counted::new(
+                super::super::body::full(Bytes::from_static(b"hi")),
+                Line::start(&req, &snap),
+                200,
+                log.clone(),
+                metrics.clone(),
+            );
+            drop(body);
+        }
+        let line = rx.try_recv().unwrap().json();
+        assert_eq!(line["path"], "/p");
+        assert_eq!(line["host"], "h.test");
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["revision"], "abc");
+        assert!(rx.try_recv().is_err());
+        assert!(metrics
+            .render(None)
+            .contains("legate_access_log_dropped_total 2\n"));
+    }
+
+    #[test]
     fn parses_the_flag() {
         assert_eq!(Sink::parse("off"), None);
         assert_eq!(Sink::parse("-"), Some(Sink::Stdout));
