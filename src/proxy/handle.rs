@@ -14,7 +14,6 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use super::accesslog;
 use super::body::{full, ReqBody, RespBody};
 use super::error::ProxyError;
 use super::headers::{self as hdr, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
@@ -42,15 +41,8 @@ impl Proxy {
                 return svc.call(req).await.map(full);
             }
         }
-        let start = std::time::Instant::now();
-        let method = crate::metrics::method_class(req.method());
-        let mut ex = Exchange::default();
         let snap = self.shared.load_full();
-        let line = self
-            .settings
-            .access_log
-            .as_ref()
-            .map(|_| accesslog::Line::start(&req, &snap));
+        let mut ex = Exchange::start(&req, &snap, self.settings.access_log.is_some());
         let resp = match self.serve(&snap, req, conn, &mut ex).await {
             Ok(r) => r,
             Err(e) => {
@@ -62,28 +54,7 @@ impl Proxy {
                 e.into_response()
             }
         };
-        let took = start.elapsed();
-        observe::record(&self.metrics, &snap, &ex, method, resp.status(), took);
-        match (&self.settings.access_log, line) {
-            (Some(log), Some(mut line)) => {
-                line.route = ex.route;
-                line.upstream = ex.upstream;
-                if ex.request_id.is_some() {
-                    line.request_id = ex.request_id;
-                }
-                let status = resp.status().as_u16();
-                resp.map(|b| {
-                    RespBody::Counted(Box::new(accesslog::Counted::new(
-                        b,
-                        line,
-                        status,
-                        log.clone(),
-                        self.metrics.clone(),
-                    )))
-                })
-            }
-            _ => resp,
-        }
+        self.observed(&snap, ex, resp)
     }
 
     async fn serve(
