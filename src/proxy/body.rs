@@ -17,6 +17,8 @@ pub enum RespBody {
     /// From an HTTP/2 upstream.
     Streamed(Incoming),
     Local(Option<Bytes>),
+    /// Any of the above, counted for the access log.
+    Counted(Box<super::accesslog::Counted>),
 }
 
 /// A local response body.
@@ -36,6 +38,7 @@ impl Body for RespBody {
             RespBody::Pooled(b) => Pin::new(b).poll_frame(cx),
             RespBody::Streamed(b) => Pin::new(b).poll_frame(cx),
             RespBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            RespBody::Counted(b) => Pin::new(&mut **b).poll_frame(cx),
         }
     }
 
@@ -44,6 +47,7 @@ impl Body for RespBody {
             RespBody::Pooled(b) => b.is_end_stream(),
             RespBody::Streamed(b) => b.is_end_stream(),
             RespBody::Local(b) => b.is_none(),
+            RespBody::Counted(b) => b.is_end_stream(),
         }
     }
 
@@ -52,6 +56,7 @@ impl Body for RespBody {
             RespBody::Pooled(b) => b.size_hint(),
             RespBody::Streamed(b) => b.size_hint(),
             RespBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+            RespBody::Counted(b) => b.size_hint(),
         }
     }
 }

@@ -8,15 +8,18 @@
 //! routes itself (that is `routes`): it asks the graph and does what the route says. A request
 //! reads the snapshot once at its start and finishes on it, so a swap never disturbs it.
 
+pub mod accesslog;
 mod body;
 mod client;
 pub mod echo;
 mod error;
 mod handle;
 mod headers;
+mod observe;
 mod path;
 mod pool;
 mod server;
+pub mod trace;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -92,6 +95,10 @@ pub struct Settings {
     pub dns_ttl: Duration,
     /// Name lookups for upstreams (default: the system resolver). Tests inject their own.
     pub lookup: Arc<dyn Lookup>,
+    /// Where access log lines go; `None`: no access log.
+    pub access_log: Option<accesslog::AccessLog>,
+    /// Share of new traces (no incoming `traceparent`) marked sampled, 0.0..=1.0.
+    pub trace_sample_ratio: f64,
 }
 
 impl Default for Settings {
@@ -107,6 +114,8 @@ impl Default for Settings {
             upstream_ca: None,
             dns_ttl: Duration::from_secs(30),
             lookup: Arc::new(client::SystemLookup),
+            access_log: None,
+            trace_sample_ratio: 0.0,
         }
     }
 }
@@ -133,6 +142,8 @@ pub(crate) struct Snapshot {
     pub revision: HeaderValue,
     /// Whether any Host redirects or rejects plain HTTP (else that lookup is skipped).
     pub any_insecure_policy: bool,
+    /// Request counters per route, indexed by `RouteId` (resolved here, not per request).
+    pub stats: Vec<Arc<crate::metrics::RouteStats>>,
 }
 
 /// A header to add, parsed once.
@@ -188,6 +199,7 @@ pub struct Proxy {
     /// Requests under a reserved path prefix answered in-process (webhooks on the proxy
     /// listeners), set once at startup.
     local: std::sync::OnceLock<(String, Arc<dyn LocalService>)>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An in-process handler for a reserved path prefix on the proxy listeners.
@@ -220,6 +232,7 @@ impl Proxy {
                 certs: CertTable::default(),
                 revision: HeaderValue::from_static(""),
                 any_insecure_policy: false,
+                stats: Vec::new(),
             })),
             settings,
             secrets,
@@ -229,6 +242,7 @@ impl Proxy {
             loaded: std::sync::atomic::AtomicBool::new(false),
             gateway_errors: std::sync::atomic::AtomicU64::new(0),
             local: std::sync::OnceLock::new(),
+            metrics: crate::metrics::Metrics::new(),
         };
         Ok(Arc::new(proxy))
     }
@@ -252,6 +266,11 @@ impl Proxy {
     pub fn gateway_errors(&self) -> u64 {
         self.gateway_errors
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The gateway's metrics (`GET /metrics` renders them).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// The graph new requests see.
@@ -287,6 +306,7 @@ impl Proxy {
             certs,
             revision: cur.revision.clone(),
             any_insecure_policy: cur.any_insecure_policy,
+            stats: cur.stats.clone(),
         };
         self.shared.store(Arc::new(snap));
         tracing::info!("reloaded TLS certificates after a change under the secrets directory");
@@ -315,6 +335,11 @@ impl Proxy {
                 .hosts
                 .iter()
                 .any(|h| h.insecure != crate::routes::InsecureAction::Route),
+            stats: graph
+                .routes
+                .iter()
+                .map(|r| self.metrics.route(&r.stats_name))
+                .collect(),
             routes,
             certs,
             graph,

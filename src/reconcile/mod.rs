@@ -184,6 +184,10 @@ pub struct Status {
     /// Unix milliseconds of the last completed pass.
     pub last_pass_at: Option<u64>,
     pub passes: u64,
+    /// Passes whose source read failed.
+    pub fetch_failures: u64,
+    /// Unix milliseconds of the last pass that read the source successfully.
+    pub last_fetch_ok_at: Option<u64>,
 }
 
 /// What one pass did, as answered to a manual sync or pin.
@@ -629,6 +633,7 @@ impl Reconciler {
                 s.status.consecutive_failures = self.failures;
                 s.status.last_pass_at = Some(now_ms());
                 s.status.passes += 1;
+                s.status.fetch_failures += 1;
                 tracing::warn!(error = %e, failures = self.failures, "source failed");
                 return PassResult::SourceFailed {
                     error: e.to_string(),
@@ -642,6 +647,7 @@ impl Reconciler {
             s.status.consecutive_failures = 0;
             s.status.attempted = Some(rev.id.clone());
             s.status.last_pass_at = Some(now_ms());
+            s.status.last_fetch_ok_at = s.status.last_pass_at;
             s.status.passes += 1;
         }
         let is_applied = self.applied.as_ref().map(|a| a.id == rev.id) == Some(true);

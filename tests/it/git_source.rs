@@ -220,6 +220,7 @@ async fn commits_over_git_daemon_go_live_bad_is_rejected_fix_goes_live() {
         hook_secret: Some(Arc::new(HookSecret::new("k").unwrap())),
         token: None,
         graph: None,
+        metrics: None,
     };
     let body: &'static [u8] = b"{}";
     let req = http::Request::post("/hooks/github")
@@ -545,6 +546,7 @@ async fn bench_commit_to_live_via_webhook() {
         hook_secret: Some(Arc::new(HookSecret::new("k").unwrap())),
         token: None,
         graph: None,
+        metrics: None,
     };
     let body: &'static [u8] = b"{}";
     let mut times = Vec::new();
