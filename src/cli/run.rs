@@ -296,7 +296,14 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     let secrets_dir = settings.secrets_dir.clone();
     let proxy = Proxy::new(settings)?;
 
+    // Everyone who follows revision outcomes subscribes before the reconciler starts, so the
+    // first revision is seen too.
+    let (events, _) = tokio::sync::broadcast::channel(64);
+    let served_events = events.subscribe();
+    let notify_events = events.subscribe();
+    proxy.metrics().follow(events.subscribe());
     let rsettings = RSettings {
+        events: Some(events),
         config: cfg.clone(),
         secrets_dir: secrets_dir.clone(),
         cache_dir: args.cache_dir.clone(),
@@ -333,7 +340,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         let handle = reconcile::start(source, sink, rsettings, Some(errors));
         // The served revision goes to the objects' status, written by the Lease holder only.
         let (served_tx, served_rx) = tokio::sync::watch::channel(None::<String>);
-        let mut events = handle.subscribe();
+        let mut events = served_events;
         tokio::spawn(async move {
             while let Ok(e) = events.recv().await {
                 if e.outcome == reconcile::Outcome::Applied {
@@ -391,7 +398,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
 
     if let Some(url) = &args.notify_url {
         let n = crate::notify::Notifier::new(url).map_err(anyhow::Error::msg)?;
-        n.spawn(handle.subscribe(), source_name.clone());
+        n.spawn(notify_events, source_name.clone());
     }
     let admin_state = crate::admin::AdminState {
         reconciler: handle.clone(),
@@ -403,7 +410,6 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         token: token.map(Arc::new),
         metrics: Some(proxy.metrics().clone()),
     };
-    proxy.metrics().follow(&handle);
     if hook_secret.is_some() {
         let prefix = if args.hooks_prefix.ends_with('/') {
             args.hooks_prefix.clone()

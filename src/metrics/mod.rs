@@ -183,8 +183,10 @@ impl Metrics {
     }
 
     /// Count every history entry the reconciler records from now on.
-    pub fn follow(self: &Arc<Self>, handle: &crate::reconcile::Handle) {
-        let mut rx = handle.subscribe();
+    pub fn follow(
+        self: &Arc<Self>,
+        mut rx: tokio::sync::broadcast::Receiver<crate::reconcile::Entry>,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             use tokio::sync::broadcast::error::RecvError;

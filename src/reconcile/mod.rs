@@ -84,6 +84,10 @@ pub struct Settings {
     /// Apply a head that does not descend from the applied commit.
     pub allow_force_push: bool,
     pub verify: VerifySettings,
+    /// Where recorded history entries are broadcast. Give a sender whose receivers were made
+    /// before `start` so that not even the first revision is missed; `None`: a private channel
+    /// ([`Handle::subscribe`] still works, from the moment it is called).
+    pub events: Option<broadcast::Sender<Entry>>,
 }
 
 impl Default for Settings {
@@ -98,6 +102,7 @@ impl Default for Settings {
             history: 50,
             allow_force_push: false,
             verify: VerifySettings::default(),
+            events: None,
         }
     }
 }
@@ -331,7 +336,10 @@ pub fn start(
         .status
         .source = source.describe();
     let trigger = Arc::new(Notify::new());
-    let (events, _) = broadcast::channel(64);
+    let events = settings
+        .events
+        .clone()
+        .unwrap_or_else(|| broadcast::channel(64).0);
     let r = Reconciler {
         events: events.clone(),
         source,

@@ -56,7 +56,7 @@ async fn metrics_count_known_traffic_and_pass_promtool() {
     ));
     let h = reconcile::start(src, gw.proxy.clone(), settings(None), None);
     // Subscribed before the first pass can run (the test runtime is single-threaded).
-    gw.proxy.metrics().follow(&h);
+    gw.proxy.metrics().follow(h.subscribe());
     let first = h.sync().await;
     assert!(matches!(outcome(&first), Some(Outcome::Applied) | None));
     assert!(h.status().applied.is_some(), "{first:?}");
