@@ -58,8 +58,18 @@ pub enum Command {
     Crds(CrdsArgs),
     /// Run the gateway.
     Run(Box<run::RunArgs>),
-    /// Ask a running gateway: status, revisions, sync, pin, unpin, routes, explain.
-    Admin(remote::AdminArgs),
+    /// A running gateway's live revision, last attempt and mode (admin API).
+    Status(remote::Remote),
+    /// A running gateway's revision history.
+    Revisions(remote::Remote),
+    /// Make a running gateway fetch and reconcile now.
+    Sync(remote::Remote),
+    /// Make a running gateway serve this revision and stop following its source.
+    Pin(remote::PinArgs),
+    /// Make a running gateway follow its source again.
+    Unpin(remote::Remote),
+    /// Which Mapping a running gateway would pick for a request, and why.
+    Explain(remote::ExplainArgs),
 }
 
 #[derive(Debug, Args)]
@@ -158,6 +168,11 @@ pub enum TableFormat {
 pub struct RoutesArgs {
     #[arg(default_value = ".")]
     pub path: PathBuf,
+    /// Show the table a running gateway serves (admin API) instead of compiling PATH.
+    #[arg(long)]
+    pub live: bool,
+    #[command(flatten)]
+    pub remote: remote::Remote,
     #[command(flatten)]
     pub config: ConfigArgs,
     #[arg(long, value_enum, default_value = "text")]
@@ -209,7 +224,12 @@ pub fn main(cli: Cli) -> i32 {
         Command::Schema(a) => schema(a),
         Command::Diff(a) => diff(a),
         Command::Crds(a) => crds(a),
-        Command::Admin(a) => remote::run(a),
+        Command::Status(r) => remote::run(remote::Call::Status, &r),
+        Command::Revisions(r) => remote::run(remote::Call::Revisions, &r),
+        Command::Sync(r) => remote::run(remote::Call::Sync, &r),
+        Command::Pin(a) => remote::run(remote::Call::Pin(&a.revision), &a.remote),
+        Command::Unpin(r) => remote::run(remote::Call::Unpin, &r),
+        Command::Explain(a) => remote::run(remote::Call::Explain(&a), &a.remote),
         Command::Run(a) => {
             let cfg = a.config.options();
             run::run(*a, cfg)
@@ -243,6 +263,9 @@ fn check(a: CheckArgs) -> anyhow::Result<i32> {
 }
 
 fn routes(a: RoutesArgs) -> anyhow::Result<i32> {
+    if a.live {
+        return remote::run(remote::Call::Routes, &a.remote);
+    }
     if !a.path.exists() {
         anyhow::bail!("{}: no such file or directory", a.path.display());
     }

@@ -1,56 +1,65 @@
-//! `legate status|revisions|sync|pin|unpin|explain`: talk to a running gateway's admin API.
+//! `legate status|revisions|sync|pin|unpin|explain` and `legate routes --live`: talk to a
+//! running gateway's admin API; human-readable tables, or the API's JSON with `--json`.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use clap::{Args, Subcommand};
+use clap::Args;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use serde_json::Value;
 
 /// Where the gateway's admin API is, and the token for mutating calls.
-#[derive(Debug, Args)]
-pub struct AdminArgs {
+#[derive(Debug, Clone, Args)]
+pub struct Remote {
     /// The admin listener of the gateway.
     #[arg(
         long,
         env = "LEGATE_ADMIN_URL",
-        default_value = "http://127.0.0.1:8877",
-        global = true
+        default_value = "http://127.0.0.1:8877"
     )]
     pub admin: String,
     /// File holding the admin bearer token (or LEGATE_ADMIN_TOKEN).
-    #[arg(long, env = "LEGATE_ADMIN_TOKEN_FILE", global = true)]
+    #[arg(long, env = "LEGATE_ADMIN_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    #[command(subcommand)]
-    pub call: Call,
+    /// Print the admin API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum Call {
-    /// Live revision, last attempt and its outcome, pin state.
+#[derive(Debug, Args)]
+pub struct PinArgs {
+    /// Revision (commit id or content hash) to serve; history shows the candidates.
+    pub revision: String,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Request path.
+    pub path: String,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    #[arg(long, default_value = "localhost")]
+    pub host: String,
+    /// `name:value`, repeatable.
+    #[arg(long = "header")]
+    pub headers: Vec<String>,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// What to ask the gateway.
+pub enum Call<'a> {
     Status,
-    /// Revision history, newest first.
     Revisions,
-    /// Fetch and reconcile now (also retries a rejected revision).
     Sync,
-    /// Serve this revision and stop following the source (rollback by hand).
-    Pin { revision: String },
-    /// Follow the source again.
+    Pin(&'a str),
     Unpin,
-    /// The compiled route table the gateway serves.
     Routes,
-    /// Which Mapping would serve a request, and why.
-    Explain {
-        #[arg(long, default_value = "GET")]
-        method: String,
-        #[arg(long, default_value = "localhost")]
-        host: String,
-        path: String,
-        /// `name:value`, repeatable.
-        #[arg(long = "header")]
-        headers: Vec<String>,
-    },
+    Explain(&'a ExplainArgs),
 }
 
 fn enc(s: &str) -> String {
@@ -65,33 +74,45 @@ fn enc(s: &str) -> String {
     out
 }
 
-pub fn run(a: AdminArgs) -> anyhow::Result<i32> {
-    let (method, path) = match &a.call {
+/// Make the call and print its answer; returns the exit code.
+pub fn run(call: Call<'_>, r: &Remote) -> anyhow::Result<i32> {
+    let (method, path) = match &call {
         Call::Status => ("GET", "/api/status".to_string()),
         Call::Revisions => ("GET", "/api/revisions".to_string()),
         Call::Sync => ("POST", "/api/sync".to_string()),
-        Call::Pin { revision } => ("POST", format!("/api/pin/{}", enc(revision))),
+        Call::Pin(rev) => ("POST", format!("/api/pin/{}", enc(rev))),
         Call::Unpin => ("POST", "/api/unpin".to_string()),
         Call::Routes => ("GET", "/api/routes".to_string()),
-        Call::Explain {
-            method,
-            host,
-            path,
-            headers,
-        } => {
+        Call::Explain(e) => {
             let mut q = format!(
                 "method={}&host={}&path={}",
-                enc(method),
-                enc(host),
-                enc(path)
+                enc(&e.method),
+                enc(&e.host),
+                enc(&e.path)
             );
-            for h in headers {
+            for h in &e.headers {
                 q.push_str(&format!("&header={}", enc(h)));
             }
             ("GET", format!("/api/routes/explain?{q}"))
         }
     };
-    let token = match &a.token_file {
+    let (status, body) = request(r, method, &path)?;
+    if status == 401 {
+        eprintln!("legate: the admin API wants a token: --token-file or LEGATE_ADMIN_TOKEN");
+        return Ok(2);
+    }
+    let v: Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    if r.json {
+        outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        out!("{}", human(&call, &v));
+    }
+    Ok(if (200..300).contains(&status) { 0 } else { 1 })
+}
+
+fn request(r: &Remote, method: &str, path: &str) -> anyhow::Result<(u16, Bytes)> {
+    let token = match &r.token_file {
         Some(f) => Some(
             std::fs::read_to_string(f)
                 .with_context(|| format!("cannot read {}", f.display()))?
@@ -100,10 +121,10 @@ pub fn run(a: AdminArgs) -> anyhow::Result<i32> {
         ),
         None => std::env::var("LEGATE_ADMIN_TOKEN").ok(),
     };
-    let base: http::Uri = a
+    let base: http::Uri = r
         .admin
         .parse()
-        .with_context(|| format!("--admin `{}` is not a URL", a.admin))?;
+        .with_context(|| format!("--admin `{}` is not a URL", r.admin))?;
     if base.scheme_str() != Some("http") {
         bail!("--admin must be an http:// URL (the admin listener is plain HTTP)");
     }
@@ -111,7 +132,7 @@ pub fn run(a: AdminArgs) -> anyhow::Result<i32> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (status, body) = rt.block_on(async {
+    rt.block_on(async {
         let tcp = tokio::time::timeout(
             std::time::Duration::from_secs(5),
             tokio::net::TcpStream::connect(&authority),
@@ -123,23 +144,216 @@ pub fn run(a: AdminArgs) -> anyhow::Result<i32> {
         tokio::spawn(conn);
         let mut req = http::Request::builder()
             .method(method)
-            .uri(&path)
+            .uri(path)
             .header(http::header::HOST, &authority);
         if let Some(t) = &token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
         }
         let resp = tx.send_request(req.body(Full::new(Bytes::new()))?).await?;
-        let status = resp.status();
+        let status = resp.status().as_u16();
         let body = resp.into_body().collect().await?.to_bytes();
         anyhow::Ok((status, body))
-    })?;
-    outln!("{}", String::from_utf8_lossy(&body).trim_end());
-    Ok(match status.as_u16() {
-        200..=299 => 0,
-        401 => {
-            eprintln!("legate: the admin API wants a token: --token-file or LEGATE_ADMIN_TOKEN");
-            2
-        }
-        _ => 1,
     })
+}
+
+fn when(ms: &Value) -> String {
+    match ms.as_u64() {
+        Some(ms) => {
+            let mut out = Vec::new();
+            crate::proxy::accesslog::rfc3339(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+                &mut out,
+            );
+            String::from_utf8_lossy(&out).into_owned()
+        }
+        None => "-".into(),
+    }
+}
+
+fn short(v: &Value) -> String {
+    v.as_str()
+        .map(|s| s.get(..12).unwrap_or(s).to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn entry_line(e: &Value) -> String {
+    let mut s = format!(
+        "{} {}",
+        short(&e["revision"]),
+        e["outcome"].as_str().unwrap_or("?")
+    );
+    if let Some(c) = e.get("commit").filter(|c| c.is_object()) {
+        s.push_str(&format!(
+            " \"{}\" by {}",
+            c["summary"].as_str().unwrap_or(""),
+            c["author"].as_str().unwrap_or("")
+        ));
+    }
+    s.push_str(&format!(" at {}", when(&e["finished_at"])));
+    if let Some(r) = e["reason"].as_str() {
+        s.push_str(&format!(" ({r})"));
+    }
+    s
+}
+
+fn human(call: &Call<'_>, v: &Value) -> String {
+    let mut o = String::new();
+    match call {
+        Call::Status => {
+            o.push_str(&format!(
+                "source:        {}\n",
+                v["source"].as_str().unwrap_or("-")
+            ));
+            o.push_str(&format!(
+                "mode:          {}{}\n",
+                v["mode"].as_str().unwrap_or("-"),
+                v["pinned"]
+                    .as_str()
+                    .map(|p| format!(" at {p}"))
+                    .unwrap_or_default()
+            ));
+            let live = match v.get("live") {
+                Some(e) if e.is_object() => format!("{}, {} route(s)", entry_line(e), e["routes"]),
+                _ => short(&v["applied"]),
+            };
+            o.push_str(&format!(
+                "live:          {live}{}\n",
+                if v["serving_cached"] == true {
+                    " [served from the cache]"
+                } else {
+                    ""
+                }
+            ));
+            if let Some(e) = v.get("last_attempt").filter(|e| e.is_object()) {
+                o.push_str(&format!("last attempt:  {}\n", entry_line(e)));
+                for d in e["diagnostics"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|d| d["severity"] == "error")
+                    .take(10)
+                {
+                    o.push_str(&format!(
+                        "  {}:{}:{}: {}\n",
+                        d["file"].as_str().unwrap_or(""),
+                        d["line"],
+                        d["column"],
+                        d["message"].as_str().unwrap_or("")
+                    ));
+                }
+            }
+            if let Some(vr) = v["verifying"].as_str() {
+                o.push_str(&format!("verifying:     {}\n", vr.get(..12).unwrap_or(vr)));
+            }
+            if let Some(err) = v["source_error"].as_str() {
+                o.push_str(&format!(
+                    "source error:  {err} ({} in a row)\n",
+                    v["consecutive_failures"]
+                ));
+            }
+            o.push_str(&format!(
+                "passes:        {}, last at {}\n",
+                v["passes"],
+                when(&v["last_pass_at"])
+            ));
+        }
+        Call::Revisions => {
+            o.push_str(&format!(
+                "{:<13} {:<11} {:<25} {:>6}  {}\n",
+                "REVISION", "OUTCOME", "FINISHED", "ROUTES", "COMMIT / REASON"
+            ));
+            for e in v.as_array().into_iter().flatten() {
+                let what = match e.get("commit").filter(|c| c.is_object()) {
+                    Some(c) => format!(
+                        "\"{}\" by {}",
+                        c["summary"].as_str().unwrap_or(""),
+                        c["author"].as_str().unwrap_or("")
+                    ),
+                    None => String::new(),
+                };
+                let reason = e["reason"]
+                    .as_str()
+                    .map(|r| format!(" — {r}"))
+                    .unwrap_or_default();
+                o.push_str(&format!(
+                    "{:<13} {:<11} {:<25} {:>6}  {what}{reason}\n",
+                    short(&e["revision"]),
+                    e["outcome"].as_str().unwrap_or("?"),
+                    when(&e["finished_at"]),
+                    e["routes"]
+                ));
+            }
+        }
+        Call::Sync | Call::Pin(_) | Call::Unpin => {
+            let result = v["result"].as_str().unwrap_or("?");
+            match v.get("entry").filter(|e| e.is_object()) {
+                Some(e) => o.push_str(&format!("{result}: {}\n", entry_line(e))),
+                None => o.push_str(&format!(
+                    "{result}{}{}\n",
+                    v["revision"]
+                        .as_str()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default(),
+                    v["error"]
+                        .as_str()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                )),
+            }
+        }
+        Call::Routes => {
+            let table = |title: String, rows: &Value, o: &mut String| {
+                o.push_str(&format!("{title}\n"));
+                for (i, g) in rows.as_array().into_iter().flatten().enumerate() {
+                    for m in g["members"].as_array().into_iter().flatten() {
+                        o.push_str(&format!(
+                            "  {:<4} {:<24} {:<40} {:<28} {:>4}%  {}\n",
+                            i + 1,
+                            g["host"].as_str().unwrap_or(""),
+                            g["match"].as_str().unwrap_or(""),
+                            m["mapping"].as_str().unwrap_or(""),
+                            m["weight"],
+                            m["action"].as_str().unwrap_or("")
+                        ));
+                    }
+                }
+                o.push('\n');
+            };
+            for h in v["hosts"].as_array().into_iter().flatten() {
+                table(
+                    format!(
+                        "Host {} ({})",
+                        h["host"].as_str().unwrap_or(""),
+                        h["hostname"].as_str().unwrap_or("")
+                    ),
+                    &h["routes"],
+                    &mut o,
+                );
+            }
+            table("Requests matching no Host".into(), &v["fallback"], &mut o);
+        }
+        Call::Explain(_) => {
+            if v["matched"] == true {
+                o.push_str(&format!(
+                    "matched {} (position {})\n",
+                    v["match"].as_str().unwrap_or(""),
+                    v["position"]
+                ));
+                for m in v["members"].as_array().into_iter().flatten() {
+                    o.push_str(&format!(
+                        "  {} ({}%) from {}: {} -> upstream path {}\n",
+                        m["mapping"].as_str().unwrap_or(""),
+                        m["weight"],
+                        m["source"].as_str().unwrap_or(""),
+                        m["action"].as_str().unwrap_or(""),
+                        m["upstream_path"].as_str().unwrap_or("-")
+                    ));
+                }
+            } else {
+                o.push_str("no route: the gateway answers 404\n");
+            }
+            o.push_str(&format!("table: {}\n", v["table"]));
+        }
+    }
+    o
 }

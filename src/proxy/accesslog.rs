@@ -305,7 +305,7 @@ fn flush(out: &mut Box<dyn Write + Send>, buf: &mut Vec<u8>) {
 }
 
 /// `2006-01-02T15:04:05.000Z`.
-fn rfc3339(t: SystemTime, out: &mut Vec<u8>) {
+pub fn rfc3339(t: SystemTime, out: &mut Vec<u8>) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);

@@ -193,6 +193,14 @@ pub struct Status {
     pub fetch_failures: u64,
     /// Unix milliseconds of the last pass that read the source successfully.
     pub last_fetch_ok_at: Option<u64>,
+    /// The history entry of the revision being served (commit, author, message, applied at).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<Entry>,
+    /// The newest history entry: the last attempted revision, its outcome and diagnostics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_attempt: Option<Entry>,
+    /// `pinned` or `following`.
+    pub mode: &'static str,
 }
 
 /// What one pass did, as answered to a manual sync or pin.
@@ -244,7 +252,22 @@ impl Handle {
     }
 
     pub fn status(&self) -> Status {
-        self.lock().status.clone()
+        let s = self.lock();
+        let mut st = s.status.clone();
+        st.live = st.applied.as_ref().and_then(|id| {
+            s.history
+                .iter()
+                .rev()
+                .find(|e| &e.revision == id && e.outcome == Outcome::Applied)
+                .cloned()
+        });
+        st.last_attempt = s.history.back().cloned();
+        st.mode = if st.pinned.is_some() {
+            "pinned"
+        } else {
+            "following"
+        };
+        st
     }
 
     /// History, newest first.

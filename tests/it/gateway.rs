@@ -116,6 +116,87 @@ async fn route_tests_gate_revisions_and_outcomes_are_announced() {
         "/hello"
     );
 
+    // The live route table and an explanation of one request.
+    let routes = get(&format!("http://{admin}/api/routes"), &[]).await.json();
+    assert_eq!(
+        routes["fallback"][0]["members"][0]["mapping"], "default/echo",
+        "{routes}"
+    );
+    let why = get(
+        &format!("http://{admin}/api/routes/explain?method=GET&host=example.org&path=/echo/hello"),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(why["matched"], true, "{why}");
+    assert_eq!(why["members"][0]["mapping"], "default/echo");
+    assert_eq!(why["members"][0]["upstream_path"], "/hello");
+    let none = get(
+        &format!("http://{admin}/api/routes/explain?path=/nowhere"),
+        &[],
+    )
+    .await
+    .json();
+    assert_eq!(none["matched"], false);
+
+    // The same through the CLI, and pin/unpin by hand.
+    let admin_url = format!("http://{admin}");
+    let cli = |args: &[&str], token: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_legate"));
+        c.args(args).args(["--admin", &admin_url]);
+        if token {
+            c.env("LEGATE_ADMIN_TOKEN", "t0ken");
+        } else {
+            c.env_remove("LEGATE_ADMIN_TOKEN");
+        }
+        c.output().unwrap()
+    };
+    let o = cli(&["status", "--json"], false);
+    assert_eq!(o.status.code(), Some(0));
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(st["applied"], applied.as_str());
+    assert_eq!(st["live"]["outcome"], "Applied");
+    let text = String::from_utf8_lossy(&cli(&["status"], false).stdout).into_owned();
+    assert!(
+        text.contains("mode:          following") && text.contains(&applied[..12]),
+        "{text}"
+    );
+    assert_eq!(
+        cli(&["unpin"], false).status.code(),
+        Some(2),
+        "mutating calls need the token"
+    );
+    let o = cli(&["pin", &applied], true);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let text = String::from_utf8_lossy(&cli(&["status"], false).stdout).into_owned();
+    assert!(
+        text.contains(&format!("mode:          pinned at {applied}")),
+        "{text}"
+    );
+    let o = cli(&["unpin"], true);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let text = String::from_utf8_lossy(&cli(&["status"], false).stdout).into_owned();
+    assert!(text.contains("mode:          following"), "{text}");
+    let revs = String::from_utf8_lossy(&cli(&["revisions"], false).stdout).into_owned();
+    assert!(
+        revs.starts_with("REVISION") && revs.contains("Applied"),
+        "{revs}"
+    );
+    let o = cli(&["explain", "/echo/x"], false);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("default/echo"));
+    let o = cli(&["routes", "--live"], false);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("default/echo"));
+
     // A change that breaks the route test is rejected; the old routes keep serving.
     let broken = good.replace("rewrite: /", "rewrite: /api/");
     std::fs::write(tree.path().join("config.yaml"), broken + ROUTE_TEST).unwrap();
