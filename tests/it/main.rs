@@ -12,3 +12,4 @@ mod kube;
 mod proxy;
 mod reconcile;
 mod support;
+mod traffic;
