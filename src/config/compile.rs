@@ -985,6 +985,8 @@ fn compile_forward(
             .map(Duration::from_millis),
         allow_upgrade,
         http2: spec.grpc || h2c,
+        retry: super::policy::retry(res, spec.retry_policy.as_ref(), diags),
+        breaker: super::policy::breaker(&spec.circuit_breakers),
     })
 }
 

@@ -157,6 +157,8 @@ pub struct MappingSpec {
     pub grpc: bool,
     pub tls: Option<Value>,
     pub stats_name: Option<String>,
+    pub retry_policy: Option<super::policy::RetryPolicySpec>,
+    pub circuit_breakers: Vec<super::policy::BreakerSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]

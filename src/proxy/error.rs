@@ -42,6 +42,8 @@ pub enum ProxyError {
     Upstream(String),
     #[error("upstream did not answer within the route timeout")]
     Timeout,
+    #[error("upstream circuit breaker open")]
+    Overloaded,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -52,7 +54,7 @@ impl ProxyError {
         match self {
             NoRoute | InsecureRejected | UriTooLong | HeadersTooLarge | BodyTooLarge
             | BadRequest(_) => Side::Downstream,
-            NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout => Side::Upstream,
+            NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout | Overloaded => Side::Upstream,
             Internal(_) => Side::Internal,
         }
     }
@@ -66,7 +68,7 @@ impl ProxyError {
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             BadRequest(_) => StatusCode::BAD_REQUEST,
-            NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
+            NoHealthyUpstream | Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Connect(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -85,6 +87,7 @@ impl ProxyError {
             NoHealthyUpstream => "no healthy upstream\n",
             Connect(_) | Upstream(_) => "upstream unavailable\n",
             Timeout => "upstream timeout\n",
+            Overloaded => "upstream overloaded\n",
             Internal(_) => "internal error\n",
         }
     }
@@ -102,6 +105,12 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if matches!(self, ProxyError::Overloaded) {
+            resp.headers_mut().insert(
+                super::headers::X_LEGATE_OVERLOADED.clone(),
+                HeaderValue::from_static("circuit-breaker"),
+            );
+        }
         if matches!(self, ProxyError::BodyTooLarge | ProxyError::BadRequest(_)) {
             // The unread rest of the body makes the connection unusable for another request.
             resp.headers_mut()

@@ -10,15 +10,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::uri::{PathAndQuery, Uri};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use super::body::{full, ReqBody, RespBody};
+use super::body::{full, RespBody};
 use super::error::ProxyError;
 use super::headers::{self as hdr, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::path::normalize;
-use super::{Prepared, Proxy, Snapshot, UpstreamClient};
+use super::{Prepared, Proxy, Snapshot};
 use crate::routes::{Action, InsecureAction, RequestHead, Route};
 
 /// Facts about the downstream connection a request arrived on.
@@ -108,6 +108,7 @@ impl Proxy {
                 .ok_or(ProxyError::NoHealthyUpstream)?
         };
         let route = graph.route(id);
+        let shadow = super::shadow::pick(snap, matched.group);
         match &route.action {
             Action::Redirect(_) => {
                 let (status, loc) = redirect_location(route, &path, query, authority, conn.tls)?;
@@ -125,7 +126,7 @@ impl Proxy {
                     None => HeaderValue::from_str(authority)
                         .map_err(|_| ProxyError::BadRequest("authority"))?,
                 };
-                self.forward(snap, prep, req, conn, upstream_pq, original_host)
+                self.forward(snap, prep, req, conn, upstream_pq, original_host, shadow)
                     .await
             }
         }
@@ -186,6 +187,8 @@ impl Proxy {
         resp
     }
 
+    // Each argument is a fact `serve` computed once; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         snap: &Snapshot,
@@ -194,6 +197,7 @@ impl Proxy {
         conn: ConnInfo,
         upstream_pq: PathAndQuery,
         original_host: HeaderValue,
+        shadow: Option<&Prepared>,
     ) -> Result<Response<RespBody>, ProxyError> {
         // An Upgrade the route allows (e.g. websocket) survives hop-by-hop stripping.
         let upgrade = if prep.allow_upgrade.is_empty() || prep.http2 {
@@ -234,34 +238,13 @@ impl Proxy {
         };
         hdr::edit(h, &prep.remove_request, &prep.add_request, &ctx, None);
 
-        let body = ReqBody::new(body, self.settings.limits.max_body_bytes);
-        let mut resp = match &prep.upstream {
-            UpstreamClient::H1(pool) => {
-                // Origin-form on an HTTP/1.1 connection the pool already dialled.
-                parts.uri = Uri::from(upstream_pq);
-                parts.version = Version::HTTP_11;
-                let sent = pool.send(Request::from_parts(parts, body));
-                match tokio::time::timeout(prep.timeout, sent).await {
-                    Err(_) => return Err(ProxyError::Timeout),
-                    Ok(r) => r?.map(RespBody::Pooled),
-                }
-            }
-            UpstreamClient::H2(client) => {
-                let mut up = http::uri::Parts::default();
-                up.scheme = Some(prep.scheme.clone());
-                up.authority = Some(prep.authority.clone());
-                up.path_and_query = Some(upstream_pq);
-                parts.uri = Uri::from_parts(up)
-                    .map_err(|e| ProxyError::Internal(format!("upstream uri: {e}")))?;
-                parts.version = Version::HTTP_2;
-                let sent = client.request(Request::from_parts(parts, body));
-                match tokio::time::timeout(prep.timeout, sent).await {
-                    Err(_) => return Err(ProxyError::Timeout),
-                    Ok(Err(e)) => return Err(ProxyError::from_client(e)),
-                    Ok(Ok(r)) => r.map(RespBody::Streamed),
-                }
-            }
-        };
+        let replayable = prep.retry.is_some() || shadow.is_some();
+        let limit = self.settings.limits.max_body_bytes;
+        let body = super::retry::request_body(body, replayable, limit).await?;
+        if let Some(sh) = shadow {
+            self.shadows.copy(sh, &parts, &body, &upstream_pq);
+        }
+        let mut resp = super::retry::send_upstream(prep, parts, body, upstream_pq).await?;
         let switched = match client_upgrade {
             Some(down) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 let up = hyper::upgrade::on(&mut resp);

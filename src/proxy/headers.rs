@@ -15,6 +15,8 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_LEGATE_ROUTE: HeaderName = HeaderName::from_static("x-legate-route");
+/// Set on a 503 a circuit breaker answered.
+pub static X_LEGATE_OVERLOADED: HeaderName = HeaderName::from_static("x-legate-overloaded");
 pub static X_LEGATE_REVISION: HeaderName = HeaderName::from_static("x-legate-revision");
 
 /// Remove hop-by-hop headers: the names `Connection` lists, then the fixed set. `keep_te` keeps

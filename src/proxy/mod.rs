@@ -9,6 +9,7 @@
 //! reads the snapshot once at its start and finishes on it, so a swap never disturbs it.
 
 mod body;
+mod breaker;
 mod client;
 pub mod echo;
 mod error;
@@ -16,7 +17,9 @@ mod handle;
 mod headers;
 mod path;
 mod pool;
+mod retry;
 mod server;
+mod shadow;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,6 +35,7 @@ use crate::tls::{CertSource, CertTable, SecretStore};
 pub use client::{Lookup, SystemLookup};
 pub use error::{ProxyError, SetupError};
 pub use server::{Listeners, Running};
+pub use shadow::ShadowStats;
 
 /// Limits applied to every downstream connection and request.
 #[derive(Debug, Clone)]
@@ -162,6 +166,8 @@ pub(crate) struct Prepared {
     pub allow_upgrade: Vec<String>,
     /// `namespace/name`, for `x-legate-route`.
     pub label: HeaderValue,
+    pub retry: Option<crate::routes::RetryPolicy>,
+    pub breaker: Arc<breaker::Breaker>,
 }
 
 /// How a route reaches its upstream.
@@ -188,6 +194,8 @@ pub struct Proxy {
     /// Requests under a reserved path prefix answered in-process (webhooks on the proxy
     /// listeners), set once at startup.
     local: std::sync::OnceLock<(String, Arc<dyn LocalService>)>,
+    breakers: breaker::Breakers,
+    shadows: shadow::Shadows,
 }
 
 /// An in-process handler for a reserved path prefix on the proxy listeners.
@@ -229,6 +237,8 @@ impl Proxy {
             loaded: std::sync::atomic::AtomicBool::new(false),
             gateway_errors: std::sync::atomic::AtomicU64::new(0),
             local: std::sync::OnceLock::new(),
+            breakers: breaker::Breakers::default(),
+            shadows: shadow::Shadows::default(),
         };
         Ok(Arc::new(proxy))
     }
@@ -385,6 +395,11 @@ impl Proxy {
             allow_upgrade: f.allow_upgrade.clone(),
             label: HeaderValue::from_str(&format!("{}/{}", route.namespace, route.name))
                 .unwrap_or(HeaderValue::from_static("-")),
+            retry: f.retry.clone(),
+            breaker: self.breakers.get(
+                format!("{:?}://{authority_str}/{}", f.upstream.scheme, f.http2),
+                f.breaker,
+            ),
         }
     }
 }
@@ -404,6 +419,8 @@ impl Clone for Prepared {
             timeout: self.timeout,
             allow_upgrade: self.allow_upgrade.clone(),
             label: self.label.clone(),
+            retry: self.retry.clone(),
+            breaker: self.breaker.clone(),
         }
     }
 }

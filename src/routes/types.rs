@@ -262,6 +262,8 @@ pub struct Forward {
     pub allow_upgrade: Vec<String>,
     /// Speak HTTP/2 to the upstream (gRPC).
     pub http2: bool,
+    pub retry: Option<super::RetryPolicy>,
+    pub breaker: super::BreakerLimits,
 }
 
 /// A header to add. `append: false` replaces existing values.

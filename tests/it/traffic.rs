@@ -2,9 +2,106 @@
 //! through the real gateway on 127.0.0.1:0 with real upstreams that fail, stall or count on
 //! command.
 
-use std::sync::atomic::Ordering;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
 
 use crate::support::*;
+
+/// An upstream whose answers a test scripts: `answer(n, request)` for the n-th request (from 0).
+struct Scripted {
+    addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Scripted {
+    async fn start<F, Fut>(answer: F) -> Scripted
+    where
+        F: Fn(u64, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let h = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (answer, h) = (answer.clone(), h.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let n = h.fetch_add(1, Ordering::SeqCst);
+                        let fut = answer(n, req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Scripted { addr, hits, task }
+    }
+
+    fn service(&self) -> String {
+        self.addr.to_string()
+    }
+
+    fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+fn answer(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap();
+    r
+}
+
+/// A gate upstream requests wait at until the test opens it.
+fn gate() -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::sync::watch::channel(false)
+}
+
+/// Wait (polling, bounded) until `f` holds; the readiness check for background work.
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..1000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+fn body(b: &'static str) -> TestBody {
+    Full::new(Bytes::from_static(b.as_bytes()))
+        .map_err(|e| match e {})
+        .boxed()
+}
 
 fn canary(a: &Upstream, wa: u32, b: &Upstream, wb: u32) -> String {
     mapping(
@@ -84,4 +181,121 @@ async fn canary_weights_change_on_the_next_request_after_a_swap() {
     gw.proxy.swap(compile(&canary(&a, 100, &b, 0)));
     let (na, nb) = split(&gw, "/c/x", 200).await;
     assert_eq!((na, nb), (200, 0));
+}
+
+fn shadowed(real: &str, shadow: &str, extra: &str) -> String {
+    mapping(
+        "real",
+        &format!("hostname: '*'\nprefix: /s/\nservice: {real}"),
+    ) + &mapping(
+        "shadow",
+        &format!("hostname: '*'\nprefix: /s/\nservice: {shadow}\nshadow: true\ntimeout_ms: 60000\n{extra}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_shadow_never_delays_requests_and_copies_are_bounded() {
+    let real = Upstream::start("real").await;
+    let (open, rx) = gate();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    // Records what it got, then never answers while the gate is shut.
+    let shadow = Scripted::start(move |_, req: Request<Incoming>| {
+        let (mut rx, seen) = (rx.clone(), s2.clone());
+        async move {
+            let host = req.headers()["host"].to_str().unwrap().to_string();
+            let (parts, b) = req.into_parts();
+            let b = b.collect().await.unwrap().to_bytes();
+            seen.lock()
+                .unwrap()
+                .push((parts.method.to_string(), host, b.len()));
+            let _ = rx.wait_for(|v| *v).await;
+            answer(500, "shadow answer, discarded")
+        }
+    })
+    .await;
+    let gw = Gateway::start(&shadowed(&real.service(), &shadow.service(), "")).await;
+
+    // Every real request is answered by the real upstream while its copies hang.
+    for _ in 0..19 {
+        let r = get(&gw.url("/s/x"), &[("host", "app.test")]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["upstream"], "real");
+    }
+    let r = send("POST", &gw.url("/s/p"), &[], body("hello")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_bytes"], 5);
+    eventually("the shadow saw 20 copies", || shadow.hits() == 20).await;
+    {
+        let seen = seen.lock().unwrap();
+        assert!(seen.iter().any(|(m, _, n)| m == "POST" && *n == 5));
+        assert!(seen.iter().any(|(_, h, _)| h == "app.test-shadow"));
+    }
+    assert_eq!(
+        gw.proxy.shadow_stats(),
+        legate::proxy::ShadowStats {
+            sent: 20,
+            dropped: 0
+        }
+    );
+
+    // A streamed body (no length) is not copied; the real request still goes through whole.
+    let r = send(
+        "POST",
+        &gw.url("/s/big"),
+        &[],
+        Generated::new(200_000).map_err(|e| match e {}).boxed(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_bytes"], 200_000);
+    assert_eq!(gw.proxy.shadow_stats().dropped, 1);
+
+    // At most 64 copies in flight: 20 hang already, so of 60 more, 44 are copied, 16 dropped.
+    for _ in 0..60 {
+        assert_eq!(get(&gw.url("/s/x"), &[]).await.status, 200);
+    }
+    assert_eq!(
+        gw.proxy.shadow_stats(),
+        legate::proxy::ShadowStats {
+            sent: 64,
+            dropped: 17
+        }
+    );
+    eventually("the shadow saw 64 copies", || shadow.hits() == 64).await;
+    assert_eq!(real.hits.load(Ordering::SeqCst), 81);
+
+    // Once the shadow answers, slots free up and copies flow again.
+    open.send(true).unwrap();
+    eventually("the copies finished", || gw.proxy.shadow_in_flight() == 0).await;
+    assert_eq!(get(&gw.url("/s/x"), &[]).await.status, 200);
+    eventually("a new copy arrived", || shadow.hits() == 65).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_shadow_and_weighted_shadow() {
+    let real = Upstream::start("real").await;
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let gw = Gateway::start(&shadowed(&real.service(), &dead_addr.to_string(), "")).await;
+    for _ in 0..20 {
+        let r = get(&gw.url("/s/x"), &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["upstream"], "real");
+    }
+    assert_eq!(gw.proxy.shadow_stats().sent, 20);
+
+    // weight: 0 copies nothing; weight 100 (the default) copies everything.
+    let shadow = Upstream::start("shadow").await;
+    gw.proxy.swap(compile(&shadowed(
+        &real.service(),
+        &shadow.service(),
+        "weight: 0",
+    )));
+    for _ in 0..20 {
+        assert_eq!(get(&gw.url("/s/x"), &[]).await.status, 200);
+    }
+    assert_eq!(shadow.hits.load(Ordering::SeqCst), 0);
+    assert_eq!(gw.proxy.shadow_stats().sent, 20);
 }

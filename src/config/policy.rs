@@ -1,0 +1,162 @@
+//! Raw `retry_policy` and `circuit_breakers` of a Mapping, and their compilation into
+//! `routes::RetryPolicy` / `routes::BreakerLimits`. Pure: no I/O.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::diag::Diagnostic;
+use super::model::Resource;
+use crate::routes::{BreakerLimits, RetryOn, RetryPolicy};
+
+/// `retry_policy` as written.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct RetryPolicySpec {
+    pub retry_on: Option<String>,
+    pub num_retries: Option<u32>,
+    pub per_try_timeout: Option<String>,
+}
+
+/// One `circuit_breakers` entry as written.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct BreakerSpec {
+    pub priority: Option<String>,
+    pub max_connections: Option<u32>,
+    pub max_pending_requests: Option<u32>,
+    pub max_requests: Option<u32>,
+    pub max_retries: Option<u32>,
+}
+
+/// Compile `retry_policy`; `None` when absent or invalid (invalid adds an error).
+pub fn retry(
+    res: &Resource,
+    spec: Option<&RetryPolicySpec>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<RetryPolicy> {
+    let spec = spec?;
+    let on = match spec.retry_on.as_deref() {
+        // Emissary requires retry_on; Envoy's default class is the safest reading of a policy
+        // that names none.
+        None => RetryOn::GatewayError,
+        Some(s) => match RetryOn::parse(s) {
+            Some(on) => on,
+            None => {
+                diags.push(
+                    Diagnostic::error(
+                        "bad-retry-on",
+                        &res.at("/spec/retry_policy/retry_on"),
+                        format!("`{s}` is not a retry_on value"),
+                    )
+                    .with_help("use 5xx, gateway-error, connect-failure, retriable-4xx, refused-stream, retriable-status-codes or reset"),
+                );
+                return None;
+            }
+        },
+    };
+    let per_try_timeout = match spec.per_try_timeout.as_deref() {
+        None => None,
+        Some(s) => match go_duration(s) {
+            Some(d) if !d.is_zero() => Some(d),
+            _ => {
+                diags.push(
+                    Diagnostic::error(
+                        "bad-duration",
+                        &res.at("/spec/retry_policy/per_try_timeout"),
+                        format!("`{s}` is not a positive duration"),
+                    )
+                    .with_help("write a duration such as 250ms, 2s or 1m30s"),
+                );
+                return None;
+            }
+        },
+    };
+    Some(RetryPolicy {
+        on,
+        num_retries: spec.num_retries.unwrap_or(1),
+        per_try_timeout,
+    })
+}
+
+/// Compile `circuit_breakers`: the `default`-priority entry (Legate routes everything at
+/// default priority), missing fields at Envoy's defaults.
+pub fn breaker(spec: &[BreakerSpec]) -> BreakerLimits {
+    let d = BreakerLimits::default();
+    let Some(b) = spec
+        .iter()
+        .find(|b| b.priority.as_deref().unwrap_or("default") == "default")
+    else {
+        return d;
+    };
+    BreakerLimits {
+        max_connections: b.max_connections.unwrap_or(d.max_connections),
+        max_pending_requests: b.max_pending_requests.unwrap_or(d.max_pending_requests),
+        max_requests: b.max_requests.unwrap_or(d.max_requests),
+        max_retries: b.max_retries.unwrap_or(d.max_retries),
+    }
+}
+
+/// A Go-style duration (`1h2m3.5s`, `250ms`, `10us`), as the schema's pattern admits.
+pub fn go_duration(s: &str) -> Option<Duration> {
+    let mut rest = s;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .filter(|&n| n > 0)?;
+        let value: f64 = rest[..n].parse().ok()?;
+        rest = &rest[n..];
+        let units: [(&str, f64); 7] = [
+            ("ns", 1e-9),
+            ("us", 1e-6),
+            ("µs", 1e-6),
+            ("ms", 1e-3),
+            ("s", 1.0),
+            ("m", 60.0),
+            ("h", 3600.0),
+        ];
+        let (unit, scale) = units.iter().find(|(u, _)| rest.starts_with(u))?;
+        total += value * scale;
+        rest = &rest[unit.len()..];
+    }
+    Duration::try_from_secs_f64(total).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(go_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(go_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(go_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(go_duration("10us"), Some(Duration::from_micros(10)));
+        assert_eq!(go_duration("5"), None);
+        assert_eq!(go_duration(""), None);
+        assert_eq!(go_duration("ms"), None);
+    }
+
+    #[test]
+    fn breaker_defaults_and_priority() {
+        assert_eq!(breaker(&[]), BreakerLimits::default());
+        let b = breaker(&[
+            BreakerSpec {
+                priority: Some("high".into()),
+                max_requests: Some(1),
+                ..Default::default()
+            },
+            BreakerSpec {
+                max_requests: Some(5),
+                ..Default::default()
+            },
+        ]);
+        assert_eq!(b.max_requests, 5);
+        assert_eq!(b.max_connections, 1024);
+        assert_eq!(b.max_retries, 3);
+    }
+}
