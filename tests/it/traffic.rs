@@ -299,3 +299,148 @@ async fn dead_shadow_and_weighted_shadow() {
     assert_eq!(shadow.hits.load(Ordering::SeqCst), 0);
     assert_eq!(gw.proxy.shadow_stats().sent, 20);
 }
+
+/// An upstream answering `status` to its first `fails` requests, then 200 with the request's
+/// body length.
+async fn flaky(fails: u64, status: u16) -> Scripted {
+    Scripted::start(move |n, req: Request<Incoming>| async move {
+        let len = req.into_body().collect().await.unwrap().to_bytes().len();
+        if n < fails {
+            answer(status, "failing")
+        } else {
+            answer(200, format!("ok after {n} body {len}"))
+        }
+    })
+    .await
+}
+
+fn retrying(up: &Scripted, policy: &str) -> String {
+    let policy: String = policy.lines().map(|l| format!("  {l}\n")).collect();
+    mapping(
+        "r",
+        &format!(
+            "hostname: '*'\nprefix: /r/\nservice: {}\nretry_policy:\n{policy}",
+            up.service()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_until_success_within_num_retries() {
+    // Fails twice, then succeeds: 3 attempts allowed.
+    let up = flaky(2, 503).await;
+    let gw = Gateway::start(&retrying(&up, "retry_on: 5xx\nnum_retries: 3")).await;
+    let r = get(&gw.url("/r/x"), &[]).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::OK, "ok after 2 body 0")
+    );
+    assert_eq!(up.hits(), 3);
+
+    // num_retries defaults to 1: two failures exhaust it and the last answer goes through.
+    let up = flaky(2, 503).await;
+    let gw = Gateway::start(&retrying(&up, "retry_on: gateway-error")).await;
+    let r = get(&gw.url("/r/x"), &[]).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "failing")
+    );
+    assert_eq!(up.hits(), 2);
+
+    // gateway-error does not cover a 500.
+    let up = flaky(1, 500).await;
+    let gw = Gateway::start(&retrying(&up, "retry_on: gateway-error\nnum_retries: 3")).await;
+    assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 500);
+    assert_eq!(up.hits(), 1);
+
+    // retriable-4xx retries a 409.
+    let up = flaky(1, 409).await;
+    let gw = Gateway::start(&retrying(&up, "retry_on: retriable-4xx")).await;
+    assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 200);
+    assert_eq!(up.hits(), 2);
+
+    // retriable-status-codes: the codes the client lists.
+    let up = flaky(1, 418).await;
+    let gw = Gateway::start(&retrying(&up, "retry_on: retriable-status-codes")).await;
+    let r = get(
+        &gw.url("/r/x"),
+        &[("x-envoy-retriable-status-codes", "429,418")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.hits(), 2);
+
+    // No policy: no retry.
+    let up = flaky(1, 503).await;
+    let gw = Gateway::start(&mapping(
+        "r",
+        &format!("hostname: '*'\nprefix: /r/\nservice: {}", up.service()),
+    ))
+    .await;
+    assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 503);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_replay_small_bodies_only() {
+    let up = flaky(1, 503).await;
+    let gw = Gateway::start(&retrying(&up, "retry_on: 5xx\nnum_retries: 2")).await;
+    // A small body with a length is read whole and sent again, complete.
+    let r = send("POST", &gw.url("/r/x"), &[], body("0123456789")).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (StatusCode::OK, "ok after 1 body 10")
+    );
+    assert_eq!(up.hits(), 2);
+
+    // A streamed body (no length) cannot be replayed: the first answer goes through.
+    let up = flaky(1, 503).await;
+    let gw = Gateway::start(&retrying(&up, "retry_on: 5xx\nnum_retries: 2")).await;
+    let streamed = Generated::new(10_000).map_err(|e| match e {}).boxed();
+    let r = send("POST", &gw.url("/r/x"), &[], streamed).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(up.hits(), 1);
+
+    // Over the 64 KiB cap, even with a length: not replayed.
+    let up = flaky(1, 503).await;
+    let gw = Gateway::start(&retrying(&up, "retry_on: 5xx\nnum_retries: 2")).await;
+    let big = Full::new(Bytes::from(vec![b'x'; 64 * 1024 + 1]))
+        .map_err(|e| match e {})
+        .boxed();
+    let r = send("POST", &gw.url("/r/x"), &[], big).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeout_retries_a_stalled_attempt() {
+    // The first attempt never answers; the second does.
+    let up = Scripted::start(|n, _req| async move {
+        if n == 0 {
+            std::future::pending::<()>().await;
+        }
+        answer(200, "second")
+    })
+    .await;
+    let gw = Gateway::start(&retrying(
+        &up,
+        "retry_on: 5xx\nnum_retries: 1\nper_try_timeout: 200ms",
+    ))
+    .await;
+    let r = get(&gw.url("/r/x"), &[]).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "second"));
+    assert_eq!(up.hits(), 2);
+
+    // When every attempt's connection is refused, the client gets a 502, not a hang.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = dead.local_addr().unwrap();
+    drop(dead);
+    let yaml = mapping(
+        "r",
+        &format!(
+            "hostname: '*'\nprefix: /r/\nservice: {addr}\nretry_policy:\n  retry_on: connect-failure\n  num_retries: 2"
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 502);
+}
