@@ -420,7 +420,8 @@ mod tests {
         let m = fields(Kind::Mapping);
         let get = |n: &str| m.iter().find(|f| f.name == n).unwrap().status;
         assert_eq!(get("prefix"), FieldStatus::Implemented);
-        assert_eq!(get("retry_policy"), FieldStatus::Planned);
+        assert_eq!(get("retry_policy"), FieldStatus::Implemented);
+        assert_eq!(get("health_checks"), FieldStatus::Planned);
         assert_eq!(get("envoy_override"), FieldStatus::Unsupported);
     }
 

@@ -444,3 +444,128 @@ async fn per_try_timeout_retries_a_stalled_attempt() {
     let gw = Gateway::start(&yaml).await;
     assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 502);
 }
+
+/// An upstream holding every request at a gate; answers 200 once it opens.
+async fn gated(rx: tokio::sync::watch::Receiver<bool>) -> Scripted {
+    Scripted::start(move |_, _req| {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+            answer(200, "done")
+        }
+    })
+    .await
+}
+
+fn breaker(up: &Scripted, limits: &str) -> String {
+    let limits: String = limits.lines().map(|l| format!("    {l}\n")).collect();
+    mapping(
+        "b",
+        &format!(
+            "hostname: '*'\nprefix: /b/\nservice: {}\ntimeout_ms: 60000\ncircuit_breakers:\n  - priority: default\n{limits}",
+            up.service()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_breaker_answers_503_at_once() {
+    let (open, rx) = gate();
+    let up = gated(rx).await;
+    let gw = Gateway::start(&breaker(&up, "max_requests: 2")).await;
+    let url = gw.url("/b/x");
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let u = url.clone();
+            tokio::spawn(async move { get(&u, &[]).await })
+        })
+        .collect();
+    eventually("two requests reached the upstream", || up.hits() == 2).await;
+
+    // The third is refused by the gateway while the two are in flight; it never reaches the
+    // upstream.
+    let r = get(&url, &[]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-legate-overloaded"), Some("circuit-breaker"));
+    assert_eq!(up.hits(), 2);
+
+    open.send(true).unwrap();
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+    // Slots come back when responses end.
+    let r = get(&url, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-legate-overloaded"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_and_pending_breaker() {
+    let (open, rx) = gate();
+    let up = gated(rx).await;
+    let gw = Gateway::start(&breaker(&up, "max_connections: 1\nmax_pending_requests: 1")).await;
+    let url = gw.url("/b/x");
+    let spawn = |u: String| tokio::spawn(async move { get(&u, &[]).await });
+    let first = spawn(url.clone());
+    eventually("the first request holds the connection", || up.hits() == 1).await;
+
+    // Of two more, one waits as the pending request and the other is refused at once.
+    let mut rest = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let u = url.clone();
+        rest.spawn(async move { get(&u, &[]).await });
+    }
+    let refused = rest.join_next().await.unwrap().unwrap();
+    assert_eq!(refused.status, 503);
+    assert_eq!(
+        refused.header("x-legate-overloaded"),
+        Some("circuit-breaker")
+    );
+    assert_eq!(up.hits(), 1);
+
+    open.send(true).unwrap();
+    assert_eq!(first.await.unwrap().status, 200);
+    let waited = rest.join_next().await.unwrap().unwrap();
+    assert_eq!(waited.status, 200);
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_breaker_admits_concurrent_clients() {
+    // Envoy's defaults (1024 requests) do not get in the way of 50 concurrent clients.
+    let (open, rx) = gate();
+    let up = gated(rx).await;
+    let gw = Gateway::start(&mapping(
+        "b",
+        &format!(
+            "hostname: '*'\nprefix: /b/\nservice: {}\ntimeout_ms: 60000",
+            up.service()
+        ),
+    ))
+    .await;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let u = gw.url("/b/x");
+        set.spawn(async move { get(&u, &[]).await.status });
+    }
+    eventually("50 requests in flight", || up.hits() == 50).await;
+    open.send(true).unwrap();
+    while let Some(s) = set.join_next().await {
+        assert_eq!(s.unwrap(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_retries_breaker_stops_retries() {
+    let up = flaky(1, 503).await;
+    let yaml = mapping(
+        "r",
+        &format!(
+            "hostname: '*'\nprefix: /r/\nservice: {}\nretry_policy:\n  retry_on: 5xx\n  num_retries: 3\ncircuit_breakers:\n  - max_retries: 0",
+            up.service()
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 503);
+    assert_eq!(up.hits(), 1);
+}
