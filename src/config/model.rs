@@ -159,6 +159,7 @@ pub struct MappingSpec {
     pub stats_name: Option<String>,
     pub retry_policy: Option<super::policy::RetryPolicySpec>,
     pub circuit_breakers: Vec<super::policy::BreakerSpec>,
+    pub cors: Option<super::policy::CorsSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]

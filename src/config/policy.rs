@@ -1,13 +1,13 @@
-//! Raw `retry_policy` and `circuit_breakers` of a Mapping, and their compilation into
-//! `routes::RetryPolicy` / `routes::BreakerLimits`. Pure: no I/O.
+//! Raw `retry_policy`, `circuit_breakers` and `cors` of a Mapping, and their compilation into
+//! `routes::RetryPolicy`, `routes::BreakerLimits` and `routes::Cors`. Pure: no I/O.
 
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::diag::Diagnostic;
-use super::model::Resource;
-use crate::routes::{BreakerLimits, RetryOn, RetryPolicy};
+use super::model::{OneOrMany, Resource};
+use crate::routes::{BreakerLimits, Cors, OriginMatch, RetryOn, RetryPolicy};
 
 /// `retry_policy` as written.
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]
@@ -95,6 +95,65 @@ pub fn breaker(spec: &[BreakerSpec]) -> BreakerLimits {
         max_requests: b.max_requests.unwrap_or(d.max_requests),
         max_retries: b.max_retries.unwrap_or(d.max_retries),
     }
+}
+
+/// `cors` as written (each list may also be one comma-separated string).
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct CorsSpec {
+    pub origins: OneOrMany,
+    pub methods: OneOrMany,
+    pub headers: OneOrMany,
+    pub exposed_headers: OneOrMany,
+    pub credentials: bool,
+    pub max_age: Option<String>,
+    #[serde(rename = "v2CommaSeparatedOrigins")]
+    pub v2_comma_separated_origins: Option<bool>,
+}
+
+fn csv(v: &OneOrMany) -> Vec<String> {
+    v.to_vec()
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Compile `cors`. An origin is `*`, an exact origin, or (when it holds regex syntax) an
+/// anchored regex, as Emissary reads them.
+pub fn cors(res: &Resource, spec: Option<&CorsSpec>, diags: &mut Vec<Diagnostic>) -> Option<Cors> {
+    let spec = spec?;
+    let mut origins = Vec::new();
+    for o in csv(&spec.origins) {
+        if o == "*" {
+            origins.push(OriginMatch::Any);
+        } else if o.contains(['^', '$', '*', '+', '?', '(', '[', '{', '|', '\\']) {
+            match regex::Regex::new(&format!("^(?:{o})$")) {
+                Ok(r) => origins.push(OriginMatch::Regex(r)),
+                Err(_) => diags.push(
+                    Diagnostic::error(
+                        "bad-regex",
+                        &res.at("/spec/cors/origins"),
+                        format!("the origin `{o}` is neither an origin nor a valid regex"),
+                    )
+                    .with_help("write an origin like https://app.example.com, `*`, or a regex such as https://.*\\.example\\.com"),
+                ),
+            }
+        } else {
+            origins.push(OriginMatch::Exact(o));
+        }
+    }
+    Some(Cors {
+        origins,
+        methods: csv(&spec.methods),
+        headers: csv(&spec.headers),
+        exposed_headers: csv(&spec.exposed_headers),
+        credentials: spec.credentials,
+        // The schema admits digits only.
+        max_age: spec.max_age.as_deref().and_then(|s| s.parse().ok()),
+    })
 }
 
 /// A Go-style duration (`1h2m3.5s`, `250ms`, `10us`), as the schema's pattern admits.

@@ -126,8 +126,18 @@ impl Proxy {
                     None => HeaderValue::from_str(authority)
                         .map_err(|_| ProxyError::BadRequest("authority"))?,
                 };
-                self.forward(snap, prep, req, conn, upstream_pq, original_host, shadow)
-                    .await
+                let cors = prep.cors.as_ref();
+                if let Some(r) = cors.and_then(|c| c.preflight(req.method(), req.headers())) {
+                    return Ok(r);
+                }
+                let origin = cors.and_then(|c| c.origin(req.headers()));
+                let mut resp = self
+                    .forward(snap, prep, req, conn, upstream_pq, original_host, shadow)
+                    .await?;
+                if let (Some(c), Some(o)) = (cors, origin) {
+                    c.decorate(o, resp.headers_mut());
+                }
+                Ok(resp)
             }
         }
     }

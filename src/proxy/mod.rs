@@ -11,6 +11,7 @@
 mod body;
 mod breaker;
 mod client;
+mod cors;
 pub mod echo;
 mod error;
 mod handle;
@@ -168,6 +169,7 @@ pub(crate) struct Prepared {
     pub label: HeaderValue,
     pub retry: Option<crate::routes::RetryPolicy>,
     pub breaker: Arc<breaker::Breaker>,
+    pub cors: Option<Arc<cors::Policy>>,
 }
 
 /// How a route reaches its upstream.
@@ -396,6 +398,7 @@ impl Proxy {
             label: HeaderValue::from_str(&format!("{}/{}", route.namespace, route.name))
                 .unwrap_or(HeaderValue::from_static("-")),
             retry: f.retry.clone(),
+            cors: f.cors.clone().map(|c| Arc::new(cors::Policy::new(c))),
             breaker: self.breakers.get(
                 format!("{:?}://{authority_str}/{}", f.upstream.scheme, f.http2),
                 f.breaker,
@@ -421,6 +424,7 @@ impl Clone for Prepared {
             label: self.label.clone(),
             retry: self.retry.clone(),
             breaker: self.breaker.clone(),
+            cors: self.cors.clone(),
         }
     }
 }

@@ -76,3 +76,35 @@ impl Default for BreakerLimits {
         }
     }
 }
+
+/// Emissary's `cors` on a Mapping.
+#[derive(Debug, Clone)]
+pub struct Cors {
+    pub origins: Vec<OriginMatch>,
+    pub methods: Vec<String>,
+    pub headers: Vec<String>,
+    pub exposed_headers: Vec<String>,
+    pub credentials: bool,
+    /// Seconds a preflight answer may be cached.
+    pub max_age: Option<u64>,
+}
+
+/// One allowed origin.
+#[derive(Debug, Clone)]
+pub enum OriginMatch {
+    /// `*`.
+    Any,
+    Exact(String),
+    /// Anchored: the whole origin must match.
+    Regex(regex::Regex),
+}
+
+impl Cors {
+    pub fn allows(&self, origin: &str) -> bool {
+        self.origins.iter().any(|o| match o {
+            OriginMatch::Any => true,
+            OriginMatch::Exact(e) => e == origin,
+            OriginMatch::Regex(r) => r.is_match(origin),
+        })
+    }
+}

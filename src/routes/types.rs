@@ -264,6 +264,7 @@ pub struct Forward {
     pub http2: bool,
     pub retry: Option<super::RetryPolicy>,
     pub breaker: super::BreakerLimits,
+    pub cors: Option<std::sync::Arc<super::Cors>>,
 }
 
 /// A header to add. `append: false` replaces existing values.

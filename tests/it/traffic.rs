@@ -569,3 +569,101 @@ async fn max_retries_breaker_stops_retries() {
     assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 503);
     assert_eq!(up.hits(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_preflight_answered_and_headers_on_responses() {
+    let up = Upstream::start("app").await;
+    let yaml = mapping(
+        "api",
+        &format!(
+            "hostname: '*'\nprefix: /api/\nservice: {}\ncors:\n  origins: https://app.example.com, https://.*\\.example\\.org\n  methods: [GET, PUT]\n  headers: x-custom,content-type\n  exposed_headers: [x-upstream]\n  credentials: true\n  max_age: '600'",
+            up.service()
+        ),
+    ) + &mapping(
+        "open",
+        &format!(
+            "hostname: '*'\nprefix: /open/\nservice: {}\ncors:\n  origins: ['*']",
+            up.service()
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let preflight = |origin: &'static str, path: &'static str| {
+        let url = gw.url(path);
+        async move {
+            send(
+                "OPTIONS",
+                &url,
+                &[
+                    ("origin", origin),
+                    ("access-control-request-method", "PUT"),
+                    ("access-control-request-headers", "x-custom"),
+                ],
+                empty(),
+            )
+            .await
+        }
+    };
+
+    // A browser preflight from an allowed origin: answered by the gateway.
+    let r = preflight("https://app.example.com", "/api/items").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET,PUT"));
+    assert_eq!(
+        r.header("access-control-allow-headers"),
+        Some("x-custom,content-type")
+    );
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(r.header("access-control-max-age"), Some("600"));
+    assert_eq!(up.hits.load(Ordering::SeqCst), 0);
+
+    // A regex origin, anchored.
+    let r = preflight("https://shop.example.org", "/api/items").await;
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://shop.example.org")
+    );
+    assert_eq!(up.hits.load(Ordering::SeqCst), 0);
+
+    // A disallowed origin: no CORS headers; its preflight goes upstream like any request.
+    let r = preflight("https://shop.example.org.evil.test", "/api/items").await;
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    assert_eq!(r.json()["method"], "OPTIONS");
+    assert_eq!(up.hits.load(Ordering::SeqCst), 1);
+    let r = get(&gw.url("/api/items"), &[("origin", "https://evil.test")]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), None);
+
+    // An actual request from an allowed origin: CORS headers on the upstream's response.
+    let r = get(
+        &gw.url("/api/items"),
+        &[("origin", "https://app.example.com")],
+    )
+    .await;
+    assert_eq!(r.json()["upstream"], "app");
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(
+        r.header("access-control-expose-headers"),
+        Some("x-upstream")
+    );
+
+    // No Origin: not a CORS request, nothing added.
+    let r = get(&gw.url("/api/items"), &[]).await;
+    assert_eq!(r.header("access-control-allow-origin"), None);
+
+    // `*` allows any origin, echoed back; no credentials header unless configured.
+    let r = preflight("https://anyone.test", "/open/x").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://anyone.test")
+    );
+    assert_eq!(r.header("access-control-allow-credentials"), None);
+}
