@@ -119,6 +119,34 @@ impl ProxyError {
         resp
     }
 
+    /// The answer to a gRPC request (`content-type: application/grpc*`): a trailers-only
+    /// response, HTTP 200 with `grpc-status` and `grpc-message` in the head, so gRPC clients
+    /// see UNAVAILABLE or DEADLINE_EXCEEDED instead of a bare HTTP error (as Envoy answers).
+    pub fn into_grpc_response(self) -> Response<RespBody> {
+        use ProxyError::*;
+        let code = match &self {
+            Timeout => "4",
+            NoRoute => "12",
+            InsecureRejected => "7",
+            UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_) => "13",
+            NoHealthyUpstream | Connect(_) | Upstream(_) | Overloaded => "14",
+            Internal(_) => "13",
+        };
+        // The fixed short bodies are plain ASCII: valid grpc-message values as they are.
+        let message = HeaderValue::from_static(self.body().trim_end());
+        let mut resp = self.into_response();
+        *resp.body_mut() = full(Bytes::new());
+        *resp.status_mut() = StatusCode::OK;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static(code));
+        h.insert("grpc-message", message);
+        resp
+    }
+
     /// Classify a failure of the upstream client.
     pub fn from_client(e: hyper_util::client::legacy::Error) -> ProxyError {
         let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);

@@ -41,6 +41,7 @@ impl Proxy {
             }
         }
         let snap = self.shared.load_full();
+        let grpc = hdr::is_grpc(req.headers());
         match self.serve(&snap, req, conn).await {
             Ok(r) => r,
             Err(e) => {
@@ -48,7 +49,11 @@ impl Proxy {
                     self.gateway_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                e.into_response()
+                if grpc {
+                    e.into_grpc_response()
+                } else {
+                    e.into_response()
+                }
             }
         }
     }

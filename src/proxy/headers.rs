@@ -205,6 +205,12 @@ pub fn rand_u64() -> u64 {
     })
 }
 
+/// Whether a request is gRPC (`content-type: application/grpc`, `application/grpc+proto`...).
+pub fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
 /// A roll in `0..100` for weighted picks.
 ///
 /// Not independent draws: a Weyl sequence (golden-ratio stride from a random start) shared by all

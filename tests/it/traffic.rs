@@ -667,3 +667,57 @@ async fn cors_preflight_answered_and_headers_on_responses() {
     );
     assert_eq!(r.header("access-control-allow-credentials"), None);
 }
+
+/// A gRPC-style call (HTTP/2 prior knowledge, `application/grpc`) through the gateway.
+async fn grpc_call(gw: &Gateway, path: &str) -> (StatusCode, http::HeaderMap) {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<TestBody>();
+    let req = Request::post(gw.url(path))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body("\0\0\0\0\0"))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let status = resp.status();
+    let (parts, b) = resp.into_parts();
+    let _ = b.collect().await.unwrap();
+    (status, parts.headers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_requests_get_grpc_status_errors() {
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let (_open, rx) = gate();
+    let slow = gated(rx).await;
+    let yaml = mapping(
+        "dead",
+        &format!("hostname: '*'\nprefix: /dead.Svc/\nservice: {dead_addr}\ngrpc: true"),
+    ) + &mapping(
+        "slow",
+        &format!(
+            "hostname: '*'\nprefix: /slow.Svc/\nservice: {}\ngrpc: true\ntimeout_ms: 200",
+            slow.service()
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+
+    let (status, h) = grpc_call(&gw, "/dead.Svc/Call").await;
+    assert_eq!(status, 200);
+    assert_eq!(h["grpc-status"], "14", "UNAVAILABLE");
+    assert_eq!(h["grpc-message"], "upstream unavailable");
+    assert_eq!(h["content-type"], "application/grpc");
+
+    let (status, h) = grpc_call(&gw, "/slow.Svc/Call").await;
+    assert_eq!(status, 200);
+    assert_eq!(h["grpc-status"], "4", "DEADLINE_EXCEEDED");
+    assert_eq!(slow.hits(), 1);
+
+    let (_, h) = grpc_call(&gw, "/nothing.Svc/Call").await;
+    assert_eq!(h["grpc-status"], "12", "UNIMPLEMENTED");
+
+    // A plain HTTP request on the same route still gets a plain HTTP error.
+    assert_eq!(get(&gw.url("/dead.Svc/Call"), &[]).await.status, 502);
+}
