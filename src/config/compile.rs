@@ -988,6 +988,10 @@ fn compile_forward(
         retry: super::policy::retry(res, spec.retry_policy.as_ref(), diags),
         breaker: super::policy::breaker(&spec.circuit_breakers),
         cors: super::policy::cors(res, spec.cors.as_ref(), diags).map(std::sync::Arc::new),
+        load_balancer: spec
+            .load_balancer
+            .as_ref()
+            .map(super::policy::load_balancer),
     })
 }
 

@@ -160,6 +160,7 @@ pub struct MappingSpec {
     pub retry_policy: Option<super::policy::RetryPolicySpec>,
     pub circuit_breakers: Vec<super::policy::BreakerSpec>,
     pub cors: Option<super::policy::CorsSpec>,
+    pub load_balancer: Option<super::policy::LoadBalancerSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]

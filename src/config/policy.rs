@@ -7,7 +7,9 @@ use serde::Deserialize;
 
 use super::diag::Diagnostic;
 use super::model::{OneOrMany, Resource};
-use crate::routes::{BreakerLimits, Cors, OriginMatch, RetryOn, RetryPolicy};
+use crate::routes::{
+    BreakerLimits, Cors, HashKey, LbPolicy, LoadBalancer, OriginMatch, RetryOn, RetryPolicy,
+};
 
 /// `retry_policy` as written.
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]
@@ -154,6 +156,44 @@ pub fn cors(res: &Resource, spec: Option<&CorsSpec>, diags: &mut Vec<Diagnostic>
         // The schema admits digits only.
         max_age: spec.max_age.as_deref().and_then(|s| s.parse().ok()),
     })
+}
+
+/// `load_balancer` as written.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct LoadBalancerSpec {
+    pub policy: Option<String>,
+    pub cookie: Option<CookieSpec>,
+    pub header: Option<String>,
+    pub source_ip: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct CookieSpec {
+    pub name: String,
+    pub path: Option<String>,
+    pub ttl: Option<String>,
+}
+
+/// Compile `load_balancer` (the schema has already checked the policy names).
+pub fn load_balancer(spec: &LoadBalancerSpec) -> LoadBalancer {
+    let policy = match spec.policy.as_deref() {
+        Some("least_request") => LbPolicy::LeastRequest,
+        Some("ring_hash") => LbPolicy::RingHash,
+        Some("maglev") => LbPolicy::Maglev,
+        _ => LbPolicy::RoundRobin,
+    };
+    let key = if let Some(h) = &spec.header {
+        Some(HashKey::Header(h.to_ascii_lowercase()))
+    } else if let Some(c) = &spec.cookie {
+        Some(HashKey::Cookie(c.name.clone()))
+    } else if spec.source_ip == Some(true) {
+        Some(HashKey::SourceIp)
+    } else {
+        None
+    };
+    LoadBalancer { policy, key }
 }
 
 /// A Go-style duration (`1h2m3.5s`, `250ms`, `10us`), as the schema's pattern admits.

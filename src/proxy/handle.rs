@@ -222,6 +222,9 @@ impl Proxy {
         };
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        parts
+            .extensions
+            .insert(super::balance::ClientIp(conn.remote.ip()));
         let h = &mut parts.headers;
         hdr::strip_hop_by_hop(h, prep.http2);
         if let Some(u) = &upgrade {

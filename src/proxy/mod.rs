@@ -8,6 +8,7 @@
 //! routes itself (that is `routes`): it asks the graph and does what the route says. A request
 //! reads the snapshot once at its start and finishes on it, so a swap never disturbs it.
 
+mod balance;
 mod body;
 mod breaker;
 mod client;
@@ -170,6 +171,8 @@ pub(crate) struct Prepared {
     pub retry: Option<crate::routes::RetryPolicy>,
     pub breaker: Arc<breaker::Breaker>,
     pub cors: Option<Arc<cors::Policy>>,
+    /// Picks the upstream address per request (`load_balancer`), for plain-http DNS names.
+    pub balancer: Option<Arc<balance::Balancer>>,
 }
 
 /// How a route reaches its upstream.
@@ -368,25 +371,36 @@ impl Proxy {
                 .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
                 .collect()
         };
+        let upstream = if f.http2 {
+            UpstreamClient::H2(Box::new(self.clients.get(
+                true,
+                f.connect_timeout,
+                f.idle_timeout,
+            )))
+        } else {
+            UpstreamClient::H1(
+                self.clients
+                    .pool(&f.upstream, f.connect_timeout, f.idle_timeout),
+            )
+        };
+        let balancer = match (&upstream, &f.load_balancer) {
+            (UpstreamClient::H1(pool), Some(lb)) => balance::Balancer::new(
+                lb,
+                self.clients.resolver().clone(),
+                pool.host(),
+                pool.is_plain_http(),
+            )
+            .map(Arc::new),
+            _ => None,
+        };
         Prepared {
+            balancer,
             scheme: match f.upstream.scheme {
                 Scheme::Http | Scheme::H2c => UriScheme::HTTP,
                 Scheme::Https => UriScheme::HTTPS,
             },
             authority,
-            upstream: if f.http2 {
-                UpstreamClient::H2(Box::new(self.clients.get(
-                    true,
-                    f.connect_timeout,
-                    f.idle_timeout,
-                )))
-            } else {
-                UpstreamClient::H1(self.clients.pool(
-                    &f.upstream,
-                    f.connect_timeout,
-                    f.idle_timeout,
-                ))
-            },
+            upstream,
             http2: f.http2,
             host_header,
             add_request: ops(&f.add_request_headers),
@@ -425,6 +439,7 @@ impl Clone for Prepared {
             retry: self.retry.clone(),
             breaker: self.breaker.clone(),
             cors: self.cors.clone(),
+            balancer: self.balancer.clone(),
         }
     }
 }

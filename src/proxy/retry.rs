@@ -148,12 +148,23 @@ pub(super) async fn send_once(
     match &prep.upstream {
         UpstreamClient::H1(pool) => {
             // Origin-form on an HTTP/1.1 connection the pool already dialled.
+            let (addr, busy) = match &prep.balancer {
+                Some(b) => b
+                    .pick(&parts)
+                    .await
+                    .map_or((None, None), |(a, g)| (Some(a), g)),
+                None => (None, None),
+            };
             parts.uri = Uri::from(pq);
             parts.version = Version::HTTP_11;
-            Ok(pool
-                .send(Request::from_parts(parts, body))
+            let resp = pool
+                .send_to(addr, Request::from_parts(parts, body))
                 .await?
-                .map(RespBody::Pooled))
+                .map(RespBody::Pooled);
+            Ok(match busy {
+                None => resp,
+                Some(g) => resp.map(|b| RespBody::Held(Box::new(b), Box::new(g))),
+            })
         }
         UpstreamClient::H2(client) => {
             let mut up = http::uri::Parts::default();
@@ -178,6 +189,9 @@ pub(super) fn clone_head(p: &Parts) -> Parts {
     *r.uri_mut() = p.uri.clone();
     *r.version_mut() = p.version;
     *r.headers_mut() = p.headers.clone();
+    if let Some(ip) = p.extensions.get::<super::balance::ClientIp>() {
+        r.extensions_mut().insert(*ip);
+    }
     r.into_parts().0
 }
 

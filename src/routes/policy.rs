@@ -108,3 +108,29 @@ impl Cors {
         })
     }
 }
+
+/// Emissary's `load_balancer`: how a request picks one of its upstream's addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadBalancer {
+    pub policy: LbPolicy,
+    /// What ring_hash and maglev hash; `None`: a random address.
+    pub key: Option<HashKey>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    LeastRequest,
+    RingHash,
+    Maglev,
+}
+
+/// The request fact a hashing balancer keys on (sticky sessions).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header (lowercase name).
+    Header(String),
+    /// A cookie's value.
+    Cookie(String),
+    SourceIp,
+}

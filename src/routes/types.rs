@@ -265,6 +265,7 @@ pub struct Forward {
     pub retry: Option<super::RetryPolicy>,
     pub breaker: super::BreakerLimits,
     pub cors: Option<std::sync::Arc<super::Cors>>,
+    pub load_balancer: Option<super::LoadBalancer>,
 }
 
 /// A header to add. `append: false` replaces existing values.

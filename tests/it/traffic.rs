@@ -38,7 +38,16 @@ impl Scripted {
         F: Fn(u64, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Scripted::start_at("127.0.0.1:0".parse().unwrap(), answer).await
+    }
+
+    /// On a chosen address (e.g. a second loopback IP with the same port as another upstream).
+    async fn start_at<F, Fut>(at: SocketAddr, answer: F) -> Scripted
+    where
+        F: Fn(u64, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    {
+        let listener = TcpListener::bind(at).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicU64::new(0));
         let h = hits.clone();
@@ -720,4 +729,145 @@ async fn grpc_requests_get_grpc_status_errors() {
 
     // A plain HTTP request on the same route still gets a plain HTTP error.
     assert_eq!(get(&gw.url("/dead.Svc/Call"), &[]).await.status, 502);
+}
+
+/// Two upstreams `a` (127.0.0.1) and `b` (127.0.0.2) on one port behind the name `svc.test`.
+async fn two_addresses() -> (Upstream, Upstream, Arc<FakeDns>) {
+    let a = Upstream::start("a").await;
+    let port = a.addr.port();
+    let b = Upstream::start_on("b", format!("127.0.0.2:{port}").parse().unwrap()).await;
+    let dns = Arc::new(FakeDns::default());
+    dns.answers.lock().unwrap().insert(
+        "svc.test".into(),
+        vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()],
+    );
+    (a, b, dns)
+}
+
+async fn balanced(port: u16, dns: &Arc<FakeDns>, lb: &str) -> Gateway {
+    let lb: String = lb.lines().map(|l| format!("  {l}\n")).collect();
+    let yaml = mapping(
+        "lb",
+        &format!("hostname: '*'\nprefix: /lb/\nservice: svc.test:{port}\nload_balancer:\n{lb}"),
+    );
+    let settings = legate::proxy::Settings {
+        lookup: dns.clone(),
+        ..Default::default()
+    };
+    Gateway::with(&yaml, settings).await
+}
+
+async fn who(gw: &Gateway, headers: &[(&str, &str)]) -> String {
+    let r = get(&gw.url("/lb/x"), headers).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["upstream"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_alternates_per_request() {
+    let (a, b, dns) = two_addresses().await;
+    let gw = balanced(a.addr.port(), &dns, "policy: round_robin").await;
+    // One keep-alive client: without per-request balancing, its connection would pin one address.
+    let c = client();
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        let req = Request::get(gw.url("/lb/x")).body(empty()).unwrap();
+        let resp = c.request(req).await.unwrap();
+        seen.push(resp.headers()["x-upstream"].to_str().unwrap().to_string());
+        let _ = resp.into_body().collect().await;
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] != w[1]),
+        "alternates: {seen:?}"
+    );
+    assert_eq!(a.hits.load(Ordering::SeqCst), 50);
+    assert_eq!(b.hits.load(Ordering::SeqCst), 50);
+}
+
+async fn sticky_by(gw: &Gateway, header: &str, value: impl Fn(usize) -> String) {
+    let mut per_upstream = std::collections::HashMap::new();
+    for k in 0..100 {
+        let v = value(k);
+        let first = who(gw, &[(header, &v)]).await;
+        for _ in 0..3 {
+            assert_eq!(who(gw, &[(header, &v)]).await, first, "key {v} is sticky");
+        }
+        *per_upstream.entry(first).or_insert(0) += 1;
+    }
+    // 100 keys spread over both addresses (each well within 20..80 for any sane hash).
+    for up in ["a", "b"] {
+        let n = per_upstream.get(up).copied().unwrap_or(0);
+        assert!((20..=80).contains(&n), "{per_upstream:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_by_header_and_maglev_by_cookie_are_sticky() {
+    let (a, _b, dns) = two_addresses().await;
+    let gw = balanced(a.addr.port(), &dns, "policy: ring_hash\nheader: x-user").await;
+    sticky_by(&gw, "x-user", |k| format!("user-{k}")).await;
+    let gw = balanced(
+        a.addr.port(),
+        &dns,
+        "policy: maglev\ncookie:\n  name: session",
+    )
+    .await;
+    sticky_by(&gw, "cookie", |k| format!("theme=dark; session=s{k}")).await;
+    // source_ip: every request from this client reaches one address.
+    let gw = balanced(a.addr.port(), &dns, "policy: ring_hash\nsource_ip: true").await;
+    let first = who(&gw, &[]).await;
+    for _ in 0..20 {
+        assert_eq!(who(&gw, &[]).await, first);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_avoids_the_busy_address() {
+    let (open, rx) = gate();
+    let b = Upstream::start("b").await;
+    let port = b.addr.port();
+    // `a` on 127.0.0.2 holds requests at the gate; `b` answers at once.
+    let a = Scripted::start_at(
+        format!("127.0.0.2:{port}").parse().unwrap(),
+        move |_, _req| {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|v| *v).await;
+                answer(200, "a")
+            }
+        },
+    )
+    .await;
+    let dns = Arc::new(FakeDns::default());
+    dns.answers.lock().unwrap().insert(
+        "svc.test".into(),
+        vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()],
+    );
+    let gw = balanced(port, &dns, "policy: least_request").await;
+    // Send until one request is stuck at `a` (ties are broken at random).
+    let mut stuck = None;
+    for _ in 0..64 {
+        let b_before = b.hits.load(Ordering::SeqCst);
+        let u = gw.url("/lb/x");
+        let h = tokio::spawn(async move { get(&u, &[]).await });
+        eventually("the request reached an upstream", || {
+            a.hits() == 1 || b.hits.load(Ordering::SeqCst) > b_before
+        })
+        .await;
+        if a.hits() == 1 {
+            stuck = Some(h);
+            break;
+        }
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+    let stuck = stuck.expect("some request picked `a`");
+    // With one request in flight at `a`, every new request goes to the idle `b`.
+    let before = b.hits.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(get(&gw.url("/lb/x"), &[]).await.status, 200);
+    }
+    assert_eq!(b.hits.load(Ordering::SeqCst), before + 20);
+    assert_eq!(a.hits(), 1);
+    open.send(true).unwrap();
+    assert_eq!(stuck.await.unwrap().body, "a");
 }
