@@ -3,8 +3,8 @@
 //! Envoy does); its response is read and discarded.
 //!
 //! A shadow never touches the real request: the copy is spawned, never awaited, and bounded by
-//! [`MAX_IN_FLIGHT`] copies at once; copies beyond it, and copies of requests whose body was not
-//! read whole (streamed, or over `retry::REPLAY_CAP`), are dropped and counted.
+//! [`MAX_IN_FLIGHT`] copies at once; copies beyond it, copies of upgrades, and copies of requests
+//! whose body was not read whole (streamed, or over `retry::REPLAY_CAP`), are dropped and counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -61,7 +61,11 @@ pub(super) fn pick<'s>(snap: &'s Snapshot, group: &Group) -> Option<&'s Prepared
 impl Shadows {
     /// Start a copy of the request about to go upstream (`parts` after header edits).
     pub(super) fn copy(&self, prep: &Prepared, parts: &Parts, body: &ReqBody, pq: &PathAndQuery) {
-        let Some(body) = body.replay() else {
+        // An upgrade belongs to one connection and cannot be copied.
+        let body = body
+            .replay()
+            .filter(|_| !parts.headers.contains_key(header::UPGRADE));
+        let Some(body) = body else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };

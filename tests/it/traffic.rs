@@ -871,3 +871,41 @@ async fn least_request_avoids_the_busy_address() {
     open.send(true).unwrap();
     assert_eq!(stuck.await.unwrap().body, "a");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_are_not_shadowed() {
+    let real = Upstream::start("real").await;
+    let shadow = Upstream::start("shadow").await;
+    let yaml = mapping(
+        "real",
+        &format!(
+            "hostname: '*'\nprefix: /s/\nservice: {}\nallow_upgrade: [websocket]",
+            real.service()
+        ),
+    ) + &mapping(
+        "shadow",
+        &format!(
+            "hostname: '*'\nprefix: /s/\nservice: {}\nshadow: true",
+            shadow.service()
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let r = get(
+        &gw.url("/s/ws"),
+        &[("connection", "upgrade"), ("upgrade", "websocket")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(
+        gw.proxy.shadow_stats(),
+        legate::proxy::ShadowStats {
+            sent: 0,
+            dropped: 1
+        }
+    );
+    assert_eq!(get(&gw.url("/s/plain"), &[]).await.status, 200);
+    eventually("the plain request was copied", || {
+        shadow.hits.load(Ordering::SeqCst) == 1
+    })
+    .await;
+}
