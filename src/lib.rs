@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod diff;
 pub mod kube;
+pub mod metrics;
 pub mod notify;
 pub mod proxy;
 pub mod reconcile;

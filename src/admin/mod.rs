@@ -29,6 +29,8 @@ pub struct AdminState {
     /// Bearer token required for every mutating call (`POST /api/...`); `None`: not required
     /// (only allowed while the admin listener is on loopback).
     pub token: Option<Arc<String>>,
+    /// The proxy's metrics, for `GET /metrics`; 404 without them.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Reads the live graph.
@@ -148,6 +150,7 @@ where
     match (&method, path.as_str()) {
         // Open to probes and scrapers even when a token is configured.
         (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/metrics") => return metrics(state),
         (&Method::GET, "/readyz") => {
             // Ready once a revision is applied; stays ready while serving the last good one.
             let st = state.reconciler.status();
@@ -224,6 +227,20 @@ pub async fn serve(listener: tokio::net::TcpListener, state: AdminState) -> std:
                 .await;
         });
     }
+}
+
+/// `GET /metrics`: Prometheus text format.
+fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
+    let Some(m) = &state.metrics else {
+        return text(StatusCode::NOT_FOUND, "no metrics on this listener\n");
+    };
+    let view = crate::metrics::ReconcileView::from(&state.reconciler.status());
+    let mut r = Response::new(Full::new(Bytes::from(m.render(Some(&view)))));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
 }
 
 fn pass(r: PassResult) -> Response<Full<Bytes>> {

@@ -191,6 +191,19 @@ pub struct RunArgs {
     /// Runtime worker threads (default: one per CPU; 1 runs a single-threaded runtime).
     #[arg(long, env = "LEGATE_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// Access log (one JSON line per request): `stdout` (or `-`), a file appended to, or `off`.
+    #[arg(long, env = "LEGATE_ACCESS_LOG", default_value = "stdout")]
+    pub access_log: String,
+    /// Share of new traces (requests without a `traceparent`) marked sampled, 0 to 1.
+    #[arg(long, env = "LEGATE_TRACE_SAMPLE_RATIO", default_value_t = 0.0, value_parser = parse_ratio)]
+    pub trace_sample_ratio: f64,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("`{s}` is not a ratio between 0 and 1")),
+    }
 }
 
 impl RunArgs {
@@ -215,6 +228,7 @@ impl RunArgs {
             default_cert: self.default_cert.clone(),
             upstream_ca: self.upstream_ca.clone(),
             dns_ttl: Duration::from_secs(self.dns_ttl_secs),
+            trace_sample_ratio: self.trace_sample_ratio,
             ..Settings::default()
         }
     }
@@ -274,10 +288,22 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         settings.secrets_dir =
             Some(std::env::temp_dir().join(format!("legate-kube-secrets-{}", std::process::id())));
     }
+    if let Some(sink) = crate::proxy::accesslog::Sink::parse(&args.access_log) {
+        let log = crate::proxy::accesslog::AccessLog::start(sink)
+            .with_context(|| format!("cannot open --access-log {}", args.access_log))?;
+        settings.access_log = Some(log);
+    }
     let secrets_dir = settings.secrets_dir.clone();
     let proxy = Proxy::new(settings)?;
 
+    // Everyone who follows revision outcomes subscribes before the reconciler starts, so the
+    // first revision is seen too.
+    let (events, _) = tokio::sync::broadcast::channel(64);
+    let served_events = events.subscribe();
+    let notify_events = events.subscribe();
+    proxy.metrics().follow(events.subscribe());
     let rsettings = RSettings {
+        events: Some(events),
         config: cfg.clone(),
         secrets_dir: secrets_dir.clone(),
         cache_dir: args.cache_dir.clone(),
@@ -314,7 +340,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         let handle = reconcile::start(source, sink, rsettings, Some(errors));
         // The served revision goes to the objects' status, written by the Lease holder only.
         let (served_tx, served_rx) = tokio::sync::watch::channel(None::<String>);
-        let mut events = handle.subscribe();
+        let mut events = served_events;
         tokio::spawn(async move {
             while let Ok(e) = events.recv().await {
                 if e.outcome == reconcile::Outcome::Applied {
@@ -372,7 +398,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
 
     if let Some(url) = &args.notify_url {
         let n = crate::notify::Notifier::new(url).map_err(anyhow::Error::msg)?;
-        n.spawn(handle.subscribe(), source_name.clone());
+        n.spawn(notify_events, source_name.clone());
     }
     let admin_state = crate::admin::AdminState {
         reconciler: handle.clone(),
@@ -382,6 +408,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
             Arc::new(move || p.graph())
         }),
         token: token.map(Arc::new),
+        metrics: Some(proxy.metrics().clone()),
     };
     if hook_secret.is_some() {
         let prefix = if args.hooks_prefix.ends_with('/') {

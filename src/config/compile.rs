@@ -746,14 +746,7 @@ fn value_matches(
     for (name, v) in exact {
         let ptr = format!("/spec/{field}/{}", super::yaml::escape_pointer(name));
         if !name_ok(name) {
-            diags.push(
-                Diagnostic::error(
-                    "bad-header-name",
-                    &res.at(&ptr),
-                    format!("`{name}` is not a valid header name"),
-                )
-                .with_help("header names are tokens: letters, digits and `-`"),
-            );
+            diags.push(bad_header_name(res, &ptr, name));
             continue;
         }
         let test = match v {
@@ -775,14 +768,7 @@ fn value_matches(
     for (name, pat) in regex {
         let ptr = format!("/spec/{regex_field}/{}", super::yaml::escape_pointer(name));
         if !name_ok(name) {
-            diags.push(
-                Diagnostic::error(
-                    "bad-header-name",
-                    &res.at(&ptr),
-                    format!("`{name}` is not a valid header name"),
-                )
-                .with_help("header names are tokens: letters, digits and `-`"),
-            );
+            diags.push(bad_header_name(res, &ptr, name));
             continue;
         }
         match build_regex(pat, false, true) {
@@ -810,6 +796,15 @@ fn value_matches(
             .then_with(|| show_test(&a.test).cmp(&show_test(&b.test)))
     });
     out
+}
+
+fn bad_header_name(res: &Resource, ptr: &str, name: &str) -> Diagnostic {
+    Diagnostic::error(
+        "bad-header-name",
+        &res.at(ptr),
+        format!("`{name}` is not a valid header name"),
+    )
+    .with_help("header names are tokens: letters, digits and `-`")
 }
 
 fn compile_forward(
@@ -910,14 +905,7 @@ fn compile_forward(
         for (name, v) in map {
             let ptr = format!("/spec/{field}/{}", super::yaml::escape_pointer(name));
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                diags.push(
-                    Diagnostic::error(
-                        "bad-header-name",
-                        &res.at(&ptr),
-                        format!("`{name}` is not a valid header name"),
-                    )
-                    .with_help("header names are tokens: letters, digits and `-`"),
-                );
+                diags.push(bad_header_name(res, &ptr, name));
                 continue;
             }
             let (value, append) = match v {

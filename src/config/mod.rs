@@ -90,17 +90,7 @@ pub fn load_and_compile(tree: &dyn ConfigTree, opts: &Options) -> Outcome {
     if !diagnostics.iter().any(|d| d.severity == Severity::Error) {
         diagnostics.extend(routetest::run(&graph, &loaded.resources));
     }
-    if opts.strict {
-        for d in &mut diagnostics {
-            if d.severity == Severity::Warning {
-                d.severity = Severity::Error;
-            }
-        }
-    }
-    diagnostics.sort_by(|a, b| {
-        (&a.file, a.line, a.column, &a.pointer).cmp(&(&b.file, b.line, b.column, &b.pointer))
-    });
-    diagnostics.dedup();
+    finish(&mut diagnostics, opts);
     let errors = diagnostics.iter().any(|d| d.severity == Severity::Error);
     Outcome {
         graph: if errors { None } else { Some(Arc::new(graph)) },
@@ -165,17 +155,7 @@ fn skip_invalid(loaded: Loaded, opts: &Options) -> Outcome {
             keep[i] = false;
         }
     };
-    if opts.strict {
-        for d in &mut diagnostics {
-            if d.severity == Severity::Warning {
-                d.severity = Severity::Error;
-            }
-        }
-    }
-    diagnostics.sort_by(|a, b| {
-        (&a.file, a.line, a.column, &a.pointer).cmp(&(&b.file, b.line, b.column, &b.pointer))
-    });
-    diagnostics.dedup();
+    finish(&mut diagnostics, opts);
     let resources = loaded
         .resources
         .iter()
@@ -189,4 +169,19 @@ fn skip_invalid(loaded: Loaded, opts: &Options) -> Outcome {
         files: loaded.files,
         resources,
     }
+}
+
+/// `--strict` (warnings become errors), then file-and-position order, duplicates removed.
+fn finish(diagnostics: &mut Vec<Diagnostic>, opts: &Options) {
+    if opts.strict {
+        for d in diagnostics.iter_mut() {
+            if d.severity == Severity::Warning {
+                d.severity = Severity::Error;
+            }
+        }
+    }
+    diagnostics.sort_by(|a, b| {
+        (&a.file, a.line, a.column, &a.pointer).cmp(&(&b.file, b.line, b.column, &b.pointer))
+    });
+    diagnostics.dedup();
 }

@@ -19,6 +19,8 @@ pub enum RespBody {
     Local(Option<Bytes>),
     /// A body with something to release when it is dropped (circuit-breaker slots).
     Held(Box<RespBody>, Box<dyn std::any::Any + Send + Sync>),
+    /// Any of the above, counted for the access log.
+    Counted(Box<super::accesslog::Counted>),
 }
 
 /// A local response body.
@@ -39,6 +41,7 @@ impl Body for RespBody {
             RespBody::Streamed(b) => Pin::new(b).poll_frame(cx),
             RespBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             RespBody::Held(b, _) => Pin::new(&mut **b).poll_frame(cx),
+            RespBody::Counted(b) => Pin::new(&mut **b).poll_frame(cx),
         }
     }
 
@@ -48,6 +51,7 @@ impl Body for RespBody {
             RespBody::Streamed(b) => b.is_end_stream(),
             RespBody::Local(b) => b.is_none(),
             RespBody::Held(b, _) => b.is_end_stream(),
+            RespBody::Counted(b) => b.is_end_stream(),
         }
     }
 
@@ -57,6 +61,7 @@ impl Body for RespBody {
             RespBody::Streamed(b) => b.size_hint(),
             RespBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
             RespBody::Held(b, _) => b.size_hint(),
+            RespBody::Counted(b) => b.size_hint(),
         }
     }
 }

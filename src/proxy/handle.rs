@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use super::body::{full, RespBody};
 use super::error::ProxyError;
 use super::headers::{self as hdr, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
+use super::observe::{self, Exchange};
 use super::path::normalize;
 use super::{Prepared, Proxy, Snapshot};
 use crate::routes::{Action, InsecureAction, RequestHead, Route};
@@ -42,20 +43,23 @@ impl Proxy {
         }
         let snap = self.shared.load_full();
         let grpc = hdr::is_grpc(req.headers());
-        match self.serve(&snap, req, conn).await {
+        let mut ex = Exchange::start(&req, &snap, self.settings.access_log.is_some());
+        let resp = match self.serve(&snap, req, conn, &mut ex).await {
             Ok(r) => r,
             Err(e) => {
                 if matches!(e.status().as_u16(), 502..=504) {
                     self.gateway_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
+                observe::count_error(&self.metrics, &e);
                 if grpc {
                     e.into_grpc_response()
                 } else {
                     e.into_response()
                 }
             }
-        }
+        };
+        self.observed(&snap, ex, resp)
     }
 
     async fn serve(
@@ -63,6 +67,7 @@ impl Proxy {
         snap: &Arc<Snapshot>,
         req: Request<Incoming>,
         conn: ConnInfo,
+        ex: &mut Exchange,
     ) -> Result<Response<RespBody>, ProxyError> {
         self.check_limits(&req)?;
         let graph = &*snap.graph;
@@ -113,6 +118,7 @@ impl Proxy {
                 .ok_or(ProxyError::NoHealthyUpstream)?
         };
         let route = graph.route(id);
+        ex.route = Some(id.0);
         let shadow = super::shadow::pick(snap, matched.group);
         match &route.action {
             Action::Redirect(_) => {
@@ -125,6 +131,7 @@ impl Proxy {
                 let prep = snap.routes[id.0]
                     .as_ref()
                     .ok_or_else(|| ProxyError::Internal("forward route not prepared".into()))?;
+                ex.upstream = Some(prep.authority.clone());
                 let upstream_pq = rewrite_path(route, &path, query)?;
                 let original_host = match req.headers().get(header::HOST) {
                     Some(h) => h.clone(),
@@ -137,7 +144,16 @@ impl Proxy {
                 }
                 let origin = cors.and_then(|c| c.origin(req.headers()));
                 let mut resp = self
-                    .forward(snap, prep, req, conn, upstream_pq, original_host, shadow)
+                    .forward(
+                        snap,
+                        prep,
+                        req,
+                        conn,
+                        upstream_pq,
+                        original_host,
+                        ex,
+                        shadow,
+                    )
                     .await?;
                 if let (Some(c), Some(o)) = (cors, origin) {
                     c.decorate(o, resp.headers_mut());
@@ -202,7 +218,7 @@ impl Proxy {
         resp
     }
 
-    // Each argument is a fact `serve` computed once; a struct would only rename them.
+    // One call site; a struct for these would only be unpacked again.
     #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
@@ -212,6 +228,7 @@ impl Proxy {
         conn: ConnInfo,
         upstream_pq: PathAndQuery,
         original_host: HeaderValue,
+        ex: &mut Exchange,
         shadow: Option<&Prepared>,
     ) -> Result<Response<RespBody>, ProxyError> {
         // An Upgrade the route allows (e.g. websocket) survives hop-by-hop stripping.
@@ -240,8 +257,13 @@ impl Proxy {
         }
         h.insert(X_FORWARDED_HOST.clone(), original_host.clone());
         if !h.contains_key(&X_REQUEST_ID) {
-            h.insert(X_REQUEST_ID.clone(), hdr::new_request_id());
+            let id = hdr::new_request_id();
+            if self.settings.access_log.is_some() {
+                ex.request_id = Some(id.clone());
+            }
+            h.insert(X_REQUEST_ID.clone(), id);
         }
+        super::trace::propagate(h, self.settings.trace_sample_ratio);
         h.insert(
             header::HOST,
             prep.host_header.clone().unwrap_or(original_host),

@@ -8,6 +8,7 @@
 //! routes itself (that is `routes`): it asks the graph and does what the route says. A request
 //! reads the snapshot once at its start and finishes on it, so a swap never disturbs it.
 
+pub mod accesslog;
 mod balance;
 mod body;
 mod breaker;
@@ -17,11 +18,13 @@ pub mod echo;
 mod error;
 mod handle;
 mod headers;
+mod observe;
 mod path;
 mod pool;
 mod retry;
 mod server;
 mod shadow;
+pub mod trace;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -98,6 +101,10 @@ pub struct Settings {
     pub dns_ttl: Duration,
     /// Name lookups for upstreams (default: the system resolver). Tests inject their own.
     pub lookup: Arc<dyn Lookup>,
+    /// Where access log lines go; `None`: no access log.
+    pub access_log: Option<accesslog::AccessLog>,
+    /// Share of new traces (no incoming `traceparent`) marked sampled, 0.0..=1.0.
+    pub trace_sample_ratio: f64,
 }
 
 impl Default for Settings {
@@ -113,6 +120,8 @@ impl Default for Settings {
             upstream_ca: None,
             dns_ttl: Duration::from_secs(30),
             lookup: Arc::new(client::SystemLookup),
+            access_log: None,
+            trace_sample_ratio: 0.0,
         }
     }
 }
@@ -139,6 +148,8 @@ pub(crate) struct Snapshot {
     pub revision: HeaderValue,
     /// Whether any Host redirects or rejects plain HTTP (else that lookup is skipped).
     pub any_insecure_policy: bool,
+    /// Request counters per route, indexed by `RouteId` (resolved here, not per request).
+    pub stats: Vec<Arc<crate::metrics::RouteStats>>,
 }
 
 /// A header to add, parsed once.
@@ -201,6 +212,7 @@ pub struct Proxy {
     local: std::sync::OnceLock<(String, Arc<dyn LocalService>)>,
     breakers: breaker::Breakers,
     shadows: shadow::Shadows,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An in-process handler for a reserved path prefix on the proxy listeners.
@@ -233,6 +245,7 @@ impl Proxy {
                 certs: CertTable::default(),
                 revision: HeaderValue::from_static(""),
                 any_insecure_policy: false,
+                stats: Vec::new(),
             })),
             settings,
             secrets,
@@ -244,6 +257,7 @@ impl Proxy {
             local: std::sync::OnceLock::new(),
             breakers: breaker::Breakers::default(),
             shadows: shadow::Shadows::default(),
+            metrics: crate::metrics::Metrics::new(),
         };
         Ok(Arc::new(proxy))
     }
@@ -267,6 +281,11 @@ impl Proxy {
     pub fn gateway_errors(&self) -> u64 {
         self.gateway_errors
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The gateway's metrics (`GET /metrics` renders them).
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// The graph new requests see.
@@ -302,6 +321,7 @@ impl Proxy {
             certs,
             revision: cur.revision.clone(),
             any_insecure_policy: cur.any_insecure_policy,
+            stats: cur.stats.clone(),
         };
         self.shared.store(Arc::new(snap));
         tracing::info!("reloaded TLS certificates after a change under the secrets directory");
@@ -330,6 +350,11 @@ impl Proxy {
                 .hosts
                 .iter()
                 .any(|h| h.insecure != crate::routes::InsecureAction::Route),
+            stats: graph
+                .routes
+                .iter()
+                .map(|r| self.metrics.route(&r.stats_name))
+                .collect(),
             routes,
             certs,
             graph,

@@ -164,6 +164,7 @@ impl Proxy {
             let tls = tls.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
+                let _open = proxy.metrics.connection();
                 proxy.serve_conn(stream, remote, tls, stop).await;
                 drop(permit);
             });

@@ -84,6 +84,10 @@ pub struct Settings {
     /// Apply a head that does not descend from the applied commit.
     pub allow_force_push: bool,
     pub verify: VerifySettings,
+    /// Where recorded history entries are broadcast. Give a sender whose receivers were made
+    /// before `start` so that not even the first revision is missed; `None`: a private channel
+    /// ([`Handle::subscribe`] still works, from the moment it is called).
+    pub events: Option<broadcast::Sender<Entry>>,
 }
 
 impl Default for Settings {
@@ -98,6 +102,7 @@ impl Default for Settings {
             history: 50,
             allow_force_push: false,
             verify: VerifySettings::default(),
+            events: None,
         }
     }
 }
@@ -184,6 +189,10 @@ pub struct Status {
     /// Unix milliseconds of the last completed pass.
     pub last_pass_at: Option<u64>,
     pub passes: u64,
+    /// Passes whose source read failed.
+    pub fetch_failures: u64,
+    /// Unix milliseconds of the last pass that read the source successfully.
+    pub last_fetch_ok_at: Option<u64>,
 }
 
 /// What one pass did, as answered to a manual sync or pin.
@@ -327,7 +336,10 @@ pub fn start(
         .status
         .source = source.describe();
     let trigger = Arc::new(Notify::new());
-    let (events, _) = broadcast::channel(64);
+    let events = settings
+        .events
+        .clone()
+        .unwrap_or_else(|| broadcast::channel(64).0);
     let r = Reconciler {
         events: events.clone(),
         source,
@@ -629,6 +641,7 @@ impl Reconciler {
                 s.status.consecutive_failures = self.failures;
                 s.status.last_pass_at = Some(now_ms());
                 s.status.passes += 1;
+                s.status.fetch_failures += 1;
                 tracing::warn!(error = %e, failures = self.failures, "source failed");
                 return PassResult::SourceFailed {
                     error: e.to_string(),
@@ -642,6 +655,7 @@ impl Reconciler {
             s.status.consecutive_failures = 0;
             s.status.attempted = Some(rev.id.clone());
             s.status.last_pass_at = Some(now_ms());
+            s.status.last_fetch_ok_at = s.status.last_pass_at;
             s.status.passes += 1;
         }
         let is_applied = self.applied.as_ref().map(|a| a.id == rev.id) == Some(true);

@@ -201,12 +201,19 @@ impl GitSource {
         let mut remote = repo
             .remote_anonymous(&self.opts.url)
             .map_err(|e| self.fetch_err(e))?;
+        let refused = Arc::new(std::sync::Mutex::new(None));
         let mut fo = FetchOptions::new();
-        fo.remote_callbacks(self.callbacks());
+        fo.remote_callbacks(self.callbacks(refused.clone()));
         fo.download_tags(AutotagOption::None);
-        remote
-            .fetch(&refspecs, Some(&mut fo), None)
-            .map_err(|e| self.fetch_err(e))?;
+        remote.fetch(&refspecs, Some(&mut fo), None).map_err(|e| {
+            match refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                Some(why) => SourceError::Fetch {
+                    url: redact(&self.opts.url),
+                    message: why,
+                },
+                None => self.fetch_err(e),
+            }
+        })?;
         // Only when no other fetch runs, so no pack is being written beside the merge.
         if self.fetching.load(Ordering::SeqCst) == 1 {
             if let Err(e) = compact(repo, MAX_PACKS) {
@@ -216,7 +223,12 @@ impl GitSource {
         Ok(())
     }
 
-    fn callbacks(&self) -> RemoteCallbacks<'static> {
+    /// `refused` receives the host-key verdict: libgit2 replaces a callback's error message
+    /// with a generic one, so the reason is carried beside it.
+    fn callbacks(
+        &self,
+        refused: Arc<std::sync::Mutex<Option<String>>>,
+    ) -> RemoteCallbacks<'static> {
         let auth = self.opts.auth.clone();
         let mut cb = RemoteCallbacks::new();
         let mut tries = 0u32;
@@ -260,17 +272,19 @@ impl GitSource {
                     "ssh host key cannot be checked: no known_hosts file configured",
                 ));
             };
-            match check_known_host(file, host, raw) {
-                HostKey::Match => Ok(CertificateCheckStatus::CertificateOk),
-                HostKey::Changed => Err(git2::Error::from_str(&format!(
+            let why = match check_known_host(file, host, raw) {
+                HostKey::Match => return Ok(CertificateCheckStatus::CertificateOk),
+                HostKey::Changed => format!(
                     "the ssh host key of {host} does not match {}: refusing (it changed, or someone is in the middle)",
                     file.display()
-                ))),
-                HostKey::Unknown => Err(git2::Error::from_str(&format!(
+                ),
+                HostKey::Unknown => format!(
                     "the ssh host key of {host} is not in {}: refusing an unknown host",
                     file.display()
-                ))),
-            }
+                ),
+            };
+            *refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+            Err(git2::Error::from_str(&why))
         });
         cb
     }

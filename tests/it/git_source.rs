@@ -220,6 +220,7 @@ async fn commits_over_git_daemon_go_live_bad_is_rejected_fix_goes_live() {
         hook_secret: Some(Arc::new(HookSecret::new("k").unwrap())),
         token: None,
         graph: None,
+        metrics: None,
     };
     let body: &'static [u8] = b"{}";
     let req = http::Request::post("/hooks/github")
@@ -545,6 +546,7 @@ async fn bench_commit_to_live_via_webhook() {
         hook_secret: Some(Arc::new(HookSecret::new("k").unwrap())),
         token: None,
         graph: None,
+        metrics: None,
     };
     let body: &'static [u8] = b"{}";
     let mut times = Vec::new();
@@ -1002,4 +1004,220 @@ async fn bench_memory_over_1000_revisions_dir_source() {
         }
     }
     println!("BENCH RSS (KiB) after N applied revisions, dir source: {samples:?}");
+}
+
+/// A test-started `sshd` on a loopback port that serves git over ssh to one key.
+struct Sshd {
+    child: Child,
+    port: u16,
+    host_pub: String,
+    _dir: tempfile::TempDir,
+    user_key: PathBuf,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn keygen(path: &Path) {
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .status()
+        .expect("ssh-keygen runs");
+    assert!(st.success());
+}
+
+/// `None` when this machine has no sshd (the test then says so and does not pass silently
+/// on a missing tool: it prints why it is skipped).
+async fn sshd() -> Option<Sshd> {
+    let bin = Path::new("/usr/sbin/sshd");
+    if !bin.exists() || Command::new("ssh-keygen").arg("-?").output().is_err() {
+        return None;
+    }
+    // The user sshd logs in as must be the one running the tests (root in CI).
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    keygen(&d.join("host_key"));
+    keygen(&d.join("user_key"));
+    std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys")).unwrap();
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile {pid}\nAllowUsers {user}\n",
+        hk = d.join("host_key").display(),
+        ak = d.join("authorized_keys").display(),
+        pid = d.join("sshd.pid").display(),
+    );
+    std::fs::write(d.join("sshd_config"), config).unwrap();
+    let child = Command::new(bin)
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            let host_pub = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
+            return Some(Sshd {
+                child,
+                port,
+                host_pub,
+                user_key: d.join("user_key"),
+                _dir: dir,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn ssh_with_known_unknown_and_changed_host_keys() {
+    let Some(server) = sshd().await else {
+        eprintln!("SKIPPED ssh_with_known_unknown_and_changed_host_keys: no sshd on this machine");
+        return;
+    };
+    let repo = Repo::new();
+    let c1 = repo.commit(
+        &[("a.yaml", Some(&mapping("a", "/a/", "127.0.0.1:9001")))],
+        "a",
+    );
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let url = format!(
+        "ssh://{user}@127.0.0.1:{}{}",
+        server.port,
+        repo.path.display()
+    );
+    let keys = tempfile::tempdir().unwrap();
+    let mut parts = server.host_pub.split_whitespace();
+    let (kind, key) = (parts.next().unwrap(), parts.next().unwrap());
+    let known = keys.path().join("known_hosts");
+    std::fs::write(
+        &known,
+        format!("[127.0.0.1]:{} {kind} {key}\n", server.port),
+    )
+    .unwrap();
+    let unknown = keys.path().join("empty_known_hosts");
+    std::fs::write(&unknown, "# nothing known\n").unwrap();
+    keygen(&keys.path().join("other"));
+    let other = std::fs::read_to_string(keys.path().join("other.pub")).unwrap();
+    let changed = keys.path().join("changed_known_hosts");
+    std::fs::write(
+        &changed,
+        format!(
+            "[127.0.0.1]:{} {}\n",
+            server.port,
+            other
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    )
+    .unwrap();
+
+    let start = |known_hosts: &Path, skip: bool| {
+        let cache = tempfile::tempdir().unwrap();
+        let mut s = settings(None);
+        s.cache_dir = Some(cache.path().to_path_buf());
+        let src = GitSource::new(GitOptions {
+            url: url.clone(),
+            reference: "main".into(),
+            subdir: None,
+            cache_dir: cache.path().to_path_buf(),
+            tree: Default::default(),
+            auth: legate::source::git::GitAuth {
+                ssh_key: Some(server.user_key.clone()),
+                known_hosts: Some(known_hosts.to_path_buf()),
+                insecure_skip_host_key_check: skip,
+                ..Default::default()
+            },
+            allowed_signers: None,
+        })
+        .unwrap();
+        let live = Live::new();
+        (
+            reconcile::start(Arc::new(src), live.clone(), s, None),
+            live,
+            cache,
+        )
+    };
+
+    // Known host key: the commit goes live.
+    let (h, live, _c) = start(&known, false);
+    h.sync().await;
+    assert_eq!(
+        h.status().applied.as_deref(),
+        Some(c1.as_str()),
+        "{:?}",
+        h.status()
+    );
+    assert_eq!(live.load().len(), 1);
+    // Unknown host: refused, nothing served.
+    let (h, live, _c) = start(&unknown, false);
+    let r = h.sync().await;
+    let PassResult::SourceFailed { error } = &r else {
+        panic!("{r:?}")
+    };
+    assert!(
+        error.contains("not in") && error.contains("unknown host"),
+        "{error}"
+    );
+    assert!(live.load().is_empty());
+    // Changed host key: refused.
+    let (h, live, _c) = start(&changed, false);
+    let r = h.sync().await;
+    let PassResult::SourceFailed { error } = &r else {
+        panic!("{r:?}")
+    };
+    assert!(error.contains("does not match"), "{error}");
+    assert!(live.load().is_empty());
+    // The explicit opt-out accepts it.
+    let (h, _live, _c) = start(&changed, true);
+    h.sync().await;
+    assert_eq!(h.status().applied.as_deref(), Some(c1.as_str()));
+}
+
+#[tokio::test]
+async fn replicas_following_one_repository_converge_on_the_same_revision() {
+    let repo = Repo::new();
+    repo.commit(
+        &[("a.yaml", Some(&mapping("a", "/a/", "127.0.0.1:9001")))],
+        "a",
+    );
+    let d = daemon(repo.path.parent().unwrap()).await;
+    let url = format!("git://127.0.0.1:{}/repo", d.port);
+    // Three replicas, each with its own cache, as three pods would have.
+    let caches: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let replicas: Vec<_> = caches
+        .iter()
+        .map(|c| start_git(&url, "main", c.path(), settings(None)))
+        .collect();
+    let head = repo.commit(
+        &[("b.yaml", Some(&mapping("b", "/b/", "127.0.0.1:9002")))],
+        "b",
+    );
+    for (h, _) in &replicas {
+        h.sync().await;
+    }
+    for (h, live) in &replicas {
+        assert_eq!(h.status().applied.as_deref(), Some(head.as_str()));
+        assert_eq!(live.load().len(), 2);
+    }
+    // Same commit, same compiled graph on every replica.
+    let hashes: Vec<String> = replicas
+        .iter()
+        .map(|(_, l)| l.load().hash.clone())
+        .collect();
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{hashes:?}");
 }

@@ -9,6 +9,7 @@ mod gateway;
 mod git_source;
 mod golden;
 mod kube;
+mod observability;
 mod proxy;
 mod reconcile;
 mod support;

@@ -376,6 +376,7 @@ async fn webhooks_check_signatures_and_trigger_a_pass() {
         hook_secret: Some(Arc::new(HookSecret::new("s3cret").unwrap())),
         token: None,
         graph: None,
+        metrics: None,
     };
     let body: &'static [u8] = br#"{"ref":"refs/heads/main"}"#;
     let good = admin::hooks::sign(b"s3cret", body);
@@ -446,6 +447,7 @@ async fn webhooks_check_signatures_and_trigger_a_pass() {
         hook_secret: None,
         token: None,
         graph: None,
+        metrics: None,
     };
     assert_eq!(
         st(admin::handle(

@@ -1,0 +1,453 @@
+//! Metrics: the gateway's counters, gauges and histograms, and their Prometheus text exposition.
+//!
+//! Owns: the per-route request statistics (resolved once per graph swap, so a request only bumps
+//! atomics: no lock, no string hashing, no allocation), the gateway-wide counters, the reconcile
+//! counters fed from the reconciler's history events, and `render` for `GET /metrics`. Must not
+//! know about HTTP serving or routing: the proxy says what happened, this module counts it.
+//!
+//! Label values are bounded: a route label is a Mapping's `stats_name` (operator-chosen, from the
+//! config), method and status are classes, and the live revision appears only in one info metric.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{Method, StatusCode};
+
+/// Route label of requests no Mapping matched.
+pub const NO_ROUTE: &str = "none";
+
+const METHODS: [&str; 6] = ["GET", "HEAD", "POST", "PUT", "DELETE", "other"];
+const STATUSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Upper bounds of the duration buckets, in microseconds (1 ms .. 10 s).
+const BUCKETS_US: [u64; 13] = [
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    5_000_000, 10_000_000,
+];
+
+/// The method class index of a request method.
+pub fn method_class(m: &Method) -> usize {
+    match *m {
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::DELETE => 4,
+        _ => 5,
+    }
+}
+
+/// Request statistics of one route label, shared by every Mapping with that `stats_name` and
+/// kept across graph swaps so counters only ever grow.
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    requests: [[AtomicU64; 5]; 6],
+    buckets: [AtomicU64; BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl RouteStats {
+    /// Count one answered request (`method`: see [`method_class`]); `took` is the time to the
+    /// response head.
+    pub fn record(&self, method: usize, status: StatusCode, took: Duration) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.requests[method.min(5)][class].fetch_add(1, Relaxed);
+        let us = took.as_micros().min(u64::MAX as u128) as u64;
+        // Non-cumulative buckets here; `render` accumulates them.
+        if let Some(i) = BUCKETS_US.iter().position(|b| us <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+}
+
+/// Every metric of one gateway process. Cheap to share: `Arc<Metrics>`.
+#[derive(Debug)]
+pub struct Metrics {
+    routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
+    none: Arc<RouteStats>,
+    connect_failures: AtomicU64,
+    timeouts: AtomicU64,
+    gateway_5xx: AtomicU64,
+    connections: AtomicI64,
+    access_log_dropped: AtomicU64,
+    /// Recorded revisions by outcome: applied, rejected, rolled back, superseded.
+    outcomes: [AtomicU64; 4],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let none = Arc::new(RouteStats::default());
+        let mut routes = BTreeMap::new();
+        routes.insert(NO_ROUTE.to_string(), none.clone());
+        Metrics {
+            routes: Mutex::new(routes),
+            none,
+            connect_failures: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            gateway_5xx: AtomicU64::new(0),
+            connections: AtomicI64::new(0),
+            access_log_dropped: AtomicU64::new(0),
+            outcomes: Default::default(),
+        }
+    }
+}
+
+/// The reconciler facts `render` shows, read at scrape time.
+#[derive(Debug, Default, Clone)]
+pub struct ReconcileView {
+    pub revision: Option<String>,
+    pub passes: u64,
+    pub fetch_failures: u64,
+    pub consecutive_failures: u32,
+    /// Unix milliseconds.
+    pub last_pass_at: Option<u64>,
+    pub last_fetch_ok_at: Option<u64>,
+}
+
+impl From<&crate::reconcile::Status> for ReconcileView {
+    fn from(s: &crate::reconcile::Status) -> Self {
+        ReconcileView {
+            revision: s.verifying.clone().or_else(|| s.applied.clone()),
+            passes: s.passes,
+            fetch_failures: s.fetch_failures,
+            consecutive_failures: s.consecutive_failures,
+            last_pass_at: s.last_pass_at,
+            last_fetch_ok_at: s.last_fetch_ok_at,
+        }
+    }
+}
+
+/// Decrements the open-connection gauge when dropped.
+#[derive(Debug)]
+pub struct ConnGuard(Arc<Metrics>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
+    /// The statistics of a route label (called when a graph is prepared, not per request).
+    pub fn route(&self, stats_name: &str) -> Arc<RouteStats> {
+        let mut m = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(stats_name.to_string()).or_default().clone()
+    }
+
+    /// The statistics of requests no route matched.
+    pub fn no_route(&self) -> &Arc<RouteStats> {
+        &self.none
+    }
+
+    pub fn connect_failure(&self) {
+        self.connect_failures.fetch_add(1, Relaxed);
+    }
+
+    pub fn timeout(&self) {
+        self.timeouts.fetch_add(1, Relaxed);
+    }
+
+    pub fn gateway_5xx(&self) {
+        self.gateway_5xx.fetch_add(1, Relaxed);
+    }
+
+    pub fn access_log_dropped(&self) {
+        self.access_log_dropped.fetch_add(1, Relaxed);
+    }
+
+    /// Count an open downstream connection until the guard drops.
+    pub fn connection(self: &Arc<Self>) -> ConnGuard {
+        self.connections.fetch_add(1, Relaxed);
+        ConnGuard(self.clone())
+    }
+
+    /// Count one recorded history entry.
+    pub fn revision_outcome(&self, o: crate::reconcile::Outcome) {
+        use crate::reconcile::Outcome::*;
+        let i = match o {
+            Applied => 0,
+            Rejected => 1,
+            RolledBack => 2,
+            Superseded => 3,
+        };
+        self.outcomes[i].fetch_add(1, Relaxed);
+    }
+
+    /// Count every history entry the reconciler records from now on.
+    pub fn follow(
+        self: &Arc<Self>,
+        mut rx: tokio::sync::broadcast::Receiver<crate::reconcile::Entry>,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match rx.recv().await {
+                    Ok(e) => me.revision_outcome(e.outcome),
+                    Err(RecvError::Lagged(_)) => continue,
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, rec: Option<&ReconcileView>) -> String {
+        let mut out = String::with_capacity(4096);
+        let routes: Vec<(String, Arc<RouteStats>)> = {
+            let m = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+            m.iter().map(|(k, v)| (escape(k), v.clone())).collect()
+        };
+
+        head(
+            &mut out,
+            "legate_requests_total",
+            "counter",
+            "Requests answered, by route (Mapping stats_name; none: no route matched), method class and status class.",
+        );
+        for (name, s) in &routes {
+            for (mi, m) in METHODS.iter().enumerate() {
+                for (si, st) in STATUSES.iter().enumerate() {
+                    let n = s.requests[mi][si].load(Relaxed);
+                    if n > 0 {
+                        let _ = writeln!(
+                            out,
+                            "legate_requests_total{{route=\"{name}\",method=\"{m}\",status=\"{st}\"}} {n}"
+                        );
+                    }
+                }
+            }
+        }
+
+        head(
+            &mut out,
+            "legate_request_duration_seconds",
+            "histogram",
+            "Time from request to response head, by route.",
+        );
+        for (name, s) in &routes {
+            let count = s.count.load(Relaxed);
+            let mut cum = 0;
+            for (i, b) in BUCKETS_US.iter().enumerate() {
+                cum += s.buckets[i].load(Relaxed);
+                let _ = writeln!(
+                    out,
+                    "legate_request_duration_seconds_bucket{{route=\"{name}\",le=\"{}\"}} {}",
+                    *b as f64 / 1e6,
+                    cum.min(count)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "legate_request_duration_seconds_bucket{{route=\"{name}\",le=\"+Inf\"}} {count}"
+            );
+            let _ = writeln!(
+                out,
+                "legate_request_duration_seconds_sum{{route=\"{name}\"}} {}",
+                s.sum_us.load(Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "legate_request_duration_seconds_count{{route=\"{name}\"}} {count}"
+            );
+        }
+
+        let counters = [
+            (
+                "legate_upstream_connect_failures_total",
+                "Requests whose upstream connection could not be established.",
+                &self.connect_failures,
+            ),
+            (
+                "legate_upstream_timeouts_total",
+                "Requests answered 504 because the upstream exceeded the route timeout.",
+                &self.timeouts,
+            ),
+            (
+                "legate_gateway_errors_total",
+                "5xx responses made by the gateway itself (not relayed from an upstream).",
+                &self.gateway_5xx,
+            ),
+            (
+                "legate_access_log_dropped_total",
+                "Access log lines dropped because the writer fell behind.",
+                &self.access_log_dropped,
+            ),
+        ];
+        for (name, help, v) in counters {
+            head(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+        }
+        head(
+            &mut out,
+            "legate_downstream_connections",
+            "gauge",
+            "Open downstream connections.",
+        );
+        let _ = writeln!(
+            out,
+            "legate_downstream_connections {}",
+            self.connections.load(Relaxed).max(0)
+        );
+
+        head(
+            &mut out,
+            "legate_reconcile_revisions_total",
+            "counter",
+            "Revisions recorded by the reconciler, by outcome.",
+        );
+        for (i, o) in ["applied", "rejected", "rolled_back", "superseded"]
+            .iter()
+            .enumerate()
+        {
+            let _ = writeln!(
+                out,
+                "legate_reconcile_revisions_total{{outcome=\"{o}\"}} {}",
+                self.outcomes[i].load(Relaxed)
+            );
+        }
+
+        if let Some(r) = rec {
+            let now = now_ms();
+            head(
+                &mut out,
+                "legate_reconcile_passes_total",
+                "counter",
+                "Reconcile passes, by whether the source could be read.",
+            );
+            let ok = r.passes.saturating_sub(r.fetch_failures);
+            let _ = writeln!(
+                out,
+                "legate_reconcile_passes_total{{outcome=\"fetched\"}} {ok}"
+            );
+            let _ = writeln!(
+                out,
+                "legate_reconcile_passes_total{{outcome=\"source_failed\"}} {}",
+                r.fetch_failures
+            );
+            head(
+                &mut out,
+                "legate_source_consecutive_failures",
+                "gauge",
+                "Source failures since the last successful fetch.",
+            );
+            let _ = writeln!(
+                out,
+                "legate_source_consecutive_failures {}",
+                r.consecutive_failures
+            );
+            let ages = [
+                (
+                    "legate_source_last_success_age_seconds",
+                    "Seconds since the source was last read successfully (absent before the first).",
+                    r.last_fetch_ok_at,
+                ),
+                (
+                    "legate_reconcile_last_pass_age_seconds",
+                    "Seconds since the last reconcile pass ended (absent before the first).",
+                    r.last_pass_at,
+                ),
+            ];
+            for (name, help, at) in ages {
+                head(&mut out, name, "gauge", help);
+                if let Some(at) = at {
+                    let _ = writeln!(out, "{name} {}", now.saturating_sub(at) as f64 / 1e3);
+                }
+            }
+            head(
+                &mut out,
+                "legate_revision_info",
+                "gauge",
+                "The revision being served (value always 1).",
+            );
+            if let Some(rev) = &r.revision {
+                let _ = writeln!(
+                    out,
+                    "legate_revision_info{{revision=\"{}\"}} 1",
+                    escape(rev)
+                );
+            }
+        }
+        out
+    }
+}
+
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A label value escaped for the text format.
+fn escape(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_class_and_accumulates_buckets() {
+        let m = Metrics::new();
+        let r = m.route("api");
+        r.record(
+            method_class(&Method::GET),
+            StatusCode::OK,
+            Duration::from_millis(3),
+        );
+        r.record(
+            method_class(&Method::PATCH),
+            StatusCode::BAD_GATEWAY,
+            Duration::from_secs(60),
+        );
+        assert!(Arc::ptr_eq(&r, &m.route("api")));
+        let text = m.render(None);
+        assert!(
+            text.contains("legate_requests_total{route=\"api\",method=\"GET\",status=\"2xx\"} 1\n")
+        );
+        assert!(text
+            .contains("legate_requests_total{route=\"api\",method=\"other\",status=\"5xx\"} 1\n"));
+        assert!(text
+            .contains("legate_request_duration_seconds_bucket{route=\"api\",le=\"0.0025\"} 0\n"));
+        assert!(
+            text.contains("legate_request_duration_seconds_bucket{route=\"api\",le=\"0.005\"} 1\n")
+        );
+        assert!(
+            text.contains("legate_request_duration_seconds_bucket{route=\"api\",le=\"10\"} 1\n")
+        );
+        assert!(
+            text.contains("legate_request_duration_seconds_bucket{route=\"api\",le=\"+Inf\"} 2\n")
+        );
+        assert!(text.contains("legate_request_duration_seconds_count{route=\"none\"} 0\n"));
+    }
+
+    #[test]
+    fn escapes_label_values() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

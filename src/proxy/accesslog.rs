@@ -1,0 +1,405 @@
+//! The access log: one JSON line per request, written off the request path.
+//!
+//! A request only fills a [`Line`] (reference-counted clones, no formatting) and offers it to a
+//! bounded channel when its response body ends; a writer task formats and writes. When the
+//! writer falls behind, lines are dropped and counted (`legate_access_log_dropped_total`): a
+//! slow disk or a blocked stdout never holds a request up.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{HeaderValue, Method, Uri};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::mpsc;
+
+use super::body::RespBody;
+use super::Snapshot;
+use crate::metrics::Metrics;
+
+/// Lines buffered between requests and the writer.
+const CAPACITY: usize = 8192;
+
+/// Where the access log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    Stdout,
+    File(PathBuf),
+}
+
+impl Sink {
+    /// `--access-log`: `off` (none), `-` or `stdout`, or a file path (appended to).
+    pub fn parse(v: &str) -> Option<Sink> {
+        match v {
+            "off" | "" => None,
+            "-" | "stdout" => Some(Sink::Stdout),
+            p => Some(Sink::File(PathBuf::from(p))),
+        }
+    }
+}
+
+/// The request side of the access log. Cheap to clone.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: mpsc::Sender<Line>,
+}
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccessLog")
+    }
+}
+
+impl AccessLog {
+    /// Open the sink and start the writer, a thread of its own: writes block, and a blocked
+    /// stdout must not take a runtime worker with it.
+    pub fn start(sink: Sink) -> std::io::Result<AccessLog> {
+        let out: Box<dyn Write + Send> = match &sink {
+            Sink::Stdout => Box::new(std::io::stdout()),
+            Sink::File(p) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ),
+        };
+        let (tx, rx) = mpsc::channel(CAPACITY);
+        std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(rx, out))?;
+        Ok(AccessLog { tx })
+    }
+
+    /// Offer a finished line; drops (and counts) it when the writer is behind.
+    fn send(&self, line: Line, metrics: &Metrics) {
+        if self.tx.try_send(line).is_err() {
+            metrics.access_log_dropped();
+        }
+    }
+}
+
+/// What one request's log line is made of, formatted by the writer.
+pub struct Line {
+    time: SystemTime,
+    started: Instant,
+    took: Duration,
+    method: Method,
+    uri: Uri,
+    host: Option<HeaderValue>,
+    pub request_id: Option<HeaderValue>,
+    pub upstream: Option<Authority>,
+    pub route: Option<usize>,
+    snap: Arc<Snapshot>,
+    status: u16,
+    bytes: u64,
+}
+
+impl Line {
+    /// Capture the request head before the request is consumed.
+    pub(crate) fn start<B>(req: &http::Request<B>, snap: &Arc<Snapshot>) -> Line {
+        Line {
+            time: SystemTime::now(),
+            started: Instant::now(),
+            took: Duration::ZERO,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            host: req.headers().get(http::header::HOST).cloned(),
+            request_id: req.headers().get(&super::headers::X_REQUEST_ID).cloned(),
+            upstream: None,
+            route: None,
+            snap: snap.clone(),
+            status: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Append the JSON line (hand-written: the writer formats hundreds of thousands a second).
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"time\":\"");
+        rfc3339(self.time, out);
+        out.extend_from_slice(b"\",\"request_id\":");
+        opt_str(out, self.request_id.as_ref().map(HeaderValue::as_bytes));
+        out.extend_from_slice(b",\"method\":");
+        opt_str(out, Some(self.method.as_str().as_bytes()));
+        out.extend_from_slice(b",\"host\":");
+        let host = match self.uri.authority() {
+            Some(a) => Some(a.as_str().as_bytes()),
+            None => self.host.as_ref().map(HeaderValue::as_bytes),
+        };
+        opt_str(out, host);
+        out.extend_from_slice(b",\"path\":");
+        opt_str(out, Some(self.uri.path().as_bytes()));
+        let _ = write!(
+            out,
+            ",\"status\":{},\"bytes\":{},\"duration_ms\":{:.3},\"upstream\":",
+            self.status,
+            self.bytes,
+            self.took.as_secs_f64() * 1e3
+        );
+        opt_str(out, self.upstream.as_ref().map(|a| a.as_str().as_bytes()));
+        out.extend_from_slice(b",\"route\":");
+        match self.route.and_then(|i| self.snap.graph.routes.get(i)) {
+            Some(r) => {
+                out.push(b'"');
+                escape_into(out, r.namespace.as_bytes());
+                out.push(b'/');
+                escape_into(out, r.name.as_bytes());
+                out.push(b'"');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"revision\":");
+        opt_str(out, Some(self.snap.revision.as_bytes()));
+        out.extend_from_slice(b",\"retries\":0}\n");
+    }
+
+    #[cfg(test)]
+    fn json(&self) -> serde_json::Value {
+        let mut v = Vec::new();
+        self.write_json(&mut v);
+        serde_json::from_slice(&v).unwrap()
+    }
+}
+
+/// A JSON string (or `null`); bytes that are not UTF-8 are replaced.
+fn opt_str(out: &mut Vec<u8>, v: Option<&[u8]>) {
+    let Some(v) = v else {
+        out.extend_from_slice(b"null");
+        return;
+    };
+    out.push(b'"');
+    match std::str::from_utf8(v) {
+        Ok(_) => escape_into(out, v),
+        Err(_) => escape_into(out, String::from_utf8_lossy(v).as_bytes()),
+    }
+    out.push(b'"');
+}
+
+/// JSON string escaping of UTF-8 text (multi-byte sequences pass through).
+fn escape_into(out: &mut Vec<u8>, v: &[u8]) {
+    for &b in v {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0..=0x1f | 0x7f => {
+                let _ = write!(out, "\\u{:04x}", b);
+            }
+            _ => out.push(b),
+        }
+    }
+}
+
+/// A response body that counts the bytes sent and logs the line when it ends (or is dropped
+/// early because the client went away).
+pub struct Counted {
+    inner: RespBody,
+    line: Option<Line>,
+    log: AccessLog,
+    metrics: Arc<Metrics>,
+}
+
+impl Counted {
+    pub(crate) fn new(
+        inner: RespBody,
+        mut line: Line,
+        status: u16,
+        log: AccessLog,
+        m: Arc<Metrics>,
+    ) -> Counted {
+        line.status = status;
+        Counted {
+            inner,
+            line: Some(line),
+            log,
+            metrics: m,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(mut l) = self.line.take() {
+            l.took = l.started.elapsed();
+            self.log.send(l, &self.metrics);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(d), Some(l)) = (f.data_ref(), this.line.as_mut()) {
+                    l.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => this.finish(),
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How long the writer sleeps between drains. Polling instead of waiting on the channel spares
+/// every request a wake-up of the writer; the queue holds far more than a period's lines.
+const PERIOD: Duration = Duration::from_millis(20);
+
+/// The writer: format and write until every sender is gone.
+fn write_lines(mut rx: mpsc::Receiver<Line>, mut out: Box<dyn Write + Send>) {
+    use tokio::sync::mpsc::error::TryRecvError;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        let closed = loop {
+            match rx.try_recv() {
+                Ok(line) => {
+                    line.write_json(&mut buf);
+                    if buf.len() >= 64 * 1024 {
+                        flush(&mut out, &mut buf);
+                    }
+                }
+                Err(TryRecvError::Empty) => break false,
+                Err(TryRecvError::Disconnected) => break true,
+            }
+        };
+        flush(&mut out, &mut buf);
+        if closed {
+            return;
+        }
+        std::thread::sleep(PERIOD);
+    }
+}
+
+fn flush(out: &mut Box<dyn Write + Send>, buf: &mut Vec<u8>) {
+    if buf.is_empty() {
+        return;
+    }
+    if let Err(e) = out.write_all(buf).and_then(|()| out.flush()) {
+        tracing::warn!(error = %e, "cannot write the access log");
+    }
+    buf.clear();
+}
+
+/// `2006-01-02T15:04:05.000Z`.
+fn rfc3339(t: SystemTime, out: &mut Vec<u8>) {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_utc_times() {
+        let f = |t| {
+            let mut v = Vec::new();
+            rfc3339(t, &mut v);
+            String::from_utf8(v).unwrap()
+        };
+        assert_eq!(f(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_709_251_199_123);
+        assert_eq!(f(t), "2024-02-29T23:59:59.123Z");
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let log = AccessLog { tx };
+        let metrics = Metrics::new();
+        let snap = Arc::new(Snapshot {
+            graph: crate::routes::Graph::empty(),
+            routes: Vec::new(),
+            certs: Default::default(),
+            revision: HeaderValue::from_static("abc"),
+            any_insecure_policy: false,
+            stats: Vec::new(),
+        });
+        let req = http::Request::get("http://h.test/p?q=secret")
+            .body(())
+            .unwrap();
+        for _ in 0..3 {
+            let body = Counted::new(
+                super::super::body::full(Bytes::from_static(b"hi")),
+                Line::start(&req, &snap),
+                200,
+                log.clone(),
+                metrics.clone(),
+            );
+            drop(body);
+        }
+        let line = rx.try_recv().unwrap().json();
+        assert_eq!(line["path"], "/p");
+        assert_eq!(line["host"], "h.test");
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["revision"], "abc");
+        assert!(rx.try_recv().is_err());
+        assert!(metrics
+            .render(None)
+            .contains("legate_access_log_dropped_total 2\n"));
+    }
+
+    #[test]
+    fn escapes_strings() {
+        let mut v = Vec::new();
+        opt_str(&mut v, Some("a\"b\\c\nd\u{e9}".as_bytes()));
+        opt_str(&mut v, Some(b"\xff"));
+        assert_eq!(
+            String::from_utf8(v).unwrap(),
+            "\"a\\\"b\\\\c\\u000ad\u{e9}\"\"\u{fffd}\""
+        );
+    }
+
+    #[test]
+    fn parses_the_flag() {
+        assert_eq!(Sink::parse("off"), None);
+        assert_eq!(Sink::parse("-"), Some(Sink::Stdout));
+        assert_eq!(
+            Sink::parse("/var/log/a.log"),
+            Some(Sink::File("/var/log/a.log".into()))
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! What the request path tells metrics and the access log about one exchange.
+//!
+//! `serve` fills an [`Exchange`] as it learns things (the route, the upstream); `handle` hands it
+//! to the counters once the response head is known. Nothing here allocates for metrics: the
+//! route's counters were resolved when the snapshot was built.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::uri::Authority;
+use http::{Request, Response};
+
+use super::accesslog::{Counted, Line};
+use super::body::RespBody;
+use super::error::ProxyError;
+use super::{Proxy, Snapshot};
+use crate::metrics::{method_class, Metrics};
+
+/// Facts about one request, filled in along the request path.
+pub(crate) struct Exchange {
+    start: Instant,
+    method: usize,
+    /// The access log line being built, when the access log is on.
+    line: Option<Line>,
+    /// Index of the route that served it (`RouteId.0`), if any matched.
+    pub route: Option<usize>,
+    /// The upstream it was forwarded to.
+    pub upstream: Option<Authority>,
+    /// The `x-request-id` the gateway generated (a client's own is read from the request).
+    pub request_id: Option<http::HeaderValue>,
+}
+
+impl Exchange {
+    /// Begin observing a request (before it is consumed).
+    pub fn start<B>(req: &Request<B>, snap: &Arc<Snapshot>, log: bool) -> Exchange {
+        Exchange {
+            start: Instant::now(),
+            method: method_class(req.method()),
+            line: log.then(|| Line::start(req, snap)),
+            route: None,
+            upstream: None,
+            request_id: None,
+        }
+    }
+}
+
+impl Proxy {
+    /// Count the answered request and, with the access log on, wrap the body so the line is
+    /// written when the body ends.
+    pub(crate) fn observed(
+        &self,
+        snap: &Snapshot,
+        ex: Exchange,
+        resp: Response<RespBody>,
+    ) -> Response<RespBody> {
+        let stats = ex
+            .route
+            .and_then(|i| snap.stats.get(i))
+            .unwrap_or(self.metrics.no_route());
+        stats.record(ex.method, resp.status(), ex.start.elapsed());
+        match (&self.settings.access_log, ex.line) {
+            (Some(log), Some(mut line)) => {
+                line.route = ex.route;
+                line.upstream = ex.upstream;
+                if ex.request_id.is_some() {
+                    line.request_id = ex.request_id;
+                }
+                let status = resp.status().as_u16();
+                let m = self.metrics.clone();
+                resp.map(|b| {
+                    RespBody::Counted(Box::new(Counted::new(b, line, status, log.clone(), m)))
+                })
+            }
+            _ => resp,
+        }
+    }
+}
+
+/// Count a failure the gateway answered itself.
+pub(crate) fn count_error(m: &Metrics, e: &ProxyError) {
+    match e {
+        ProxyError::Connect(_) => m.connect_failure(),
+        ProxyError::Timeout => m.timeout(),
+        _ => {}
+    }
+    if e.status().is_server_error() {
+        m.gateway_5xx();
+    }
+}

@@ -1,0 +1,163 @@
+//! W3C Trace Context (`traceparent`) propagation to upstreams.
+//!
+//! The gateway is one hop of a trace: a valid incoming `traceparent` is forwarded with the same
+//! trace id and flags and a new parent (span) id; an absent or malformed one starts a new trace
+//! (random trace and span ids, sampled with `--trace-sample-ratio`), and a `tracestate` that came
+//! with a malformed parent is dropped, as the spec asks. No spans are exported.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use super::headers::rand_u64;
+
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Rewrite the request's `traceparent` for the upstream.
+pub fn propagate(h: &mut HeaderMap, sample_ratio: f64) {
+    let incoming = {
+        let mut all = h.get_all(&TRACEPARENT).iter();
+        match (all.next(), all.next()) {
+            (Some(v), None) => parse(v.as_bytes()),
+            _ => None,
+        }
+    };
+    let (trace_id, flags) = match incoming {
+        Some(x) => x,
+        None => {
+            h.remove(&TRACESTATE);
+            let mut id = [0u8; 16];
+            while id == [0; 16] {
+                id[..8].copy_from_slice(&rand_u64().to_be_bytes());
+                id[8..].copy_from_slice(&rand_u64().to_be_bytes());
+            }
+            (id, u8::from(sampled(sample_ratio)))
+        }
+    };
+    let mut span = [0u8; 8];
+    while span == [0; 8] {
+        span = rand_u64().to_be_bytes();
+    }
+    let mut out = [0u8; 55];
+    out[..3].copy_from_slice(b"00-");
+    hex(&trace_id, &mut out[3..35]);
+    out[35] = b'-';
+    hex(&span, &mut out[36..52]);
+    out[52] = b'-';
+    hex(&[flags], &mut out[53..55]);
+    if let Ok(v) = HeaderValue::from_bytes(&out) {
+        h.insert(TRACEPARENT.clone(), v);
+    }
+}
+
+/// The trace id and flags of a valid `traceparent` (version 00, or a later version's first four
+/// fields, as the spec allows).
+fn parse(v: &[u8]) -> Option<([u8; 16], u8)> {
+    if v.len() < 55 || (v.len() > 55 && v[55] != b'-') {
+        return None;
+    }
+    let version = unhex::<1>(&v[0..2])?[0];
+    if version == 0xff || (version == 0 && v.len() != 55) {
+        return None;
+    }
+    if v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+        return None;
+    }
+    let trace = unhex::<16>(&v[3..35])?;
+    let parent = unhex::<8>(&v[36..52])?;
+    let flags = unhex::<1>(&v[53..55])?[0];
+    if trace == [0; 16] || parent == [0; 8] {
+        return None;
+    }
+    // Version 00 defines only the sampled bit.
+    Some((trace, flags & 0x01))
+}
+
+/// Lowercase hex only, as the spec requires.
+fn unhex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
+    let d = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = d(s[2 * i])? << 4 | d(s[2 * i + 1])?;
+    }
+    Some(out)
+}
+
+fn hex(bytes: &[u8], out: &mut [u8]) {
+    for (i, b) in bytes.iter().enumerate() {
+        out[2 * i] = HEX[(b >> 4) as usize];
+        out[2 * i + 1] = HEX[(b & 0x0f) as usize];
+    }
+}
+
+/// Whether a new trace is sampled: true with probability `ratio`.
+fn sampled(ratio: f64) -> bool {
+    if ratio <= 0.0 {
+        return false;
+    }
+    // 53 random bits as a uniform float in [0, 1).
+    ((rand_u64() >> 11) as f64 / (1u64 << 53) as f64) < ratio
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(incoming: &[&str], ratio: f64) -> String {
+        let mut h = HeaderMap::new();
+        for v in incoming {
+            h.append(TRACEPARENT.clone(), HeaderValue::from_str(v).unwrap());
+        }
+        h.insert(TRACESTATE.clone(), HeaderValue::from_static("k=v"));
+        propagate(&mut h, ratio);
+        assert_eq!(h.get_all(&TRACEPARENT).iter().count(), 1);
+        let out = h.get(&TRACEPARENT).unwrap().to_str().unwrap().to_string();
+        assert!(parse(out.as_bytes()).is_some(), "{out}");
+        out
+    }
+
+    const GIVEN: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn keeps_trace_and_flags_with_a_new_parent() {
+        let out = run(&[GIVEN], 0.0);
+        assert_eq!(&out[..36], &GIVEN[..36]);
+        assert_ne!(&out[36..52], &GIVEN[36..52]);
+        assert_eq!(&out[52..], "-01");
+    }
+
+    #[test]
+    fn starts_a_trace_when_absent_or_invalid() {
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            let out = run(&[bad], 0.0);
+            assert_ne!(&out[3..35], &GIVEN[3..35], "{bad}");
+            assert!(out.ends_with("-00"), "{out}");
+        }
+        // Two traceparent headers are invalid too.
+        let out = run(&[GIVEN, GIVEN], 0.0);
+        assert_ne!(&out[3..35], &GIVEN[3..35]);
+        assert_ne!(run(&[], 0.0)[3..35], run(&[], 0.0)[3..35]);
+    }
+
+    #[test]
+    fn accepts_later_versions_and_samples_by_ratio() {
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03-more";
+        let out = run(&[later], 0.0);
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(out.ends_with("-01"));
+        assert!(run(&[], 1.0).ends_with("-01"));
+        assert!(run(&[], 0.0).ends_with("-00"));
+    }
+}

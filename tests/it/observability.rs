@@ -1,0 +1,333 @@
+//! Observability: `GET /metrics` after known traffic (counts match, promtool accepts the text),
+//! the access log line of a request, and W3C `traceparent` propagation.
+
+use std::sync::Arc;
+
+use legate::admin::AdminState;
+use legate::reconcile::{self, Outcome};
+use legate::source::dir::DirSource;
+
+use crate::reconcile::{outcome, settings};
+use crate::support::{get, mapping, send, Gateway, Tree, Upstream};
+
+fn config(up: &Upstream) -> String {
+    let svc = up.service();
+    [
+        mapping(
+            "api",
+            &format!("hostname: '*'\nprefix: /api/\nservice: {svc}\nstats_name: api-stats"),
+        ),
+        mapping(
+            "web",
+            &format!("hostname: '*'\nprefix: /web/\nservice: {svc}"),
+        ),
+        mapping(
+            "slow",
+            &format!("hostname: '*'\nprefix: /slow/\nservice: {svc}\ntimeout_ms: 50"),
+        ),
+        // Nothing listens on port 1: every request is a connect failure.
+        mapping(
+            "dead",
+            "hostname: '*'\nprefix: /dead/\nservice: 127.0.0.1:1",
+        ),
+    ]
+    .concat()
+}
+
+/// The value of the sample with exactly this name and label set.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == series).then(|| v.parse().ok())?
+    })
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_and_pass_promtool() {
+    let up = Upstream::start("u").await;
+    let yaml = config(&up);
+    let gw = Gateway::start(&yaml).await;
+    // The real reconciler feeding the same proxy, so revision and pass metrics are live.
+    let tree = Tree::new(&yaml);
+    let src = Arc::new(DirSource::new(
+        tree.path(),
+        legate::config::Options::default().tree,
+        None,
+    ));
+    let h = reconcile::start(src, gw.proxy.clone(), settings(None), None);
+    // Subscribed before the first pass can run (the test runtime is single-threaded).
+    gw.proxy.metrics().follow(h.subscribe());
+    let first = h.sync().await;
+    assert!(matches!(outcome(&first), Some(Outcome::Applied) | None));
+    assert!(h.status().applied.is_some(), "{first:?}");
+
+    for _ in 0..3 {
+        assert_eq!(get(&gw.url("/api/x?token=secret"), &[]).await.status, 200);
+    }
+    for _ in 0..2 {
+        let r = send("POST", &gw.url("/web/y"), &[], crate::support::empty()).await;
+        assert_eq!(r.status, 200);
+    }
+    // An upstream's own 503 is relayed: a 5xx for the route, not a gateway error.
+    assert_eq!(get(&gw.url("/web/z?status=503"), &[]).await.status, 503);
+    assert_eq!(get(&gw.url("/nowhere/raw-path"), &[]).await.status, 404);
+    assert_eq!(get(&gw.url("/dead/"), &[]).await.status, 502);
+    assert_eq!(get(&gw.url("/slow/?sleep_ms=5000"), &[]).await.status, 504);
+
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let state = AdminState {
+        reconciler: h.clone(),
+        hook_secret: None,
+        graph: None,
+        // A token guards mutating calls only: /metrics stays open.
+        token: Some(Arc::new("t0ken".into())),
+        metrics: Some(gw.proxy.metrics().clone()),
+    };
+    let server = tokio::spawn(legate::admin::serve(admin, state));
+    let url = format!("http://{admin_addr}/metrics");
+
+    // The history event reaches the metrics through a broadcast: wait for it.
+    let mut text = String::new();
+    for _ in 0..500 {
+        let r = get(&url, &[]).await;
+        assert_eq!(r.status, 200);
+        assert!(r
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4"));
+        text = r.body;
+        if sample(
+            &text,
+            "legate_reconcile_revisions_total{outcome=\"applied\"}",
+        ) == Some(1.0)
+        {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let req = |route: &str, m: &str, s: &str| {
+        sample(
+            &text,
+            &format!("legate_requests_total{{route=\"{route}\",method=\"{m}\",status=\"{s}\"}}"),
+        )
+    };
+    assert_eq!(
+        sample(
+            &text,
+            "legate_reconcile_revisions_total{outcome=\"applied\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(req("api-stats", "GET", "2xx"), Some(3.0), "{text}");
+    assert_eq!(req("web", "POST", "2xx"), Some(2.0), "{text}");
+    assert_eq!(req("web", "GET", "5xx"), Some(1.0), "{text}");
+    assert_eq!(req("none", "GET", "4xx"), Some(1.0), "{text}");
+    assert_eq!(req("dead", "GET", "5xx"), Some(1.0), "{text}");
+    assert_eq!(req("slow", "GET", "5xx"), Some(1.0), "{text}");
+    // The Mapping name is not a label when stats_name is set.
+    assert_eq!(req("api", "GET", "2xx"), None);
+    assert_eq!(
+        sample(
+            &text,
+            "legate_request_duration_seconds_count{route=\"api-stats\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "legate_request_duration_seconds_bucket{route=\"web\",le=\"+Inf\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&text, "legate_upstream_connect_failures_total"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "legate_upstream_timeouts_total"), Some(1.0));
+    assert_eq!(sample(&text, "legate_gateway_errors_total"), Some(2.0));
+    assert!(sample(&text, "legate_downstream_connections").is_some());
+    let rev = h.status().applied.unwrap();
+    assert_eq!(
+        sample(
+            &text,
+            &format!("legate_revision_info{{revision=\"{rev}\"}}")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "legate_reconcile_passes_total{outcome=\"fetched\"}"),
+        Some(h.status().passes as f64)
+    );
+    assert!(sample(&text, "legate_source_last_success_age_seconds").is_some());
+    // Bounded labels: no raw paths, query values or revision ids on request metrics.
+    for bad in ["raw-path", "secret", "/api/"] {
+        assert!(!text.contains(bad), "{bad} leaked into the metrics");
+    }
+    assert!(!text
+        .lines()
+        .any(|l| l.starts_with("legate_request") && l.contains(&rev)));
+
+    promtool_check(&text);
+    server.abort();
+}
+
+/// `promtool check metrics` (Debian package `prometheus`) must accept the exposition.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("SKIPPED promtool check: promtool not runnable ({e}); install the Debian package `prometheus`");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool rejected the metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn access_log_lines_match_the_requests() {
+    use legate::proxy::accesslog::{AccessLog, Sink};
+    let up = Upstream::start("u").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let settings = legate::proxy::Settings {
+        access_log: Some(AccessLog::start(Sink::File(path.clone())).unwrap()),
+        ..Default::default()
+    };
+    let gw = Gateway::with(&config(&up), settings).await;
+
+    let given = get(&gw.url("/api/x?token=secret"), &[("x-request-id", "req-1")]).await;
+    assert_eq!(given.status, 200);
+    let generated = get(&gw.url("/web/y"), &[]).await;
+    assert_eq!(generated.status, 200);
+    assert_eq!(get(&gw.url("/nowhere"), &[]).await.status, 404);
+
+    // The writer is a thread of its own: wait until all three lines are there.
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    crate::reconcile::eventually("three access log lines", || read().len() == 3).await;
+    let lines = read();
+    let by_path = |p: &str| lines.iter().find(|l| l["path"] == p).unwrap().clone();
+    let rev = &gw.proxy.graph().hash[..12];
+
+    let a = by_path("/api/x");
+    assert_eq!(a["request_id"], "req-1");
+    assert_eq!(a["method"], "GET");
+    assert_eq!(a["host"], gw.http.to_string());
+    assert_eq!(a["status"], 200);
+    assert_eq!(a["bytes"], given.body.len() as u64);
+    assert_eq!(a["upstream"], up.service());
+    assert!(a["route"].as_str().unwrap().ends_with("/api"), "{a}");
+    assert_eq!(a["revision"], rev);
+    assert_eq!(a["retries"], 0);
+    assert!(a["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(a["time"].as_str().unwrap().ends_with('Z'));
+
+    // The id the gateway made up is the one the upstream saw.
+    let w = by_path("/web/y");
+    assert_eq!(
+        w["request_id"].as_str(),
+        generated.seen("x-request-id").as_deref()
+    );
+    assert_eq!(w["bytes"], generated.body.len() as u64);
+
+    let n = by_path("/nowhere");
+    assert_eq!(n["status"], 404);
+    assert!(n["route"].is_null() && n["upstream"].is_null());
+    // The query string never reaches the log.
+    assert!(!std::fs::read_to_string(&path).unwrap().contains("secret"));
+}
+
+/// A `traceparent` as `(trace id, parent id, flags)`, checked for the W3C shape.
+fn traceparent(v: &str) -> (String, String, String) {
+    let parts: Vec<&str> = v.split('-').collect();
+    assert_eq!(parts.len(), 4, "{v}");
+    assert_eq!(parts[0], "00");
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    assert!(hex(parts[1], 32) && parts[1] != "0".repeat(32), "{v}");
+    assert!(hex(parts[2], 16) && parts[2] != "0".repeat(16), "{v}");
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+#[tokio::test]
+async fn traceparent_is_forwarded_with_a_new_parent_or_started() {
+    let up = Upstream::start("u").await;
+    let gw = Gateway::start(&config(&up)).await;
+
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = get(
+        &gw.url("/api/"),
+        &[("traceparent", given), ("tracestate", "vendor=1")],
+    )
+    .await;
+    let (trace, parent, flags) = traceparent(&r.seen("traceparent").unwrap());
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(parent, "00f067aa0ba902b7");
+    assert_eq!(flags, "01");
+    assert_eq!(r.seen("tracestate").as_deref(), Some("vendor=1"));
+
+    // Absent: a new trace, not sampled at the default ratio of 0; each request its own.
+    let a = get(&gw.url("/api/"), &[])
+        .await
+        .seen("traceparent")
+        .unwrap();
+    let b = get(&gw.url("/api/"), &[])
+        .await
+        .seen("traceparent")
+        .unwrap();
+    let (ta, _, fa) = traceparent(&a);
+    let (tb, _, _) = traceparent(&b);
+    assert_ne!(ta, tb);
+    assert_eq!(fa, "00");
+
+    // Malformed: replaced by a new trace, and its tracestate dropped.
+    let r = get(
+        &gw.url("/api/"),
+        &[("traceparent", "00-xyz-01"), ("tracestate", "vendor=1")],
+    )
+    .await;
+    traceparent(&r.seen("traceparent").unwrap());
+    assert_eq!(r.seen("tracestate"), None);
+
+    // Sample ratio 1: every new trace is sampled.
+    let settings = legate::proxy::Settings {
+        trace_sample_ratio: 1.0,
+        ..Default::default()
+    };
+    let all = Gateway::with(&config(&up), settings).await;
+    let v = get(&all.url("/api/"), &[])
+        .await
+        .seen("traceparent")
+        .unwrap();
+    assert_eq!(traceparent(&v).2, "01");
+}
