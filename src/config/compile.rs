@@ -973,6 +973,13 @@ fn compile_forward(
             .map(Duration::from_millis),
         allow_upgrade,
         http2: spec.grpc || h2c,
+        retry: super::policy::retry(res, spec.retry_policy.as_ref(), diags),
+        breaker: super::policy::breaker(&spec.circuit_breakers),
+        cors: super::policy::cors(res, spec.cors.as_ref(), diags).map(std::sync::Arc::new),
+        load_balancer: spec
+            .load_balancer
+            .as_ref()
+            .map(super::policy::load_balancer),
     })
 }
 
@@ -1290,6 +1297,36 @@ mod tests {
             Some("exact")
         );
         assert_eq!(route_for(&o, "GET", "/healthz", &[]), None);
+    }
+
+    #[test]
+    fn traffic_policy_fields_compile() {
+        let t = mapping(
+            "r",
+            "hostname: '*'\nprefix: /r/\nservice: a\nretry_policy:\n  retry_on: 5xx\n  per_try_timeout: 1m30s\ncircuit_breakers:\n  - max_requests: 7\ncors:\n  origins: 'https://a.test,https://.*[.]b[.]test'",
+        ) + &mapping(
+            "bad",
+            "hostname: '*'\nprefix: /bad/\nservice: a\ncors:\n  origins: 'https://(unclosed'",
+        );
+        let o = compile_text(&t);
+        assert!(codes(&o).contains(&"bad-regex"), "{:?}", codes(&o));
+        let t = t.split("---").take(2).collect::<Vec<_>>().join("---");
+        let o = compile_text(&t);
+        let g = o.graph.as_ref().unwrap();
+        let Action::Forward(f) = &g.routes[0].action else {
+            panic!("not a forward");
+        };
+        let retry = f.retry.as_ref().unwrap();
+        assert_eq!(retry.on, crate::routes::RetryOn::FiveXx);
+        assert_eq!(retry.num_retries, 1);
+        assert_eq!(retry.per_try_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(f.breaker.max_requests, 7);
+        assert_eq!(f.breaker.max_retries, 3);
+        let cors = f.cors.as_ref().unwrap();
+        assert!(cors.allows("https://a.test"));
+        assert!(cors.allows("https://x.b.test"));
+        assert!(!cors.allows("https://x.b.test.evil"));
+        assert!(!cors.allows("https://c.test"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod compile;
 pub mod crd;
 pub mod diag;
 pub mod model;
+pub mod policy;
 pub mod routetest;
 pub mod schema;
 pub mod tree;

@@ -157,6 +157,10 @@ pub struct MappingSpec {
     pub grpc: bool,
     pub tls: Option<Value>,
     pub stats_name: Option<String>,
+    pub retry_policy: Option<super::policy::RetryPolicySpec>,
+    pub circuit_breakers: Vec<super::policy::BreakerSpec>,
+    pub cors: Option<super::policy::CorsSpec>,
+    pub load_balancer: Option<super::policy::LoadBalancerSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]

@@ -1,6 +1,6 @@
 //! Body types of the request path: the downstream request body streamed upstream (with the
 //! optional size limit), and the response body that is either streamed from the upstream or a
-//! small local answer. Nothing here buffers a whole body.
+//! small local answer. Only `buffer_small` reads a body whole, and only under a small cap.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -17,6 +17,8 @@ pub enum RespBody {
     /// From an HTTP/2 upstream.
     Streamed(Incoming),
     Local(Option<Bytes>),
+    /// A body with something to release when it is dropped (circuit-breaker slots).
+    Held(Box<RespBody>, Box<dyn std::any::Any + Send + Sync>),
     /// Any of the above, counted for the access log.
     Counted(Box<super::accesslog::Counted>),
 }
@@ -38,6 +40,7 @@ impl Body for RespBody {
             RespBody::Pooled(b) => Pin::new(b).poll_frame(cx),
             RespBody::Streamed(b) => Pin::new(b).poll_frame(cx),
             RespBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            RespBody::Held(b, _) => Pin::new(&mut **b).poll_frame(cx),
             RespBody::Counted(b) => Pin::new(&mut **b).poll_frame(cx),
         }
     }
@@ -47,6 +50,7 @@ impl Body for RespBody {
             RespBody::Pooled(b) => b.is_end_stream(),
             RespBody::Streamed(b) => b.is_end_stream(),
             RespBody::Local(b) => b.is_none(),
+            RespBody::Held(b, _) => b.is_end_stream(),
             RespBody::Counted(b) => b.is_end_stream(),
         }
     }
@@ -56,6 +60,7 @@ impl Body for RespBody {
             RespBody::Pooled(b) => b.size_hint(),
             RespBody::Streamed(b) => b.size_hint(),
             RespBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+            RespBody::Held(b, _) => b.size_hint(),
             RespBody::Counted(b) => b.size_hint(),
         }
     }
@@ -66,19 +71,44 @@ impl Body for RespBody {
 #[error("request body larger than the limit")]
 pub struct TooLarge;
 
-/// The downstream request body on its way upstream, counting bytes against the limit.
+/// The downstream request body on its way upstream, counting bytes against the limit; or a
+/// small body read whole beforehand (retries and shadow copies replay it).
 #[derive(Debug)]
 pub struct ReqBody {
-    inner: Incoming,
+    inner: Source,
     /// Bytes still allowed; `u64::MAX` when unlimited.
     left: u64,
+}
+
+#[derive(Debug)]
+enum Source {
+    Stream(Incoming),
+    /// Taken on the first poll.
+    Buffered(Option<Bytes>),
 }
 
 impl ReqBody {
     pub fn new(inner: Incoming, limit: Option<u64>) -> ReqBody {
         ReqBody {
-            inner,
+            inner: Source::Stream(inner),
             left: limit.unwrap_or(u64::MAX),
+        }
+    }
+
+    /// A body already read whole (already checked against the limit).
+    pub fn buffered(b: Bytes) -> ReqBody {
+        ReqBody {
+            inner: Source::Buffered((!b.is_empty()).then_some(b)),
+            left: u64::MAX,
+        }
+    }
+
+    /// A copy to send again, when this body was read whole and not yet sent.
+    pub fn replay(&self) -> Option<ReqBody> {
+        match &self.inner {
+            Source::Buffered(b) => Some(ReqBody::buffered(b.clone().unwrap_or_default())),
+            Source::Stream(s) if s.is_end_stream() => Some(ReqBody::buffered(Bytes::new())),
+            Source::Stream(_) => None,
         }
     }
 }
@@ -91,7 +121,11 @@ impl Body for ReqBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let inner = match &mut self.inner {
+            Source::Stream(s) => s,
+            Source::Buffered(b) => return Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        };
+        let frame = ready!(Pin::new(inner).poll_frame(cx));
         Poll::Ready(match frame {
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
@@ -109,10 +143,16 @@ impl Body for ReqBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Source::Stream(s) => s.is_end_stream(),
+            Source::Buffered(b) => b.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Source::Stream(s) => s.size_hint(),
+            Source::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+        }
     }
 }

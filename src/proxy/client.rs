@@ -65,6 +65,11 @@ impl Clients {
         })
     }
 
+    /// The caching resolver every connector uses.
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
+    }
+
     fn connector(&self, http2: bool, connect_timeout: Duration) -> Connector {
         let mut http = HttpConnector::new_with_resolver(self.resolver.clone());
         http.enforce_http(false);

@@ -42,6 +42,8 @@ pub enum ProxyError {
     Upstream(String),
     #[error("upstream did not answer within the route timeout")]
     Timeout,
+    #[error("upstream circuit breaker open")]
+    Overloaded,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -52,7 +54,7 @@ impl ProxyError {
         match self {
             NoRoute | InsecureRejected | UriTooLong | HeadersTooLarge | BodyTooLarge
             | BadRequest(_) => Side::Downstream,
-            NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout => Side::Upstream,
+            NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout | Overloaded => Side::Upstream,
             Internal(_) => Side::Internal,
         }
     }
@@ -66,7 +68,7 @@ impl ProxyError {
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             BadRequest(_) => StatusCode::BAD_REQUEST,
-            NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
+            NoHealthyUpstream | Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Connect(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -85,6 +87,7 @@ impl ProxyError {
             NoHealthyUpstream => "no healthy upstream\n",
             Connect(_) | Upstream(_) => "upstream unavailable\n",
             Timeout => "upstream timeout\n",
+            Overloaded => "upstream overloaded\n",
             Internal(_) => "internal error\n",
         }
     }
@@ -102,11 +105,45 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if matches!(self, ProxyError::Overloaded) {
+            resp.headers_mut().insert(
+                super::headers::X_LEGATE_OVERLOADED.clone(),
+                HeaderValue::from_static("circuit-breaker"),
+            );
+        }
         if matches!(self, ProxyError::BodyTooLarge | ProxyError::BadRequest(_)) {
             // The unread rest of the body makes the connection unusable for another request.
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        resp
+    }
+
+    /// The answer to a gRPC request (`content-type: application/grpc*`): a trailers-only
+    /// response, HTTP 200 with `grpc-status` and `grpc-message` in the head, so gRPC clients
+    /// see UNAVAILABLE or DEADLINE_EXCEEDED instead of a bare HTTP error (as Envoy answers).
+    pub fn into_grpc_response(self) -> Response<RespBody> {
+        use ProxyError::*;
+        let code = match &self {
+            Timeout => "4",
+            NoRoute => "12",
+            InsecureRejected => "7",
+            UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_) => "13",
+            NoHealthyUpstream | Connect(_) | Upstream(_) | Overloaded => "14",
+            Internal(_) => "13",
+        };
+        // The fixed short bodies are plain ASCII: valid grpc-message values as they are.
+        let message = HeaderValue::from_static(self.body().trim_end());
+        let mut resp = self.into_response();
+        *resp.body_mut() = full(Bytes::new());
+        *resp.status_mut() = StatusCode::OK;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from_static(code));
+        h.insert("grpc-message", message);
         resp
     }
 

@@ -10,16 +10,16 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::uri::{PathAndQuery, Uri};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use super::body::{full, ReqBody, RespBody};
+use super::body::{full, RespBody};
 use super::error::ProxyError;
 use super::headers::{self as hdr, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::observe::{self, Exchange};
 use super::path::normalize;
-use super::{Prepared, Proxy, Snapshot, UpstreamClient};
+use super::{Prepared, Proxy, Snapshot};
 use crate::routes::{Action, InsecureAction, RequestHead, Route};
 
 /// Facts about the downstream connection a request arrived on.
@@ -42,6 +42,7 @@ impl Proxy {
             }
         }
         let snap = self.shared.load_full();
+        let grpc = hdr::is_grpc(req.headers());
         let mut ex = Exchange::start(&req, &snap, self.settings.access_log.is_some());
         let resp = match self.serve(&snap, req, conn, &mut ex).await {
             Ok(r) => r,
@@ -51,7 +52,11 @@ impl Proxy {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 observe::count_error(&self.metrics, &e);
-                e.into_response()
+                if grpc {
+                    e.into_grpc_response()
+                } else {
+                    e.into_response()
+                }
             }
         };
         self.observed(&snap, ex, resp)
@@ -114,6 +119,7 @@ impl Proxy {
         };
         let route = graph.route(id);
         ex.route = Some(id.0);
+        let shadow = super::shadow::pick(snap, matched.group);
         match &route.action {
             Action::Redirect(_) => {
                 let (status, loc) = redirect_location(route, &path, query, authority, conn.tls)?;
@@ -132,8 +138,27 @@ impl Proxy {
                     None => HeaderValue::from_str(authority)
                         .map_err(|_| ProxyError::BadRequest("authority"))?,
                 };
-                self.forward(snap, prep, req, conn, upstream_pq, original_host, ex)
-                    .await
+                let cors = prep.cors.as_ref();
+                if let Some(r) = cors.and_then(|c| c.preflight(req.method(), req.headers())) {
+                    return Ok(r);
+                }
+                let origin = cors.and_then(|c| c.origin(req.headers()));
+                let mut resp = self
+                    .forward(
+                        snap,
+                        prep,
+                        req,
+                        conn,
+                        upstream_pq,
+                        original_host,
+                        ex,
+                        shadow,
+                    )
+                    .await?;
+                if let (Some(c), Some(o)) = (cors, origin) {
+                    c.decorate(o, resp.headers_mut());
+                }
+                Ok(resp)
             }
         }
     }
@@ -204,6 +229,7 @@ impl Proxy {
         upstream_pq: PathAndQuery,
         original_host: HeaderValue,
         ex: &mut Exchange,
+        shadow: Option<&Prepared>,
     ) -> Result<Response<RespBody>, ProxyError> {
         // An Upgrade the route allows (e.g. websocket) survives hop-by-hop stripping.
         let upgrade = if prep.allow_upgrade.is_empty() || prep.http2 {
@@ -213,6 +239,9 @@ impl Proxy {
         };
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        parts
+            .extensions
+            .insert(super::balance::ClientIp(conn.remote.ip()));
         let h = &mut parts.headers;
         hdr::strip_hop_by_hop(h, prep.http2);
         if let Some(u) = &upgrade {
@@ -249,34 +278,13 @@ impl Proxy {
         };
         hdr::edit(h, &prep.remove_request, &prep.add_request, &ctx, None);
 
-        let body = ReqBody::new(body, self.settings.limits.max_body_bytes);
-        let mut resp = match &prep.upstream {
-            UpstreamClient::H1(pool) => {
-                // Origin-form on an HTTP/1.1 connection the pool already dialled.
-                parts.uri = Uri::from(upstream_pq);
-                parts.version = Version::HTTP_11;
-                let sent = pool.send(Request::from_parts(parts, body));
-                match tokio::time::timeout(prep.timeout, sent).await {
-                    Err(_) => return Err(ProxyError::Timeout),
-                    Ok(r) => r?.map(RespBody::Pooled),
-                }
-            }
-            UpstreamClient::H2(client) => {
-                let mut up = http::uri::Parts::default();
-                up.scheme = Some(prep.scheme.clone());
-                up.authority = Some(prep.authority.clone());
-                up.path_and_query = Some(upstream_pq);
-                parts.uri = Uri::from_parts(up)
-                    .map_err(|e| ProxyError::Internal(format!("upstream uri: {e}")))?;
-                parts.version = Version::HTTP_2;
-                let sent = client.request(Request::from_parts(parts, body));
-                match tokio::time::timeout(prep.timeout, sent).await {
-                    Err(_) => return Err(ProxyError::Timeout),
-                    Ok(Err(e)) => return Err(ProxyError::from_client(e)),
-                    Ok(Ok(r)) => r.map(RespBody::Streamed),
-                }
-            }
-        };
+        let replayable = prep.retry.is_some() || shadow.is_some();
+        let limit = self.settings.limits.max_body_bytes;
+        let body = super::retry::request_body(body, replayable, limit).await?;
+        if let Some(sh) = shadow {
+            self.shadows.copy(sh, &parts, &body, &upstream_pq);
+        }
+        let mut resp = super::retry::send_upstream(prep, parts, body, upstream_pq).await?;
         let switched = match client_upgrade {
             Some(down) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 let up = hyper::upgrade::on(&mut resp);

@@ -9,8 +9,11 @@
 //! reads the snapshot once at its start and finishes on it, so a swap never disturbs it.
 
 pub mod accesslog;
+mod balance;
 mod body;
+mod breaker;
 mod client;
+mod cors;
 pub mod echo;
 mod error;
 mod handle;
@@ -18,7 +21,9 @@ mod headers;
 mod observe;
 mod path;
 mod pool;
+mod retry;
 mod server;
+mod shadow;
 pub mod trace;
 
 use std::path::PathBuf;
@@ -35,6 +40,7 @@ use crate::tls::{CertSource, CertTable, SecretStore};
 pub use client::{Lookup, SystemLookup};
 pub use error::{ProxyError, SetupError};
 pub use server::{Listeners, Running};
+pub use shadow::ShadowStats;
 
 /// Limits applied to every downstream connection and request.
 #[derive(Debug, Clone)]
@@ -173,6 +179,11 @@ pub(crate) struct Prepared {
     pub allow_upgrade: Vec<String>,
     /// `namespace/name`, for `x-legate-route`.
     pub label: HeaderValue,
+    pub retry: Option<crate::routes::RetryPolicy>,
+    pub breaker: Arc<breaker::Breaker>,
+    pub cors: Option<Arc<cors::Policy>>,
+    /// Picks the upstream address per request (`load_balancer`), for plain-http DNS names.
+    pub balancer: Option<Arc<balance::Balancer>>,
 }
 
 /// How a route reaches its upstream.
@@ -199,6 +210,8 @@ pub struct Proxy {
     /// Requests under a reserved path prefix answered in-process (webhooks on the proxy
     /// listeners), set once at startup.
     local: std::sync::OnceLock<(String, Arc<dyn LocalService>)>,
+    breakers: breaker::Breakers,
+    shadows: shadow::Shadows,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -242,6 +255,8 @@ impl Proxy {
             loaded: std::sync::atomic::AtomicBool::new(false),
             gateway_errors: std::sync::atomic::AtomicU64::new(0),
             local: std::sync::OnceLock::new(),
+            breakers: breaker::Breakers::default(),
+            shadows: shadow::Shadows::default(),
             metrics: crate::metrics::Metrics::new(),
         };
         Ok(Arc::new(proxy))
@@ -381,25 +396,36 @@ impl Proxy {
                 .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
                 .collect()
         };
+        let upstream = if f.http2 {
+            UpstreamClient::H2(Box::new(self.clients.get(
+                true,
+                f.connect_timeout,
+                f.idle_timeout,
+            )))
+        } else {
+            UpstreamClient::H1(
+                self.clients
+                    .pool(&f.upstream, f.connect_timeout, f.idle_timeout),
+            )
+        };
+        let balancer = match (&upstream, &f.load_balancer) {
+            (UpstreamClient::H1(pool), Some(lb)) => balance::Balancer::new(
+                lb,
+                self.clients.resolver().clone(),
+                pool.host(),
+                pool.is_plain_http(),
+            )
+            .map(Arc::new),
+            _ => None,
+        };
         Prepared {
+            balancer,
             scheme: match f.upstream.scheme {
                 Scheme::Http | Scheme::H2c => UriScheme::HTTP,
                 Scheme::Https => UriScheme::HTTPS,
             },
             authority,
-            upstream: if f.http2 {
-                UpstreamClient::H2(Box::new(self.clients.get(
-                    true,
-                    f.connect_timeout,
-                    f.idle_timeout,
-                )))
-            } else {
-                UpstreamClient::H1(self.clients.pool(
-                    &f.upstream,
-                    f.connect_timeout,
-                    f.idle_timeout,
-                ))
-            },
+            upstream,
             http2: f.http2,
             host_header,
             add_request: ops(&f.add_request_headers),
@@ -410,6 +436,12 @@ impl Proxy {
             allow_upgrade: f.allow_upgrade.clone(),
             label: HeaderValue::from_str(&format!("{}/{}", route.namespace, route.name))
                 .unwrap_or(HeaderValue::from_static("-")),
+            retry: f.retry.clone(),
+            cors: f.cors.clone().map(|c| Arc::new(cors::Policy::new(c))),
+            breaker: self.breakers.get(
+                format!("{:?}://{authority_str}/{}", f.upstream.scheme, f.http2),
+                f.breaker,
+            ),
         }
     }
 }
@@ -429,6 +461,10 @@ impl Clone for Prepared {
             timeout: self.timeout,
             allow_upgrade: self.allow_upgrade.clone(),
             label: self.label.clone(),
+            retry: self.retry.clone(),
+            breaker: self.breaker.clone(),
+            cors: self.cors.clone(),
+            balancer: self.balancer.clone(),
         }
     }
 }

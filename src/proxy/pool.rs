@@ -7,6 +7,7 @@
 //! more than everything Legate does to the request itself. HTTP/2 upstreams keep the legacy
 //! client (one multiplexed connection needs neither).
 
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -30,8 +31,12 @@ pub struct HostPool {
     target: Uri,
     connector: Connector,
     idle_timeout: Duration,
-    idle: Mutex<Vec<(SendRequest<ReqBody>, Instant)>>,
+    /// Idle connections, tagged with the address they were dialled at when a load balancer
+    /// chose it (`None`: the resolver's rotation chose).
+    idle: Mutex<Vec<Idle>>,
 }
+
+type Idle = (SendRequest<ReqBody>, Instant, Option<IpAddr>);
 
 impl HostPool {
     pub fn new(target: Uri, connector: Connector, idle_timeout: Duration) -> HostPool {
@@ -43,31 +48,38 @@ impl HostPool {
         }
     }
 
-    fn checkout(&self) -> Option<SendRequest<ReqBody>> {
+    fn checkout(&self, addr: Option<IpAddr>) -> Option<SendRequest<ReqBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((s, since)) = idle.pop() {
-            if !s.is_closed() && since.elapsed() < self.idle_timeout {
-                return Some(s);
-            }
-        }
-        None
+        idle.retain(|(s, since, _)| !s.is_closed() && since.elapsed() < self.idle_timeout);
+        let i = idle.iter().rposition(|(_, _, a)| *a == addr)?;
+        Some(idle.swap_remove(i).0)
     }
 
-    fn checkin(&self, s: SendRequest<ReqBody>) {
+    fn checkin(&self, s: SendRequest<ReqBody>, addr: Option<IpAddr>) {
         if s.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
-            idle.push((s, Instant::now()));
+            idle.push((s, Instant::now(), addr));
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<ReqBody>, ProxyError> {
+    async fn connect(&self, addr: Option<IpAddr>) -> Result<SendRequest<ReqBody>, ProxyError> {
         use tower_service::Service;
         let mut c = self.connector.clone();
+        let target = match addr {
+            None => self.target.clone(),
+            Some(ip) => {
+                let port = self.target.port_u16().unwrap_or(80);
+                let sa = std::net::SocketAddr::new(ip, port);
+                format!("http://{sa}/")
+                    .parse()
+                    .map_err(|_| ProxyError::Internal("balanced address".into()))?
+            }
+        };
         let io = c
-            .call(self.target.clone())
+            .call(target)
             .await
             .map_err(|e| ProxyError::Connect(e.to_string()))?;
         let (sender, conn) = http1::Builder::new()
@@ -82,16 +94,28 @@ impl HostPool {
         Ok(sender)
     }
 
+    /// Whether this pool dials plain `http://` (load balancers may pick its addresses).
+    pub fn is_plain_http(&self) -> bool {
+        self.target.scheme() == Some(&http::uri::Scheme::HTTP)
+    }
+
+    /// The host name this pool dials (for address lookups).
+    pub fn host(&self) -> &str {
+        self.target.host().unwrap_or("")
+    }
+
     /// Send `req` (origin-form URI) on an idle connection, or a new one; a request that a stale
     /// idle connection refused before sending is retried once on a fresh connection.
-    pub async fn send(
+    /// `addr` pins the upstream address (a load balancer's pick); `None`: any address.
+    pub async fn send_to(
         self: &Arc<Self>,
+        addr: Option<IpAddr>,
         mut req: Request<ReqBody>,
     ) -> Result<Response<PooledBody>, ProxyError> {
         loop {
-            let (mut sender, reused) = match self.checkout() {
+            let (mut sender, reused) = match self.checkout(addr) {
                 Some(s) => (s, true),
-                None => (self.connect().await?, false),
+                None => (self.connect(addr).await?, false),
             };
             if sender.ready().await.is_err() {
                 if reused {
@@ -104,7 +128,7 @@ impl HostPool {
                     let (parts, inner) = resp.into_parts();
                     // A switched (101) connection belongs to the tunnel, never to the pool.
                     let back = (parts.status != http::StatusCode::SWITCHING_PROTOCOLS)
-                        .then(|| (sender, self.clone()));
+                        .then(|| (sender, self.clone(), addr));
                     let mut body = PooledBody { inner, back };
                     body.maybe_return();
                     return Ok(Response::from_parts(parts, body));
@@ -121,14 +145,14 @@ impl HostPool {
 /// An upstream response body that returns its connection to the pool when it ends.
 pub struct PooledBody {
     inner: Incoming,
-    back: Option<(SendRequest<ReqBody>, Arc<HostPool>)>,
+    back: Option<(SendRequest<ReqBody>, Arc<HostPool>, Option<IpAddr>)>,
 }
 
 impl PooledBody {
     fn maybe_return(&mut self) {
         if self.inner.is_end_stream() {
-            if let Some((s, pool)) = self.back.take() {
-                pool.checkin(s);
+            if let Some((s, pool, addr)) = self.back.take() {
+                pool.checkin(s, addr);
             }
         }
     }
@@ -145,8 +169,8 @@ impl Body for PooledBody {
         let r = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         match &r {
             None => {
-                if let Some((s, pool)) = self.back.take() {
-                    pool.checkin(s);
+                if let Some((s, pool, addr)) = self.back.take() {
+                    pool.checkin(s, addr);
                 }
             }
             Some(Ok(_)) => self.maybe_return(),

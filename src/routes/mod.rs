@@ -18,10 +18,12 @@ mod action;
 pub mod describe;
 mod host;
 mod index;
+mod policy;
 mod types;
 
 pub use host::HostPattern;
 pub use index::Table;
+pub use policy::*;
 pub use types::*;
 
 use std::sync::Arc;

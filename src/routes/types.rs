@@ -262,6 +262,10 @@ pub struct Forward {
     pub allow_upgrade: Vec<String>,
     /// Speak HTTP/2 to the upstream (gRPC).
     pub http2: bool,
+    pub retry: Option<super::RetryPolicy>,
+    pub breaker: super::BreakerLimits,
+    pub cors: Option<std::sync::Arc<super::Cors>>,
+    pub load_balancer: Option<super::LoadBalancer>,
 }
 
 /// A header to add. `append: false` replaces existing values.

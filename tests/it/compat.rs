@@ -297,9 +297,20 @@ fn f15_cors_comma_form_loads() {
     let o = load_text(&with_star_hostname(&fixture("15-")), &Options::default());
     assert!(o.is_ok(), "{:?}", errors(&o));
     assert!(
-        !with_code(&o, "not-implemented-yet").is_empty(),
-        "cors is planned: warned"
+        with_code(&o, "not-implemented-yet").is_empty(),
+        "cors is implemented: not warned"
     );
+    let g = o.graph.expect("valid");
+    let Action::Forward(f) = &g.routes[0].action else {
+        panic!()
+    };
+    let cors = f.cors.as_ref().expect("cors compiled");
+    assert!(cors.allows("http://foo.example") && cors.allows("http://bar.example"));
+    assert!(!cors.allows("http://baz.example"));
+    assert_eq!(cors.methods, ["POST", "GET", "OPTIONS"]);
+    assert_eq!(cors.exposed_headers, ["X-Custom-Header"]);
+    assert_eq!(cors.max_age, Some(86400));
+    assert!(cors.credentials);
 }
 
 #[test]

@@ -13,3 +13,4 @@ mod observability;
 mod proxy;
 mod reconcile;
 mod support;
+mod traffic;

@@ -1,0 +1,265 @@
+//! Load balancing across the addresses of a plain-`http` upstream name (Emissary's
+//! `load_balancer`): round_robin (per request), least_request (the less busy of two distinct
+//! random addresses, Envoy's default choice count), and ring_hash / maglev keyed by a header, a cookie or
+//! the client address, so one key keeps reaching one address while the set is stable and moves
+//! as little as possible when it changes. A request without the key gets a random address.
+//!
+//! IP-literal and `https://` upstreams are not balanced here: their pool's connector picks (TLS
+//! needs the name for SNI).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use http::header;
+use http::request::Parts;
+use hyper_util::client::legacy::connect::dns::Name;
+
+use super::client::Resolver;
+use crate::routes::{HashKey, LbPolicy, LoadBalancer};
+
+/// Points per address on the hash ring.
+const RING_POINTS: usize = 100;
+/// Maglev lookup-table size (prime).
+const MAGLEV_SIZE: usize = 65_537;
+
+/// The client address of a request, carried in its extensions for `source_ip` hashing.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientIp(pub IpAddr);
+
+/// An address set and its lookup table: (hash point, index into the set).
+type Table = (Vec<IpAddr>, Vec<(u64, usize)>);
+
+pub(crate) struct Balancer {
+    lb: LoadBalancer,
+    resolver: Resolver,
+    host: String,
+    next: AtomicUsize,
+    busy: Arc<Mutex<HashMap<IpAddr, u32>>>,
+    /// The table built for the last address set (ring points, or the maglev table).
+    table: Mutex<Option<Table>>,
+}
+
+/// Counts a request on its address (least_request) until dropped.
+pub(crate) struct Busy(Arc<Mutex<HashMap<IpAddr, u32>>>, IpAddr);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+fn hash_of(v: impl Hash) -> u64 {
+    // Deterministic within a process (fixed keys), which is all stickiness needs.
+    let mut h = std::hash::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
+impl Balancer {
+    /// A balancer for `host`, or `None` when the upstream is not balanced here.
+    pub fn new(
+        lb: &LoadBalancer,
+        resolver: Resolver,
+        host: &str,
+        plain_http: bool,
+    ) -> Option<Self> {
+        if !plain_http || host.is_empty() || IpAddr::from_str(host.trim_matches(['[', ']'])).is_ok()
+        {
+            return None;
+        }
+        Some(Balancer {
+            lb: lb.clone(),
+            resolver,
+            host: host.to_string(),
+            next: AtomicUsize::new(0),
+            busy: Arc::new(Mutex::new(HashMap::new())),
+            table: Mutex::new(None),
+        })
+    }
+
+    /// The address for this request; `None` leaves the choice to the pool.
+    pub async fn pick(&self, head: &Parts) -> Option<(IpAddr, Option<Busy>)> {
+        use tower_service::Service;
+        let name = Name::from_str(&self.host).ok()?;
+        let mut addrs: Vec<IpAddr> = self
+            .resolver
+            .clone()
+            .call(name)
+            .await
+            .ok()?
+            .map(|a| a.ip())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        let n = addrs.len();
+        if n == 0 {
+            return None;
+        }
+        let random = || (super::headers::rand_u64() % n as u64) as usize;
+        let i = match self.lb.policy {
+            LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
+            LbPolicy::LeastRequest => {
+                let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+                // Two distinct addresses: with two, the less busy always wins.
+                let a = random();
+                let b = (a + 1 + (super::headers::rand_u64() % (n as u64 - 1).max(1)) as usize) % n;
+                let load = |i: usize| busy.get(&addrs[i]).copied().unwrap_or(0);
+                if load(b) < load(a) {
+                    b
+                } else {
+                    a
+                }
+            }
+            LbPolicy::RingHash | LbPolicy::Maglev => match self.key(head) {
+                None => random(),
+                Some(k) => self.lookup(&addrs, k),
+            },
+        };
+        let ip = addrs[i];
+        let busy = (self.lb.policy == LbPolicy::LeastRequest).then(|| {
+            *self
+                .busy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(ip)
+                .or_insert(0) += 1;
+            Busy(self.busy.clone(), ip)
+        });
+        Some((ip, busy))
+    }
+
+    fn key(&self, head: &Parts) -> Option<u64> {
+        match self.lb.key.as_ref()? {
+            HashKey::Header(h) => head.headers.get(h.as_str()).map(|v| hash_of(v.as_bytes())),
+            HashKey::Cookie(name) => head
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| hash_of(v)),
+            HashKey::SourceIp => head.extensions.get::<ClientIp>().map(|c| hash_of(c.0)),
+        }
+    }
+
+    /// The index in `addrs` for hash `k`, from the (cached) ring or maglev table.
+    fn lookup(&self, addrs: &[IpAddr], k: u64) -> usize {
+        let mut t = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        if t.as_ref().is_none_or(|(a, _)| a != addrs) {
+            let table = match self.lb.policy {
+                LbPolicy::Maglev => maglev(addrs),
+                _ => ring(addrs),
+            };
+            *t = Some((addrs.to_vec(), table));
+        }
+        let Some((_, table)) = t.as_ref() else {
+            return 0;
+        };
+        match self.lb.policy {
+            LbPolicy::Maglev => table[(k % MAGLEV_SIZE as u64) as usize].1,
+            _ => {
+                let at = table.partition_point(|(h, _)| *h < k);
+                table[at % table.len()].1
+            }
+        }
+    }
+}
+
+/// A hash ring: `RING_POINTS` points per address, sorted by hash.
+fn ring(addrs: &[IpAddr]) -> Vec<(u64, usize)> {
+    let mut points: Vec<(u64, usize)> = addrs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, a)| (0..RING_POINTS).map(move |p| (hash_of((a, p)), i)))
+        .collect();
+    points.sort_unstable();
+    points
+}
+
+/// Maglev's lookup table (Eisenbud et al., 2016): each address fills slots along its own
+/// permutation in turn until the table is full.
+fn maglev(addrs: &[IpAddr]) -> Vec<(u64, usize)> {
+    let m = MAGLEV_SIZE as u64;
+    let perms: Vec<(u64, u64)> = addrs
+        .iter()
+        .map(|a| {
+            (
+                hash_of((a, "offset")) % m,
+                hash_of((a, "skip")) % (m - 1) + 1,
+            )
+        })
+        .collect();
+    let mut next = vec![0u64; addrs.len()];
+    let mut table = vec![(0u64, usize::MAX); MAGLEV_SIZE];
+    let mut filled = 0;
+    'fill: loop {
+        for (i, &(offset, skip)) in perms.iter().enumerate() {
+            loop {
+                let c = ((offset + next[i] * skip) % m) as usize;
+                next[i] += 1;
+                if table[c].1 == usize::MAX {
+                    table[c] = (c as u64, i);
+                    filled += 1;
+                    break;
+                }
+            }
+            if filled == MAGLEV_SIZE {
+                break 'fill;
+            }
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: u8) -> Vec<IpAddr> {
+        (1..=n).map(|i| IpAddr::from([10, 0, 0, i])).collect()
+    }
+
+    #[test]
+    fn maglev_spreads_evenly_and_moves_little() {
+        let t = maglev(&addrs(4));
+        let mut counts = [0usize; 4];
+        for (_, i) in &t {
+            counts[*i] += 1;
+        }
+        for c in counts {
+            assert!((16_000..=16_800).contains(&c), "{counts:?}");
+        }
+        // Removing one address moves mostly only its own slots.
+        let t3 = maglev(&addrs(3));
+        let moved = t
+            .iter()
+            .zip(&t3)
+            .filter(|((_, a), (_, b))| *a != 3 && a != b)
+            .count();
+        assert!(moved < MAGLEV_SIZE / 10, "{moved} slots moved");
+    }
+
+    #[test]
+    fn ring_is_balanced_enough() {
+        let r = ring(&addrs(3));
+        assert_eq!(r.len(), 300);
+        let mut counts = [0u64; 3];
+        for k in 0..30_000u64 {
+            let h = hash_of(k);
+            let at = r.partition_point(|(p, _)| *p < h);
+            counts[r[at % r.len()].1] += 1;
+        }
+        for c in counts {
+            assert!((6_000..=14_000).contains(&c), "{counts:?}");
+        }
+    }
+}

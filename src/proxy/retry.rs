@@ -1,0 +1,283 @@
+//! Sending a prepared request upstream: the circuit breaker's admission, then one attempt or,
+//! under a route's `retry_policy`, several (Envoy's semantics).
+//!
+//! A retry needs the request again, so only bodies read whole are retried: no body, or a
+//! declared length up to [`REPLAY_CAP`] (read before the first attempt). A retry happens only
+//! before anything went downstream: an attempt's response is either returned whole (headers
+//! first, body streamed) or dropped unread. Backoff is exponential with full jitter (25 ms base,
+//! 250 ms cap); the route timeout bounds all attempts together, `per_try_timeout` each one.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::uri::{PathAndQuery, Uri};
+use http::{header, Request, Response, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Incoming};
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::body::{ReqBody, RespBody};
+use super::error::ProxyError;
+use super::{Prepared, UpstreamClient};
+use crate::routes::RetryOn;
+
+/// Largest request body read whole so a retry or a shadow copy can send it again.
+pub(crate) const REPLAY_CAP: u64 = 64 * 1024;
+const BACKOFF_BASE: Duration = Duration::from_millis(25);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
+/// The header listing extra retriable codes for `retry_on: retriable-status-codes` (Envoy's).
+const RETRIABLE_CODES: &str = "x-envoy-retriable-status-codes";
+
+/// The request body to send: read whole when `replayable` is wanted and the declared length is
+/// at most [`REPLAY_CAP`], else streamed as it arrives.
+pub(super) async fn request_body(
+    body: Incoming,
+    replayable: bool,
+    limit: Option<u64>,
+) -> Result<ReqBody, ProxyError> {
+    let small = body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n > 0 && n <= REPLAY_CAP);
+    if !(replayable && small) {
+        return Ok(ReqBody::new(body, limit));
+    }
+    let bytes: Bytes = body
+        .collect()
+        .await
+        .map_err(|_| ProxyError::BadRequest("body"))?
+        .to_bytes();
+    Ok(ReqBody::buffered(bytes))
+}
+
+/// Admission by the circuit breaker, then the attempts; the breaker's slots stay taken until
+/// the response body is dropped.
+pub(super) async fn send_upstream(
+    prep: &Prepared,
+    parts: Parts,
+    body: ReqBody,
+    pq: PathAndQuery,
+) -> Result<Response<RespBody>, ProxyError> {
+    let active = prep.breaker.request()?;
+    let (resp, conn) =
+        match tokio::time::timeout(prep.timeout, attempts(prep, parts, body, pq)).await {
+            Err(_) => return Err(ProxyError::Timeout),
+            Ok(r) => r?,
+        };
+    let (parts, body) = resp.into_parts();
+    Ok(Response::from_parts(
+        parts,
+        RespBody::Held(Box::new(body), Box::new((active, conn))),
+    ))
+}
+
+async fn attempts(
+    prep: &Prepared,
+    parts: Parts,
+    body: ReqBody,
+    pq: PathAndQuery,
+) -> Result<(Response<RespBody>, OwnedSemaphorePermit), ProxyError> {
+    // An upgrade belongs to one connection; it is never replayed.
+    let policy = prep
+        .retry
+        .as_ref()
+        .filter(|_| !parts.headers.contains_key(header::UPGRADE));
+    let codes: Vec<u16> = match policy {
+        Some(p) if p.on == RetryOn::RetriableStatusCodes => parts
+            .headers
+            .get_all(RETRIABLE_CODES)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|c| c.trim().parse().ok())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut head = Some(parts);
+    let mut body = Some(body);
+    let mut tries = 0u32;
+    // The retry slot of the attempt in progress.
+    let mut _retry = None;
+    loop {
+        let cur = body
+            .take()
+            .ok_or_else(|| ProxyError::Internal("request body already sent".into()))?;
+        let spare = match policy {
+            Some(p) if tries < p.num_retries => cur.replay(),
+            _ => None,
+        };
+        let this_head = match (&spare, head.as_ref()) {
+            (Some(_), Some(h)) => clone_head(h),
+            _ => head
+                .take()
+                .ok_or_else(|| ProxyError::Internal("request head already sent".into()))?,
+        };
+        let conn = prep.breaker.connection().await?;
+        let sent = send_once(prep, this_head, cur, pq.clone());
+        let result = match policy.and_then(|p| p.per_try_timeout) {
+            Some(t) => tokio::time::timeout(t, sent)
+                .await
+                .unwrap_or(Err(ProxyError::Timeout)),
+            None => sent.await,
+        };
+        if let (Some(p), Some(next)) = (policy, spare) {
+            if should_retry(p.on, &result, &codes) {
+                if let Some(slot) = prep.breaker.retry() {
+                    drop((result, conn));
+                    tokio::time::sleep(backoff(tries)).await;
+                    tries += 1;
+                    body = Some(next);
+                    _retry = Some(slot);
+                    continue;
+                }
+                tracing::debug!("retry skipped: retry budget or max_retries reached");
+            }
+        }
+        return result.map(|r| (r, conn));
+    }
+}
+
+/// One exchange with the upstream of `prep`.
+pub(super) async fn send_once(
+    prep: &Prepared,
+    mut parts: Parts,
+    body: ReqBody,
+    pq: PathAndQuery,
+) -> Result<Response<RespBody>, ProxyError> {
+    match &prep.upstream {
+        UpstreamClient::H1(pool) => {
+            // Origin-form on an HTTP/1.1 connection the pool already dialled.
+            let (addr, busy) = match &prep.balancer {
+                Some(b) => b
+                    .pick(&parts)
+                    .await
+                    .map_or((None, None), |(a, g)| (Some(a), g)),
+                None => (None, None),
+            };
+            parts.uri = Uri::from(pq);
+            parts.version = Version::HTTP_11;
+            let resp = pool
+                .send_to(addr, Request::from_parts(parts, body))
+                .await?
+                .map(RespBody::Pooled);
+            Ok(match busy {
+                None => resp,
+                Some(g) => resp.map(|b| RespBody::Held(Box::new(b), Box::new(g))),
+            })
+        }
+        UpstreamClient::H2(client) => {
+            let mut up = http::uri::Parts::default();
+            up.scheme = Some(prep.scheme.clone());
+            up.authority = Some(prep.authority.clone());
+            up.path_and_query = Some(pq);
+            parts.uri = Uri::from_parts(up)
+                .map_err(|e| ProxyError::Internal(format!("upstream uri: {e}")))?;
+            parts.version = Version::HTTP_2;
+            match client.request(Request::from_parts(parts, body)).await {
+                Err(e) => Err(ProxyError::from_client(e)),
+                Ok(r) => Ok(r.map(RespBody::Streamed)),
+            }
+        }
+    }
+}
+
+/// Method, target, version and headers of a request (extensions are not copied).
+pub(super) fn clone_head(p: &Parts) -> Parts {
+    let mut r = Request::new(());
+    *r.method_mut() = p.method.clone();
+    *r.uri_mut() = p.uri.clone();
+    *r.version_mut() = p.version;
+    *r.headers_mut() = p.headers.clone();
+    if let Some(ip) = p.extensions.get::<super::balance::ClientIp>() {
+        r.extensions_mut().insert(*ip);
+    }
+    r.into_parts().0
+}
+
+/// Whether `retry_on` covers this outcome.
+fn should_retry(
+    on: RetryOn,
+    result: &Result<Response<RespBody>, ProxyError>,
+    codes: &[u16],
+) -> bool {
+    use RetryOn::*;
+    match result {
+        Ok(r) => {
+            let s = r.status().as_u16();
+            match on {
+                FiveXx => s >= 500,
+                GatewayError => matches!(s, 502..=504),
+                Retriable4xx => s == 409,
+                RetriableStatusCodes => codes.contains(&s),
+                ConnectFailure | RefusedStream | Reset => false,
+            }
+        }
+        Err(ProxyError::Connect(_)) => matches!(on, FiveXx | GatewayError | ConnectFailure | Reset),
+        Err(ProxyError::Upstream(detail)) => match on {
+            FiveXx | GatewayError | Reset => true,
+            RefusedStream => detail.contains("refused"),
+            _ => false,
+        },
+        Err(ProxyError::Timeout) => matches!(on, FiveXx | GatewayError | Reset),
+        Err(_) => false,
+    }
+}
+
+/// Delay before retry number `tries + 1`: uniform in `[0, min(25 ms * 2^tries, 250 ms)]`.
+fn backoff(tries: u32) -> Duration {
+    let cap = BACKOFF_BASE
+        .saturating_mul(1u32 << tries.min(16))
+        .min(BACKOFF_MAX);
+    let micros = cap.as_micros() as u64;
+    Duration::from_micros(super::headers::rand_u64() % (micros + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for tries in 0..20 {
+            let cap = (25u64 << tries.min(16)).min(250);
+            for _ in 0..100 {
+                assert!(backoff(tries) <= Duration::from_millis(cap));
+            }
+        }
+        // Jittered: not always the same value.
+        let seen: std::collections::HashSet<_> = (0..50).map(|_| backoff(3)).collect();
+        assert!(seen.len() > 1);
+    }
+
+    #[test]
+    fn retry_classes() {
+        let status = |s: u16| {
+            let mut r = Response::new(super::super::body::full(Bytes::new()));
+            *r.status_mut() = http::StatusCode::from_u16(s).unwrap();
+            Ok(r)
+        };
+        assert!(should_retry(RetryOn::FiveXx, &status(500), &[]));
+        assert!(!should_retry(RetryOn::GatewayError, &status(500), &[]));
+        assert!(should_retry(RetryOn::GatewayError, &status(503), &[]));
+        assert!(should_retry(RetryOn::Retriable4xx, &status(409), &[]));
+        assert!(!should_retry(RetryOn::Retriable4xx, &status(404), &[]));
+        assert!(should_retry(
+            RetryOn::RetriableStatusCodes,
+            &status(418),
+            &[418]
+        ));
+        assert!(!should_retry(RetryOn::FiveXx, &status(200), &[]));
+        let connect = Err(ProxyError::Connect("refused".into()));
+        assert!(should_retry(RetryOn::ConnectFailure, &connect, &[]));
+        assert!(!should_retry(RetryOn::Retriable4xx, &connect, &[]));
+        let refused = Err(ProxyError::Upstream("stream error: refused stream".into()));
+        assert!(should_retry(RetryOn::RefusedStream, &refused, &[]));
+        assert!(!should_retry(RetryOn::ConnectFailure, &refused, &[]));
+        assert!(!should_retry(
+            RetryOn::FiveXx,
+            &Err(ProxyError::BodyTooLarge),
+            &[]
+        ));
+    }
+}

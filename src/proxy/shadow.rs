@@ -1,0 +1,125 @@
+//! Traffic shadowing (Emissary's `shadow: true`): a copy of a share of a group's requests goes
+//! to the shadow Mapping's upstream in the background, with `-shadow` appended to the Host (as
+//! Envoy does); its response is read and discarded.
+//!
+//! A shadow never touches the real request: the copy is spawned, never awaited, and bounded by
+//! [`MAX_IN_FLIGHT`] copies at once; copies beyond it, copies of upgrades, and copies of requests
+//! whose body was not read whole (streamed, or over `retry::REPLAY_CAP`), are dropped and counted.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http_body_util::BodyExt;
+use tokio::sync::Semaphore;
+
+use super::body::ReqBody;
+use super::{Prepared, Proxy, Snapshot};
+use crate::routes::Group;
+
+/// Shadow copies in flight at once, over all routes.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// What shadowing has done since start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShadowStats {
+    /// Copies started.
+    pub sent: u64,
+    /// Copies not made: too many in flight, or a body that was not read whole.
+    pub dropped: u64,
+}
+
+pub(crate) struct Shadows {
+    slots: Arc<Semaphore>,
+    sent: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Default for Shadows {
+    fn default() -> Self {
+        Shadows {
+            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            sent: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The shadow route of `group` if this request is to be copied (its weight is the percentage).
+pub(super) fn pick<'s>(snap: &'s Snapshot, group: &Group) -> Option<&'s Prepared> {
+    let (id, pct) = group.shadow?;
+    // Independent of the canary roll, so shadowed requests are not tied to one member.
+    let roll = (((super::headers::rand_u64() >> 32) * 100) >> 32) as u32;
+    if roll >= pct {
+        return None;
+    }
+    snap.routes.get(id.0)?.as_ref()
+}
+
+impl Shadows {
+    /// Start a copy of the request about to go upstream (`parts` after header edits).
+    pub(super) fn copy(&self, prep: &Prepared, parts: &Parts, body: &ReqBody, pq: &PathAndQuery) {
+        // An upgrade belongs to one connection and cannot be copied.
+        let body = body
+            .replay()
+            .filter(|_| !parts.headers.contains_key(header::UPGRADE));
+        let Some(body) = body else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        let mut head = super::retry::clone_head(parts);
+        let host = prep
+            .host_header
+            .clone()
+            .or_else(|| head.headers.get(header::HOST).cloned());
+        if let Some(h) = host {
+            let mut v = h.as_bytes().to_vec();
+            v.extend_from_slice(b"-shadow");
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                head.headers.insert(header::HOST, v);
+            }
+        }
+        let (prep, pq) = (prep.clone(), pq.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let exchange = async {
+                let resp = super::retry::send_once(&prep, head, body, pq).await?;
+                // Read to the end so the connection goes back to the pool; nothing is kept.
+                let mut b = resp.into_body();
+                while let Some(f) = b.frame().await {
+                    if f.is_err() {
+                        break;
+                    }
+                }
+                Ok::<_, super::error::ProxyError>(())
+            };
+            match tokio::time::timeout(prep.timeout, exchange).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "shadow request failed"),
+                Err(_) => tracing::debug!("shadow request timed out"),
+            }
+        });
+    }
+}
+
+impl Proxy {
+    /// Shadow copies made and dropped so far.
+    pub fn shadow_stats(&self) -> ShadowStats {
+        ShadowStats {
+            sent: self.shadows.sent.load(Ordering::Relaxed),
+            dropped: self.shadows.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Shadow copies in flight now.
+    pub fn shadow_in_flight(&self) -> usize {
+        MAX_IN_FLIGHT - self.shadows.slots.available_permits()
+    }
+}
