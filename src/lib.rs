@@ -12,6 +12,7 @@ pub mod config;
 pub mod diff;
 pub mod kube;
 pub mod notify;
+pub mod policy;
 pub mod proxy;
 pub mod reconcile;
 pub mod routes;

@@ -63,7 +63,7 @@ pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
                 }
             }
             Spec::Host(h) => hosts.push((r, h)),
-            Spec::RouteTest(_) => {}
+            Spec::RouteTest(_) | Spec::AuthService(_) | Spec::JwtPolicy(_) => {}
         }
     }
     // Stable route ids: by namespace/name.
@@ -176,6 +176,7 @@ pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
         }
     }
 
+    crate::policy::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
     let hash = graph_hash(&host_routes, &routes, &groups);
     (Graph::build(host_routes, routes, groups, hash), diags)
 }
@@ -985,6 +986,8 @@ fn compile_forward(
             .map(Duration::from_millis),
         allow_upgrade,
         http2: spec.grpc || h2c,
+        ext_auth: None,
+        jwt: None,
     })
 }
 

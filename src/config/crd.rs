@@ -17,6 +17,8 @@ pub fn plural(kind: Kind) -> &'static str {
         Kind::Mapping => "mappings",
         Kind::Host => "hosts",
         Kind::RouteTest => "routetests",
+        Kind::AuthService => "authservices",
+        Kind::JwtPolicy => "jwtpolicies",
     }
 }
 
@@ -39,6 +41,8 @@ fn printer_columns(kind: Kind) -> Value {
             age,
         ],
         Kind::RouteTest => vec![state, age],
+        Kind::AuthService => vec![col("Service", ".spec.auth_service"), state, age],
+        Kind::JwtPolicy => vec![col("Issuer", ".spec.issuer"), state, age],
     })
 }
 

@@ -19,16 +19,26 @@ pub enum Kind {
     Mapping,
     Host,
     RouteTest,
+    AuthService,
+    JwtPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Mapping, Kind::Host, Kind::RouteTest];
+    pub const ALL: [Kind; 5] = [
+        Kind::Mapping,
+        Kind::Host,
+        Kind::RouteTest,
+        Kind::AuthService,
+        Kind::JwtPolicy,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Mapping => "Mapping",
             Kind::Host => "Host",
             Kind::RouteTest => "RouteTest",
+            Kind::AuthService => "AuthService",
+            Kind::JwtPolicy => "JWTPolicy",
         }
     }
 
@@ -42,6 +52,8 @@ impl Kind {
             Kind::Mapping => include_str!("../../schemas/mapping.schema.json"),
             Kind::Host => include_str!("../../schemas/host.schema.json"),
             Kind::RouteTest => include_str!("../../schemas/routetest.schema.json"),
+            Kind::AuthService => include_str!("../../schemas/authservice.schema.json"),
+            Kind::JwtPolicy => include_str!("../../schemas/jwtpolicy.schema.json"),
         }
     }
 
@@ -50,6 +62,8 @@ impl Kind {
             Kind::Mapping => "schemas/mapping.schema.json",
             Kind::Host => "schemas/host.schema.json",
             Kind::RouteTest => "schemas/routetest.schema.json",
+            Kind::AuthService => "schemas/authservice.schema.json",
+            Kind::JwtPolicy => "schemas/jwtpolicy.schema.json",
         }
     }
 
@@ -57,10 +71,14 @@ impl Kind {
         static MAPPING: OnceLock<Compiled> = OnceLock::new();
         static HOST: OnceLock<Compiled> = OnceLock::new();
         static ROUTE_TEST: OnceLock<Compiled> = OnceLock::new();
+        static AUTH_SERVICE: OnceLock<Compiled> = OnceLock::new();
+        static JWT_POLICY: OnceLock<Compiled> = OnceLock::new();
         let cell = match self {
             Kind::Mapping => &MAPPING,
             Kind::Host => &HOST,
             Kind::RouteTest => &ROUTE_TEST,
+            Kind::AuthService => &AUTH_SERVICE,
+            Kind::JwtPolicy => &JWT_POLICY,
         };
         cell.get_or_init(|| Compiled::new(self))
     }

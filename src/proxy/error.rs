@@ -44,6 +44,8 @@ pub enum ProxyError {
     Timeout,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("refused by a security policy ({})", .0.status)]
+    Denied(Box<crate::policy::Denial>),
 }
 
 impl ProxyError {
@@ -51,7 +53,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute | InsecureRejected | UriTooLong | HeadersTooLarge | BodyTooLarge
-            | BadRequest(_) => Side::Downstream,
+            | BadRequest(_) | Denied(_) => Side::Downstream,
             NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout => Side::Upstream,
             Internal(_) => Side::Internal,
         }
@@ -70,6 +72,7 @@ impl ProxyError {
             Connect(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Denied(d) => d.status,
         }
     }
 
@@ -86,6 +89,7 @@ impl ProxyError {
             Connect(_) | Upstream(_) => "upstream unavailable\n",
             Timeout => "upstream timeout\n",
             Internal(_) => "internal error\n",
+            Denied(_) => "",
         }
     }
 
@@ -95,6 +99,13 @@ impl ProxyError {
             Side::Downstream => tracing::debug!(error = %self, "request refused"),
             Side::Upstream => tracing::warn!(error = %self, "upstream failure"),
             Side::Internal => tracing::error!(error = %self, "internal failure"),
+        }
+        if let ProxyError::Denied(d) = self {
+            // The policy wrote the answer (an auth service's own denial, a 401, a 429).
+            let mut resp = Response::new(full(d.body));
+            *resp.status_mut() = d.status;
+            *resp.headers_mut() = d.headers;
+            return resp;
         }
         let mut resp = Response::new(full(Bytes::from_static(self.body().as_bytes())));
         *resp.status_mut() = self.status();

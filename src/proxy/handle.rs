@@ -115,7 +115,7 @@ impl Proxy {
                 resp.headers_mut().insert(header::LOCATION, loc);
                 Ok(resp)
             }
-            Action::Forward(_) => {
+            Action::Forward(f) => {
                 let prep = snap.routes[id.0]
                     .as_ref()
                     .ok_or_else(|| ProxyError::Internal("forward route not prepared".into()))?;
@@ -125,6 +125,10 @@ impl Proxy {
                     None => HeaderValue::from_str(authority)
                         .map_err(|_| ProxyError::BadRequest("authority"))?,
                 };
+                let mut req = req;
+                crate::policy::enforce(f, &mut req, conn.remote)
+                    .await
+                    .map_err(|d| ProxyError::Denied(Box::new(d)))?;
                 self.forward(snap, prep, req, conn, upstream_pq, original_host)
                     .await
             }

@@ -262,6 +262,10 @@ pub struct Forward {
     pub allow_upgrade: Vec<String>,
     /// Speak HTTP/2 to the upstream (gRPC).
     pub http2: bool,
+    /// The AuthService to ask first, unless the Mapping has `bypass_auth`.
+    pub ext_auth: Option<std::sync::Arc<crate::policy::ExtAuth>>,
+    /// The JWTPolicy whose token the request must carry.
+    pub jwt: Option<std::sync::Arc<crate::policy::JwtPolicy>>,
 }
 
 /// A header to add. `append: false` replaces existing values.

@@ -11,4 +11,5 @@ mod golden;
 mod kube;
 mod proxy;
 mod reconcile;
+mod security;
 mod support;
