@@ -173,7 +173,7 @@ impl ExtAuth {
         path_and_query: &str,
         headers: &HeaderMap,
         peer: SocketAddr,
-    ) -> Result<Vec<(HeaderName, HeaderValue)>, Denial> {
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, Box<Denial>> {
         let uri = format!(
             "http://{}{}{}",
             self.authority, self.path_prefix, path_and_query
@@ -234,14 +234,14 @@ impl ExtAuth {
         ] {
             relay.remove(hop);
         }
-        Err(Denial {
+        Err(Box::new(Denial {
             status: parts.status,
             headers: relay,
             body,
-        })
+        }))
     }
 
-    fn unreachable(&self, why: &str) -> Result<Vec<(HeaderName, HeaderValue)>, Denial> {
+    fn unreachable(&self, why: &str) -> Result<Vec<(HeaderName, HeaderValue)>, Box<Denial>> {
         if self.failure_mode_allow {
             tracing::warn!(auth_service = %self.authority, error = why, "auth service unavailable; failure_mode_allow lets the request through");
             return Ok(Vec::new());
@@ -249,18 +249,18 @@ impl ExtAuth {
         Err(self.on_error(why))
     }
 
-    fn on_error(&self, why: &str) -> Denial {
+    fn on_error(&self, why: &str) -> Box<Denial> {
         tracing::warn!(auth_service = %self.authority, error = why, "auth service unavailable; refusing");
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        Denial {
+        Box::new(Denial {
             status: self.status_on_error,
             headers,
             body: Bytes::from_static(b"authorization unavailable\n"),
-        }
+        })
     }
 }
 

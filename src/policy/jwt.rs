@@ -213,7 +213,7 @@ impl JwtPolicy {
     pub async fn check(
         &self,
         headers: &HeaderMap,
-    ) -> Result<Vec<(HeaderName, HeaderValue)>, Denial> {
+    ) -> Result<Vec<(HeaderName, HeaderValue)>, Box<Denial>> {
         let Some(token) = bearer(headers) else {
             return Err(unauthorized(None));
         };
@@ -446,7 +446,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-fn unauthorized(why: Option<&str>) -> Denial {
+fn unauthorized(why: Option<&str>) -> Box<Denial> {
     let challenge = match why {
         None => "Bearer".to_string(),
         Some(w) => format!("Bearer error=\"invalid_token\", error_description=\"{w}\""),
@@ -459,11 +459,11 @@ fn unauthorized(why: Option<&str>) -> Denial {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    Denial {
+    Box::new(Denial {
         status: http::StatusCode::UNAUTHORIZED,
         headers,
         body: Bytes::from_static(b"unauthorized\n"),
-    }
+    })
 }
 
 /// Read the JWKS document from its file or URL.

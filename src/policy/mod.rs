@@ -216,7 +216,7 @@ pub async fn enforce(
     route: &crate::routes::Forward,
     req: &mut http::Request<hyper::body::Incoming>,
     peer: std::net::SocketAddr,
-) -> Result<(), Denial> {
+) -> Result<(), Box<Denial>> {
     if let Some(jwt) = &route.jwt {
         let grant = jwt.check(req.headers()).await?;
         let h = req.headers_mut();

@@ -128,7 +128,7 @@ impl Proxy {
                 let mut req = req;
                 crate::policy::enforce(f, &mut req, conn.remote)
                     .await
-                    .map_err(|d| ProxyError::Denied(Box::new(d)))?;
+                    .map_err(ProxyError::Denied)?;
                 self.forward(snap, prep, req, conn, upstream_pq, original_host)
                     .await
             }
