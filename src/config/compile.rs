@@ -63,7 +63,8 @@ pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
                 }
             }
             Spec::Host(h) => hosts.push((r, h)),
-            Spec::RouteTest(_) | Spec::AuthService(_) | Spec::JwtPolicy(_) => {}
+            Spec::RouteTest(_) | Spec::AuthService(_) | Spec::JwtPolicy(_) | Spec::RateLimit(_) => {
+            }
         }
     }
     // Stable route ids: by namespace/name.
@@ -988,6 +989,7 @@ fn compile_forward(
         http2: spec.grpc || h2c,
         ext_auth: None,
         jwt: None,
+        rate_limits: Vec::new(),
     })
 }
 

@@ -19,6 +19,7 @@ pub fn plural(kind: Kind) -> &'static str {
         Kind::RouteTest => "routetests",
         Kind::AuthService => "authservices",
         Kind::JwtPolicy => "jwtpolicies",
+        Kind::RateLimit => "ratelimits",
     }
 }
 
@@ -43,6 +44,7 @@ fn printer_columns(kind: Kind) -> Value {
         Kind::RouteTest => vec![state, age],
         Kind::AuthService => vec![col("Service", ".spec.auth_service"), state, age],
         Kind::JwtPolicy => vec![col("Issuer", ".spec.issuer"), state, age],
+        Kind::RateLimit => vec![col("Backend", ".spec.backend"), state, age],
     })
 }
 

@@ -66,6 +66,7 @@ pub enum Spec {
     RouteTest(Box<super::routetest::RouteTestSpec>),
     AuthService(Box<crate::policy::AuthServiceSpec>),
     JwtPolicy(Box<crate::policy::JwtPolicySpec>),
+    RateLimit(Box<crate::policy::RateLimitSpec>),
 }
 
 /// A header or query value to match: a string, or `true` for "present".
@@ -159,6 +160,8 @@ pub struct MappingSpec {
     pub tls: Option<Value>,
     pub stats_name: Option<String>,
     pub bypass_auth: bool,
+    /// Rate-limit descriptor groups, read by `policy::ratelimit`.
+    pub labels: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]
@@ -494,6 +497,8 @@ fn load_document(
             .map(|s| Spec::AuthService(Box::new(s))),
         Kind::JwtPolicy => serde_json::from_value::<crate::policy::JwtPolicySpec>(spec_value)
             .map(|s| Spec::JwtPolicy(Box::new(s))),
+        Kind::RateLimit => serde_json::from_value::<crate::policy::RateLimitSpec>(spec_value)
+            .map(|s| Spec::RateLimit(Box::new(s))),
     };
     let spec = match spec {
         Ok(s) => s,

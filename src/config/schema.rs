@@ -21,15 +21,17 @@ pub enum Kind {
     RouteTest,
     AuthService,
     JwtPolicy,
+    RateLimit,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Mapping,
         Kind::Host,
         Kind::RouteTest,
         Kind::AuthService,
         Kind::JwtPolicy,
+        Kind::RateLimit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -39,6 +41,7 @@ impl Kind {
             Kind::RouteTest => "RouteTest",
             Kind::AuthService => "AuthService",
             Kind::JwtPolicy => "JWTPolicy",
+            Kind::RateLimit => "RateLimit",
         }
     }
 
@@ -54,6 +57,7 @@ impl Kind {
             Kind::RouteTest => include_str!("../../schemas/routetest.schema.json"),
             Kind::AuthService => include_str!("../../schemas/authservice.schema.json"),
             Kind::JwtPolicy => include_str!("../../schemas/jwtpolicy.schema.json"),
+            Kind::RateLimit => include_str!("../../schemas/ratelimit.schema.json"),
         }
     }
 
@@ -64,6 +68,7 @@ impl Kind {
             Kind::RouteTest => "schemas/routetest.schema.json",
             Kind::AuthService => "schemas/authservice.schema.json",
             Kind::JwtPolicy => "schemas/jwtpolicy.schema.json",
+            Kind::RateLimit => "schemas/ratelimit.schema.json",
         }
     }
 
@@ -73,12 +78,14 @@ impl Kind {
         static ROUTE_TEST: OnceLock<Compiled> = OnceLock::new();
         static AUTH_SERVICE: OnceLock<Compiled> = OnceLock::new();
         static JWT_POLICY: OnceLock<Compiled> = OnceLock::new();
+        static RATE_LIMIT: OnceLock<Compiled> = OnceLock::new();
         let cell = match self {
             Kind::Mapping => &MAPPING,
             Kind::Host => &HOST,
             Kind::RouteTest => &ROUTE_TEST,
             Kind::AuthService => &AUTH_SERVICE,
             Kind::JwtPolicy => &JWT_POLICY,
+            Kind::RateLimit => &RATE_LIMIT,
         };
         cell.get_or_init(|| Compiled::new(self))
     }

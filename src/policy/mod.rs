@@ -7,6 +7,7 @@
 
 pub mod extauth;
 pub mod jwt;
+pub mod ratelimit;
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use http::{HeaderMap, StatusCode};
 
 pub use extauth::{AuthServiceSpec, ExtAuth};
 pub use jwt::{JwtPolicy, JwtPolicySpec};
+pub use ratelimit::{RateLimitSpec, RouteLimit};
 
 use crate::config::model::{Resource, Spec};
 use crate::config::Diagnostic;
@@ -38,6 +40,7 @@ pub fn attach(
     diags: &mut Vec<Diagnostic>,
 ) {
     attach_jwt(resources, routes, hosts, groups, diags);
+    attach_rate_limits(resources, routes, diags);
     let auth = compile_auth(resources, diags);
     let Some(auth) = auth else { return };
     for route in routes {
@@ -174,6 +177,76 @@ fn attach_jwt(
     }
 }
 
+/// Each RateLimit limit onto the Mappings whose `labels` declare its domain and group.
+fn attach_rate_limits(resources: &[&Resource], routes: &mut [Route], diags: &mut Vec<Diagnostic>) {
+    let mut limits = Vec::new();
+    let mut list: Vec<(&Resource, &RateLimitSpec)> = resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            Spec::RateLimit(s) => Some((*r, &**s)),
+            _ => None,
+        })
+        .collect();
+    list.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+    for (res, spec) in list {
+        match ratelimit::compile(&res.id(), spec) {
+            Ok(l) => limits.extend(l.into_iter().map(|l| (res, Arc::new(l)))),
+            Err((pointer, msg, help)) => diags
+                .push(Diagnostic::error("bad-ratelimit", &res.at(&pointer), msg).with_help(help)),
+        }
+    }
+    let mut used = vec![false; limits.len()];
+    for route in routes.iter_mut() {
+        let Action::Forward(f) = &mut route.action else {
+            continue;
+        };
+        let Some((res, labels)) = resources.iter().find_map(|r| match &r.spec {
+            Spec::Mapping(m) if r.namespace == route.namespace && r.name == route.name => {
+                m.labels.as_ref().map(|l| (*r, l))
+            }
+            _ => None,
+        }) else {
+            continue;
+        };
+        let (groups, unsupported) = ratelimit::descriptor_groups(labels);
+        for u in unsupported {
+            diags.push(Diagnostic::warning(
+                "ratelimit-entry-ignored",
+                &res.at("/spec/labels"),
+                format!(
+                    "descriptor entry `{u}` is not evaluated by Legate; it is left out of the key"
+                ),
+            ));
+        }
+        for (domain, group, entries) in groups {
+            for (i, (_, limit)) in limits.iter().enumerate() {
+                if limit.domain == domain && limit.group == group {
+                    used[i] = true;
+                    f.rate_limits.push(RouteLimit {
+                        limit: limit.clone(),
+                        entries: entries.clone(),
+                    });
+                }
+            }
+        }
+    }
+    for (i, (res, limit)) in limits.iter().enumerate() {
+        if !used[i] {
+            diags.push(
+                Diagnostic::warning(
+                    "ratelimit-unused",
+                    &res.at("/spec/limits"),
+                    format!(
+                        "limit `{}` counts nothing: no Mapping has a `{}` group in its `labels.{}`",
+                        limit.id, limit.group, limit.domain
+                    ),
+                )
+                .with_help("add the descriptor group to the Mappings to limit"),
+            );
+        }
+    }
+}
+
 /// The one AuthService of the gateway; a second one is an error (Emissary also uses only one).
 fn compile_auth(resources: &[&Resource], diags: &mut Vec<Diagnostic>) -> Option<Arc<ExtAuth>> {
     let mut found: Vec<(&Resource, &AuthServiceSpec)> = resources
@@ -217,6 +290,9 @@ pub async fn enforce(
     req: &mut http::Request<hyper::body::Incoming>,
     peer: std::net::SocketAddr,
 ) -> Result<(), Box<Denial>> {
+    for limit in &route.rate_limits {
+        limit.check(req.headers(), peer).await?;
+    }
     if let Some(jwt) = &route.jwt {
         let grant = jwt.check(req.headers()).await?;
         let h = req.headers_mut();

@@ -266,6 +266,8 @@ pub struct Forward {
     pub ext_auth: Option<std::sync::Arc<crate::policy::ExtAuth>>,
     /// The JWTPolicy whose token the request must carry.
     pub jwt: Option<std::sync::Arc<crate::policy::JwtPolicy>>,
+    /// The RateLimit limits counting this route's requests.
+    pub rate_limits: Vec<crate::policy::RouteLimit>,
 }
 
 /// A header to add. `append: false` replaces existing values.

@@ -718,3 +718,246 @@ fn jwtpolicy_problems_are_diagnosed() {
     let out = check(&two);
     assert!(out.contains("covered by JWTPolicy"), "{out}");
 }
+
+// ---- Rate limits ----
+
+fn rate_limit(name: &str, spec: &str) -> String {
+    let spec: String = spec
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| format!("  {l}\n"))
+        .collect();
+    format!("---\napiVersion: legate.dev/v1alpha1\nkind: RateLimit\nmetadata:\n  name: {name}\nspec:\n{spec}")
+}
+
+/// Emissary-style descriptor groups on a Mapping.
+const LABELS: &str = "labels:
+  ambassador:
+    - per_client:
+      - remote_address:
+          key: remote_address
+    - per_tenant:
+      - generic_key:
+          value: tenant-api
+      - request_headers:
+          key: tenant
+          header_name: x-tenant";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_rate_limits_by_client_and_header_with_headers_on_429() {
+    let up = Upstream::start("app").await;
+    let svc = up.service();
+    let yaml = [
+        rate_limit(
+            "local",
+            "limits:
+  - name: client
+    group: per_client
+    requests: 3
+    per: minute
+  - name: tenant
+    group: per_tenant
+    requests: 2
+    per: hour",
+        ),
+        mapping(
+            "limited",
+            &format!("hostname: '*'\nprefix: /limited/\nservice: {svc}\n{LABELS}"),
+        ),
+        mapping(
+            "free",
+            &format!("hostname: '*'\nprefix: /free/\nservice: {svc}"),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    let url = gw.url("/limited/x");
+
+    // Without x-tenant the tenant descriptor does not apply: only the per-client limit counts.
+    for _ in 0..3 {
+        assert_eq!(get(&url, &[]).await.status, 200);
+    }
+    let r = get(&url, &[]).await;
+    assert_eq!(r.status, 429);
+    // 3 per minute: one token every 20 s.
+    assert_eq!(r.header("retry-after"), Some("20"));
+    assert_eq!(r.header("ratelimit-limit"), Some("3"));
+    assert_eq!(r.header("ratelimit-remaining"), Some("0"));
+    assert_eq!(r.header("ratelimit-reset"), Some("60"));
+    assert_eq!(r.body, "too many requests\n");
+    // Another route is not counted.
+    assert_eq!(get(&gw.url("/free/x"), &[]).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_rate_limit_per_header_value_and_refill() {
+    let up = Upstream::start("app").await;
+    let svc = up.service();
+    let yaml = [
+        rate_limit(
+            "tenants",
+            "limits:
+  - name: tenant
+    group: per_tenant
+    requests: 4
+    per: second
+    burst: 2",
+        ),
+        mapping(
+            "limited",
+            &format!("hostname: '*'\nprefix: /limited/\nservice: {svc}\n{LABELS}"),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    let url = gw.url("/limited/x");
+    let as_tenant = |t: &'static str| {
+        let url = url.clone();
+        async move { get(&url, &[("x-tenant", t)]).await.status }
+    };
+    // Burst 2 per tenant value; tenant b has its own bucket.
+    assert_eq!(as_tenant("a").await, 200);
+    assert_eq!(as_tenant("a").await, 200);
+    assert_eq!(as_tenant("a").await, 429);
+    assert_eq!(as_tenant("b").await, 200);
+    // 4 per second: a token is back after 250 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(as_tenant("a").await, 200);
+    assert_eq!(as_tenant("a").await, 429);
+}
+
+/// A real redis-server on a free port, killed on drop.
+struct RedisServer {
+    addr: SocketAddr,
+    child: std::process::Child,
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl RedisServer {
+    async fn start() -> RedisServer {
+        let addr = closed_port().await;
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &addr.port().to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (.ci/run installs it)");
+        // Owned from here on, so the process is killed and reaped on every path.
+        let server = RedisServer { addr, child };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("redis-server did not start on {addr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limit_is_shared_by_two_gateways_and_fail_modes_hold_when_redis_dies() {
+    let redis = RedisServer::start().await;
+    let up = Upstream::start("app").await;
+    let svc = up.service();
+    let yaml = [
+        rate_limit(
+            "shared",
+            &format!(
+                "backend: redis\nredis:\n  address: {}\n  timeout_ms: 200\nfailure_mode: open\nlimits:\n  - name: client\n    group: per_client\n    requests: 4\n    per: minute",
+                redis.addr
+            ),
+        ),
+        rate_limit(
+            "strict",
+            &format!(
+                "backend: redis\nredis:\n  address: {}\n  timeout_ms: 200\nfailure_mode: closed\nlimits:\n  - name: client\n    domain: strict\n    group: per_client\n    requests: 100\n    per: second",
+                redis.addr
+            ),
+        ),
+        mapping("limited", &format!("hostname: '*'\nprefix: /limited/\nservice: {svc}\n{LABELS}")),
+        mapping(
+            "strict",
+            &format!("hostname: '*'\nprefix: /strict/\nservice: {svc}\nlabels:\n  strict:\n    - per_client:\n      - remote_address:\n          key: remote_address"),
+        ),
+    ]
+    .concat();
+    let (a, b) = (Gateway::start(&yaml).await, Gateway::start(&yaml).await);
+
+    // Four requests in all, spread over both gateways; the fifth is refused by either.
+    let mut allowed = 0;
+    for i in 0..6 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let r = get(&gw.url("/limited/x"), &[]).await;
+        match r.status.as_u16() {
+            200 => allowed += 1,
+            429 => assert_eq!(r.header("ratelimit-limit"), Some("4")),
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!(allowed, 4);
+    assert_eq!(get(&a.url("/limited/x"), &[]).await.status, 429);
+    assert_eq!(get(&b.url("/limited/x"), &[]).await.status, 429);
+    assert_eq!(get(&a.url("/strict/x"), &[]).await.status, 200);
+
+    // Redis dies: `open` keeps serving (quickly), `closed` answers 503; the gateway stays up.
+    drop(redis);
+    let started = std::time::Instant::now();
+    assert_eq!(get(&a.url("/limited/x"), &[]).await.status, 200);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let r = get(&b.url("/strict/x"), &[]).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(get(&b.url("/limited/x"), &[]).await.status, 200);
+}
+
+#[test]
+fn ratelimit_problems_are_diagnosed() {
+    let check = |yaml: &str| {
+        let tree = Tree::new(yaml);
+        legate::config::check_dir(tree.path(), &legate::config::Options::default())
+            .diagnostics
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let m = mapping(
+        "m",
+        &format!("hostname: '*'\nprefix: /s/\nservice: app\n{LABELS}"),
+    );
+    let out = check(
+        &(rate_limit(
+            "r",
+            "backend: redis\nlimits:\n  - {name: a, group: per_client, requests: 1, per: second}",
+        ) + &m),
+    );
+    assert!(out.contains("needs `redis.address`"), "{out}");
+    let out = check(
+        &(rate_limit(
+            "r",
+            "limits:\n  - {name: a, group: nobody, requests: 1, per: second}",
+        ) + &m),
+    );
+    assert!(out.contains("counts nothing"), "{out}");
+    let out = check(
+        &(rate_limit(
+            "r",
+            "limits:\n  - {name: a, group: per_client, requests: 1, per: day}",
+        ) + &m),
+    );
+    assert!(out.contains("per"), "{out}");
+}
