@@ -317,3 +317,44 @@ pub async fn enforce(
     }
     Ok(())
 }
+
+/// The route's policies as `legate diff` fields (name, value); none when the route has none.
+pub fn describe(route: &crate::routes::Forward) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(a) = &route.ext_auth {
+        out.push((
+            "ext_auth",
+            format!(
+                "http://{}{} (timeout {:?}, {})",
+                a.authority,
+                a.path_prefix,
+                a.timeout,
+                if a.failure_mode_allow {
+                    "fails open".to_string()
+                } else {
+                    format!("{} when down", a.status_on_error.as_u16())
+                }
+            ),
+        ));
+    }
+    if let Some(j) = &route.jwt {
+        out.push(("jwt", j.name.clone()));
+    }
+    if !route.rate_limits.is_empty() {
+        let limits: Vec<String> = route
+            .rate_limits
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} ({}/{:.0}s, burst {})",
+                    l.limit.id,
+                    l.limit.requests,
+                    l.limit.requests as f64 / l.limit.rate,
+                    l.limit.burst
+                )
+            })
+            .collect();
+        out.push(("rate_limits", limits.join(", ")));
+    }
+    out
+}
