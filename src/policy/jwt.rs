@@ -6,7 +6,7 @@
 //! (algorithm confusion) are refused before any signature check. Keys come from a JWKS file or
 //! URL, cached, refreshed every `refresh_seconds`, and kept when a refresh fails.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +17,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ring::signature::{self, UnparsedPublicKey};
 use serde::Deserialize;
 use serde_json::Value;
+use sha2::Digest;
 
 use super::Denial;
 use crate::config::model::LabelSelector;
@@ -26,8 +27,12 @@ const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Largest JWKS document read.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 const DEFAULT_REFRESH_SECS: u64 = 300;
+/// Verified tokens remembered per policy (by SHA-256) before the memory is cleared.
+const MAX_VERIFIED: usize = 10_000;
 /// After a failed fetch, wait this long before trying again (requests use the kept keys).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+
+type Claims = serde_json::Map<String, Value>;
 
 /// The JWTPolicy spec.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -89,6 +94,7 @@ pub struct JwtPolicy {
     keys: tokio::sync::Mutex<KeyCache>,
     /// The keys requests verify with, read without waiting for a fetch in progress.
     current: Mutex<std::sync::Arc<Vec<Jwk>>>,
+    verified: Mutex<HashMap<[u8; 32], std::sync::Arc<Claims>>>,
 }
 
 // Debug feeds the graph hash: the configuration, never the cache.
@@ -206,6 +212,7 @@ impl JwtPolicy {
             ),
             keys: tokio::sync::Mutex::new(KeyCache::default()),
             current: Mutex::new(std::sync::Arc::new(Vec::new())),
+            verified: Mutex::new(HashMap::new()),
         })
     }
 
@@ -221,10 +228,24 @@ impl JwtPolicy {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let claims = self.validate(token, &keys, now).map_err(|why| {
+        let refuse = |why: &'static str| {
             tracing::debug!(policy = %self.name, reason = why, "JWT refused");
             unauthorized(Some(why))
-        })?;
+        };
+        // Signature, issuer, audience and claims of a token do not change while the keys do
+        // not: a token seen before costs a hash and its time check, not a signature check.
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let claims = match self.remembered(&digest) {
+            Some(c) => {
+                self.check_times(&c, now).map_err(refuse)?;
+                c
+            }
+            None => {
+                let c = std::sync::Arc::new(self.validate(token, &keys, now).map_err(refuse)?);
+                self.remember(digest, c.clone());
+                c
+            }
+        };
         let mut out = Vec::new();
         for (claim, name) in &self.forward {
             let v = match claims.get(claim) {
@@ -240,12 +261,7 @@ impl JwtPolicy {
     }
 
     /// Check a token against keys at time `now` (seconds); the claims, or why not.
-    pub fn validate(
-        &self,
-        token: &str,
-        keys: &[Jwk],
-        now: u64,
-    ) -> Result<serde_json::Map<String, Value>, &'static str> {
+    pub fn validate(&self, token: &str, keys: &[Jwk], now: u64) -> Result<Claims, &'static str> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err("token too long");
         }
@@ -280,19 +296,7 @@ impl JwtPolicy {
             Value::Object(m) => m,
             _ => return Err("bad payload"),
         };
-        let num = |k: &str| claims.get(k).and_then(Value::as_u64);
-        if let Some(exp) = num("exp") {
-            if now > exp.saturating_add(self.skew) {
-                return Err("token expired");
-            }
-        } else if claims.contains_key("exp") {
-            return Err("bad exp");
-        }
-        if let Some(nbf) = num("nbf") {
-            if now.saturating_add(self.skew) < nbf {
-                return Err("token not yet valid");
-            }
-        }
+        self.check_times(&claims, now)?;
         if let Some(iss) = &self.issuer {
             if claims.get("iss").and_then(Value::as_str) != Some(iss.as_str()) {
                 return Err("wrong issuer");
@@ -315,6 +319,41 @@ impl JwtPolicy {
             return Err("required claim missing");
         }
         Ok(claims)
+    }
+
+    /// `exp` and `nbf` at time `now`, with the clock skew.
+    fn check_times(&self, claims: &Claims, now: u64) -> Result<(), &'static str> {
+        let num = |k: &str| claims.get(k).and_then(Value::as_u64);
+        if let Some(exp) = num("exp") {
+            if now > exp.saturating_add(self.skew) {
+                return Err("token expired");
+            }
+        } else if claims.contains_key("exp") {
+            return Err("bad exp");
+        }
+        if let Some(nbf) = num("nbf") {
+            if now.saturating_add(self.skew) < nbf {
+                return Err("token not yet valid");
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims of a token verified before with the current keys (only its times can change).
+    fn remembered(&self, digest: &[u8; 32]) -> Option<std::sync::Arc<Claims>> {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(digest)
+            .cloned()
+    }
+
+    fn remember(&self, digest: [u8; 32], claims: std::sync::Arc<Claims>) {
+        let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= MAX_VERIFIED {
+            map.clear();
+        }
+        map.insert(digest, claims);
     }
 
     /// The current keys, fetched first when due. A failed fetch keeps the old keys.
@@ -343,6 +382,11 @@ impl JwtPolicy {
                     Ok(keys) => {
                         *self.current.lock().unwrap_or_else(|e| e.into_inner()) =
                             std::sync::Arc::new(keys);
+                        // A key may have been withdrawn: verify every token again.
+                        self.verified
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .clear();
                         cache.checked = Some((Instant::now(), true));
                     }
                     Err(e) => {

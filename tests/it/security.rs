@@ -961,3 +961,40 @@ fn ratelimit_problems_are_diagnosed() {
     );
     assert!(out.contains("per"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_token_still_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ed25519();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, ed_jwk("k", &key)).unwrap();
+    let up = Upstream::start("app").await;
+    let yaml = jwt_policy(&format!(
+        "jwks:\n  file: {}\nclock_skew_seconds: 0\nmappings: [secure]",
+        jwks.display()
+    )) + &mapping(
+        "secure",
+        &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let t = bearer(&token(
+        serde_json::json!({"alg": "EdDSA", "kid": "k"}),
+        claims(serde_json::json!({"exp": now() + 1})),
+        Signer::Ed(&key),
+    ));
+    let url = gw.url("/secure/x");
+    // Verified once, then served from the verified-token memory...
+    assert_eq!(
+        get(&url, &[("authorization", t.as_str())]).await.status,
+        200
+    );
+    assert_eq!(
+        get(&url, &[("authorization", t.as_str())]).await.status,
+        200
+    );
+    // ...whose time check still applies.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = get(&url, &[("authorization", t.as_str())]).await;
+    assert_eq!(r.status, 401);
+    assert!(r.header("www-authenticate").unwrap().contains("expired"));
+}
