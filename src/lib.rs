@@ -13,6 +13,7 @@ pub mod diff;
 pub mod kube;
 pub mod metrics;
 pub mod notify;
+pub mod policy;
 pub mod proxy;
 pub mod reconcile;
 pub mod routes;

@@ -300,7 +300,10 @@ fn schema(a: SchemaArgs) -> anyhow::Result<i32> {
             .find(|x| x.name().eq_ignore_ascii_case(k))
         {
             Some(x) => vec![x],
-            None => anyhow::bail!("unknown kind `{k}`: use mapping or host"),
+            None => anyhow::bail!(
+                "unknown kind `{k}`: use one of {}",
+                Kind::ALL.map(|k| k.name().to_lowercase()).join(", ")
+            ),
         },
     };
     for k in kinds {

@@ -63,7 +63,8 @@ pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
                 }
             }
             Spec::Host(h) => hosts.push((r, h)),
-            Spec::RouteTest(_) => {}
+            Spec::RouteTest(_) | Spec::AuthService(_) | Spec::JwtPolicy(_) | Spec::RateLimit(_) => {
+            }
         }
     }
     // Stable route ids: by namespace/name.
@@ -176,6 +177,7 @@ pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
         }
     }
 
+    crate::policy::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
     let hash = graph_hash(&host_routes, &routes, &groups);
     (Graph::build(host_routes, routes, groups, hash), diags)
 }
@@ -980,6 +982,9 @@ fn compile_forward(
             .load_balancer
             .as_ref()
             .map(super::policy::load_balancer),
+        ext_auth: None,
+        jwt: None,
+        rate_limits: Vec::new(),
     })
 }
 

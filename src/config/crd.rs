@@ -17,6 +17,9 @@ pub fn plural(kind: Kind) -> &'static str {
         Kind::Mapping => "mappings",
         Kind::Host => "hosts",
         Kind::RouteTest => "routetests",
+        Kind::AuthService => "authservices",
+        Kind::JwtPolicy => "jwtpolicies",
+        Kind::RateLimit => "ratelimits",
     }
 }
 
@@ -39,6 +42,9 @@ fn printer_columns(kind: Kind) -> Value {
             age,
         ],
         Kind::RouteTest => vec![state, age],
+        Kind::AuthService => vec![col("Service", ".spec.auth_service"), state, age],
+        Kind::JwtPolicy => vec![col("Issuer", ".spec.issuer"), state, age],
+        Kind::RateLimit => vec![col("Backend", ".spec.backend"), state, age],
     })
 }
 

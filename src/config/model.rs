@@ -16,8 +16,7 @@ use super::Options;
 pub const API_VERSIONS: [&str; 2] = ["getambassador.io/v3alpha1", "legate.dev/v1alpha1"];
 
 /// getambassador.io kinds that Legate knows of but does not implement.
-const EMISSARY_KINDS: [&str; 14] = [
-    "AuthService",
+const EMISSARY_KINDS: [&str; 13] = [
     "ConsulResolver",
     "DevPortal",
     "Filter",
@@ -65,6 +64,9 @@ pub enum Spec {
     Mapping(Box<MappingSpec>),
     Host(Box<HostSpec>),
     RouteTest(Box<super::routetest::RouteTestSpec>),
+    AuthService(Box<crate::policy::AuthServiceSpec>),
+    JwtPolicy(Box<crate::policy::JwtPolicySpec>),
+    RateLimit(Box<crate::policy::RateLimitSpec>),
 }
 
 /// A header or query value to match: a string, or `true` for "present".
@@ -161,6 +163,9 @@ pub struct MappingSpec {
     pub circuit_breakers: Vec<super::policy::BreakerSpec>,
     pub cors: Option<super::policy::CorsSpec>,
     pub load_balancer: Option<super::policy::LoadBalancerSpec>,
+    pub bypass_auth: bool,
+    /// Rate-limit descriptor groups, read by `policy::ratelimit`.
+    pub labels: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default, PartialEq)]
@@ -492,6 +497,12 @@ fn load_document(
         }
         Kind::RouteTest => serde_json::from_value::<super::routetest::RouteTestSpec>(spec_value)
             .map(|s| Spec::RouteTest(Box::new(s))),
+        Kind::AuthService => serde_json::from_value::<crate::policy::AuthServiceSpec>(spec_value)
+            .map(|s| Spec::AuthService(Box::new(s))),
+        Kind::JwtPolicy => serde_json::from_value::<crate::policy::JwtPolicySpec>(spec_value)
+            .map(|s| Spec::JwtPolicy(Box::new(s))),
+        Kind::RateLimit => serde_json::from_value::<crate::policy::RateLimitSpec>(spec_value)
+            .map(|s| Spec::RateLimit(Box::new(s))),
     };
     let spec = match spec {
         Ok(s) => s,

@@ -19,16 +19,29 @@ pub enum Kind {
     Mapping,
     Host,
     RouteTest,
+    AuthService,
+    JwtPolicy,
+    RateLimit,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Mapping, Kind::Host, Kind::RouteTest];
+    pub const ALL: [Kind; 6] = [
+        Kind::Mapping,
+        Kind::Host,
+        Kind::RouteTest,
+        Kind::AuthService,
+        Kind::JwtPolicy,
+        Kind::RateLimit,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Mapping => "Mapping",
             Kind::Host => "Host",
             Kind::RouteTest => "RouteTest",
+            Kind::AuthService => "AuthService",
+            Kind::JwtPolicy => "JWTPolicy",
+            Kind::RateLimit => "RateLimit",
         }
     }
 
@@ -42,6 +55,9 @@ impl Kind {
             Kind::Mapping => include_str!("../../schemas/mapping.schema.json"),
             Kind::Host => include_str!("../../schemas/host.schema.json"),
             Kind::RouteTest => include_str!("../../schemas/routetest.schema.json"),
+            Kind::AuthService => include_str!("../../schemas/authservice.schema.json"),
+            Kind::JwtPolicy => include_str!("../../schemas/jwtpolicy.schema.json"),
+            Kind::RateLimit => include_str!("../../schemas/ratelimit.schema.json"),
         }
     }
 
@@ -50,6 +66,9 @@ impl Kind {
             Kind::Mapping => "schemas/mapping.schema.json",
             Kind::Host => "schemas/host.schema.json",
             Kind::RouteTest => "schemas/routetest.schema.json",
+            Kind::AuthService => "schemas/authservice.schema.json",
+            Kind::JwtPolicy => "schemas/jwtpolicy.schema.json",
+            Kind::RateLimit => "schemas/ratelimit.schema.json",
         }
     }
 
@@ -57,10 +76,16 @@ impl Kind {
         static MAPPING: OnceLock<Compiled> = OnceLock::new();
         static HOST: OnceLock<Compiled> = OnceLock::new();
         static ROUTE_TEST: OnceLock<Compiled> = OnceLock::new();
+        static AUTH_SERVICE: OnceLock<Compiled> = OnceLock::new();
+        static JWT_POLICY: OnceLock<Compiled> = OnceLock::new();
+        static RATE_LIMIT: OnceLock<Compiled> = OnceLock::new();
         let cell = match self {
             Kind::Mapping => &MAPPING,
             Kind::Host => &HOST,
             Kind::RouteTest => &ROUTE_TEST,
+            Kind::AuthService => &AUTH_SERVICE,
+            Kind::JwtPolicy => &JWT_POLICY,
+            Kind::RateLimit => &RATE_LIMIT,
         };
         cell.get_or_init(|| Compiled::new(self))
     }

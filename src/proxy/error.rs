@@ -46,6 +46,8 @@ pub enum ProxyError {
     Overloaded,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("refused by a security policy ({})", .0.status)]
+    Denied(Box<crate::policy::Denial>),
 }
 
 impl ProxyError {
@@ -53,7 +55,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute | InsecureRejected | UriTooLong | HeadersTooLarge | BodyTooLarge
-            | BadRequest(_) => Side::Downstream,
+            | BadRequest(_) | Denied(_) => Side::Downstream,
             NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout | Overloaded => Side::Upstream,
             Internal(_) => Side::Internal,
         }
@@ -72,6 +74,7 @@ impl ProxyError {
             Connect(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Denied(d) => d.status,
         }
     }
 
@@ -89,6 +92,7 @@ impl ProxyError {
             Timeout => "upstream timeout\n",
             Overloaded => "upstream overloaded\n",
             Internal(_) => "internal error\n",
+            Denied(_) => "",
         }
     }
 
@@ -98,6 +102,13 @@ impl ProxyError {
             Side::Downstream => tracing::debug!(error = %self, "request refused"),
             Side::Upstream => tracing::warn!(error = %self, "upstream failure"),
             Side::Internal => tracing::error!(error = %self, "internal failure"),
+        }
+        if let ProxyError::Denied(d) = self {
+            // The policy wrote the answer (an auth service's own denial, a 401, a 429).
+            let mut resp = Response::new(full(d.body));
+            *resp.status_mut() = d.status;
+            *resp.headers_mut() = d.headers;
+            return resp;
         }
         let mut resp = Response::new(full(Bytes::from_static(self.body().as_bytes())));
         *resp.status_mut() = self.status();
@@ -131,6 +142,13 @@ impl ProxyError {
             UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_) => "13",
             NoHealthyUpstream | Connect(_) | Upstream(_) | Overloaded => "14",
             Internal(_) => "13",
+            // Policy refusals: UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED.
+            Denied(d) => match d.status.as_u16() {
+                401 => "16",
+                403 => "7",
+                429 => "8",
+                _ => "2",
+            },
         };
         // The fixed short bodies are plain ASCII: valid grpc-message values as they are.
         let message = HeaderValue::from_static(self.body().trim_end());

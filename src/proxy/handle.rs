@@ -127,7 +127,7 @@ impl Proxy {
                 resp.headers_mut().insert(header::LOCATION, loc);
                 Ok(resp)
             }
-            Action::Forward(_) => {
+            Action::Forward(f) => {
                 let prep = snap.routes[id.0]
                     .as_ref()
                     .ok_or_else(|| ProxyError::Internal("forward route not prepared".into()))?;
@@ -138,11 +138,17 @@ impl Proxy {
                     None => HeaderValue::from_str(authority)
                         .map_err(|_| ProxyError::BadRequest("authority"))?,
                 };
+                // A CORS preflight is answered before any security policy runs (browsers send
+                // it without credentials).
                 let cors = prep.cors.as_ref();
                 if let Some(r) = cors.and_then(|c| c.preflight(req.method(), req.headers())) {
                     return Ok(r);
                 }
                 let origin = cors.and_then(|c| c.origin(req.headers()));
+                let mut req = req;
+                crate::policy::enforce(f, &mut req, conn.remote)
+                    .await
+                    .map_err(ProxyError::Denied)?;
                 let mut resp = self
                     .forward(
                         snap,

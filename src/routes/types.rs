@@ -266,6 +266,12 @@ pub struct Forward {
     pub breaker: super::BreakerLimits,
     pub cors: Option<std::sync::Arc<super::Cors>>,
     pub load_balancer: Option<super::LoadBalancer>,
+    /// The AuthService to ask first, unless the Mapping has `bypass_auth`.
+    pub ext_auth: Option<std::sync::Arc<crate::policy::ExtAuth>>,
+    /// The JWTPolicy whose token the request must carry.
+    pub jwt: Option<std::sync::Arc<crate::policy::JwtPolicy>>,
+    /// The RateLimit limits counting this route's requests.
+    pub rate_limits: Vec<crate::policy::RouteLimit>,
 }
 
 /// A header to add. `append: false` replaces existing values.

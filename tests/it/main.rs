@@ -12,5 +12,6 @@ mod kube;
 mod observability;
 mod proxy;
 mod reconcile;
+mod security;
 mod support;
 mod traffic;
