@@ -1257,3 +1257,121 @@ async fn kube_timings() {
         lat[9]
     );
 }
+
+/// The whole `legate run --kubernetes` process against the fake API server: the gateway serves
+/// what the API holds, keeps serving it when an invalid object arrives, and the Lease holder
+/// writes both objects' status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_legate_run_serves_from_the_api_and_writes_status() {
+    let fake = FakeApiServer::start().await;
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (echo, http, admin) = (free(), free(), free());
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "echo",
+            json!({"hostname": "*", "prefix": "/k/", "service": echo.to_string(), "rewrite": "/"}),
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            fake.addr
+        ),
+    )
+    .unwrap();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _gw = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+            .args(["run", "--kubernetes", "--namespace", "default"])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--secrets-dir")
+            .arg(dir.path().join("secrets"))
+            .args(["--demo-echo", &echo.to_string()])
+            .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+            .args(["--admin-listen", &admin.to_string(), "--verify-window", "0"])
+            .args(["--access-log", "off"])
+            .env("POD_NAMESPACE", "default")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://{http}/k/x");
+    let mut served = None;
+    for _ in 0..300 {
+        if let Ok(Ok(r)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            crate::support::client().request(
+                http::Request::get(&url)
+                    .body(crate::support::empty())
+                    .unwrap(),
+            ),
+        )
+        .await
+        {
+            if r.status() == 200 {
+                served = Some(crate::support::get(&url, &[]).await);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let served = served.expect("the gateway serves the Mapping from the API");
+    assert_eq!(served.json()["path"], "/x");
+
+    // An invalid object is set aside; the valid one keeps serving.
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "typo",
+            json!({"hostname": "*", "prefix": "/t/", "servce": "t.default:80"}),
+        ),
+    );
+    wait_until("Accepted=False on the invalid object", || {
+        fake.patches_for("typo")
+            .last()
+            .is_some_and(|p| p["status"]["conditions"][0]["status"] == "False")
+    })
+    .await;
+    let p = fake.patches_for("typo").last().unwrap().clone();
+    assert!(
+        p["status"]["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did you mean `service`?"),
+        "{p}"
+    );
+    assert_eq!(crate::support::get(&url, &[]).await.status, 200);
+    // The valid object's status names the revision the gateway serves.
+    let status = crate::support::get(&format!("http://{admin}/api/status"), &[])
+        .await
+        .json();
+    let applied = status["applied"]
+        .as_str()
+        .expect("a revision applied")
+        .to_string();
+    wait_until("status of echo with the served revision", || {
+        fake.patches_for("echo")
+            .last()
+            .is_some_and(|p| p["status"]["revision"] == json!(applied))
+    })
+    .await;
+}
