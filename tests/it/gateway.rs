@@ -3,7 +3,7 @@
 //! admin token, and webhooks served on the proxy listener.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,19 +12,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
-use crate::support::{get, mapping, send, TestBody, Tree};
+use crate::support::{free_addr as free, get, mapping, send, Killed, TestBody, Tree};
 
 fn body(b: &'static [u8]) -> TestBody {
     Full::new(Bytes::from_static(b))
         .map_err(|e| match e {})
         .boxed()
-}
-
-fn free() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 /// A webhook receiver: every POSTed JSON body arrives on the channel.
@@ -55,15 +48,6 @@ async fn receiver() -> (SocketAddr, mpsc::UnboundedReceiver<serde_json::Value>) 
         }
     });
     (addr, rx)
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn next_outcome(rx: &mut mpsc::UnboundedReceiver<serde_json::Value>) -> serde_json::Value {

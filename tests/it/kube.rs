@@ -1264,12 +1264,7 @@ async fn kube_timings() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_legate_run_serves_from_the_api_and_writes_status() {
     let fake = FakeApiServer::start().await;
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
+    let free = crate::support::free_addr;
     let (echo, http, admin) = (free(), free(), free());
     fake.apply(
         MAPPINGS,
@@ -1289,14 +1284,7 @@ async fn kube_legate_run_serves_from_the_api_and_writes_status() {
         ),
     )
     .unwrap();
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _gw = Killed(
+    let _gw = crate::support::Killed(
         std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
             .args(["run", "--kubernetes", "--namespace", "default"])
             .arg("--kubeconfig")

@@ -532,3 +532,21 @@ impl legate::proxy::Lookup for FakeDns {
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such name"))
     }
 }
+
+/// A loopback address with a port that was free a moment ago (for processes that bind it).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A child process killed (and reaped) when the test ends, pass or fail.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
