@@ -181,7 +181,10 @@ where
         (Method::GET, "/api/status") => json(StatusCode::OK, &state.reconciler.status()),
         (Method::GET, "/api/revisions") => json(StatusCode::OK, &state.reconciler.history()),
         (Method::GET, "/api/routes") => match &state.graph {
-            Some(g) => json(StatusCode::OK, &crate::cli::output::route_table_json(&g())),
+            Some(g) => json(
+                StatusCode::OK,
+                &crate::routes::describe::route_table_json(&g()),
+            ),
             None => error(StatusCode::NOT_FOUND, "no route graph on this listener"),
         },
         (Method::GET, "/api/routes/explain") => match &state.graph {

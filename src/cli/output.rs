@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::CheckFormat;
 use crate::config::{Diagnostic, Outcome, Severity};
-pub use crate::routes::describe::{describe_action, describe_match, host_of};
+pub use crate::routes::describe::{describe_action, describe_match, host_of, route_table_json};
 use crate::routes::Graph;
 
 /// Print a check outcome to stdout in the chosen format.
@@ -211,40 +211,4 @@ pub fn route_table(g: &Graph) -> String {
         &mut out,
     );
     out
-}
-
-/// The route table as JSON (also used by the admin API).
-pub fn route_table_json(g: &Graph) -> serde_json::Value {
-    let table = |groups: &[usize]| -> Vec<serde_json::Value> {
-        groups
-            .iter()
-            .map(|&gi| {
-                let grp = &g.groups[gi];
-                json!({
-                    "match": describe_match(g, gi),
-                    "host": host_of(&grp.matcher.host),
-                    "precedence": grp.precedence,
-                    "members": grp.shares().iter().map(|(id, share)| {
-                        let r = g.route(*id);
-                        json!({"mapping": format!("{}/{}", r.namespace, r.name), "weight": share, "action": describe_action(&r.action), "source": r.source})
-                    }).collect::<Vec<_>>(),
-                    "shadow": grp.shadow.map(|(id, pct)| {
-                        let r = g.route(id);
-                        json!({"mapping": format!("{}/{}", r.namespace, r.name), "percent": pct, "action": describe_action(&r.action)})
-                    }),
-                })
-            })
-            .collect()
-    };
-    json!({
-        "hash": g.hash,
-        "hosts": g.hosts.iter().enumerate().map(|(i, h)| json!({
-            "host": format!("{}/{}", h.namespace, h.name),
-            "hostname": h.hostname.to_string(),
-            "tls_secret": h.tls_secret.as_ref().map(|s| s.name.clone()),
-            "insecure": format!("{:?}", h.insecure),
-            "routes": table(&g.tables[i].groups),
-        })).collect::<Vec<_>>(),
-        "fallback": table(&g.tables[g.hosts.len()].groups),
-    })
 }

@@ -101,3 +101,39 @@ pub fn describe_action(a: &Action) -> String {
         }
     }
 }
+
+/// The route table as JSON (also used by the admin API).
+pub fn route_table_json(g: &Graph) -> serde_json::Value {
+    let table = |groups: &[usize]| -> Vec<serde_json::Value> {
+        groups
+            .iter()
+            .map(|&gi| {
+                let grp = &g.groups[gi];
+                serde_json::json!({
+                    "match": describe_match(g, gi),
+                    "host": host_of(&grp.matcher.host),
+                    "precedence": grp.precedence,
+                    "members": grp.shares().iter().map(|(id, share)| {
+                        let r = g.route(*id);
+                        serde_json::json!({"mapping": format!("{}/{}", r.namespace, r.name), "weight": share, "action": describe_action(&r.action), "source": r.source})
+                    }).collect::<Vec<_>>(),
+                    "shadow": grp.shadow.map(|(id, pct)| {
+                        let r = g.route(id);
+                        serde_json::json!({"mapping": format!("{}/{}", r.namespace, r.name), "percent": pct, "action": describe_action(&r.action)})
+                    }),
+                })
+            })
+            .collect()
+    };
+    serde_json::json!({
+        "hash": g.hash,
+        "hosts": g.hosts.iter().enumerate().map(|(i, h)| serde_json::json!({
+            "host": format!("{}/{}", h.namespace, h.name),
+            "hostname": h.hostname.to_string(),
+            "tls_secret": h.tls_secret.as_ref().map(|s| s.name.clone()),
+            "insecure": format!("{:?}", h.insecure),
+            "routes": table(&g.tables[i].groups),
+        })).collect::<Vec<_>>(),
+        "fallback": table(&g.tables[g.hosts.len()].groups),
+    })
+}
