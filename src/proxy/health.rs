@@ -149,18 +149,23 @@ impl Health {
                 a.consecutive_5xx = 0;
                 a.consecutive_gateway = 0;
                 if let Some(at) = a.decay_at.filter(|at| now >= *at && !a.ejected(now)) {
-                    let steps = 1 + ((now - at).as_nanos() / od.interval.as_nanos().max(1)) as u32;
+                    let elapsed = (now - at).as_nanos() / od.interval.as_nanos().max(1);
+                    let steps = u32::try_from(elapsed).unwrap_or(u32::MAX).saturating_add(1);
                     a.times_ejected = a.times_ejected.saturating_sub(steps);
-                    a.decay_at = (a.times_ejected > 0).then(|| now + od.interval);
+                    a.decay_at = (a.times_ejected > 0).then(|| later(now, od.interval));
                 }
                 return;
             }
             Outcome::Status(s) => (true, matches!(s, 502..=504)),
             Outcome::LocalFailure => (true, true),
         };
-        a.consecutive_5xx = if five { a.consecutive_5xx + 1 } else { 0 };
+        a.consecutive_5xx = if five {
+            a.consecutive_5xx.saturating_add(1)
+        } else {
+            0
+        };
         a.consecutive_gateway = if gateway {
-            a.consecutive_gateway + 1
+            a.consecutive_gateway.saturating_add(1)
         } else {
             0
         };
@@ -186,13 +191,13 @@ impl Health {
         let Some(a) = state.get_mut(&ip) else {
             return;
         };
-        a.times_ejected += 1;
+        a.times_ejected = a.times_ejected.saturating_add(1);
         let time = od
             .base_ejection_time
             .saturating_mul(a.times_ejected)
             .min(MAX_EJECTION.max(od.base_ejection_time));
-        a.ejected_until = Some(now + time);
-        a.decay_at = Some(now + time + od.interval);
+        a.ejected_until = Some(later(now, time));
+        a.decay_at = Some(later(now, time.saturating_add(od.interval)));
         self.stats.ejected();
         tracing::info!(upstream = %self.label, %ip, ms = time.as_millis() as u64, "ejected an upstream address");
     }
@@ -307,7 +312,7 @@ impl Health {
                     continue;
                 }
                 let c = &self.checks[i];
-                next[i] = now + c.interval;
+                next[i] = later(now, c.interval);
                 let result = match &c.probe {
                     Probe::Http { .. } => pool.probe(ip, &c.probe, c.timeout).await,
                     Probe::Grpc { .. } => pool.probe_grpc(ip, &c.probe, c.timeout).await,
@@ -315,7 +320,7 @@ impl Health {
                 match result {
                     Ok(()) => {
                         fails[i] = 0;
-                        passes[i] += 1;
+                        passes[i] = passes[i].saturating_add(1);
                         if failing[i] && passes[i] >= c.healthy_threshold {
                             failing[i] = false;
                             self.set_failing(ip, i, false, "");
@@ -323,7 +328,7 @@ impl Health {
                     }
                     Err(why) => {
                         passes[i] = 0;
-                        fails[i] += 1;
+                        fails[i] = fails[i].saturating_add(1);
                         if fails[i] >= c.unhealthy_threshold {
                             failing[i] = true;
                         }
@@ -337,6 +342,12 @@ impl Health {
             tokio::time::sleep_until(wake).await;
         }
     }
+}
+
+/// `now + d`, or a year from now when a configured duration is too large to add.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400))
 }
 
 /// Envoy's test: eject while the ejected share is below the percent; never the last address.
