@@ -468,5 +468,15 @@ mod tests {
         let mut a = all.clone();
         h.filter(&mut a);
         assert_eq!(a, all);
+        // Behaving for two intervals takes both ejections off the count: the next lasts the
+        // base again.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        h.record(bad, Outcome::Status(200));
+        h.record(bad, Outcome::Status(500));
+        h.record(bad, Outcome::Status(500));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let mut a = all.clone();
+        h.filter(&mut a);
+        assert_eq!(a, all);
     }
 }
