@@ -111,7 +111,12 @@ impl Health {
     pub fn filter(&self, addrs: &mut Vec<IpAddr>) {
         self.known.store(addrs.len(), Ordering::Relaxed);
         let now = Instant::now();
-        let state = self.lock();
+        let mut state = self.lock();
+        if state.len() > 2 * addrs.len() + 16 {
+            // Addresses DNS no longer returns (e.g. replaced pods) are forgotten once they
+            // outnumber the live ones, unless an ejection or a checker still holds them.
+            state.retain(|ip, a| addrs.contains(ip) || a.ejected(now) || a.checked);
+        }
         let (mut ejected, mut unhealthy) = (0, 0);
         let ok = |ip: &IpAddr| {
             state
@@ -478,5 +483,16 @@ mod tests {
         let mut a = all.clone();
         h.filter(&mut a);
         assert_eq!(a, all);
+    }
+
+    #[test]
+    fn addresses_that_left_are_forgotten() {
+        let h = health(od());
+        for i in 0..40u8 {
+            h.record(IpAddr::from([10, 1, 0, i]), Outcome::Status(500));
+        }
+        let mut a = ips(2);
+        h.filter(&mut a);
+        assert!(h.lock().len() <= 2);
     }
 }
