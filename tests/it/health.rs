@@ -157,14 +157,17 @@ async fn consecutive_5xx_ejects_an_address_until_the_ejection_time_ends() {
     .await;
     // Round robin: `a` answers every other request, 503 each time, until its third in a row.
     let mut failures = 0;
+    // Taken before the request that ejects `a`, so the ejection happens after it.
+    let mut ejected_at = std::time::Instant::now();
     for _ in 0..6 {
+        let sent_at = std::time::Instant::now();
         if call(&gw).await.0 == 503 {
             failures += 1;
+            ejected_at = sent_at;
         }
     }
     assert_eq!(failures, 3);
     assert_eq!(a.hits(), 3);
-    let ejected_at = std::time::Instant::now();
     // Ejected: everything goes to `b` (only requests sent within the ejection time count).
     fail_a.store(false, Ordering::SeqCst);
     let mut sent = 0;
@@ -377,7 +380,7 @@ async fn checkers_stop_when_the_upstream_leaves_the_graph() {
     )));
     assert_eq!(gw.proxy.health_checkers(), 0);
     // Give an in-flight check time to land, then no more come.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let after = a.hits();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
