@@ -982,6 +982,8 @@ fn compile_forward(
             .load_balancer
             .as_ref()
             .map(super::policy::load_balancer),
+        outlier: super::policy::outlier(res, spec.outlier_detection.as_ref(), diags),
+        health_checks: super::policy::health_checks(res, &spec.health_checks, diags),
         ext_auth: None,
         jwt: None,
         rate_limits: Vec::new(),

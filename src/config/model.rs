@@ -163,6 +163,9 @@ pub struct MappingSpec {
     pub circuit_breakers: Vec<super::policy::BreakerSpec>,
     pub cors: Option<super::policy::CorsSpec>,
     pub load_balancer: Option<super::policy::LoadBalancerSpec>,
+    /// An object, or (Emissary's CRD type) a string holding one.
+    pub outlier_detection: Option<Value>,
+    pub health_checks: Vec<super::policy::HealthCheckSpec>,
     pub bypass_auth: bool,
     /// Rate-limit descriptor groups, read by `policy::ratelimit`.
     pub labels: Option<Value>,

@@ -8,7 +8,8 @@ use serde::Deserialize;
 use super::diag::Diagnostic;
 use super::model::{OneOrMany, Resource};
 use crate::routes::{
-    BreakerLimits, Cors, HashKey, LbPolicy, LoadBalancer, OriginMatch, RetryOn, RetryPolicy,
+    BreakerLimits, Cors, HashKey, HealthCheck, LbPolicy, LoadBalancer, OriginMatch,
+    OutlierDetection, Probe, RetryOn, RetryPolicy,
 };
 
 /// `retry_policy` as written.
@@ -59,20 +60,12 @@ pub fn retry(
     };
     let per_try_timeout = match spec.per_try_timeout.as_deref() {
         None => None,
-        Some(s) => match go_duration(s) {
-            Some(d) if !d.is_zero() => Some(d),
-            _ => {
-                diags.push(
-                    Diagnostic::error(
-                        "bad-duration",
-                        &res.at("/spec/retry_policy/per_try_timeout"),
-                        format!("`{s}` is not a positive duration"),
-                    )
-                    .with_help("write a duration such as 250ms, 2s or 1m30s"),
-                );
-                return None;
-            }
-        },
+        Some(s) => Some(positive(
+            res,
+            "/spec/retry_policy/per_try_timeout",
+            s,
+            diags,
+        )?),
     };
     Some(RetryPolicy {
         on,
@@ -194,6 +187,217 @@ pub fn load_balancer(spec: &LoadBalancerSpec) -> LoadBalancer {
         None
     };
     LoadBalancer { policy, key }
+}
+
+/// `outlier_detection` as written (Envoy's field names).
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierSpec {
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway_failure: Option<u32>,
+    pub interval: Option<String>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<u32>,
+}
+
+/// A positive duration at `ptr`, or an error diagnostic.
+fn positive(res: &Resource, ptr: &str, s: &str, diags: &mut Vec<Diagnostic>) -> Option<Duration> {
+    match go_duration(s) {
+        Some(d) if !d.is_zero() => Some(d),
+        _ => {
+            diags.push(
+                Diagnostic::error(
+                    "bad-duration",
+                    &res.at(ptr),
+                    format!("`{s}` is not a positive duration"),
+                )
+                .with_help("write a duration such as 250ms, 2s or 1m30s"),
+            );
+            None
+        }
+    }
+}
+
+/// Compile `outlier_detection`: an object, or a string holding one in YAML or JSON (the field
+/// is a string in Emissary's CRD). Missing fields take Envoy's defaults.
+pub fn outlier(
+    res: &Resource,
+    spec: Option<&serde_json::Value>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<OutlierDetection> {
+    const PTR: &str = "/spec/outlier_detection";
+    let value = match spec? {
+        serde_json::Value::String(s) if s.trim().is_empty() => return None,
+        serde_json::Value::String(s) => {
+            super::yaml::parse_documents(s, super::yaml::YamlLimits::default())
+                .ok()
+                .and_then(|mut d| (!d.is_empty()).then(|| d.remove(0).value))
+                .unwrap_or(serde_json::Value::Null)
+        }
+        v => v.clone(),
+    };
+    let spec: OutlierSpec = match serde_json::from_value(value) {
+        Ok(s) => s,
+        Err(e) => {
+            diags.push(
+                Diagnostic::error(
+                    "bad-outlier-detection",
+                    &res.at(PTR),
+                    format!("outlier_detection is not an outlier detection policy: {e}"),
+                )
+                .with_help("write a mapping such as {consecutive_5xx: 5, base_ejection_time: 30s, max_ejection_percent: 10}"),
+            );
+            return None;
+        }
+    };
+    let d = OutlierDetection::default();
+    let dur = |field: &str, v: &Option<String>, dflt: Duration, diags: &mut Vec<Diagnostic>| {
+        v.as_deref().map_or(Some(dflt), |s| {
+            positive(res, &format!("{PTR}/{field}"), s, diags)
+        })
+    };
+    let interval = dur("interval", &spec.interval, d.interval, diags)?;
+    let base_ejection_time = dur(
+        "base_ejection_time",
+        &spec.base_ejection_time,
+        d.base_ejection_time,
+        diags,
+    )?;
+    Some(OutlierDetection {
+        consecutive_5xx: spec.consecutive_5xx.unwrap_or(d.consecutive_5xx),
+        consecutive_gateway_failure: spec
+            .consecutive_gateway_failure
+            .unwrap_or(d.consecutive_gateway_failure),
+        interval,
+        base_ejection_time,
+        max_ejection_percent: spec
+            .max_ejection_percent
+            .unwrap_or(d.max_ejection_percent)
+            .min(100),
+    })
+}
+
+/// One `health_checks` entry as written (Emissary's v3alpha1 field names).
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct HealthCheckSpec {
+    pub unhealthy_threshold: Option<u32>,
+    pub healthy_threshold: Option<u32>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub health_check: ProbeSpec,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct ProbeSpec {
+    pub http: Option<HttpProbeSpec>,
+    pub grpc: Option<GrpcProbeSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct HttpProbeSpec {
+    pub path: String,
+    pub hostname: Option<String>,
+    pub add_request_headers: std::collections::BTreeMap<String, super::model::AddedHeader>,
+    pub remove_request_headers: OneOrMany,
+    pub expected_statuses: Vec<StatusRange>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+pub struct StatusRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct GrpcProbeSpec {
+    pub upstream_name: String,
+    pub authority: Option<String>,
+}
+
+/// Emissary's (and Envoy's usual) defaults: a check every 5 s, 3 s to answer, unhealthy after 2
+/// failures, healthy again after 1 pass.
+pub const HC_INTERVAL: Duration = Duration::from_secs(5);
+pub const HC_TIMEOUT: Duration = Duration::from_secs(3);
+pub const HC_UNHEALTHY: u32 = 2;
+pub const HC_HEALTHY: u32 = 1;
+
+/// Compile `health_checks`.
+pub fn health_checks(
+    res: &Resource,
+    specs: &[HealthCheckSpec],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<HealthCheck> {
+    let mut out = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let at = format!("/spec/health_checks/{i}");
+        let dur = |f: &str, v: &Option<String>, d: Duration, diags: &mut Vec<Diagnostic>| {
+            v.as_deref()
+                .map_or(Some(d), |s| positive(res, &format!("{at}/{f}"), s, diags))
+        };
+        let interval = dur("interval", &spec.interval, HC_INTERVAL, diags);
+        let timeout = dur("timeout", &spec.timeout, HC_TIMEOUT, diags);
+        let probe = match (&spec.health_check.http, &spec.health_check.grpc) {
+            (Some(h), _) => {
+                if h.expected_statuses.iter().any(|r| r.min > r.max) {
+                    diags.push(
+                        Diagnostic::error(
+                            "bad-status-range",
+                            &res.at(&format!("{at}/health_check/http/expected_statuses")),
+                            "a status range has min above max",
+                        )
+                        .with_help("write ranges such as {min: 200, max: 399}"),
+                    );
+                    continue;
+                }
+                Some(Probe::Http {
+                    path: h.path.clone(),
+                    hostname: h.hostname.clone(),
+                    add_headers: h
+                        .add_request_headers
+                        .iter()
+                        .filter_map(|(k, v)| match v {
+                            super::model::AddedHeader::Full { value, .. }
+                            | super::model::AddedHeader::Text(value) => {
+                                Some((k.to_ascii_lowercase(), value.clone()))
+                            }
+                            super::model::AddedHeader::Other(_) => None,
+                        })
+                        .collect(),
+                    remove_headers: h
+                        .remove_request_headers
+                        .to_vec()
+                        .iter()
+                        .map(|s| s.to_ascii_lowercase())
+                        .collect(),
+                    expected: if h.expected_statuses.is_empty() {
+                        vec![(200, 299)]
+                    } else {
+                        h.expected_statuses.iter().map(|r| (r.min, r.max)).collect()
+                    },
+                })
+            }
+            (None, Some(g)) => Some(Probe::Grpc {
+                service: g.upstream_name.clone(),
+                authority: g.authority.clone(),
+            }),
+            // The schema requires exactly one.
+            (None, None) => None,
+        };
+        if let (Some(interval), Some(timeout), Some(probe)) = (interval, timeout, probe) {
+            out.push(HealthCheck {
+                interval,
+                timeout,
+                unhealthy_threshold: spec.unhealthy_threshold.unwrap_or(HC_UNHEALTHY).max(1),
+                healthy_threshold: spec.healthy_threshold.unwrap_or(HC_HEALTHY).max(1),
+                probe,
+            });
+        }
+    }
+    out
 }
 
 /// A Go-style duration (`1h2m3.5s`, `250ms`, `10us`), as the schema's pattern admits.

@@ -446,7 +446,8 @@ mod tests {
         let get = |n: &str| m.iter().find(|f| f.name == n).unwrap().status;
         assert_eq!(get("prefix"), FieldStatus::Implemented);
         assert_eq!(get("retry_policy"), FieldStatus::Implemented);
-        assert_eq!(get("health_checks"), FieldStatus::Planned);
+        assert_eq!(get("health_checks"), FieldStatus::Implemented);
+        assert_eq!(get("outlier_detection"), FieldStatus::Implemented);
         assert_eq!(get("envoy_override"), FieldStatus::Unsupported);
     }
 
@@ -473,11 +474,11 @@ mod tests {
 
     #[test]
     fn planned_fields_warn() {
-        let d = doc("apiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata:\n  name: m\nspec:\n  prefix: /a/\n  service: a\n  health_checks: [{health_check: {http: {path: /h}}}]\n");
-        assert!(validate(Kind::Mapping, &d, "m.yaml").is_empty());
-        let w = status_warnings(Kind::Mapping, &d, "m.yaml");
+        let d = doc("apiVersion: legate.dev/v1alpha1\nkind: AuthService\nmetadata:\n  name: a\nspec:\n  auth_service: auth:80\n  include_body: {max_bytes: 10}\n");
+        assert!(validate(Kind::AuthService, &d, "a.yaml").is_empty());
+        let w = status_warnings(Kind::AuthService, &d, "a.yaml");
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].code, "not-implemented-yet");
-        assert!(w[0].message.contains("health_checks"));
+        assert!(w[0].message.contains("include_body"));
     }
 }

@@ -65,11 +65,37 @@ impl RouteStats {
     }
 }
 
+/// Endpoint health of one upstream (a Mapping's `service`, as configured): outlier ejections
+/// and, as the balancer last saw them, how many addresses it has, ejected and failing checks.
+#[derive(Debug, Default)]
+pub struct UpstreamStats {
+    ejections: AtomicU64,
+    addresses: AtomicU64,
+    ejected: AtomicU64,
+    unhealthy: AtomicU64,
+}
+
+impl UpstreamStats {
+    /// Count one outlier ejection.
+    pub fn ejected(&self) {
+        self.ejections.fetch_add(1, Relaxed);
+    }
+
+    /// The address counts the balancer just saw.
+    pub fn set_addresses(&self, total: usize, ejected: usize, unhealthy: usize) {
+        self.addresses.store(total as u64, Relaxed);
+        self.ejected.store(ejected as u64, Relaxed);
+        self.unhealthy.store(unhealthy as u64, Relaxed);
+    }
+}
+
 /// Every metric of one gateway process. Cheap to share: `Arc<Metrics>`.
 #[derive(Debug)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
     none: Arc<RouteStats>,
+    /// By upstream service (from the config, so bounded like route labels).
+    upstreams: Mutex<BTreeMap<String, Arc<UpstreamStats>>>,
     connect_failures: AtomicU64,
     timeouts: AtomicU64,
     gateway_5xx: AtomicU64,
@@ -87,6 +113,7 @@ impl Default for Metrics {
         Metrics {
             routes: Mutex::new(routes),
             none,
+            upstreams: Mutex::new(BTreeMap::new()),
             connect_failures: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             gateway_5xx: AtomicU64::new(0),
@@ -141,6 +168,12 @@ impl Metrics {
     pub fn route(&self, stats_name: &str) -> Arc<RouteStats> {
         let mut m = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(stats_name.to_string()).or_default().clone()
+    }
+
+    /// The endpoint-health statistics of an upstream service (called when a graph is prepared).
+    pub fn upstream(&self, service: &str) -> Arc<UpstreamStats> {
+        let mut m = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(service.to_string()).or_default().clone()
     }
 
     /// The statistics of requests no route matched.
@@ -299,6 +332,8 @@ impl Metrics {
             self.connections.load(Relaxed).max(0)
         );
 
+        self.render_upstreams(&mut out);
+
         head(
             &mut out,
             "legate_reconcile_revisions_total",
@@ -381,6 +416,47 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    fn render_upstreams(&self, out: &mut String) {
+        let ups: Vec<(String, Arc<UpstreamStats>)> = {
+            let m = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+            m.iter().map(|(k, v)| (escape(k), v.clone())).collect()
+        };
+        head(
+            out,
+            "legate_upstream_outlier_ejections_total",
+            "counter",
+            "Upstream addresses ejected by outlier detection, by upstream service.",
+        );
+        for (name, u) in &ups {
+            let _ = writeln!(
+                out,
+                "legate_upstream_outlier_ejections_total{{upstream=\"{name}\"}} {}",
+                u.ejections.load(Relaxed)
+            );
+        }
+        head(
+            out,
+            "legate_upstream_addresses",
+            "gauge",
+            "Addresses of an upstream service with outlier detection or health checks, as last balanced: all, ejected, failing health checks.",
+        );
+        for (name, u) in &ups {
+            for (state, v) in [
+                ("all", &u.addresses),
+                ("ejected", &u.ejected),
+                ("unhealthy", &u.unhealthy),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "legate_upstream_addresses{{upstream=\"{name}\",state=\"{state}\"}} {}",
+                    v.load(Relaxed)
+                );
+            }
+        }
+    }
+}
+
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -444,6 +520,20 @@ mod tests {
             text.contains("legate_request_duration_seconds_bucket{route=\"api\",le=\"+Inf\"} 2\n")
         );
         assert!(text.contains("legate_request_duration_seconds_count{route=\"none\"} 0\n"));
+    }
+
+    #[test]
+    fn upstream_health_is_rendered() {
+        let m = Metrics::new();
+        let u = m.upstream("svc.test:80");
+        u.ejected();
+        u.set_addresses(3, 1, 0);
+        let text = m.render(None);
+        assert!(
+            text.contains("legate_upstream_outlier_ejections_total{upstream=\"svc.test:80\"} 1\n")
+        );
+        assert!(text
+            .contains("legate_upstream_addresses{upstream=\"svc.test:80\",state=\"ejected\"} 1\n"));
     }
 
     #[test]

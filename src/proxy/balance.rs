@@ -1,11 +1,13 @@
-//! Load balancing across the addresses of a plain-`http` upstream name (Emissary's
-//! `load_balancer`): round_robin (per request), least_request (the less busy of two distinct
-//! random addresses, Envoy's default choice count), and ring_hash / maglev keyed by a header, a cookie or
-//! the client address, so one key keeps reaching one address while the set is stable and moves
-//! as little as possible when it changes. A request without the key gets a random address.
+//! Load balancing across the addresses of an HTTP/1.1 upstream (Emissary's `load_balancer`):
+//! round_robin (per request), least_request (the less busy of two distinct random addresses,
+//! Envoy's default choice count), and ring_hash / maglev keyed by a header, a cookie or the
+//! client address, so one key keeps reaching one address while the set is stable and moves as
+//! little as possible when it changes. A request without the key gets a random address.
 //!
-//! IP-literal and `https://` upstreams are not balanced here: their pool's connector picks (TLS
-//! needs the name for SNI).
+//! Every HTTP/1.1 upstream with a policy, outlier detection or health checks is balanced here:
+//! DNS names with their resolved addresses, IP literals as their one address, `http` and
+//! `https` alike (the pool dials the picked address and keeps the service name for TLS). Before
+//! picking, `health` removes ejected and unhealthy addresses.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -37,6 +39,9 @@ pub(crate) struct Balancer {
     lb: LoadBalancer,
     resolver: Resolver,
     host: String,
+    /// The address of an IP-literal upstream (no lookup).
+    literal: Option<IpAddr>,
+    pub health: Option<Arc<super::health::Health>>,
     next: AtomicUsize,
     busy: Arc<Mutex<HashMap<IpAddr, u32>>>,
     /// The table built for the last address set (ring points, or the maglev table).
@@ -63,41 +68,49 @@ fn hash_of(v: impl Hash) -> u64 {
 }
 
 impl Balancer {
-    /// A balancer for `host`, or `None` when the upstream is not balanced here.
+    /// A balancer for `host` (a DNS name or an IP literal).
     pub fn new(
         lb: &LoadBalancer,
         resolver: Resolver,
         host: &str,
-        plain_http: bool,
-    ) -> Option<Self> {
-        if !plain_http || host.is_empty() || IpAddr::from_str(host.trim_matches(['[', ']'])).is_ok()
-        {
-            return None;
-        }
-        Some(Balancer {
+        health: Option<Arc<super::health::Health>>,
+    ) -> Self {
+        Balancer {
             lb: lb.clone(),
             resolver,
             host: host.to_string(),
+            literal: IpAddr::from_str(host.trim_matches(['[', ']'])).ok(),
+            health,
             next: AtomicUsize::new(0),
             busy: Arc::new(Mutex::new(HashMap::new())),
             table: Mutex::new(None),
-        })
+        }
+    }
+
+    /// Every address of the upstream, sorted (empty when the name does not resolve).
+    pub async fn addresses(&self) -> Vec<IpAddr> {
+        use tower_service::Service;
+        if let Some(ip) = self.literal {
+            return vec![ip];
+        }
+        let Ok(name) = Name::from_str(&self.host) else {
+            return Vec::new();
+        };
+        let mut addrs: Vec<IpAddr> = match self.resolver.clone().call(name).await {
+            Ok(a) => a.map(|a| a.ip()).collect(),
+            Err(_) => return Vec::new(),
+        };
+        addrs.sort();
+        addrs.dedup();
+        addrs
     }
 
     /// The address for this request; `None` leaves the choice to the pool.
     pub async fn pick(&self, head: &Parts) -> Option<(IpAddr, Option<Busy>)> {
-        use tower_service::Service;
-        let name = Name::from_str(&self.host).ok()?;
-        let mut addrs: Vec<IpAddr> = self
-            .resolver
-            .clone()
-            .call(name)
-            .await
-            .ok()?
-            .map(|a| a.ip())
-            .collect();
-        addrs.sort();
-        addrs.dedup();
+        let mut addrs = self.addresses().await;
+        if let Some(h) = &self.health {
+            h.filter(&mut addrs);
+        }
         let n = addrs.len();
         if n == 0 {
             return None;

@@ -1,6 +1,7 @@
 //! Circuit breakers (Emissary's `circuit_breakers`, Envoy's semantics): per upstream and limit
-//! set, at most `max_requests` requests in flight, `max_connections` connections busy with a
-//! request, `max_pending_requests` requests waiting for one, and `max_retries` retries in flight
+//! set, at most `max_requests` requests in flight, `max_connections` connections open (HTTP/1.1:
+//! idle or busy, held by `pool` from dial to close; gRPC: busy with a request),
+//! `max_pending_requests` requests waiting for one, and `max_retries` retries in flight
 //! (also held to the retry budget: 20% of active requests, at least 3). Over a limit the request
 //! is answered 503 at once with `x-legate-overloaded: circuit-breaker`; nothing queues beyond
 //! the pending limit.
@@ -78,7 +79,8 @@ impl Drop for Retry {
     }
 }
 
-struct Pending<'a>(&'a Breaker);
+/// Counts one request waiting for a connection until dropped.
+pub(crate) struct Pending<'a>(&'a Breaker);
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
@@ -110,14 +112,30 @@ impl Breaker {
     /// A connection slot for one attempt; waits as a pending request when all are busy, or
     /// refuses when `max_pending_requests` already wait.
     pub async fn connection(&self) -> Result<OwnedSemaphorePermit, ProxyError> {
-        if let Ok(p) = self.connections.clone().try_acquire_owned() {
+        if let Some(p) = self.try_connection() {
             return Ok(p);
         }
+        let _pending = self.pending()?;
+        self.wait_connection().await
+    }
+
+    /// A free connection slot, if any (no waiting).
+    pub fn try_connection(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// Count the caller as a pending request, or refuse because `max_pending_requests` wait.
+    pub fn pending(&self) -> Result<Pending<'_>, ProxyError> {
         let before = self.pending.fetch_add(1, Ordering::AcqRel);
-        let _pending = Pending(self);
+        let guard = Pending(self);
         if before >= self.limits.max_pending_requests {
             return Err(ProxyError::Overloaded);
         }
+        Ok(guard)
+    }
+
+    /// Wait for a connection slot (the caller counts itself as pending first).
+    pub async fn wait_connection(&self) -> Result<OwnedSemaphorePermit, ProxyError> {
         self.connections
             .clone()
             .acquire_owned()

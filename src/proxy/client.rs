@@ -149,14 +149,26 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        self.dial(uri, None)
+    }
+}
+
+impl Connector {
+    /// Connect to `uri`; for TLS, `server_name` (default: the URI's host) is the SNI and the
+    /// name the certificate must hold, so a balancer can dial an address of a named service.
+    pub fn dial(
+        &mut self,
+        uri: Uri,
+        server_name: Option<&str>,
+    ) -> Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>> {
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-        let host = uri
-            .host()
+        let host = server_name
+            .or(uri.host())
             .unwrap_or("")
             .trim_matches(['[', ']'])
             .to_string();
         let tls = self.tls.clone();
-        let connecting = self.http.call(uri);
+        let connecting = tower_service::Service::call(&mut self.http, uri);
         Box::pin(async move {
             let tcp = connecting.await?;
             if !https {

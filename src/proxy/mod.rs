@@ -18,6 +18,7 @@ pub mod echo;
 mod error;
 mod handle;
 mod headers;
+mod health;
 mod observe;
 mod path;
 mod pool;
@@ -136,6 +137,10 @@ impl crate::reconcile::ErrorCounter for Proxy {
     fn gateway_errors(&self) -> u64 {
         Proxy::gateway_errors(self)
     }
+
+    fn unhealthy_upstreams(&self) -> Vec<String> {
+        Proxy::unhealthy_upstreams(self)
+    }
 }
 
 /// Everything a request reads, built once per graph (or per certificate change).
@@ -182,8 +187,39 @@ pub(crate) struct Prepared {
     pub retry: Option<crate::routes::RetryPolicy>,
     pub breaker: Arc<breaker::Breaker>,
     pub cors: Option<Arc<cors::Policy>>,
-    /// Picks the upstream address per request (`load_balancer`), for plain-http DNS names.
+    /// Picks the upstream address per request (`load_balancer`, outlier detection, health
+    /// checks), for HTTP/1.1 upstreams.
     pub balancer: Option<Arc<balance::Balancer>>,
+    /// The pool and balancer health checks of this upstream dial through, when it has checks.
+    pub checked: Option<(Arc<pool::HostPool>, Arc<balance::Balancer>)>,
+}
+
+/// `load_balancer` of a route that has outlier detection or health checks but no policy.
+const DEFAULT_LB: crate::routes::LoadBalancer = crate::routes::LoadBalancer {
+    policy: crate::routes::LbPolicy::RoundRobin,
+    key: None,
+};
+
+/// The health-check supervisor of one upstream health state, and the Mappings using it.
+struct Checker {
+    health: Arc<health::Health>,
+    mappings: Vec<String>,
+    pool: Arc<pool::HostPool>,
+    balancer: Arc<balance::Balancer>,
+    task: Option<tokio::task::AbortHandle>,
+    /// The previous graph did not run these checks.
+    new: bool,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let cur = self.checkers.get_mut().unwrap_or_else(|e| e.into_inner());
+        for c in cur.iter() {
+            if let Some(t) = &c.task {
+                t.abort();
+            }
+        }
+    }
 }
 
 /// How a route reaches its upstream.
@@ -211,6 +247,9 @@ pub struct Proxy {
     /// listeners), set once at startup.
     local: std::sync::OnceLock<(String, Arc<dyn LocalService>)>,
     breakers: breaker::Breakers,
+    health: health::Registry,
+    /// The health-check supervisors of the live graph's upstreams, by health state.
+    checkers: Mutex<Vec<Checker>>,
     shadows: shadow::Shadows,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -256,6 +295,8 @@ impl Proxy {
             gateway_errors: std::sync::atomic::AtomicU64::new(0),
             local: std::sync::OnceLock::new(),
             breakers: breaker::Breakers::default(),
+            health: health::Registry::default(),
+            checkers: Mutex::new(Vec::new()),
             shadows: shadow::Shadows::default(),
             metrics: crate::metrics::Metrics::new(),
         };
@@ -266,9 +307,81 @@ impl Proxy {
     pub fn swap(&self, graph: Arc<Graph>) {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let snap = self.build(graph);
+        self.run_checkers(&snap);
         self.shared.store(Arc::new(snap));
         self.loaded
             .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Start the health checkers `snap` needs and stop those no route of it uses any more.
+    fn run_checkers(&self, snap: &Snapshot) {
+        let mut want: Vec<Checker> = Vec::new();
+        for (route, prep) in snap.graph.routes.iter().zip(&snap.routes) {
+            let Some(b) = prep.as_ref().and_then(|p| p.checked.as_ref()) else {
+                continue;
+            };
+            let Some(h) = &b.1.health else { continue };
+            let name = format!("Mapping {}/{}", route.namespace, route.name);
+            match want.iter_mut().find(|c| Arc::ptr_eq(&c.health, h)) {
+                Some(c) => c.mappings.push(name),
+                None => want.push(Checker {
+                    health: h.clone(),
+                    mappings: vec![name],
+                    pool: b.0.clone(),
+                    balancer: b.1.clone(),
+                    task: None,
+                    new: true,
+                }),
+            }
+        }
+        let mut cur = self.checkers.lock().unwrap_or_else(|e| e.into_inner());
+        for c in want.iter_mut() {
+            if let Some(i) = cur.iter().position(|o| Arc::ptr_eq(&o.health, &c.health)) {
+                c.task = cur.swap_remove(i).task.take();
+                c.new = false;
+            }
+            if c.task.is_none() {
+                // No runtime (e.g. a synchronous test): nothing can run the checks.
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    c.task = Some(c.health.spawn_checkers(c.pool.clone(), c.balancer.clone()));
+                }
+            }
+        }
+        // What is left belongs to upstreams the new graph does not check: stop it.
+        for old in cur.drain(..) {
+            if let Some(t) = &old.task {
+                t.abort();
+            }
+        }
+        *cur = want;
+    }
+
+    /// Why upstreams the live graph checks and the previous one did not (a new upstream, or
+    /// new checks) are down: every address fails its health checks. Checks the previous graph
+    /// already ran are left out: the new revision did not change them, so their failure must
+    /// not block it (e.g. a fix elsewhere while that upstream is down).
+    pub fn unhealthy_upstreams(&self) -> Vec<String> {
+        let cur = self.checkers.lock().unwrap_or_else(|e| e.into_inner());
+        cur.iter()
+            .filter(|c| c.new)
+            .filter_map(|c| {
+                c.health.all_down().map(|why| {
+                    format!(
+                        "{}: upstream {} is unhealthy: {why}",
+                        c.mappings.join(", "),
+                        c.health.label
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Health-check supervisors running now (tests: none leak across swaps).
+    pub fn health_checkers(&self) -> usize {
+        let cur = self.checkers.lock().unwrap_or_else(|e| e.into_inner());
+        cur.iter()
+            .filter(|c| c.task.as_ref().is_some_and(|t| !t.is_finished()))
+            .count()
     }
 
     /// Serve requests whose path starts with `prefix` (e.g. `/.legate/hooks/`) with `svc`
@@ -408,18 +521,45 @@ impl Proxy {
                     .pool(&f.upstream, f.connect_timeout, f.idle_timeout),
             )
         };
-        let balancer = match (&upstream, &f.load_balancer) {
-            (UpstreamClient::H1(pool), Some(lb)) => balance::Balancer::new(
-                lb,
-                self.clients.resolver().clone(),
-                pool.host(),
-                pool.is_plain_http(),
+        let wants_health = f.outlier.is_some() || !f.health_checks.is_empty();
+        let health = wants_health.then(|| {
+            self.health.get(
+                format!("{}|{:?}|{:?}", f.upstream, f.outlier, f.health_checks),
+                &authority_str,
+                f.outlier.as_ref(),
+                &f.health_checks,
+                &self.metrics,
             )
-            .map(Arc::new),
+        });
+        let make_balancer = || {
+            Arc::new(balance::Balancer::new(
+                f.load_balancer.as_ref().unwrap_or(&DEFAULT_LB),
+                self.clients.resolver().clone(),
+                authority.host(),
+                health.clone(),
+            ))
+        };
+        let balancer = match &upstream {
+            UpstreamClient::H1(_) if f.load_balancer.is_some() || wants_health => {
+                Some(make_balancer())
+            }
             _ => None,
+        };
+        // Health checks run for gRPC upstreams too (verification, metrics), through an
+        // HTTP/1.1 pool of the same upstream used only to dial the probes.
+        let checked = match (&health, &upstream, &balancer) {
+            (Some(h), _, _) if h.checks.is_empty() => None,
+            (None, _, _) => None,
+            (Some(_), UpstreamClient::H1(pool), Some(b)) => Some((pool.clone(), b.clone())),
+            (Some(_), _, _) => Some((
+                self.clients
+                    .pool(&f.upstream, f.connect_timeout, f.idle_timeout),
+                make_balancer(),
+            )),
         };
         Prepared {
             balancer,
+            checked,
             scheme: match f.upstream.scheme {
                 Scheme::Http | Scheme::H2c => UriScheme::HTTP,
                 Scheme::Https => UriScheme::HTTPS,
@@ -465,6 +605,7 @@ impl Clone for Prepared {
             breaker: self.breaker.clone(),
             cors: self.cors.clone(),
             balancer: self.balancer.clone(),
+            checked: self.checked.clone(),
         }
     }
 }

@@ -6,6 +6,11 @@
 //! reusable and hashes the authority on every checkout; on a proxy's request path those two cost
 //! more than everything Legate does to the request itself. HTTP/2 upstreams keep the legacy
 //! client (one multiplexed connection needs neither).
+//!
+//! Every connection holds a slot of the route's circuit breaker (`max_connections`) from dial
+//! to close, idle or busy, as Envoy counts them; a request that finds no idle connection and no
+//! free slot waits as a pending request until one is returned or freed. The pool also runs
+//! active health-check probes against one address (a fresh connection each, never pooled).
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -18,9 +23,13 @@ use http::{Request, Response, Uri};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+
 use super::body::ReqBody;
+use super::breaker::Breaker;
 use super::client::Connector;
 use super::error::ProxyError;
+use crate::routes::Probe;
 
 /// Idle connections kept per upstream.
 const MAX_IDLE: usize = 256;
@@ -34,6 +43,8 @@ pub struct HostPool {
     /// Idle connections, tagged with the address they were dialled at when a load balancer
     /// chose it (`None`: the resolver's rotation chose).
     idle: Mutex<Vec<Idle>>,
+    /// Woken when a connection goes back to `idle` (requests waiting for a breaker slot).
+    returned: Notify,
 }
 
 type Idle = (SendRequest<ReqBody>, Instant, Option<IpAddr>);
@@ -45,6 +56,7 @@ impl HostPool {
             connector,
             idle_timeout,
             idle: Mutex::new(Vec::new()),
+            returned: Notify::new(),
         }
     }
 
@@ -63,30 +75,74 @@ impl HostPool {
         if idle.len() < MAX_IDLE {
             idle.push((s, Instant::now(), addr));
         }
+        drop(idle);
+        self.returned.notify_waiters();
     }
 
-    async fn connect(&self, addr: Option<IpAddr>) -> Result<SendRequest<ReqBody>, ProxyError> {
-        use tower_service::Service;
-        let mut c = self.connector.clone();
-        let target = match addr {
-            None => self.target.clone(),
-            Some(ip) => {
-                let port = self.target.port_u16().unwrap_or(80);
-                let sa = std::net::SocketAddr::new(ip, port);
-                format!("http://{sa}/")
-                    .parse()
-                    .map_err(|_| ProxyError::Internal("balanced address".into()))?
-            }
+    /// Close one idle connection (its breaker slot comes back when its task ends).
+    fn evict_idle(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if !idle.is_empty() {
+            idle.remove(0);
+        }
+    }
+
+    /// The URI to dial for `addr` (the service's own for `None`) and the TLS name to expect.
+    fn dial_target(&self, addr: Option<IpAddr>) -> Result<(Uri, Option<&str>), ProxyError> {
+        let Some(ip) = addr else {
+            return Ok((self.target.clone(), None));
         };
-        let io = c
-            .call(target)
-            .await
-            .map_err(|e| ProxyError::Connect(e.to_string()))?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| ProxyError::Connect(e.to_string()))?;
+        let https = self.target.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let port = self
+            .target
+            .port_u16()
+            .unwrap_or(if https { 443 } else { 80 });
+        let sa = std::net::SocketAddr::new(ip, port);
+        let scheme = if https { "https" } else { "http" };
+        let uri = format!("{scheme}://{sa}/")
+            .parse()
+            .map_err(|_| ProxyError::Internal("balanced address".into()))?;
+        Ok((uri, https.then(|| self.host())))
+    }
+
+    /// An idle connection to `addr`, or a new one within the breaker's `max_connections`.
+    async fn sender(
+        &self,
+        addr: Option<IpAddr>,
+        breaker: &Breaker,
+    ) -> Result<(SendRequest<ReqBody>, bool), ProxyError> {
+        loop {
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            // Registered before looking, so a check-in in between is not missed.
+            returned.as_mut().enable();
+            if let Some(s) = self.checkout(addr) {
+                return Ok((s, true));
+            }
+            if let Some(slot) = breaker.try_connection() {
+                return Ok((self.connect(addr, Some(slot)).await?, false));
+            }
+            // At the limit: an idle connection to another address gives its slot back.
+            self.evict_idle();
+            let _pending = breaker.pending()?;
+            tokio::select! {
+                slot = breaker.wait_connection() => {
+                    return Ok((self.connect(addr, Some(slot?)).await?, false));
+                }
+                _ = &mut returned => continue,
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        addr: Option<IpAddr>,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<SendRequest<ReqBody>, ProxyError> {
+        let (sender, conn) = self.handshake(addr).await?;
         tokio::spawn(async move {
+            // The breaker slot is held for as long as the connection is open.
+            let _slot = slot;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
@@ -94,9 +150,160 @@ impl HostPool {
         Ok(sender)
     }
 
-    /// Whether this pool dials plain `http://` (load balancers may pick its addresses).
-    pub fn is_plain_http(&self) -> bool {
-        self.target.scheme() == Some(&http::uri::Scheme::HTTP)
+    async fn handshake(
+        &self,
+        addr: Option<IpAddr>,
+    ) -> Result<
+        (
+            SendRequest<ReqBody>,
+            http1::Connection<super::client::UpstreamIo, ReqBody>,
+        ),
+        ProxyError,
+    > {
+        let mut c = self.connector.clone();
+        let (target, name) = self.dial_target(addr)?;
+        let io = c
+            .dial(target, name)
+            .await
+            .map_err(|e| ProxyError::Connect(e.to_string()))?;
+        http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| ProxyError::Connect(e.to_string()))
+    }
+
+    /// One HTTP health check of `ip` on a fresh connection: `Err` says why it failed.
+    pub async fn probe(&self, ip: IpAddr, probe: &Probe, timeout: Duration) -> Result<(), String> {
+        let Probe::Http {
+            path,
+            hostname,
+            add_headers,
+            remove_headers,
+            expected,
+        } = probe
+        else {
+            return Err("not an HTTP check".into());
+        };
+        let fut = async {
+            let (mut sender, conn) = self.handshake(Some(ip)).await.map_err(|e| e.to_string())?;
+            let task = tokio::spawn(conn);
+            let host = match hostname {
+                Some(h) => h.clone(),
+                None => self
+                    .target
+                    .authority()
+                    .map_or_else(String::new, |a| a.to_string()),
+            };
+            let mut req = Request::get(path.as_str())
+                .header(http::header::HOST, host)
+                .header(http::header::USER_AGENT, "legate-health-check")
+                .header(http::header::CONNECTION, "close")
+                .body(ReqBody::buffered(Bytes::new()))
+                .map_err(|e| format!("request: {e}"))?;
+            let h = req.headers_mut();
+            for name in remove_headers {
+                h.remove(name.as_str());
+            }
+            for (k, v) in add_headers {
+                if let (Ok(k), Ok(v)) = (
+                    http::header::HeaderName::from_bytes(k.as_bytes()),
+                    http::header::HeaderValue::from_str(v),
+                ) {
+                    h.insert(k, v);
+                }
+            }
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("request: {e}"));
+            task.abort();
+            let code = resp?.status().as_u16();
+            if expected.iter().any(|(lo, hi)| (*lo..=*hi).contains(&code)) {
+                Ok(())
+            } else {
+                Err(format!("status {code}"))
+            }
+        };
+        within(timeout, fut).await
+    }
+
+    /// One `grpc.health.v1.Health/Check` of `ip` over HTTP/2 on a fresh connection.
+    pub async fn probe_grpc(
+        &self,
+        ip: IpAddr,
+        probe: &Probe,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        use http_body_util::BodyExt;
+        let Probe::Grpc { service, authority } = probe else {
+            return Err("not a gRPC check".into());
+        };
+        let fut = async {
+            let mut c = self.connector.clone();
+            let (target, name) = self.dial_target(Some(ip)).map_err(|e| e.to_string())?;
+            let io = c
+                .dial(target, name)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let (mut sender, conn) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .handshake::<_, http_body_util::Full<Bytes>>(io)
+                    .await
+                    .map_err(|e| format!("h2 handshake: {e}"))?;
+            let task = tokio::spawn(conn);
+            let scheme = if self.target.scheme() == Some(&http::uri::Scheme::HTTPS) {
+                "https"
+            } else {
+                "http"
+            };
+            let auth = match authority {
+                Some(a) => a.clone(),
+                None => self
+                    .target
+                    .authority()
+                    .map_or_else(String::new, |a| a.to_string()),
+            };
+            let req = Request::post(format!("{scheme}://{auth}/grpc.health.v1.Health/Check"))
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header(http::header::TE, "trailers")
+                .header(http::header::USER_AGENT, "legate-health-check")
+                .body(http_body_util::Full::new(grpc_check_request(service)))
+                .map_err(|e| format!("request: {e}"))?;
+            let result = async {
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("request: {e}"))?;
+                if !resp.status().is_success() {
+                    return Err(format!("status {}", resp.status().as_u16()));
+                }
+                let head_status = resp.headers().get("grpc-status").cloned();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| format!("body: {e}"))?;
+                let status = body
+                    .trailers()
+                    .and_then(|t| t.get("grpc-status").cloned())
+                    .or(head_status);
+                if status.as_ref().is_some_and(|s| s != "0") {
+                    return Err(format!(
+                        "grpc-status {}",
+                        status.as_ref().and_then(|s| s.to_str().ok()).unwrap_or("?")
+                    ));
+                }
+                match grpc_serving_status(&body.to_bytes()) {
+                    Some(1) => Ok(()),
+                    Some(s) => Err(format!("serving status {s}")),
+                    None => Err("not a HealthCheckResponse".into()),
+                }
+            }
+            .await;
+            task.abort();
+            result
+        };
+        within(timeout, fut).await
     }
 
     /// The host name this pool dials (for address lookups).
@@ -111,12 +318,10 @@ impl HostPool {
         self: &Arc<Self>,
         addr: Option<IpAddr>,
         mut req: Request<ReqBody>,
+        breaker: &Breaker,
     ) -> Result<Response<PooledBody>, ProxyError> {
         loop {
-            let (mut sender, reused) = match self.checkout(addr) {
-                Some(s) => (s, true),
-                None => (self.connect(addr).await?, false),
-            };
+            let (mut sender, reused) = self.sender(addr, breaker).await?;
             if sender.ready().await.is_err() {
                 if reused {
                     continue;
@@ -140,6 +345,69 @@ impl HostPool {
             }
         }
     }
+}
+
+/// A probe's outcome, or a failure when it takes longer than `timeout`.
+async fn within(
+    timeout: Duration,
+    probe: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<(), String> {
+    tokio::time::timeout(timeout, probe)
+        .await
+        .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))?
+}
+
+/// A `grpc.health.v1.HealthCheckRequest { service }`, length-prefixed as a gRPC message.
+fn grpc_check_request(service: &str) -> Bytes {
+    let mut msg = Vec::with_capacity(service.len() + 8);
+    if !service.is_empty() {
+        // Field 1, length-delimited.
+        msg.push(0x0a);
+        let mut n = service.len();
+        while n >= 0x80 {
+            msg.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        msg.push(n as u8);
+        msg.extend_from_slice(service.as_bytes());
+    }
+    let mut out = Vec::with_capacity(msg.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(&msg);
+    Bytes::from(out)
+}
+
+/// The `status` (field 1) of a length-prefixed `HealthCheckResponse`; 0 when absent (UNKNOWN).
+fn grpc_serving_status(b: &[u8]) -> Option<u64> {
+    let len = u32::from_be_bytes(b.get(1..5)?.try_into().ok()?) as usize;
+    let mut msg = b.get(5..5 + len)?;
+    let mut status = 0;
+    while let Some((&tag, rest)) = msg.split_first() {
+        let (v, rest) = varint(rest)?;
+        match tag {
+            0x08 => {
+                status = v;
+                msg = rest;
+            }
+            // Length-delimited fields are skipped.
+            t if t & 7 == 2 => msg = rest.get(v as usize..)?,
+            t if t & 7 == 0 => msg = rest,
+            _ => return None,
+        }
+    }
+    Some(status)
+}
+
+fn varint(b: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v = 0u64;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, &b[i + 1..]));
+        }
+    }
+    None
 }
 
 /// An upstream response body that returns its connection to the pool when it ends.
@@ -185,5 +453,23 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_health_messages() {
+        assert_eq!(&grpc_check_request("")[..], &[0, 0, 0, 0, 0]);
+        assert_eq!(
+            &grpc_check_request("a")[..],
+            &[0, 0, 0, 0, 3, 0x0a, 1, b'a']
+        );
+        assert_eq!(grpc_serving_status(&[0, 0, 0, 0, 2, 0x08, 1]), Some(1));
+        assert_eq!(grpc_serving_status(&[0, 0, 0, 0, 2, 0x08, 2]), Some(2));
+        assert_eq!(grpc_serving_status(&[0, 0, 0, 0, 0]), Some(0));
+        assert_eq!(grpc_serving_status(&[0, 0]), None);
     }
 }

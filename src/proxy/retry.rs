@@ -19,6 +19,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::body::{ReqBody, RespBody};
 use super::error::ProxyError;
+use super::health::Outcome;
 use super::{Prepared, UpstreamClient};
 use crate::routes::RetryOn;
 
@@ -77,7 +78,7 @@ async fn attempts(
     parts: Parts,
     body: ReqBody,
     pq: PathAndQuery,
-) -> Result<(Response<RespBody>, OwnedSemaphorePermit), ProxyError> {
+) -> Result<(Response<RespBody>, Option<OwnedSemaphorePermit>), ProxyError> {
     // An upgrade belongs to one connection; it is never replayed.
     let policy = prep
         .retry
@@ -113,7 +114,11 @@ async fn attempts(
                 .take()
                 .ok_or_else(|| ProxyError::Internal("request head already sent".into()))?,
         };
-        let conn = prep.breaker.connection().await?;
+        // HTTP/1.1 connections hold their own slot in the pool; an HTTP/2 attempt holds one.
+        let conn = match prep.upstream {
+            UpstreamClient::H1(_) => None,
+            UpstreamClient::H2(_) => Some(prep.breaker.connection().await?),
+        };
         let sent = send_once(prep, this_head, cur, pq.clone());
         let result = match policy.and_then(|p| p.per_try_timeout) {
             Some(t) => tokio::time::timeout(t, sent)
@@ -157,10 +162,21 @@ pub(super) async fn send_once(
             };
             parts.uri = Uri::from(pq);
             parts.version = Version::HTTP_11;
-            let resp = pool
-                .send_to(addr, Request::from_parts(parts, body))
-                .await?
-                .map(RespBody::Pooled);
+            let sent = pool
+                .send_to(addr, Request::from_parts(parts, body), &prep.breaker)
+                .await;
+            if let (Some(h), Some(ip)) =
+                (prep.balancer.as_ref().and_then(|b| b.health.as_ref()), addr)
+            {
+                match &sent {
+                    Ok(r) => h.record(ip, Outcome::Status(r.status().as_u16())),
+                    Err(ProxyError::Connect(_) | ProxyError::Upstream(_)) => {
+                        h.record(ip, Outcome::LocalFailure)
+                    }
+                    Err(_) => {}
+                }
+            }
+            let resp = sent?.map(RespBody::Pooled);
             Ok(match busy {
                 None => resp,
                 Some(g) => resp.map(|b| RespBody::Held(Box::new(b), Box::new(g))),

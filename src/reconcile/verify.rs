@@ -1,6 +1,7 @@
 //! Verification window: after a swap, watch the new revision for a while and say whether to
-//! keep it. Two signals: HTTP health probes to the revision's upstreams, and the gateway's own
-//! error counter (a hook the proxy implements).
+//! keep it. Three signals: HTTP health probes to the revision's upstreams, the gateway's own
+//! error counter, and the Mappings' active health checks (both hooks the proxy implements):
+//! an upstream whose every address fails its checks fails the revision.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -15,6 +16,12 @@ use crate::routes::{Action, Graph, Scheme};
 pub trait ErrorCounter: Send + Sync + 'static {
     /// A monotonically increasing count.
     fn gateway_errors(&self) -> u64;
+
+    /// One line per upstream of the live graph whose every address fails its active health
+    /// checks, naming its Mappings (default: none known).
+    fn unhealthy_upstreams(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// How a new revision is watched after the swap.
@@ -95,6 +102,9 @@ pub async fn verify(
                     s.max_new_errors
                 ));
             }
+        }
+        if let Some(why) = errors.and_then(|c| c.unhealthy_upstreams().into_iter().next()) {
+            return Err(why);
         }
         let now = Instant::now();
         if now >= deadline {

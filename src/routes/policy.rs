@@ -56,7 +56,7 @@ impl RetryOn {
 /// Emissary's `circuit_breakers` (the `default` priority): limits per upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BreakerLimits {
-    /// Upstream connections busy with a request.
+    /// Open upstream connections (HTTP/1.1: idle or busy; gRPC: busy with a request).
     pub max_connections: u32,
     /// Requests waiting for a connection.
     pub max_pending_requests: u32,
@@ -133,4 +133,67 @@ pub enum HashKey {
     /// A cookie's value.
     Cookie(String),
     SourceIp,
+}
+
+/// Envoy's defaults for `outlier_detection`.
+pub const DEFAULT_CONSECUTIVE_5XX: u32 = 5;
+pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 10;
+
+/// `outlier_detection`: passive ejection of addresses that keep failing (Envoy's semantics).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx answers (or connect failures and resets) that eject an address; 0: off.
+    pub consecutive_5xx: u32,
+    /// Consecutive 502/503/504 answers (or connect failures and resets); 0: off.
+    pub consecutive_gateway_failure: u32,
+    /// How often an address's ejection count decays by one while it behaves.
+    pub interval: Duration,
+    /// Ejection time is this times the number of times the address was ejected.
+    pub base_ejection_time: Duration,
+    /// Share of addresses that may be ejected at once (at least one of two or more).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_5xx: DEFAULT_CONSECUTIVE_5XX,
+            consecutive_gateway_failure: 0,
+            interval: Duration::from_secs(10),
+            base_ejection_time: DEFAULT_BASE_EJECTION,
+            max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
+        }
+    }
+}
+
+/// One entry of `health_checks`: an active probe of every upstream address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive failures that take an address out of rotation.
+    pub unhealthy_threshold: u32,
+    /// Consecutive passes that bring it back.
+    pub healthy_threshold: u32,
+    pub probe: Probe,
+}
+
+/// What a health check asks.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Probe {
+    Http {
+        path: String,
+        /// Host header; default: the upstream's host name.
+        hostname: Option<String>,
+        add_headers: Vec<(String, String)>,
+        remove_headers: Vec<String>,
+        /// Inclusive status ranges that pass (default 200-299).
+        expected: Vec<(u16, u16)>,
+    },
+    /// `grpc.health.v1.Health/Check` over HTTP/2.
+    Grpc {
+        service: String,
+        authority: Option<String>,
+    },
 }

@@ -266,6 +266,10 @@ pub struct Forward {
     pub breaker: super::BreakerLimits,
     pub cors: Option<std::sync::Arc<super::Cors>>,
     pub load_balancer: Option<super::LoadBalancer>,
+    /// Passive ejection of failing addresses.
+    pub outlier: Option<super::OutlierDetection>,
+    /// Active health checks of every address.
+    pub health_checks: Vec<super::HealthCheck>,
     /// The AuthService to ask first, unless the Mapping has `bypass_auth`.
     pub ext_auth: Option<std::sync::Arc<crate::policy::ExtAuth>>,
     /// The JWTPolicy whose token the request must carry.

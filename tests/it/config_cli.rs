@@ -312,7 +312,7 @@ fn schema_command_lists_fields_with_status() {
         .any(|l| l.trim_start().starts_with("retry_policy ") && l.contains("implemented")));
     assert!(out
         .lines()
-        .any(|l| l.trim_start().starts_with("health_checks ") && l.contains("planned")));
+        .any(|l| l.trim_start().starts_with("health_checks ") && l.contains("implemented")));
     let o = legate(&["schema", "host", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["$schema"], "https://json-schema.org/draft/2020-12/schema");

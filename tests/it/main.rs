@@ -8,6 +8,7 @@ mod diff;
 mod gateway;
 mod git_source;
 mod golden;
+mod health;
 mod kube;
 mod observability;
 mod proxy;

@@ -20,8 +20,8 @@ use tokio::net::TcpListener;
 use crate::support::*;
 
 /// An upstream whose answers a test scripts: `answer(n, request)` for the n-th request (from 0).
-struct Scripted {
-    addr: SocketAddr,
+pub(crate) struct Scripted {
+    pub(crate) addr: SocketAddr,
     hits: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -33,7 +33,7 @@ impl Drop for Scripted {
 }
 
 impl Scripted {
-    async fn start<F, Fut>(answer: F) -> Scripted
+    pub(crate) async fn start<F, Fut>(answer: F) -> Scripted
     where
         F: Fn(u64, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
@@ -42,7 +42,7 @@ impl Scripted {
     }
 
     /// On a chosen address (e.g. a second loopback IP with the same port as another upstream).
-    async fn start_at<F, Fut>(at: SocketAddr, answer: F) -> Scripted
+    pub(crate) async fn start_at<F, Fut>(at: SocketAddr, answer: F) -> Scripted
     where
         F: Fn(u64, Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
         Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
@@ -72,16 +72,16 @@ impl Scripted {
         Scripted { addr, hits, task }
     }
 
-    fn service(&self) -> String {
+    pub(crate) fn service(&self) -> String {
         self.addr.to_string()
     }
 
-    fn hits(&self) -> u64 {
+    pub(crate) fn hits(&self) -> u64 {
         self.hits.load(Ordering::SeqCst)
     }
 }
 
-fn answer(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+pub(crate) fn answer(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = StatusCode::from_u16(status).unwrap();
     r
@@ -96,7 +96,7 @@ fn gate() -> (
 }
 
 /// Wait (polling, bounded) until `f` holds; the readiness check for background work.
-async fn eventually(what: &str, f: impl Fn() -> bool) {
+pub(crate) async fn eventually(what: &str, f: impl Fn() -> bool) {
     for _ in 0..1000 {
         if f() {
             return;

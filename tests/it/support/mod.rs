@@ -52,6 +52,11 @@ impl Upstream {
 
     /// An upstream speaking TLS with this certificate (HTTP/1.1 and h2 by ALPN).
     pub async fn start_tls(name: &str, cert_dir: &Path) -> Upstream {
+        Upstream::start_tls_on(name, cert_dir, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A TLS upstream on a chosen address (e.g. another loopback IP, same port).
+    pub async fn start_tls_on(name: &str, cert_dir: &Path, addr: SocketAddr) -> Upstream {
         use rustls_pki_types::pem::PemObject;
         let certs = rustls_pki_types::CertificateDer::pem_file_iter(cert_dir.join("tls.crt"))
             .unwrap()
@@ -67,7 +72,8 @@ impl Upstream {
         .with_single_cert(certs, key)
         .unwrap();
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Upstream::start_with(name, Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))).await
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        Upstream::listen(name, TcpListener::bind(addr).await.unwrap(), Some(acceptor))
     }
 
     /// An upstream on a chosen address (e.g. another loopback IP, same port).
