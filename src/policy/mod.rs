@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
-pub use extauth::{AuthServiceSpec, ExtAuth};
+pub use extauth::{AuthServiceSpec, ExtAuth, ReadAhead};
 pub use jwt::{JwtPolicy, JwtPolicySpec};
 pub use ratelimit::{RateLimitSpec, RouteLimit};
 
@@ -283,8 +283,8 @@ fn compile_auth(resources: &[&Resource], diags: &mut Vec<Diagnostic>) -> Option<
     }
 }
 
-/// Run the route's policies on a request, editing it (headers an auth service grants) or
-/// refusing it.
+/// Run the route's policies on a request, editing it (headers granted; with `include_body`, a
+/// [`ReadAhead`] extension holding the body bytes already read) or refusing it.
 pub async fn enforce(
     route: &crate::routes::Forward,
     req: &mut http::Request<hyper::body::Incoming>,
@@ -305,8 +305,18 @@ pub async fn enforce(
         }
     }
     if let Some(auth) = &route.ext_auth {
+        let body = match auth.include_body {
+            Some(inc) => {
+                let (ahead, sent, partial) = auth.read_body(inc, req.body_mut()).await?;
+                req.extensions_mut().insert(ahead);
+                Some((sent, partial))
+            }
+            None => None,
+        };
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let grant = auth.check(req.method(), pq, req.headers(), peer).await?;
+        let grant = auth
+            .check(req.method(), pq, req.headers(), peer, body)
+            .await?;
         let h = req.headers_mut();
         for (name, _) in &grant {
             h.remove(name);
@@ -334,7 +344,13 @@ pub fn describe(route: &crate::routes::Forward) -> Vec<(&'static str, String)> {
                 } else {
                     format!("{} when down", a.status_on_error.as_u16())
                 }
-            ),
+            ) + &a.include_body.map_or(String::new(), |b| {
+                format!(
+                    ", body up to {} bytes{}",
+                    b.max_bytes,
+                    if b.allow_partial { " (partial)" } else { "" }
+                )
+            }),
         ));
     }
     if let Some(j) = &route.jwt {

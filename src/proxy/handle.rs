@@ -286,7 +286,11 @@ impl Proxy {
 
         let replayable = prep.retry.is_some() || shadow.is_some();
         let limit = self.settings.limits.max_body_bytes;
-        let body = super::retry::request_body(body, replayable, limit).await?;
+        let body = match parts.extensions.remove::<crate::policy::ReadAhead>() {
+            Some(ahead) => super::body::ReqBody::read_ahead(ahead, body, limit)
+                .map_err(|_| ProxyError::BodyTooLarge)?,
+            None => super::retry::request_body(body, replayable, limit).await?,
+        };
         if let Some(sh) = shadow {
             self.shadows.copy(sh, &parts, &body, &upstream_pq);
         }

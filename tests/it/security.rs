@@ -23,6 +23,7 @@ struct Asked {
     method: String,
     path: String,
     headers: http::HeaderMap,
+    body: Bytes,
 }
 
 /// A real HTTP auth service. `Bearer good` is allowed (granting `x-user` and `x-internal`),
@@ -71,17 +72,32 @@ impl AuthServer {
 }
 
 async fn decide(req: Request<Incoming>, log: &Mutex<Vec<Asked>>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     log.lock().unwrap().push(Asked {
-        method: req.method().to_string(),
-        path: req
-            .uri()
+        method: parts.method.to_string(),
+        path: parts
+            .uri
             .path_and_query()
             .map(|p| p.to_string())
             .unwrap_or_default(),
-        headers: req.headers().clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
     });
-    let auth = req
-        .headers()
+    // A body containing `forbidden` is refused: the auth service judged what it was sent.
+    if body.windows(9).any(|w| w == b"forbidden") {
+        return Response::builder()
+            .status(403)
+            .body(Full::new(Bytes::from_static(b"body refused\n")))
+            .unwrap();
+    }
+    let auth = parts
+        .headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
@@ -223,6 +239,119 @@ async fn ext_auth_down_refuses_or_fails_open() {
     let gw =
         Gateway::start(&(auth_service(&format!("auth_service: {}", auth.addr)) + &route)).await;
     assert_eq!(get(&gw.url("/secure/a"), &[]).await.status, 401);
+}
+
+/// A body of `n` bytes that is not one repeated byte (so a reordering or a cut shows), sent in
+/// 1000-byte frames without a Content-Length.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+fn chunked(body: &[u8]) -> TestBody {
+    use http_body_util::BodyExt;
+    let frames: Vec<Result<hyper::body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> =
+        body.chunks(1000)
+            .map(|c| Ok(hyper::body::Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+    http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex(&<sha2::Sha256 as sha2::Digest>::digest(b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_auth_include_body_sends_the_body_and_still_forwards_it() {
+    let up = Upstream::start("app").await;
+    let auth = AuthServer::start().await;
+    let svc = up.service();
+    let routes = [mapping(
+        "secure",
+        &format!("hostname: '*'\nprefix: /secure/\nservice: {svc}"),
+    )]
+    .concat();
+    let spec = |extra: &str| {
+        auth_service(&format!(
+            "auth_service: {}\ntimeout_ms: 2000\n{extra}",
+            auth.addr
+        ))
+    };
+    let good = [
+        ("authorization", "Bearer good"),
+        ("content-type", "application/x-test"),
+    ];
+
+    // Whole bodies up to max_bytes: the auth service gets the body, the upstream the same body.
+    let gw = Gateway::start(&(spec("include_body:\n  max_bytes: 4096") + &routes)).await;
+    let body = pattern(3000);
+    let r = send("POST", &gw.url("/secure/up"), &good, chunked(&body)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = auth.asked().pop().unwrap();
+    assert_eq!(seen.body.as_ref(), &body[..]);
+    assert_eq!(seen.headers["content-length"], "3000");
+    assert_eq!(seen.headers["x-envoy-auth-partial-body"], "false");
+    assert_eq!(seen.headers["content-type"], "application/x-test");
+    assert_eq!(r.json()["body_bytes"], 3000);
+    assert_eq!(r.json()["body_sha256"], sha256_hex(&body));
+    // With a Content-Length too.
+    let r = send("POST", &gw.url("/secure/up"), &good, full(&body)).await;
+    assert_eq!(r.json()["body_sha256"], sha256_hex(&body));
+    assert_eq!(auth.asked().pop().unwrap().body.as_ref(), &body[..]);
+    // The auth service decides on the body.
+    let r = send(
+        "POST",
+        &gw.url("/secure/up"),
+        &good,
+        full(b"this is forbidden"),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.body, "body refused\n");
+
+    // Larger than max_bytes without allow_partial: 413, as Envoy answers; nothing reaches the
+    // auth service or the upstream, streamed or announced by Content-Length.
+    let (asked, hits) = (
+        auth.asked().len(),
+        up.hits.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    let big = pattern(10_000);
+    let r = send("POST", &gw.url("/secure/up"), &good, chunked(&big)).await;
+    assert_eq!(r.status, 413);
+    let r = send("POST", &gw.url("/secure/up"), &good, full(&big)).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(auth.asked().len(), asked);
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), hits);
+
+    // allow_partial: the auth service gets the first max_bytes, the upstream all of it.
+    let gw = Gateway::start(
+        &(spec("include_body:\n  max_bytes: 4096\n  allow_partial: true") + &routes),
+    )
+    .await;
+    let big = pattern(300_000);
+    let r = send("POST", &gw.url("/secure/up"), &good, chunked(&big)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = auth.asked().pop().unwrap();
+    assert_eq!(seen.body.as_ref(), &big[..4096]);
+    assert_eq!(seen.headers["x-envoy-auth-partial-body"], "true");
+    assert_eq!(r.json()["body_bytes"], 300_000);
+    assert_eq!(r.json()["body_sha256"], sha256_hex(&big));
+
+    // Without include_body the auth service gets no body and the body streams upstream.
+    let gw = Gateway::start(&(spec("") + &routes)).await;
+    let r = send("POST", &gw.url("/secure/up"), &good, chunked(&big)).await;
+    assert_eq!(r.status, 200);
+    let seen = auth.asked().pop().unwrap();
+    assert!(seen.body.is_empty());
+    assert_eq!(seen.headers["content-length"], "0");
+    assert!(seen.headers.get("x-envoy-auth-partial-body").is_none());
+    assert_eq!(r.json()["body_sha256"], sha256_hex(&big));
+}
+
+fn full(b: &[u8]) -> TestBody {
+    use http_body_util::BodyExt;
+    Full::new(Bytes::copy_from_slice(b))
+        .map_err(|e| match e {})
+        .boxed()
 }
 
 #[test]
