@@ -32,7 +32,15 @@ const MAX_VERIFIED: usize = 10_000;
 /// After a failed fetch, wait this long before trying again (requests use the kept keys).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
-type Claims = serde_json::Map<String, Value>;
+/// The claims of a validated token.
+pub type Claims = serde_json::Map<String, Value>;
+
+/// What a valid token grants: headers for the upstream and its claims (rate-limit keys).
+#[derive(Debug)]
+pub struct Verified {
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub claims: std::sync::Arc<Claims>,
+}
 
 /// The JWTPolicy spec.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -216,11 +224,8 @@ impl JwtPolicy {
         })
     }
 
-    /// Validate the request's bearer token. `Ok` carries the headers to set on the request.
-    pub async fn check(
-        &self,
-        headers: &HeaderMap,
-    ) -> Result<Vec<(HeaderName, HeaderValue)>, Box<Denial>> {
+    /// Validate the request's bearer token: the headers to set on the request and the claims.
+    pub async fn check(&self, headers: &HeaderMap) -> Result<Verified, Box<Denial>> {
         let Some(token) = bearer(headers) else {
             return Err(unauthorized(None));
         };
@@ -257,7 +262,10 @@ impl JwtPolicy {
                 out.push((name.clone(), v));
             }
         }
-        Ok(out)
+        Ok(Verified {
+            headers: out,
+            claims,
+        })
     }
 
     /// Check a token against keys at time `now` (seconds); the claims, or why not.

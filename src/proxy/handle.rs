@@ -146,7 +146,7 @@ impl Proxy {
                 }
                 let origin = cors.and_then(|c| c.origin(req.headers()));
                 let mut req = req;
-                crate::policy::enforce(f, &mut req, conn.remote)
+                let passed = crate::policy::enforce(f, &mut req, conn.remote)
                     .await
                     .map_err(ProxyError::Denied)?;
                 let mut resp = self
@@ -161,6 +161,7 @@ impl Proxy {
                         shadow,
                     )
                     .await?;
+                passed.decorate(resp.headers_mut());
                 if let (Some(c), Some(o)) = (cors, origin) {
                     c.decorate(o, resp.headers_mut());
                 }

@@ -1082,6 +1082,17 @@ fn ratelimit_problems_are_diagnosed() {
         ) + &m),
     );
     assert!(out.contains("counts nothing"), "{out}");
+    let claim_route = mapping(
+        "byuser",
+        "hostname: '*'\nprefix: /u/\nservice: app\nlabels:\n  ambassador:\n    - per_user:\n      - jwt_claim: {claim: sub}",
+    );
+    let out = check(
+        &(rate_limit(
+            "r",
+            "limits:\n  - {name: a, group: per_user, requests: 1, per: second}",
+        ) + &claim_route),
+    );
+    assert!(out.contains("no JWTPolicy covers it"), "{out}");
     let out = check(
         &(rate_limit(
             "r",
@@ -1126,4 +1137,143 @@ async fn a_remembered_token_still_expires() {
     let r = get(&url, &[("authorization", t.as_str())]).await;
     assert_eq!(r.status, 401);
     assert!(r.header("www-authenticate").unwrap().contains("expired"));
+}
+
+// ---- JWT claims as rate-limit keys, RateLimit-* on allowed responses ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_claims_key_rate_limits_and_allowed_responses_report_the_tightest_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ed25519();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, ed_jwk("k", &key)).unwrap();
+    let up = Upstream::start("app").await;
+    let svc = up.service();
+    let labels = "labels:
+  ambassador:
+    - per_user:
+      - jwt_claim:
+          claim: sub
+          key: user
+    - per_client:
+      - remote_address:
+          key: remote_address";
+    let yaml = [
+        jwt_policy(&format!(
+            "jwks:\n  file: {}\nmappings: [users, quiet]",
+            jwks.display()
+        )),
+        rate_limit(
+            "users",
+            "limits:\n  - {name: user, group: per_user, requests: 3, per: minute}",
+        ),
+        rate_limit(
+            "clients",
+            "limits:\n  - {name: client, group: per_client, requests: 100, per: minute}",
+        ),
+        rate_limit(
+            "quiet",
+            "response_headers: false\nlimits:\n  - {name: q, domain: quiet, group: per_user, requests: 100, per: minute}",
+        ),
+        mapping(
+            "users",
+            &format!("hostname: '*'\nprefix: /users/\nservice: {svc}\n{labels}"),
+        ),
+        mapping(
+            "quiet",
+            &format!("hostname: '*'\nprefix: /quiet/\nservice: {svc}\nlabels:\n  quiet:\n    - per_user:\n      - jwt_claim: {{claim: sub}}"),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    let tok = |sub: Option<&str>| {
+        let c = match sub {
+            Some(s) => claims(serde_json::json!({"sub": s})),
+            None => claims(serde_json::json!({"sub": null})),
+        };
+        bearer(&token(
+            serde_json::json!({"alg": "EdDSA", "kid": "k"}),
+            c,
+            Signer::Ed(&key),
+        ))
+    };
+    let (alice, bob, nobody) = (tok(Some("alice")), tok(Some("bob")), tok(None));
+    let url = gw.url("/users/x");
+    let call = |t: &str| {
+        let (url, t) = (url.clone(), t.to_string());
+        async move { get(&url, &[("authorization", t.as_str())]).await }
+    };
+
+    // Requests without a valid token are refused by the JWTPolicy before any limit counts them.
+    for _ in 0..5 {
+        assert_eq!(get(&url, &[]).await.status, 401);
+        assert_eq!(
+            get(&url, &[("authorization", "Bearer not.a.jwt")])
+                .await
+                .status,
+            401
+        );
+    }
+    // Alice's own bucket: 3 a minute; each allowed answer reports the tighter (per-user) limit.
+    for left in ["2", "1", "0"] {
+        let r = call(&alice).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.header("ratelimit-limit"), Some("3"));
+        assert_eq!(r.header("ratelimit-remaining"), Some(left));
+        assert!(r.header("ratelimit-reset").unwrap().parse::<u64>().unwrap() <= 60);
+    }
+    let r = call(&alice).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("ratelimit-limit"), Some("3"));
+    // Bob is keyed apart from Alice (same client address).
+    let r = call(&bob).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("ratelimit-remaining"), Some("2"));
+    // A valid token without the claim: the per-user group does not apply; the per-client one
+    // does and is then the tightest.
+    for _ in 0..5 {
+        let r = call(&nobody).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("ratelimit-limit"), Some("100"));
+    }
+    // response_headers: false: counted, not reported.
+    let r = get(&gw.url("/quiet/x"), &[("authorization", alice.as_str())]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("ratelimit-limit"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_buckets_survive_a_new_revision_that_keeps_their_limit() {
+    let up = Upstream::start("app").await;
+    let svc = up.service();
+    let limited = mapping(
+        "limited",
+        &format!("hostname: '*'\nprefix: /limited/\nservice: {svc}\n{LABELS}"),
+    );
+    let limit = |n: u32| {
+        rate_limit(
+            "local",
+            &format!("limits:\n  - {{name: client, group: per_client, requests: {n}, per: hour}}"),
+        )
+    };
+    let gw = Gateway::start(&(limit(2) + &limited)).await;
+    let url = gw.url("/limited/x");
+    assert_eq!(get(&url, &[]).await.status, 200);
+    assert_eq!(get(&url, &[]).await.status, 200);
+    assert_eq!(get(&url, &[]).await.status, 429);
+
+    // Another route added: the limit is the same, so the client's bucket is still empty.
+    let other = mapping(
+        "other",
+        &format!("hostname: '*'\nprefix: /other/\nservice: {svc}"),
+    );
+    gw.proxy.swap(compile(&(limit(2) + &limited + &other)));
+    assert_eq!(get(&gw.url("/other/x"), &[]).await.status, 200);
+    assert_eq!(get(&url, &[]).await.status, 429);
+
+    // The limit itself changed: new buckets.
+    gw.proxy.swap(compile(&(limit(5) + &limited + &other)));
+    let r = get(&url, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("ratelimit-remaining"), Some("4"));
 }
