@@ -700,6 +700,8 @@ struct JwksServer {
     addr: SocketAddr,
     doc: Arc<Mutex<Option<String>>>,
     fetches: Arc<std::sync::atomic::AtomicU64>,
+    /// Accept requests and never answer them.
+    hang: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -715,18 +717,23 @@ impl JwksServer {
         let addr = listener.local_addr().unwrap();
         let doc = Arc::new(Mutex::new(Some(doc)));
         let fetches = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (d, f) = (doc.clone(), fetches.clone());
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, f, h) = (doc.clone(), fetches.clone(), hang.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (d, f) = (d.clone(), f.clone());
+                let (d, f, h) = (d.clone(), f.clone(), h.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |_req: Request<Incoming>| {
                         f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let body = d.lock().unwrap().clone();
+                        let hang = h.load(std::sync::atomic::Ordering::SeqCst);
                         async move {
+                            if hang {
+                                std::future::pending::<()>().await;
+                            }
                             Ok::<_, Infallible>(match body {
                                 Some(b) => Response::new(Full::new(Bytes::from(b))),
                                 None => Response::builder()
@@ -746,6 +753,7 @@ impl JwksServer {
             addr,
             doc,
             fetches,
+            hang,
             task,
         }
     }
@@ -800,7 +808,13 @@ async fn jwt_keys_from_a_url_are_cached_refreshed_and_kept_on_failure() {
     *jwks.doc.lock().unwrap() = None;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(call(&t1).await, 200);
-    assert!(jwks.fetches.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    // The refresh runs in the background; the cached keys keep serving meanwhile.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while jwks.fetches.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "no refresh");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(call(&t1).await, 200);
 
     // Rotation: once the endpoint serves k2, k2 is accepted (after the failure back-off).
     *jwks.doc.lock().unwrap() = Some(ed_jwk("k2", &k2));
@@ -1276,4 +1290,118 @@ async fn local_buckets_survive_a_new_revision_that_keeps_their_limit() {
     let r = get(&url, &[]).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("ratelimit-remaining"), Some("4"));
+}
+
+// ---- JWKS refresh off the request path ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_requests_do_not_wait_for_a_hung_jwks_refresh() {
+    let k1 = ed25519();
+    let jwks = JwksServer::start(ed_jwk("k1", &k1)).await;
+    let up = Upstream::start("app").await;
+    let yaml = jwt_policy(&format!(
+        "jwks:\n  url: http://{}/jwks.json\n  refresh_seconds: 1\nmappings: [secure]",
+        jwks.addr
+    )) + &mapping(
+        "secure",
+        &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let url = gw.url("/secure/x");
+    let t1 = bearer(&token(
+        serde_json::json!({"alg": "EdDSA", "kid": "k1"}),
+        claims(serde_json::json!({})),
+        Signer::Ed(&k1),
+    ));
+    let fetches = || jwks.fetches.load(std::sync::atomic::Ordering::SeqCst);
+    // Cold start: the first request waits for the first key set.
+    assert_eq!(
+        get(&url, &[("authorization", t1.as_str())]).await.status,
+        200
+    );
+    assert_eq!(fetches(), 1);
+
+    // The JWKS server now accepts and never answers; the refresh is due.
+    jwks.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..5 {
+        // A fetch gives up after 5 s; a request that waited for it would not be back in 3 s.
+        let r = tokio::time::timeout(
+            Duration::from_secs(3),
+            get(&url, &[("authorization", t1.as_str())]),
+        )
+        .await
+        .expect("answered from the cached keys, without waiting for the refresh");
+        assert_eq!(r.status, 200);
+    }
+    // The refresh did start, once, and is still hanging.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while fetches() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no refresh started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fetches(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_an_unknown_key_id_triggers_one_early_refresh() {
+    let (k1, k2, k3) = (ed25519(), ed25519(), ed25519());
+    let jwks = JwksServer::start(ed_jwk("k1", &k1)).await;
+    let up = Upstream::start("app").await;
+    let yaml = jwt_policy(&format!(
+        "jwks:\n  url: http://{}/jwks.json\n  refresh_seconds: 3600\nmappings: [secure]",
+        jwks.addr
+    )) + &mapping(
+        "secure",
+        &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let url = gw.url("/secure/x");
+    let t = |kid: &str, k: &sig::Ed25519KeyPair| {
+        bearer(&token(
+            serde_json::json!({"alg": "EdDSA", "kid": kid}),
+            claims(serde_json::json!({})),
+            Signer::Ed(k),
+        ))
+    };
+    let (t1, t2, t3) = (t("k1", &k1), t("k2", &k2), t("k3", &k3));
+    let call = |tok: &str| {
+        let (url, tok) = (url.clone(), tok.to_string());
+        async move { get(&url, &[("authorization", tok.as_str())]).await }
+    };
+    let fetches = || jwks.fetches.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(call(&t1).await.status, 200);
+    assert_eq!(fetches(), 1);
+
+    // The issuer rotates in k2 long before refresh_seconds: a k2 token is refused once and
+    // makes the gateway fetch again; k2 tokens are then accepted.
+    let both = serde_json::json!({"keys": [
+        {"kty": "OKP", "kid": "k1", "crv": "Ed25519", "x": B64.encode(k1.public_key().as_ref())},
+        {"kty": "OKP", "kid": "k2", "crv": "Ed25519", "x": B64.encode(k2.public_key().as_ref())},
+    ]});
+    *jwks.doc.lock().unwrap() = Some(both.to_string());
+    let r = call(&t2).await;
+    assert_eq!(r.status, 401);
+    assert!(r
+        .header("www-authenticate")
+        .unwrap()
+        .contains("unknown key id"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call(&t2).await.status != 200 {
+        assert!(std::time::Instant::now() < deadline, "k2 never accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fetches(), 2);
+    assert_eq!(call(&t1).await.status, 200);
+
+    // Unknown ids sent over and over refresh at most once per interval.
+    for _ in 0..10 {
+        assert_eq!(call(&t3).await.status, 401);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        fetches(),
+        2,
+        "k2's refresh was under 10 s ago: no new fetch"
+    );
 }
