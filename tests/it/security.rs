@@ -1292,6 +1292,80 @@ async fn local_buckets_survive_a_new_revision_that_keeps_their_limit() {
     assert_eq!(r.header("ratelimit-remaining"), Some("4"));
 }
 
+// ---- Two legate processes, one Redis ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limit_holds_across_two_legate_processes() {
+    let redis = RedisServer::start().await;
+    let up = Upstream::start("app").await;
+    let limit = 10;
+    let yaml = rate_limit(
+        "shared",
+        &format!(
+            "backend: redis\nredis:\n  address: {}\n  timeout_ms: 1000\nfailure_mode: closed\nlimits:\n  - {{name: client, group: per_client, requests: {limit}, per: hour}}",
+            redis.addr
+        ),
+    ) + &mapping(
+        "limited",
+        &format!(
+            "hostname: '*'\nprefix: /limited/\nservice: {}\n{LABELS}",
+            up.service()
+        ),
+    ) + &mapping(
+        "ready",
+        &format!("hostname: '*'\nprefix: /ready/\nservice: {}", up.service()),
+    );
+    let tree = Tree::new(&yaml);
+    let start = || {
+        let http = free_addr();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+            .arg("run")
+            .arg("--dir")
+            .arg(tree.path())
+            .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+            .args(["--admin-listen", "off", "--verify-window", "0"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        (Killed(child), http)
+    };
+    let (_a, a) = start();
+    let (_b, b) = start();
+    // Both serve the config (through a route without limits).
+    for addr in [a, b] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let probe = tokio::time::timeout(
+                Duration::from_secs(2),
+                client().request(
+                    Request::get(format!("http://{addr}/ready/"))
+                        .body(empty())
+                        .unwrap(),
+                ),
+            )
+            .await;
+            if matches!(probe, Ok(Ok(r)) if r.status() == 200) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{addr} never served");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut allowed = [0; 2];
+    for i in 0..3 * limit {
+        let (n, addr) = if i % 2 == 0 { (0, a) } else { (1, b) };
+        let r = get(&format!("http://{addr}/limited/x"), &[]).await;
+        match r.status.as_u16() {
+            200 => allowed[n] += 1,
+            429 => {}
+            s => panic!("unexpected {s}: {}", r.body),
+        }
+    }
+    // One limit for both: 10 in all, not 10 each; both processes took part.
+    assert_eq!(allowed[0] + allowed[1], limit, "{allowed:?}");
+    assert!(allowed[0] > 0 && allowed[1] > 0, "{allowed:?}");
+}
+
 // ---- JWKS refresh off the request path ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
