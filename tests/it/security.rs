@@ -1368,25 +1368,35 @@ async fn redis_limit_holds_across_two_legate_processes() {
 
 // ---- JWKS refresh off the request path ----
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jwt_requests_do_not_wait_for_a_hung_jwks_refresh() {
-    let k1 = ed25519();
-    let jwks = JwksServer::start(ed_jwk("k1", &k1)).await;
-    let up = Upstream::start("app").await;
+/// A gateway whose `/secure/` route requires a token verified with `jwks`'s keys.
+async fn jwks_gateway(jwks: &JwksServer, refresh_seconds: u64, up: &Upstream) -> Gateway {
     let yaml = jwt_policy(&format!(
-        "jwks:\n  url: http://{}/jwks.json\n  refresh_seconds: 1\nmappings: [secure]",
+        "jwks:\n  url: http://{}/jwks.json\n  refresh_seconds: {refresh_seconds}\nmappings: [secure]",
         jwks.addr
     )) + &mapping(
         "secure",
         &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
     );
-    let gw = Gateway::start(&yaml).await;
-    let url = gw.url("/secure/x");
-    let t1 = bearer(&token(
-        serde_json::json!({"alg": "EdDSA", "kid": "k1"}),
+    Gateway::start(&yaml).await
+}
+
+/// `Bearer <token>` signed by `key`, naming `kid`.
+fn ed_bearer(kid: &str, key: &sig::Ed25519KeyPair) -> String {
+    bearer(&token(
+        serde_json::json!({"alg": "EdDSA", "kid": kid}),
         claims(serde_json::json!({})),
-        Signer::Ed(&k1),
-    ));
+        Signer::Ed(key),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_requests_do_not_wait_for_a_hung_jwks_refresh() {
+    let k1 = ed25519();
+    let jwks = JwksServer::start(ed_jwk("k1", &k1)).await;
+    let up = Upstream::start("app").await;
+    let gw = jwks_gateway(&jwks, 1, &up).await;
+    let url = gw.url("/secure/x");
+    let t1 = ed_bearer("k1", &k1);
     let fetches = || jwks.fetches.load(std::sync::atomic::Ordering::SeqCst);
     // Cold start: the first request waits for the first key set.
     assert_eq!(
@@ -1422,23 +1432,13 @@ async fn jwt_an_unknown_key_id_triggers_one_early_refresh() {
     let (k1, k2, k3) = (ed25519(), ed25519(), ed25519());
     let jwks = JwksServer::start(ed_jwk("k1", &k1)).await;
     let up = Upstream::start("app").await;
-    let yaml = jwt_policy(&format!(
-        "jwks:\n  url: http://{}/jwks.json\n  refresh_seconds: 3600\nmappings: [secure]",
-        jwks.addr
-    )) + &mapping(
-        "secure",
-        &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
-    );
-    let gw = Gateway::start(&yaml).await;
+    let gw = jwks_gateway(&jwks, 3600, &up).await;
     let url = gw.url("/secure/x");
-    let t = |kid: &str, k: &sig::Ed25519KeyPair| {
-        bearer(&token(
-            serde_json::json!({"alg": "EdDSA", "kid": kid}),
-            claims(serde_json::json!({})),
-            Signer::Ed(k),
-        ))
-    };
-    let (t1, t2, t3) = (t("k1", &k1), t("k2", &k2), t("k3", &k3));
+    let (t1, t2, t3) = (
+        ed_bearer("k1", &k1),
+        ed_bearer("k2", &k2),
+        ed_bearer("k3", &k3),
+    );
     let call = |tok: &str| {
         let (url, tok) = (url.clone(), tok.to_string());
         async move { get(&url, &[("authorization", tok.as_str())]).await }
