@@ -384,6 +384,27 @@ impl JwtPolicy {
     }
 }
 
+/// Give each policy of `new` that has no keys yet the keys of a policy of `old` reading the same
+/// source, so a new revision does not start cold (a first request waiting for a fetch, or
+/// refused while the JWKS endpoint is down). The verified-token memory is not carried: the
+/// new policy may judge tokens differently.
+pub fn carry_over(old: &[Arc<JwtPolicy>], new: &[Arc<JwtPolicy>]) {
+    for p in new {
+        if !p.keys.current().is_empty() {
+            continue;
+        }
+        let Some(prev) = old
+            .iter()
+            .find(|o| o.source == p.source && !o.keys.current().is_empty())
+        else {
+            continue;
+        };
+        *p.keys.current.lock().unwrap_or_else(|e| e.into_inner()) = prev.keys.current();
+        *p.keys.checked.lock().unwrap_or_else(|e| e.into_inner()) =
+            *prev.keys.checked.lock().unwrap_or_else(|e| e.into_inner());
+    }
+}
+
 /// Why a token naming a key id the key set does not hold is refused.
 const UNKNOWN_KID: &str = "unknown key id";
 

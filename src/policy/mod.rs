@@ -377,9 +377,20 @@ pub async fn enforce(
     Ok(Passed { quota })
 }
 
-/// Carry the local rate-limit buckets of `old` over to the same limits in `new` (called when
-/// `new` is swapped in; see [`ratelimit::carry_over`]).
+/// Carry the state that should outlive a revision from `old` to `new` (called when `new` is
+/// swapped in): the local rate-limit buckets of unchanged limits ([`ratelimit::carry_over`])
+/// and the JWKS keys of policies reading the same key source ([`jwt::carry_over`]).
 pub fn carry_over(old: &crate::routes::Graph, new: &crate::routes::Graph) {
+    let policies = |g: &crate::routes::Graph| -> Vec<Arc<JwtPolicy>> {
+        g.routes
+            .iter()
+            .filter_map(|r| match &r.action {
+                Action::Forward(f) => f.jwt.clone(),
+                _ => None,
+            })
+            .collect()
+    };
+    jwt::carry_over(&policies(old), &policies(new));
     let limits = |g: &crate::routes::Graph| -> Vec<Arc<ratelimit::Limit>> {
         g.routes
             .iter()

@@ -1370,14 +1370,17 @@ async fn redis_limit_holds_across_two_legate_processes() {
 
 /// A gateway whose `/secure/` route requires a token verified with `jwks`'s keys.
 async fn jwks_gateway(jwks: &JwksServer, refresh_seconds: u64, up: &Upstream) -> Gateway {
-    let yaml = jwt_policy(&format!(
+    Gateway::start(&jwks_config(jwks, refresh_seconds, up)).await
+}
+
+fn jwks_config(jwks: &JwksServer, refresh_seconds: u64, up: &Upstream) -> String {
+    jwt_policy(&format!(
         "jwks:\n  url: http://{}/jwks.json\n  refresh_seconds: {refresh_seconds}\nmappings: [secure]",
         jwks.addr
     )) + &mapping(
         "secure",
         &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
-    );
-    Gateway::start(&yaml).await
+    )
 }
 
 /// `Bearer <token>` signed by `key`, naming `kid`.
@@ -1408,14 +1411,13 @@ async fn jwt_requests_do_not_wait_for_a_hung_jwks_refresh() {
     // The JWKS server now accepts and never answers; the refresh is due.
     jwks.hang.store(true, std::sync::atomic::Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A fetch gives up after 5 s; a request that waited for one would not be back in 3 s.
+    let auth = [("authorization", t1.as_str())];
+    let unhurried = || tokio::time::timeout(Duration::from_secs(3), get(&url, &auth));
     for _ in 0..5 {
-        // A fetch gives up after 5 s; a request that waited for it would not be back in 3 s.
-        let r = tokio::time::timeout(
-            Duration::from_secs(3),
-            get(&url, &[("authorization", t1.as_str())]),
-        )
-        .await
-        .expect("answered from the cached keys, without waiting for the refresh");
+        let r = unhurried()
+            .await
+            .expect("answered from the cached keys, without waiting for the refresh");
         assert_eq!(r.status, 200);
     }
     // The refresh did start, once, and is still hanging.
@@ -1425,6 +1427,18 @@ async fn jwt_requests_do_not_wait_for_a_hung_jwks_refresh() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(fetches(), 2);
+
+    // A new revision reading the same JWKS starts with the keys in hand, not cold.
+    let other = mapping(
+        "other",
+        &format!("hostname: '*'\nprefix: /other/\nservice: {}", up.service()),
+    );
+    gw.proxy
+        .swap(compile(&(jwks_config(&jwks, 1, &up) + &other)));
+    let r = unhurried()
+        .await
+        .expect("the new revision verifies with the keys it was handed");
+    assert_eq!(r.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
