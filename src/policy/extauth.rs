@@ -1,7 +1,10 @@
 //! External authorization over HTTP (Emissary's `AuthService` with `proto: http`).
 //!
 //! For each request the gateway sends the auth service the method, `path_prefix` + path and
-//! query, and a fixed set of headers plus `allowed_request_headers`, with an empty body. A 2xx
+//! query, and a fixed set of headers plus `allowed_request_headers`, with an empty body, or with
+//! the request body when `include_body` is set: the body is read ahead up to `max_bytes` (a
+//! larger one is cut there with `allow_partial`, refused with 413 without), and the bytes read
+//! are handed to the proxy as a [`ReadAhead`] to be sent upstream before the rest. A 2xx
 //! answer lets the request through with `allowed_authorization_headers` (and `Authorization`)
 //! copied onto it; any other answer goes back to the client as the auth service wrote it; no
 //! answer (refused, reset, timed out) means `status_on_error`, or the request passes when
@@ -12,6 +15,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
@@ -53,6 +57,33 @@ pub struct AuthServiceSpec {
     pub allowed_authorization_headers: Vec<String>,
     pub status_on_error: Option<StatusOnError>,
     pub failure_mode_allow: bool,
+    pub include_body: Option<IncludeBodySpec>,
+}
+
+/// `include_body: {max_bytes, allow_partial}`.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct IncludeBodySpec {
+    pub max_bytes: u64,
+    #[serde(default)]
+    pub allow_partial: bool,
+}
+
+/// How much of the request body the auth service is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IncludeBody {
+    pub max_bytes: usize,
+    /// Send the first `max_bytes` of a larger body instead of answering 413.
+    pub allow_partial: bool,
+}
+
+/// The start of a request body, read to send it to the auth service; the proxy sends it
+/// upstream ahead of what the client has not sent yet.
+#[derive(Debug, Clone)]
+pub struct ReadAhead {
+    pub data: Bytes,
+    pub trailers: Option<HeaderMap>,
+    /// The whole body was read.
+    pub complete: bool,
 }
 
 /// `status_on_error: {code}`.
@@ -72,6 +103,7 @@ pub struct ExtAuth {
     pub authorization_headers: Vec<HeaderName>,
     pub status_on_error: StatusCode,
     pub failure_mode_allow: bool,
+    pub include_body: Option<IncludeBody>,
 }
 
 /// A compile problem: JSON pointer, message, help.
@@ -163,16 +195,95 @@ impl ExtAuth {
             authorization_headers,
             status_on_error,
             failure_mode_allow: spec.failure_mode_allow,
+            include_body: spec
+                .include_body
+                .as_ref()
+                .map(|b| IncludeBody {
+                    max_bytes: usize::try_from(b.max_bytes).unwrap_or(usize::MAX),
+                    allow_partial: b.allow_partial,
+                })
+                .filter(|b| b.max_bytes > 0),
         })
     }
 
-    /// Ask the auth service about a request. `Ok` carries the headers to copy onto the request.
+    /// Read the start of `body` for the auth service: what was read (to go upstream first),
+    /// the bytes to send the auth service, and whether they are only part of the body.
+    pub async fn read_body(
+        &self,
+        inc: IncludeBody,
+        body: &mut hyper::body::Incoming,
+    ) -> Result<(ReadAhead, Bytes, bool), Box<Denial>> {
+        use hyper::body::Body;
+        let too_large = || {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            Box::new(Denial {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                headers,
+                body: Bytes::from_static(b"request body too large\n"),
+            })
+        };
+        let max = inc.max_bytes;
+        if !inc.allow_partial && body.size_hint().lower() > max as u64 {
+            return Err(too_large());
+        }
+        let mut buf = BytesMut::new();
+        let mut trailers = None;
+        let mut complete = false;
+        // At most one frame past the cap is held: enough to know the body is larger.
+        while buf.len() <= max {
+            match body.frame().await {
+                None => {
+                    complete = true;
+                    break;
+                }
+                Some(Err(_)) => {
+                    return Err(Box::new(Denial {
+                        status: StatusCode::BAD_REQUEST,
+                        headers: HeaderMap::new(),
+                        body: Bytes::from_static(b"request body could not be read\n"),
+                    }))
+                }
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => buf.extend_from_slice(&d),
+                    Err(f) => {
+                        trailers = f.into_trailers().ok();
+                        complete = true;
+                        break;
+                    }
+                },
+            }
+        }
+        let data = buf.freeze();
+        let partial = data.len() > max;
+        if partial && !inc.allow_partial {
+            return Err(too_large());
+        }
+        let sent = data.slice(..data.len().min(max));
+        Ok((
+            ReadAhead {
+                data,
+                trailers,
+                complete,
+            },
+            sent,
+            partial,
+        ))
+    }
+
+    /// Ask the auth service about a request, with `body` (the bytes, and whether they are only
+    /// the start of the request body) when `include_body` is set. `Ok` carries the headers to
+    /// copy onto the request.
     pub async fn check(
         &self,
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
         peer: SocketAddr,
+        body: Option<(Bytes, bool)>,
     ) -> Result<Vec<(HeaderName, HeaderValue)>, Box<Denial>> {
         let uri = format!(
             "http://{}{}{}",
@@ -181,7 +292,12 @@ impl ExtAuth {
         let Ok(uri) = uri.parse::<Uri>() else {
             return Err(self.on_error("auth request URI does not parse"));
         };
-        let mut req = Request::new(Full::new(Bytes::new()));
+        let (body, partial) = match body {
+            Some((b, p)) => (b, Some(p)),
+            None => (Bytes::new(), None),
+        };
+        let len = body.len();
+        let mut req = Request::new(Full::new(body));
         *req.method_mut() = method.clone();
         *req.uri_mut() = uri;
         let h = req.headers_mut();
@@ -198,7 +314,17 @@ impl ExtAuth {
                 h.insert(HeaderName::from_static("x-forwarded-for"), v);
             }
         }
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        if let Some(p) = partial {
+            // What Envoy tells an auth service about the body it was sent.
+            h.insert(
+                HeaderName::from_static("x-envoy-auth-partial-body"),
+                HeaderValue::from_static(if p { "true" } else { "false" }),
+            );
+            if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+                h.insert(header::CONTENT_TYPE, ct.clone());
+            }
+        }
 
         let exchange = async {
             let resp = client().request(req).await.map_err(|e| e.to_string())?;

@@ -4,10 +4,14 @@
 //! Only asymmetric algorithms are accepted (RS256, ES256, EdDSA), and a token's `alg` must both
 //! be allowed by the policy and fit the key type, so `none` and HS256-signed-with-the-public-key
 //! (algorithm confusion) are refused before any signature check. Keys come from a JWKS file or
-//! URL, cached, refreshed every `refresh_seconds`, and kept when a refresh fails.
+//! URL, cached, and kept when a refresh fails. Refreshes run in the background (stale while
+//! revalidate): a request is answered with the cached keys while newer ones are fetched; only a
+//! cold start with no keys at all waits, at most [`COLD_WAIT`]. A token naming a key id the set
+//! does not hold triggers an early refresh, at most once per [`UNKNOWN_KID_INTERVAL`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -31,8 +35,20 @@ const DEFAULT_REFRESH_SECS: u64 = 300;
 const MAX_VERIFIED: usize = 10_000;
 /// After a failed fetch, wait this long before trying again (requests use the kept keys).
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+/// Longest a request waits for the first key set of a policy.
+pub const COLD_WAIT: Duration = Duration::from_secs(5);
+/// Least time between two refreshes triggered by unknown key ids (a client can send any kid).
+pub const UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(10);
 
-type Claims = serde_json::Map<String, Value>;
+/// The claims of a validated token.
+pub type Claims = serde_json::Map<String, Value>;
+
+/// What a valid token grants: headers for the upstream and its claims (rate-limit keys).
+#[derive(Debug)]
+pub struct Verified {
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub claims: Arc<Claims>,
+}
 
 /// The JWTPolicy spec.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -90,11 +106,25 @@ pub struct JwtPolicy {
     pub required: Vec<String>,
     pub forward: Vec<(String, HeaderName)>,
     pub source: JwksSource,
+    keys: Arc<KeyState>,
+}
+
+/// The key set of one policy and its refreshing; shared with the background refresh task.
+struct KeyState {
+    name: String,
+    source: JwksSource,
     refresh: Duration,
-    keys: tokio::sync::Mutex<KeyCache>,
     /// The keys requests verify with, read without waiting for a fetch in progress.
-    current: Mutex<std::sync::Arc<Vec<Jwk>>>,
-    verified: Mutex<HashMap<[u8; 32], std::sync::Arc<Claims>>>,
+    current: Mutex<Arc<Vec<Jwk>>>,
+    /// When the keys were last fetched, or a fetch last failed (and whether it worked).
+    checked: Mutex<Option<(Instant, bool)>>,
+    /// A refresh task is running.
+    refreshing: AtomicBool,
+    /// Woken when a refresh ends (a cold start waits for it).
+    done: tokio::sync::Notify,
+    /// When an unknown key id last triggered a refresh.
+    last_unknown_kid: Mutex<Option<Instant>>,
+    verified: Mutex<HashMap<[u8; 32], Arc<Claims>>>,
 }
 
 // Debug feeds the graph hash: the configuration, never the cache.
@@ -111,12 +141,6 @@ impl std::fmt::Debug for JwtPolicy {
             .field("source", &self.source)
             .finish()
     }
-}
-
-#[derive(Default)]
-struct KeyCache {
-    /// When the keys were last fetched, or a fetch last failed.
-    checked: Option<(Instant, bool)>,
 }
 
 /// One usable key of a JWKS.
@@ -196,7 +220,7 @@ impl JwtPolicy {
             })
             .collect::<Result<_, _>>()?;
         Ok(JwtPolicy {
-            name,
+            name: name.clone(),
             issuer: spec.issuer.clone(),
             audiences: spec.audiences.clone(),
             algorithms,
@@ -204,27 +228,31 @@ impl JwtPolicy {
             required: spec.required_claims.clone(),
             forward,
             source: spec.jwks.clone(),
-            refresh: Duration::from_secs(
-                spec.jwks
-                    .refresh_seconds
-                    .unwrap_or(DEFAULT_REFRESH_SECS)
-                    .max(1),
-            ),
-            keys: tokio::sync::Mutex::new(KeyCache::default()),
-            current: Mutex::new(std::sync::Arc::new(Vec::new())),
-            verified: Mutex::new(HashMap::new()),
+            keys: Arc::new(KeyState {
+                name,
+                source: spec.jwks.clone(),
+                refresh: Duration::from_secs(
+                    spec.jwks
+                        .refresh_seconds
+                        .unwrap_or(DEFAULT_REFRESH_SECS)
+                        .max(1),
+                ),
+                current: Mutex::new(Arc::new(Vec::new())),
+                checked: Mutex::new(None),
+                refreshing: AtomicBool::new(false),
+                done: tokio::sync::Notify::new(),
+                last_unknown_kid: Mutex::new(None),
+                verified: Mutex::new(HashMap::new()),
+            }),
         })
     }
 
-    /// Validate the request's bearer token. `Ok` carries the headers to set on the request.
-    pub async fn check(
-        &self,
-        headers: &HeaderMap,
-    ) -> Result<Vec<(HeaderName, HeaderValue)>, Box<Denial>> {
+    /// Validate the request's bearer token: the headers to set on the request and the claims.
+    pub async fn check(&self, headers: &HeaderMap) -> Result<Verified, Box<Denial>> {
         let Some(token) = bearer(headers) else {
             return Err(unauthorized(None));
         };
-        let keys = self.keys().await;
+        let keys = self.keys.keys().await;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -235,16 +263,24 @@ impl JwtPolicy {
         // Signature, issuer, audience and claims of a token do not change while the keys do
         // not: a token seen before costs a hash and its time check, not a signature check.
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-        let claims = match self.remembered(&digest) {
+        let claims = match self.keys.remembered(&digest) {
             Some(c) => {
                 self.check_times(&c, now).map_err(refuse)?;
                 c
             }
-            None => {
-                let c = std::sync::Arc::new(self.validate(token, &keys, now).map_err(refuse)?);
-                self.remember(digest, c.clone());
-                c
-            }
+            None => match self.validate(token, &keys, now) {
+                Ok(c) => {
+                    let c = Arc::new(c);
+                    self.keys.remember(digest, c.clone());
+                    c
+                }
+                Err(why) => {
+                    if why == UNKNOWN_KID {
+                        self.keys.unknown_kid();
+                    }
+                    return Err(refuse(why));
+                }
+            },
         };
         let mut out = Vec::new();
         for (claim, name) in &self.forward {
@@ -257,7 +293,10 @@ impl JwtPolicy {
                 out.push((name.clone(), v));
             }
         }
-        Ok(out)
+        Ok(Verified {
+            headers: out,
+            claims,
+        })
     }
 
     /// Check a token against keys at time `now` (seconds); the claims, or why not.
@@ -285,6 +324,11 @@ impl JwtPolicy {
             .decode(s)
             .map_err(|_| "bad signature encoding")?;
         let signed = &token.as_bytes()[..h.len() + 1 + p.len()];
+        if let Some(kid) = kid {
+            if !keys.iter().any(|k| k.kid.as_deref() == Some(kid)) {
+                return Err(UNKNOWN_KID);
+            }
+        }
         let verified = keys
             .iter()
             .filter(|k| k.alg == alg && (kid.is_none() || k.kid.as_deref() == kid))
@@ -338,9 +382,45 @@ impl JwtPolicy {
         }
         Ok(())
     }
+}
 
+/// Give each policy of `new` that has no keys yet the keys of a policy of `old` reading the same
+/// source, so a new revision does not start cold (a first request waiting for a fetch, or
+/// refused while the JWKS endpoint is down). The verified-token memory is not carried: the
+/// new policy may judge tokens differently.
+pub fn carry_over(old: &[Arc<JwtPolicy>], new: &[Arc<JwtPolicy>]) {
+    for p in new {
+        if !p.keys.current().is_empty() {
+            continue;
+        }
+        let Some(prev) = old
+            .iter()
+            .find(|o| o.source == p.source && !o.keys.current().is_empty())
+        else {
+            continue;
+        };
+        *p.keys.current.lock().unwrap_or_else(|e| e.into_inner()) = prev.keys.current();
+        *p.keys.checked.lock().unwrap_or_else(|e| e.into_inner()) =
+            *prev.keys.checked.lock().unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Why a token naming a key id the key set does not hold is refused.
+const UNKNOWN_KID: &str = "unknown key id";
+
+/// Clears `refreshing` and wakes cold-start waiters when the refresh task ends, however it ends.
+struct RefreshDone(Arc<KeyState>);
+
+impl Drop for RefreshDone {
+    fn drop(&mut self) {
+        self.0.refreshing.store(false, Ordering::Release);
+        self.0.done.notify_waiters();
+    }
+}
+
+impl KeyState {
     /// Claims of a token verified before with the current keys (only its times can change).
-    fn remembered(&self, digest: &[u8; 32]) -> Option<std::sync::Arc<Claims>> {
+    fn remembered(&self, digest: &[u8; 32]) -> Option<Arc<Claims>> {
         self.verified
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -348,7 +428,7 @@ impl JwtPolicy {
             .cloned()
     }
 
-    fn remember(&self, digest: [u8; 32], claims: std::sync::Arc<Claims>) {
+    fn remember(&self, digest: [u8; 32], claims: Arc<Claims>) {
         let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_VERIFIED {
             map.clear();
@@ -356,9 +436,17 @@ impl JwtPolicy {
         map.insert(digest, claims);
     }
 
-    /// The current keys, fetched first when due. A failed fetch keeps the old keys.
-    async fn keys(&self) -> std::sync::Arc<Vec<Jwk>> {
-        let due = |c: &KeyCache| match c.checked {
+    fn current(&self) -> Arc<Vec<Jwk>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether a fetch is due: never fetched, or the refresh period (after a failure, the
+    /// retry delay) has passed.
+    fn due(&self) -> bool {
+        match *self.checked.lock().unwrap_or_else(|e| e.into_inner()) {
             None => true,
             Some((at, ok)) => {
                 at.elapsed()
@@ -368,42 +456,77 @@ impl JwtPolicy {
                         RETRY_AFTER_FAILURE
                     }
             }
-        };
-        let have_keys = !self.current().is_empty();
-        // With keys in hand, a request never waits behind another request's fetch.
-        let guard = if have_keys {
-            self.keys.try_lock().ok()
-        } else {
-            Some(self.keys.lock().await)
-        };
-        if let Some(mut cache) = guard {
-            if due(&cache) {
-                match fetch(&self.source).await.and_then(|b| parse_jwks(&b)) {
-                    Ok(keys) => {
-                        *self.current.lock().unwrap_or_else(|e| e.into_inner()) =
-                            std::sync::Arc::new(keys);
-                        // A key may have been withdrawn: verify every token again.
-                        self.verified
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .clear();
-                        cache.checked = Some((Instant::now(), true));
-                    }
-                    Err(e) => {
-                        tracing::warn!(policy = %self.name, error = %e, "JWKS fetch failed; keeping the previous keys");
-                        cache.checked = Some((Instant::now(), false));
-                    }
-                }
+        }
+    }
+
+    /// The keys to verify with now. Never waits for a refresh while keys are cached; with
+    /// none yet, waits for the first fetch at most [`COLD_WAIT`].
+    async fn keys(self: &Arc<Self>) -> Arc<Vec<Jwk>> {
+        let keys = self.current();
+        if !keys.is_empty() {
+            if self.due() {
+                self.refresh_in_background();
             }
+            return keys;
+        }
+        let done = self.done.notified();
+        tokio::pin!(done);
+        // Registered before the task starts, so its end cannot be missed.
+        done.as_mut().enable();
+        let running = if self.due() {
+            self.refresh_in_background()
+        } else {
+            self.refreshing.load(Ordering::Acquire)
+        };
+        if running {
+            let _ = tokio::time::timeout(COLD_WAIT, done).await;
         }
         self.current()
     }
 
-    fn current(&self) -> std::sync::Arc<Vec<Jwk>> {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// A token named a key id the set does not hold: the issuer may have rotated, so fetch
+    /// again now, unless an unknown id already did so recently.
+    fn unknown_kid(self: &Arc<Self>) {
+        {
+            let mut last = self
+                .last_unknown_kid
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < UNKNOWN_KID_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        self.refresh_in_background();
+    }
+
+    /// Start a refresh task unless one runs; whether one runs now.
+    fn refresh_in_background(self: &Arc<Self>) -> bool {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        let state = RefreshDone(self.clone());
+        tokio::spawn(async move {
+            let ks = &state.0;
+            let outcome = fetch(&ks.source).await.and_then(|b| parse_jwks(&b));
+            let ok = match outcome {
+                Ok(keys) => {
+                    *ks.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+                    // A key may have been withdrawn: verify every token again.
+                    ks.verified
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clear();
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(policy = %ks.name, error = %e, "JWKS fetch failed; keeping the previous keys");
+                    false
+                }
+            };
+            *ks.checked.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), ok));
+        });
+        true
     }
 }
 

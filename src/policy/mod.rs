@@ -1,9 +1,15 @@
 //! Edge security policies: what a request must pass before it is forwarded.
 //!
 //! Owns two halves kept apart: `attach` (pure, called by `config::compile`) turns policy
-//! resources into per-route settings on the compiled graph; `extauth` enforces them per request
-//! (I/O: it asks the auth service). Nothing here routes or answers a request itself: refusals
-//! become a [`Denial`] that `proxy::error` turns into the response.
+//! resources into per-route settings on the compiled graph; `enforce` applies them per request
+//! (I/O: JWKS fetches, Redis, the auth service). Nothing here routes or answers a request
+//! itself: refusals become a [`Denial`] that `proxy::error` turns into the response.
+//!
+//! Per request the order is JWT, rate limits, AuthService. JWT first: it is local, and its
+//! claims can key rate limits. Rate limits before the AuthService (Emissary runs its ext_authz
+//! filter first): the limits are the cheap guard in front of a network call per request and of
+//! the body buffered for `include_body`; the price is that a descriptor cannot key on a header
+//! the auth service grants (key on a JWT claim instead).
 
 pub mod extauth;
 pub mod jwt;
@@ -14,9 +20,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
-pub use extauth::{AuthServiceSpec, ExtAuth};
+pub use extauth::{AuthServiceSpec, ExtAuth, ReadAhead};
 pub use jwt::{JwtPolicy, JwtPolicySpec};
-pub use ratelimit::{RateLimitSpec, RouteLimit};
+pub use ratelimit::{Quota, RateLimitSpec, RouteLimit};
 
 use crate::config::model::{Resource, Spec};
 use crate::config::Diagnostic;
@@ -209,6 +215,27 @@ fn attach_rate_limits(resources: &[&Resource], routes: &mut [Route], diags: &mut
             continue;
         };
         let (groups, unsupported) = ratelimit::descriptor_groups(labels);
+        let has_claims = groups.iter().any(|(_, _, entries)| {
+            entries
+                .iter()
+                .any(|e| matches!(e, ratelimit::Entry::Claim { .. }))
+        });
+        if has_claims && f.jwt.is_none() {
+            // Without a validated token there is never a claim, so the limit would never apply.
+            diags.push(
+                Diagnostic::error(
+                    "ratelimit-claim-without-jwt",
+                    &res.at("/spec/labels"),
+                    format!(
+                        "Mapping `{}` keys a rate limit on a JWT claim but no JWTPolicy covers it",
+                        res.name
+                    ),
+                )
+                .with_help(
+                    "cover the Mapping with a JWTPolicy (mappings, mappingSelector or hosts)",
+                ),
+            );
+        }
         for u in unsupported {
             diags.push(Diagnostic::warning(
                 "ratelimit-entry-ignored",
@@ -283,30 +310,62 @@ fn compile_auth(resources: &[&Resource], diags: &mut Vec<Diagnostic>) -> Option<
     }
 }
 
-/// Run the route's policies on a request, editing it (headers an auth service grants) or
-/// refusing it.
+/// What a request that passed its route's policies takes along to its response.
+#[derive(Debug, Default)]
+pub struct Passed {
+    /// The most restrictive limit that counted the request, when it reports headers.
+    pub quota: Option<Quota>,
+}
+
+impl Passed {
+    /// Add the `RateLimit-*` headers to the response.
+    pub fn decorate(&self, h: &mut HeaderMap) {
+        if let Some(q) = &self.quota {
+            q.headers(h);
+        }
+    }
+}
+
+/// Run the route's policies on a request (JWT, rate limits, AuthService: see the module
+/// docs), editing it (headers granted; with `include_body`, a [`ReadAhead`] extension holding
+/// the body bytes already read) or refusing it.
 pub async fn enforce(
     route: &crate::routes::Forward,
     req: &mut http::Request<hyper::body::Incoming>,
     peer: std::net::SocketAddr,
-) -> Result<(), Box<Denial>> {
-    for limit in &route.rate_limits {
-        limit.check(req.headers(), peer).await?;
-    }
+) -> Result<Passed, Box<Denial>> {
+    let mut claims = None;
     if let Some(jwt) = &route.jwt {
-        let grant = jwt.check(req.headers()).await?;
+        let verified = jwt.check(req.headers()).await?;
         let h = req.headers_mut();
         // A client must not choose the values the upstream reads as verified claims.
         for (_, name) in &jwt.forward {
             h.remove(name);
         }
-        for (name, value) in grant {
+        for (name, value) in verified.headers {
             h.append(name, value);
+        }
+        claims = Some(verified.claims);
+    }
+    let mut quota: Option<Quota> = None;
+    for limit in &route.rate_limits {
+        if let Some(q) = limit.check(req.headers(), peer, claims.as_deref()).await? {
+            quota = Some(quota.map_or(q, |p| p.tighter(q)));
         }
     }
     if let Some(auth) = &route.ext_auth {
+        let body = match auth.include_body {
+            Some(inc) => {
+                let (ahead, sent, partial) = auth.read_body(inc, req.body_mut()).await?;
+                req.extensions_mut().insert(ahead);
+                Some((sent, partial))
+            }
+            None => None,
+        };
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let grant = auth.check(req.method(), pq, req.headers(), peer).await?;
+        let grant = auth
+            .check(req.method(), pq, req.headers(), peer, body)
+            .await?;
         let h = req.headers_mut();
         for (name, _) in &grant {
             h.remove(name);
@@ -315,7 +374,35 @@ pub async fn enforce(
             h.append(name, value);
         }
     }
-    Ok(())
+    Ok(Passed { quota })
+}
+
+/// Carry the state that should outlive a revision from `old` to `new` (called when `new` is
+/// swapped in): the local rate-limit buckets of unchanged limits ([`ratelimit::carry_over`])
+/// and the JWKS keys of policies reading the same key source ([`jwt::carry_over`]).
+pub fn carry_over(old: &crate::routes::Graph, new: &crate::routes::Graph) {
+    let policies = |g: &crate::routes::Graph| -> Vec<Arc<JwtPolicy>> {
+        g.routes
+            .iter()
+            .filter_map(|r| match &r.action {
+                Action::Forward(f) => f.jwt.clone(),
+                _ => None,
+            })
+            .collect()
+    };
+    jwt::carry_over(&policies(old), &policies(new));
+    let limits = |g: &crate::routes::Graph| -> Vec<Arc<ratelimit::Limit>> {
+        g.routes
+            .iter()
+            .filter_map(|r| match &r.action {
+                Action::Forward(f) => Some(f.rate_limits.iter().map(|l| l.limit.clone())),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    let (old, new) = (limits(old), limits(new));
+    ratelimit::carry_over(old.iter().map(|l| &**l), new.iter().map(|l| &**l));
 }
 
 /// The route's policies as `legate diff` fields (name, value); none when the route has none.
@@ -334,7 +421,13 @@ pub fn describe(route: &crate::routes::Forward) -> Vec<(&'static str, String)> {
                 } else {
                     format!("{} when down", a.status_on_error.as_u16())
                 }
-            ),
+            ) + &a.include_body.map_or(String::new(), |b| {
+                format!(
+                    ", body up to {} bytes{}",
+                    b.max_bytes,
+                    if b.allow_partial { " (partial)" } else { "" }
+                )
+            }),
         ));
     }
     if let Some(j) = &route.jwt {

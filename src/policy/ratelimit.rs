@@ -1,16 +1,18 @@
 //! Rate limiting (Legate's `RateLimit` kind over Emissary's Mapping `labels` descriptors).
 //!
 //! *What* is counted comes from the Mapping, as in Emissary: `labels: {<domain>: [{<group>:
-//! [entries]}]}` where entries are `remote_address`, `request_headers` and `generic_key`. *How
-//! much* comes from a `RateLimit` limit naming that domain and group: `requests` per
-//! second/minute/hour with a `burst` (the bucket size). Each distinct list of entry values is one
-//! token bucket, kept either in this process (`local`) or in Redis (`redis`, shared by every
-//! replica; one atomic Lua script per check). When Redis does not answer within `timeout_ms`,
-//! `failure_mode: open` lets the request through and `closed` answers 503.
+//! [entries]}]}` where entries are `remote_address`, `request_headers` and `generic_key`, plus
+//! Legate's `jwt_claim` (a claim of the token the route's JWTPolicy validated). *How much* comes
+//! from a `RateLimit` limit naming that domain and group: `requests` per second/minute/hour with
+//! a `burst` (the bucket size). Each distinct list of entry values is one token bucket, kept
+//! either in this process (`local`, carried over to the next revision while the limit's
+//! definition is unchanged) or in Redis (`redis`, shared by every replica; one atomic Lua script
+//! per check). When Redis does not answer within `timeout_ms`, `failure_mode: open` lets the
+//! request through and `closed` answers 503.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -35,6 +37,7 @@ pub struct RateLimitSpec {
     pub backend: Option<String>,
     pub redis: Option<RedisSpec>,
     pub failure_mode: Option<String>,
+    pub response_headers: Option<bool>,
     pub limits: Vec<LimitSpec>,
 }
 
@@ -66,11 +69,18 @@ pub struct Limit {
     /// Tokens per second.
     pub rate: f64,
     pub burst: u64,
+    /// Whether allowed responses carry `RateLimit-*` headers.
+    pub response_headers: bool,
     backend: Backend,
 }
 
+/// The token buckets of one local limit, by descriptor key.
+type Buckets = Mutex<HashMap<String, Bucket>>;
+
 enum Backend {
-    Local(Mutex<HashMap<String, Bucket>>),
+    /// Set when the graph is swapped in: the previous revision's buckets when the limit is the
+    /// same, else new ones (see [`carry_over`]).
+    Local(OnceLock<Arc<Buckets>>),
     Redis(Redis),
 }
 
@@ -89,6 +99,7 @@ impl std::fmt::Debug for Limit {
             .field("group", &self.group)
             .field("rate", &self.rate)
             .field("burst", &self.burst)
+            .field("response_headers", &self.response_headers)
             .field("backend", &backend)
             .finish()
     }
@@ -106,6 +117,11 @@ pub enum Entry {
     Generic {
         key: String,
         value: String,
+    },
+    /// A claim of the validated JWT (Legate's extension).
+    Claim {
+        key: String,
+        claim: String,
     },
 }
 
@@ -158,7 +174,7 @@ pub fn compile(id: &str, spec: &RateLimitSpec) -> Result<Vec<Limit>, CompileErro
                     pool: Mutex::new(Vec::new()),
                 })
             }
-            _ => Backend::Local(Mutex::new(HashMap::new())),
+            _ => Backend::Local(OnceLock::new()),
         };
         out.push(Limit {
             id: format!("{id}/{}", l.name),
@@ -167,6 +183,7 @@ pub fn compile(id: &str, spec: &RateLimitSpec) -> Result<Vec<Limit>, CompileErro
             requests: l.requests,
             rate: l.requests as f64 / secs,
             burst: l.burst.unwrap_or(l.requests).max(1),
+            response_headers: spec.response_headers.unwrap_or(true),
             backend,
         });
     }
@@ -195,6 +212,13 @@ pub fn descriptor_groups(labels: &Value) -> (Vec<DescriptorGroup>, Vec<String>) 
                     let s = |f: &str| body.get(f).and_then(Value::as_str).map(str::to_string);
                     match kind.as_str() {
                         "remote_address" => list.push(Entry::RemoteAddress),
+                        "jwt_claim" => {
+                            let Some(claim) = s("claim") else { continue };
+                            list.push(Entry::Claim {
+                                key: s("key").unwrap_or_else(|| claim.clone()),
+                                claim,
+                            });
+                        }
                         "generic_key" => list.push(Entry::Generic {
                             key: s("key").unwrap_or_else(|| "generic_key".into()),
                             value: s("value").unwrap_or_default(),
@@ -231,15 +255,74 @@ struct Verdict {
     remaining: f64,
 }
 
+/// Where an allowed request stands against one limit, for the `RateLimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quota {
+    /// The bucket size.
+    pub limit: u64,
+    /// Tokens left, fractional.
+    pub remaining: f64,
+    /// Tokens per second.
+    pub rate: f64,
+}
+
+impl Quota {
+    /// `RateLimit-Limit`, `-Remaining` and `-Reset` (seconds until the bucket is full), as on a
+    /// 429.
+    pub fn headers(&self, h: &mut HeaderMap) {
+        let reset = ((self.limit as f64 - self.remaining) / self.rate)
+            .ceil()
+            .max(0.0) as u64;
+        h.insert(
+            HeaderName::from_static("ratelimit-limit"),
+            HeaderValue::from(self.limit),
+        );
+        h.insert(
+            HeaderName::from_static("ratelimit-remaining"),
+            HeaderValue::from(self.remaining.max(0.0).floor() as u64),
+        );
+        h.insert(
+            HeaderName::from_static("ratelimit-reset"),
+            HeaderValue::from(reset),
+        );
+    }
+
+    /// The tighter of two: fewer whole requests left, then the smaller bucket.
+    pub fn tighter(self, other: Quota) -> Quota {
+        let key = |q: &Quota| (q.remaining.max(0.0).floor() as u64, q.limit);
+        if key(&other) < key(&self) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
 impl RouteLimit {
     /// The bucket key for this request; `None` when the descriptor does not apply (a header
-    /// entry whose header is absent, as Envoy does).
-    fn key(&self, headers: &HeaderMap, peer: SocketAddr) -> Option<String> {
+    /// entry whose header is absent, as Envoy does; a claim the token does not carry, or no
+    /// validated token at all).
+    fn key(
+        &self,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+        claims: Option<&super::jwt::Claims>,
+    ) -> Option<String> {
         let mut key = self.limit.id.clone();
         for e in &self.entries {
             let (k, v) = match e {
                 Entry::RemoteAddress => ("remote_address".to_string(), peer.ip().to_string()),
                 Entry::Generic { key, value } => (key.clone(), value.clone()),
+                Entry::Claim { key, claim } => {
+                    let v = match claims?.get(claim)? {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        Value::Bool(b) => b.to_string(),
+                        // Null, lists and objects name no one.
+                        _ => return None,
+                    };
+                    (key.clone(), v.chars().take(MAX_VALUE_BYTES).collect())
+                }
                 Entry::Header {
                     key,
                     name,
@@ -258,19 +341,30 @@ impl RouteLimit {
         Some(key)
     }
 
-    /// Count the request; `Err` is the answer to a refused request.
-    pub async fn check(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<(), Box<Denial>> {
-        let Some(key) = self.key(headers, peer) else {
-            return Ok(());
+    /// Count the request; `Ok` carries where it stands when the limit applied and reports
+    /// `RateLimit-*` headers, `Err` is the answer to a refused request.
+    pub async fn check(
+        &self,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+        claims: Option<&super::jwt::Claims>,
+    ) -> Result<Option<Quota>, Box<Denial>> {
+        let Some(key) = self.key(headers, peer, claims) else {
+            return Ok(None);
         };
         let l = &*self.limit;
         let verdict = match &l.backend {
-            Backend::Local(buckets) => local_take(buckets, &key, l.rate, l.burst as f64),
+            Backend::Local(buckets) => local_take(
+                buckets.get_or_init(Arc::default),
+                &key,
+                l.rate,
+                l.burst as f64,
+            ),
             Backend::Redis(r) => match r.take(&key, l.rate, l.burst).await {
                 Ok(v) => v,
                 Err(e) if r.fail_open => {
                     tracing::warn!(limit = %l.id, error = %e, "Redis unavailable; failure_mode open lets the request through");
-                    return Ok(());
+                    return Ok(None);
                 }
                 Err(e) => {
                     tracing::warn!(limit = %l.id, error = %e, "Redis unavailable; failure_mode closed refuses");
@@ -284,22 +378,18 @@ impl RouteLimit {
                 }
             },
         };
+        let quota = Quota {
+            limit: l.burst,
+            remaining: verdict.remaining,
+            rate: l.rate,
+        };
         if verdict.allowed {
-            return Ok(());
+            return Ok(l.response_headers.then_some(quota));
         }
         let retry = ((1.0 - verdict.remaining) / l.rate).ceil().max(1.0) as u64;
-        let reset = ((l.burst as f64 - verdict.remaining) / l.rate)
-            .ceil()
-            .max(1.0) as u64;
         let mut h = HeaderMap::new();
-        let num = |n: u64| HeaderValue::from(n);
-        h.insert(header::RETRY_AFTER, num(retry));
-        h.insert(HeaderName::from_static("ratelimit-limit"), num(l.burst));
-        h.insert(
-            HeaderName::from_static("ratelimit-remaining"),
-            num(verdict.remaining.max(0.0).floor() as u64),
-        );
-        h.insert(HeaderName::from_static("ratelimit-reset"), num(reset));
+        h.insert(header::RETRY_AFTER, HeaderValue::from(retry));
+        quota.headers(&mut h);
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -312,7 +402,32 @@ impl RouteLimit {
     }
 }
 
-fn local_take(buckets: &Mutex<HashMap<String, Bucket>>, key: &str, rate: f64, cap: f64) -> Verdict {
+/// Give each local limit of `new` the buckets of the same limit in `old`, so a new revision
+/// does not hand every client a full bucket again. "The same" is the whole definition: id,
+/// rate and burst (the descriptor entries are part of each bucket's key already). Limits
+/// without a match get new buckets.
+pub fn carry_over<'a>(
+    old: impl IntoIterator<Item = &'a Limit>,
+    new: impl IntoIterator<Item = &'a Limit>,
+) {
+    let mut kept: HashMap<(&str, u64, u64), &Arc<Buckets>> = HashMap::new();
+    for l in old {
+        if let Backend::Local(cell) = &l.backend {
+            if let Some(b) = cell.get() {
+                kept.insert((l.id.as_str(), l.rate.to_bits(), l.burst), b);
+            }
+        }
+    }
+    for l in new {
+        if let Backend::Local(cell) = &l.backend {
+            let prev = kept.get(&(l.id.as_str(), l.rate.to_bits(), l.burst));
+            // Already set when the same graph is swapped in again.
+            let _ = cell.set(prev.map_or_else(Arc::default, |b| Arc::clone(b)));
+        }
+    }
+}
+
+fn local_take(buckets: &Buckets, key: &str, rate: f64, cap: f64) -> Verdict {
     let now = Instant::now();
     let mut map = buckets.lock().unwrap_or_else(|e| e.into_inner());
     if map.len() >= MAX_LOCAL_KEYS && !map.contains_key(key) {

@@ -1,6 +1,8 @@
 //! Body types of the request path: the downstream request body streamed upstream (with the
 //! optional size limit), and the response body that is either streamed from the upstream or a
-//! small local answer. Only `buffer_small` reads a body whole, and only under a small cap.
+//! small local answer. Only `buffer_small` reads a body whole, and only under a small cap; the
+//! AuthService's `include_body` reads the start of one ahead (`ReqBody::read_ahead` sends it
+//! first, then streams the rest).
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -85,6 +87,12 @@ enum Source {
     Stream(Incoming),
     /// Taken on the first poll.
     Buffered(Option<Bytes>),
+    /// Bytes already read from the stream (each part taken when sent), then the stream.
+    Prefixed {
+        head: Option<Bytes>,
+        trailers: Option<http::HeaderMap>,
+        rest: Incoming,
+    },
 }
 
 impl ReqBody {
@@ -103,12 +111,38 @@ impl ReqBody {
         }
     }
 
+    /// The body whose start was read ahead (for the auth service) and whose rest, if any,
+    /// is still in `rest`; the read bytes count against the limit.
+    pub fn read_ahead(
+        ahead: crate::policy::ReadAhead,
+        rest: Incoming,
+        limit: Option<u64>,
+    ) -> Result<ReqBody, TooLarge> {
+        let left = limit.unwrap_or(u64::MAX);
+        let read = ahead.data.len() as u64;
+        if read > left {
+            return Err(TooLarge);
+        }
+        if ahead.complete && ahead.trailers.is_none() {
+            // Read whole: replayable like any small buffered body.
+            return Ok(ReqBody::buffered(ahead.data));
+        }
+        Ok(ReqBody {
+            inner: Source::Prefixed {
+                head: (!ahead.data.is_empty()).then_some(ahead.data),
+                trailers: ahead.trailers,
+                rest,
+            },
+            left: left - read,
+        })
+    }
+
     /// A copy to send again, when this body was read whole and not yet sent.
     pub fn replay(&self) -> Option<ReqBody> {
         match &self.inner {
             Source::Buffered(b) => Some(ReqBody::buffered(b.clone().unwrap_or_default())),
             Source::Stream(s) if s.is_end_stream() => Some(ReqBody::buffered(Bytes::new())),
-            Source::Stream(_) => None,
+            Source::Stream(_) | Source::Prefixed { .. } => None,
         }
     }
 }
@@ -124,6 +158,19 @@ impl Body for ReqBody {
         let inner = match &mut self.inner {
             Source::Stream(s) => s,
             Source::Buffered(b) => return Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            Source::Prefixed {
+                head,
+                trailers,
+                rest,
+            } => {
+                if let Some(d) = head.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                if let Some(t) = trailers.take() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+                rest
+            }
         };
         let frame = ready!(Pin::new(inner).poll_frame(cx));
         Poll::Ready(match frame {
@@ -146,6 +193,11 @@ impl Body for ReqBody {
         match &self.inner {
             Source::Stream(s) => s.is_end_stream(),
             Source::Buffered(b) => b.is_none(),
+            Source::Prefixed {
+                head,
+                trailers,
+                rest,
+            } => head.is_none() && trailers.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -153,6 +205,16 @@ impl Body for ReqBody {
         match &self.inner {
             Source::Stream(s) => s.size_hint(),
             Source::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+            Source::Prefixed { head, rest, .. } => {
+                let n = head.as_ref().map_or(0, |d| d.len() as u64);
+                let r = rest.size_hint();
+                let mut h = SizeHint::new();
+                h.set_lower(r.lower().saturating_add(n));
+                if let Some(u) = r.upper() {
+                    h.set_upper(u.saturating_add(n));
+                }
+                h
+            }
         }
     }
 }

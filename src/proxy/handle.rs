@@ -146,7 +146,7 @@ impl Proxy {
                 }
                 let origin = cors.and_then(|c| c.origin(req.headers()));
                 let mut req = req;
-                crate::policy::enforce(f, &mut req, conn.remote)
+                let passed = crate::policy::enforce(f, &mut req, conn.remote)
                     .await
                     .map_err(ProxyError::Denied)?;
                 let mut resp = self
@@ -161,6 +161,7 @@ impl Proxy {
                         shadow,
                     )
                     .await?;
+                passed.decorate(resp.headers_mut());
                 if let (Some(c), Some(o)) = (cors, origin) {
                     c.decorate(o, resp.headers_mut());
                 }
@@ -286,7 +287,11 @@ impl Proxy {
 
         let replayable = prep.retry.is_some() || shadow.is_some();
         let limit = self.settings.limits.max_body_bytes;
-        let body = super::retry::request_body(body, replayable, limit).await?;
+        let body = match parts.extensions.remove::<crate::policy::ReadAhead>() {
+            Some(ahead) => super::body::ReqBody::read_ahead(ahead, body, limit)
+                .map_err(|_| ProxyError::BodyTooLarge)?,
+            None => super::retry::request_body(body, replayable, limit).await?,
+        };
         if let Some(sh) = shadow {
             self.shadows.copy(sh, &parts, &body, &upstream_pq);
         }

@@ -306,6 +306,8 @@ impl Proxy {
     /// Make `graph` the one that new requests see. In-flight requests finish on their graph.
     pub fn swap(&self, graph: Arc<Graph>) {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        // Local rate-limit buckets and JWKS keys outlive a revision that leaves them as they were.
+        crate::policy::carry_over(&self.shared.load().graph, &graph);
         let snap = self.build(graph);
         self.run_checkers(&snap);
         self.shared.store(Arc::new(snap));

@@ -1,4 +1,5 @@
-//! Kubernetes source: Mappings, Hosts and RouteTests watched in a cluster become revisions.
+//! Kubernetes source: Mappings, Hosts, RouteTests and the edge-security kinds (AuthService,
+//! JWTPolicy, RateLimit) watched in a cluster become revisions.
 //!
 //! Owns: the watches (kube-runtime's watcher, which relists after `410 Gone` and restarts
 //! dropped watches), the in-memory store of watched objects, turning a consistent snapshot of
@@ -38,7 +39,7 @@ const MAX_ROUNDS: usize = 6;
 pub struct KubeOptions {
     /// Watch one namespace; `None` watches all namespaces.
     pub namespace: Option<String>,
-    /// Label selector (`app=x,tier!=y`) applied to Mappings, Hosts and RouteTests.
+    /// Label selector (`app=x,tier!=y`) applied to every watched kind except Secrets.
     pub selector: Option<String>,
     /// Also watch `getambassador.io/v3alpha1` Mappings and Hosts when their CRDs exist.
     pub ambassador: bool,
@@ -133,6 +134,9 @@ pub fn legate_kinds() -> Vec<KindRef> {
         KindRef::new("legate.dev", "v1alpha1", "Mapping", "mappings"),
         KindRef::new("legate.dev", "v1alpha1", "Host", "hosts"),
         KindRef::new("legate.dev", "v1alpha1", "RouteTest", "routetests"),
+        KindRef::new("legate.dev", "v1alpha1", "AuthService", "authservices"),
+        KindRef::new("legate.dev", "v1alpha1", "JWTPolicy", "jwtpolicies"),
+        KindRef::new("legate.dev", "v1alpha1", "RateLimit", "ratelimits"),
     ]
 }
 
@@ -141,6 +145,12 @@ pub fn ambassador_kinds() -> Vec<KindRef> {
     vec![
         KindRef::new("getambassador.io", "v3alpha1", "Mapping", "mappings"),
         KindRef::new("getambassador.io", "v3alpha1", "Host", "hosts"),
+        KindRef::new(
+            "getambassador.io",
+            "v3alpha1",
+            "AuthService",
+            "authservices",
+        ),
     ]
 }
 
@@ -649,9 +659,17 @@ pub async fn start(
         path: opts.secrets_dir.display().to_string(),
         message: e.to_string(),
     })?;
-    let mut kinds = legate_kinds();
-    if opts.ambassador && ambassador_installed(&client).await {
-        kinds.extend(ambassador_kinds());
+    let mut kinds = served_legate_kinds(&client).await;
+    if opts.ambassador {
+        if let Some(served) = served(&client, "getambassador.io/v3alpha1").await {
+            if served.iter().any(|r| r == "mappings") {
+                kinds.extend(
+                    ambassador_kinds()
+                        .into_iter()
+                        .filter(|k| served.contains(&k.plural)),
+                );
+            }
+        }
     }
     let (tx, rx) = mpsc::channel::<Msg>(1024);
     let mut tasks = Vec::new();
@@ -716,18 +734,36 @@ pub async fn start(
     })
 }
 
-/// Whether the getambassador.io/v3alpha1 API group is served (its CRDs are installed).
-async fn ambassador_installed(client: &Client) -> bool {
-    match client
-        .list_api_group_resources("getambassador.io/v3alpha1")
-        .await
-    {
-        Ok(list) => list.resources.iter().any(|r| r.name == "mappings"),
+/// The plural resource names a group/version serves, `None` when it is not served.
+async fn served(client: &Client, group_version: &str) -> Option<Vec<String>> {
+    match client.list_api_group_resources(group_version).await {
+        Ok(list) => Some(list.resources.into_iter().map(|r| r.name).collect()),
         Err(e) => {
-            tracing::debug!(error = %e, "getambassador.io/v3alpha1 is not served; not watching Emissary kinds");
-            false
+            tracing::debug!(error = %e, group_version, "API group is not served");
+            None
         }
     }
+}
+
+/// Legate's kinds to watch. Mapping, Host and RouteTest always; a kind added later (the
+/// edge-security ones) only when its CRD is installed, so a cluster upgraded without
+/// re-applying `deploy/crds` keeps serving instead of waiting forever on a 404 watch. When
+/// discovery itself fails, every kind is watched (the watches say what is wrong).
+async fn served_legate_kinds(client: &Client) -> Vec<KindRef> {
+    let all = legate_kinds();
+    let Some(served) = served(client, "legate.dev/v1alpha1").await else {
+        return all;
+    };
+    let core = ["mappings", "hosts", "routetests"];
+    all.into_iter()
+        .filter(|k| {
+            let ok = core.contains(&k.plural.as_str()) || served.contains(&k.plural);
+            if !ok {
+                tracing::warn!(kind = %k.kind, "the {}.legate.dev CRD is not installed; not watching {} (apply deploy/crds)", k.plural, k.kind);
+            }
+            ok
+        })
+        .collect()
 }
 
 async fn watch_objects(

@@ -182,7 +182,14 @@ fn deploy_kube_mode_renders_with_least_privilege_rbac() {
             .iter()
             .any(|(gg, rr, vv)| gg == g && rr == r && vv == v)
     };
-    for r in ["mappings", "hosts", "routetests"] {
+    for r in [
+        "mappings",
+        "hosts",
+        "routetests",
+        "authservices",
+        "jwtpolicies",
+        "ratelimits",
+    ] {
         for v in ["get", "list", "watch"] {
             assert!(has("legate.dev", r, v), "missing {v} {r}");
         }

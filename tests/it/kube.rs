@@ -39,6 +39,8 @@ struct State {
     watches: usize,
     /// Serve the getambassador.io/v3alpha1 group (its CRDs are "installed").
     ambassador: bool,
+    /// Leave the edge-security CRDs out of the legate.dev discovery (a cluster not upgraded).
+    old_crds: bool,
 }
 
 /// A fake Kubernetes API server: list, watch, status patches and Leases, over plain HTTP.
@@ -383,6 +385,26 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<Notif
             "resources": [
                 {"name": "mappings", "singularName": "mapping", "namespaced": true, "kind": "Mapping", "verbs": ["get", "list", "watch"]},
                 {"name": "hosts", "singularName": "host", "namespaced": true, "kind": "Host", "verbs": ["get", "list", "watch"]}]});
+        return respond(&mut conn, 200, &list).await;
+    }
+    if req.path == "/apis/legate.dev/v1alpha1" {
+        let mut kinds = vec![
+            ("mappings", "Mapping"),
+            ("hosts", "Host"),
+            ("routetests", "RouteTest"),
+        ];
+        if !state.lock().unwrap().old_crds {
+            kinds.extend([
+                ("authservices", "AuthService"),
+                ("jwtpolicies", "JWTPolicy"),
+                ("ratelimits", "RateLimit"),
+            ]);
+        }
+        let resources: Vec<Value> = kinds
+            .iter()
+            .map(|(p, k)| json!({"name": p, "singularName": k.to_lowercase(), "namespaced": true, "kind": k, "verbs": ["get", "list", "watch"]}))
+            .collect();
+        let list = json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "legate.dev/v1alpha1", "resources": resources});
         return respond(&mut conn, 200, &list).await;
     }
     let Some(t) = parse_target(&req.path) else {
@@ -1150,7 +1172,8 @@ async fn kube_emissary_kinds_are_watched_when_installed_and_ambassador_id_is_hon
         ),
     );
     let mut run = start_source(&fake, Some("default")).await;
-    assert_eq!(run.watch.kinds().len(), 5);
+    // Legate's six kinds, and the two Emissary kinds the group serves (not its AuthService).
+    assert_eq!(run.watch.kinds().len(), 8);
     let s = wait_snapshot(
         &mut run.rx,
         "ours and native",
@@ -1362,4 +1385,115 @@ async fn kube_legate_run_serves_from_the_api_and_writes_status() {
             .is_some_and(|p| p["status"]["revision"] == json!(applied))
     })
     .await;
+}
+
+/// The policies the graph compiled from a snapshot attaches to route `name`:
+/// (ext auth, JWT policy name, rate-limit ids).
+fn policies_of(s: &Snapshot, name: &str) -> (bool, Option<String>, Vec<String>) {
+    let out = legate::config::load_and_compile(&*s.revision.tree, &Default::default());
+    let g = out
+        .graph
+        .unwrap_or_else(|| panic!("snapshot does not compile: {:?}", out.diagnostics));
+    let r = g.routes.iter().find(|r| r.name == name).unwrap();
+    let legate::routes::Action::Forward(f) = &r.action else {
+        panic!("{name} does not forward");
+    };
+    (
+        f.ext_auth.is_some(),
+        f.jwt.as_ref().map(|j| j.name.clone()),
+        f.rate_limits.iter().map(|l| l.limit.id.clone()).collect(),
+    )
+}
+
+#[tokio::test]
+async fn kube_authservice_jwtpolicy_and_ratelimit_are_watched_and_judged() {
+    const AUTH: &str = "legate.dev/v1alpha1/authservices";
+    const JWT: &str = "legate.dev/v1alpha1/jwtpolicies";
+    const RL: &str = "legate.dev/v1alpha1/ratelimits";
+    let obj = |kind: &str, name: &str, spec: Value| {
+        json!({"apiVersion": "legate.dev/v1alpha1", "kind": kind,
+               "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+    };
+    let fake = FakeApiServer::start().await;
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "api",
+            json!({"hostname": "*", "prefix": "/api/", "service": "api.default:80",
+                   "labels": {"ambassador": [{"per_user": [{"jwt_claim": {"claim": "sub", "key": "user"}}]}]}}),
+        ),
+    );
+    fake.apply(
+        AUTH,
+        obj(
+            "AuthService",
+            "auth",
+            json!({"auth_service": "auth.default:3000", "include_body": {"max_bytes": 4096}}),
+        ),
+    );
+    fake.apply(
+        JWT,
+        obj(
+            "JWTPolicy",
+            "api-jwt",
+            json!({"jwks": {"url": "https://login.example.test/jwks.json"}, "mappings": ["api"]}),
+        ),
+    );
+    fake.apply(
+        RL,
+        obj(
+            "RateLimit",
+            "limits",
+            json!({"limits": [{"name": "user", "group": "per_user", "requests": 5, "per": "minute"}]}),
+        ),
+    );
+    // A JWTPolicy Legate refuses: set aside on its own, the rest still serves.
+    fake.apply(
+        JWT,
+        obj(
+            "JWTPolicy",
+            "bad",
+            json!({"jwks": {"url": "https://k.test/j"}, "algorithms": ["HS256"], "mappings": ["api"]}),
+        ),
+    );
+    let mut run = start_source(&fake, Some("default")).await;
+    assert_eq!(run.watch.kinds().len(), 6);
+    let s = wait_snapshot(&mut run.rx, "the three policies", |s| files(s).len() == 4).await;
+    assert!(
+        files(&s).contains(&"kube/default/JWTPolicy/api-jwt.yaml".to_string()),
+        "{:?}",
+        files(&s)
+    );
+    assert_eq!(
+        policies_of(&s, "api"),
+        (
+            true,
+            Some("default/api-jwt".into()),
+            vec!["default/limits/user".into()]
+        )
+    );
+    let bad = s.verdicts.iter().find(|v| v.object.name == "bad").unwrap();
+    assert!(!bad.accepted);
+    assert!(bad.message.contains("HS256"), "{}", bad.message);
+
+    // Deleting the AuthService takes it off the route.
+    fake.delete(AUTH, "default", "auth");
+    let s = wait_snapshot(&mut run.rx, "no AuthService", |s| files(s).len() == 3).await;
+    assert!(!policies_of(&s, "api").0);
+
+    // A cluster whose CRDs predate these kinds: they are not watched, the rest serves.
+    let old = FakeApiServer::start().await;
+    old.lock().old_crds = true;
+    old.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "a",
+            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
+        ),
+    );
+    let mut run = start_source(&old, Some("default")).await;
+    assert_eq!(run.watch.kinds().len(), 3);
+    wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
 }

@@ -23,6 +23,7 @@ struct Asked {
     method: String,
     path: String,
     headers: http::HeaderMap,
+    body: Bytes,
 }
 
 /// A real HTTP auth service. `Bearer good` is allowed (granting `x-user` and `x-internal`),
@@ -71,17 +72,32 @@ impl AuthServer {
 }
 
 async fn decide(req: Request<Incoming>, log: &Mutex<Vec<Asked>>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     log.lock().unwrap().push(Asked {
-        method: req.method().to_string(),
-        path: req
-            .uri()
+        method: parts.method.to_string(),
+        path: parts
+            .uri
             .path_and_query()
             .map(|p| p.to_string())
             .unwrap_or_default(),
-        headers: req.headers().clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
     });
-    let auth = req
-        .headers()
+    // A body containing `forbidden` is refused: the auth service judged what it was sent.
+    if body.windows(9).any(|w| w == b"forbidden") {
+        return Response::builder()
+            .status(403)
+            .body(Full::new(Bytes::from_static(b"body refused\n")))
+            .unwrap();
+    }
+    let auth = parts
+        .headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
@@ -223,6 +239,119 @@ async fn ext_auth_down_refuses_or_fails_open() {
     let gw =
         Gateway::start(&(auth_service(&format!("auth_service: {}", auth.addr)) + &route)).await;
     assert_eq!(get(&gw.url("/secure/a"), &[]).await.status, 401);
+}
+
+/// A body of `n` bytes that is not one repeated byte (so a reordering or a cut shows), sent in
+/// 1000-byte frames without a Content-Length.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+fn chunked(body: &[u8]) -> TestBody {
+    use http_body_util::BodyExt;
+    let frames: Vec<Result<hyper::body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> =
+        body.chunks(1000)
+            .map(|c| Ok(hyper::body::Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+    http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex(&<sha2::Sha256 as sha2::Digest>::digest(b))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_auth_include_body_sends_the_body_and_still_forwards_it() {
+    let up = Upstream::start("app").await;
+    let auth = AuthServer::start().await;
+    let svc = up.service();
+    let routes = [mapping(
+        "secure",
+        &format!("hostname: '*'\nprefix: /secure/\nservice: {svc}"),
+    )]
+    .concat();
+    let spec = |extra: &str| {
+        auth_service(&format!(
+            "auth_service: {}\ntimeout_ms: 2000\n{extra}",
+            auth.addr
+        ))
+    };
+    let good = [
+        ("authorization", "Bearer good"),
+        ("content-type", "application/x-test"),
+    ];
+
+    // Whole bodies up to max_bytes: the auth service gets the body, the upstream the same body.
+    let gw = Gateway::start(&(spec("include_body:\n  max_bytes: 4096") + &routes)).await;
+    let body = pattern(3000);
+    let r = send("POST", &gw.url("/secure/up"), &good, chunked(&body)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = auth.asked().pop().unwrap();
+    assert_eq!(seen.body.as_ref(), &body[..]);
+    assert_eq!(seen.headers["content-length"], "3000");
+    assert_eq!(seen.headers["x-envoy-auth-partial-body"], "false");
+    assert_eq!(seen.headers["content-type"], "application/x-test");
+    assert_eq!(r.json()["body_bytes"], 3000);
+    assert_eq!(r.json()["body_sha256"], sha256_hex(&body));
+    // With a Content-Length too.
+    let r = send("POST", &gw.url("/secure/up"), &good, full(&body)).await;
+    assert_eq!(r.json()["body_sha256"], sha256_hex(&body));
+    assert_eq!(auth.asked().pop().unwrap().body.as_ref(), &body[..]);
+    // The auth service decides on the body.
+    let r = send(
+        "POST",
+        &gw.url("/secure/up"),
+        &good,
+        full(b"this is forbidden"),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.body, "body refused\n");
+
+    // Larger than max_bytes without allow_partial: 413, as Envoy answers; nothing reaches the
+    // auth service or the upstream, streamed or announced by Content-Length.
+    let (asked, hits) = (
+        auth.asked().len(),
+        up.hits.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    let big = pattern(10_000);
+    let r = send("POST", &gw.url("/secure/up"), &good, chunked(&big)).await;
+    assert_eq!(r.status, 413);
+    let r = send("POST", &gw.url("/secure/up"), &good, full(&big)).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(auth.asked().len(), asked);
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), hits);
+
+    // allow_partial: the auth service gets the first max_bytes, the upstream all of it.
+    let gw = Gateway::start(
+        &(spec("include_body:\n  max_bytes: 4096\n  allow_partial: true") + &routes),
+    )
+    .await;
+    let big = pattern(300_000);
+    let r = send("POST", &gw.url("/secure/up"), &good, chunked(&big)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let seen = auth.asked().pop().unwrap();
+    assert_eq!(seen.body.as_ref(), &big[..4096]);
+    assert_eq!(seen.headers["x-envoy-auth-partial-body"], "true");
+    assert_eq!(r.json()["body_bytes"], 300_000);
+    assert_eq!(r.json()["body_sha256"], sha256_hex(&big));
+
+    // Without include_body the auth service gets no body and the body streams upstream.
+    let gw = Gateway::start(&(spec("") + &routes)).await;
+    let r = send("POST", &gw.url("/secure/up"), &good, chunked(&big)).await;
+    assert_eq!(r.status, 200);
+    let seen = auth.asked().pop().unwrap();
+    assert!(seen.body.is_empty());
+    assert_eq!(seen.headers["content-length"], "0");
+    assert!(seen.headers.get("x-envoy-auth-partial-body").is_none());
+    assert_eq!(r.json()["body_sha256"], sha256_hex(&big));
+}
+
+fn full(b: &[u8]) -> TestBody {
+    use http_body_util::BodyExt;
+    Full::new(Bytes::copy_from_slice(b))
+        .map_err(|e| match e {})
+        .boxed()
 }
 
 #[test]
@@ -571,6 +700,8 @@ struct JwksServer {
     addr: SocketAddr,
     doc: Arc<Mutex<Option<String>>>,
     fetches: Arc<std::sync::atomic::AtomicU64>,
+    /// Accept requests and never answer them.
+    hang: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -586,18 +717,23 @@ impl JwksServer {
         let addr = listener.local_addr().unwrap();
         let doc = Arc::new(Mutex::new(Some(doc)));
         let fetches = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (d, f) = (doc.clone(), fetches.clone());
+        let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, f, h) = (doc.clone(), fetches.clone(), hang.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (d, f) = (d.clone(), f.clone());
+                let (d, f, h) = (d.clone(), f.clone(), h.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |_req: Request<Incoming>| {
                         f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let body = d.lock().unwrap().clone();
+                        let hang = h.load(std::sync::atomic::Ordering::SeqCst);
                         async move {
+                            if hang {
+                                std::future::pending::<()>().await;
+                            }
                             Ok::<_, Infallible>(match body {
                                 Some(b) => Response::new(Full::new(Bytes::from(b))),
                                 None => Response::builder()
@@ -617,6 +753,7 @@ impl JwksServer {
             addr,
             doc,
             fetches,
+            hang,
             task,
         }
     }
@@ -671,7 +808,13 @@ async fn jwt_keys_from_a_url_are_cached_refreshed_and_kept_on_failure() {
     *jwks.doc.lock().unwrap() = None;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(call(&t1).await, 200);
-    assert!(jwks.fetches.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    // The refresh runs in the background; the cached keys keep serving meanwhile.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while jwks.fetches.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "no refresh");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(call(&t1).await, 200);
 
     // Rotation: once the endpoint serves k2, k2 is accepted (after the failure back-off).
     *jwks.doc.lock().unwrap() = Some(ed_jwk("k2", &k2));
@@ -953,6 +1096,17 @@ fn ratelimit_problems_are_diagnosed() {
         ) + &m),
     );
     assert!(out.contains("counts nothing"), "{out}");
+    let claim_route = mapping(
+        "byuser",
+        "hostname: '*'\nprefix: /u/\nservice: app\nlabels:\n  ambassador:\n    - per_user:\n      - jwt_claim: {claim: sub}",
+    );
+    let out = check(
+        &(rate_limit(
+            "r",
+            "limits:\n  - {name: a, group: per_user, requests: 1, per: second}",
+        ) + &claim_route),
+    );
+    assert!(out.contains("no JWTPolicy covers it"), "{out}");
     let out = check(
         &(rate_limit(
             "r",
@@ -997,4 +1151,345 @@ async fn a_remembered_token_still_expires() {
     let r = get(&url, &[("authorization", t.as_str())]).await;
     assert_eq!(r.status, 401);
     assert!(r.header("www-authenticate").unwrap().contains("expired"));
+}
+
+// ---- JWT claims as rate-limit keys, RateLimit-* on allowed responses ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_claims_key_rate_limits_and_allowed_responses_report_the_tightest_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ed25519();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, ed_jwk("k", &key)).unwrap();
+    let up = Upstream::start("app").await;
+    let svc = up.service();
+    let labels = "labels:
+  ambassador:
+    - per_user:
+      - jwt_claim:
+          claim: sub
+          key: user
+    - per_client:
+      - remote_address:
+          key: remote_address";
+    let yaml = [
+        jwt_policy(&format!(
+            "jwks:\n  file: {}\nmappings: [users, quiet]",
+            jwks.display()
+        )),
+        rate_limit(
+            "users",
+            "limits:\n  - {name: user, group: per_user, requests: 3, per: minute}",
+        ),
+        rate_limit(
+            "clients",
+            "limits:\n  - {name: client, group: per_client, requests: 100, per: minute}",
+        ),
+        rate_limit(
+            "quiet",
+            "response_headers: false\nlimits:\n  - {name: q, domain: quiet, group: per_user, requests: 100, per: minute}",
+        ),
+        mapping(
+            "users",
+            &format!("hostname: '*'\nprefix: /users/\nservice: {svc}\n{labels}"),
+        ),
+        mapping(
+            "quiet",
+            &format!("hostname: '*'\nprefix: /quiet/\nservice: {svc}\nlabels:\n  quiet:\n    - per_user:\n      - jwt_claim: {{claim: sub}}"),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    let tok = |sub: Option<&str>| {
+        let c = match sub {
+            Some(s) => claims(serde_json::json!({"sub": s})),
+            None => claims(serde_json::json!({"sub": null})),
+        };
+        bearer(&token(
+            serde_json::json!({"alg": "EdDSA", "kid": "k"}),
+            c,
+            Signer::Ed(&key),
+        ))
+    };
+    let (alice, bob, nobody) = (tok(Some("alice")), tok(Some("bob")), tok(None));
+    let url = gw.url("/users/x");
+    let call = |t: &str| {
+        let (url, t) = (url.clone(), t.to_string());
+        async move { get(&url, &[("authorization", t.as_str())]).await }
+    };
+
+    // Requests without a valid token are refused by the JWTPolicy before any limit counts them.
+    for _ in 0..5 {
+        assert_eq!(get(&url, &[]).await.status, 401);
+        assert_eq!(
+            get(&url, &[("authorization", "Bearer not.a.jwt")])
+                .await
+                .status,
+            401
+        );
+    }
+    // Alice's own bucket: 3 a minute; each allowed answer reports the tighter (per-user) limit.
+    for left in ["2", "1", "0"] {
+        let r = call(&alice).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.header("ratelimit-limit"), Some("3"));
+        assert_eq!(r.header("ratelimit-remaining"), Some(left));
+        assert!(r.header("ratelimit-reset").unwrap().parse::<u64>().unwrap() <= 60);
+    }
+    let r = call(&alice).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("ratelimit-limit"), Some("3"));
+    // Bob is keyed apart from Alice (same client address).
+    let r = call(&bob).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("ratelimit-remaining"), Some("2"));
+    // A valid token without the claim: the per-user group does not apply; the per-client one
+    // does and is then the tightest.
+    for _ in 0..5 {
+        let r = call(&nobody).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("ratelimit-limit"), Some("100"));
+    }
+    // response_headers: false: counted, not reported.
+    let r = get(&gw.url("/quiet/x"), &[("authorization", alice.as_str())]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("ratelimit-limit"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_buckets_survive_a_new_revision_that_keeps_their_limit() {
+    let up = Upstream::start("app").await;
+    let svc = up.service();
+    let limited = mapping(
+        "limited",
+        &format!("hostname: '*'\nprefix: /limited/\nservice: {svc}\n{LABELS}"),
+    );
+    let limit = |n: u32| {
+        rate_limit(
+            "local",
+            &format!("limits:\n  - {{name: client, group: per_client, requests: {n}, per: hour}}"),
+        )
+    };
+    let gw = Gateway::start(&(limit(2) + &limited)).await;
+    let url = gw.url("/limited/x");
+    assert_eq!(get(&url, &[]).await.status, 200);
+    assert_eq!(get(&url, &[]).await.status, 200);
+    assert_eq!(get(&url, &[]).await.status, 429);
+
+    // Another route added: the limit is the same, so the client's bucket is still empty.
+    let other = mapping(
+        "other",
+        &format!("hostname: '*'\nprefix: /other/\nservice: {svc}"),
+    );
+    gw.proxy.swap(compile(&(limit(2) + &limited + &other)));
+    assert_eq!(get(&gw.url("/other/x"), &[]).await.status, 200);
+    assert_eq!(get(&url, &[]).await.status, 429);
+
+    // The limit itself changed: new buckets.
+    gw.proxy.swap(compile(&(limit(5) + &limited + &other)));
+    let r = get(&url, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("ratelimit-remaining"), Some("4"));
+}
+
+// ---- Two legate processes, one Redis ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limit_holds_across_two_legate_processes() {
+    let redis = RedisServer::start().await;
+    let up = Upstream::start("app").await;
+    let limit = 10;
+    let yaml = rate_limit(
+        "shared",
+        &format!(
+            "backend: redis\nredis:\n  address: {}\n  timeout_ms: 1000\nfailure_mode: closed\nlimits:\n  - {{name: client, group: per_client, requests: {limit}, per: hour}}",
+            redis.addr
+        ),
+    ) + &mapping(
+        "limited",
+        &format!(
+            "hostname: '*'\nprefix: /limited/\nservice: {}\n{LABELS}",
+            up.service()
+        ),
+    ) + &mapping(
+        "ready",
+        &format!("hostname: '*'\nprefix: /ready/\nservice: {}", up.service()),
+    );
+    let tree = Tree::new(&yaml);
+    let start = || {
+        let http = free_addr();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+            .arg("run")
+            .arg("--dir")
+            .arg(tree.path())
+            .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+            .args(["--admin-listen", "off", "--verify-window", "0"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        (Killed(child), http)
+    };
+    let (_a, a) = start();
+    let (_b, b) = start();
+    // Both serve the config (through a route without limits).
+    for addr in [a, b] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let probe = tokio::time::timeout(
+                Duration::from_secs(2),
+                client().request(
+                    Request::get(format!("http://{addr}/ready/"))
+                        .body(empty())
+                        .unwrap(),
+                ),
+            )
+            .await;
+            if matches!(probe, Ok(Ok(r)) if r.status() == 200) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{addr} never served");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut allowed = [0; 2];
+    for i in 0..3 * limit {
+        let (n, addr) = if i % 2 == 0 { (0, a) } else { (1, b) };
+        let r = get(&format!("http://{addr}/limited/x"), &[]).await;
+        match r.status.as_u16() {
+            200 => allowed[n] += 1,
+            429 => {}
+            s => panic!("unexpected {s}: {}", r.body),
+        }
+    }
+    // One limit for both: 10 in all, not 10 each; both processes took part.
+    assert_eq!(allowed[0] + allowed[1], limit, "{allowed:?}");
+    assert!(allowed[0] > 0 && allowed[1] > 0, "{allowed:?}");
+}
+
+// ---- JWKS refresh off the request path ----
+
+/// A gateway whose `/secure/` route requires a token verified with `jwks`'s keys.
+async fn jwks_gateway(jwks: &JwksServer, refresh_seconds: u64, up: &Upstream) -> Gateway {
+    Gateway::start(&jwks_config(jwks, refresh_seconds, up)).await
+}
+
+fn jwks_config(jwks: &JwksServer, refresh_seconds: u64, up: &Upstream) -> String {
+    jwt_policy(&format!(
+        "jwks:\n  url: http://{}/jwks.json\n  refresh_seconds: {refresh_seconds}\nmappings: [secure]",
+        jwks.addr
+    )) + &mapping(
+        "secure",
+        &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
+    )
+}
+
+/// `Bearer <token>` signed by `key`, naming `kid`.
+fn ed_bearer(kid: &str, key: &sig::Ed25519KeyPair) -> String {
+    bearer(&token(
+        serde_json::json!({"alg": "EdDSA", "kid": kid}),
+        claims(serde_json::json!({})),
+        Signer::Ed(key),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_requests_do_not_wait_for_a_hung_jwks_refresh() {
+    let k1 = ed25519();
+    let jwks = JwksServer::start(ed_jwk("k1", &k1)).await;
+    let up = Upstream::start("app").await;
+    let gw = jwks_gateway(&jwks, 1, &up).await;
+    let url = gw.url("/secure/x");
+    let t1 = ed_bearer("k1", &k1);
+    let fetches = || jwks.fetches.load(std::sync::atomic::Ordering::SeqCst);
+    // Cold start: the first request waits for the first key set.
+    assert_eq!(
+        get(&url, &[("authorization", t1.as_str())]).await.status,
+        200
+    );
+    assert_eq!(fetches(), 1);
+
+    // The JWKS server now accepts and never answers; the refresh is due.
+    jwks.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A fetch gives up after 5 s; a request that waited for one would not be back in 3 s.
+    let auth = [("authorization", t1.as_str())];
+    let unhurried = || tokio::time::timeout(Duration::from_secs(3), get(&url, &auth));
+    for _ in 0..5 {
+        let r = unhurried()
+            .await
+            .expect("answered from the cached keys, without waiting for the refresh");
+        assert_eq!(r.status, 200);
+    }
+    // The refresh did start, once, and is still hanging.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while fetches() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no refresh started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(fetches(), 2);
+
+    // A new revision reading the same JWKS starts with the keys in hand, not cold.
+    let other = mapping(
+        "other",
+        &format!("hostname: '*'\nprefix: /other/\nservice: {}", up.service()),
+    );
+    gw.proxy
+        .swap(compile(&(jwks_config(&jwks, 1, &up) + &other)));
+    let r = unhurried()
+        .await
+        .expect("the new revision verifies with the keys it was handed");
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_an_unknown_key_id_triggers_one_early_refresh() {
+    let (k1, k2, k3) = (ed25519(), ed25519(), ed25519());
+    let jwks = JwksServer::start(ed_jwk("k1", &k1)).await;
+    let up = Upstream::start("app").await;
+    let gw = jwks_gateway(&jwks, 3600, &up).await;
+    let url = gw.url("/secure/x");
+    let (t1, t2, t3) = (
+        ed_bearer("k1", &k1),
+        ed_bearer("k2", &k2),
+        ed_bearer("k3", &k3),
+    );
+    let call = |tok: &str| {
+        let (url, tok) = (url.clone(), tok.to_string());
+        async move { get(&url, &[("authorization", tok.as_str())]).await }
+    };
+    let fetches = || jwks.fetches.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(call(&t1).await.status, 200);
+    assert_eq!(fetches(), 1);
+
+    // The issuer rotates in k2 long before refresh_seconds: a k2 token is refused once and
+    // makes the gateway fetch again; k2 tokens are then accepted.
+    let both = serde_json::json!({"keys": [
+        {"kty": "OKP", "kid": "k1", "crv": "Ed25519", "x": B64.encode(k1.public_key().as_ref())},
+        {"kty": "OKP", "kid": "k2", "crv": "Ed25519", "x": B64.encode(k2.public_key().as_ref())},
+    ]});
+    *jwks.doc.lock().unwrap() = Some(both.to_string());
+    let r = call(&t2).await;
+    assert_eq!(r.status, 401);
+    assert!(r
+        .header("www-authenticate")
+        .unwrap()
+        .contains("unknown key id"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while call(&t2).await.status != 200 {
+        assert!(std::time::Instant::now() < deadline, "k2 never accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fetches(), 2);
+    assert_eq!(call(&t1).await.status, 200);
+
+    // Unknown ids sent over and over refresh at most once per interval.
+    for _ in 0..10 {
+        assert_eq!(call(&t3).await.status, 401);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        fetches(),
+        2,
+        "k2's refresh was under 10 s ago: no new fetch"
+    );
 }

@@ -172,13 +172,15 @@ async fn upstream_answer(
     }
     let (parts, mut body) = req.into_parts();
     let q = parts.uri.query();
-    // Count the body as it streams in; nothing is kept.
+    // Count and hash the body as it streams in; nothing is kept.
     let mut body_bytes = 0u64;
+    let mut digest = <sha2::Sha256 as sha2::Digest>::new();
     while let Some(frame) = body.frame().await {
         match frame {
             Ok(f) => {
                 if let Some(d) = f.data_ref() {
                     body_bytes += d.len() as u64;
+                    sha2::Digest::update(&mut digest, d);
                 }
             }
             Err(_) => break,
@@ -202,6 +204,7 @@ async fn upstream_answer(
         "version": format!("{:?}", parts.version),
         "headers": headers,
         "body_bytes": body_bytes,
+        "body_sha256": hex(&sha2::Digest::finalize(digest)),
     });
     let body: TestBody = match query_param(q, "download").and_then(|v| v.parse().ok()) {
         Some(n) => Generated::new(n).map_err(|e| match e {}).boxed(),
@@ -229,6 +232,11 @@ async fn upstream_answer(
         h.insert("upgrade", "websocket".parse().unwrap());
     }
     resp
+}
+
+/// Lowercase hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// A body of `n` bytes generated on the fly in 64 KiB chunks (nothing held in memory).
