@@ -10,6 +10,7 @@ mod git_source;
 mod golden;
 mod kube;
 mod observability;
+mod protocols;
 mod proxy;
 mod reconcile;
 mod security;
