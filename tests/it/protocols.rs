@@ -226,3 +226,58 @@ async fn websocket_needs_allow_upgrade_or_use_websocket() {
         "refusal passed through: {refused}"
     );
 }
+
+/// Poll (bounded) until a new WebSocket to `/ws/` gets `want` (an echo prefix, or a status line
+/// start for a refusal): the sign that the binary applied the new revision.
+async fn until_new_upgrades(http: std::net::SocketAddr, want: &str) {
+    let mut last = String::new();
+    for _ in 0..300 {
+        last = match ws::Client::connect(http, "t", "/ws/").await {
+            Ok(mut c) => c.echo("probe").await,
+            Err(head) => head,
+        };
+        if last.starts_with(want) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("new upgrades never got {want:?}; last: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_stays_open_across_revisions_of_the_binary() {
+    let (a, b) = (EchoServer::start("a").await, EchoServer::start("b").await);
+    let http = free_addr();
+    let tree = Tree::new(&ws_route("ws", &a.service(), "use_websocket: true"));
+    let _gw = Killed(
+        Command::new(env!("CARGO_BIN_EXE_legate"))
+            .arg("run")
+            .arg("--dir")
+            .arg(tree.path())
+            .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+            .args(["--admin-listen", "off", "--verify-window", "0"])
+            .args(["--access-log", "off"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    until_new_upgrades(http, "a:").await;
+    let mut open = ws::Client::connect(http, "t", "/ws/").await.unwrap();
+    assert_eq!(open.echo("1").await, "a:1");
+
+    // A new revision sends the route to b: the open connection stays on a.
+    let config = tree.path().join("config.yaml");
+    std::fs::write(&config, ws_route("ws", &b.service(), "use_websocket: true")).unwrap();
+    until_new_upgrades(http, "b:").await;
+    assert_eq!(open.echo("2").await, "a:2");
+
+    // A revision without the Mapping: new upgrades find no route, the open one still echoes.
+    let other = mapping(
+        "other",
+        "hostname: '*'\nprefix: /other/\nservice: 127.0.0.1:9",
+    );
+    std::fs::write(&config, other).unwrap();
+    until_new_upgrades(http, "HTTP/1.1 404").await;
+    assert_eq!(open.echo("3").await, "a:3");
+    open.close().await.unwrap();
+}
