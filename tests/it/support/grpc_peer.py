@@ -172,7 +172,7 @@ def client(target):
     out["client_deadline"]["elapsed_ms"] = int((time.monotonic() - start) * 1000)
     # The gateway passes the client's cancellation (RST_STREAM) upstream.
     for _ in range(100):
-        out["stats"] = u("Stats")(b"", timeout=10).decode()
+        out["stats"] = outcome(lambda: u("Stats")(b"", timeout=10).decode())
         if out["stats"] != "cancelled=0":
             break
         time.sleep(0.05)
