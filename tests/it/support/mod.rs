@@ -26,6 +26,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use legate::proxy::{Listeners, Proxy, Running, Settings};
 
+pub mod ws;
+
 pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// A real upstream: answers every request with JSON describing what it received. Query
