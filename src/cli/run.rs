@@ -304,6 +304,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     proxy.metrics().follow(events.subscribe());
     let rsettings = RSettings {
         events: Some(events),
+        metrics: Some(proxy.metrics().clone()),
         config: cfg.clone(),
         secrets_dir: secrets_dir.clone(),
         cache_dir: args.cache_dir.clone(),

@@ -13,12 +13,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::uri::Authority;
 use http::{HeaderValue, Method, Uri};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 
 use super::body::RespBody;
+use super::observe::Attempts;
+use super::trace::TraceId;
 use super::Snapshot;
 use crate::metrics::Metrics;
 
@@ -92,26 +93,29 @@ pub struct Line {
     uri: Uri,
     host: Option<HeaderValue>,
     pub request_id: Option<HeaderValue>,
-    pub upstream: Option<Authority>,
+    pub trace_id: Option<TraceId>,
     pub route: Option<usize>,
+    pub(crate) attempts: Attempts,
     snap: Arc<Snapshot>,
     status: u16,
     bytes: u64,
 }
 
 impl Line {
-    /// Capture the request head before the request is consumed.
-    pub(crate) fn start<B>(req: &http::Request<B>, snap: &Arc<Snapshot>) -> Line {
+    /// Capture the request head before the request is consumed (`started`: when it arrived).
+    pub(crate) fn start<B>(req: &http::Request<B>, snap: &Arc<Snapshot>, started: Instant) -> Line {
         Line {
             time: SystemTime::now(),
-            started: Instant::now(),
+            started,
             took: Duration::ZERO,
             method: req.method().clone(),
             uri: req.uri().clone(),
             host: req.headers().get(http::header::HOST).cloned(),
             request_id: req.headers().get(&super::headers::X_REQUEST_ID).cloned(),
-            upstream: None,
+            // A request that is never forwarded keeps the client's trace id, if any.
+            trace_id: super::trace::incoming(req.headers()),
             route: None,
+            attempts: Attempts::default(),
             snap: snap.clone(),
             status: 0,
             bytes: 0,
@@ -124,6 +128,15 @@ impl Line {
         rfc3339(self.time, out);
         out.extend_from_slice(b"\",\"request_id\":");
         opt_str(out, self.request_id.as_ref().map(HeaderValue::as_bytes));
+        out.extend_from_slice(b",\"trace_id\":");
+        match &self.trace_id {
+            Some(id) => {
+                let mut hex = [b'"'; 34];
+                super::trace::hex(id, &mut hex[1..33]);
+                out.extend_from_slice(&hex);
+            }
+            None => out.extend_from_slice(b"null"),
+        }
         out.extend_from_slice(b",\"method\":");
         opt_str(out, Some(self.method.as_str().as_bytes()));
         out.extend_from_slice(b",\"host\":");
@@ -134,14 +147,32 @@ impl Line {
         opt_str(out, host);
         out.extend_from_slice(b",\"path\":");
         opt_str(out, Some(self.uri.path().as_bytes()));
-        let _ = write!(
-            out,
-            ",\"status\":{},\"bytes\":{},\"duration_ms\":{:.3},\"upstream\":",
-            self.status,
-            self.bytes,
-            self.took.as_secs_f64() * 1e3
-        );
-        opt_str(out, self.upstream.as_ref().map(|a| a.as_str().as_bytes()));
+        out.extend_from_slice(b",\"status\":");
+        int(out, u64::from(self.status));
+        out.extend_from_slice(b",\"bytes\":");
+        int(out, self.bytes);
+        // Microseconds as a decimal of milliseconds: `1.234`.
+        let us = self.took.as_micros().min(u128::from(u64::MAX)) as u64;
+        out.extend_from_slice(b",\"duration_ms\":");
+        int(out, us / 1000);
+        out.push(b'.');
+        let frac = us % 1000;
+        out.extend_from_slice(&[
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ]);
+        out.extend_from_slice(b",\"upstream\":");
+        let prep = self.route.and_then(|i| self.snap.routes.get(i)?.as_ref());
+        opt_str(out, prep.map(|p| p.authority.as_str().as_bytes()));
+        out.extend_from_slice(b",\"upstream_addr\":");
+        match self.attempts.peer {
+            // An address has no character JSON must escape.
+            Some(a) => {
+                let _ = write!(out, "\"{a}\"");
+            }
+            None => out.extend_from_slice(b"null"),
+        }
         out.extend_from_slice(b",\"route\":");
         match self.route.and_then(|i| self.snap.graph.routes.get(i)) {
             Some(r) => {
@@ -155,7 +186,9 @@ impl Line {
         }
         out.extend_from_slice(b",\"revision\":");
         opt_str(out, Some(self.snap.revision.as_bytes()));
-        out.extend_from_slice(b",\"retries\":0}\n");
+        out.extend_from_slice(b",\"retries\":");
+        int(out, u64::from(self.attempts.retries));
+        out.extend_from_slice(b"}\n");
     }
 
     #[cfg(test)]
@@ -164,6 +197,21 @@ impl Line {
         self.write_json(&mut v);
         serde_json::from_slice(&v).unwrap()
     }
+}
+
+/// A decimal integer, without `fmt`'s machinery (the writer formats a few per line).
+fn int(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
 }
 
 /// A JSON string (or `null`); bytes that are not UTF-8 are replaced.
@@ -364,14 +412,24 @@ mod tests {
         for _ in 0..3 {
             let body = Counted::new(
                 super::super::body::full(Bytes::from_static(b"hi")),
-                Line::start(&req, &snap),
+                Line::start(&req, &snap, Instant::now()),
                 200,
                 log.clone(),
                 metrics.clone(),
             );
             drop(body);
         }
-        let line = rx.try_recv().unwrap().json();
+        let mut line = rx.try_recv().unwrap();
+        line.took = Duration::from_micros(12_034);
+        line.trace_id = Some([0xab; 16]);
+        line.attempts.retries = 3;
+        line.attempts.peer = Some("10.0.0.7:8080".parse().unwrap());
+        let line = line.json();
+        assert_eq!(line["duration_ms"], 12.034);
+        assert_eq!(line["trace_id"], "ab".repeat(16));
+        assert_eq!(line["retries"], 3);
+        assert_eq!(line["upstream_addr"], "10.0.0.7:8080");
+        assert_eq!(line["bytes"], 0);
         assert_eq!(line["path"], "/p");
         assert_eq!(line["host"], "h.test");
         assert_eq!(line["status"], 200);

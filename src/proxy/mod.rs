@@ -181,6 +181,8 @@ pub(crate) struct Prepared {
     pub label: HeaderValue,
     pub retry: Option<crate::routes::RetryPolicy>,
     pub breaker: Arc<breaker::Breaker>,
+    /// The route label's counters, for retries and circuit-breaker refusals.
+    pub stats: Arc<crate::metrics::RouteStats>,
     pub cors: Option<Arc<cors::Policy>>,
     /// Picks the upstream address per request (`load_balancer`), for plain-http DNS names.
     pub balancer: Option<Arc<balance::Balancer>>,
@@ -238,6 +240,7 @@ impl Proxy {
         let clients = client::Clients::new(settings.upstream_ca.as_deref(), resolver)?;
         let secrets = SecretStore::new(settings.secrets_dir.clone());
         let builder = server::http_builder(&settings.limits);
+        let metrics = crate::metrics::Metrics::new();
         let proxy = Proxy {
             shared: Arc::new(ArcSwap::from_pointee(Snapshot {
                 graph: Graph::empty(),
@@ -256,8 +259,8 @@ impl Proxy {
             gateway_errors: std::sync::atomic::AtomicU64::new(0),
             local: std::sync::OnceLock::new(),
             breakers: breaker::Breakers::default(),
-            shadows: shadow::Shadows::default(),
-            metrics: crate::metrics::Metrics::new(),
+            shadows: shadow::Shadows::new(metrics.clone()),
+            metrics,
         };
         Ok(Arc::new(proxy))
     }
@@ -437,6 +440,7 @@ impl Proxy {
             label: HeaderValue::from_str(&format!("{}/{}", route.namespace, route.name))
                 .unwrap_or(HeaderValue::from_static("-")),
             retry: f.retry.clone(),
+            stats: self.metrics.route(&route.stats_name),
             cors: f.cors.clone().map(|c| Arc::new(cors::Policy::new(c))),
             breaker: self.breakers.get(
                 format!("{:?}://{authority_str}/{}", f.upstream.scheme, f.http2),
@@ -463,6 +467,7 @@ impl Clone for Prepared {
             label: self.label.clone(),
             retry: self.retry.clone(),
             breaker: self.breaker.clone(),
+            stats: self.stats.clone(),
             cors: self.cors.clone(),
             balancer: self.balancer.clone(),
         }

@@ -7,7 +7,7 @@
 //! more than everything Legate does to the request itself. HTTP/2 upstreams keep the legacy
 //! client (one multiplexed connection needs neither).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -36,7 +36,13 @@ pub struct HostPool {
     idle: Mutex<Vec<Idle>>,
 }
 
-type Idle = (SendRequest<ReqBody>, Instant, Option<IpAddr>);
+type Idle = (Conn, Instant, Option<IpAddr>);
+
+/// One upstream connection and the address it is connected to (for the access log).
+struct Conn {
+    tx: SendRequest<ReqBody>,
+    peer: Option<SocketAddr>,
+}
 
 impl HostPool {
     pub fn new(target: Uri, connector: Connector, idle_timeout: Duration) -> HostPool {
@@ -48,15 +54,15 @@ impl HostPool {
         }
     }
 
-    fn checkout(&self, addr: Option<IpAddr>) -> Option<SendRequest<ReqBody>> {
+    fn checkout(&self, addr: Option<IpAddr>) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|(s, since, _)| !s.is_closed() && since.elapsed() < self.idle_timeout);
+        idle.retain(|(c, since, _)| !c.tx.is_closed() && since.elapsed() < self.idle_timeout);
         let i = idle.iter().rposition(|(_, _, a)| *a == addr)?;
         Some(idle.swap_remove(i).0)
     }
 
-    fn checkin(&self, s: SendRequest<ReqBody>, addr: Option<IpAddr>) {
-        if s.is_closed() {
+    fn checkin(&self, s: Conn, addr: Option<IpAddr>) {
+        if s.tx.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -65,7 +71,7 @@ impl HostPool {
         }
     }
 
-    async fn connect(&self, addr: Option<IpAddr>) -> Result<SendRequest<ReqBody>, ProxyError> {
+    async fn connect(&self, addr: Option<IpAddr>) -> Result<Conn, ProxyError> {
         use tower_service::Service;
         let mut c = self.connector.clone();
         let target = match addr {
@@ -82,7 +88,8 @@ impl HostPool {
             .call(target)
             .await
             .map_err(|e| ProxyError::Connect(e.to_string()))?;
-        let (sender, conn) = http1::Builder::new()
+        let peer = io.peer();
+        let (tx, conn) = http1::Builder::new()
             .handshake(io)
             .await
             .map_err(|e| ProxyError::Connect(e.to_string()))?;
@@ -91,7 +98,7 @@ impl HostPool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok(Conn { tx, peer })
     }
 
     /// Whether this pool dials plain `http://` (load balancers may pick its addresses).
@@ -106,24 +113,27 @@ impl HostPool {
 
     /// Send `req` (origin-form URI) on an idle connection, or a new one; a request that a stale
     /// idle connection refused before sending is retried once on a fresh connection.
-    /// `addr` pins the upstream address (a load balancer's pick); `None`: any address.
+    /// `addr` pins the upstream address (a load balancer's pick); `None`: any address. `peer`
+    /// receives the address of the connection the request was sent on.
     pub async fn send_to(
         self: &Arc<Self>,
         addr: Option<IpAddr>,
         mut req: Request<ReqBody>,
+        peer: &mut Option<SocketAddr>,
     ) -> Result<Response<PooledBody>, ProxyError> {
         loop {
             let (mut sender, reused) = match self.checkout(addr) {
                 Some(s) => (s, true),
                 None => (self.connect(addr).await?, false),
             };
-            if sender.ready().await.is_err() {
+            *peer = sender.peer;
+            if sender.tx.ready().await.is_err() {
                 if reused {
                     continue;
                 }
                 return Err(ProxyError::Connect("connection closed before use".into()));
             }
-            match sender.try_send_request(req).await {
+            match sender.tx.try_send_request(req).await {
                 Ok(resp) => {
                     let (parts, inner) = resp.into_parts();
                     // A switched (101) connection belongs to the tunnel, never to the pool.
@@ -145,7 +155,7 @@ impl HostPool {
 /// An upstream response body that returns its connection to the pool when it ends.
 pub struct PooledBody {
     inner: Incoming,
-    back: Option<(SendRequest<ReqBody>, Arc<HostPool>, Option<IpAddr>)>,
+    back: Option<(Conn, Arc<HostPool>, Option<IpAddr>)>,
 }
 
 impl PooledBody {
