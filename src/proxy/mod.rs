@@ -105,6 +105,8 @@ pub struct Settings {
     pub access_log: Option<accesslog::AccessLog>,
     /// Share of new traces (no incoming `traceparent`) marked sampled, 0.0..=1.0.
     pub trace_sample_ratio: f64,
+    /// Count every request in the per-route metrics (off: only rare events are counted).
+    pub metrics: bool,
 }
 
 impl Default for Settings {
@@ -122,6 +124,7 @@ impl Default for Settings {
             lookup: Arc::new(client::SystemLookup),
             access_log: None,
             trace_sample_ratio: 0.0,
+            metrics: true,
         }
     }
 }
@@ -215,6 +218,8 @@ pub struct Proxy {
     breakers: breaker::Breakers,
     shadows: shadow::Shadows,
     metrics: Arc<crate::metrics::Metrics>,
+    /// The access log with the metrics, when the log is on.
+    logger: Option<Arc<accesslog::Logger>>,
 }
 
 /// An in-process handler for a reserved path prefix on the proxy listeners.
@@ -241,6 +246,12 @@ impl Proxy {
         let secrets = SecretStore::new(settings.secrets_dir.clone());
         let builder = server::http_builder(&settings.limits);
         let metrics = crate::metrics::Metrics::new();
+        let logger = settings.access_log.clone().map(|log| {
+            Arc::new(accesslog::Logger {
+                log,
+                metrics: metrics.clone(),
+            })
+        });
         let proxy = Proxy {
             shared: Arc::new(ArcSwap::from_pointee(Snapshot {
                 graph: Graph::empty(),
@@ -261,6 +272,7 @@ impl Proxy {
             breakers: breaker::Breakers::default(),
             shadows: shadow::Shadows::new(metrics.clone()),
             metrics,
+            logger,
         };
         Ok(Arc::new(proxy))
     }

@@ -66,25 +66,24 @@ impl Proxy {
         ex: Exchange,
         resp: Response<RespBody>,
     ) -> Response<RespBody> {
-        let stats = ex
-            .route
-            .and_then(|i| snap.stats.get(i))
-            .unwrap_or(self.metrics.no_route());
-        stats.record(ex.method, resp.status(), ex.start.elapsed());
-        match (&self.settings.access_log, ex.line) {
-            (Some(log), Some(mut line)) => {
+        if self.settings.metrics {
+            let stats = ex
+                .route
+                .and_then(|i| snap.stats.get(i))
+                .unwrap_or(self.metrics.no_route());
+            stats.record(ex.method, resp.status(), ex.start.elapsed());
+        }
+        match (&self.logger, ex.line) {
+            (Some(logger), Some(mut line)) => {
                 line.route = ex.route;
                 line.attempts = ex.attempts;
-                if ex.request_id.is_some() {
-                    line.request_id = ex.request_id;
-                }
+                line.request_id = ex.request_id;
                 if ex.trace_id.is_some() {
                     line.trace_id = ex.trace_id;
                 }
                 let status = resp.status().as_u16();
-                let m = self.metrics.clone();
                 resp.map(|b| {
-                    RespBody::Counted(Box::new(Counted::new(b, line, status, log.clone(), m)))
+                    RespBody::Counted(Box::new(Counted::new(b, line, status, logger.clone())))
                 })
             }
             _ => resp,
