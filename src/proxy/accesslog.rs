@@ -87,7 +87,6 @@ impl AccessLog {
 
 /// What one request's log line is made of, formatted by the writer.
 pub struct Line {
-    time: SystemTime,
     started: Instant,
     took: Duration,
     method: Method,
@@ -126,7 +125,6 @@ impl Line {
         let path = Span::copy(&mut text, path);
         let client_id = client_id.map(|b| Span::copy(&mut text, b));
         Line {
-            time: SystemTime::now(),
             started,
             took: Duration::ZERO,
             method: req.method().clone(),
@@ -149,7 +147,7 @@ impl Line {
     /// a second).
     fn write_json(&self, out: &mut Vec<u8>, clock: &mut Clock) {
         out.extend_from_slice(b"{\"time\":\"");
-        clock.write(self.time, out);
+        clock.write(self.started, out);
         out.extend_from_slice(b"\",\"request_id\":");
         let id = match &self.request_id {
             Some(v) => Some(v.as_bytes()),
@@ -230,7 +228,7 @@ impl Line {
     #[cfg(test)]
     fn json(&self) -> serde_json::Value {
         let mut v = Vec::new();
-        self.write_json(&mut v, &mut Clock::default());
+        self.write_json(&mut v, &mut Clock::new());
         serde_json::from_slice(&v).unwrap()
     }
 }
@@ -253,17 +251,40 @@ impl Span {
     }
 }
 
-/// The writer's last formatted second: lines of the same second share their
-/// `2006-01-02T15:04:05` and only write the milliseconds.
-#[derive(Default)]
+/// The writer's wall clock. A line's time is when its request arrived, derived from its
+/// `Instant` and a wall/monotonic pair read once per drain (so a request reads one clock, not
+/// two). Lines of the same second share their `2006-01-02T15:04:05`.
 struct Clock {
+    wall: SystemTime,
+    mono: Instant,
     secs: Option<u64>,
     text: Vec<u8>,
 }
 
 impl Clock {
-    /// Append `t` as [`rfc3339`] does.
-    fn write(&mut self, t: SystemTime, out: &mut Vec<u8>) {
+    fn new() -> Clock {
+        Clock {
+            wall: SystemTime::now(),
+            mono: Instant::now(),
+            secs: None,
+            text: Vec::new(),
+        }
+    }
+
+    /// Read the clocks again (before a drain).
+    fn sync(&mut self) {
+        self.wall = SystemTime::now();
+        self.mono = Instant::now();
+    }
+
+    /// Append the wall time of `at` as [`rfc3339`] does.
+    fn write(&mut self, at: Instant, out: &mut Vec<u8>) {
+        let ago = self.mono.saturating_duration_since(at);
+        let t = self.wall.checked_sub(ago).unwrap_or(UNIX_EPOCH);
+        self.write_wall(t, out);
+    }
+
+    fn write_wall(&mut self, t: SystemTime, out: &mut Vec<u8>) {
         let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
         if self.secs != Some(d.as_secs()) {
             self.text.clear();
@@ -272,7 +293,7 @@ impl Clock {
                 &mut self.text,
             );
             // Keep `...:05.`, drop `000Z`.
-            self.text.truncate(self.text.len() - 4);
+            self.text.truncate(self.text.len().saturating_sub(4));
             self.secs = Some(d.as_secs());
         }
         out.extend_from_slice(&self.text);
@@ -412,8 +433,9 @@ const PERIOD: Duration = Duration::from_millis(20);
 fn write_lines(mut rx: mpsc::Receiver<Line>, mut out: Box<dyn Write + Send>) {
     use tokio::sync::mpsc::error::TryRecvError;
     let mut buf = Vec::with_capacity(64 * 1024);
-    let mut clock = Clock::default();
+    let mut clock = Clock::new();
     loop {
+        clock.sync();
         let closed = loop {
             match rx.try_recv() {
                 Ok(line) => {
@@ -483,10 +505,10 @@ mod tests {
         assert_eq!(f(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let t = UNIX_EPOCH + Duration::from_millis(1_709_251_199_123);
         assert_eq!(f(t), "2024-02-29T23:59:59.123Z");
-        let mut clock = Clock::default();
+        let mut clock = Clock::new();
         let mut v = Vec::new();
         for ms in [1_709_251_199_123, 1_709_251_199_007, 1_709_251_200_450] {
-            clock.write(UNIX_EPOCH + Duration::from_millis(ms), &mut v);
+            clock.write_wall(UNIX_EPOCH + Duration::from_millis(ms), &mut v);
             v.push(b' ');
         }
         assert_eq!(

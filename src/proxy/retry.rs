@@ -138,8 +138,10 @@ async fn attempts(
                 match prep.breaker.retry() {
                     Ok(slot) => {
                         drop((result, conn));
-                        prep.stats.upstream.retry(why);
                         tokio::time::sleep(backoff(tries)).await;
+                        // Counted once the retry starts, so metrics and the log agree when the
+                        // route timeout ends the backoff.
+                        prep.stats.upstream.retry(why);
                         tries += 1;
                         seen.retries = tries;
                         body = Some(next);
