@@ -126,6 +126,8 @@ async fn attempts(
                 prep.stats.upstream.refused(BreakerLimit::Pending);
             }
         })?;
+        // The address of this attempt only: one that fails to connect has none.
+        seen.peer = None;
         let sent = send_once(prep, this_head, cur, pq.clone(), &mut seen.peer);
         let result = match policy.and_then(|p| p.per_try_timeout) {
             Some(t) => tokio::time::timeout(t, sent)

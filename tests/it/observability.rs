@@ -492,7 +492,9 @@ async fn access_log_shows_retries_trace_id_and_upstream_address() {
         404
     );
 
-    let lines = log_lines(&path, 3).await;
+    assert_eq!(get(&gw.url("/dead/"), &[]).await.status, 502);
+
+    let lines = log_lines(&path, 4).await;
     let by_path = |p: &str| lines.iter().find(|l| l["path"] == p).unwrap().clone();
 
     let retried = by_path("/r/x");
@@ -506,6 +508,11 @@ async fn access_log_shows_retries_trace_id_and_upstream_address() {
     assert_eq!(s["retries"], 0);
     assert_eq!(s["trace_id"], sent_trace.as_str(), "{s}");
     assert_eq!(s["upstream_addr"], up.service());
+
+    // Forwarded, but no connection was made: no address.
+    let dead = by_path("/dead/");
+    assert_eq!(dead["upstream"], "127.0.0.1:1");
+    assert!(dead["upstream_addr"].is_null(), "{dead}");
 
     // Never forwarded: the client's trace id still, and no upstream.
     let n = by_path("/nowhere");
