@@ -20,13 +20,8 @@ H2=${H2:-0}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=$(mktemp -d /tmp/legate-bench.XXXXXX)
 BASE=/work/shared/perf-baseline
-PIDS=()
-
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 for tool in wrk nginx haproxy taskset; do
     command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 2; }
@@ -58,14 +53,6 @@ for i in range(9999):
         f.write(f"---\napiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata: {{name: r{i}}}\n"
                 f"spec: {{hostname: \"*\", prefix: /api/r{i}/, service: 127.0.0.1:8081}}\n")
 EOF
-
-wait_port() {
-    for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "port $1 did not open" >&2; exit 1
-}
 
 taskset -c 1 "$HELLO" 127.0.0.1:8081 & PIDS+=($!); HELLO_PID=$!
 wait_port 8081
@@ -106,32 +93,14 @@ EOF
     wait_port 8086; wait_port 8087
 fi
 
-# Sum of utime+stime ticks of a process and its children (nginx workers).
-ticks() {
-    local total=0 p
-    for p in $1 $(pgrep -P "$1" 2>/dev/null || true); do
-        if [ -r "/proc/$p/stat" ]; then
-            total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-        fi
-    done
-    echo "$total"
-}
-HZ=$(getconf CLK_TCK)
-
 # name port pid [path] -> appends "name rps p50_ms p99_ms cpu_us" to $WORK/results
 measure() {
-    local name=$1 port=$2 pid=$3 path=${4:-/} out t0 t1 reqs rps p50 p99
-    taskset -c 0 wrk -t1 -c"$CONNS" -d"${WARMUP}s" "http://127.0.0.1:$port$path" >/dev/null
-    t0=$(ticks "$pid")
-    out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$port$path")
-    t1=$(ticks "$pid")
-    reqs=$(echo "$out" | awk '/requests in/ {print $1}')
-    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    p50=$(echo "$out" | awk '$1=="50%" {print $2}')
-    p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-    if echo "$out" | grep -q "Non-2xx"; then echo "WARNING: $name had non-2xx responses" >&2; fi
-    echo "$name $rps $(to_ms "$p50") $(to_ms "$p99") $(awk -v a="$t0" -v b="$t1" -v r="$reqs" -v hz="$HZ" \
-        'BEGIN { printf "%.1f", (b - a) * 1e6 / hz / r }')" >> "$WORK/results"
+    local name=$1 p50 p99
+    wrk_measure "$2" "$3" "${4:-/}"
+    p50=$(echo "$WRK_OUT" | awk '$1=="50%" {print $2}')
+    p99=$(echo "$WRK_OUT" | awk '$1=="99%" {print $2}')
+    if echo "$WRK_OUT" | grep -q "Non-2xx"; then echo "WARNING: $name had non-2xx responses" >&2; fi
+    echo "$name $WRK_RPS $(to_ms "$p50") $(to_ms "$p99") $WRK_CPU" >> "$WORK/results"
 }
 to_ms() { # wrk latency like 1.23ms / 850.00us / 1.01s
     awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /[0-9]s$/ && v !~ /ms$/) n *= 1000; printf "%.3f", n }'
@@ -145,8 +114,7 @@ measure_h2() {
     t1=$(ticks "$pid")
     reqs=$(echo "$out" | awk '/^requests:/ {print $8}')
     rps=$(echo "$out" | awk '/^finished in/ {print $4}')
-    echo "$name $rps - - $(awk -v a="$t0" -v b="$t1" -v r="$reqs" -v hz="$HZ" \
-        'BEGIN { if (r > 0) printf "%.1f", (b - a) * 1e6 / hz / r; else print "-" }')" >> "$WORK/results_h2"
+    echo "$name $rps - - $(cpu_per_req "$t0" "$t1" "$reqs")" >> "$WORK/results_h2"
 }
 
 : > "$WORK/results"

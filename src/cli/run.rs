@@ -194,6 +194,10 @@ pub struct RunArgs {
     /// Access log (one JSON line per request): `stdout` (or `-`), a file appended to, or `off`.
     #[arg(long, env = "LEGATE_ACCESS_LOG", default_value = "stdout")]
     pub access_log: String,
+    /// Request metrics (`GET /metrics` on the admin listener): `on` or `off` (404, and requests
+    /// skip their counters).
+    #[arg(long, env = "LEGATE_METRICS", default_value = "on", value_parser = ["on", "off"])]
+    pub metrics: String,
     /// Share of new traces (requests without a `traceparent`) marked sampled, 0 to 1.
     #[arg(long, env = "LEGATE_TRACE_SAMPLE_RATIO", default_value_t = 0.0, value_parser = parse_ratio)]
     pub trace_sample_ratio: f64,
@@ -229,6 +233,7 @@ impl RunArgs {
             upstream_ca: self.upstream_ca.clone(),
             dns_ttl: Duration::from_secs(self.dns_ttl_secs),
             trace_sample_ratio: self.trace_sample_ratio,
+            metrics: self.metrics == "on",
             ..Settings::default()
         }
     }
@@ -304,6 +309,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     proxy.metrics().follow(events.subscribe());
     let rsettings = RSettings {
         events: Some(events),
+        metrics: Some(proxy.metrics().clone()),
         config: cfg.clone(),
         secrets_dir: secrets_dir.clone(),
         cache_dir: args.cache_dir.clone(),
@@ -408,7 +414,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
             Arc::new(move || p.graph())
         }),
         token: token.map(Arc::new),
-        metrics: Some(proxy.metrics().clone()),
+        metrics: Some(proxy.metrics().clone()).filter(|_| proxy.settings().metrics),
     };
     if hook_secret.is_some() {
         let prefix = if args.hooks_prefix.ends_with('/') {

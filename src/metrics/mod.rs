@@ -8,6 +8,11 @@
 //! Label values are bounded: a route label is a Mapping's `stats_name` (operator-chosen, from the
 //! config), method and status are classes, and the live revision appears only in one info metric.
 
+mod source;
+mod upstream;
+
+pub use upstream::{BreakerLimit, RetryReason, UpstreamStats};
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -47,6 +52,8 @@ pub struct RouteStats {
     buckets: [AtomicU64; BUCKETS_US.len()],
     count: AtomicU64,
     sum_us: AtomicU64,
+    /// Retries and circuit-breaker refusals of this route's upstream.
+    pub upstream: UpstreamStats,
 }
 
 impl RouteStats {
@@ -68,14 +75,14 @@ impl RouteStats {
 /// Endpoint health of one upstream (a Mapping's `service`, as configured): outlier ejections
 /// and, as the balancer last saw them, how many addresses it has, ejected and failing checks.
 #[derive(Debug, Default)]
-pub struct UpstreamStats {
+pub struct EndpointStats {
     ejections: AtomicU64,
     addresses: AtomicU64,
     ejected: AtomicU64,
     unhealthy: AtomicU64,
 }
 
-impl UpstreamStats {
+impl EndpointStats {
     /// Count one outlier ejection.
     pub fn ejected(&self) {
         self.ejections.fetch_add(1, Relaxed);
@@ -95,7 +102,7 @@ pub struct Metrics {
     routes: Mutex<BTreeMap<String, Arc<RouteStats>>>,
     none: Arc<RouteStats>,
     /// By upstream service (from the config, so bounded like route labels).
-    upstreams: Mutex<BTreeMap<String, Arc<UpstreamStats>>>,
+    upstreams: Mutex<BTreeMap<String, Arc<EndpointStats>>>,
     connect_failures: AtomicU64,
     timeouts: AtomicU64,
     gateway_5xx: AtomicU64,
@@ -103,6 +110,8 @@ pub struct Metrics {
     access_log_dropped: AtomicU64,
     /// Recorded revisions by outcome: applied, rejected, rolled back, superseded.
     outcomes: [AtomicU64; 4],
+    shadow: upstream::ShadowCounts,
+    fetch: source::FetchStats,
 }
 
 impl Default for Metrics {
@@ -120,6 +129,8 @@ impl Default for Metrics {
             connections: AtomicI64::new(0),
             access_log_dropped: AtomicU64::new(0),
             outcomes: Default::default(),
+            shadow: Default::default(),
+            fetch: Default::default(),
         }
     }
 }
@@ -171,7 +182,7 @@ impl Metrics {
     }
 
     /// The endpoint-health statistics of an upstream service (called when a graph is prepared).
-    pub fn upstream(&self, service: &str) -> Arc<UpstreamStats> {
+    pub fn upstream(&self, service: &str) -> Arc<EndpointStats> {
         let mut m = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
         m.entry(service.to_string()).or_default().clone()
     }
@@ -195,6 +206,29 @@ impl Metrics {
 
     pub fn access_log_dropped(&self) {
         self.access_log_dropped.fetch_add(1, Relaxed);
+    }
+
+    /// Count one shadow copy started (`true`) or not made (`false`).
+    pub fn shadow(&self, sent: bool) {
+        let c = if sent {
+            &self.shadow.sent
+        } else {
+            &self.shadow.dropped
+        };
+        c.fetch_add(1, Relaxed);
+    }
+
+    /// Shadow copies started and not made so far.
+    pub fn shadow_counts(&self) -> (u64, u64) {
+        (
+            self.shadow.sent.load(Relaxed),
+            self.shadow.dropped.load(Relaxed),
+        )
+    }
+
+    /// Count one read of the source (`kind`: [`crate::source::Source::kind`]) and its duration.
+    pub fn source_fetch(&self, kind: &str, ok: bool, took: Duration) {
+        self.fetch.observe(kind, ok, took);
     }
 
     /// Count an open downstream connection until the guard drops.
@@ -268,31 +302,17 @@ impl Metrics {
             "Time from request to response head, by route.",
         );
         for (name, s) in &routes {
-            let count = s.count.load(Relaxed);
-            let mut cum = 0;
-            for (i, b) in BUCKETS_US.iter().enumerate() {
-                cum += s.buckets[i].load(Relaxed);
-                let _ = writeln!(
-                    out,
-                    "legate_request_duration_seconds_bucket{{route=\"{name}\",le=\"{}\"}} {}",
-                    *b as f64 / 1e6,
-                    cum.min(count)
-                );
-            }
-            let _ = writeln!(
-                out,
-                "legate_request_duration_seconds_bucket{{route=\"{name}\",le=\"+Inf\"}} {count}"
-            );
-            let _ = writeln!(
-                out,
-                "legate_request_duration_seconds_sum{{route=\"{name}\"}} {}",
-                s.sum_us.load(Relaxed) as f64 / 1e6
-            );
-            let _ = writeln!(
-                out,
-                "legate_request_duration_seconds_count{{route=\"{name}\"}} {count}"
+            histogram(
+                &mut out,
+                "legate_request_duration_seconds",
+                &format!("route=\"{name}\","),
+                BUCKETS_US.iter().map(|b| *b as f64 / 1e6),
+                &s.buckets,
+                s.count.load(Relaxed),
+                s.sum_us.load(Relaxed),
             );
         }
+        upstream::render(&mut out, &routes, &self.shadow);
 
         let counters = [
             (
@@ -350,6 +370,8 @@ impl Metrics {
                 self.outcomes[i].load(Relaxed)
             );
         }
+
+        self.fetch.render(&mut out);
 
         if let Some(r) = rec {
             let now = now_ms();
@@ -418,7 +440,7 @@ impl Metrics {
 
 impl Metrics {
     fn render_upstreams(&self, out: &mut String) {
-        let ups: Vec<(String, Arc<UpstreamStats>)> = {
+        let ups: Vec<(String, Arc<EndpointStats>)> = {
             let m = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
             m.iter().map(|(k, v)| (escape(k), v.clone())).collect()
         };
@@ -460,6 +482,32 @@ impl Metrics {
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The series of one histogram: `labels` is empty or ends with a comma, `buckets` are
+/// non-cumulative counts under `bounds` (seconds), `sum_us` in microseconds.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    bounds: impl Iterator<Item = f64>,
+    buckets: &[AtomicU64],
+    count: u64,
+    sum_us: u64,
+) {
+    let mut cum = 0;
+    for (b, n) in bounds.zip(buckets) {
+        cum += n.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}le=\"{b}\"}} {}",
+            cum.min(count)
+        );
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {count}");
+    let labels = labels.trim_end_matches(',');
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", sum_us as f64 / 1e6);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
 }
 
 /// A label value escaped for the text format.

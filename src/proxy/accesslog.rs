@@ -6,6 +6,7 @@
 //! slow disk or a blocked stdout never holds a request up.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,12 +14,13 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::uri::Authority;
-use http::{HeaderValue, Method, Uri};
+use http::{HeaderValue, Method};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 
 use super::body::RespBody;
+use super::observe::Attempts;
+use super::trace::TraceId;
 use super::Snapshot;
 use crate::metrics::Metrics;
 
@@ -85,63 +87,126 @@ impl AccessLog {
 
 /// What one request's log line is made of, formatted by the writer.
 pub struct Line {
-    time: SystemTime,
     started: Instant,
     took: Duration,
     method: Method,
-    uri: Uri,
-    host: Option<HeaderValue>,
+    /// Host, path and the client's request id, copied: a clone would share hyper's read buffer,
+    /// which then cannot be reused for the connection's next request and is allocated anew.
+    text: Vec<u8>,
+    host: Option<Span>,
+    path: Span,
+    client_id: Option<Span>,
+    /// The request id the gateway generated (else the client's is logged).
     pub request_id: Option<HeaderValue>,
-    pub upstream: Option<Authority>,
+    pub trace_id: Option<TraceId>,
     pub route: Option<usize>,
+    pub(crate) attempts: Attempts,
     snap: Arc<Snapshot>,
     status: u16,
     bytes: u64,
 }
 
 impl Line {
-    /// Capture the request head before the request is consumed.
-    pub(crate) fn start<B>(req: &http::Request<B>, snap: &Arc<Snapshot>) -> Line {
+    /// Capture the request head before the request is consumed (`started`: when it arrived).
+    pub(crate) fn start<B>(req: &http::Request<B>, snap: &Arc<Snapshot>, started: Instant) -> Line {
+        let h = req.headers();
+        let host = match req.uri().authority() {
+            Some(a) => Some(a.as_str().as_bytes()),
+            None => h.get(http::header::HOST).map(HeaderValue::as_bytes),
+        };
+        let path = req.uri().path().as_bytes();
+        let client_id = h
+            .get(&super::headers::X_REQUEST_ID)
+            .map(HeaderValue::as_bytes);
+        let mut text = Vec::with_capacity(
+            host.map_or(0, <[u8]>::len) + path.len() + client_id.map_or(0, <[u8]>::len),
+        );
+        let host = host.map(|b| Span::copy(&mut text, b));
+        let path = Span::copy(&mut text, path);
+        let client_id = client_id.map(|b| Span::copy(&mut text, b));
         Line {
-            time: SystemTime::now(),
-            started: Instant::now(),
+            started,
             took: Duration::ZERO,
             method: req.method().clone(),
-            uri: req.uri().clone(),
-            host: req.headers().get(http::header::HOST).cloned(),
-            request_id: req.headers().get(&super::headers::X_REQUEST_ID).cloned(),
-            upstream: None,
+            text,
+            host,
+            path,
+            client_id,
+            request_id: None,
+            // A request that is never forwarded keeps the client's trace id, if any.
+            trace_id: super::trace::incoming(req.headers()),
             route: None,
+            attempts: Attempts::default(),
             snap: snap.clone(),
             status: 0,
             bytes: 0,
         }
     }
 
-    /// Append the JSON line (hand-written: the writer formats hundreds of thousands a second).
-    fn write_json(&self, out: &mut Vec<u8>) {
+    /// Append the JSON line (hand-written, no `fmt`: the writer formats hundreds of thousands
+    /// a second).
+    fn write_json(&self, out: &mut Vec<u8>, clock: &mut Clock) {
         out.extend_from_slice(b"{\"time\":\"");
-        rfc3339(self.time, out);
+        clock.write(self.started, out);
         out.extend_from_slice(b"\",\"request_id\":");
-        opt_str(out, self.request_id.as_ref().map(HeaderValue::as_bytes));
+        let id = match &self.request_id {
+            Some(v) => Some(v.as_bytes()),
+            None => self.client_id.map(|s| s.of(&self.text)),
+        };
+        opt_str(out, id);
+        out.extend_from_slice(b",\"trace_id\":");
+        match &self.trace_id {
+            Some(id) => {
+                let mut hex = [b'"'; 34];
+                super::trace::hex(id, &mut hex[1..33]);
+                out.extend_from_slice(&hex);
+            }
+            None => out.extend_from_slice(b"null"),
+        }
         out.extend_from_slice(b",\"method\":");
         opt_str(out, Some(self.method.as_str().as_bytes()));
         out.extend_from_slice(b",\"host\":");
-        let host = match self.uri.authority() {
-            Some(a) => Some(a.as_str().as_bytes()),
-            None => self.host.as_ref().map(HeaderValue::as_bytes),
-        };
-        opt_str(out, host);
+        opt_str(out, self.host.map(|s| s.of(&self.text)));
         out.extend_from_slice(b",\"path\":");
-        opt_str(out, Some(self.uri.path().as_bytes()));
-        let _ = write!(
-            out,
-            ",\"status\":{},\"bytes\":{},\"duration_ms\":{:.3},\"upstream\":",
-            self.status,
-            self.bytes,
-            self.took.as_secs_f64() * 1e3
-        );
-        opt_str(out, self.upstream.as_ref().map(|a| a.as_str().as_bytes()));
+        opt_str(out, Some(self.path.of(&self.text)));
+        out.extend_from_slice(b",\"status\":");
+        int(out, u64::from(self.status));
+        out.extend_from_slice(b",\"bytes\":");
+        int(out, self.bytes);
+        // Microseconds as a decimal of milliseconds: `1.234`.
+        let us = self.took.as_micros().min(u128::from(u64::MAX)) as u64;
+        out.extend_from_slice(b",\"duration_ms\":");
+        int(out, us / 1000);
+        out.push(b'.');
+        let frac = us % 1000;
+        out.extend_from_slice(&[
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ]);
+        out.extend_from_slice(b",\"upstream\":");
+        let prep = self.route.and_then(|i| self.snap.routes.get(i)?.as_ref());
+        opt_str(out, prep.map(|p| p.authority.as_str().as_bytes()));
+        out.extend_from_slice(b",\"upstream_addr\":");
+        match self.attempts.peer {
+            // An address has no character JSON must escape.
+            Some(SocketAddr::V4(a)) => {
+                out.push(b'"');
+                for (i, o) in a.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'.');
+                    }
+                    int(out, u64::from(o));
+                }
+                out.push(b':');
+                int(out, u64::from(a.port()));
+                out.push(b'"');
+            }
+            Some(a) => {
+                let _ = write!(out, "\"{a}\"");
+            }
+            None => out.extend_from_slice(b"null"),
+        }
         out.extend_from_slice(b",\"route\":");
         match self.route.and_then(|i| self.snap.graph.routes.get(i)) {
             Some(r) => {
@@ -155,15 +220,106 @@ impl Line {
         }
         out.extend_from_slice(b",\"revision\":");
         opt_str(out, Some(self.snap.revision.as_bytes()));
-        out.extend_from_slice(b",\"retries\":0}\n");
+        out.extend_from_slice(b",\"retries\":");
+        int(out, u64::from(self.attempts.retries));
+        out.extend_from_slice(b"}\n");
     }
 
     #[cfg(test)]
     fn json(&self) -> serde_json::Value {
         let mut v = Vec::new();
-        self.write_json(&mut v);
+        self.write_json(&mut v, &mut Clock::new());
         serde_json::from_slice(&v).unwrap()
     }
+}
+
+/// Where one string lies in [`Line`]'s `text`.
+#[derive(Clone, Copy)]
+struct Span(u32, u32);
+
+impl Span {
+    fn copy(text: &mut Vec<u8>, b: &[u8]) -> Span {
+        let start = text.len();
+        text.extend_from_slice(b);
+        // Request heads are capped far below 4 GiB (`max_header_bytes`, `max_uri_bytes`).
+        Span(start as u32, text.len() as u32)
+    }
+
+    fn of(self, text: &[u8]) -> &[u8] {
+        text.get(self.0 as usize..self.1 as usize)
+            .unwrap_or_default()
+    }
+}
+
+/// The writer's wall clock. A line's time is when its request arrived, derived from its
+/// `Instant` and a wall/monotonic pair read once per drain (so a request reads one clock, not
+/// two). Lines of the same second share their `2006-01-02T15:04:05`.
+struct Clock {
+    wall: SystemTime,
+    mono: Instant,
+    secs: Option<u64>,
+    text: Vec<u8>,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            wall: SystemTime::now(),
+            mono: Instant::now(),
+            secs: None,
+            text: Vec::new(),
+        }
+    }
+
+    /// Read the clocks again (before a drain).
+    fn sync(&mut self) {
+        self.wall = SystemTime::now();
+        self.mono = Instant::now();
+    }
+
+    /// Append the wall time of `at` as [`rfc3339`] does.
+    fn write(&mut self, at: Instant, out: &mut Vec<u8>) {
+        let ago = self.mono.saturating_duration_since(at);
+        let t = self.wall.checked_sub(ago).unwrap_or(UNIX_EPOCH);
+        self.write_wall(t, out);
+    }
+
+    fn write_wall(&mut self, t: SystemTime, out: &mut Vec<u8>) {
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        if self.secs != Some(d.as_secs()) {
+            self.text.clear();
+            rfc3339(
+                UNIX_EPOCH + Duration::from_secs(d.as_secs()),
+                &mut self.text,
+            );
+            // Keep `...:05.`, drop `000Z`.
+            self.text.truncate(self.text.len().saturating_sub(4));
+            self.secs = Some(d.as_secs());
+        }
+        out.extend_from_slice(&self.text);
+        let ms = d.subsec_millis();
+        out.extend_from_slice(&[
+            b'0' + (ms / 100) as u8,
+            b'0' + (ms / 10 % 10) as u8,
+            b'0' + (ms % 10) as u8,
+            b'Z',
+        ]);
+    }
+}
+
+/// A decimal integer, without `fmt`'s machinery (the writer formats a few per line).
+fn int(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
 }
 
 /// A JSON string (or `null`); bytes that are not UTF-8 are replaced.
@@ -199,8 +355,14 @@ fn escape_into(out: &mut Vec<u8>, v: &[u8]) {
 pub struct Counted {
     inner: RespBody,
     line: Option<Line>,
-    log: AccessLog,
-    metrics: Arc<Metrics>,
+    logger: Arc<Logger>,
+}
+
+/// The access log and the metrics its drops are counted in, behind one pointer so a request
+/// clones one `Arc` for both.
+pub(crate) struct Logger {
+    pub log: AccessLog,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Counted {
@@ -208,22 +370,20 @@ impl Counted {
         inner: RespBody,
         mut line: Line,
         status: u16,
-        log: AccessLog,
-        m: Arc<Metrics>,
+        logger: Arc<Logger>,
     ) -> Counted {
         line.status = status;
         Counted {
             inner,
             line: Some(line),
-            log,
-            metrics: m,
+            logger,
         }
     }
 
     fn finish(&mut self) {
         if let Some(mut l) = self.line.take() {
             l.took = l.started.elapsed();
-            self.log.send(l, &self.metrics);
+            self.logger.log.send(l, &self.logger.metrics);
         }
     }
 }
@@ -273,11 +433,13 @@ const PERIOD: Duration = Duration::from_millis(20);
 fn write_lines(mut rx: mpsc::Receiver<Line>, mut out: Box<dyn Write + Send>) {
     use tokio::sync::mpsc::error::TryRecvError;
     let mut buf = Vec::with_capacity(64 * 1024);
+    let mut clock = Clock::new();
     loop {
+        clock.sync();
         let closed = loop {
             match rx.try_recv() {
                 Ok(line) => {
-                    line.write_json(&mut buf);
+                    line.write_json(&mut buf, &mut clock);
                     if buf.len() >= 64 * 1024 {
                         flush(&mut out, &mut buf);
                     }
@@ -343,6 +505,16 @@ mod tests {
         assert_eq!(f(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let t = UNIX_EPOCH + Duration::from_millis(1_709_251_199_123);
         assert_eq!(f(t), "2024-02-29T23:59:59.123Z");
+        let mut clock = Clock::new();
+        let mut v = Vec::new();
+        for ms in [1_709_251_199_123, 1_709_251_199_007, 1_709_251_200_450] {
+            clock.write_wall(UNIX_EPOCH + Duration::from_millis(ms), &mut v);
+            v.push(b' ');
+        }
+        assert_eq!(
+            String::from_utf8(v).unwrap(),
+            "2024-02-29T23:59:59.123Z 2024-02-29T23:59:59.007Z 2024-03-01T00:00:00.450Z "
+        );
     }
 
     #[test]
@@ -361,17 +533,30 @@ mod tests {
         let req = http::Request::get("http://h.test/p?q=secret")
             .body(())
             .unwrap();
+        let logger = Arc::new(Logger {
+            log,
+            metrics: metrics.clone(),
+        });
         for _ in 0..3 {
             let body = Counted::new(
                 super::super::body::full(Bytes::from_static(b"hi")),
-                Line::start(&req, &snap),
+                Line::start(&req, &snap, Instant::now()),
                 200,
-                log.clone(),
-                metrics.clone(),
+                logger.clone(),
             );
             drop(body);
         }
-        let line = rx.try_recv().unwrap().json();
+        let mut line = rx.try_recv().unwrap();
+        line.took = Duration::from_micros(12_034);
+        line.trace_id = Some([0xab; 16]);
+        line.attempts.retries = 3;
+        line.attempts.peer = Some("10.0.0.7:8080".parse().unwrap());
+        let line = line.json();
+        assert_eq!(line["duration_ms"], 12.034);
+        assert_eq!(line["trace_id"], "ab".repeat(16));
+        assert_eq!(line["retries"], 3);
+        assert_eq!(line["upstream_addr"], "10.0.0.7:8080");
+        assert_eq!(line["bytes"], 0);
         assert_eq!(line["path"], "/p");
         assert_eq!(line["host"], "h.test");
         assert_eq!(line["status"], 200);

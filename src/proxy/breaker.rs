@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ProxyError;
+use crate::metrics::BreakerLimit;
 use crate::routes::BreakerLimits;
 
 /// Envoy's retry budget: retries in flight may reach this share of active requests...
@@ -143,14 +144,20 @@ impl Breaker {
             .map_err(|_| ProxyError::Internal("connection limiter closed".into()))
     }
 
-    /// Permission for one more retry, within `max_retries` and the retry budget.
-    pub fn retry(self: &Arc<Self>) -> Option<Retry> {
+    /// Permission for one more retry, within `max_retries` and the retry budget; refused, the
+    /// limit that was reached.
+    pub fn retry(self: &Arc<Self>) -> Result<Retry, BreakerLimit> {
         let active = self.active.load(Ordering::Acquire);
         let budget = (active * BUDGET_PERCENT / 100).max(MIN_RETRY_CONCURRENCY);
-        let limit = budget.min(self.limits.max_retries);
         let before = self.retries.fetch_add(1, Ordering::AcqRel);
         let guard = Retry(self.clone());
-        (before < limit).then_some(guard)
+        if before >= self.limits.max_retries {
+            Err(BreakerLimit::Retries)
+        } else if before >= budget {
+            Err(BreakerLimit::RetryBudget)
+        } else {
+            Ok(guard)
+        }
     }
 }
 
@@ -182,17 +189,17 @@ mod tests {
         // 10 active: the budget is max(3, 2) = 3.
         let active: Vec<_> = (0..10).map(|_| b.request().unwrap()).collect();
         let held: Vec<_> = (0..3).map(|_| b.retry().unwrap()).collect();
-        assert!(b.retry().is_none());
+        assert_eq!(b.retry().err(), Some(BreakerLimit::RetryBudget));
         drop(held);
         // 50 active: 20% is 10.
         let more: Vec<_> = (0..40).map(|_| b.request().unwrap()).collect();
         let held: Vec<_> = (0..10).map(|_| b.retry().unwrap()).collect();
-        assert!(b.retry().is_none());
+        assert!(b.retry().is_err());
         drop((held, more, active));
         // max_retries caps the budget.
         let b = Arc::new(Breaker::new(limits(1024, 1)));
         let _r = b.retry().unwrap();
-        assert!(b.retry().is_none());
+        assert_eq!(b.retry().err(), Some(BreakerLimit::Retries));
     }
 
     #[tokio::test]

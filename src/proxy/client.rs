@@ -188,6 +188,16 @@ pub enum UpstreamIo {
     Tls(Box<TokioIo<TlsStream<TcpStream>>>),
 }
 
+impl UpstreamIo {
+    /// The address this connection is connected to.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            UpstreamIo::Plain(s) => s.inner().peer_addr().ok(),
+            UpstreamIo::Tls(s) => s.inner().get_ref().0.peer_addr().ok(),
+        }
+    }
+}
+
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
         match self {

@@ -131,7 +131,6 @@ impl Proxy {
                 let prep = snap.routes[id.0]
                     .as_ref()
                     .ok_or_else(|| ProxyError::Internal("forward route not prepared".into()))?;
-                ex.upstream = Some(prep.authority.clone());
                 let upstream_pq = rewrite_path(route, &path, query)?;
                 let original_host = match req.headers().get(header::HOST) {
                     Some(h) => h.clone(),
@@ -270,7 +269,7 @@ impl Proxy {
             }
             h.insert(X_REQUEST_ID.clone(), id);
         }
-        super::trace::propagate(h, self.settings.trace_sample_ratio);
+        ex.trace_id = Some(super::trace::propagate(h, self.settings.trace_sample_ratio));
         h.insert(
             header::HOST,
             prep.host_header.clone().unwrap_or(original_host),
@@ -295,7 +294,8 @@ impl Proxy {
         if let Some(sh) = shadow {
             self.shadows.copy(sh, &parts, &body, &upstream_pq);
         }
-        let mut resp = super::retry::send_upstream(prep, parts, body, upstream_pq).await?;
+        let mut resp =
+            super::retry::send_upstream(prep, parts, body, upstream_pq, &mut ex.attempts).await?;
         let switched = match client_upgrade {
             Some(down) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 let up = hyper::upgrade::on(&mut resp);

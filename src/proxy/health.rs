@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::pool::HostPool;
-use crate::metrics::UpstreamStats;
+use crate::metrics::EndpointStats;
 use crate::routes::{HealthCheck, OutlierDetection, Probe};
 
 /// Longest ejection unless the base itself is longer (Envoy's `max_ejection_time` default).
@@ -75,7 +75,7 @@ pub(crate) struct Health {
     state: Mutex<HashMap<IpAddr, Address>>,
     /// Addresses in the set the balancer last saw (for `max_ejection_percent`).
     known: AtomicUsize,
-    stats: Arc<UpstreamStats>,
+    stats: Arc<EndpointStats>,
 }
 
 impl std::fmt::Debug for Health {
@@ -91,7 +91,7 @@ impl Health {
         label: String,
         outlier: Option<OutlierDetection>,
         checks: Vec<HealthCheck>,
-        stats: Arc<UpstreamStats>,
+        stats: Arc<EndpointStats>,
     ) -> Health {
         Health {
             label,

@@ -106,6 +106,8 @@ pub struct Settings {
     pub access_log: Option<accesslog::AccessLog>,
     /// Share of new traces (no incoming `traceparent`) marked sampled, 0.0..=1.0.
     pub trace_sample_ratio: f64,
+    /// Count every request in the per-route metrics (off: only rare events are counted).
+    pub metrics: bool,
 }
 
 impl Default for Settings {
@@ -123,6 +125,7 @@ impl Default for Settings {
             lookup: Arc::new(client::SystemLookup),
             access_log: None,
             trace_sample_ratio: 0.0,
+            metrics: true,
         }
     }
 }
@@ -186,6 +189,8 @@ pub(crate) struct Prepared {
     pub label: HeaderValue,
     pub retry: Option<crate::routes::RetryPolicy>,
     pub breaker: Arc<breaker::Breaker>,
+    /// The route label's counters, for retries and circuit-breaker refusals.
+    pub stats: Arc<crate::metrics::RouteStats>,
     pub cors: Option<Arc<cors::Policy>>,
     /// Picks the upstream address per request (`load_balancer`, outlier detection, health
     /// checks), for HTTP/1.1 upstreams.
@@ -252,6 +257,8 @@ pub struct Proxy {
     checkers: Mutex<Vec<Checker>>,
     shadows: shadow::Shadows,
     metrics: Arc<crate::metrics::Metrics>,
+    /// The access log with the metrics, when the log is on.
+    logger: Option<Arc<accesslog::Logger>>,
 }
 
 /// An in-process handler for a reserved path prefix on the proxy listeners.
@@ -277,6 +284,13 @@ impl Proxy {
         let clients = client::Clients::new(settings.upstream_ca.as_deref(), resolver)?;
         let secrets = SecretStore::new(settings.secrets_dir.clone());
         let builder = server::http_builder(&settings.limits);
+        let metrics = crate::metrics::Metrics::new();
+        let logger = settings.access_log.clone().map(|log| {
+            Arc::new(accesslog::Logger {
+                log,
+                metrics: metrics.clone(),
+            })
+        });
         let proxy = Proxy {
             shared: Arc::new(ArcSwap::from_pointee(Snapshot {
                 graph: Graph::empty(),
@@ -297,8 +311,9 @@ impl Proxy {
             breakers: breaker::Breakers::default(),
             health: health::Registry::default(),
             checkers: Mutex::new(Vec::new()),
-            shadows: shadow::Shadows::default(),
-            metrics: crate::metrics::Metrics::new(),
+            shadows: shadow::Shadows::new(metrics.clone()),
+            metrics,
+            logger,
         };
         Ok(Arc::new(proxy))
     }
@@ -579,6 +594,7 @@ impl Proxy {
             label: HeaderValue::from_str(&format!("{}/{}", route.namespace, route.name))
                 .unwrap_or(HeaderValue::from_static("-")),
             retry: f.retry.clone(),
+            stats: self.metrics.route(&route.stats_name),
             cors: f.cors.clone().map(|c| Arc::new(cors::Policy::new(c))),
             breaker: self.breakers.get(
                 format!("{:?}://{authority_str}/{}", f.upstream.scheme, f.http2),
@@ -605,6 +621,7 @@ impl Clone for Prepared {
             label: self.label.clone(),
             retry: self.retry.clone(),
             breaker: self.breaker.clone(),
+            stats: self.stats.clone(),
             cors: self.cors.clone(),
             balancer: self.balancer.clone(),
             checked: self.checked.clone(),

@@ -1,18 +1,19 @@
 //! What the request path tells metrics and the access log about one exchange.
 //!
-//! `serve` fills an [`Exchange`] as it learns things (the route, the upstream); `handle` hands it
-//! to the counters once the response head is known. Nothing here allocates for metrics: the
-//! route's counters were resolved when the snapshot was built.
+//! `serve` fills an [`Exchange`] as it learns things (the route, the trace id, the attempts);
+//! `handle` hands it to the counters once the response head is known. Nothing here allocates for
+//! metrics: the route's counters were resolved when the snapshot was built.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::uri::Authority;
 use http::{Request, Response};
 
 use super::accesslog::{Counted, Line};
 use super::body::RespBody;
 use super::error::ProxyError;
+use super::trace::TraceId;
 use super::{Proxy, Snapshot};
 use crate::metrics::{method_class, Metrics};
 
@@ -24,22 +25,34 @@ pub(crate) struct Exchange {
     line: Option<Line>,
     /// Index of the route that served it (`RouteId.0`), if any matched.
     pub route: Option<usize>,
-    /// The upstream it was forwarded to.
-    pub upstream: Option<Authority>,
     /// The `x-request-id` the gateway generated (a client's own is read from the request).
     pub request_id: Option<http::HeaderValue>,
+    /// The trace id sent upstream (the client's, or a new trace's).
+    pub trace_id: Option<TraceId>,
+    pub attempts: Attempts,
+}
+
+/// What the attempts of one forwarded request came to.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Attempts {
+    /// Retries made (attempts after the first).
+    pub retries: u32,
+    /// The upstream address the last attempt was sent to, once it had a connection.
+    pub peer: Option<SocketAddr>,
 }
 
 impl Exchange {
     /// Begin observing a request (before it is consumed).
     pub fn start<B>(req: &Request<B>, snap: &Arc<Snapshot>, log: bool) -> Exchange {
+        let start = Instant::now();
         Exchange {
-            start: Instant::now(),
+            start,
             method: method_class(req.method()),
-            line: log.then(|| Line::start(req, snap)),
+            line: log.then(|| Line::start(req, snap, start)),
             route: None,
-            upstream: None,
             request_id: None,
+            trace_id: None,
+            attempts: Attempts::default(),
         }
     }
 }
@@ -53,22 +66,24 @@ impl Proxy {
         ex: Exchange,
         resp: Response<RespBody>,
     ) -> Response<RespBody> {
-        let stats = ex
-            .route
-            .and_then(|i| snap.stats.get(i))
-            .unwrap_or(self.metrics.no_route());
-        stats.record(ex.method, resp.status(), ex.start.elapsed());
-        match (&self.settings.access_log, ex.line) {
-            (Some(log), Some(mut line)) => {
+        if self.settings.metrics {
+            let stats = ex
+                .route
+                .and_then(|i| snap.stats.get(i))
+                .unwrap_or(self.metrics.no_route());
+            stats.record(ex.method, resp.status(), ex.start.elapsed());
+        }
+        match (&self.logger, ex.line) {
+            (Some(logger), Some(mut line)) => {
                 line.route = ex.route;
-                line.upstream = ex.upstream;
-                if ex.request_id.is_some() {
-                    line.request_id = ex.request_id;
+                line.attempts = ex.attempts;
+                line.request_id = ex.request_id;
+                if ex.trace_id.is_some() {
+                    line.trace_id = ex.trace_id;
                 }
                 let status = resp.status().as_u16();
-                let m = self.metrics.clone();
                 resp.map(|b| {
-                    RespBody::Counted(Box::new(Counted::new(b, line, status, log.clone(), m)))
+                    RespBody::Counted(Box::new(Counted::new(b, line, status, logger.clone())))
                 })
             }
             _ => resp,

@@ -12,7 +12,7 @@
 //! free slot waits as a pending request until one is returned or freed. The pool also runs
 //! active health-check probes against one address (a fresh connection each, never pooled).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -47,7 +47,13 @@ pub struct HostPool {
     returned: Notify,
 }
 
-type Idle = (SendRequest<ReqBody>, Instant, Option<IpAddr>);
+type Idle = (Conn, Instant, Option<IpAddr>);
+
+/// One upstream connection and the address it is connected to (for the access log).
+struct Conn {
+    tx: SendRequest<ReqBody>,
+    peer: Option<SocketAddr>,
+}
 
 impl HostPool {
     pub fn new(target: Uri, connector: Connector, idle_timeout: Duration) -> HostPool {
@@ -60,15 +66,15 @@ impl HostPool {
         }
     }
 
-    fn checkout(&self, addr: Option<IpAddr>) -> Option<SendRequest<ReqBody>> {
+    fn checkout(&self, addr: Option<IpAddr>) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|(s, since, _)| !s.is_closed() && since.elapsed() < self.idle_timeout);
+        idle.retain(|(c, since, _)| !c.tx.is_closed() && since.elapsed() < self.idle_timeout);
         let i = idle.iter().rposition(|(_, _, a)| *a == addr)?;
         Some(idle.swap_remove(i).0)
     }
 
-    fn checkin(&self, s: SendRequest<ReqBody>, addr: Option<IpAddr>) {
-        if s.is_closed() {
+    fn checkin(&self, s: Conn, addr: Option<IpAddr>) {
+        if s.tx.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -110,7 +116,7 @@ impl HostPool {
         &self,
         addr: Option<IpAddr>,
         breaker: &Breaker,
-    ) -> Result<(SendRequest<ReqBody>, bool), ProxyError> {
+    ) -> Result<(Conn, bool), ProxyError> {
         loop {
             let returned = self.returned.notified();
             tokio::pin!(returned);
@@ -138,8 +144,8 @@ impl HostPool {
         &self,
         addr: Option<IpAddr>,
         slot: Option<OwnedSemaphorePermit>,
-    ) -> Result<SendRequest<ReqBody>, ProxyError> {
-        let (sender, conn) = self.handshake(addr).await?;
+    ) -> Result<Conn, ProxyError> {
+        let (tx, conn, peer) = self.handshake(addr).await?;
         tokio::spawn(async move {
             // The breaker slot is held for as long as the connection is open.
             let _slot = slot;
@@ -147,7 +153,7 @@ impl HostPool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok(Conn { tx, peer })
     }
 
     async fn handshake(
@@ -157,6 +163,7 @@ impl HostPool {
         (
             SendRequest<ReqBody>,
             http1::Connection<super::client::UpstreamIo, ReqBody>,
+            Option<SocketAddr>,
         ),
         ProxyError,
     > {
@@ -166,10 +173,12 @@ impl HostPool {
             .dial(target, name)
             .await
             .map_err(|e| ProxyError::Connect(e.to_string()))?;
-        http1::Builder::new()
+        let peer = io.peer();
+        let (tx, conn) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|e| ProxyError::Connect(e.to_string()))
+            .map_err(|e| ProxyError::Connect(e.to_string()))?;
+        Ok((tx, conn, peer))
     }
 
     /// One HTTP health check of `ip` on a fresh connection: `Err` says why it failed.
@@ -185,7 +194,8 @@ impl HostPool {
             return Err("not an HTTP check".into());
         };
         let fut = async {
-            let (mut sender, conn) = self.handshake(Some(ip)).await.map_err(|e| e.to_string())?;
+            let (mut sender, conn, _) =
+                self.handshake(Some(ip)).await.map_err(|e| e.to_string())?;
             let task = tokio::spawn(conn);
             let host = match hostname {
                 Some(h) => h.clone(),
@@ -313,22 +323,25 @@ impl HostPool {
 
     /// Send `req` (origin-form URI) on an idle connection, or a new one; a request that a stale
     /// idle connection refused before sending is retried once on a fresh connection.
-    /// `addr` pins the upstream address (a load balancer's pick); `None`: any address.
+    /// `addr` pins the upstream address (a load balancer's pick); `None`: any address. `peer`
+    /// receives the address of the connection the request was sent on.
     pub async fn send_to(
         self: &Arc<Self>,
         addr: Option<IpAddr>,
         mut req: Request<ReqBody>,
         breaker: &Breaker,
+        peer: &mut Option<SocketAddr>,
     ) -> Result<Response<PooledBody>, ProxyError> {
         loop {
             let (mut sender, reused) = self.sender(addr, breaker).await?;
-            if sender.ready().await.is_err() {
+            *peer = sender.peer;
+            if sender.tx.ready().await.is_err() {
                 if reused {
                     continue;
                 }
                 return Err(ProxyError::Connect("connection closed before use".into()));
             }
-            match sender.try_send_request(req).await {
+            match sender.tx.try_send_request(req).await {
                 Ok(resp) => {
                     let (parts, inner) = resp.into_parts();
                     // A switched (101) connection belongs to the tunnel, never to the pool.
@@ -413,7 +426,7 @@ fn varint(b: &[u8]) -> Option<(u64, &[u8])> {
 /// An upstream response body that returns its connection to the pool when it ends.
 pub struct PooledBody {
     inner: Incoming,
-    back: Option<(SendRequest<ReqBody>, Arc<HostPool>, Option<IpAddr>)>,
+    back: Option<(Conn, Arc<HostPool>, Option<IpAddr>)>,
 }
 
 impl PooledBody {

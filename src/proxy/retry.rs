@@ -20,7 +20,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::body::{ReqBody, RespBody};
 use super::error::ProxyError;
 use super::health::Outcome;
+use super::observe::Attempts;
 use super::{Prepared, UpstreamClient};
+use crate::metrics::{BreakerLimit, RetryReason};
 use crate::routes::RetryOn;
 
 /// Largest request body read whole so a retry or a shadow copy can send it again.
@@ -53,16 +55,21 @@ pub(super) async fn request_body(
 }
 
 /// Admission by the circuit breaker, then the attempts; the breaker's slots stay taken until
-/// the response body is dropped.
+/// the response body is dropped. `seen` receives the retries made and the last attempt's
+/// upstream address, whatever the outcome.
 pub(super) async fn send_upstream(
     prep: &Prepared,
     parts: Parts,
     body: ReqBody,
     pq: PathAndQuery,
+    seen: &mut Attempts,
 ) -> Result<Response<RespBody>, ProxyError> {
-    let active = prep.breaker.request()?;
+    let active = prep
+        .breaker
+        .request()
+        .inspect_err(|_| prep.stats.upstream.refused(BreakerLimit::Requests))?;
     let (resp, conn) =
-        match tokio::time::timeout(prep.timeout, attempts(prep, parts, body, pq)).await {
+        match tokio::time::timeout(prep.timeout, attempts(prep, parts, body, pq, seen)).await {
             Err(_) => return Err(ProxyError::Timeout),
             Ok(r) => r?,
         };
@@ -78,6 +85,7 @@ async fn attempts(
     parts: Parts,
     body: ReqBody,
     pq: PathAndQuery,
+    seen: &mut Attempts,
 ) -> Result<(Response<RespBody>, Option<OwnedSemaphorePermit>), ProxyError> {
     // An upgrade belongs to one connection; it is never replayed.
     let policy = prep
@@ -117,9 +125,15 @@ async fn attempts(
         // HTTP/1.1 connections hold their own slot in the pool; an HTTP/2 attempt holds one.
         let conn = match prep.upstream {
             UpstreamClient::H1(_) => None,
-            UpstreamClient::H2(_) => Some(prep.breaker.connection().await?),
+            UpstreamClient::H2(_) => Some(prep.breaker.connection().await.inspect_err(|e| {
+                if matches!(e, ProxyError::Overloaded) {
+                    prep.stats.upstream.refused(BreakerLimit::Pending);
+                }
+            })?),
         };
-        let sent = send_once(prep, this_head, cur, pq.clone());
+        // The address of this attempt only: one that fails to connect has none.
+        seen.peer = None;
+        let sent = send_once(prep, this_head, cur, pq.clone(), &mut seen.peer);
         let result = match policy.and_then(|p| p.per_try_timeout) {
             Some(t) => tokio::time::timeout(t, sent)
                 .await
@@ -127,28 +141,39 @@ async fn attempts(
             None => sent.await,
         };
         if let (Some(p), Some(next)) = (policy, spare) {
-            if should_retry(p.on, &result, &codes) {
-                if let Some(slot) = prep.breaker.retry() {
-                    drop((result, conn));
-                    tokio::time::sleep(backoff(tries)).await;
-                    tries += 1;
-                    body = Some(next);
-                    _retry = Some(slot);
-                    continue;
+            if let Some(why) = retry_reason(p.on, &result, &codes) {
+                match prep.breaker.retry() {
+                    Ok(slot) => {
+                        drop((result, conn));
+                        tokio::time::sleep(backoff(tries)).await;
+                        // Counted once the retry starts, so metrics and the log agree when the
+                        // route timeout ends the backoff.
+                        prep.stats.upstream.retry(why);
+                        tries += 1;
+                        seen.retries = tries;
+                        body = Some(next);
+                        _retry = Some(slot);
+                        continue;
+                    }
+                    Err(limit) => {
+                        prep.stats.upstream.refused(limit);
+                        tracing::debug!(?limit, "retry skipped: circuit breaker limit reached");
+                    }
                 }
-                tracing::debug!("retry skipped: retry budget or max_retries reached");
             }
         }
         return result.map(|r| (r, conn));
     }
 }
 
-/// One exchange with the upstream of `prep`.
+/// One exchange with the upstream of `prep`; `peer` receives the address it went to (when the
+/// connection gets that far).
 pub(super) async fn send_once(
     prep: &Prepared,
     mut parts: Parts,
     body: ReqBody,
     pq: PathAndQuery,
+    peer: &mut Option<std::net::SocketAddr>,
 ) -> Result<Response<RespBody>, ProxyError> {
     match &prep.upstream {
         UpstreamClient::H1(pool) => {
@@ -163,7 +188,7 @@ pub(super) async fn send_once(
             parts.uri = Uri::from(pq);
             parts.version = Version::HTTP_11;
             let sent = pool
-                .send_to(addr, Request::from_parts(parts, body), &prep.breaker)
+                .send_to(addr, Request::from_parts(parts, body), &prep.breaker, peer)
                 .await;
             if let (Some(h), Some(ip)) =
                 (prep.balancer.as_ref().and_then(|b| b.health.as_ref()), addr)
@@ -175,6 +200,10 @@ pub(super) async fn send_once(
                     }
                     Err(_) => {}
                 }
+            }
+            if matches!(sent, Err(ProxyError::Overloaded)) {
+                // The pool waits for a connection slot as a pending request (max_pending_requests).
+                prep.stats.upstream.refused(BreakerLimit::Pending);
             }
             let resp = sent?.map(RespBody::Pooled);
             Ok(match busy {
@@ -192,7 +221,13 @@ pub(super) async fn send_once(
             parts.version = Version::HTTP_2;
             match client.request(Request::from_parts(parts, body)).await {
                 Err(e) => Err(ProxyError::from_client(e)),
-                Ok(r) => Ok(r.map(RespBody::Streamed)),
+                Ok(r) => {
+                    *peer = r
+                        .extensions()
+                        .get::<hyper_util::client::legacy::connect::HttpInfo>()
+                        .map(|i| i.remote_addr());
+                    Ok(r.map(RespBody::Streamed))
+                }
             }
         }
     }
@@ -209,6 +244,21 @@ pub(super) fn clone_head(p: &Parts) -> Parts {
         r.extensions_mut().insert(*ip);
     }
     r.into_parts().0
+}
+
+/// Why this outcome is retried, if `retry_on` covers it.
+fn retry_reason(
+    on: RetryOn,
+    result: &Result<Response<RespBody>, ProxyError>,
+    codes: &[u16],
+) -> Option<RetryReason> {
+    let why = match result {
+        Ok(_) => RetryReason::Status,
+        Err(ProxyError::Connect(_)) => RetryReason::Connect,
+        Err(ProxyError::Timeout) => RetryReason::Timeout,
+        Err(_) => RetryReason::Reset,
+    };
+    should_retry(on, result, codes).then_some(why)
 }
 
 /// Whether `retry_on` covers this outcome.

@@ -4,9 +4,9 @@
 //!
 //! A shadow never touches the real request: the copy is spawned, never awaited, and bounded by
 //! [`MAX_IN_FLIGHT`] copies at once; copies beyond it, copies of upgrades, and copies of requests
-//! whose body was not read whole (streamed, or over `retry::REPLAY_CAP`), are dropped and counted.
+//! whose body was not read whole (streamed, or over `retry::REPLAY_CAP`), are dropped and counted
+//! (`legate_shadow_requests_total`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 
 use super::body::ReqBody;
 use super::{Prepared, Proxy, Snapshot};
+use crate::metrics::Metrics;
 use crate::routes::Group;
 
 /// Shadow copies in flight at once, over all routes.
@@ -33,16 +34,14 @@ pub struct ShadowStats {
 
 pub(crate) struct Shadows {
     slots: Arc<Semaphore>,
-    sent: AtomicU64,
-    dropped: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
-impl Default for Shadows {
-    fn default() -> Self {
+impl Shadows {
+    pub fn new(metrics: Arc<Metrics>) -> Shadows {
         Shadows {
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-            sent: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
+            metrics,
         }
     }
 }
@@ -65,15 +64,11 @@ impl Shadows {
         let body = body
             .replay()
             .filter(|_| !parts.headers.contains_key(header::UPGRADE));
-        let Some(body) = body else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        let slot = body.and_then(|b| Some((b, self.slots.clone().try_acquire_owned().ok()?)));
+        self.metrics.shadow(slot.is_some());
+        let Some((body, slot)) = slot else {
             return;
         };
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        self.sent.fetch_add(1, Ordering::Relaxed);
         let mut head = super::retry::clone_head(parts);
         let host = prep
             .host_header
@@ -90,7 +85,7 @@ impl Shadows {
         tokio::spawn(async move {
             let _slot = slot;
             let exchange = async {
-                let resp = super::retry::send_once(&prep, head, body, pq).await?;
+                let resp = super::retry::send_once(&prep, head, body, pq, &mut None).await?;
                 // Read to the end so the connection goes back to the pool; nothing is kept.
                 let mut b = resp.into_body();
                 while let Some(f) = b.frame().await {
@@ -112,10 +107,8 @@ impl Shadows {
 impl Proxy {
     /// Shadow copies made and dropped so far.
     pub fn shadow_stats(&self) -> ShadowStats {
-        ShadowStats {
-            sent: self.shadows.sent.load(Ordering::Relaxed),
-            dropped: self.shadows.dropped.load(Ordering::Relaxed),
-        }
+        let (sent, dropped) = self.metrics.shadow_counts();
+        ShadowStats { sent, dropped }
     }
 
     /// Shadow copies in flight now.

@@ -14,16 +14,26 @@ pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Rewrite the request's `traceparent` for the upstream.
-pub fn propagate(h: &mut HeaderMap, sample_ratio: f64) {
-    let incoming = {
-        let mut all = h.get_all(&TRACEPARENT).iter();
-        match (all.next(), all.next()) {
-            (Some(v), None) => parse(v.as_bytes()),
-            _ => None,
-        }
-    };
-    let (trace_id, flags) = match incoming {
+/// A trace id (16 bytes, never all zero).
+pub type TraceId = [u8; 16];
+
+/// The trace id of the request's one valid `traceparent`, if it has one.
+pub fn incoming(h: &HeaderMap) -> Option<TraceId> {
+    valid(h).map(|(id, _)| id)
+}
+
+/// Trace id and flags of the one valid `traceparent` (two headers are invalid).
+fn valid(h: &HeaderMap) -> Option<(TraceId, u8)> {
+    let mut all = h.get_all(&TRACEPARENT).iter();
+    match (all.next(), all.next()) {
+        (Some(v), None) => parse(v.as_bytes()),
+        _ => None,
+    }
+}
+
+/// Rewrite the request's `traceparent` for the upstream; returns the trace id sent.
+pub fn propagate(h: &mut HeaderMap, sample_ratio: f64) -> TraceId {
+    let (trace_id, flags) = match valid(h) {
         Some(x) => x,
         None => {
             h.remove(&TRACESTATE);
@@ -49,6 +59,7 @@ pub fn propagate(h: &mut HeaderMap, sample_ratio: f64) {
     if let Ok(v) = HeaderValue::from_bytes(&out) {
         h.insert(TRACEPARENT.clone(), v);
     }
+    trace_id
 }
 
 /// The trace id and flags of a valid `traceparent` (version 00, or a later version's first four
@@ -88,7 +99,8 @@ fn unhex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
     Some(out)
 }
 
-fn hex(bytes: &[u8], out: &mut [u8]) {
+/// Lowercase hex of `bytes` into `out` (twice as long).
+pub fn hex(bytes: &[u8], out: &mut [u8]) {
     for (i, b) in bytes.iter().enumerate() {
         out[2 * i] = HEX[(b >> 4) as usize];
         out[2 * i + 1] = HEX[(b & 0x0f) as usize];

@@ -88,6 +88,8 @@ pub struct Settings {
     /// before `start` so that not even the first revision is missed; `None`: a private channel
     /// ([`Handle::subscribe`] still works, from the moment it is called).
     pub events: Option<broadcast::Sender<Entry>>,
+    /// Where each source read's duration is counted (`legate_source_fetch_duration_seconds`).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Default for Settings {
@@ -103,6 +105,7 @@ impl Default for Settings {
             allow_force_push: false,
             verify: VerifySettings::default(),
             events: None,
+            metrics: None,
         }
     }
 }
@@ -654,7 +657,12 @@ impl Reconciler {
         let started = now_ms();
         let t_fetch = Instant::now();
         let fetched = self.fetch().await;
-        let fetch_ms = ms(t_fetch.elapsed());
+        let took = t_fetch.elapsed();
+        let fetch_ms = ms(took);
+        // A pinned pass reads the local copy only: not a fetch.
+        if let (Some(m), None) = (&self.settings.metrics, &self.pinned) {
+            m.source_fetch(self.source.kind(), fetched.is_ok(), took);
+        }
         let rev = match fetched {
             Ok(r) => r,
             Err(e) => {

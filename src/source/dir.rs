@@ -65,6 +65,10 @@ impl DirSource {
 }
 
 impl Source for DirSource {
+    fn kind(&self) -> &'static str {
+        "dir"
+    }
+
     fn describe(&self) -> String {
         format!("dir {}", self.root.display())
     }

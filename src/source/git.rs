@@ -358,6 +358,10 @@ impl GitSource {
 }
 
 impl Source for GitSource {
+    fn kind(&self) -> &'static str {
+        "git"
+    }
+
     fn describe(&self) -> String {
         let mut s = format!("git {} @ {}", redact(&self.opts.url), self.opts.reference);
         if let Some(p) = &self.opts.subdir {

@@ -565,6 +565,10 @@ pub struct KubeSource {
 }
 
 impl Source for KubeSource {
+    fn kind(&self) -> &'static str {
+        "kubernetes"
+    }
+
     fn describe(&self) -> String {
         self.shared.describe.clone()
     }

@@ -83,6 +83,10 @@ pub trait Source: Send + Sync + 'static {
     /// Human description for status (`git file:///repo @ main`, `dir ./config`). Never holds
     /// credentials.
     fn describe(&self) -> String;
+    /// The kind of source, a metric label: `git`, `dir`, `kubernetes`.
+    fn kind(&self) -> &'static str {
+        "other"
+    }
     /// Fetch if remote and return the revision the source currently wants. `applied` is the
     /// id of the revision being served, for the force-push check.
     fn current(&self, applied: Option<&str>) -> Result<Revision, SourceError>;

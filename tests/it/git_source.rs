@@ -41,13 +41,13 @@ fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A work repository under `<tmp>/repo`.
-struct Repo {
+pub(crate) struct Repo {
     _tmp: tempfile::TempDir,
     path: PathBuf,
 }
 
 impl Repo {
-    fn new() -> Repo {
+    pub(crate) fn new() -> Repo {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("repo");
         std::fs::create_dir(&path).unwrap();
@@ -55,12 +55,12 @@ impl Repo {
         Repo { _tmp: tmp, path }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("file://{}", self.path.display())
     }
 
     /// Write (Some) or delete (None) files and commit; returns the commit id.
-    fn commit(&self, files: &[(&str, Option<&str>)], msg: &str) -> String {
+    pub(crate) fn commit(&self, files: &[(&str, Option<&str>)], msg: &str) -> String {
         self.commit_with(files, msg, &[])
     }
 
@@ -142,7 +142,12 @@ async fn daemon(base: &Path) -> Daemon {
     panic!("git daemon did not start");
 }
 
-fn start_git(url: &str, reference: &str, cache: &Path, s: Settings) -> (Handle, Arc<Live>) {
+pub(crate) fn start_git(
+    url: &str,
+    reference: &str,
+    cache: &Path,
+    s: Settings,
+) -> (Handle, Arc<Live>) {
     start_git_at(url, reference, None, cache, s)
 }
 

@@ -1,5 +1,6 @@
 //! Observability: `GET /metrics` after known traffic (counts match, promtool accepts the text),
-//! the access log line of a request, and W3C `traceparent` propagation.
+//! retry, circuit-breaker and git fetch metrics, the access log line of a request (retries,
+//! trace id, upstream address), and W3C `traceparent` propagation.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use legate::source::dir::DirSource;
 
 use crate::reconcile::{outcome, settings};
 use crate::support::{get, mapping, send, Gateway, Tree, Upstream};
+use crate::traffic::{flaky, gate, gated, spawn_gets, Scripted};
 
 fn config(up: &Upstream) -> String {
     let svc = up.service();
@@ -207,14 +209,9 @@ fn promtool_check(text: &str) {
 
 #[tokio::test]
 async fn access_log_lines_match_the_requests() {
-    use legate::proxy::accesslog::{AccessLog, Sink};
     let up = Upstream::start("u").await;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("access.log");
-    let settings = legate::proxy::Settings {
-        access_log: Some(AccessLog::start(Sink::File(path.clone())).unwrap()),
-        ..Default::default()
-    };
+    let (path, settings) = logging_to(dir.path());
     let gw = Gateway::with(&config(&up), settings).await;
 
     let given = get(&gw.url("/api/x?token=secret"), &[("x-request-id", "req-1")]).await;
@@ -223,16 +220,7 @@ async fn access_log_lines_match_the_requests() {
     assert_eq!(generated.status, 200);
     assert_eq!(get(&gw.url("/nowhere"), &[]).await.status, 404);
 
-    // The writer is a thread of its own: wait until all three lines are there.
-    let read = || -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
-    crate::reconcile::eventually("three access log lines", || read().len() == 3).await;
-    let lines = read();
+    let lines = log_lines(&path, 3).await;
     let by_path = |p: &str| lines.iter().find(|l| l["path"] == p).unwrap().clone();
     let rev = &gw.proxy.graph().hash[..12];
 
@@ -262,6 +250,30 @@ async fn access_log_lines_match_the_requests() {
     assert!(n["route"].is_null() && n["upstream"].is_null());
     // The query string never reaches the log.
     assert!(!std::fs::read_to_string(&path).unwrap().contains("secret"));
+}
+
+/// Proxy settings with the access log going to `access.log` under `dir`.
+fn logging_to(dir: &std::path::Path) -> (std::path::PathBuf, legate::proxy::Settings) {
+    use legate::proxy::accesslog::{AccessLog, Sink};
+    let path = dir.join("access.log");
+    let settings = legate::proxy::Settings {
+        access_log: Some(AccessLog::start(Sink::File(path.clone())).unwrap()),
+        ..Default::default()
+    };
+    (path, settings)
+}
+
+/// The access log's lines once there are `n` (the writer is a thread of its own).
+async fn log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    crate::reconcile::eventually("the access log lines", || read().len() == n).await;
+    read()
 }
 
 /// A `traceparent` as `(trace id, parent id, flags)`, checked for the W3C shape.
@@ -330,4 +342,231 @@ async fn traceparent_is_forwarded_with_a_new_parent_or_started() {
         .seen("traceparent")
         .unwrap();
     assert_eq!(traceparent(&v).2, "01");
+}
+
+/// Routes for the upstream-policy counters: retries on status and on connect failure, a small
+/// `max_requests` breaker, and a breaker that allows no retry.
+fn policies(flaky: &Scripted, gated: &Scripted, refused: &Scripted, dead: &str) -> String {
+    [
+        mapping(
+            "r",
+            &format!(
+                "hostname: '*'\nprefix: /r/\nservice: {}\nstats_name: retried\nretry_policy:\n  retry_on: 5xx\n  num_retries: 3",
+                flaky.service()
+            ),
+        ),
+        mapping(
+            "c",
+            &format!(
+                "hostname: '*'\nprefix: /c/\nservice: {dead}\nretry_policy:\n  retry_on: connect-failure\n  num_retries: 2"
+            ),
+        ),
+        mapping(
+            "b",
+            &format!(
+                "hostname: '*'\nprefix: /b/\nservice: {}\ntimeout_ms: 60000\ncircuit_breakers:\n  - max_requests: 2",
+                gated.service()
+            ),
+        ),
+        mapping(
+            "n",
+            &format!(
+                "hostname: '*'\nprefix: /n/\nservice: {}\nretry_policy:\n  retry_on: 5xx\n  num_retries: 3\ncircuit_breakers:\n  - max_retries: 0",
+                refused.service()
+            ),
+        ),
+    ]
+    .concat()
+}
+
+/// A loopback address nothing listens on.
+async fn dead_addr() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_and_circuit_breaker_counters_match_the_traffic() {
+    // Five 503s, then 200s: the first request uses all 3 retries and fails, the second
+    // succeeds on its second attempt.
+    let up = flaky(5, 503).await;
+    let (open, rx) = gate();
+    let held_up = gated(rx).await;
+    let refused_up = flaky(10, 503).await;
+    let gw = Gateway::start(&policies(&up, &held_up, &refused_up, &dead_addr().await)).await;
+
+    assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 503);
+    assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 200);
+    assert_eq!(up.hits(), 6, "4 + 2 attempts");
+    // Every attempt refused at connect: 2 retries, then 502.
+    assert_eq!(get(&gw.url("/c/x"), &[]).await.status, 502);
+    // max_retries 0: the 503 goes through unretried, and the refusal is counted.
+    assert_eq!(get(&gw.url("/n/x"), &[]).await.status, 503);
+    assert_eq!(refused_up.hits(), 1);
+
+    // Two requests hold the max_requests: 2 breaker; the next ones are refused at once.
+    let url = gw.url("/b/x");
+    let held = spawn_gets(&url, 2);
+    crate::reconcile::eventually("two requests held", || held_up.hits() == 2).await;
+    let mut breaker_503s = 0;
+    for _ in 0..3 {
+        let r = get(&url, &[]).await;
+        if r.status == 503 && r.header("x-legate-overloaded") == Some("circuit-breaker") {
+            breaker_503s += 1;
+        }
+    }
+    assert_eq!(breaker_503s, 3);
+    open.send(true).unwrap();
+    for h in held {
+        assert_eq!(h.await.unwrap().status, 200);
+    }
+
+    let text = gw.proxy.metrics().render(None);
+    let retries = |route: &str, reason: &str| {
+        sample(
+            &text,
+            &format!("legate_upstream_retries_total{{route=\"{route}\",reason=\"{reason}\"}}"),
+        )
+    };
+    // The upstream's hits minus the requests that reached it: the retries made.
+    assert_eq!(retries("retried", "status"), Some(4.0), "{text}");
+    assert_eq!(retries("c", "connect"), Some(2.0), "{text}");
+    assert_eq!(retries("b", "status"), None, "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "legate_circuit_breaker_open_total{route=\"b\",limit=\"requests\"}"
+        ),
+        Some(breaker_503s as f64),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "legate_upstream_retries_denied_total{route=\"n\",limit=\"max_retries\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // The 503 the breaker made is a gateway answer, the relayed ones are not.
+    assert_eq!(
+        sample(&text, "legate_gateway_errors_total"),
+        Some(breaker_503s as f64 + 1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "legate_shadow_requests_total{outcome=\"sent\"}"),
+        Some(0.0)
+    );
+    promtool_check(&text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_shows_retries_trace_id_and_upstream_address() {
+    let flaky_up = flaky(2, 503).await;
+    let up = Upstream::start("u").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, settings) = logging_to(dir.path());
+    let yaml = mapping(
+        "r",
+        &format!(
+            "hostname: '*'\nprefix: /r/\nservice: {}\nretry_policy:\n  retry_on: 5xx\n  num_retries: 3",
+            flaky_up.service()
+        ),
+    ) + &config(&up);
+    let gw = Gateway::with(&yaml, settings).await;
+
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = get(&gw.url("/r/x"), &[("traceparent", given)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(flaky_up.hits(), 3);
+    let started = get(&gw.url("/api/started"), &[]).await;
+    assert_eq!(started.status, 200);
+    let sent_trace = traceparent(&started.seen("traceparent").unwrap()).0;
+    assert_eq!(
+        get(&gw.url("/nowhere"), &[("traceparent", given)])
+            .await
+            .status,
+        404
+    );
+
+    assert_eq!(get(&gw.url("/dead/"), &[]).await.status, 502);
+
+    let lines = log_lines(&path, 4).await;
+    let by_path = |p: &str| lines.iter().find(|l| l["path"] == p).unwrap().clone();
+
+    let retried = by_path("/r/x");
+    assert_eq!(retried["retries"], 2, "{retried}");
+    assert_eq!(retried["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(retried["upstream"], flaky_up.service());
+    assert_eq!(retried["upstream_addr"], flaky_up.service());
+
+    // No traceparent sent: the trace the gateway started, as the upstream received it.
+    let s = by_path("/api/started");
+    assert_eq!(s["retries"], 0);
+    assert_eq!(s["trace_id"], sent_trace.as_str(), "{s}");
+    assert_eq!(s["upstream_addr"], up.service());
+
+    // Forwarded, but no connection was made: no address.
+    let dead = by_path("/dead/");
+    assert_eq!(dead["upstream"], "127.0.0.1:1");
+    assert!(dead["upstream_addr"].is_null(), "{dead}");
+
+    // Never forwarded: the client's trace id still, and no upstream.
+    let n = by_path("/nowhere");
+    assert_eq!(n["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(n["upstream_addr"].is_null() && n["upstream"].is_null());
+}
+
+#[tokio::test]
+async fn git_fetch_durations_are_counted_by_outcome() {
+    use crate::git_source::{start_git, Repo};
+    let repo = Repo::new();
+    repo.commit(
+        &[(
+            "m.yaml",
+            Some(&crate::reconcile::mapping("a", "/a/", "127.0.0.1:9")),
+        )],
+        "first",
+    );
+    let metrics = legate::metrics::Metrics::new();
+    let cache = tempfile::tempdir().unwrap();
+    let mut s = settings(None);
+    s.metrics = Some(metrics.clone());
+    let (h, _live) = start_git(&repo.url(), "main", cache.path(), s.clone());
+    h.sync().await;
+    assert!(h.status().applied.is_some());
+    repo.commit(&[], "second");
+    h.sync().await;
+    let fetched = h.status().passes;
+    assert!(fetched >= 2);
+
+    // A remote that does not exist: failed fetches (no retry before the test reads them).
+    s.backoff = std::time::Duration::from_secs(3600);
+    let gone = tempfile::tempdir().unwrap();
+    let missing = format!("file://{}/nothing-here", gone.path().display());
+    let (bad, _live) = start_git(&missing, "main", gone.path(), s);
+    assert!(matches!(
+        bad.sync().await,
+        reconcile::PassResult::SourceFailed { .. }
+    ));
+    let failed = bad.status().passes;
+
+    let text = metrics.render(None);
+    let series = |outcome: &str, part: &str| {
+        sample(
+            &text,
+            &format!(
+                "legate_source_fetch_duration_seconds_{part}{{source=\"git\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(series("success", "count"), Some(fetched as f64), "{text}");
+    assert_eq!(series("failure", "count"), Some(failed as f64), "{text}");
+    let inf = "legate_source_fetch_duration_seconds_bucket{source=\"git\",outcome=\"success\",le=\"+Inf\"}";
+    assert_eq!(sample(&text, inf), Some(fetched as f64));
+    assert!(series("success", "sum").unwrap() > 0.0, "{text}");
+    promtool_check(&text);
 }

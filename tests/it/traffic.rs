@@ -87,8 +87,18 @@ pub(crate) fn answer(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes
     r
 }
 
+/// `n` GETs of `url` running in the background.
+pub(crate) fn spawn_gets(url: &str, n: usize) -> Vec<tokio::task::JoinHandle<Got>> {
+    (0..n)
+        .map(|_| {
+            let u = url.to_string();
+            tokio::spawn(async move { get(&u, &[]).await })
+        })
+        .collect()
+}
+
 /// A gate upstream requests wait at until the test opens it.
-fn gate() -> (
+pub(crate) fn gate() -> (
     tokio::sync::watch::Sender<bool>,
     tokio::sync::watch::Receiver<bool>,
 ) {
@@ -311,7 +321,7 @@ async fn dead_shadow_and_weighted_shadow() {
 
 /// An upstream answering `status` to its first `fails` requests, then 200 with the request's
 /// body length.
-async fn flaky(fails: u64, status: u16) -> Scripted {
+pub(crate) async fn flaky(fails: u64, status: u16) -> Scripted {
     Scripted::start(move |n, req: Request<Incoming>| async move {
         let len = req.into_body().collect().await.unwrap().to_bytes().len();
         if n < fails {
@@ -455,7 +465,7 @@ async fn per_try_timeout_retries_a_stalled_attempt() {
 }
 
 /// An upstream holding every request at a gate; answers 200 once it opens.
-async fn gated(rx: tokio::sync::watch::Receiver<bool>) -> Scripted {
+pub(crate) async fn gated(rx: tokio::sync::watch::Receiver<bool>) -> Scripted {
     Scripted::start(move |_, _req| {
         let mut rx = rx.clone();
         async move {
@@ -483,12 +493,7 @@ async fn max_requests_breaker_answers_503_at_once() {
     let up = gated(rx).await;
     let gw = Gateway::start(&breaker(&up, "max_requests: 2")).await;
     let url = gw.url("/b/x");
-    let held: Vec<_> = (0..2)
-        .map(|_| {
-            let u = url.clone();
-            tokio::spawn(async move { get(&u, &[]).await })
-        })
-        .collect();
+    let held = spawn_gets(&url, 2);
     eventually("two requests reached the upstream", || up.hits() == 2).await;
 
     // The third is refused by the gateway while the two are in flight; it never reaches the
