@@ -34,6 +34,8 @@ pub enum ProxyError {
     BodyTooLarge,
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    #[error("WebSocket upgrade asked of a route that does not allow it")]
+    UpgradeRefused,
     #[error("route group has no member taking traffic")]
     NoHealthyUpstream,
     #[error("upstream connect failed: {0}")]
@@ -55,7 +57,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute | InsecureRejected | UriTooLong | HeadersTooLarge | BodyTooLarge
-            | BadRequest(_) | Denied(_) => Side::Downstream,
+            | BadRequest(_) | UpgradeRefused | Denied(_) => Side::Downstream,
             NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout | Overloaded => Side::Upstream,
             Internal(_) => Side::Internal,
         }
@@ -65,7 +67,8 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute => StatusCode::NOT_FOUND,
-            InsecureRejected => StatusCode::FORBIDDEN,
+            // Envoy's answer (`upgrade_failed`), so Emissary users see what they know.
+            InsecureRejected | UpgradeRefused => StatusCode::FORBIDDEN,
             UriTooLong => StatusCode::URI_TOO_LONG,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -87,6 +90,7 @@ impl ProxyError {
             HeadersTooLarge => "request headers too large\n",
             BodyTooLarge => "request body too large\n",
             BadRequest(_) => "bad request\n",
+            UpgradeRefused => "websocket upgrade not allowed on this route (allow_upgrade)\n",
             NoHealthyUpstream => "no healthy upstream\n",
             Connect(_) | Upstream(_) => "upstream unavailable\n",
             Timeout => "upstream timeout\n",
@@ -138,7 +142,7 @@ impl ProxyError {
         let code = match &self {
             Timeout => "4",
             NoRoute => "12",
-            InsecureRejected => "7",
+            InsecureRejected | UpgradeRefused => "7",
             UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_) => "13",
             NoHealthyUpstream | Connect(_) | Upstream(_) | Overloaded => "14",
             Internal(_) => "13",

@@ -243,6 +243,19 @@ impl Proxy {
         } else {
             hdr::allowed_upgrade(req.headers(), &prep.allow_upgrade)
         };
+        if upgrade.is_none()
+            && hdr::requested_upgrade(req.headers())
+                .is_some_and(|p| p.eq_ignore_ascii_case("websocket"))
+            && !prep
+                .allow_upgrade
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case("websocket"))
+        {
+            // A WebSocket the route does not allow is refused (403, as Envoy answers), not
+            // quietly proxied as a plain GET. Other upgrades (h2c, TLS) are ignored, as RFC 9110
+            // lets a server do.
+            return Err(ProxyError::UpgradeRefused);
+        }
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         parts

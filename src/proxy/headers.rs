@@ -52,9 +52,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_te_trailers: bool) {
     h.remove(header::UPGRADE);
 }
 
-/// The request's `Upgrade` value when it asks for a protocol in `allowed` (lowercase) and lists
-/// `upgrade` in `Connection`.
-pub fn allowed_upgrade(h: &HeaderMap, allowed: &[String]) -> Option<HeaderValue> {
+/// The protocol a request asks to upgrade to (the first `Upgrade` token, without version) when
+/// it also lists `upgrade` in `Connection`.
+pub fn requested_upgrade(h: &HeaderMap) -> Option<&str> {
     let up = h.get(header::UPGRADE)?;
     let conn_says = h
         .get_all(header::CONNECTION)
@@ -65,11 +65,18 @@ pub fn allowed_upgrade(h: &HeaderMap, allowed: &[String]) -> Option<HeaderValue>
     if !conn_says {
         return None;
     }
-    let proto = up.to_str().ok()?.split(['/', ',']).next()?.trim();
+    Some(up.to_str().ok()?.split(['/', ',']).next()?.trim())
+}
+
+/// The request's `Upgrade` value when it asks for a protocol in `allowed` (lowercase) and lists
+/// `upgrade` in `Connection`.
+pub fn allowed_upgrade(h: &HeaderMap, allowed: &[String]) -> Option<HeaderValue> {
+    let proto = requested_upgrade(h)?;
     allowed
         .iter()
         .any(|a| a.eq_ignore_ascii_case(proto))
-        .then(|| up.clone())
+        .then(|| h.get(header::UPGRADE).cloned())
+        .flatten()
 }
 
 /// What `%VARIABLE%`s in added header values refer to.

@@ -217,14 +217,16 @@ async fn websocket_needs_allow_upgrade_or_use_websocket() {
     assert_eq!(c.echo("hi").await, "e:hi");
     c.close().await.unwrap();
 
-    // Without allow_upgrade the Upgrade header is stripped: the upstream sees a plain GET and
-    // the client gets its refusal, never a 101.
+    // Without allow_upgrade the gateway refuses the WebSocket itself (403, as Envoy), never a
+    // 101, and the upstream never sees the request.
+    let before = up.hits();
     let refused = ws::Client::connect(gw.http, "t", "/plain/").await.err();
     let refused = refused.expect("no upgrade without allow_upgrade");
     assert!(
-        refused.starts_with("HTTP/1.1 426"),
-        "refusal passed through: {refused}"
+        refused.starts_with("HTTP/1.1 403"),
+        "not refused: {refused}"
     );
+    assert_eq!(up.hits(), before, "a refused upgrade reached the upstream");
 }
 
 /// Poll (bounded) until a new WebSocket to `/ws/` gets `want` (an echo prefix, or a status line

@@ -1075,10 +1075,21 @@ async fn upgrade_only_when_allowed() {
     let mut echoed = [0u8; 23];
     s.read_exact(&mut echoed).await.unwrap();
     assert_eq!(&echoed, b"ping through the tunnel");
-    // Not allowed on this route: Upgrade is stripped and the request is proxied normally.
+    // A WebSocket not allowed on this route is refused by the gateway.
     let resp = raw(
         gw.http,
         b"GET /plain/ HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(
+        resp.contains("not allowed on this route (allow_upgrade)"),
+        "{resp}"
+    );
+    // Any other upgrade may be ignored (RFC 9110): the request is proxied without it.
+    let resp = raw(
+        gw.http,
+        b"GET /plain/ HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, close\r\nUpgrade: TLS/1.2\r\n\r\n",
     )
     .await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");

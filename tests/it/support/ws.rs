@@ -193,6 +193,7 @@ impl Client {
 /// the message is `tick`. A request without a valid handshake gets `426 Upgrade Required`.
 pub struct EchoServer {
     pub addr: SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -211,20 +212,32 @@ impl EchoServer {
         let listener = TcpListener::bind(at).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let name = name.to_string();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else {
                     continue;
                 };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let _ = s.set_nodelay(true);
                 tokio::spawn(serve(s, name.clone()));
             }
         });
-        EchoServer { addr, task }
+        EchoServer {
+            addr,
+            accepted,
+            task,
+        }
     }
 
     pub fn service(&self) -> String {
         self.addr.to_string()
+    }
+
+    /// Connections accepted so far.
+    pub fn hits(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
