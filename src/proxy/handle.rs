@@ -22,6 +22,14 @@ use super::path::normalize;
 use super::{Prepared, Proxy, Snapshot};
 use crate::routes::{Action, InsecureAction, RequestHead, Route};
 
+/// What keeps a downstream connection counted (its `--max-connections` slot and its place in
+/// the open-connections gauge); an upgraded connection's tunnel keeps a clone.
+#[derive(Clone)]
+#[allow(dead_code)] // held only for what its drop releases
+pub(crate) struct ConnHold(
+    pub(crate) Arc<(tokio::sync::OwnedSemaphorePermit, crate::metrics::ConnGuard)>,
+);
+
 /// Facts about the downstream connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
@@ -256,7 +264,12 @@ impl Proxy {
             // lets a server do.
             return Err(ProxyError::UpgradeRefused);
         }
-        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.as_ref().map(|_| {
+            (
+                hyper::upgrade::on(&mut req),
+                req.extensions_mut().remove::<ConnHold>(),
+            )
+        });
         let (mut parts, body) = req.into_parts();
         parts
             .extensions
@@ -310,9 +323,9 @@ impl Proxy {
         let mut resp =
             super::retry::send_upstream(prep, parts, body, upstream_pq, &mut ex.attempts).await?;
         let switched = match client_upgrade {
-            Some(down) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            Some((down, hold)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 let up = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(down, up));
+                tokio::spawn(tunnel(down, up, hold));
                 resp.headers().get(header::UPGRADE).cloned()
             }
             _ => None,
@@ -345,7 +358,11 @@ impl Proxy {
 }
 
 /// Copy bytes both ways between an upgraded client connection and upstream connection.
-async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade) {
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    _hold: Option<ConnHold>,
+) {
     match tokio::try_join!(down, up) {
         Ok((d, u)) => {
             let mut d = hyper_util::rt::TokioIo::new(d);

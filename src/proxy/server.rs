@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -19,7 +21,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use super::handle::ConnInfo;
+use super::handle::{ConnHold, ConnInfo};
 use super::{Limits, Proxy, SetupError};
 
 /// hyper's server builder with the limits applied.
@@ -164,9 +166,11 @@ impl Proxy {
             let tls = tls.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
-                let _open = proxy.metrics.connection();
-                proxy.serve_conn(stream, remote, tls, stop).await;
-                drop(permit);
+                // Held by the connection task and by a tunnel it hands an upgrade to, so an
+                // upgraded connection still counts against --max-connections, in the gauge and
+                // for the drain on shutdown.
+                let hold = ConnHold(Arc::new((permit, proxy.metrics.connection())));
+                proxy.serve_conn(stream, remote, tls, stop, hold).await;
             });
         }
     }
@@ -177,13 +181,14 @@ impl Proxy {
         remote: SocketAddr,
         tls: Option<TlsAcceptor>,
         stop: watch::Receiver<bool>,
+        hold: ConnHold,
     ) {
         let info = ConnInfo {
             remote,
             tls: tls.is_some(),
         };
         match tls {
-            None => self.serve_io(TokioIo::new(stream), info, stop).await,
+            None => self.serve_io(TokioIo::new(stream), info, stop, hold).await,
             Some(acceptor) => {
                 let hs = tokio::time::timeout(
                     self.settings.limits.header_read_timeout,
@@ -191,7 +196,7 @@ impl Proxy {
                 )
                 .await;
                 match hs {
-                    Ok(Ok(s)) => self.serve_io(TokioIo::new(s), info, stop).await,
+                    Ok(Ok(s)) => self.serve_io(TokioIo::new(s), info, stop, hold).await,
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 }
@@ -199,17 +204,26 @@ impl Proxy {
         }
     }
 
-    async fn serve_io<I>(self: Arc<Self>, io: I, info: ConnInfo, mut stop: watch::Receiver<bool>)
-    where
+    async fn serve_io<I>(
+        self: Arc<Self>,
+        io: I,
+        info: ConnInfo,
+        mut stop: watch::Receiver<bool>,
+        hold: ConnHold,
+    ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let activity = Arc::new(Activity::new());
         let svc = {
             let proxy = self.clone();
             let activity = activity.clone();
-            service_fn(move |req| {
+            service_fn(move |mut req: Request<Incoming>| {
                 let proxy = proxy.clone();
                 let activity = activity.clone();
+                if req.headers().contains_key(http::header::UPGRADE) {
+                    // Only a request that may become a tunnel carries the hold.
+                    req.extensions_mut().insert(hold.clone());
+                }
                 async move {
                     // A guard, so a request cancelled by a client reset still counts as ended.
                     let _busy = activity.begin();

@@ -283,3 +283,48 @@ async fn websocket_stays_open_across_revisions_of_the_binary() {
     assert_eq!(open.echo("3").await, "a:3");
     open.close().await.unwrap();
 }
+
+/// An upgraded connection is still a client connection: it holds its `--max-connections` slot
+/// (and its place in the open-connections count) until the tunnel ends, not only until the 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_tunnels_hold_their_connection_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = EchoServer::start("e").await;
+    let mut settings = legate::proxy::Settings::default();
+    settings.limits.max_connections = 1;
+    let gw = Gateway::with(
+        &ws_route("ws", &up.service(), "allow_upgrade: [websocket]"),
+        settings,
+    )
+    .await;
+    let mut c = ws::Client::connect(gw.http, "t", "/ws/").await.unwrap();
+    assert_eq!(c.echo("one").await, "e:one");
+    assert_eq!(gw.running().open_connections(), 1);
+    // The one slot is the tunnel's: another connection is closed without an answer.
+    async fn served(http: std::net::SocketAddr) -> bool {
+        let Ok(mut s) = tokio::net::TcpStream::connect(http).await else {
+            return false;
+        };
+        if s.write_all(b"GET /ws/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut b = [0u8; 9];
+        s.read_exact(&mut b).await.is_ok() && &b == b"HTTP/1.1 "
+    }
+    assert!(!served(gw.http).await, "a second connection was served");
+    assert_eq!(c.echo("two").await, "e:two");
+    c.close().await.unwrap();
+    // Once the tunnel ends the slot frees up (polled: the close travels through two sockets).
+    let mut freed = false;
+    for _ in 0..200 {
+        if served(gw.http).await {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(freed, "the tunnel's slot never came back");
+}
