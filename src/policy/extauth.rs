@@ -44,6 +44,9 @@ const ALWAYS_SENT: [&str; 9] = [
 const MAX_DENIAL_BODY: usize = 64 * 1024;
 
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
+/// Longest wait for the next piece of a body read for `include_body`: a client that stalls is
+/// answered 408 instead of holding a buffer (Envoy's stream idle timeout plays this part).
+pub(crate) const BODY_STALL: Duration = Duration::from_secs(10);
 
 /// The AuthService spec fields Legate reads (the schema admits the rest).
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -235,7 +238,14 @@ impl ExtAuth {
         let mut complete = false;
         // At most one frame past the cap is held: enough to know the body is larger.
         while buf.len() <= max {
-            match body.frame().await {
+            let Ok(next) = tokio::time::timeout(BODY_STALL, body.frame()).await else {
+                return Err(Box::new(Denial {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    headers: HeaderMap::new(),
+                    body: Bytes::from_static(b"request body stalled\n"),
+                }));
+            };
+            match next {
                 None => {
                     complete = true;
                     break;

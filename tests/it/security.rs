@@ -347,6 +347,39 @@ async fn ext_auth_include_body_sends_the_body_and_still_forwards_it() {
     assert_eq!(r.json()["body_sha256"], sha256_hex(&big));
 }
 
+/// A client that sends part of a body and stalls is answered 408 once the gateway has waited
+/// its stall limit (10 s) for more; the auth service and the upstream never see the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_auth_include_body_does_not_wait_forever_for_a_stalled_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("app").await;
+    let auth = AuthServer::start().await;
+    let yaml = auth_service(&format!(
+        "auth_service: {}\ntimeout_ms: 2000\ninclude_body:\n  max_bytes: 4096",
+        auth.addr
+    )) + &mapping(
+        "secure",
+        &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(
+        b"POST /secure/up HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer good\r\n\
+          Content-Length: 1000\r\n\r\nonly the first bytes",
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 12];
+    // Bounded well past the 10 s stall limit, so a gateway that waits forever fails the test.
+    tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut head))
+        .await
+        .expect("the gateway waited for the stalled body")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 408");
+    assert!(auth.asked().is_empty());
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
 fn full(b: &[u8]) -> TestBody {
     use http_body_util::BodyExt;
     Full::new(Bytes::copy_from_slice(b))
