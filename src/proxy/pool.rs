@@ -68,7 +68,11 @@ impl HostPool {
 
     fn checkout(&self, addr: Option<IpAddr>) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|(c, since, _)| !c.tx.is_closed() && since.elapsed() < self.idle_timeout);
+        // One clock read per checkout, not one per idle connection.
+        let now = Instant::now();
+        idle.retain(|(c, since, _)| {
+            !c.tx.is_closed() && now.saturating_duration_since(*since) < self.idle_timeout
+        });
         let i = idle.iter().rposition(|(_, _, a)| *a == addr)?;
         Some(idle.swap_remove(i).0)
     }
