@@ -1,6 +1,6 @@
-# Shared by the load scripts (bench/proxy/run.sh, bench/proxy/observe.sh): process cleanup,
-# port waits and the wrk + CPU-per-request measurement. Source it after setting CONNS, WARMUP
-# and DURATION; it installs an EXIT trap that kills every pid in PIDS.
+# Shared by the load scripts (bench/proxy/*.sh, bench/traffic/run.sh): process cleanup,
+# port waits and the wrk + CPU-per-request measurement. The measuring function reads CONNS, WARMUP
+# and DURATION; sourcing installs an EXIT trap that kills every pid in PIDS.
 
 PIDS=()
 cleanup() {

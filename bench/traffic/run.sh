@@ -25,12 +25,8 @@ SECTIONS=${*:-split hash retry ws grpc}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target/bench-traffic}
 WORK=$(mktemp -d /tmp/legate-traffic.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"   # PIDS, cleanup on exit, wait_port
 
 for tool in cargo h2load taskset python3; do
     command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 2; }
@@ -52,13 +48,6 @@ for line in sys.stdin:
 echo "# load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 1 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "port $1 did not open" >&2; exit 1
-}
 # legate serving one Mapping (name, inline spec): prints its port.
 legate_for() {
     local port; port=$(free_port)
