@@ -63,10 +63,11 @@ wait_port 8082
 taskset -c 1 haproxy -db -f "$BASE/haproxy.cfg" & PIDS+=($!); HAPROXY_PID=$!
 wait_port 8083
 
+# Access log off, as perf-baseline/nginx.conf has it (bench/proxy/observe.sh measures its cost).
 legate_run() { # dir port
     LEGATE_LOG=warn taskset -c 1 "$LEGATE" run --dir "$1" --http-listen "127.0.0.1:$2" \
         --https-listen off --admin-listen off --worker-threads 1 \
-        --max-connections 100000 --idle-timeout-ms 600000 &
+        --max-connections 100000 --idle-timeout-ms 600000 --access-log off &
 }
 legate_run "$WORK/one" 8084; PIDS+=($!); LEGATE1_PID=$!
 legate_run "$WORK/many" 8085; PIDS+=($!); LEGATE10K_PID=$!
