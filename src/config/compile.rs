@@ -944,6 +944,27 @@ fn compile_forward(
         out
     };
     let h2c = upstream.scheme == Scheme::H2c;
+    if spec.grpc || h2c {
+        // One multiplexed HTTP/2 connection per upstream: no per-request address choice yet.
+        for (field, set) in [
+            ("load_balancer", spec.load_balancer.is_some()),
+            ("outlier_detection", spec.outlier_detection.is_some()),
+        ] {
+            if set {
+                diags.push(
+                    Diagnostic::warning(
+                        "http2-not-balanced",
+                        &res.at(&format!("/spec/{field}")),
+                        format!(
+                            "`{field}` is not applied to HTTP/2 (gRPC, h2c) upstreams yet: \
+                             requests share one multiplexed connection per upstream"
+                        ),
+                    )
+                    .with_help("health_checks do apply; remove the field or expect no effect"),
+                );
+            }
+        }
+    }
     let add_request_headers = headers(&spec.add_request_headers, "add_request_headers", diags);
     let add_response_headers = headers(&spec.add_response_headers, "add_response_headers", diags);
     let lower = |v: Vec<String>| {
@@ -1235,6 +1256,28 @@ mod tests {
         };
         g.lookup(&head)
             .map(|m| g.route(m.group.pick(0).unwrap()).name.clone())
+    }
+
+    #[test]
+    fn balancing_fields_on_http2_upstreams_warn() {
+        let o = compile_text(
+            &(mapping(
+                "g",
+                "hostname: '*'\nprefix: /g/\nservice: g:50051\ngrpc: true\nload_balancer: {policy: round_robin}\noutlier_detection: {consecutive_5xx: 3}",
+            ) + &mapping(
+                "h",
+                "hostname: '*'\nprefix: /h/\nservice: h:80\nload_balancer: {policy: round_robin}",
+            )),
+        );
+        assert!(o.graph.is_some());
+        let w: Vec<_> = o
+            .diagnostics
+            .iter()
+            .filter(|d| d.code == "http2-not-balanced")
+            .map(|d| d.pointer.as_str())
+            .collect();
+        // The gRPC Mapping's two fields; the HTTP/1.1 Mapping's load_balancer is applied.
+        assert_eq!(w, ["/spec/load_balancer", "/spec/outlier_detection"]);
     }
 
     fn codes(o: &Outcome) -> Vec<&'static str> {
