@@ -104,6 +104,7 @@ impl Clients {
                 Arc::new(super::pool::HostPool::new(
                     uri,
                     self.connector(false, connect_timeout),
+                    self.connector(true, connect_timeout),
                     idle.unwrap_or(POOL_IDLE_TIMEOUT),
                 ))
             })

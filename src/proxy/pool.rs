@@ -39,6 +39,8 @@ pub struct HostPool {
     /// `scheme://authority/`, what the connector dials.
     target: Uri,
     connector: Connector,
+    /// The same with TLS offering only `h2` by ALPN, for gRPC health checks.
+    h2_connector: Connector,
     idle_timeout: Duration,
     /// Idle connections, tagged with the address they were dialled at when a load balancer
     /// chose it (`None`: the resolver's rotation chose).
@@ -56,10 +58,16 @@ struct Conn {
 }
 
 impl HostPool {
-    pub fn new(target: Uri, connector: Connector, idle_timeout: Duration) -> HostPool {
+    pub fn new(
+        target: Uri,
+        connector: Connector,
+        h2_connector: Connector,
+        idle_timeout: Duration,
+    ) -> HostPool {
         HostPool {
             target,
             connector,
+            h2_connector,
             idle_timeout,
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
@@ -253,7 +261,7 @@ impl HostPool {
             return Err("not a gRPC check".into());
         };
         let fut = async {
-            let mut c = self.connector.clone();
+            let mut c = self.h2_connector.clone();
             let (target, name) = self.dial_target(Some(ip)).map_err(|e| e.to_string())?;
             let io = c
                 .dial(target, name)

@@ -425,6 +425,82 @@ async fn grpc_health_check_over_h2c() {
     assert!(why.contains("serving status 2"), "{why}");
 }
 
+/// gRPC servers over TLS speak HTTP/2 only: the check must offer `h2` by ALPN (a handshake
+/// offering only http/1.1 is refused by such a server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_check_over_tls_offers_h2() {
+    use rustls_pki_types::pem::PemObject;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_secret(certs.path(), "up", &["svc.test"]);
+    let dir = certs.path().join("up");
+    let chain = rustls_pki_types::CertificateDer::pem_file_iter(dir.join("tls.crt"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(dir.join("tls.key")).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind(at("127.0.0.1", 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let checks = Arc::new(AtomicU64::new(0));
+    let counted = checks.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let (acceptor, counted) = (acceptor.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let counted = counted.clone();
+                    async move {
+                        if req.uri().path() == "/grpc.health.v1.Health/Check" {
+                            counted.fetch_add(1, Ordering::SeqCst);
+                        }
+                        // SERVING (1), grpc-status 0.
+                        let mut r = answer(200, vec![0u8, 0, 0, 0, 2, 0x08, 1]);
+                        r.headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        r.headers_mut().insert("grpc-status", "0".parse().unwrap());
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    let gw = gateway_with(
+        &["127.0.0.1"],
+        &format!("https://svc.test:{port}"),
+        "grpc: true\nhealth_checks:\n- interval: 20ms\n  unhealthy_threshold: 1\n  health_check:\n    grpc:\n      upstream_name: echo.Echo",
+        Settings {
+            upstream_ca: Some(ca),
+            ..Settings::default()
+        },
+    )
+    .await;
+    eventually("checks reached the h2-only TLS server", || {
+        checks.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert!(
+        gw.proxy.unhealthy_upstreams().is_empty(),
+        "{:?}",
+        gw.proxy.unhealthy_upstreams()
+    );
+    server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_counts_idle_connections() {
     // Both addresses count the connections they accept.
