@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -325,7 +326,7 @@ impl Proxy {
         let switched = match client_upgrade {
             Some((down, hold)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                 let up = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(down, up, hold));
+                tokio::spawn(tunnel(down, up, hold, prep.tunnel_idle));
                 resp.headers().get(header::UPGRADE).cloned()
             }
             _ => None,
@@ -357,21 +358,114 @@ impl Proxy {
     }
 }
 
-/// Copy bytes both ways between an upgraded client connection and upstream connection.
+/// Copy bytes both ways between an upgraded client connection and upstream connection, until
+/// either side closes or no byte has passed either way for `idle`.
 async fn tunnel(
     down: hyper::upgrade::OnUpgrade,
     up: hyper::upgrade::OnUpgrade,
     _hold: Option<ConnHold>,
+    idle: Duration,
 ) {
-    match tokio::try_join!(down, up) {
-        Ok((d, u)) => {
-            let mut d = hyper_util::rt::TokioIo::new(d);
-            let mut u = hyper_util::rt::TokioIo::new(u);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
-                tracing::debug!(error = %e, "upgraded connection ended with an error");
+    let (d, u) = match tokio::try_join!(down, up) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let seen = Arc::new(Seen::new());
+    let mut d = Watched(hyper_util::rt::TokioIo::new(d), seen.clone());
+    let mut u = Watched(hyper_util::rt::TokioIo::new(u), seen.clone());
+    let copy = tokio::io::copy_bidirectional(&mut d, &mut u);
+    tokio::pin!(copy);
+    let mut check = Box::pin(tokio::time::sleep(idle));
+    loop {
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+                return;
+            }
+            _ = &mut check => {
+                let quiet = seen.quiet_for();
+                if quiet >= idle {
+                    tracing::debug!(idle_ms = idle.as_millis() as u64, "upgraded connection idle: closed");
+                    return;
+                }
+                let wait = idle.saturating_sub(quiet).max(Duration::from_millis(1));
+                check.as_mut().reset(tokio::time::Instant::now() + wait);
             }
         }
-        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+    }
+}
+
+/// When a tunnel last moved a byte, in milliseconds since it opened (one atomic store per read).
+struct Seen {
+    base: Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Seen {
+    fn new() -> Seen {
+        Seen {
+            base: Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(
+            self.base.elapsed().as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.base.elapsed().saturating_sub(last)
+    }
+}
+
+/// One side of a tunnel, noting in `Seen` every read that brought bytes.
+struct Watched<T>(T, Arc<Seen>);
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.0).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.1.touch();
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 

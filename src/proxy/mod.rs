@@ -185,6 +185,8 @@ pub(crate) struct Prepared {
     pub timeout: Duration,
     /// Upgrade protocols allowed (lowercase), e.g. `websocket`.
     pub allow_upgrade: Vec<String>,
+    /// How long an upgraded tunnel may pass no bytes either way before it is closed.
+    pub tunnel_idle: Duration,
     /// `namespace/name`, for `x-legate-route`.
     pub label: HeaderValue,
     pub retry: Option<crate::routes::RetryPolicy>,
@@ -198,6 +200,10 @@ pub(crate) struct Prepared {
     /// The pool and balancer health checks of this upstream dial through, when it has checks.
     pub checked: Option<(Arc<pool::HostPool>, Arc<balance::Balancer>)>,
 }
+
+/// Idle limit of an upgraded tunnel whose Mapping sets no `idle_timeout_ms` (Envoy's default
+/// `stream_idle_timeout`).
+const DEFAULT_TUNNEL_IDLE: Duration = Duration::from_secs(300);
 
 /// `load_balancer` of a route that has outlier detection or health checks but no policy.
 const DEFAULT_LB: crate::routes::LoadBalancer = crate::routes::LoadBalancer {
@@ -591,6 +597,9 @@ impl Proxy {
             remove_response: names(&f.remove_response_headers),
             timeout: f.timeout.unwrap_or(self.settings.default_timeout),
             allow_upgrade: f.allow_upgrade.clone(),
+            // The Mapping's `idle_timeout_ms` (Emissary: the route's stream idle timeout), else
+            // Envoy's default stream idle timeout.
+            tunnel_idle: f.idle_timeout.unwrap_or(DEFAULT_TUNNEL_IDLE),
             label: HeaderValue::from_str(&format!("{}/{}", route.namespace, route.name))
                 .unwrap_or(HeaderValue::from_static("-")),
             retry: f.retry.clone(),
@@ -618,6 +627,7 @@ impl Clone for Prepared {
             remove_response: self.remove_response.clone(),
             timeout: self.timeout,
             allow_upgrade: self.allow_upgrade.clone(),
+            tunnel_idle: self.tunnel_idle,
             label: self.label.clone(),
             retry: self.retry.clone(),
             breaker: self.breaker.clone(),

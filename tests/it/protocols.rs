@@ -328,3 +328,29 @@ async fn websocket_tunnels_hold_their_connection_slot() {
     }
     assert!(freed, "the tunnel's slot never came back");
 }
+
+/// A tunnel that passes no bytes either way for the Mapping's `idle_timeout_ms` is closed by
+/// the gateway; traffic in either direction keeps it open past that time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_tunnels_close_after_the_mappings_idle_timeout() {
+    let up = EchoServer::start("e").await;
+    let gw = Gateway::start(&ws_route(
+        "ws",
+        &up.service(),
+        "allow_upgrade: [websocket]\nidle_timeout_ms: 400",
+    ))
+    .await;
+    let mut c = ws::Client::connect(gw.http, "t", "/ws/").await.unwrap();
+    // A message every 150 ms: open for 900 ms, more than twice the idle limit.
+    for i in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        assert_eq!(c.echo(&format!("m{i}")).await, format!("e:m{i}"));
+    }
+    // Then silence: the gateway ends the tunnel, and the client's next read ends with it.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), c.recv()).await;
+    let ended = ended.expect("the idle tunnel was never closed");
+    assert!(ended.is_err(), "a frame instead of the end: {ended:?}");
+    // The route still takes new upgrades.
+    let mut again = ws::Client::connect(gw.http, "t", "/ws/").await.unwrap();
+    assert_eq!(again.echo("back").await, "e:back");
+}
