@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -373,7 +373,7 @@ async fn tunnel(
             return;
         }
     };
-    let seen = Arc::new(Seen::new());
+    let seen = Arc::new(super::server::LastSeen::new());
     let mut d = Watched(hyper_util::rt::TokioIo::new(d), seen.clone());
     let mut u = Watched(hyper_util::rt::TokioIo::new(u), seen.clone());
     let copy = tokio::io::copy_bidirectional(&mut d, &mut u);
@@ -387,48 +387,19 @@ async fn tunnel(
                 }
                 return;
             }
-            _ = &mut check => {
-                let quiet = seen.quiet_for();
-                if quiet >= idle {
+            _ = &mut check => match seen.idle_deadline(idle) {
+                None => {
                     tracing::debug!(idle_ms = idle.as_millis() as u64, "upgraded connection idle: closed");
                     return;
                 }
-                let wait = idle.saturating_sub(quiet).max(Duration::from_millis(1));
-                check.as_mut().reset(tokio::time::Instant::now() + wait);
+                Some(at) => check.as_mut().reset(at.into()),
             }
         }
     }
 }
 
-/// When a tunnel last moved a byte, in milliseconds since it opened (one atomic store per read).
-struct Seen {
-    base: Instant,
-    last_ms: std::sync::atomic::AtomicU64,
-}
-
-impl Seen {
-    fn new() -> Seen {
-        Seen {
-            base: Instant::now(),
-            last_ms: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        self.last_ms.store(
-            self.base.elapsed().as_millis() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-    }
-
-    fn quiet_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
-        self.base.elapsed().saturating_sub(last)
-    }
-}
-
-/// One side of a tunnel, noting in `Seen` every read that brought bytes.
-struct Watched<T>(T, Arc<Seen>);
+/// One side of a tunnel, noting every read that brought bytes.
+struct Watched<T>(T, Arc<super::server::LastSeen>);
 
 impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
     fn poll_read(

@@ -268,17 +268,15 @@ impl Proxy {
 
 /// Requests in flight on a connection and when the last one ended, for the idle timeout.
 struct Activity {
-    base: Instant,
     inflight: AtomicUsize,
-    last_ms: AtomicU64,
+    seen: LastSeen,
 }
 
 impl Activity {
     fn new() -> Activity {
         Activity {
-            base: Instant::now(),
             inflight: AtomicUsize::new(0),
-            last_ms: AtomicU64::new(0),
+            seen: LastSeen::new(),
         }
     }
 
@@ -288,24 +286,44 @@ impl Activity {
     }
 
     fn end(&self) {
-        self.last_ms
-            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.seen.touch();
         self.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// `None` when the connection has been idle for `idle`; else when to look again.
     fn idle_deadline(&self, idle: Duration) -> Option<Instant> {
-        let now = Instant::now();
         if self.inflight.load(Ordering::Relaxed) > 0 {
-            return Some(now + idle);
+            return Some(Instant::now() + idle);
         }
+        self.seen.idle_deadline(idle)
+    }
+}
+
+/// When something last happened on a connection (a request ended, a tunnel moved bytes), in
+/// milliseconds since it opened: one atomic store per event, for idle timeouts.
+pub(super) struct LastSeen {
+    base: Instant,
+    last_ms: AtomicU64,
+}
+
+impl LastSeen {
+    pub(super) fn new() -> LastSeen {
+        LastSeen {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn touch(&self) {
+        self.last_ms
+            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// `None` when nothing happened for `idle`; else when to look again.
+    pub(super) fn idle_deadline(&self, idle: Duration) -> Option<Instant> {
         let last = self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         let at = last + idle;
-        if at <= now {
-            None
-        } else {
-            Some(at)
-        }
+        (at > Instant::now()).then_some(at)
     }
 }
 
