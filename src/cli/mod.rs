@@ -189,9 +189,11 @@ pub enum DiffFormat {
 #[derive(Debug, Args)]
 pub struct DiffArgs {
     /// The revision before the change: a git revision (branch, tag, commit) or a directory.
+    /// `A...B` (one argument) compares the merge base of A and B with B, as a pull request
+    /// shows it; `A..B` is the same as `A B` (the two tips).
     pub base: String,
-    /// The revision after the change.
-    pub head: String,
+    /// The revision after the change (omitted with `A...B` or `A..B`).
+    pub head: Option<String>,
     /// The git repository for revision arguments (default: the one containing the current directory).
     #[arg(long, default_value = ".")]
     pub repo: PathBuf,
@@ -365,26 +367,76 @@ fn diff_side(
     Ok((label, config::load_and_compile(&tree, opts)))
 }
 
+/// The two sides of `legate diff`: `A B`, `A..B` (the tips), or `A...B` (the merge base of
+/// A and B, and B: what a pull request from B into A changes).
+fn diff_specs(a: &DiffArgs) -> anyhow::Result<(String, String)> {
+    let range = |sep: &str| {
+        a.base
+            .split_once(sep)
+            .filter(|_| !std::path::Path::new(&a.base).exists())
+            .map(|(x, y)| {
+                let or_head = |s: &str| if s.is_empty() { "HEAD" } else { s }.to_string();
+                (or_head(x), or_head(y))
+            })
+    };
+    if let Some((x, y)) = range("...") {
+        if a.head.is_some() {
+            anyhow::bail!("`{}` is already a range: give no second revision", a.base);
+        }
+        let repo = git2::Repository::discover(&a.repo)
+            .map_err(|e| anyhow::anyhow!("`{}` needs a git repository: {}", a.base, e.message()))?;
+        let id = |spec: &str| {
+            repo.revparse_single(spec)
+                .and_then(|o| o.peel_to_commit())
+                .map(|c| c.id())
+                .map_err(|e| anyhow::anyhow!("`{spec}` is not a revision: {}", e.message()))
+        };
+        let base = repo.merge_base(id(&x)?, id(&y)?).map_err(|e| {
+            anyhow::anyhow!("`{x}` and `{y}` have no common ancestor: {}", e.message())
+        })?;
+        return Ok((base.to_string(), y));
+    }
+    if let Some((x, y)) = range("..") {
+        if a.head.is_some() {
+            anyhow::bail!("`{}` is already a range: give no second revision", a.base);
+        }
+        return Ok((x, y));
+    }
+    match &a.head {
+        Some(h) => Ok((a.base.clone(), h.clone())),
+        None => anyhow::bail!(
+            "give two revisions or directories (`legate diff A B`), or a range (`A...B`)"
+        ),
+    }
+}
+
 fn diff(a: DiffArgs) -> anyhow::Result<i32> {
     let opts = a.config.options();
-    let (bl, base) = diff_side(&a.base, &a, &opts)?;
-    let (hl, head) = diff_side(&a.head, &a, &opts)?;
-    let mut invalid = false;
+    let (b, h) = diff_specs(&a)?;
+    let (bl, base) = diff_side(&b, &a, &opts)?;
+    let (hl, head) = diff_side(&h, &a, &opts)?;
+    let mut invalid = Vec::new();
     for (label, side) in [(&bl, &base), (&hl, &head)] {
         if !side.is_ok() {
-            invalid = true;
             eprintln!("{label} does not validate:");
-            for d in side
+            let errors: Vec<String> = side
                 .diagnostics
                 .iter()
                 .filter(|d| d.severity == config::Severity::Error)
-            {
+                .map(|d| d.to_string())
+                .collect();
+            for d in &errors {
                 eprintln!("  {d}");
             }
+            invalid.push((label.as_str(), errors));
         }
     }
     let (Some(bg), Some(hg)) = (&base.graph, &head.graph) else {
-        debug_assert!(invalid);
+        debug_assert!(!invalid.is_empty());
+        // A pull-request comment still says why there is no diff.
+        if a.format == DiffFormat::Markdown {
+            out!("{}", crate::diff::render::markdown_invalid(&invalid));
+        }
         return Ok(2);
     };
     let d = crate::diff::diff(bg, hg);
