@@ -1089,7 +1089,10 @@ async fn sshd() -> Option<Sshd> {
 #[tokio::test]
 async fn ssh_with_known_unknown_and_changed_host_keys() {
     let Some(server) = sshd().await else {
-        eprintln!("SKIPPED ssh_with_known_unknown_and_changed_host_keys: no sshd on this machine");
+        crate::support::tool_missing(
+            "ssh_with_known_unknown_and_changed_host_keys",
+            "no sshd on this machine (Debian package openssh-server)",
+        );
         return;
     };
     let repo = Repo::new();

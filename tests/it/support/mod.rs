@@ -566,3 +566,14 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// A test's tool is missing: under CI (`CI` set, as `.ci/run` runs) that is a failure, never a
+/// pass; on a developer's machine the test says what it skipped and how to install the tool.
+#[track_caller]
+pub fn tool_missing(test: &str, what: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: {what} (required under CI: .ci/run installs it)"
+    );
+    eprintln!("SKIPPED {test}: {what}");
+}
