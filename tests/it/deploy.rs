@@ -100,7 +100,8 @@ fn check_common(objs: &[Value], mode: &str) {
     let args = strs(&c["args"]);
     assert_eq!(args[0], "run");
     assert!(
-        args.contains(&"--admin-listen=$(POD_IP):8877".to_string()),
+        // Loopback included, so `kubectl port-forward` reaches `legate status`.
+        args.contains(&"--admin-listen=0.0.0.0:8877".to_string()),
         "{args:?}"
     );
     let env = c["env"].as_array().unwrap();
@@ -156,6 +157,50 @@ fn deploy_git_mode_renders_with_no_api_access() {
     let args = strs(&pod["containers"][0]["args"]);
     assert!(args.iter().any(|a| a.starts_with("--repo=")), "{args:?}");
     assert!(!args.iter().any(|a| a == "--kubernetes"));
+    // TLS Secrets are mounted where --secrets-dir reads them: <dir>/<secret>/tls.{crt,key}.
+    let dir = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--secrets-dir="))
+        .expect("--secrets-dir");
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == dir)
+        .expect("a volume at --secrets-dir");
+    let vol = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let sources = vol["projected"]["sources"]
+        .as_array()
+        .expect("projected Secrets");
+    for s in sources {
+        let name = s["secret"]["name"].as_str().unwrap();
+        let paths: Vec<&str> = s["secret"]["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            [format!("{name}/tls.crt"), format!("{name}/tls.key")],
+            "{s}"
+        );
+    }
+    // The cache lives on the pod's volume, not the read-only root filesystem.
+    let cache = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--cache-dir="))
+        .expect("--cache-dir");
+    assert!(pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| cache.starts_with(m["mountPath"].as_str().unwrap())));
 }
 
 #[test]
