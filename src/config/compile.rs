@@ -1517,7 +1517,7 @@ mod tests {
             query: None,
             headers,
         };
-        match g.route_request(&head, secure) {
+        match g.route_request(&head, crate::routes::Arrival::plain(secure)) {
             crate::routes::Routed::Route(m) => m
                 .group
                 .shares()

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::diag::Diagnostic;
 use super::model::{Resource, Spec};
-use crate::routes::{Action, Graph, RequestHead, RouteId, Routed};
+use crate::routes::{Action, Arrival, Graph, RequestHead, RouteId, Routed};
 
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct RouteTestSpec {
@@ -141,7 +141,7 @@ pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
         query: query.as_deref(),
         headers: &headers,
     };
-    let m = match graph.route_request(&head, tls) {
+    let m = match graph.route_request(&head, Arrival::plain(tls)) {
         Routed::Route(m) => m,
         Routed::NoRoute => return vec![Verdict::NoRoute],
         Routed::Rejected => return vec![Verdict::InsecureRejected],

@@ -21,7 +21,7 @@ use super::headers::{self as hdr, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST
 use super::observe::{self, Exchange};
 use super::path::normalize;
 use super::{Prepared, Proxy, Snapshot};
-use crate::routes::{Action, RequestHead, Route, Routed};
+use crate::routes::{Action, Arrival, RequestHead, Route, Routed};
 
 /// What keeps a downstream connection counted (its `--max-connections` slot and its place in
 /// the open-connections gauge); an upgraded connection's tunnel keeps a clone.
@@ -108,13 +108,12 @@ impl Proxy {
         let path = normalize(raw_path);
         let query = uri.query();
 
-        if conn.tls {
-            let sni = req.extensions().get::<Sni>().map(|s| &*s.0);
-            if !graph.tls_admits(sni, &route_host) {
-                return Err(ProxyError::NoRoute);
-            }
-        }
-        let secure = self.is_secure(&req, conn);
+        let via = Arrival {
+            secure: self.is_secure(&req, conn),
+            tls_sni: conn
+                .tls
+                .then(|| req.extensions().get::<Sni>().map(|s| &*s.0)),
+        };
         let head = RequestHead {
             host: &route_host,
             method: req.method().as_str(),
@@ -124,7 +123,7 @@ impl Proxy {
         };
         // The insecure action comes before any policy (auth) runs, as Emissary's redirect
         // routes turn ext_authz off.
-        let matched = match graph.route_request(&head, secure) {
+        let matched = match graph.route_request(&head, via) {
             Routed::Route(m) => m,
             Routed::RedirectToHttps => return Ok(self.https_redirect(&host, &path, query)),
             Routed::Rejected | Routed::NoRoute => return Err(ProxyError::NoRoute),

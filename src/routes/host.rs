@@ -56,7 +56,7 @@ impl HostPattern {
 
     /// Specificity for choosing among several matching Hosts, in Envoy's virtual-host order:
     /// exact names, then suffix wildcards, then prefix wildcards (longest first), then `*`.
-    fn rank(&self) -> (u8, usize) {
+    pub(crate) fn rank(&self) -> (u8, usize) {
         match self {
             HostPattern::Exact(e) => (4, e.len()),
             HostPattern::Suffix(s) => (3, s.len()),

@@ -83,6 +83,25 @@ pub fn route_authority(authority: &str, strip_port: Option<u16>) -> std::borrow:
     }
 }
 
+/// How a request arrived, for choosing its Host and applying the insecure action.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Arrival<'a> {
+    /// TLS, or `X-Forwarded-Proto: https` from trusted hops: the insecure action is skipped.
+    pub secure: bool,
+    /// Over TLS: `Some`, holding the SNI the client sent (if any). Cleartext: `None`.
+    pub tls_sni: Option<Option<&'a str>>,
+}
+
+impl Arrival<'_> {
+    /// A cleartext request (`secure` false) or one whose TLS is not modelled (`secure` true).
+    pub fn plain(secure: bool) -> Arrival<'static> {
+        Arrival {
+            secure,
+            tls_sni: None,
+        }
+    }
+}
+
 /// What a request gets once its Host's `requestPolicy.insecure` is applied.
 #[derive(Debug, Clone, Copy)]
 pub enum Routed<'g> {
@@ -95,6 +114,9 @@ pub enum Routed<'g> {
     /// No Host or no route matches (404).
     NoRoute,
 }
+
+/// The title listings give the default Host's table (used only when no Host is defined).
+pub const DEFAULT_HOST_TITLE: &str = "Default Host * (no Host is defined)";
 
 /// Emissary routes ACME HTTP-01 challenges whatever the Host's insecure action.
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -186,22 +208,40 @@ impl Graph {
         self.sni_index.find(sni.unwrap_or(""))
     }
 
-    /// Over TLS, whether the authority may be served on a connection whose SNI is `sni`:
+    /// The Host that serves an authority. Over TLS (`tls_sni` is `Some`, holding the SNI the
+    /// client sent, if any) only the Hosts named like the one the SNI picked are candidates:
     /// Emissary builds one filter chain per TLS Host name, holding only the virtual hosts of
-    /// that name, so a known SNI with another authority is not routed. Without a TLS Host
-    /// for the SNI (the `--default-cert` case) the authority alone decides.
-    pub fn tls_admits(&self, sni: Option<&str>, authority: &str) -> bool {
-        let Some(t) = self.host_for_sni(sni) else {
-            return true;
+    /// that name, so a known SNI with another authority is not routed. Without a TLS Host for
+    /// the SNI (the `--default-cert` case) every Host is a candidate.
+    fn host_index_for(&self, authority: &str, tls_sni: Option<Option<&str>>) -> Option<usize> {
+        let Some(t) = tls_sni.and_then(|sni| self.host_for_sni(sni)) else {
+            return self.host_index.find(authority);
         };
-        self.host_index.find(authority).is_some_and(|i| {
-            self.hosts[i].hostname.without_port() == self.hosts[t].hostname.without_port()
-        })
+        let chain = self.hosts[t].hostname.without_port();
+        let mut best: Option<(usize, (u8, usize))> = None;
+        for (i, h) in self.hosts.iter().enumerate() {
+            if h.hostname.without_port() == chain && h.hostname.matches(authority) {
+                let rank = h.hostname.rank();
+                // The later of two equal hostnames wins, as in the index.
+                if best.is_none_or(|(_, r)| rank >= r) {
+                    best = Some((i, rank));
+                }
+            }
+        }
+        best.map(|(i, _)| i)
     }
 
     /// The group that serves this request head, if any (the insecure action not applied).
     pub fn lookup<'g>(&'g self, req: &RequestHead<'_>) -> Option<Matched<'g>> {
-        let host_idx = self.host_index.find(req.host);
+        self.lookup_via(req, None)
+    }
+
+    fn lookup_via<'g>(
+        &'g self,
+        req: &RequestHead<'_>,
+        tls_sni: Option<Option<&str>>,
+    ) -> Option<Matched<'g>> {
+        let host_idx = self.host_index_for(req.host, tls_sni);
         let table = match host_idx {
             Some(i) => &self.tables[i],
             None if self.hosts.is_empty() => &self.tables[self.hosts.len()],
@@ -219,10 +259,11 @@ impl Graph {
     /// `X-Forwarded-Proto: https` from trusted hops). As in Emissary the action is part of
     /// each route: a request no route matches is 404 either way, and a route for
     /// `/.well-known/acme-challenge/` is served even under `Redirect` or `Reject`.
-    pub fn route_request<'g>(&'g self, req: &RequestHead<'_>, secure: bool) -> Routed<'g> {
-        let Some(m) = self.lookup(req) else {
+    pub fn route_request<'g>(&'g self, req: &RequestHead<'_>, via: Arrival<'_>) -> Routed<'g> {
+        let Some(m) = self.lookup_via(req, via.tls_sni) else {
             return Routed::NoRoute;
         };
+        let secure = via.secure;
         let action = match m.host {
             Some(h) if !secure => h.insecure,
             _ => InsecureAction::Route,
@@ -231,7 +272,7 @@ impl Graph {
             InsecureAction::Route => Routed::Route(m),
             _ if is_acme(m.group) => Routed::Route(m),
             InsecureAction::Redirect => Routed::RedirectToHttps,
-            InsecureAction::Reject => match self.acme_lookup(req) {
+            InsecureAction::Reject => match self.acme_lookup(req, m.host) {
                 Some(m) => Routed::Route(m),
                 None => Routed::Rejected,
             },
@@ -239,8 +280,13 @@ impl Graph {
     }
 
     /// Under `Reject` only the ACME challenge routes exist: the first one that matches.
-    fn acme_lookup<'g>(&'g self, req: &RequestHead<'_>) -> Option<Matched<'g>> {
-        let hi = self.host_index.find(req.host)?;
+    fn acme_lookup<'g>(
+        &'g self,
+        req: &RequestHead<'_>,
+        host: Option<&HostRoute>,
+    ) -> Option<Matched<'g>> {
+        let host = host?;
+        let hi = self.hosts.iter().position(|h| std::ptr::eq(h, host))?;
         let gi = self.tables[hi].groups.iter().copied().find(|&gi| {
             let g = &self.groups[gi];
             is_acme(g) && req.path.starts_with(ACME_PREFIX) && g.matcher.matches_rest(req)
