@@ -1,10 +1,11 @@
 //! `compile`: validated resources -> one immutable `routes::Graph`.
 //!
-//! Implements Emissary's semantics: canary groups (Mappings with the same match), weights
-//! (unweighted members share what the weighted ones leave), one shadow per group, route
-//! order (precedence, prefix length, header and query constraint lengths, prefix, method),
-//! and Host association (a Mapping's hostname glob overlaps the Host's, or the Host's
-//! mappingSelector selects its labels). Collects every problem; pure.
+//! Implements Emissary's semantics: canary groups (Emissary's `group_id`: the match, plus the
+//! selecting Hosts' labels for a Mapping without a host), weights (unweighted members share
+//! what the weighted ones leave), one shadow per group, route order (precedence, prefix length,
+//! header and query constraint lengths, prefix, method), and Host association (`matches_httpgroup`
+//! with strict selectors: a Host with a mappingSelector needs the labels, and the hostname too
+//! when the group has one; a Host without one goes by hostname). Collects every problem; pure.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -1799,6 +1800,73 @@ mod tests {
                 one("acme")
             );
         }
+    }
+
+    /// The shape of Emissary's `cmd/entrypoint/testdata/hostsem-hostsel` and
+    /// `hostsem-disjoint-hosts` (written anew): per-Host selectors over hostless Mappings, the
+    /// older `selector`, and each Host's insecure action on the routes it takes.
+    #[test]
+    fn emissary_hostsem_expectations() {
+        let h = |name: &str, action: &str, sel: &str| {
+            doc(
+                "Host",
+                &format!("{name}-host"),
+                "",
+                &format!("hostname: {name}.example.com\ntlsSecret: {{name: {name}-secret}}\nrequestPolicy: {{insecure: {{action: {action}}}}}\n{sel}: {{matchLabels: {{{name}-host: 'yes'}}}}"),
+            )
+        };
+        let t = h("h1", "Route", "mappingSelector")
+            + &h("h2", "Redirect", "selector")
+            + &h("h3", "Reject", "mappingSelector")
+            + &doc(
+                "Mapping",
+                "quote-1",
+                "h1-host: 'yes'",
+                "prefix: /quote-1/\nservice: quote",
+            )
+            + &doc(
+                "Mapping",
+                "quote-2",
+                "h2-host: 'yes'",
+                "prefix: /quote-2/\nservice: quote",
+            )
+            + &doc(
+                "Mapping",
+                "quote",
+                "h1-host: 'yes', h2-host: 'yes', h3-host: 'yes'",
+                "prefix: /quote/\nservice: quote",
+            )
+            + &doc(
+                "Mapping",
+                "ignored",
+                "ignore-this-mapping: 'yes'",
+                "prefix: /ignore/\nservice: quote",
+            );
+        let o = compile_text(&t);
+        assert!(o.is_ok(), "{:?}", o.diagnostics);
+        let none = vec![("NoRoute".to_string(), 0)];
+        // hostsel: each hostless Mapping on its own Host only.
+        assert_eq!(
+            served(&o, "h1.example.com", "/quote-1/", false),
+            one("quote-1")
+        );
+        assert_eq!(served(&o, "h2.example.com", "/quote-1/", true), none);
+        assert_eq!(
+            served(&o, "h2.example.com", "/quote-2/", false),
+            vec![("RedirectToHttps".to_string(), 0)]
+        );
+        assert_eq!(
+            served(&o, "h2.example.com", "/quote-2/", true),
+            one("quote-2")
+        );
+        // disjoint-hosts: one Mapping every Host selects; the insecure action per Host.
+        assert_eq!(served(&o, "h1.example.com", "/quote/", false), one("quote"));
+        assert_eq!(served(&o, "h3.example.com", "/quote/", true), one("quote"));
+        assert_eq!(
+            served(&o, "h3.example.com", "/quote/", false),
+            vec![("Rejected".to_string(), 0)]
+        );
+        assert_eq!(served(&o, "h1.example.com", "/ignore/", true), none);
     }
 
     #[test]
