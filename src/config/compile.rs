@@ -331,14 +331,13 @@ fn associate(
     let mut attached = vec![false; group_members.len()];
     let mut host_routes = Vec::with_capacity(hosts.len());
     for h in hosts {
-        let mut route = h.route.clone();
-        for (gi, a) in assoc.iter().enumerate() {
-            if a.attaches_to(&h, loose) {
-                route.groups.push(gi);
-                attached[gi] = true;
-            }
+        let groups: Vec<usize> = (0..assoc.len())
+            .filter(|&gi| assoc[gi].attaches_to(&h, loose))
+            .collect();
+        for &gi in &groups {
+            attached[gi] = true;
         }
-        host_routes.push(route);
+        host_routes.push(HostRoute { groups, ..h.route });
     }
     // Without Hosts, the default Host (`*`, no selector) takes the groups with a hostname.
     if host_routes.is_empty() {
@@ -2184,5 +2183,36 @@ mod skip_tests {
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(errs.iter().any(|d| d.code == "bad-regex"));
         assert!(errs.iter().any(|d| d.pointer == "/spec/timeout_ms"));
+    }
+}
+
+#[cfg(test)]
+mod default_host_tests {
+    use crate::config::{load_and_compile, MemTree, Options};
+    use crate::routes::{Arrival, RequestHead, Routed};
+
+    /// With every Host invalid (left out under skip-invalid), the default Host serves again.
+    #[test]
+    fn all_hosts_invalid_brings_the_default_host_back() {
+        let text = "---\napiVersion: getambassador.io/v3alpha1\nkind: Host\nmetadata:\n  name: bad\nspec:\n  hostname: 'a*b.example'\n---\napiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata:\n  name: m\nspec:\n  hostname: '*'\n  prefix: /m/\n  service: m\n";
+        let opts = Options {
+            skip_invalid: true,
+            ..Options::default()
+        };
+        let o = load_and_compile(&MemTree::new().with("m.yaml", text), &opts);
+        let g = o.graph.expect("the valid part compiles");
+        assert!(g.hosts.is_empty());
+        let headers = http::HeaderMap::new();
+        let head = RequestHead {
+            host: "any.test",
+            method: "GET",
+            path: "/m/x",
+            query: None,
+            headers: &headers,
+        };
+        assert!(matches!(
+            g.route_request(&head, Arrival::plain(false)),
+            Routed::Route(m) if m.host.is_none()
+        ));
     }
 }
