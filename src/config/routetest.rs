@@ -141,12 +141,18 @@ pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
         query: query.as_deref(),
         headers: &headers,
     };
-    let m = match graph.route_request(&head, Arrival::plain(tls)) {
+    // Over TLS the client's SNI is the host name, as a browser sends it.
+    let sni = crate::routes::split_port(&host).0;
+    let via = Arrival {
+        secure: tls,
+        tls_sni: tls.then_some(Some(sni)),
+    };
+    let m = match graph.route_request(&head, via) {
         Routed::Route(m) => m,
         Routed::NoRoute => return vec![Verdict::NoRoute],
         Routed::Rejected => return vec![Verdict::InsecureRejected],
         Routed::RedirectToHttps => {
-            let name = host.rsplit_once(':').map_or(host.as_str(), |(n, _)| n);
+            let name = crate::routes::split_port(&host).0;
             let mut loc = format!("https://{name}{}", req.path);
             if let Some(q) = &query {
                 loc.push('?');

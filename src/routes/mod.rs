@@ -23,6 +23,7 @@ mod index;
 mod policy;
 mod types;
 
+pub(crate) use host::split_port;
 pub use host::HostPattern;
 pub use index::Table;
 pub use policy::*;
