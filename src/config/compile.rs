@@ -1384,11 +1384,11 @@ fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Opti
                 "insecure-without-tls",
                 &r.at("/spec/requestPolicy/insecure/action"),
                 format!(
-                    "Host `{}` has no TLS, so `{insecure:?}` turns away all of its traffic",
+                    "Host `{}` has no TLS, so `{insecure:?}` turns away every request that is not already secure",
                     r.name
                 ),
             )
-            .with_help("add a `tlsSecret`, or set `requestPolicy.insecure.action: Route`"),
+            .with_help("add a `tlsSecret`; or, when TLS ends in front of the gateway, let `--xff-trusted-hops` trust its `X-Forwarded-Proto` or set `requestPolicy.insecure.action: Route`"),
         );
     }
     Some(HostRoute {
