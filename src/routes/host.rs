@@ -56,7 +56,7 @@ impl HostPattern {
 
     /// Specificity for choosing among several matching Hosts, in Envoy's virtual-host order:
     /// exact names, then suffix wildcards, then prefix wildcards (longest first), then `*`.
-    pub(crate) fn rank(&self) -> (u8, usize) {
+    fn rank(&self) -> (u8, usize) {
         match self {
             HostPattern::Exact(e) => (4, e.len()),
             HostPattern::Suffix(s) => (3, s.len()),
@@ -193,6 +193,27 @@ impl HostIndex {
                 .filter(|(_, h)| h.tls_secret.is_some())
                 .map(|(i, h)| (i, h.hostname.without_port())),
         )
+    }
+
+    /// One index per distinct hostname without port (Emissary's filter chain per TLS name),
+    /// and each Host's chain.
+    pub(crate) fn chains(hosts: &[HostRoute]) -> (Vec<HostIndex>, Vec<usize>) {
+        let mut ids: HashMap<HostPattern, usize> = HashMap::new();
+        let mut members: Vec<Vec<(usize, HostPattern)>> = Vec::new();
+        let mut chain_of = Vec::with_capacity(hosts.len());
+        for (i, h) in hosts.iter().enumerate() {
+            let c = *ids.entry(h.hostname.without_port()).or_insert_with(|| {
+                members.push(Vec::new());
+                members.len() - 1
+            });
+            members[c].push((i, h.hostname.clone()));
+            chain_of.push(c);
+        }
+        let chains = members
+            .into_iter()
+            .map(|m| HostIndex::of(m.into_iter()))
+            .collect();
+        (chains, chain_of)
     }
 
     fn of(patterns: impl Iterator<Item = (usize, HostPattern)>) -> HostIndex {

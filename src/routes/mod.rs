@@ -148,6 +148,10 @@ pub struct Graph {
     pub(crate) host_index: host::HostIndex,
     /// TLS Hosts by name without port: which one a handshake's SNI picked.
     pub(crate) sni_index: host::HostIndex,
+    /// Emissary's TLS filter chains: per distinct hostname without port, the index of the
+    /// Hosts that carry it (by index in `hosts`); `chain_of[i]` is Host `i`'s chain.
+    chains: Vec<host::HostIndex>,
+    chain_of: Vec<usize>,
 }
 
 impl Graph {
@@ -171,6 +175,7 @@ impl Graph {
     ) -> Graph {
         let host_index = host::HostIndex::new(&hosts);
         let sni_index = host::HostIndex::for_sni(&hosts);
+        let (chains, chain_of) = host::HostIndex::chains(&hosts);
         let mut tables = Vec::with_capacity(hosts.len() + 1);
         for h in &hosts {
             tables.push(Table::new(&routes, &groups, &h.groups));
@@ -195,6 +200,8 @@ impl Graph {
             tables,
             host_index,
             sni_index,
+            chains,
+            chain_of,
         }
     }
 
@@ -218,18 +225,7 @@ impl Graph {
         let Some(t) = tls_sni.and_then(|sni| self.host_for_sni(sni)) else {
             return self.host_index.find(authority);
         };
-        let chain = self.hosts[t].hostname.without_port();
-        let mut best: Option<(usize, (u8, usize))> = None;
-        for (i, h) in self.hosts.iter().enumerate() {
-            if h.hostname.without_port() == chain && h.hostname.matches(authority) {
-                let rank = h.hostname.rank();
-                // The later of two equal hostnames wins, as in the index.
-                if best.is_none_or(|(_, r)| rank >= r) {
-                    best = Some((i, rank));
-                }
-            }
-        }
-        best.map(|(i, _)| i)
+        self.chains[self.chain_of[t]].find(authority)
     }
 
     /// The group that serves this request head, if any (the insecure action not applied).

@@ -201,8 +201,15 @@ impl CertTable {
     /// Host whose hostname (without port) best matches it, else a `*` TLS Host, else the
     /// `--default-cert`; with none of them the handshake fails, as in Emissary.
     pub fn resolve(&self, graph: &Graph, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        let lower = sni.map(str::to_ascii_lowercase);
-        if let Some(i) = graph.host_for_sni(lower.as_deref()) {
+        let lower;
+        let sni = match sni {
+            Some(n) if n.bytes().any(|b| b.is_ascii_uppercase()) => {
+                lower = n.to_ascii_lowercase();
+                Some(lower.as_str())
+            }
+            other => other,
+        };
+        if let Some(i) = graph.host_for_sni(sni) {
             if let Some(Some(k)) = self.by_host.get(i) {
                 return Some(k.clone());
             }
