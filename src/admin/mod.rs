@@ -66,7 +66,8 @@ fn explain(g: &crate::routes::Graph, query: &str) -> serde_json::Value {
             _ => {}
         }
     }
-    let host_name = host.split(':').next().unwrap_or("").to_string();
+    // The port is part of the match, as in the proxy (which may strip the listener's own).
+    let host_name = crate::routes::route_authority(&host, None).into_owned();
     let head = crate::routes::RequestHead {
         host: &host_name,
         method: &method,
@@ -78,7 +79,10 @@ fn explain(g: &crate::routes::Graph, query: &str) -> serde_json::Value {
         Some(h) => {
             serde_json::json!({"host": format!("{}/{}", h.namespace, h.name), "hostname": h.hostname.to_string(), "insecure": format!("{:?}", h.insecure)})
         }
-        None => serde_json::json!("no Host matches: Mappings with their own hostname serve it"),
+        None if g.hosts.is_empty() => serde_json::json!(
+            "no Host is defined: the default Host (`*`) serves the Mappings that have a hostname"
+        ),
+        None => serde_json::json!("no Host matches this authority: 404"),
     };
     match g.lookup(&head) {
         None => serde_json::json!({"matched": false, "table": via, "answer": "404 no route"}),

@@ -107,6 +107,11 @@ pub struct ConfigArgs {
     /// apply the valid resources and report the invalid ones.
     #[arg(long, value_enum, default_value = "reject", env = "LEGATE_ON_INVALID")]
     pub on_invalid: OnInvalid,
+    /// Emissary's opt-out of strict label selectors (same environment variable): a Host with a
+    /// mappingSelector then takes a Mapping whose hostname OR labels match, and one matching
+    /// label is enough. Default: both must match, and every label.
+    #[arg(long, env = "DISABLE_STRICT_LABEL_SELECTORS")]
+    pub disable_strict_label_selectors: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -130,6 +135,10 @@ impl ConfigArgs {
             ambassador_id: self.ambassador_id.clone(),
             strict: self.strict,
             skip_invalid: self.on_invalid == OnInvalid::SkipResource,
+            routing: crate::routes::RoutingOptions {
+                loose_label_selectors: self.disable_strict_label_selectors,
+                ..Default::default()
+            },
         }
     }
 }

@@ -330,7 +330,13 @@ fn human(call: &Call<'_>, v: &Value) -> String {
                     &mut o,
                 );
             }
-            table("Requests matching no Host".into(), &v["fallback"], &mut o);
+            if v["hosts"].as_array().is_none_or(|h| h.is_empty()) {
+                table(
+                    crate::routes::DEFAULT_HOST_TITLE.into(),
+                    &v["fallback"],
+                    &mut o,
+                );
+            }
         }
         Call::Explain(_) => {
             if v["matched"] == true {

@@ -149,6 +149,8 @@ pub struct RunArgs {
     #[arg(long, env = "LEGATE_HTTPS_REDIRECT_PORT", default_value_t = 443)]
     pub https_redirect_port: u16,
     /// Proxies in front of Legate trusted to append to X-Forwarded-For (0: replace the client's).
+    /// From 1 up, their X-Forwarded-Proto is kept and decides whether a request is secure for
+    /// its Host's insecure action (at 0 the connection's own scheme decides).
     #[arg(long, env = "LEGATE_XFF_TRUSTED_HOPS", default_value_t = 0)]
     pub xff_trusted_hops: usize,
     /// Add `x-legate-route` (namespace/name of the Mapping) and `x-legate-revision` to responses.

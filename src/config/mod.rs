@@ -37,6 +37,8 @@ pub struct Options {
     /// Compile the valid resources even when others are invalid (`--on-invalid=skip-resource`;
     /// Kubernetes mode). The invalid ones are still reported as errors and left out.
     pub skip_invalid: bool,
+    /// How the compiled graph routes (label-selector strictness, host-port stripping).
+    pub routing: crate::routes::RoutingOptions,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             ambassador_id: "default".into(),
             strict: false,
             skip_invalid: false,
+            routing: crate::routes::RoutingOptions::default(),
         }
     }
 }
@@ -81,7 +84,8 @@ pub fn load_and_compile(tree: &dyn ConfigTree, opts: &Options) -> Outcome {
         return skip_invalid(loaded, opts);
     }
     let (graph, mut diagnostics) = {
-        let (g, d) = compile(&loaded.resources);
+        let refs: Vec<&Resource> = loaded.resources.iter().collect();
+        let (g, d) = compile::compile_refs_with(&refs, &opts.routing);
         let mut all = loaded.diagnostics;
         all.extend(d);
         (g, all)
@@ -133,7 +137,7 @@ fn skip_invalid(loaded: Loaded, opts: &Options) -> Outcome {
             .filter(|(_, k)| **k)
             .map(|(r, _)| *r)
             .collect();
-        let (graph, mut found) = compile::compile_refs(&current);
+        let (graph, mut found) = compile::compile_refs_with(&current, &opts.routing);
         if !found.iter().any(is_err) {
             found.extend(routetest::run(&graph, current.iter().copied()));
         }

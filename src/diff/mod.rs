@@ -186,7 +186,7 @@ fn key(r: &Route) -> String {
 }
 
 /// Tables of a graph keyed by a stable identity: the Host's `namespace/name`, or "" for the
-/// hostname fallback.
+/// default Host (which serves only when no Host is defined).
 fn tables(g: &Graph) -> Vec<(String, String, &[usize])> {
     let mut out: Vec<(String, String, &[usize])> = g
         .hosts
@@ -202,7 +202,7 @@ fn tables(g: &Graph) -> Vec<(String, String, &[usize])> {
         .collect();
     out.push((
         String::new(),
-        "Requests matching no Host (Mappings with their own hostname)".into(),
+        crate::routes::DEFAULT_HOST_TITLE.into(),
         g.tables[g.hosts.len()].groups.as_slice(),
     ));
     out

@@ -527,7 +527,6 @@ mod tests {
             routes: Vec::new(),
             certs: Default::default(),
             revision: HeaderValue::from_static("abc"),
-            any_insecure_policy: false,
             stats: Vec::new(),
         });
         let req = http::Request::get("http://h.test/p?q=secret")

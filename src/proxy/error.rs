@@ -24,8 +24,6 @@ pub enum Side {
 pub enum ProxyError {
     #[error("no route matches the request")]
     NoRoute,
-    #[error("plain-HTTP request refused by the Host's insecure policy")]
-    InsecureRejected,
     #[error("request target longer than the limit")]
     UriTooLong,
     #[error("request headers larger than the limit")]
@@ -56,8 +54,8 @@ impl ProxyError {
     pub fn side(&self) -> Side {
         use ProxyError::*;
         match self {
-            NoRoute | InsecureRejected | UriTooLong | HeadersTooLarge | BodyTooLarge
-            | BadRequest(_) | UpgradeRefused | Denied(_) => Side::Downstream,
+            NoRoute | UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_)
+            | UpgradeRefused | Denied(_) => Side::Downstream,
             NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout | Overloaded => Side::Upstream,
             Internal(_) => Side::Internal,
         }
@@ -68,7 +66,7 @@ impl ProxyError {
         match self {
             NoRoute => StatusCode::NOT_FOUND,
             // Envoy's answer (`upgrade_failed`), so Emissary users see what they know.
-            InsecureRejected | UpgradeRefused => StatusCode::FORBIDDEN,
+            UpgradeRefused => StatusCode::FORBIDDEN,
             UriTooLong => StatusCode::URI_TOO_LONG,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -85,7 +83,6 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute => "no route\n",
-            InsecureRejected => "https required\n",
             UriTooLong => "uri too long\n",
             HeadersTooLarge => "request headers too large\n",
             BodyTooLarge => "request body too large\n",
@@ -142,7 +139,7 @@ impl ProxyError {
         let code = match &self {
             Timeout => "4",
             NoRoute => "12",
-            InsecureRejected | UpgradeRefused => "7",
+            UpgradeRefused => "7",
             UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_) => "13",
             NoHealthyUpstream | Connect(_) | Upstream(_) | Overloaded => "14",
             Internal(_) => "13",

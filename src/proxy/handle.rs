@@ -21,7 +21,7 @@ use super::headers::{self as hdr, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST
 use super::observe::{self, Exchange};
 use super::path::normalize;
 use super::{Prepared, Proxy, Snapshot};
-use crate::routes::{Action, InsecureAction, RequestHead, Route};
+use crate::routes::{Action, Arrival, RequestHead, Route, Routed};
 
 /// What keeps a downstream connection counted (its `--max-connections` slot and its place in
 /// the open-connections gauge); an upgraded connection's tunnel keeps a clone.
@@ -36,7 +36,13 @@ pub(crate) struct ConnHold(
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub tls: bool,
+    /// The listener's own port (what `strip_matching_host_port` compares with).
+    pub local_port: u16,
 }
+
+/// The SNI a TLS client sent, carried in each request's extensions.
+#[derive(Debug, Clone)]
+pub(crate) struct Sni(pub(crate) Arc<str>);
 
 impl Proxy {
     /// Serve one request; never fails (failures become responses in `error`).
@@ -89,6 +95,11 @@ impl Proxy {
             },
         };
         let host = host_name(authority);
+        let strip = graph
+            .options
+            .strip_matching_host_port
+            .then_some(conn.local_port);
+        let route_host = crate::routes::route_authority(authority, strip);
         let raw_path = uri.path();
         if !raw_path.starts_with('/') {
             // `OPTIONS *` and friends: nothing to route.
@@ -97,26 +108,26 @@ impl Proxy {
         let path = normalize(raw_path);
         let query = uri.query();
 
-        if !conn.tls && snap.any_insecure_policy {
-            if let Some(h) = graph.host_for(&host) {
-                match h.insecure {
-                    InsecureAction::Route => {}
-                    InsecureAction::Reject => return Err(ProxyError::InsecureRejected),
-                    InsecureAction::Redirect => {
-                        return Ok(self.https_redirect(&host, &path, query));
-                    }
-                }
-            }
-        }
-
+        let via = Arrival {
+            secure: self.is_secure(&req, conn),
+            tls_sni: conn
+                .tls
+                .then(|| req.extensions().get::<Sni>().map(|s| &*s.0)),
+        };
         let head = RequestHead {
-            host: &host,
+            host: &route_host,
             method: req.method().as_str(),
             path: &path,
             query,
             headers: req.headers(),
         };
-        let matched = graph.lookup(&head).ok_or(ProxyError::NoRoute)?;
+        // The insecure action comes before any policy (auth) runs, as Emissary's redirect
+        // routes turn ext_authz off.
+        let matched = match graph.route_request(&head, via) {
+            Routed::Route(m) => m,
+            Routed::RedirectToHttps => return Ok(self.https_redirect(&host, &path, query)),
+            Routed::Rejected | Routed::NoRoute => return Err(ProxyError::NoRoute),
+        };
         let members = &matched.group.members;
         let id = if members.len() == 1 {
             members[0].0
@@ -176,6 +187,18 @@ impl Proxy {
                 Ok(resp)
             }
         }
+    }
+
+    /// Whether a request counts as secure for its Host's insecure action: the connection's own
+    /// scheme, unless hops in front are trusted (`--xff-trusted-hops` >= 1) and one of them sent
+    /// `X-Forwarded-Proto` (Envoy's rule under Emissary's default XFP security model).
+    fn is_secure(&self, req: &Request<Incoming>, conn: ConnInfo) -> bool {
+        if self.settings.xff_trusted_hops > 0 {
+            if let Some(v) = req.headers().get(&X_FORWARDED_PROTO) {
+                return v.as_bytes().eq_ignore_ascii_case(b"https");
+            }
+        }
+        conn.tls
     }
 
     fn check_limits(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {

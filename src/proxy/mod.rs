@@ -154,8 +154,6 @@ pub(crate) struct Snapshot {
     pub certs: CertTable,
     /// `x-legate-revision` value.
     pub revision: HeaderValue,
-    /// Whether any Host redirects or rejects plain HTTP (else that lookup is skipped).
-    pub any_insecure_policy: bool,
     /// Request counters per route, indexed by `RouteId` (resolved here, not per request).
     pub stats: Vec<Arc<crate::metrics::RouteStats>>,
 }
@@ -303,7 +301,6 @@ impl Proxy {
                 routes: Vec::new(),
                 certs: CertTable::default(),
                 revision: HeaderValue::from_static(""),
-                any_insecure_policy: false,
                 stats: Vec::new(),
             })),
             settings,
@@ -456,7 +453,6 @@ impl Proxy {
             routes: cur.routes.clone(),
             certs,
             revision: cur.revision.clone(),
-            any_insecure_policy: cur.any_insecure_policy,
             stats: cur.stats.clone(),
         };
         self.shared.store(Arc::new(snap));
@@ -482,10 +478,6 @@ impl Proxy {
         let short = graph.hash.get(..12).unwrap_or(&graph.hash);
         Snapshot {
             revision: HeaderValue::from_str(short).unwrap_or(HeaderValue::from_static("")),
-            any_insecure_policy: graph
-                .hosts
-                .iter()
-                .any(|h| h.insecure != crate::routes::InsecureAction::Route),
             stats: graph
                 .routes
                 .iter()

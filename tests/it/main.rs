@@ -11,6 +11,7 @@ mod golden;
 mod health;
 mod kube;
 mod observability;
+mod parity;
 mod protocols;
 mod proxy;
 mod reconcile;

@@ -802,7 +802,12 @@ async fn jwt_keys_from_a_url_are_cached_refreshed_and_kept_on_failure() {
             "jwks:\n  url: http://{}/jwks.json\n  refresh_seconds: 1\nhosts: [api]",
             jwks.addr
         )),
-        host("api", "api.test", ""),
+        // Plain HTTP in this test: a Host's default insecure action is Redirect.
+        host(
+            "api",
+            "api.test",
+            "requestPolicy:\n  insecure:\n    action: Route",
+        ),
         mapping(
             "secure",
             &format!("prefix: /secure/\nservice: {}", up.service()),

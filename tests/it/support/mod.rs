@@ -301,8 +301,20 @@ impl Tree {
 
 /// Compile YAML into a graph with the real config pipeline; panics with the diagnostics.
 pub fn compile(yaml: &str) -> Arc<legate::routes::Graph> {
+    compile_with(yaml, legate::routes::RoutingOptions::default())
+}
+
+/// `compile` with routing options (strict selectors off, host-port stripping).
+pub fn compile_with(
+    yaml: &str,
+    routing: legate::routes::RoutingOptions,
+) -> Arc<legate::routes::Graph> {
     let tree = Tree::new(yaml);
-    let out = legate::config::check_dir(tree.path(), &legate::config::Options::default());
+    let opts = legate::config::Options {
+        routing,
+        ..legate::config::Options::default()
+    };
+    let out = legate::config::check_dir(tree.path(), &opts);
     match out.graph {
         Some(g) => g,
         None => panic!(
@@ -350,9 +362,13 @@ impl Gateway {
     }
 
     pub async fn with(yaml: &str, settings: Settings) -> Gateway {
+        Gateway::with_graph(compile(yaml), settings).await
+    }
+
+    pub async fn with_graph(graph: Arc<legate::routes::Graph>, settings: Settings) -> Gateway {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let proxy = Proxy::new(settings).unwrap();
-        proxy.swap(compile(yaml));
+        proxy.swap(graph);
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let https = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tls = Arc::new(legate::tls::server_config(proxy.cert_source()).unwrap());
