@@ -63,8 +63,11 @@ pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
                 }
             }
             Spec::Host(h) => hosts.push((r, h)),
-            Spec::RouteTest(_) | Spec::AuthService(_) | Spec::JwtPolicy(_) | Spec::RateLimit(_) => {
-            }
+            Spec::RouteTest(_)
+            | Spec::AuthService(_)
+            | Spec::JwtPolicy(_)
+            | Spec::RateLimit(_)
+            | Spec::Module(_) => {}
         }
     }
     // Stable route ids: by namespace/name.
@@ -179,7 +182,9 @@ pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
 
     crate::policy::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
     let hash = graph_hash(&host_routes, &routes, &groups);
-    (Graph::build(host_routes, routes, groups, hash), diags)
+    let mut graph = Graph::build(host_routes, routes, groups, hash);
+    super::module::attach(&mut graph, resources, &mut diags);
+    (graph, diags)
 }
 
 type Members = (Vec<(RouteId, u32)>, Option<(RouteId, u32)>);

@@ -6,9 +6,11 @@
 //! reconciler all call [`load_and_compile`], so a pull request sees what the gateway will do.
 
 pub mod compile;
+pub mod convert;
 pub mod crd;
 pub mod diag;
 pub mod model;
+pub mod module;
 pub mod policy;
 pub mod routetest;
 pub mod schema;

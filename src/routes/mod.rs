@@ -19,11 +19,13 @@ pub mod describe;
 mod host;
 mod index;
 mod policy;
+pub mod settings;
 mod types;
 
 pub use host::HostPattern;
 pub use index::Table;
 pub use policy::*;
+pub use settings::Settings;
 pub use types::*;
 
 use std::sync::Arc;
@@ -63,6 +65,8 @@ pub struct Graph {
     /// One table per entry of `hosts`, then the fallback table.
     pub(crate) tables: Vec<Table>,
     pub(crate) host_index: host::HostIndex,
+    /// Graph-wide request settings (the `ambassador` Module).
+    pub settings: Settings,
 }
 
 impl Graph {
@@ -101,6 +105,7 @@ impl Graph {
             groups,
             tables,
             host_index,
+            settings: Settings::default(),
         }
     }
 
