@@ -56,6 +56,8 @@ pub enum Command {
     Diff(DiffArgs),
     /// Print or write the Kubernetes CRDs generated from the schemas.
     Crds(CrdsArgs),
+    /// Rewrite getambassador.io/v2 (and v1) resources as v3alpha1, as Emissary converts them.
+    Convert(ConvertArgs),
     /// Run the gateway.
     Run(Box<run::RunArgs>),
     /// A running gateway's live revision, last attempt and mode (admin API).
@@ -70,6 +72,15 @@ pub enum Command {
     Unpin(remote::Remote),
     /// Which Mapping a running gateway would pick for a request, and why.
     Explain(remote::ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// A YAML file, or a directory searched for `*.yaml`/`*.yml` files.
+    pub path: PathBuf,
+    /// Rewrite the files in place instead of printing the converted text.
+    #[arg(long)]
+    pub write: bool,
 }
 
 #[derive(Debug, Args)]
@@ -224,6 +235,7 @@ pub fn main(cli: Cli) -> i32 {
         Command::Schema(a) => schema(a),
         Command::Diff(a) => diff(a),
         Command::Crds(a) => crds(a),
+        Command::Convert(a) => convert(a),
         Command::Status(r) => remote::run(remote::Call::Status, &r),
         Command::Revisions(r) => remote::run(remote::Call::Revisions, &r),
         Command::Sync(r) => remote::run(remote::Call::Sync, &r),
@@ -398,6 +410,62 @@ fn diff(a: DiffArgs) -> anyhow::Result<i32> {
         outln!();
     }
     Ok(if a.exit_code && !d.is_empty() { 1 } else { 0 })
+}
+
+/// `legate convert`: every YAML file under the path, older getambassador.io documents
+/// rewritten as v3alpha1; files with nothing to convert are left alone.
+fn convert(a: ConvertArgs) -> anyhow::Result<i32> {
+    use anyhow::Context as _;
+    let mut files = Vec::new();
+    yaml_files(&a.path, &mut files)
+        .with_context(|| format!("{}: cannot read", a.path.display()))?;
+    let mut converted = 0;
+    for f in files {
+        let text = std::fs::read_to_string(&f).with_context(|| format!("{}", f.display()))?;
+        let out = config::convert::convert_text(&text)
+            .map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", f.display(), e.pos.line, e.pos.column))?;
+        let Some((out, n)) = out else {
+            continue;
+        };
+        converted += 1;
+        if a.write {
+            std::fs::write(&f, out).with_context(|| format!("{}: cannot write", f.display()))?;
+            eprintln!(
+                "{}: {n} resource(s) rewritten as {}",
+                f.display(),
+                config::convert::TARGET
+            );
+        } else {
+            outln!("# ==> {} ({n} resource(s) converted) <==", f.display());
+            out!("{out}");
+        }
+    }
+    if converted == 0 {
+        eprintln!("nothing to convert: no getambassador.io/v2 or v1 resources found");
+    }
+    Ok(0)
+}
+
+fn yaml_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    if path.is_file() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(path)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') {
+            continue;
+        }
+        if e.file_type()?.is_dir() {
+            yaml_files(&p, out)?;
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            out.push(p);
+        }
+    }
+    Ok(())
 }
 
 /// The generated CRD files: (file name, YAML text).

@@ -252,6 +252,84 @@ fn host(spec: &mut Map<String, Value>) {
     }
 }
 
+/// Convert the older documents of one file's text. Documents that need no conversion keep
+/// their text byte for byte; a converted one is written anew (its own comments are lost, the
+/// comment lines before it are kept). `None` when nothing in the file needed converting.
+pub fn convert_text(text: &str) -> Result<Option<(String, usize)>, super::yaml::YamlError> {
+    let mut out = String::with_capacity(text.len());
+    let mut total = 0;
+    for (sep, chunk) in split_documents(text) {
+        out.push_str(sep);
+        let docs = super::yaml::parse_documents(chunk, super::yaml::YamlLimits::default())?;
+        let [doc] = docs.as_slice() else {
+            out.push_str(chunk);
+            continue;
+        };
+        let mut value = doc.value.clone();
+        let n = convert_value(&mut value);
+        if n == 0 {
+            out.push_str(chunk);
+            continue;
+        }
+        total += n;
+        // Keep the comments and blank lines that lead the document.
+        for line in chunk.lines() {
+            let t = line.trim();
+            if t.is_empty() || t.starts_with('#') {
+                out.push_str(line);
+                out.push('\n');
+            } else {
+                break;
+            }
+        }
+        out.push_str(&super::yaml::to_yaml(&value));
+    }
+    Ok((total > 0).then_some((out, total)))
+}
+
+/// Convert in place: a resource, a YAML list of them or a `kind: List`; how many converted.
+fn convert_value(v: &mut Value) -> usize {
+    match v {
+        Value::Array(items) => items.iter_mut().map(convert_value).sum(),
+        Value::Object(o) if o.get("kind").and_then(Value::as_str) == Some("List") => {
+            o.get_mut("items").map_or(0, convert_value)
+        }
+        Value::Object(o) => {
+            let api = o
+                .get("apiVersion")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let kind = o.get("kind").and_then(Value::as_str).unwrap_or_default();
+            if converts(api, kind) {
+                *v = to_v3alpha1(v);
+                1
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    }
+}
+
+/// The file's documents as (separator line, text) pairs, split at `---` lines.
+fn split_documents(text: &str) -> Vec<(&str, &str)> {
+    let mut out = Vec::new();
+    let (mut sep_start, mut sep_end, mut start) = (0, 0, 0);
+    let mut pos = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_end();
+        if t == "---" || t.starts_with("--- ") {
+            out.push((&text[sep_start..sep_end], &text[start..pos]));
+            sep_start = pos;
+            sep_end = pos + line.len();
+            start = sep_end;
+        }
+        pos += line.len();
+    }
+    out.push((&text[sep_start..sep_end], &text[start..]));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +411,23 @@ mod tests {
                 {"generic_key": {"value": "gk"}}
             ])
         );
+    }
+
+    #[test]
+    fn files_keep_what_needs_no_conversion() {
+        let text = "# header\n---\n# a v3 one\napiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata: {name: a}\nspec: {prefix: /a/, service: a, hostname: '*'}\n---\n# old\napiVersion: getambassador.io/v2\nkind: Mapping\nmetadata:\n  name: b\nspec:\n  prefix: /b/\n  service: b\n  host: b.test\n";
+        let (out, n) = convert_text(text).unwrap().unwrap();
+        assert_eq!(n, 1);
+        assert!(out.starts_with("# header\n---\n# a v3 one\napiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata: {name: a}\n"), "{out}");
+        assert!(
+            out.contains("---\n# old\napiVersion: getambassador.io/v3alpha1\n"),
+            "{out}"
+        );
+        assert!(out.contains("hostname: b.test"), "{out}");
+        assert!(convert_text(&out).unwrap().is_none());
+        assert!(convert_text("apiVersion: v1\nkind: Service\n")
+            .unwrap()
+            .is_none());
     }
 
     #[test]

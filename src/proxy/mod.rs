@@ -19,6 +19,7 @@ mod error;
 mod handle;
 mod headers;
 mod health;
+mod module;
 mod observe;
 mod path;
 mod pool;
