@@ -251,6 +251,24 @@ fn build_group(
             );
         }
     }
+    // Emissary keeps one host_redirect per group (it logs and drops the others).
+    if redirects > 1 && redirects == live.len() {
+        let first = &mappings[live[0]];
+        for &m in &live[1..] {
+            let c = &mappings[m];
+            diags.push(
+                Diagnostic::error(
+                    "second-redirect",
+                    &c.res.at("/spec/host_redirect"),
+                    format!(
+                        "Mapping `{}` is a second host_redirect for the same match as `{}`; a match group redirects one way only",
+                        c.res.name, first.res.name
+                    ),
+                )
+                .with_help("delete one of them, or give them different matches"),
+            );
+        }
+    }
     let weighted: u32 = live.iter().filter_map(|&m| mappings[m].spec.weight).sum();
     let unweighted: Vec<usize> = live
         .iter()
