@@ -151,6 +151,7 @@ pub fn ambassador_kinds() -> Vec<KindRef> {
             "AuthService",
             "authservices",
         ),
+        KindRef::new("getambassador.io", "v3alpha1", "Module", "modules"),
     ]
 }
 
