@@ -317,8 +317,12 @@ fn warnings_by_status(schema: &Value, kind: &str, doc: &Document, file: &str) ->
         };
         let loc = locate(doc, file, &format!("/spec/{}", escape_pointer(key)));
         let mut d = Diagnostic::warning(code, &loc, format!("{kind} `{key}` {what}"));
-        if let Some(n) = note {
-            d = d.with_help(n.to_string());
+        // Say what is lost: the field's own note, else what the field would have done.
+        let description = p.get("description").and_then(Value::as_str);
+        match (note, description) {
+            (Some(n), _) => d = d.with_help(n.to_string()),
+            (None, Some(desc)) => d = d.with_help(format!("what is lost: {desc}")),
+            (None, None) => {}
         }
         out.push(d);
     }
