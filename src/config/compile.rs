@@ -1017,6 +1017,10 @@ fn compile_forward(
             .idle_timeout_ms
             .filter(|ms| *ms > 0)
             .map(Duration::from_millis),
+        cluster_idle_timeout: spec
+            .cluster_idle_timeout_ms
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis),
         allow_upgrade,
         http2: spec.grpc || h2c,
         retry: super::policy::retry(res, spec.retry_policy.as_ref(), diags),

@@ -164,6 +164,7 @@ pub struct MappingSpec {
     pub timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
+    pub cluster_idle_timeout_ms: Option<u64>,
     pub allow_upgrade: Vec<String>,
     pub use_websocket: bool,
     pub grpc: bool,

@@ -28,13 +28,14 @@ pub struct ModuleSpec {
 }
 
 /// Module keys that are Mapping fields: a Mapping without the field takes the Module's value.
-const MAPPING_DEFAULT_KEYS: [(&str, &str); 6] = [
+const MAPPING_DEFAULT_KEYS: [(&str, &str); 7] = [
     ("cluster_request_timeout_ms", "timeout_ms"),
     ("cors", "cors"),
     ("retry_policy", "retry_policy"),
     ("circuit_breakers", "circuit_breakers"),
     ("load_balancer", "load_balancer"),
     ("add_linkerd_headers", "add_linkerd_headers"),
+    ("cluster_idle_timeout_ms", "cluster_idle_timeout_ms"),
 ];
 
 /// The keys of Emissary's `defaults` that reach a Mapping (`irhttpmapping.py`).

@@ -625,3 +625,64 @@ async fn emissary_probe_paths_answer_on_the_admin_listener() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// An HTTP/1.1 upstream that counts the connections it accepts.
+async fn counting_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn module_cluster_idle_timeout_closes_idle_upstream_connections() {
+    use std::sync::atomic::Ordering;
+    let (addr, accepted) = counting_upstream().await;
+    let (addr2, accepted2) = counting_upstream().await;
+    let yaml = module("cluster_idle_timeout_ms: 50")
+        + &route("short", "/short/", &addr.to_string(), "")
+        + &route(
+            "long",
+            "/long/",
+            &addr2.to_string(),
+            "cluster_idle_timeout_ms: 60000",
+        );
+    let gw = Gateway::start(&yaml).await;
+    for prefix in ["/short/", "/long/"] {
+        assert_eq!(get(&gw.url(prefix), &[]).await.status, 200);
+        assert_eq!(get(&gw.url(prefix), &[]).await.status, 200);
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "back to back: one connection"
+    );
+    assert_eq!(accepted2.load(Ordering::SeqCst), 1);
+    // Idle for longer than the Module's 50 ms: the next request needs a new connection; the
+    // Mapping that sets its own (long) timeout keeps its connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get(&gw.url("/short/"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/long/"), &[]).await.status, 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(accepted2.load(Ordering::SeqCst), 1);
+}
