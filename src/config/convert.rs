@@ -37,7 +37,16 @@ pub fn to_v3alpha1(doc: &Value) -> Value {
         match kind.as_str() {
             "Mapping" => mapping(spec),
             "Host" => host(spec),
-            "AuthService" => tls_and_service(spec, "auth_service"),
+            "AuthService" => {
+                rename(
+                    spec,
+                    &[
+                        ("v3StatsName", "stats_name"),
+                        ("v3CircuitBreakers", "circuit_breakers"),
+                    ],
+                );
+                tls_and_service(spec, "auth_service");
+            }
             "RateLimitService" | "TCPMapping" => tls_and_service(spec, "service"),
             _ => {}
         }
@@ -45,7 +54,23 @@ pub fn to_v3alpha1(doc: &Value) -> Value {
     out
 }
 
+/// v2 spellings of fields that exist under another name in v3alpha1 (generated conversion).
+fn rename(spec: &mut Map<String, Value>, renames: &[(&str, &str)]) {
+    for (old, new) in renames {
+        if let Some(v) = spec.remove(*old) {
+            spec.entry(*new).or_insert(v);
+        }
+    }
+}
+
 fn mapping(spec: &mut Map<String, Value>) {
+    rename(
+        spec,
+        &[
+            ("v3StatsName", "stats_name"),
+            ("v3health_checks", "health_checks"),
+        ],
+    );
     tls_and_service(spec, "service");
     bool_matches(spec, "headers", "regex_headers");
     bool_matches(spec, "query_parameters", "regex_query_parameters");
@@ -150,7 +175,7 @@ fn label_specifier(s: &Value) -> Value {
             if let Some(Value::String(g)) = o.get("generic_key") {
                 let mut gk = Map::new();
                 gk.insert("value".into(), Value::String(g.clone()));
-                if let Some(k) = o.get("key") {
+                if let Some(k) = o.get("v3Key").or_else(|| o.get("key")) {
                     gk.insert("key".into(), k.clone());
                 }
                 return json!({ "generic_key": gk });
@@ -233,6 +258,9 @@ fn tls_and_service(spec: &mut Map<String, Value>, service_key: &str) {
 }
 
 fn host(spec: &mut Map<String, Value>) {
+    if let Some(Value::Object(tls)) = spec.get_mut("tls") {
+        rename(tls, &[("v3CRLSecret", "crl_secret")]);
+    }
     if let Some(sel) = spec.remove("selector") {
         spec.entry("mappingSelector").or_insert(sel);
     }
@@ -386,6 +414,9 @@ mod tests {
 
     #[test]
     fn shorthands_expand() {
+        let renamed = conv(json!({"service": "a", "v3StatsName": "s", "v3health_checks": []}));
+        assert_eq!(renamed["stats_name"], "s");
+        assert_eq!(renamed["health_checks"], json!([]));
         let r = conv(json!({"service": "a", "use_websocket": true,
             "add_request_headers": {"x-a": "1", "x-b": {"value": "2", "append": false}},
             "cors": {"origins": "https://a.test, https://b.test"},
