@@ -151,7 +151,6 @@ pub fn ambassador_kinds() -> Vec<KindRef> {
             "AuthService",
             "authservices",
         ),
-        KindRef::new("getambassador.io", "v3alpha1", "Module", "modules"),
     ]
 }
 
