@@ -587,11 +587,18 @@ fn load_document(
                 .with_help(format!("did you mean `{s}`?")),
             );
         } else {
-            out.diagnostics.push(Diagnostic::note(
-                "other-api",
-                &at(""),
-                format!("{kind_s} of apiVersion `{api}` is not Legate's; skipped"),
-            ));
+            let annotated = obj
+                .get("metadata")
+                .and_then(|m| m.get("annotations"))
+                .is_some_and(|a| a.get(CONFIG_ANNOTATION).is_some());
+            // A Service or Ingress whose annotation was read has its own note.
+            if !(annotated && matches!(kind_s, "Service" | "Ingress")) {
+                out.diagnostics.push(Diagnostic::note(
+                    "other-api",
+                    &at(""),
+                    format!("{kind_s} of apiVersion `{api}` is not Legate's; skipped"),
+                ));
+            }
         }
         return;
     }
