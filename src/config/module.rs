@@ -170,6 +170,10 @@ const NOT_APPLIED: [(&str, &str); 42] = [
     ),
     ("suppress_envoy_headers", "Legate adds no x-envoy-* headers"),
     ("use_proxy_proto", "the PROXY protocol is not read"),
+    (
+        "use_ambassador_namespace_for_service_resolution",
+        "a bare `service` is resolved as written (in Kubernetes mode: in the Mapping's namespace)",
+    ),
 ];
 
 /// Keys acted on (besides the Mapping defaults).
