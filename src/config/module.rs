@@ -62,10 +62,6 @@ const IGNORED: [(&str, &str); 3] = [
 
 /// Emissary Module keys Legate does not act on, with what is lost.
 const NOT_APPLIED: [(&str, &str); 42] = [
-    (
-        "cluster_idle_timeout_ms",
-        "upstream connections idle out after the Mapping's `idle_timeout_ms`, else 60 s",
-    ),
     ("admin_port", "the admin listener is `--admin-listen`"),
     (
         "allow_chunked_length",
