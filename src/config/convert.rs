@@ -14,6 +14,18 @@ pub const TARGET: &str = "getambassador.io/v3alpha1";
 /// Older getambassador.io versions Legate converts on load.
 pub const OLDER: [&str; 2] = ["getambassador.io/v2", "getambassador.io/v1"];
 
+/// Fields the conversion renames (JSON pointers, old to new), so findings keep their lines.
+pub const RENAMED: [(&str, &str); 8] = [
+    ("/spec/host", "/spec/hostname"),
+    ("/spec/headers", "/spec/regex_headers"),
+    ("/spec/query_parameters", "/spec/regex_query_parameters"),
+    ("/spec/use_websocket", "/spec/allow_upgrade"),
+    ("/spec/selector", "/spec/mappingSelector"),
+    ("/spec/ambassadorId", "/spec/ambassador_id"),
+    ("/spec/v3StatsName", "/spec/stats_name"),
+    ("/spec/v3health_checks", "/spec/health_checks"),
+];
+
 /// Whether `api`/`kind` is an older version this module converts. There is no v1 Host.
 pub fn converts(api: &str, kind: &str) -> bool {
     match api {

@@ -352,6 +352,21 @@ pub(super) fn convert_older(doc: &mut Document) -> bool {
     match (api, kind) {
         (Some(a), Some(k)) if convert::converts(a, k) => {
             doc.value = convert::to_v3alpha1(&doc.value);
+            // Findings about a renamed field point at the line of the field as written.
+            let moved: Vec<(String, yaml::Pos)> = doc
+                .positions
+                .iter()
+                .filter_map(|(p, pos)| {
+                    convert::RENAMED.iter().find_map(|(from, to)| {
+                        p.strip_prefix(from)
+                            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+                            .map(|rest| (format!("{to}{rest}"), *pos))
+                    })
+                })
+                .collect();
+            for (p, pos) in moved {
+                doc.positions.entry(p).or_insert(pos);
+            }
             true
         }
         _ => false,

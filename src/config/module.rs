@@ -571,3 +571,63 @@ pub fn attach(graph: &mut Graph, resources: &[&Resource], diags: &mut Vec<Diagno
         graph.hash = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn read_config(config: Value) -> (ModuleSpec, Vec<Diagnostic>) {
+        let spec = json!({ "config": config });
+        let doc = Document {
+            value: json!({"spec": spec.clone()}),
+            pos: Default::default(),
+            positions: HashMap::new(),
+        };
+        read(&doc, "m.yaml", "ambassador", &spec)
+    }
+
+    #[test]
+    fn defaults_prefer_the_httpmapping_class() {
+        let (m, d) = read_config(json!({"defaults": {
+            "httpmapping": {"stats_name": "class"},
+            "stats_name": "top",
+            "add_request_headers": {"x-a": "1"},
+            "timeout_ms": 5
+        }}));
+        assert!(d.is_empty(), "{d:?}");
+        assert_eq!(m.defaults["stats_name"], "class");
+        assert_eq!(m.defaults["add_request_headers"], json!({"x-a": "1"}));
+        // Only Emissary's list of defaulted keys reaches Mappings.
+        assert!(!m.defaults.contains_key("timeout_ms"));
+    }
+
+    #[test]
+    fn settings_and_their_errors() {
+        let (m, d) = read_config(json!({
+            "use_remote_address": false,
+            "server_name": "edge",
+            "ip_deny": [{"remote": "192.0.2.0/24"}],
+            "max_request_headers_kb": 4,
+            "diagnostics": {"enabled": true}
+        }));
+        assert!(
+            d.iter()
+                .all(|d| d.severity != super::super::Severity::Error),
+            "{d:?}"
+        );
+        let s = &m.settings;
+        assert!(!s.use_remote_address && s.diagnostics);
+        assert_eq!(s.server_name.as_deref(), Some("edge"));
+        assert_eq!(s.max_request_header_bytes, Some(4096));
+        let f = s.ip_filter.as_ref().unwrap();
+        let (a, b) = ("127.0.0.1".parse().unwrap(), "192.0.2.7".parse().unwrap());
+        assert!(!f.admits(a, b) && f.admits(a, a));
+        let (_, d) = read_config(json!({"ip_allow": [], "ip_deny": []}));
+        assert!(d
+            .iter()
+            .any(|d| d.message.contains("only one of ip_allow and ip_deny")));
+        let (_, d) = read_config(json!({"buffer": {"max_request_bytes": 0}}));
+        assert!(d.iter().any(|d| d.code == "bad-module"));
+    }
+}
