@@ -153,9 +153,12 @@ where
     }
     match (&method, path.as_str()) {
         // Open to probes and scrapers even when a token is configured.
-        (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
+        // Emissary's probe paths, so a migrated Deployment's probes keep working.
+        (&Method::GET, "/healthz" | "/ambassador/v0/check_alive") => {
+            return text(StatusCode::OK, "ok\n")
+        }
         (&Method::GET, "/metrics") => return metrics(state),
-        (&Method::GET, "/readyz") => {
+        (&Method::GET, "/readyz" | "/ambassador/v0/check_ready") => {
             // Ready once a revision is applied; stays ready while serving the last good one.
             let st = state.reconciler.status();
             return if st.applied.is_some() || st.verifying.is_some() {

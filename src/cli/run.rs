@@ -151,19 +151,23 @@ pub struct RunArgs {
     /// Proxies in front of Legate trusted to append to X-Forwarded-For (0: replace the client's).
     /// From 1 up, their X-Forwarded-Proto is kept and decides whether a request is secure for
     /// its Host's insecure action (at 0 the connection's own scheme decides).
+    /// The only trusted-hop setting: a Module's `xff_num_trusted_hops` is ignored (as in
+    /// Emissary); a Module's `use_remote_address: false` forwards the client's header as sent.
     #[arg(long, env = "LEGATE_XFF_TRUSTED_HOPS", default_value_t = 0)]
     pub xff_trusted_hops: usize,
     /// Add `x-legate-route` (namespace/name of the Mapping) and `x-legate-revision` to responses.
     #[arg(long, env = "LEGATE_DEBUG_HEADERS")]
     pub debug_headers: bool,
-    /// Request timeout of Mappings without timeout_ms, in milliseconds.
+    /// Request timeout of Mappings without timeout_ms, in milliseconds. A Module's
+    /// `cluster_request_timeout_ms` wins: it becomes those Mappings' timeout_ms.
     #[arg(long, env = "LEGATE_DEFAULT_TIMEOUT_MS", default_value_t = 3000)]
     pub default_timeout_ms: u64,
     /// Also serve the built-in demo echo upstream on this address (for the quickstart).
     #[arg(long, env = "LEGATE_DEMO_ECHO", value_name = "ADDR")]
     pub demo_echo: Option<SocketAddr>,
 
-    /// Largest request head: sum of header name and value bytes (431 above).
+    /// Largest request head: sum of header name and value bytes (431 above). With a Module's
+    /// `max_request_headers_kb` the smaller of the two applies.
     #[arg(long, env = "LEGATE_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
     pub max_header_bytes: usize,
     /// Most header fields in one request (431 above).
@@ -172,7 +176,8 @@ pub struct RunArgs {
     /// Longest request target in bytes (414 above).
     #[arg(long, env = "LEGATE_MAX_URI_BYTES", default_value_t = 8 * 1024)]
     pub max_uri_bytes: usize,
-    /// Largest request body in bytes (413 above); unlimited when unset.
+    /// Largest request body in bytes (413 above); unlimited when unset. With a Module's
+    /// `buffer.max_request_bytes` the smaller of the two applies.
     #[arg(long, env = "LEGATE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<u64>,
     /// Time allowed for a TLS handshake and a complete request head, in milliseconds.

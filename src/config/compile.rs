@@ -82,8 +82,11 @@ pub fn compile_refs_with(
                 }
             }
             Spec::Host(h) => host_specs.push((r, h)),
-            Spec::RouteTest(_) | Spec::AuthService(_) | Spec::JwtPolicy(_) | Spec::RateLimit(_) => {
-            }
+            Spec::RouteTest(_)
+            | Spec::AuthService(_)
+            | Spec::JwtPolicy(_)
+            | Spec::RateLimit(_)
+            | Spec::Module(_) => {}
         }
     }
     // Stable route ids: by namespace/name.
@@ -163,11 +166,14 @@ pub fn compile_refs_with(
     let host_routes = associate(hosts, &mappings, &group_members, loose, &mut diags);
 
     crate::policy::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
-    let hash = graph_hash(&host_routes, &routes, &groups, options);
-    (
-        Graph::build(host_routes, routes, groups, hash, *options),
-        diags,
-    )
+    // The Module's `strip_matching_host_port` turns the routing option on (the flag can too).
+    let mut options = *options;
+    options.strip_matching_host_port |=
+        super::module::settings(resources).is_some_and(|s| s.strip_matching_host_port);
+    let hash = graph_hash(&host_routes, &routes, &groups, &options);
+    let mut graph = Graph::build(host_routes, routes, groups, hash, options);
+    super::module::attach(&mut graph, resources, &mut diags);
+    (graph, diags)
 }
 
 /// What Host association reads of a group (Emissary's `IRHTTPMappingGroup`): its host glob or
@@ -441,6 +447,24 @@ fn build_group(
                     ),
                 )
                 .with_help("give the redirect its own match (another prefix, host or header)"),
+            );
+        }
+    }
+    // Emissary keeps one host_redirect per group (it logs and drops the others).
+    if redirects > 1 && redirects == live.len() {
+        let first = &mappings[live[0]];
+        for &m in &live[1..] {
+            let c = &mappings[m];
+            diags.push(
+                Diagnostic::error(
+                    "second-redirect",
+                    &c.res.at("/spec/host_redirect"),
+                    format!(
+                        "Mapping `{}` is a second host_redirect for the same match as `{}`; a match group redirects one way only",
+                        c.res.name, first.res.name
+                    ),
+                )
+                .with_help("delete one of them, or give them different matches"),
             );
         }
     }
@@ -1205,6 +1229,10 @@ fn compile_forward(
         ),
         idle_timeout: spec
             .idle_timeout_ms
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis),
+        cluster_idle_timeout: spec
+            .cluster_idle_timeout_ms
             .filter(|ms| *ms > 0)
             .map(Duration::from_millis),
         allow_upgrade,

@@ -5,10 +5,13 @@
 //! a `routes::Graph`. Pure: no tokio, no sockets; `legate check`, `legate diff` and the
 //! reconciler all call [`load_and_compile`], so a pull request sees what the gateway will do.
 
+pub mod annotations;
 pub mod compile;
+pub mod convert;
 pub mod crd;
 pub mod diag;
 pub mod model;
+pub mod module;
 pub mod policy;
 pub mod routetest;
 pub mod schema;

@@ -126,6 +126,9 @@ fn fields_of(g: &Graph, r: &Route) -> BTreeMap<&'static str, String> {
             m.insert("timeout", fmt_dur(f.timeout));
             m.insert("connect_timeout", fmt_dur(Some(f.connect_timeout)));
             m.insert("idle_timeout", fmt_dur(f.idle_timeout));
+            if f.cluster_idle_timeout.is_some() {
+                m.insert("cluster_idle_timeout", fmt_dur(f.cluster_idle_timeout));
+            }
             if let Some(h) = &f.host_rewrite {
                 m.insert("host_rewrite", h.clone());
             }

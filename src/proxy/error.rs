@@ -48,6 +48,8 @@ pub enum ProxyError {
     Internal(String),
     #[error("refused by a security policy ({})", .0.status)]
     Denied(Box<crate::policy::Denial>),
+    #[error("client address refused by the Module's ip_allow/ip_deny")]
+    AddressDenied,
 }
 
 impl ProxyError {
@@ -55,7 +57,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute | UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_)
-            | UpgradeRefused | Denied(_) => Side::Downstream,
+            | UpgradeRefused | Denied(_) | AddressDenied => Side::Downstream,
             NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout | Overloaded => Side::Upstream,
             Internal(_) => Side::Internal,
         }
@@ -66,7 +68,7 @@ impl ProxyError {
         match self {
             NoRoute => StatusCode::NOT_FOUND,
             // Envoy's answer (`upgrade_failed`), so Emissary users see what they know.
-            UpgradeRefused => StatusCode::FORBIDDEN,
+            UpgradeRefused | AddressDenied => StatusCode::FORBIDDEN,
             UriTooLong => StatusCode::URI_TOO_LONG,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -94,6 +96,8 @@ impl ProxyError {
             Overloaded => "upstream overloaded\n",
             Internal(_) => "internal error\n",
             Denied(_) => "",
+            // Envoy's RBAC filter answers with this body.
+            AddressDenied => "RBAC: access denied",
         }
     }
 
@@ -139,7 +143,7 @@ impl ProxyError {
         let code = match &self {
             Timeout => "4",
             NoRoute => "12",
-            UpgradeRefused => "7",
+            UpgradeRefused | AddressDenied => "7",
             UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_) => "13",
             NoHealthyUpstream | Connect(_) | Upstream(_) | Overloaded => "14",
             Internal(_) => "13",

@@ -59,7 +59,7 @@ impl Proxy {
         let snap = self.shared.load_full();
         let grpc = hdr::is_grpc(req.headers());
         let mut ex = Exchange::start(&req, &snap, self.settings.access_log.is_some());
-        let resp = match self.serve(&snap, req, conn, &mut ex).await {
+        let mut resp = match self.serve(&snap, req, conn, &mut ex).await {
             Ok(r) => r,
             Err(e) => {
                 if matches!(e.status().as_u16(), 502..=504) {
@@ -74,6 +74,7 @@ impl Proxy {
                 }
             }
         };
+        super::module::decorate(&snap.graph.settings, resp.headers_mut());
         self.observed(&snap, ex, resp)
     }
 
@@ -86,6 +87,13 @@ impl Proxy {
     ) -> Result<Response<RespBody>, ProxyError> {
         self.check_limits(&req)?;
         let graph = &*snap.graph;
+        super::module::admit(
+            &graph.settings,
+            req.uri().path(),
+            req.headers(),
+            conn.remote.ip(),
+            self.settings.xff_trusted_hops,
+        )?;
         let uri = req.uri();
         let authority: &str = match uri.authority() {
             Some(a) => a.as_str(),
@@ -107,6 +115,9 @@ impl Proxy {
         }
         let path = normalize(raw_path);
         let query = uri.query();
+        if let Some(r) = super::module::reserved(&graph.settings, &path) {
+            return r;
+        }
 
         let via = Arrival {
             secure: self.is_secure(&req, conn),
@@ -304,7 +315,10 @@ impl Proxy {
             h.insert(header::UPGRADE, u.clone());
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        hdr::set_forwarded_for(h, conn.remote.ip(), self.settings.xff_trusted_hops);
+        let module = &snap.graph.settings;
+        if module.use_remote_address {
+            hdr::set_forwarded_for(h, conn.remote.ip(), self.settings.xff_trusted_hops);
+        }
         if self.settings.xff_trusted_hops == 0 || !h.contains_key(&X_FORWARDED_PROTO) {
             h.insert(
                 X_FORWARDED_PROTO.clone(),
@@ -312,7 +326,7 @@ impl Proxy {
             );
         }
         h.insert(X_FORWARDED_HOST.clone(), original_host.clone());
-        if !h.contains_key(&X_REQUEST_ID) {
+        if module.preserve_external_request_id == Some(false) || !h.contains_key(&X_REQUEST_ID) {
             let id = hdr::new_request_id();
             if self.settings.access_log.is_some() {
                 ex.request_id = Some(id.clone());
@@ -335,7 +349,13 @@ impl Proxy {
         hdr::edit(h, &prep.remove_request, &prep.add_request, &ctx, None);
 
         let replayable = prep.retry.is_some() || shadow.is_some();
-        let limit = self.settings.limits.max_body_bytes;
+        let limit = match (
+            self.settings.limits.max_body_bytes,
+            snap.graph.settings.max_request_body_bytes,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let body = match parts.extensions.remove::<crate::policy::ReadAhead>() {
             Some(ahead) => super::body::ReqBody::read_ahead(ahead, body, limit)
                 .map_err(|_| ProxyError::BodyTooLarge)?,

@@ -19,6 +19,7 @@ mod error;
 mod handle;
 mod headers;
 mod health;
+mod module;
 mod observe;
 mod path;
 mod pool;
@@ -524,17 +525,15 @@ impl Proxy {
                 .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
                 .collect()
         };
+        let pool_idle = f.cluster_idle_timeout.or(f.idle_timeout);
         let upstream = if f.http2 {
             UpstreamClient::H2(Box::new(self.clients.get(
                 true,
                 f.connect_timeout,
-                f.idle_timeout,
+                pool_idle,
             )))
         } else {
-            UpstreamClient::H1(
-                self.clients
-                    .pool(&f.upstream, f.connect_timeout, f.idle_timeout),
-            )
+            UpstreamClient::H1(self.clients.pool(&f.upstream, f.connect_timeout, pool_idle))
         };
         let wants_health = f.outlier.is_some() || !f.health_checks.is_empty();
         let health = wants_health.then(|| {
@@ -567,8 +566,7 @@ impl Proxy {
             (None, _, _) => None,
             (Some(_), UpstreamClient::H1(pool), Some(b)) => Some((pool.clone(), b.clone())),
             (Some(_), _, _) => Some((
-                self.clients
-                    .pool(&f.upstream, f.connect_timeout, f.idle_timeout),
+                self.clients.pool(&f.upstream, f.connect_timeout, pool_idle),
                 make_balancer(),
             )),
         };

@@ -21,12 +21,14 @@ pub mod describe;
 mod host;
 mod index;
 mod policy;
+pub mod settings;
 mod types;
 
 pub(crate) use host::split_port;
 pub use host::HostPattern;
 pub use index::Table;
 pub use policy::*;
+pub use settings::Settings;
 pub use types::*;
 
 use std::sync::Arc;
@@ -152,6 +154,8 @@ pub struct Graph {
     /// Hosts that carry it (by index in `hosts`); `chain_of[i]` is Host `i`'s chain.
     chains: Vec<host::HostIndex>,
     chain_of: Vec<usize>,
+    /// Graph-wide request settings (the `ambassador` Module).
+    pub settings: Settings,
 }
 
 impl Graph {
@@ -202,6 +206,7 @@ impl Graph {
             sni_index,
             chains,
             chain_of,
+            settings: Settings::default(),
         }
     }
 

@@ -270,6 +270,9 @@ pub struct Forward {
     pub timeout: Option<Duration>,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    /// `cluster_idle_timeout_ms`: how long an upstream connection may sit idle in the pool
+    /// (else `idle_timeout`, else 60 s).
+    pub cluster_idle_timeout: Option<Duration>,
     /// Upgrade protocols allowed (lowercase), e.g. `websocket`.
     pub allow_upgrade: Vec<String>,
     /// Speak HTTP/2 to the upstream (gRPC).

@@ -612,3 +612,51 @@ fn rule14_insecure_default_redirect_and_reject() {
         only("star-backend-bar")
     );
 }
+
+#[test]
+fn rule15_unacted_fields_and_kinds_say_what_is_lost_and_v2_is_converted() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/emissary-compat");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    for f in files {
+        let o = load_text(&std::fs::read_to_string(&f).unwrap(), &Options::default());
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        for d in &o.diagnostics {
+            // Only the documented typo (`hosname`) is an unknown field.
+            if d.code == "unknown-field" {
+                assert!(name.starts_with("16-"), "{name}: {d}");
+            }
+            if matches!(d.code, "not-implemented" | "kind-not-implemented") {
+                assert_eq!(d.severity, Severity::Warning, "{name}: {d}");
+                assert!(
+                    d.help.is_some(),
+                    "{name}: says nothing of what is lost: {d}"
+                );
+            }
+        }
+    }
+    // The canary example as getambassador.io/v2: converted with a note, and v2's missing
+    // `host` is `hostname: "*"`, so it routes without the hostname rule 9 adds.
+    let v2 = fixture("09-").replace("getambassador.io/v3alpha1", "getambassador.io/v2");
+    let o = load_text(&v2, &Options::default());
+    assert_eq!(with_code(&o, "converted").len(), 1, "{:?}", o.diagnostics);
+    assert!(with_code(&o, "unreachable-mapping").is_empty());
+    let g = o.graph.expect("valid");
+    let m = g
+        .lookup(&RequestHead {
+            host: "x",
+            method: "GET",
+            path: "/backend/",
+            query: None,
+            headers: &http::HeaderMap::new(),
+        })
+        .unwrap();
+    let v2_share = (0..100)
+        .filter(|&roll| g.route(m.group.pick(roll).unwrap()).name == "quote-backend2")
+        .count();
+    assert_eq!(v2_share, 10);
+}
