@@ -87,7 +87,7 @@ pub struct Finding {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "kebab-case")]
 pub enum FindingKind {
     Shadowed,
@@ -522,6 +522,13 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
             }
         }
     }
+    // Once per change: a route attached to several Hosts yields the same finding in each
+    // Host's table, differing only in the example request. Keep the first example.
+    let mut seen = HashSet::new();
+    d.findings.retain(|f| {
+        let subject = f.message.split(" (e.g. ").next().unwrap_or(&f.message);
+        seen.insert((f.kind, subject.to_string()))
+    });
     d.findings.sort();
     d.findings.dedup();
     d
@@ -656,4 +663,52 @@ fn witness(m: &crate::routes::RouteMatch, table_host: Option<&HostPattern>) -> O
         query: (!q.is_empty()).then(|| q.join("&")),
         headers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load_and_compile, MemTree, Options};
+
+    fn graph(yaml: &str) -> std::sync::Arc<Graph> {
+        let o = load_and_compile(&MemTree::new().with("c.yaml", yaml), &Options::default());
+        o.graph.unwrap_or_else(|| panic!("{:?}", o.diagnostics))
+    }
+
+    fn doc(kind: &str, name: &str, spec: &str) -> String {
+        format!("---\napiVersion: getambassador.io/v3alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    }
+
+    /// A route on every Host that a new catch-all shadows is one finding, not one per Host.
+    #[test]
+    fn a_change_seen_from_several_hosts_is_one_finding() {
+        let hosts = doc("Host", "a", "{hostname: a.example.com}")
+            + &doc("Host", "b", "{hostname: b.example.com}")
+            + &doc("Host", "c", "{hostname: \"*.example.org\"}");
+        let users = doc(
+            "Mapping",
+            "users",
+            "{hostname: \"*\", prefix: /users/, service: users}",
+        );
+        let base = graph(&(hosts.clone() + &users));
+        let head = graph(
+            &(hosts
+                + &users
+                + &doc(
+                    "Mapping",
+                    "catch-all",
+                    "{hostname: \"*\", prefix: /, service: web, precedence: 10}",
+                )),
+        );
+        let d = diff(&base, &head);
+        let shadowed: Vec<_> = d
+            .findings
+            .iter()
+            .filter(|f| f.kind == FindingKind::Shadowed)
+            .collect();
+        assert_eq!(shadowed.len(), 1, "{:#?}", d.findings);
+        assert!(shadowed[0].message.contains("`default/catch-all`"));
+        // Each Host's table still lists the change.
+        assert_eq!(d.tables.iter().filter(|t| !t.entries.is_empty()).count(), 3);
+    }
 }
