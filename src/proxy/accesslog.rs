@@ -527,6 +527,7 @@ mod tests {
             routes: Vec::new(),
             certs: Default::default(),
             revision: HeaderValue::from_static("abc"),
+            evidence: Arc::default(),
             any_insecure_policy: false,
             stats: Vec::new(),
         });
