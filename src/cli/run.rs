@@ -377,7 +377,12 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         let mut events = served_events;
         tokio::spawn(async move {
             while let Ok(e) = events.recv().await {
-                if matches!(e.outcome, reconcile::Outcome::Applied | reconcile::Outcome::Verifying | reconcile::Outcome::Degraded) {
+                if matches!(
+                    e.outcome,
+                    reconcile::Outcome::Applied
+                        | reconcile::Outcome::Verifying
+                        | reconcile::Outcome::Degraded
+                ) {
                     served_tx.send_replace(Some(e.revision));
                 }
             }

@@ -373,7 +373,7 @@ impl Metrics {
             "interrupted",
         ]
         .iter()
-            .enumerate()
+        .enumerate()
         {
             let _ = writeln!(
                 out,

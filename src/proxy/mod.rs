@@ -135,12 +135,7 @@ impl crate::reconcile::GraphSink for Proxy {
         Proxy::swap(self, graph)
     }
 
-    fn serve(
-        &self,
-        graph: Arc<Graph>,
-        revision: &str,
-        evidence: Arc<crate::reconcile::Evidence>,
-    ) {
+    fn serve(&self, graph: Arc<Graph>, revision: &str, evidence: Arc<crate::reconcile::Evidence>) {
         Proxy::swap_revision(self, graph, revision, evidence)
     }
 }

@@ -259,7 +259,10 @@ mod tests {
     fn only_what_changed_is_judged() {
         let a = graph(&[("a", "/a/", "h1:80"), ("b", "/b/", "h2:80")]);
         let b = graph(&[("a", "/a/", "h1:80"), ("b", "/b/", "h3:80")]);
-        assert_eq!(names(&changed(Some(&a), &b)), vec![("default/b", "changed")]);
+        assert_eq!(
+            names(&changed(Some(&a), &b)),
+            vec![("default/b", "changed")]
+        );
         // Same content, nothing to judge; the first revision has everything to judge.
         assert!(changed(Some(&a), &a).is_empty());
         assert_eq!(changed(None, &a).len(), 2);
@@ -267,7 +270,11 @@ mod tests {
 
     #[test]
     fn a_catch_all_taking_moved_traffic_counts_as_changed() {
-        let a = graph(&[("a", "/a/", "h1:80"), ("all", "/", "h2:80"), ("b", "/b/", "h3:80")]);
+        let a = graph(&[
+            ("a", "/a/", "h1:80"),
+            ("all", "/", "h2:80"),
+            ("b", "/b/", "h3:80"),
+        ]);
         let b = graph(&[("all", "/", "h2:80"), ("b", "/b/", "h3:80")]);
         assert_eq!(
             names(&changed(Some(&a), &b)),

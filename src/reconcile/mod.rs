@@ -76,7 +76,10 @@ impl Live {
     /// The revision id and evidence counters of the current graph (tests count into them as
     /// the proxy would).
     pub fn served(&self) -> (String, Arc<Evidence>) {
-        self.served.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -981,7 +984,12 @@ impl Reconciler {
 
     /// The source's head, and the revision to serve (the pinned one while pinned: the head is
     /// still fetched, to show whether the pin is out of sync).
-    async fn fetch(&self) -> (Option<Result<Revision, SourceError>>, Result<Revision, SourceError>) {
+    async fn fetch(
+        &self,
+    ) -> (
+        Option<Result<Revision, SourceError>>,
+        Result<Revision, SourceError>,
+    ) {
         let source = self.source.clone();
         let applied = self.serving.as_ref().map(|a| a.id.clone());
         let pinned = self.pinned.clone();
@@ -1254,7 +1262,11 @@ impl Reconciler {
             self.verified = Some(serving.clone());
             self.pending.clear();
             self.final_reject = None;
-            if self.retry.as_ref().is_some_and(|r| r.revision == serving.id) {
+            if self
+                .retry
+                .as_ref()
+                .is_some_and(|r| r.revision == serving.id)
+            {
                 self.retry = None;
                 self.show_retry();
             }
@@ -1287,11 +1299,7 @@ impl Reconciler {
                     }
                     self.set_outcome(&t.id, &[Outcome::Superseded], Outcome::Applied);
                     entry.outcome = Outcome::RolledBack;
-                    entry.reason = Some(format!(
-                        "rolled back to {}: {}",
-                        short(&t.id),
-                        v.summary
-                    ));
+                    entry.reason = Some(format!("rolled back to {}: {}", short(&t.id), v.summary));
                     self.final_reject = Some(serving.id.clone());
                     tracing::warn!(revision = %entry.revision, reason = %v.summary, "rolled back");
                     self.schedule_retry(&serving.id, &v, false);

@@ -223,7 +223,10 @@ impl Window {
         let (judgement, summary) = if quiet.is_empty() {
             (
                 Judgement::Verified,
-                format!("{} changed route(s) served under the threshold", routes.len()),
+                format!(
+                    "{} changed route(s) served under the threshold",
+                    routes.len()
+                ),
             )
         } else {
             (
@@ -309,8 +312,13 @@ impl Window {
                 return v;
             }
             let left = self.deadline().saturating_duration_since(now);
-            tokio::time::sleep(self.settings.probe_interval.min(left).max(Duration::from_millis(1)))
-                .await;
+            tokio::time::sleep(
+                self.settings
+                    .probe_interval
+                    .min(left)
+                    .max(Duration::from_millis(1)),
+            )
+            .await;
         }
     }
 }
@@ -435,7 +443,11 @@ mod tests {
         let t = Instant::now();
         let v = w.run().await;
         assert_eq!(v.judgement, Judgement::VerifiedUnobserved, "{v:?}");
-        assert!(v.summary.contains("default/m0 (0 requests)"), "{}", v.summary);
+        assert!(
+            v.summary.contains("default/m0 (0 requests)"),
+            "{}",
+            v.summary
+        );
         assert!(t.elapsed() >= Duration::from_secs(10));
     }
 
@@ -481,6 +493,7 @@ mod tests {
             e.record(0, Observed::Upstream5xx);
         }
         w.evidence = e;
+        w.routes[0].since = Instant::now();
         assert!(w.judge(Instant::now()).is_none());
         // ...unless asked for.
         w.settings.count_upstream_5xx = true;
