@@ -43,7 +43,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 /// A work repository under `<tmp>/repo`.
 pub(crate) struct Repo {
     _tmp: tempfile::TempDir,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 impl Repo {
@@ -95,9 +95,9 @@ impl Repo {
 }
 
 /// `git daemon` serving the parent of a repository; killed on drop.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Drop for Daemon {
@@ -107,7 +107,7 @@ impl Drop for Daemon {
     }
 }
 
-async fn daemon(base: &Path) -> Daemon {
+pub(crate) async fn daemon(base: &Path) -> Daemon {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

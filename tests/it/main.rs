@@ -14,6 +14,7 @@ mod observability;
 mod protocols;
 mod proxy;
 mod reconcile;
+mod rollout;
 mod security;
 mod support;
 mod traffic;
