@@ -149,7 +149,7 @@ async fn missing_secret_is_retried_and_applies_once_present() {
 }
 
 /// The newest history entry once it is no longer verifying.
-async fn verdict_of(h: &Handle, rev: &str) -> reconcile::Entry {
+pub async fn verdict_of(h: &Handle, rev: &str) -> reconcile::Entry {
     let mut last = None;
     eventually(&format!("a verdict for {rev}"), || {
         last = h
@@ -170,7 +170,7 @@ fn route_index(live: &Live, name: &str) -> usize {
         .unwrap()
 }
 
-fn swapped(r: &PassResult) -> reconcile::Entry {
+pub fn swapped(r: &PassResult) -> reconcile::Entry {
     match r {
         PassResult::Recorded { entry } => (**entry).clone(),
         other => panic!("{other:?}"),
@@ -178,7 +178,7 @@ fn swapped(r: &PassResult) -> reconcile::Entry {
 }
 
 /// The entry of the first revision (the loop's own first pass swaps it in).
-async fn first(h: &Handle) -> reconcile::Entry {
+pub async fn first(h: &Handle) -> reconcile::Entry {
     h.sync().await;
     h.history().last().cloned().expect("a first entry")
 }
