@@ -410,7 +410,7 @@ impl Source for GitSource {
 const PACKED_FILE: &str = "legate-packed";
 
 /// Merges since the last full repack after which the next merge is a full one.
-const MAX_MERGED: usize = 16;
+const MAX_MERGED: usize = 32;
 
 /// Keep the cache's pack count bounded, with memory that does not grow with the history.
 ///

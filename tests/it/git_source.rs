@@ -506,10 +506,15 @@ async fn a_tag_and_a_subdirectory_are_followed() {
 // assert nothing about time).
 
 fn rss_kib() -> u64 {
+    status_kib("VmRSS:")
+}
+
+/// A `/proc/self/status` field in KiB (`VmRSS:`, `RssAnon:`, `RssFile:`).
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -690,10 +695,15 @@ async fn bench_memory_over_1000_revisions() {
         let r = h.sync().await;
         assert_eq!(outcome(&r), Some(Outcome::Applied), "{r:?}");
         if i % 100 == 99 {
-            samples.push((i + 1, rss_kib()));
+            samples.push((
+                i + 1,
+                rss_kib(),
+                status_kib("RssAnon:"),
+                status_kib("RssFile:"),
+            ));
         }
     }
-    println!("BENCH RSS (KiB) after N applied revisions: {samples:?}");
+    println!("BENCH RSS, RssAnon, RssFile (KiB) after N applied revisions: {samples:?}");
 }
 
 /// `git http-backend` run as CGI behind a small hyper server that demands basic auth.
