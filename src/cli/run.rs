@@ -372,19 +372,34 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         let kwatch = crate::source::kube::start(client.clone(), k, None).await?;
         let source = Arc::new(kwatch.source());
         let handle = reconcile::start(source, sink, rsettings, Some(errors));
+        // Each new snapshot asks for a pass at once (a set-aside object's replacement too),
+        // instead of waiting for the poll.
+        let mut snaps = kwatch.snapshots();
+        let h = handle.clone();
+        tokio::spawn(async move {
+            while snaps.changed().await.is_ok() {
+                h.trigger();
+            }
+        });
         // The served revision goes to the objects' status, written by the Lease holder only.
-        let (served_tx, served_rx) = tokio::sync::watch::channel(None::<String>);
+        let (served_tx, served_rx) = tokio::sync::watch::channel(None::<crate::kube::Served>);
         let mut events = served_events;
         tokio::spawn(async move {
+            use reconcile::Outcome;
             while let Ok(e) = events.recv().await {
-                if matches!(
-                    e.outcome,
-                    reconcile::Outcome::Applied
-                        | reconcile::Outcome::Verifying
-                        | reconcile::Outcome::Degraded
-                ) {
-                    served_tx.send_replace(Some(e.revision));
-                }
+                let state = match e.outcome {
+                    Outcome::Verifying => "verifying",
+                    Outcome::Degraded => "degraded",
+                    Outcome::Applied => match e.verdict.as_ref().map(|v| v.judgement) {
+                        Some(reconcile::Judgement::VerifiedUnobserved) => "verified-unobserved",
+                        _ => "verified",
+                    },
+                    _ => continue,
+                };
+                served_tx.send_replace(Some(crate::kube::Served {
+                    revision: e.revision,
+                    state: state.into(),
+                }));
             }
         });
         let lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| cfg.namespace.clone());

@@ -90,7 +90,7 @@ pub struct Tally {
 }
 
 impl Tally {
-    pub fn add(self, o: Tally) -> Tally {
+    pub fn plus(self, o: Tally) -> Tally {
         Tally {
             requests: self.requests + o.requests,
             failures: self.failures + o.failures,

@@ -1280,6 +1280,16 @@ impl Reconciler {
             tracing::info!(revision = %entry.revision, verdict = %v.summary, "verified");
             entry.verdict = Some(v);
             self.lock().status.verified = Some(serving.id.clone());
+        } else if let Some(failed) = self.set_aside(&v) {
+            // Kubernetes: only the failing objects go, other teams' objects stay as they are.
+            entry.outcome = Outcome::Degraded;
+            entry.reason = Some(format!(
+                "set aside {} (VerificationFailed); a revision without them follows: {}",
+                failed.join(", "),
+                v.summary
+            ));
+            tracing::warn!(revision = %entry.revision, reason = %v.summary, "failing objects set aside");
+            entry.verdict = Some(v);
         } else {
             let target = self
                 .verified
@@ -1321,6 +1331,21 @@ impl Reconciler {
         self.upsert(entry.clone());
         self.persist();
         entry
+    }
+
+    /// Ask the source to set aside the Mappings whose routes failed (Kubernetes mode); the
+    /// Mappings when it did.
+    fn set_aside(&self, v: &Verdict) -> Option<Vec<String>> {
+        if self.pinned.is_some() {
+            return None;
+        }
+        let failed: Vec<String> = v
+            .routes
+            .iter()
+            .filter(|r| r.failed)
+            .map(|r| r.mapping.clone())
+            .collect();
+        (!failed.is_empty() && self.source.set_aside(&failed, &v.summary)).then_some(failed)
     }
 
     fn schedule_retry(&mut self, id: &str, v: &Verdict, reverify: bool) {

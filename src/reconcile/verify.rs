@@ -133,7 +133,7 @@ pub struct Window {
 impl Window {
     /// What `w` has seen, carried evidence included.
     pub fn tally(&self, w: &Watched) -> Tally {
-        w.carried.add(self.evidence.get(w.route.index))
+        w.carried.plus(self.evidence.get(w.route.index))
     }
 
     /// When the last changed route has been live for the window.
