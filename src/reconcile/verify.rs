@@ -94,11 +94,18 @@ pub struct RouteReport {
     pub failed: bool,
 }
 
+/// Route reports kept in a verdict beyond the failed ones (a first revision judges every route).
+const MAX_REPORTS: usize = 50;
+
 /// A window's verdict.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Verdict {
     pub judgement: Judgement,
     pub summary: String,
+    /// How many routes were judged.
+    #[serde(default)]
+    pub judged: usize,
+    /// The failed routes, then the busiest others, at most 50 of those.
     pub routes: Vec<RouteReport>,
     /// Upstreams whose failure failed the revision: a retry waits until they answer a probe.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -156,6 +163,14 @@ impl Window {
             && self.bad(t) as f64 / t.requests as f64 > self.settings.max_error_ratio
     }
 
+    /// What a verdict keeps: the failed routes, then the busiest others.
+    fn kept(&self, mut all: Vec<RouteReport>) -> Vec<RouteReport> {
+        all.sort_by_key(|r| (!r.failed, std::cmp::Reverse(r.tally.requests)));
+        let failed = all.iter().filter(|r| r.failed).count();
+        all.truncate(failed + MAX_REPORTS);
+        all
+    }
+
     fn reports(&self) -> Vec<RouteReport> {
         self.routes
             .iter()
@@ -208,7 +223,8 @@ impl Window {
                     self.settings.max_error_ratio * 100.0,
                     self.settings.min_requests.max(1)
                 ),
-                routes,
+                judged: routes.len(),
+                routes: self.kept(routes),
                 failed_upstreams,
             });
         }
@@ -241,7 +257,8 @@ impl Window {
         Some(Verdict {
             judgement,
             summary,
-            routes,
+            judged: routes.len(),
+            routes: self.kept(routes),
             failed_upstreams: Vec::new(),
         })
     }
@@ -250,7 +267,8 @@ impl Window {
         Verdict {
             judgement: Judgement::Failed,
             summary,
-            routes: self.reports(),
+            judged: self.routes.len(),
+            routes: self.kept(self.reports()),
             failed_upstreams,
         }
     }
@@ -265,7 +283,8 @@ impl Window {
                 } else {
                     "verification is off (--verify-window 0)".into()
                 },
-                routes: self.reports(),
+                judged: self.routes.len(),
+                routes: self.kept(self.reports()),
                 failed_upstreams: Vec::new(),
             };
         }

@@ -155,7 +155,8 @@ pub async fn verdict_of(h: &Handle, rev: &str) -> reconcile::Entry {
         last = h
             .history()
             .into_iter()
-            .find(|e| e.revision == rev && e.outcome != Outcome::Verifying);
+            .find(|e| e.revision == rev)
+            .filter(|e| e.outcome != Outcome::Verifying);
         last.is_some()
     })
     .await;
@@ -243,6 +244,105 @@ async fn verification_failure_rolls_back_to_the_last_verified_graph() {
     let retry = h.status().retry.expect("a retry is scheduled");
     assert_eq!(retry.revision, e.revision);
     assert_eq!(retry.upstreams, vec!["127.0.0.1:9002".to_string()]);
+    // A new head cancels the retry.
+    write(d.path(), "b.yaml", &mapping("b", "/b/", "127.0.0.1:9003"));
+    let next = swapped(&h.sync().await);
+    assert_eq!(next.outcome, Outcome::Verifying);
+    assert!(h.status().retry.is_none());
+}
+
+#[tokio::test]
+async fn a_pinned_revision_that_fails_is_degraded_and_never_swapped_back() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "a.yaml", &mapping("a", "/a/", "127.0.0.1:9001"));
+    let (h, live) = start_dir(d.path(), None, window_settings(300));
+    let a = first(&h).await;
+    assert_eq!(verdict_of(&h, &a.revision).await.outcome, Outcome::Applied);
+    write(d.path(), "b.yaml", &mapping("b", "/b/", "127.0.0.1:9002"));
+    let b = swapped(&h.sync().await);
+    assert_eq!(verdict_of(&h, &b.revision).await.outcome, Outcome::Applied);
+    // Pinning a removes only b's route, which nothing else may catch: verified at once.
+    let p = swapped(&h.pin(&a.revision).await);
+    assert_eq!(p.outcome, Outcome::Applied, "{p:?}");
+    assert_eq!(live.load().len(), 1);
+    // Pinning b again: its route is new against a, the last verified revision, and fails.
+    let p = swapped(&h.pin(&b.revision).await);
+    assert_eq!(p.outcome, Outcome::Verifying);
+    let dd = b.clone();
+    let (_, ev) = live.served();
+    for _ in 0..10 {
+        ev.record(
+            route_index(&live, "b"),
+            reconcile::Observed::UpstreamFailure,
+        );
+    }
+    let v = verdict_of(&h, &dd.revision).await;
+    assert_eq!(v.outcome, Outcome::Degraded, "{v:?}");
+    assert!(v.reason.unwrap().starts_with("pinned"));
+    // Still the pinned revision, still pinned.
+    let st = h.status();
+    assert_eq!(st.applied.as_deref(), Some(dd.revision.as_str()));
+    assert_eq!(st.pinned.as_deref(), Some(dd.revision.as_str()));
+    assert_eq!(st.state, Some(reconcile::LiveState::Degraded));
+    assert_eq!(live.load().len(), 2);
+}
+
+#[tokio::test]
+async fn a_restart_serves_a_verified_revision_without_a_window_and_rewatches_an_unverified_one() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    write(d.path(), "a.yaml", &mapping("a", "/a/", "127.0.0.1:9001"));
+    let mut s = window_settings(300);
+    s.cache_dir = Some(cache.path().to_path_buf());
+    let (h, _live) = start_dir(d.path(), Some(cache.path()), s.clone());
+    let a = first(&h).await;
+    let v = verdict_of(&h, &a.revision).await;
+    assert_eq!(v.outcome, Outcome::Applied);
+    drop(h);
+    // Restart with the directory broken: the verified revision serves at once, as verified.
+    write(d.path(), "z.yaml", &bad_mapping("z"));
+    let mut long = s.clone();
+    long.verify.window = Duration::from_secs(3600);
+    let (h, live) = start_dir(d.path(), Some(cache.path()), long.clone());
+    eventually("the cached revision serves", || {
+        h.status().applied.is_some()
+    })
+    .await;
+    let st = h.status();
+    assert_eq!(st.applied.as_deref(), Some(a.revision.as_str()));
+    assert_eq!(st.state, Some(reconcile::LiveState::FromCache));
+    assert!(st.verifying.is_none());
+    assert_eq!(live.load().len(), 1);
+    assert_eq!(
+        st.live.unwrap().verdict.unwrap().judgement,
+        reconcile::Judgement::VerifiedUnobserved
+    );
+    // A new revision is swapped in and its window (an hour) runs; restart in the middle.
+    std::fs::remove_file(d.path().join("z.yaml")).unwrap();
+    write(d.path(), "b.yaml", &mapping("b", "/b/", "127.0.0.1:9002"));
+    let b = swapped(&h.sync().await);
+    assert_eq!(b.outcome, Outcome::Verifying);
+    drop(h);
+    let (h, live) = start_dir(d.path(), Some(cache.path()), long);
+    eventually("b serves again", || {
+        h.status().verifying.as_deref() == Some(b.revision.as_str())
+    })
+    .await;
+    let st = h.status();
+    assert_eq!(st.applied.as_deref(), Some(b.revision.as_str()));
+    // Judged against the verified revision a, restored beside it.
+    assert_eq!(st.verified.as_deref(), Some(a.revision.as_str()));
+    assert_eq!(live.load().len(), 2);
+    let (_, ev) = live.served();
+    for _ in 0..10 {
+        ev.record(
+            route_index(&live, "b"),
+            reconcile::Observed::UpstreamFailure,
+        );
+    }
+    let v = verdict_of(&h, &b.revision).await;
+    assert_eq!(v.outcome, Outcome::RolledBack, "{v:?}");
+    assert_eq!(live.load().len(), 1);
 }
 
 #[tokio::test]

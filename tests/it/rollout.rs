@@ -278,6 +278,20 @@ async fn only_changed_routes_are_judged_and_a_failing_new_route_is_rolled_back()
     assert_eq!(status_of(&gw.url("/c/x")).await, 200);
     assert_eq!(status_of(&gw.url("/a/x")).await, 200);
     assert_eq!(status_of(&gw.url("/d/x")).await, 404);
+
+    // `legate sync --wait` answers with the verdict, not the swap.
+    std::fs::remove_file(tree.path().join("d.yaml")).unwrap();
+    write(tree.path(), "e.yaml", &mapping("e", "/e/", &good.service()));
+    let admin = gw.admin;
+    let out = tokio::task::spawn_blocking(move || cli(admin, &["sync", "--wait"]))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("verdict: ") && text.contains("Applied"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
