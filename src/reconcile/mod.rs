@@ -982,57 +982,66 @@ impl Reconciler {
         (out, ms(t.elapsed()))
     }
 
-    /// The source's head, and the revision to serve (the pinned one while pinned: the head is
-    /// still fetched, to show whether the pin is out of sync).
-    async fn fetch(
-        &self,
-    ) -> (
-        Option<Result<Revision, SourceError>>,
-        Result<Revision, SourceError>,
-    ) {
+    /// Read the source's head in the background while pinned, only to show it (and "out of
+    /// sync"): a pinned pass serves from the local copy and never waits for the network.
+    fn watch_head(&self) {
+        let source = self.source.clone();
+        let applied = self.serving.as_ref().map(|a| a.id.clone());
+        let shared = self.shared.clone();
+        let metrics = self.settings.metrics.clone();
+        let timeout = self.settings.fetch_timeout;
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let kind = source.kind();
+            let task = tokio::task::spawn_blocking(move || source.current(applied.as_deref()));
+            let head = match tokio::time::timeout(timeout, task).await {
+                Ok(Ok(r)) => r.ok(),
+                _ => None,
+            };
+            if let Some(m) = &metrics {
+                m.source_fetch(kind, head.is_some(), t.elapsed());
+            }
+            if let Some(h) = head {
+                shared.lock().unwrap_or_else(|e| e.into_inner()).status.head = Some(h.id);
+            }
+        });
+    }
+
+    /// The revision to serve: the source's head, or the pinned one from the local copy.
+    async fn fetch(&self) -> Result<Revision, SourceError> {
         let source = self.source.clone();
         let applied = self.serving.as_ref().map(|a| a.id.clone());
         let pinned = self.pinned.clone();
-        let task = tokio::task::spawn_blocking(move || {
-            let head = source.current(applied.as_deref());
-            match pinned {
-                Some(id) => (Some(head), source.at(&id)),
-                None => (None, head),
-            }
+        if pinned.is_some() {
+            self.watch_head();
+        }
+        let task = tokio::task::spawn_blocking(move || match pinned {
+            Some(id) => source.at(&id),
+            None => source.current(applied.as_deref()),
         });
         match tokio::time::timeout(self.settings.fetch_timeout, task).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => (
-                None,
-                Err(SourceError::Local(format!("source task failed: {e}"))),
-            ),
+            Ok(Err(e)) => Err(SourceError::Local(format!("source task failed: {e}"))),
             // The blocking call keeps running; the source refuses to start another meanwhile.
-            Err(_) => (
-                None,
-                Err(SourceError::Timeout {
-                    url: self.source.describe(),
-                    secs: self.settings.fetch_timeout.as_secs(),
-                }),
-            ),
+            Err(_) => Err(SourceError::Timeout {
+                url: self.source.describe(),
+                secs: self.settings.fetch_timeout.as_secs(),
+            }),
         }
     }
 
     async fn pass(&mut self, force: bool) -> PassResult {
         let started = now_ms();
         let t_fetch = Instant::now();
-        let (head, fetched) = self.fetch().await;
+        let fetched = self.fetch().await;
         let took = t_fetch.elapsed();
         let fetch_ms = ms(took);
-        if let Some(m) = &self.settings.metrics {
-            let ok = head.as_ref().map_or(fetched.is_ok(), |h| h.is_ok());
-            m.source_fetch(self.source.kind(), ok, took);
+        // A pinned pass reads the local copy only: not a fetch (the head is read beside it).
+        if let (Some(m), None) = (&self.settings.metrics, &self.pinned) {
+            m.source_fetch(self.source.kind(), fetched.is_ok(), took);
         }
-        let head_id = match (&head, &fetched) {
-            (Some(h), _) => h.as_ref().ok().map(|r| r.id.clone()),
-            (None, f) => f.as_ref().ok().map(|r| r.id.clone()),
-        };
-        if head_id.is_some() {
-            self.lock().status.head = head_id.clone();
+        if let (Ok(r), None) = (&fetched, &self.pinned) {
+            self.lock().status.head = Some(r.id.clone());
         }
         let rev = match fetched {
             Ok(r) => r,

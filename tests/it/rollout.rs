@@ -545,9 +545,13 @@ async fn ten_commits_a_second_apart_each_go_live_without_waiting_for_windows() {
         "11",
     );
     let (_, _, sync_took) = gw.post("/api/sync").await;
-    let st = gw.status().await;
-    assert_eq!(st["head"], newest.as_str(), "{st}");
+    let st = gw
+        .until("the new head shown while pinned", |s| {
+            s["head"] == newest.as_str()
+        })
+        .await;
     assert_eq!(st["out_of_sync"], true, "{st}");
+    assert_eq!(st["applied"], commits[2].as_str(), "{st}");
     let (code, body, unpin_took) = gw.post("/api/unpin").await;
     assert_eq!(code, 202, "{body}");
     assert_eq!(body["entry"]["revision"], newest.as_str(), "{body}");
