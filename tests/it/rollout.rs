@@ -560,3 +560,44 @@ async fn ten_commits_a_second_apart_each_go_live_without_waiting_for_windows() {
         assert!(t < Duration::from_secs(5), "{t:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_503_while_draining_after_sigterm() {
+    let up = Upstream::start("slow").await;
+    let tree = tempfile::tempdir().unwrap();
+    write(tree.path(), "m.yaml", &mapping("m", "/m/", &up.service()));
+    let gw = Gw::start(
+        &["--dir", tree.path().to_str().unwrap()],
+        &["--verify-window", "0", "--drain-timeout-secs", "20"],
+    )
+    .await;
+    let ready = format!("http://{}/readyz", gw.admin);
+    gw.until("a revision serves", |s| s["applied"].is_string())
+        .await;
+    assert_eq!(status_of(&ready).await, 200);
+    // A request in flight keeps the drain going.
+    let slow = tokio::spawn(get_owned(gw.url("/m/x?sleep_ms=1500")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = gw._child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut seen = 0;
+    for _ in 0..200 {
+        seen = status_of(&ready).await;
+        if seen == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, 503);
+    let body = get(&ready, &[]).await;
+    assert_eq!(body.body, "draining\n");
+    assert_eq!(slow.await.unwrap(), 200);
+}
+
+async fn get_owned(url: String) -> u16 {
+    get(&url, &[]).await.status.as_u16()
+}
