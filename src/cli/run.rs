@@ -87,8 +87,11 @@ pub struct RunArgs {
     /// or a policy's answer); a failed --health-path probe or active health check fails it
     /// too. Fewer requests is "verified-unobserved", still a rollback target. A failing
     /// revision is rolled back to the last verified one, or kept serving as degraded when
-    /// there is none (the first revision) or it is pinned. A newer revision interrupts the
-    /// window at once; evidence carries over by route.
+    /// there is none (the first revision) or it is pinned; in Kubernetes mode the failing
+    /// Mappings are set aside instead (Accepted=False, VerificationFailed). A newer revision
+    /// interrupts the window at once; evidence carries over by route. States of the serving
+    /// revision: verifying, verified, verified-unobserved, degraded, pinned, from-cache
+    /// (/readyz answers 200 in all of them, 503 before the first and while draining).
     #[arg(long, env = "LEGATE_VERIFY_WINDOW", default_value = "10s", value_parser = parse_duration, verbatim_doc_comment)]
     pub verify_window: Duration,
     /// A changed route fails its window above this share of failed requests (0 to 1).
@@ -125,8 +128,8 @@ pub struct RunArgs {
     /// Required when the admin listener is not on loopback.
     #[arg(long, env = "LEGATE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// POST a JSON (Slack-compatible) message here when a revision is applied, rejected or
-    /// rolled back.
+    /// POST a JSON (Slack-compatible) message here when a revision is swapped in (verifying),
+    /// applied, kept serving degraded, rejected or rolled back.
     #[arg(long, env = "LEGATE_NOTIFY_URL")]
     pub notify_url: Option<String>,
     /// Watch Mappings, Hosts and their TLS Secrets in Kubernetes instead of a repository.
