@@ -1359,10 +1359,12 @@ impl Reconciler {
 
     fn schedule_retry(&mut self, id: &str, v: &Verdict, reverify: bool) {
         let s = &self.settings.verify;
-        let (attempts, delay) = match &self.retry {
-            Some(r) if r.revision == id => (r.attempts + 1, (r.delay * 2).min(s.retry_max)),
-            _ => (1, s.retry_initial.min(s.retry_max)),
-        };
+        let prev = self
+            .retry
+            .as_ref()
+            .filter(|r| r.revision == id)
+            .map(|r| (r.attempts, r.delay));
+        let (attempts, delay) = next_retry(prev, s.retry_initial, s.retry_max);
         self.retry = Some(Retry {
             revision: id.to_string(),
             attempts,
@@ -1417,7 +1419,7 @@ impl Reconciler {
         if let Some(why) = failed {
             let max = self.settings.verify.retry_max;
             if let Some(r) = self.retry.as_mut() {
-                r.delay = (r.delay * 2).min(max);
+                r.delay = next_retry(Some((r.attempts, r.delay)), r.delay, max).1;
                 r.next_at = Instant::now() + r.delay;
                 r.next_at_ms = now_ms() + ms(r.delay);
                 r.last_probe_error = Some(why.clone());
@@ -1463,6 +1465,15 @@ impl Reconciler {
         PassResult::Recorded {
             entry: Box::new(entry),
         }
+    }
+}
+
+/// The attempt number and delay of the next retry of a failed revision: `initial` first, then
+/// doubling up to `max`.
+fn next_retry(prev: Option<(u32, Duration)>, initial: Duration, max: Duration) -> (u32, Duration) {
+    match prev {
+        Some((attempts, delay)) => (attempts + 1, (delay * 2).min(max)),
+        None => (1, initial.min(max)),
     }
 }
 
@@ -1530,4 +1541,34 @@ pub fn launch(
         handle,
         _watches: watches,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_from_one_minute_doubling_to_fifteen() {
+        let (i, m) = (Duration::from_secs(60), Duration::from_secs(900));
+        let mut prev = None;
+        let mut delays = Vec::new();
+        for _ in 0..6 {
+            let next = next_retry(prev, i, m);
+            delays.push(next.1.as_secs());
+            prev = Some(next);
+        }
+        assert_eq!(delays, vec![60, 120, 240, 480, 900, 900]);
+        assert_eq!(prev.unwrap().0, 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_wakes_the_loop_at_its_time_and_not_before() {
+        let at = Instant::now() + Duration::from_secs(60);
+        let t = Instant::now();
+        sleep_until_opt(Some(at)).await;
+        assert_eq!(t.elapsed(), Duration::from_secs(60));
+        // No retry: never wakes (the select's other branches do).
+        let never = tokio::time::timeout(Duration::from_secs(3600), sleep_until_opt(None)).await;
+        assert!(never.is_err());
+    }
 }
