@@ -839,6 +839,10 @@ impl Reconciler {
         entry.graph = short(&graph.hash);
         entry.diagnostics = outcome.diagnostics;
         if let Some(r) = p.retry {
+            if !r.reverify {
+                // Rolled back: not swapped in again before its retry, restart or not.
+                self.final_reject = Some(r.revision.clone());
+            }
             let wait = Duration::from_millis(r.next_at.saturating_sub(now_ms()));
             self.retry = Some(Retry {
                 revision: r.revision,

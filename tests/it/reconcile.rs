@@ -343,6 +343,15 @@ async fn a_restart_serves_a_verified_revision_without_a_window_and_rewatches_an_
     let v = verdict_of(&h, &b.revision).await;
     assert_eq!(v.outcome, Outcome::RolledBack, "{v:?}");
     assert_eq!(live.load().len(), 1);
+    let retry = h.status().retry.expect("a retry");
+    drop(h);
+    // The retry survives a restart (the head is still b: it stays scheduled).
+    let (h, _live) = start_dir(d.path(), Some(cache.path()), s);
+    eventually("the retry restored", || h.status().retry.is_some()).await;
+    let again = h.status().retry.unwrap();
+    assert_eq!(again.revision, b.revision);
+    assert_eq!(again.next_at, retry.next_at);
+    assert_eq!(h.status().applied.as_deref(), Some(a.revision.as_str()));
 }
 
 #[tokio::test]
