@@ -326,7 +326,23 @@ fn human(call: &Call<'_>, v: &Value) -> String {
                 }
             }
             if let Some(vr) = v["verifying"].as_str() {
-                o.push_str(&format!("verifying:     {}\n", vr.get(..12).unwrap_or(vr)));
+                let w = &v["window"];
+                o.push_str(&format!(
+                    "verifying:     {} ({} changed route(s), ends in {} ms)\n",
+                    vr.get(..12).unwrap_or(vr),
+                    w["judged"],
+                    w["ends_in_ms"]
+                ));
+                for r in w["routes"].as_array().into_iter().flatten().take(10) {
+                    o.push_str(&format!(
+                        "  {} ({}): {} request(s), {} failed, {} upstream 5xx\n",
+                        r["mapping"].as_str().unwrap_or(""),
+                        r["why"].as_str().unwrap_or(""),
+                        r["requests"],
+                        r["failures"],
+                        r["upstream_5xx"]
+                    ));
+                }
             }
             if v["verified"].is_string() && v["verified"] != v["applied"] {
                 o.push_str(&format!(

@@ -283,6 +283,9 @@ pub struct Status {
     /// The served revision came from the local cache at startup and nothing newer has been
     /// applied since (the source was unreachable or its head broken).
     pub serving_cached: bool,
+    /// The running window and its evidence so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowView>,
     /// A revision a window failed, waiting for its retry.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryView>,
@@ -321,10 +324,24 @@ pub enum PassResult {
     SourceFailed { error: String },
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Shared {
     status: Status,
     history: VecDeque<Entry>,
+    /// The running window, for its evidence so far in status.
+    window: Option<(String, Arc<verify::Window>)>,
+}
+
+/// The running verification window, as status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowView {
+    pub revision: String,
+    /// Until the last changed route has been live for the window.
+    pub ends_in_ms: u64,
+    /// How many routes are judged.
+    pub judged: usize,
+    /// Evidence so far: the failing routes, then the busiest others.
+    pub routes: Vec<verify::RouteReport>,
 }
 
 enum Command {
@@ -372,6 +389,12 @@ impl Handle {
                 .cloned()
         });
         st.last_attempt = s.history.back().cloned();
+        st.window = s.window.as_ref().map(|(rev, w)| WindowView {
+            revision: rev.clone(),
+            ends_in_ms: ms(w.deadline().saturating_duration_since(Instant::now())),
+            judged: w.routes.len(),
+            routes: w.progress(),
+        });
         st.mode = if st.pinned.is_some() {
             "pinned"
         } else {
@@ -1242,7 +1265,14 @@ impl Reconciler {
             task,
             started: now,
         });
-        self.lock().status.verifying = Some(entry.revision.clone());
+        {
+            let mut s = self.lock();
+            s.status.verifying = Some(entry.revision.clone());
+            s.window = self
+                .active
+                .as_ref()
+                .map(|a| (entry.revision.clone(), a.window.clone()));
+        }
         self.persist();
         self.upsert(entry.clone());
         entry
@@ -1263,7 +1293,11 @@ impl Reconciler {
     /// the last verified revision, or keep it serving as degraded when there is none (or it is
     /// pinned). Returns the entry as recorded.
     async fn finish(&mut self, mut entry: Entry, v: Verdict, took: Duration) -> Entry {
-        self.lock().status.verifying = None;
+        {
+            let mut s = self.lock();
+            s.status.verifying = None;
+            s.window = None;
+        }
         entry.timings.verify_ms = ms(took);
         entry.finished_at = now_ms();
         let Some(serving) = self.serving.clone() else {

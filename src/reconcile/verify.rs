@@ -171,6 +171,11 @@ impl Window {
         all
     }
 
+    /// The evidence so far (the failed routes, then the busiest others), for status.
+    pub fn progress(&self) -> Vec<RouteReport> {
+        self.kept(self.reports())
+    }
+
     fn reports(&self) -> Vec<RouteReport> {
         self.routes
             .iter()
