@@ -253,7 +253,7 @@ impl Window {
             (
                 Judgement::VerifiedUnobserved,
                 format!(
-                    "no failure seen, but too little traffic to judge (fewer than {} requests): {}",
+                    "no failure seen, but too little traffic to judge (fewer than {} requests): {}; still a rollback target",
                     self.settings.min_requests.max(1),
                     quiet.join(", ")
                 ),
