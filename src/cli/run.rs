@@ -104,15 +104,15 @@ pub struct RunArgs {
     #[arg(long, env = "LEGATE_VERIFY_COUNT_UPSTREAM_5XX")]
     pub verify_count_upstream_5xx: bool,
     /// First delay before a rolled-back or degraded revision is tried again (once its failed
-    /// upstreams answer a probe); doubles after each failure up to --verify-retry-max. A new
-    /// revision cancels the retry.
+    /// upstreams accept a TCP connection); doubles after each failure up to --verify-retry-max.
+    /// A new revision cancels the retry.
     #[arg(long, env = "LEGATE_VERIFY_RETRY", default_value = "1m", value_parser = parse_duration)]
     pub verify_retry: Duration,
     /// Longest delay between retries of a failed revision.
     #[arg(long, env = "LEGATE_VERIFY_RETRY_MAX", default_value = "15m", value_parser = parse_duration)]
     pub verify_retry_max: Duration,
     /// During the window, GET this path on the plain-HTTP upstreams of the changed routes
-    /// (3 failures in a row fail the revision); also the probe before a retry.
+    /// (3 failures in a row fail the revision).
     #[arg(long, env = "LEGATE_HEALTH_PATH")]
     pub health_path: Option<String>,
     /// Revisions kept in history.

@@ -1429,23 +1429,24 @@ impl Reconciler {
         self.lock().status.retry = view;
     }
 
-    /// The retry is due: probe the upstreams that failed it; if they answer, watch the
+    /// The retry is due: probe the upstreams that failed it (they accept a connection); if
+    /// they do, watch the
     /// degraded revision again, or (returns true) make a pass that swaps the rolled-back one
     /// in again if it is still the head. Else back off.
     async fn retry_due(&mut self) -> bool {
         let Some(r) = self.retry.as_ref() else {
             return false;
         };
-        let prober = verify::Prober::new();
+        // A TCP connect, whatever the upstream's scheme: the window that follows judges the
+        // rest (and runs the --health-path probes).
+        let timeout = self.settings.verify.probe_timeout;
         let mut failed = None;
         for up in &r.upstreams {
-            let res = match &self.settings.verify.probe_path {
-                Some(p) => prober.get(up, p, self.settings.verify.probe_timeout).await,
-                // Any HTTP answer shows the upstream is up.
-                None => prober
-                    .status(up, "/", self.settings.verify.probe_timeout)
-                    .await
-                    .map(|_| ()),
+            let res = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(up)).await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("connect: {e}")),
+                Err(_) => Err(format!("no connection within {} ms", timeout.as_millis())),
             };
             if let Err(e) = res {
                 failed = Some(format!("{up}: {e}"));
