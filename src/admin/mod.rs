@@ -159,12 +159,15 @@ where
         }
         (&Method::GET, "/metrics") => return metrics(state),
         (&Method::GET, "/readyz" | "/ambassador/v0/check_ready") => {
-            // Ready once a revision is applied; stays ready while serving the last good one.
+            // Ready once a graph serves, in every serving state (verifying, degraded...);
+            // not ready while draining after SIGTERM, so load balancers stop sending.
             let st = state.reconciler.status();
-            return if st.applied.is_some() || st.verifying.is_some() {
+            return if st.draining {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if st.applied.is_some() {
                 text(StatusCode::OK, "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "no revision applied yet\n")
+                text(StatusCode::SERVICE_UNAVAILABLE, "no revision serves yet\n")
             };
         }
         _ => {}
@@ -253,9 +256,16 @@ fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
     r
 }
 
+/// The answer to sync, pin and unpin, given at swap time: 202 for "swapped in, verifying"
+/// (poll `/api/revisions` or use `legate sync --wait` for the verdict), 200 for a revision
+/// verified at once (nothing changed, or verification off) or already served, 409 for a
+/// rejection, 502 when the source failed.
 fn pass(r: PassResult) -> Response<Full<Bytes>> {
     let code = match &r {
         PassResult::Unchanged { .. } => StatusCode::OK,
+        PassResult::Recorded { entry } if entry.outcome == Outcome::Verifying => {
+            StatusCode::ACCEPTED
+        }
         PassResult::Recorded { entry } if entry.outcome == Outcome::Applied => StatusCode::OK,
         PassResult::Recorded { .. } => StatusCode::CONFLICT,
         PassResult::SourceFailed { .. } => StatusCode::BAD_GATEWAY,

@@ -64,12 +64,13 @@ pub enum Command {
     Status(remote::Remote),
     /// A running gateway's revision history.
     Revisions(remote::Remote),
-    /// Make a running gateway fetch and reconcile now.
-    Sync(remote::Remote),
+    /// Make a running gateway fetch and reconcile now. Answers when the revision is swapped
+    /// in (`verifying`); with --wait, when its verification window has a verdict.
+    Sync(remote::WaitArgs),
     /// Make a running gateway serve this revision and stop following its source.
     Pin(remote::PinArgs),
     /// Make a running gateway follow its source again.
-    Unpin(remote::Remote),
+    Unpin(remote::WaitArgs),
     /// Which Mapping a running gateway would pick for a request, and why.
     Explain(remote::ExplainArgs),
 }
@@ -249,9 +250,9 @@ pub fn main(cli: Cli) -> i32 {
         Command::Convert(a) => convert(a),
         Command::Status(r) => remote::run(remote::Call::Status, &r),
         Command::Revisions(r) => remote::run(remote::Call::Revisions, &r),
-        Command::Sync(r) => remote::run(remote::Call::Sync, &r),
-        Command::Pin(a) => remote::run(remote::Call::Pin(&a.revision), &a.remote),
-        Command::Unpin(r) => remote::run(remote::Call::Unpin, &r),
+        Command::Sync(a) => remote::run_waiting(remote::Call::Sync, &a.remote, a.wait),
+        Command::Pin(a) => remote::run_waiting(remote::Call::Pin(&a.revision), &a.remote, a.wait),
+        Command::Unpin(a) => remote::run_waiting(remote::Call::Unpin, &a.remote, a.wait),
         Command::Explain(a) => remote::run(remote::Call::Explain(&a), &a.remote),
         Command::Run(a) => {
             let cfg = a.config.options();

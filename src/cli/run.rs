@@ -79,15 +79,42 @@ pub struct RunArgs {
     /// Require head commits signed (SSH signatures) by a key in this allowed_signers file.
     #[arg(long, env = "LEGATE_VERIFY_SIGNATURES", value_name = "ALLOWED_SIGNERS")]
     pub verify_signatures: Option<PathBuf>,
-    /// How long a new revision is watched after it is applied (0 disables).
-    #[arg(long, env = "LEGATE_VERIFY_WINDOW", default_value = "10s", value_parser = parse_duration)]
+    /// How long a new revision is watched after its swap (0 disables). Only the routes it
+    /// changed against the last verified revision are judged: new or changed Mappings, and
+    /// unchanged ones that may receive traffic a removed or changed one took. A changed route
+    /// fails when more than --verify-max-error-ratio of at least --verify-min-requests of its
+    /// requests failed at the gateway (connect errors, resets, timeouts; never client errors
+    /// or a policy's answer); a failed --health-path probe or active health check fails it
+    /// too. Fewer requests is "verified-unobserved", still a rollback target. A failing
+    /// revision is rolled back to the last verified one, or kept serving as degraded when
+    /// there is none (the first revision) or it is pinned; in Kubernetes mode the failing
+    /// Mappings are set aside instead (Accepted=False, VerificationFailed). A newer revision
+    /// interrupts the window at once; evidence carries over by route. States of the serving
+    /// revision: verifying, verified, verified-unobserved, degraded, pinned, from-cache
+    /// (/readyz answers 200 in all of them, 503 before the first and while draining).
+    #[arg(long, env = "LEGATE_VERIFY_WINDOW", default_value = "10s", value_parser = parse_duration, verbatim_doc_comment)]
     pub verify_window: Duration,
-    /// During the window, GET this path on every plain-HTTP upstream the revision uses.
+    /// A changed route fails its window above this share of failed requests (0 to 1).
+    #[arg(long, env = "LEGATE_VERIFY_MAX_ERROR_RATIO", default_value_t = 0.2, value_parser = parse_ratio)]
+    pub verify_max_error_ratio: f64,
+    /// Requests a changed route needs in the window before its error ratio can fail it.
+    #[arg(long, env = "LEGATE_VERIFY_MIN_REQUESTS", default_value_t = 10)]
+    pub verify_min_requests: u64,
+    /// Also count 5xx answers sent by the upstream itself as failures in the window.
+    #[arg(long, env = "LEGATE_VERIFY_COUNT_UPSTREAM_5XX")]
+    pub verify_count_upstream_5xx: bool,
+    /// First delay before a rolled-back or degraded revision is tried again (once its failed
+    /// upstreams accept a TCP connection); doubles after each failure up to --verify-retry-max.
+    /// A new revision cancels the retry.
+    #[arg(long, env = "LEGATE_VERIFY_RETRY", default_value = "1m", value_parser = parse_duration)]
+    pub verify_retry: Duration,
+    /// Longest delay between retries of a failed revision.
+    #[arg(long, env = "LEGATE_VERIFY_RETRY_MAX", default_value = "15m", value_parser = parse_duration)]
+    pub verify_retry_max: Duration,
+    /// During the window, GET this path on the plain-HTTP upstreams of the changed routes
+    /// (3 failures in a row fail the revision).
     #[arg(long, env = "LEGATE_HEALTH_PATH")]
     pub health_path: Option<String>,
-    /// Gateway-made upstream errors tolerated during the window before rolling back.
-    #[arg(long, env = "LEGATE_MAX_NEW_ERRORS", default_value_t = 0)]
-    pub max_new_errors: u64,
     /// Revisions kept in history.
     #[arg(long, env = "LEGATE_HISTORY", default_value_t = 50)]
     pub history: usize,
@@ -101,8 +128,8 @@ pub struct RunArgs {
     /// Required when the admin listener is not on loopback.
     #[arg(long, env = "LEGATE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// POST a JSON (Slack-compatible) message here when a revision is applied, rejected or
-    /// rolled back.
+    /// POST a JSON (Slack-compatible) message here when a revision is swapped in (verifying),
+    /// applied, kept serving degraded, rejected or rolled back.
     #[arg(long, env = "LEGATE_NOTIFY_URL")]
     pub notify_url: Option<String>,
     /// Watch Mappings, Hosts and their TLS Secrets in Kubernetes instead of a repository.
@@ -327,13 +354,17 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         verify: VerifySettings {
             window: args.verify_window,
             probe_path: args.health_path.clone(),
-            max_new_errors: args.max_new_errors,
+            max_error_ratio: args.verify_max_error_ratio,
+            min_requests: args.verify_min_requests,
+            count_upstream_5xx: args.verify_count_upstream_5xx,
+            retry_initial: args.verify_retry,
+            retry_max: args.verify_retry_max,
             ..Default::default()
         },
         ..Default::default()
     };
     let sink: Arc<dyn reconcile::GraphSink> = proxy.clone();
-    let errors: Arc<dyn reconcile::ErrorCounter> = proxy.clone();
+    let errors: Arc<dyn reconcile::UpstreamHealth> = proxy.clone();
     // Keep-alives for the source's watches and tasks.
     let mut _keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     let (handle, source_name) = if args.kubernetes {
@@ -351,14 +382,34 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         let kwatch = crate::source::kube::start(client.clone(), k, None).await?;
         let source = Arc::new(kwatch.source());
         let handle = reconcile::start(source, sink, rsettings, Some(errors));
+        // Each new snapshot asks for a pass at once (a set-aside object's replacement too),
+        // instead of waiting for the poll.
+        let mut snaps = kwatch.snapshots();
+        let h = handle.clone();
+        tokio::spawn(async move {
+            while snaps.changed().await.is_ok() {
+                h.trigger();
+            }
+        });
         // The served revision goes to the objects' status, written by the Lease holder only.
-        let (served_tx, served_rx) = tokio::sync::watch::channel(None::<String>);
+        let (served_tx, served_rx) = tokio::sync::watch::channel(None::<crate::kube::Served>);
         let mut events = served_events;
         tokio::spawn(async move {
+            use reconcile::Outcome;
             while let Ok(e) = events.recv().await {
-                if e.outcome == reconcile::Outcome::Applied {
-                    served_tx.send_replace(Some(e.revision));
-                }
+                let state = match e.outcome {
+                    Outcome::Verifying => "verifying",
+                    Outcome::Degraded => "degraded",
+                    Outcome::Applied => match e.verdict.as_ref().map(|v| v.judgement) {
+                        Some(reconcile::Judgement::VerifiedUnobserved) => "verified-unobserved",
+                        _ => "verified",
+                    },
+                    _ => continue,
+                };
+                served_tx.send_replace(Some(crate::kube::Served {
+                    revision: e.revision,
+                    state: state.into(),
+                }));
             }
         });
         let lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| cfg.namespace.clone());
@@ -485,6 +536,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
 
     wait_for_signal().await;
     tracing::info!("shutting down: draining connections");
+    handle.set_draining();
     let drained = running
         .shutdown(Duration::from_secs(args.drain_timeout_secs))
         .await;

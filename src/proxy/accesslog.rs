@@ -527,6 +527,7 @@ mod tests {
             routes: Vec::new(),
             certs: Default::default(),
             revision: HeaderValue::from_static("abc"),
+            evidence: Arc::default(),
             stats: Vec::new(),
         });
         let req = http::Request::get("http://h.test/p?q=secret")

@@ -63,6 +63,16 @@ impl ProxyError {
         }
     }
 
+    /// Whether this failure counts against the serving revision in its verification window: a
+    /// failure on the upstream side that the gateway itself saw (connect error, reset, timeout,
+    /// no healthy member). Never a client-side kind (anything [`Side::Downstream`]: malformed
+    /// or aborted requests, limits, policy answers including an AuthService's relayed 5xx), so
+    /// a new client-error kind is excluded by its side. An open circuit breaker is load the
+    /// operator chose to shed, and the failures that opened it were counted already.
+    pub fn counts_against_revision(&self) -> bool {
+        self.side() == Side::Upstream && !matches!(self, ProxyError::Overloaded)
+    }
+
     pub fn status(&self) -> StatusCode {
         use ProxyError::*;
         match self {
@@ -198,6 +208,30 @@ impl ProxyError {
             src = s.source();
         }
         ProxyError::Upstream(chain(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_upstream_side_failures_count_against_a_revision() {
+        assert!(ProxyError::Connect("refused".into()).counts_against_revision());
+        assert!(ProxyError::Upstream("reset".into()).counts_against_revision());
+        assert!(ProxyError::Timeout.counts_against_revision());
+        assert!(ProxyError::NoHealthyUpstream.counts_against_revision());
+        assert!(!ProxyError::Overloaded.counts_against_revision());
+        assert!(!ProxyError::BadRequest("body").counts_against_revision());
+        assert!(!ProxyError::BodyTooLarge.counts_against_revision());
+        assert!(!ProxyError::NoRoute.counts_against_revision());
+        assert!(!ProxyError::Internal("bug".into()).counts_against_revision());
+        let relayed = crate::policy::Denial {
+            status: StatusCode::BAD_GATEWAY,
+            headers: http::HeaderMap::new(),
+            body: Bytes::new(),
+        };
+        assert!(!ProxyError::Denied(Box::new(relayed)).counts_against_revision());
     }
 }
 

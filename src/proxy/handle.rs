@@ -67,6 +67,7 @@ impl Proxy {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 observe::count_error(&self.metrics, &e);
+                ex.failed(&e);
                 if grpc {
                     e.into_grpc_response()
                 } else {

@@ -135,13 +135,13 @@ impl crate::reconcile::GraphSink for Proxy {
     fn swap(&self, graph: Arc<Graph>) {
         Proxy::swap(self, graph)
     }
+
+    fn serve(&self, graph: Arc<Graph>, revision: &str, evidence: Arc<crate::reconcile::Evidence>) {
+        Proxy::swap_revision(self, graph, revision, evidence)
+    }
 }
 
-impl crate::reconcile::ErrorCounter for Proxy {
-    fn gateway_errors(&self) -> u64 {
-        Proxy::gateway_errors(self)
-    }
-
+impl crate::reconcile::UpstreamHealth for Proxy {
     fn unhealthy_upstreams(&self) -> Vec<String> {
         Proxy::unhealthy_upstreams(self)
     }
@@ -153,8 +153,11 @@ pub(crate) struct Snapshot {
     /// Indexed by `RouteId`; `None` for redirects.
     pub routes: Vec<Option<Prepared>>,
     pub certs: CertTable,
-    /// `x-legate-revision` value.
+    /// `x-legate-revision` value and the access log's `revision`: the revision id the
+    /// reconciler shows (commit id, or content id), or the graph hash for a bare swap.
     pub revision: HeaderValue,
+    /// Where each answered request is counted for the revision's verification window.
+    pub evidence: Arc<crate::reconcile::Evidence>,
     /// Request counters per route, indexed by `RouteId` (resolved here, not per request).
     pub stats: Vec<Arc<crate::metrics::RouteStats>>,
 }
@@ -302,6 +305,7 @@ impl Proxy {
                 routes: Vec::new(),
                 certs: CertTable::default(),
                 revision: HeaderValue::from_static(""),
+                evidence: Arc::default(),
                 stats: Vec::new(),
             })),
             settings,
@@ -323,11 +327,26 @@ impl Proxy {
     }
 
     /// Make `graph` the one that new requests see. In-flight requests finish on their graph.
+    /// Its revision is named by the graph hash (the reconciler uses [`Proxy::swap_revision`]).
     pub fn swap(&self, graph: Arc<Graph>) {
+        let short = graph.hash.get(..12).unwrap_or(&graph.hash).to_string();
+        let evidence = crate::reconcile::Evidence::new(graph.len());
+        self.swap_revision(graph, &short, evidence)
+    }
+
+    /// Make `graph` current as revision `revision`, counting its requests into `evidence`.
+    pub fn swap_revision(
+        &self,
+        graph: Arc<Graph>,
+        revision: &str,
+        evidence: Arc<crate::reconcile::Evidence>,
+    ) {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         // Local rate-limit buckets and JWKS keys outlive a revision that leaves them as they were.
         crate::policy::carry_over(&self.shared.load().graph, &graph);
-        let snap = self.build(graph);
+        let mut snap = self.build(graph);
+        snap.revision = HeaderValue::from_str(revision).unwrap_or(HeaderValue::from_static(""));
+        snap.evidence = evidence;
         self.run_checkers(&snap);
         self.shared.store(Arc::new(snap));
         self.loaded
@@ -454,6 +473,7 @@ impl Proxy {
             routes: cur.routes.clone(),
             certs,
             revision: cur.revision.clone(),
+            evidence: cur.evidence.clone(),
             stats: cur.stats.clone(),
         };
         self.shared.store(Arc::new(snap));
@@ -476,9 +496,9 @@ impl Proxy {
             routes.push(prepared);
         }
         let certs = CertTable::build(&graph, &self.secrets, self.settings.default_cert.as_deref());
-        let short = graph.hash.get(..12).unwrap_or(&graph.hash);
         Snapshot {
-            revision: HeaderValue::from_str(short).unwrap_or(HeaderValue::from_static("")),
+            revision: HeaderValue::from_static(""),
+            evidence: Arc::default(),
             stats: graph
                 .routes
                 .iter()

@@ -16,6 +16,7 @@ mod parity;
 mod protocols;
 mod proxy;
 mod reconcile;
+mod rollout;
 mod security;
 mod support;
 mod traffic;
