@@ -481,6 +481,16 @@ impl Proxy {
         true
     }
 
+    /// The server config of the Host a ClientHello's SNI picks, when it has its own TLS
+    /// settings (`Err`: they could not be applied, refuse the handshake).
+    pub(crate) fn tls_config_for(
+        &self,
+        sni: Option<&str>,
+    ) -> Result<Option<Arc<rustls::ServerConfig>>, ()> {
+        let snap = self.shared.load();
+        snap.certs.config_for(&snap.graph, sni)
+    }
+
     /// The certificate source for the TLS listener's resolver.
     pub fn cert_source(&self) -> Arc<dyn CertSource> {
         Arc::new(SnapshotCerts(self.shared.clone()))

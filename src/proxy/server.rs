@@ -19,7 +19,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 
 use super::handle::{ConnHold, ConnInfo, Sni};
 use super::{Limits, Proxy, SetupError};
@@ -120,7 +120,7 @@ impl Proxy {
             https_addr = Some(local(&l)?);
             accepts.push(tokio::spawn(self.clone().accept_loop(
                 l,
-                Some(TlsAcceptor::from(cfg)),
+                Some(cfg),
                 conns.clone(),
                 stop_rx.clone(),
             )));
@@ -138,7 +138,7 @@ impl Proxy {
     async fn accept_loop(
         self: Arc<Self>,
         listener: TcpListener,
-        tls: Option<TlsAcceptor>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         conns: Arc<Semaphore>,
         mut stop: watch::Receiver<bool>,
     ) {
@@ -179,7 +179,7 @@ impl Proxy {
         self: Arc<Self>,
         stream: TcpStream,
         remote: SocketAddr,
-        tls: Option<TlsAcceptor>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         stop: watch::Receiver<bool>,
         hold: ConnHold,
     ) {
@@ -193,10 +193,10 @@ impl Proxy {
                 self.serve_io(TokioIo::new(stream), info, None, stop, hold)
                     .await
             }
-            Some(acceptor) => {
+            Some(listener_cfg) => {
                 let hs = tokio::time::timeout(
                     self.settings.limits.header_read_timeout,
-                    acceptor.accept(stream),
+                    self.tls_handshake(stream, listener_cfg),
                 )
                 .await;
                 match hs {
@@ -209,6 +209,21 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// Read the ClientHello, then finish the handshake with the config of the Host its SNI
+    /// picks (a Host with its own TLS settings), else the listener's.
+    async fn tls_handshake(
+        &self,
+        stream: TcpStream,
+        listener_cfg: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+        let cfg = self
+            .tls_config_for(start.client_hello().server_name())
+            .map_err(|()| std::io::Error::other("the Host's TLS settings are unavailable"))?
+            .unwrap_or(listener_cfg);
+        start.into_stream(cfg).await
     }
 
     async fn serve_io<I>(

@@ -19,4 +19,5 @@ mod reconcile;
 mod rollout;
 mod security;
 mod support;
+mod tls;
 mod traffic;

@@ -1,0 +1,223 @@
+//! TLSContext and Host `tls` settings through the running gateway: client certificates (mTLS)
+//! accepted and refused with curl, TLS versions, ALPN, and origination with a client
+//! certificate to an upstream that requires one.
+
+use std::path::{Path, PathBuf};
+
+use legate::proxy::Settings;
+
+use crate::support::{compile_with, curl, host, make_secret, mapping, Gateway, Upstream};
+
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA in `<dir>/<secret>/ca.crt` (+ `ca.key`), as a `ca_secret`.
+fn make_ca(dir: &Path, secret: &str) -> PathBuf {
+    let d = dir.join(secret);
+    std::fs::create_dir_all(&d).unwrap();
+    let (crt, key) = (d.join("ca.crt"), d.join("ca.key"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={secret}"),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        crt.to_str().unwrap(),
+    ]);
+    crt
+}
+
+/// A client certificate signed by the CA in `ca_dir`, written as `<dir>/<name>/tls.{crt,key}`.
+fn make_client(dir: &Path, name: &str, ca_dir: &Path) -> (PathBuf, PathBuf) {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let (crt, key, csr) = (d.join("tls.crt"), d.join("tls.key"), d.join("req.csr"));
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        &format!("/CN={name}/O=Legate Tests"),
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        csr.to_str().unwrap(),
+    ]);
+    let ext = d.join("ext.cnf");
+    std::fs::write(
+        &ext,
+        "basicConstraints=critical,CA:FALSE\nextendedKeyUsage=clientAuth,serverAuth\nsubjectAltName=DNS:localhost,DNS:client.test\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        csr.to_str().unwrap(),
+        "-CA",
+        ca_dir.join("ca.crt").to_str().unwrap(),
+        "-CAkey",
+        ca_dir.join("ca.key").to_str().unwrap(),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        ext.to_str().unwrap(),
+        "-out",
+        crt.to_str().unwrap(),
+    ]);
+    (crt, key)
+}
+
+fn tlscontext(name: &str, spec: &str) -> String {
+    let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+    format!("---\napiVersion: getambassador.io/v3alpha1\nkind: TLSContext\nmetadata:\n  name: {name}\nspec:\n{spec}")
+}
+
+async fn start(yaml: &str, secrets: &Path) -> Gateway {
+    let strip = legate::routes::RoutingOptions {
+        strip_matching_host_port: true,
+        ..Default::default()
+    };
+    let mut settings = Settings::default();
+    settings.secrets_dir = Some(secrets.to_path_buf());
+    Gateway::with_graph(compile_with(yaml, strip), settings).await
+}
+
+/// curl to `https://<name>:<port>/s/x` trusting `ca`, with extra arguments.
+fn args(name: &str, port: u16, ca: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "-i".into(),
+        "--cacert".into(),
+        ca.display().to_string(),
+        "--resolve".into(),
+        format!("{name}:{port}:127.0.0.1"),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a.push(format!("https://{name}:{port}/s/x"));
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_required_by_a_tlscontext_are_verified() {
+    let up = Upstream::start("a").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let s = secrets.path();
+    let server_ca = make_secret(s, "secure-tls", &["secure.test"]);
+    let open_ca = make_secret(s, "open-tls", &["open.test"]);
+    make_ca(s, "client-ca");
+    let (good_crt, good_key) = make_client(s, "alice", &s.join("client-ca"));
+    make_ca(s, "other-ca");
+    let (bad_crt, bad_key) = make_client(s, "mallory", &s.join("other-ca"));
+    let yaml = [
+        tlscontext(
+            "secure-ctx",
+            "hosts: [secure.test]\nsecret: secure-tls\nca_secret: client-ca\ncert_required: true",
+        ),
+        host("secure", "secure.test", "tlsSecret:\n  name: secure-tls"),
+        host("open", "open.test", "tlsSecret:\n  name: open-tls"),
+        mapping("m", &format!("prefix: /s/\nservice: {}", up.service())),
+    ]
+    .concat();
+    let gw = start(&yaml, s).await;
+    let port = gw.https.port();
+    let cert = |c: &Path, k: &Path| {
+        vec![
+            "--cert".to_string(),
+            c.display().to_string(),
+            "--key".into(),
+            k.display().to_string(),
+        ]
+    };
+    let with = |name: &str, ca: &Path, extra: &[String]| {
+        let e: Vec<&str> = extra.iter().map(String::as_str).collect();
+        args(name, port, ca, &e)
+    };
+
+    // Signed by the client CA: accepted and routed.
+    let (ok, out, err) = curl(&with(
+        "secure.test",
+        &server_ca,
+        &cert(&good_crt, &good_key),
+    ))
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("HTTP/2 200") || out.contains(" 200"),
+        "{out}"
+    );
+
+    // No certificate: the handshake is refused.
+    let (ok, out, _) = curl(&with("secure.test", &server_ca, &[])).await;
+    assert!(!ok, "served without a client certificate: {out}");
+
+    // A certificate from another CA: refused.
+    let (ok, out, _) = curl(&with("secure.test", &server_ca, &cert(&bad_crt, &bad_key))).await;
+    assert!(!ok, "served with an untrusted client certificate: {out}");
+
+    // The other Host on the same listener asks for no certificate.
+    let (ok, out, err) = curl(&with("open.test", &open_ca, &[])).await;
+    assert!(ok, "{err}");
+    assert!(out.contains(" 200"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_tls_block_sets_versions_and_alpn() {
+    let up = Upstream::start("a").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let s = secrets.path();
+    let ca13 = make_secret(s, "new-tls", &["new.test"]);
+    let ca_any = make_secret(s, "any-tls", &["any.test"]);
+    let yaml = [
+        host(
+            "new",
+            "new.test",
+            "tlsSecret:\n  name: new-tls\ntls:\n  min_tls_version: v1.3\n  alpn_protocols: http/1.1",
+        ),
+        host("any", "any.test", "tlsSecret:\n  name: any-tls"),
+        mapping("m", &format!("prefix: /s/\nservice: {}", up.service())),
+    ]
+    .concat();
+    let gw = start(&yaml, s).await;
+    let port = gw.https.port();
+
+    // TLS 1.2 is refused by the Host that wants 1.3, accepted by the other one.
+    let (ok, out, _) = curl(&args("new.test", port, &ca13, &["--tls-max", "1.2"])).await;
+    assert!(!ok, "TLS 1.2 accepted: {out}");
+    let (ok, out, err) = curl(&args("any.test", port, &ca_any, &["--tls-max", "1.2"])).await;
+    assert!(ok && out.contains(" 200"), "{err}{out}");
+
+    // ALPN `http/1.1` only: curl asking for h2 gets HTTP/1.1; the other Host speaks h2.
+    let (ok, out, err) = curl(&args("new.test", port, &ca13, &["--http2"])).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let (ok, out, err) = curl(&args("any.test", port, &ca_any, &["--http2"])).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+}
