@@ -491,6 +491,24 @@ impl Proxy {
         snap.certs.config_for(&snap.graph, sni)
     }
 
+    /// The TLS connectors of a Mapping's `tls: NAME`. A Secret that cannot be read gives
+    /// connectors that trust nothing, so the route answers 503 instead of connecting with
+    /// less than the TLSContext asks for (preflight reports the Secret first).
+    fn origin(&self, spec: &crate::routes::OriginTls) -> client::Origin {
+        let make = |alpn: &[u8]| {
+            crate::tls::context::origin_config(spec, &self.secrets, self.settings.upstream_ca.as_deref(), alpn)
+                .unwrap_or_else(|e| {
+                    tracing::error!(context = %spec.context, error = %e, "TLSContext for origination unusable; its routes fail");
+                    crate::tls::context::refusing_client_config()
+                })
+        };
+        client::Origin {
+            spec: spec.clone(),
+            h1: tokio_rustls::TlsConnector::from(Arc::new(make(b"http/1.1"))),
+            h2: tokio_rustls::TlsConnector::from(Arc::new(make(b"h2"))),
+        }
+    }
+
     /// The certificate source for the TLS listener's resolver.
     pub fn cert_source(&self) -> Arc<dyn CertSource> {
         Arc::new(SnapshotCerts(self.shared.clone()))
@@ -556,14 +574,20 @@ impl Proxy {
                 .collect()
         };
         let pool_idle = f.cluster_idle_timeout.or(f.idle_timeout);
+        let origin = f.origin_tls.as_ref().map(|o| self.origin(o));
+        let origin = origin.as_ref();
         let upstream = if f.http2 {
             UpstreamClient::H2(Box::new(self.clients.get(
                 true,
                 f.connect_timeout,
                 pool_idle,
+                origin,
             )))
         } else {
-            UpstreamClient::H1(self.clients.pool(&f.upstream, f.connect_timeout, pool_idle))
+            UpstreamClient::H1(
+                self.clients
+                    .pool(&f.upstream, f.connect_timeout, pool_idle, origin),
+            )
         };
         let wants_health = f.outlier.is_some() || !f.health_checks.is_empty();
         let health = wants_health.then(|| {
@@ -596,7 +620,8 @@ impl Proxy {
             (None, _, _) => None,
             (Some(_), UpstreamClient::H1(pool), Some(b)) => Some((pool.clone(), b.clone())),
             (Some(_), _, _) => Some((
-                self.clients.pool(&f.upstream, f.connect_timeout, pool_idle),
+                self.clients
+                    .pool(&f.upstream, f.connect_timeout, pool_idle, origin),
                 make_balancer(),
             )),
         };

@@ -11,10 +11,11 @@ use rustls::crypto::{ring, CryptoProvider, SupportedKxGroup};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{SupportedCipherSuite, SupportedProtocolVersion};
+use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
 
 use super::{SecretStore, TlsError};
-use crate::routes::SecretRef;
+use crate::routes::{OriginTls, SecretRef};
 
 /// A TLS protocol version Emissary's fields name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -224,4 +225,68 @@ impl ResolvesServerCert for Fixed {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.0.clone()
     }
+}
+
+/// The client config of a Mapping's `tls: NAME`: the context's `secret` as the client
+/// certificate, its `ca_secret` as the only trusted CA (else the default roots and
+/// `--upstream-ca`).
+pub fn origin_config(
+    spec: &OriginTls,
+    store: &SecretStore,
+    extra_ca: Option<&std::path::Path>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = Arc::new(ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Key {
+            name: spec.context.clone(),
+            source,
+        })?;
+    let builder = match &spec.ca {
+        Some(ca) => builder.with_root_certificates(store.load_ca(&ca.name)?),
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            if let Some(path) = extra_ca {
+                let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem).flatten() {
+                    let _ = roots.add(c);
+                }
+            }
+            builder.with_root_certificates(roots)
+        }
+    };
+    let mut cfg = match &spec.client_cert {
+        Some(secret) => {
+            let (certs, key) = store.load_client_pair(&secret.name)?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|source| TlsError::Key {
+                    name: secret.name.clone(),
+                    source,
+                })?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
+}
+
+/// A client config that trusts no server: connections through it always fail.
+pub fn refusing_client_config() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
 }

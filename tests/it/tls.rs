@@ -221,3 +221,150 @@ async fn host_tls_block_sets_versions_and_alpn() {
     assert!(ok, "{err}");
     assert!(out.starts_with("HTTP/2 200"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mapping_tls_context_originates_with_a_client_certificate() {
+    let up = Upstream::start("a").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let s = secrets.path();
+    // The upstream is a second gateway whose Host requires client certificates from `client-ca`.
+    make_secret(s, "inner-tls", &["inner.test"]);
+    std::fs::create_dir_all(s.join("inner-ca")).unwrap();
+    std::fs::copy(s.join("inner-tls/tls.crt"), s.join("inner-ca/ca.crt")).unwrap();
+    make_ca(s, "client-ca");
+    make_client(s, "alice", &s.join("client-ca"));
+    let inner_yaml = [
+        host(
+            "inner",
+            "inner.test",
+            "tlsSecret:\n  name: inner-tls\ntls:\n  ca_secret: client-ca\n  cert_required: true",
+        ),
+        mapping("m", &format!("prefix: /s/\nservice: {}", up.service())),
+    ]
+    .concat();
+    let inner = start(&inner_yaml, s).await;
+    let inner_port = inner.https.port();
+    let outer_yaml = [
+        tlscontext(
+            "with-cert",
+            "secret: alice\nca_secret: inner-ca\nsni: inner.test",
+        ),
+        tlscontext("without-cert", "ca_secret: inner-ca\nsni: inner.test"),
+        host("outer", "'*'", "requestPolicy:\n  insecure:\n    action: Route"),
+        mapping(
+            "good",
+            &format!("prefix: /good/\nrewrite: /s/\nhost_rewrite: inner.test\nservice: https://127.0.0.1:{inner_port}\ntls: with-cert"),
+        ),
+        mapping(
+            "bare",
+            &format!("prefix: /bare/\nrewrite: /s/\nhost_rewrite: inner.test\nservice: https://127.0.0.1:{inner_port}\ntls: without-cert"),
+        ),
+    ]
+    .concat();
+    let outer = start(&outer_yaml, s).await;
+
+    // The client certificate from the TLSContext's `secret` gets through; the upstream is
+    // verified against `ca_secret` under the TLSContext's `sni`.
+    let r = crate::support::get(&outer.url("/good/x"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["upstream"], "a", "{}", r.body);
+
+    // Without a client certificate the upstream refuses the handshake.
+    let r = crate::support::get(&outer.url("/bare/x"), &[]).await;
+    assert!(
+        matches!(r.status.as_u16(), 502 | 503),
+        "{:?} {}",
+        r.status,
+        r.body
+    );
+}
+
+/// Revoke `client` (a directory made by `make_client`) and write the CA's CRL as
+/// `<dir>/<secret>/crl.pem`.
+fn revoke(dir: &Path, secret: &str, ca_dir: &Path, client: &Path) {
+    let db = ca_dir.join("index.txt");
+    std::fs::write(&db, "").unwrap();
+    std::fs::write(ca_dir.join("crlnumber"), "01\n").unwrap();
+    let cnf = ca_dir.join("ca.cnf");
+    std::fs::write(
+        &cnf,
+        format!(
+            // A v2 CRL with a number and the issuer's key id: webpki refuses v1 CRLs.
+            "[ca]\ndefault_ca=d\n[d]\ndatabase={}\ncrlnumber={}\ndefault_md=sha256\ndefault_crl_days=2\ncrl_extensions=ext\n[ext]\nauthorityKeyIdentifier=keyid:always\n",
+            db.display(),
+            ca_dir.join("crlnumber").display()
+        ),
+    )
+    .unwrap();
+    let (key, crt) = (ca_dir.join("ca.key"), ca_dir.join("ca.crt"));
+    let common = [
+        "-config",
+        cnf.to_str().unwrap(),
+        "-keyfile",
+        key.to_str().unwrap(),
+        "-cert",
+        crt.to_str().unwrap(),
+    ];
+    let mut a = vec!["ca"];
+    a.extend(common);
+    let revoked = client.join("tls.crt");
+    a.extend(["-revoke", revoked.to_str().unwrap()]);
+    openssl(&a);
+    let out = dir.join(secret);
+    std::fs::create_dir_all(&out).unwrap();
+    let crl = out.join("crl.pem");
+    let mut a = vec!["ca"];
+    a.extend(common);
+    a.extend(["-gencrl", "-out", crl.to_str().unwrap()]);
+    openssl(&a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_client_certificates_are_refused_and_secrets_are_preflighted() {
+    let up = Upstream::start("a").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let s = secrets.path();
+    let server_ca = make_secret(s, "crl-tls", &["crl.test"]);
+    make_ca(s, "client-ca");
+    let (good_crt, good_key) = make_client(s, "alice", &s.join("client-ca"));
+    let (bad_crt, bad_key) = make_client(s, "bob", &s.join("client-ca"));
+    revoke(s, "client-crl", &s.join("client-ca"), &s.join("bob"));
+    let yaml = [
+        tlscontext(
+            "crl-ctx",
+            "hosts: [crl.test]\nsecret: crl-tls\nca_secret: client-ca\ncrl_secret: client-crl\ncert_required: true",
+        ),
+        host("crl", "crl.test", ""),
+        mapping("m", &format!("prefix: /s/\nservice: {}", up.service())),
+    ]
+    .concat();
+    let gw = start(&yaml, s).await;
+    let port = gw.https.port();
+    let cert = |c: &Path, k: &Path| {
+        args(
+            "crl.test",
+            port,
+            &server_ca,
+            &["--cert", c.to_str().unwrap(), "--key", k.to_str().unwrap()],
+        )
+    };
+    let (ok, out, err) = curl(&cert(&good_crt, &good_key)).await;
+    assert!(ok && out.contains(" 200"), "{err}{out}");
+    let (ok, out, _) = curl(&cert(&bad_crt, &bad_key)).await;
+    assert!(!ok, "a revoked certificate was accepted: {out}");
+
+    // Preflight (`legate check --secrets-dir`, and every revision) reads the same files.
+    let tree = crate::support::Tree::new(&yaml);
+    let loaded =
+        legate::config::check_dir(tree.path(), &legate::config::Options::default()).resources;
+    assert!(legate::reconcile::preflight::check_secrets(&loaded, s).is_empty());
+    std::fs::remove_file(s.join("client-crl/crl.pem")).unwrap();
+    std::fs::remove_file(s.join("client-ca/ca.crt")).unwrap();
+    let found = legate::reconcile::preflight::check_secrets(&loaded, s);
+    let text: Vec<String> = found.iter().map(|d| d.message.clone()).collect();
+    assert!(
+        text.iter().any(|m| m.contains("`ca_secret: client-ca`"))
+            && text.iter().any(|m| m.contains("`crl_secret: client-crl`")),
+        "{text:?}"
+    );
+}
