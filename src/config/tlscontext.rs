@@ -172,24 +172,26 @@ pub fn compile_policy(
             "`crl_secret` applies to client certificates, which are only checked with a `ca_secret`",
         ));
     }
-    for field in ["cert_chain_file", "private_key_file", "cacert_chain_file"] {
-        let set = match field {
-            "cert_chain_file" => &f.cert_chain_file,
-            "private_key_file" => &f.private_key_file,
-            _ => &f.cacert_chain_file,
-        };
-        if set.is_some() {
+    // A TLSContext's own fields get the schema's "not implemented" warning; inside a Host's
+    // `tls` block the schema marks nothing, so the same warning is given here.
+    let files = [
+        ("cert_chain_file", &f.cert_chain_file),
+        ("private_key_file", &f.private_key_file),
+        ("cacert_chain_file", &f.cacert_chain_file),
+    ];
+    for (field, set) in files {
+        if set.is_some() && base != "/spec" {
             diags.push(
-                Diagnostic::error(
-                    "tls-file",
+                Diagnostic::warning(
+                    "not-implemented",
                     &at(field),
-                    format!("`{field}` names a file inside Emissary's pod; Legate reads certificates only from Secrets"),
+                    format!("`{field}` names a file inside Emissary's pod; Legate reads certificates only from Secrets, so it is ignored"),
                 )
-                .with_help("put the PEM in a Secret under --secrets-dir and use `secret`/`ca_secret` (a Host: `tlsSecret`)"),
+                .with_help("put the PEM in a Secret under --secrets-dir and use `ca_secret` (a Host: `tlsSecret`)"),
             );
         }
     }
-    if f.secret_namespacing.is_some() {
+    if f.secret_namespacing.is_some() && base != "/spec" {
         diags.push(
             Diagnostic::warning(
                 "tls-secret-namespacing",
@@ -227,5 +229,91 @@ pub fn serving_notes(r: &Resource, base: &str, f: &TlsFields, diags: &mut Vec<Di
                 "`sni` is the name sent to upstreams by Mappings with `tls:` naming this context; Hosts are chosen by their hostname",
             ),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{load_and_compile, MemTree, Options, Outcome, Severity};
+
+    fn run(text: &str) -> Outcome {
+        load_and_compile(&MemTree::new().with("t.yaml", text), &Options::default())
+    }
+
+    fn ctx(spec: &str) -> String {
+        let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+        format!("---\napiVersion: getambassador.io/v3alpha1\nkind: TLSContext\nmetadata:\n  name: c\nspec:\n{spec}")
+    }
+
+    fn host(spec: &str) -> String {
+        let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+        format!("---\napiVersion: getambassador.io/v3alpha1\nkind: Host\nmetadata:\n  name: h\nspec:\n  hostname: a.test\n  tlsSecret: {{name: s}}\n{spec}")
+    }
+
+    fn errors(o: &Outcome) -> Vec<String> {
+        o.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| format!("{} {}", d.code, d.help.clone().unwrap_or_default()))
+            .collect()
+    }
+
+    #[test]
+    fn unsupported_cipher_and_curve_names_list_the_supported_ones() {
+        let o = run(&ctx(
+            "cipher_suites: [ECDHE-RSA-AES128-GCM-SHA256, DES-CBC3-SHA]\necdh_curves: [X448]",
+        ));
+        let e = errors(&o);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[0].starts_with("tls-cipher-suite") && e[0].contains("ECDHE-ECDSA-CHACHA20-POLY1305"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with("tls-curve") && e[1].contains("X25519, P-256, P-384"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn host_settings_come_from_tls_then_tlscontext_then_hosts_list() {
+        let o =
+            run(&(ctx("hosts: [a.test]\nmin_tls_version: v1.3\nalpn_protocols: h2") + &host("")));
+        let g = o.graph.expect("valid");
+        let p = g.hosts[0].tls.as_ref().expect("context found by hosts");
+        assert_eq!(p.context.as_deref(), Some("c"));
+        assert_eq!(p.alpn, vec!["h2".to_string()]);
+
+        let o = run(&host("tls:\n  max_tls_version: v1.2\n  cipher_suites: ['[ECDHE-ECDSA-AES128-GCM-SHA256|ECDHE-ECDSA-CHACHA20-POLY1305]']"));
+        let g = o.graph.expect("valid");
+        let p = g.hosts[0].tls.as_ref().unwrap();
+        assert_eq!(p.cipher_suites.len(), 2);
+
+        let o = run(&(ctx("min_tls_version: v1.2")
+            + &host("tls: {min_tls_version: v1.3}\ntlsContext: {name: c}")));
+        assert!(
+            errors(&o)[0].starts_with("tls-and-tlscontext"),
+            "{:?}",
+            errors(&o)
+        );
+        let o = run(&host("tlsContext: {name: missing}"));
+        assert!(errors(&o)[0].starts_with("unknown-tlscontext"));
+        let o = run(&(ctx("secret: other") + &host("tlsContext: {name: c}")));
+        assert!(errors(&o)[0].starts_with("tls-secret-mismatch"));
+    }
+
+    #[test]
+    fn versions_and_client_auth_are_checked() {
+        let o = run(&host("tls: {max_tls_version: v1.1}"));
+        assert!(errors(&o)[0].starts_with("tls-version"));
+        let o = run(&host("tls: {min_tls_version: v1.3, max_tls_version: v1.2}"));
+        assert!(errors(&o)[0].starts_with("tls-version"));
+        let o = run(&host("tls: {min_tls_version: v1.0}"));
+        assert!(errors(&o).is_empty());
+        assert!(o.diagnostics.iter().any(|d| d.code == "tls-version-floor"));
+        let o = run(&host("tls: {cert_required: true}"));
+        assert!(errors(&o)[0].starts_with("tls-cert-required"));
+        let o = run(&host("tls: {alpn_protocols: 'h2,h3'}"));
+        assert!(errors(&o)[0].starts_with("tls-alpn"));
     }
 }
