@@ -21,7 +21,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::handle::{ConnHold, ConnInfo, Sni};
+use super::handle::{ClientCert, ConnHold, ConnInfo, Sni};
 use super::{Limits, Proxy, SetupError};
 
 /// hyper's server builder with the limits applied.
@@ -190,7 +190,7 @@ impl Proxy {
         };
         match tls {
             None => {
-                self.serve_io(TokioIo::new(stream), info, None, stop, hold)
+                self.serve_io(TokioIo::new(stream), info, (None, None), stop, hold)
                     .await
             }
             Some(listener_cfg) => {
@@ -201,8 +201,18 @@ impl Proxy {
                 .await;
                 match hs {
                     Ok(Ok(s)) => {
-                        let sni = s.get_ref().1.server_name().map(|n| Sni(Arc::from(n)));
-                        self.serve_io(TokioIo::new(s), info, sni, stop, hold).await
+                        let tls = s.get_ref().1;
+                        let sni = tls.server_name().map(|n| Sni(Arc::from(n)));
+                        // rustls returns peer certificates only once its verifier accepted them.
+                        let client = tls
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| {
+                                http::HeaderValue::from_str(&crate::tls::cert::xfcc(c)).ok()
+                            })
+                            .map(ClientCert);
+                        self.serve_io(TokioIo::new(s), info, (sni, client), stop, hold)
+                            .await
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
@@ -230,7 +240,7 @@ impl Proxy {
         self: Arc<Self>,
         io: I,
         info: ConnInfo,
-        sni: Option<Sni>,
+        (sni, client): (Option<Sni>, Option<ClientCert>),
         mut stop: watch::Receiver<bool>,
         hold: ConnHold,
     ) where
@@ -249,6 +259,9 @@ impl Proxy {
                 }
                 if let Some(sni) = &sni {
                     req.extensions_mut().insert(sni.clone());
+                }
+                if let Some(c) = &client {
+                    req.extensions_mut().insert(c.clone());
                 }
                 async move {
                     // A guard, so a request cancelled by a client reset still counts as ended.

@@ -8,6 +8,7 @@
 //! A Host with its own TLS settings (`context`) gets its own `ServerConfig`, chosen per
 //! ClientHello by SNI ([`CertTable::config_for`]).
 
+pub mod cert;
 pub mod context;
 
 use std::collections::HashMap;

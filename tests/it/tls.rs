@@ -181,10 +181,16 @@ async fn client_certificates_required_by_a_tlscontext_are_verified() {
     let (ok, out, _) = curl(&with("secure.test", &server_ca, &cert(&bad_crt, &bad_key))).await;
     assert!(!ok, "served with an untrusted client certificate: {out}");
 
-    // The other Host on the same listener asks for no certificate.
-    let (ok, out, err) = curl(&with("open.test", &open_ca, &[])).await;
+    // The other Host on the same listener asks for no certificate, and a client's own
+    // x-forwarded-client-cert is not passed on.
+    let forged = [
+        "-H".to_string(),
+        "x-forwarded-client-cert: Subject=\"CN=admin\"".into(),
+    ];
+    let (ok, out, err) = curl(&with("open.test", &open_ca, &forged)).await;
     assert!(ok, "{err}");
     assert!(out.contains(" 200"), "{out}");
+    assert!(!out.contains("x-forwarded-client-cert"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
