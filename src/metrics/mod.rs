@@ -112,6 +112,8 @@ pub struct Metrics {
     outcomes: [AtomicU64; 7],
     shadow: upstream::ShadowCounts,
     fetch: source::FetchStats,
+    /// `notAfter` (Unix seconds) of each TLS Host's certificate, by hostname, as last loaded.
+    cert_expiry: Mutex<Vec<(String, i64)>>,
 }
 
 impl Default for Metrics {
@@ -130,6 +132,7 @@ impl Default for Metrics {
             access_log_dropped: AtomicU64::new(0),
             outcomes: Default::default(),
             shadow: Default::default(),
+            cert_expiry: Mutex::new(Vec::new()),
             fetch: Default::default(),
         }
     }
@@ -356,6 +359,7 @@ impl Metrics {
         );
 
         self.render_upstreams(&mut out);
+        self.render_cert_expiry(&mut out);
 
         head(
             &mut out,
@@ -450,6 +454,32 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Replace the certificate expiries (called whenever the certificates are loaded).
+    pub fn set_cert_expiry(&self, expiries: Vec<(String, i64)>) {
+        *self.cert_expiry.lock().unwrap_or_else(|e| e.into_inner()) = expiries;
+    }
+
+    fn render_cert_expiry(&self, out: &mut String) {
+        let certs = self
+            .cert_expiry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        head(
+            out,
+            "legate_tls_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When the certificate served for a TLS Host expires (notAfter, Unix seconds), by Host hostname.",
+        );
+        for (host, t) in certs {
+            let _ = writeln!(
+                out,
+                "legate_tls_certificate_expiry_timestamp_seconds{{host=\"{}\"}} {t}",
+                escape(&host)
+            );
+        }
+    }
+
     fn render_upstreams(&self, out: &mut String) {
         let ups: Vec<(String, Arc<EndpointStats>)> = {
             let m = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());

@@ -468,6 +468,7 @@ impl Proxy {
             &self.secrets,
             self.settings.default_cert.as_deref(),
         );
+        self.metrics.set_cert_expiry(certs.expiries(&cur.graph));
         let snap = Snapshot {
             graph: cur.graph.clone(),
             routes: cur.routes.clone(),
@@ -524,6 +525,7 @@ impl Proxy {
             routes.push(prepared);
         }
         let certs = CertTable::build(&graph, &self.secrets, self.settings.default_cert.as_deref());
+        self.metrics.set_cert_expiry(certs.expiries(&graph));
         Snapshot {
             revision: HeaderValue::from_static(""),
             evidence: Arc::default(),

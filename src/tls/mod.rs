@@ -328,6 +328,19 @@ impl CertTable {
         }
     }
 
+    /// `notAfter` (Unix seconds) of the certificate each TLS Host serves, by hostname.
+    pub fn expiries(&self, graph: &Graph) -> Vec<(String, i64)> {
+        graph
+            .hosts
+            .iter()
+            .zip(&self.by_host)
+            .filter_map(|(h, k)| {
+                let leaf = k.as_ref()?.cert.first()?;
+                Some((h.hostname.to_string(), cert::not_after(leaf)?))
+            })
+            .collect()
+    }
+
     /// The server config for a ClientHello with this SNI: `Ok(None)` for the listener's own,
     /// `Err(())` when the Host's TLS settings could not be applied (refuse the handshake).
     #[allow(clippy::result_unit_err)]

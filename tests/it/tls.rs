@@ -213,6 +213,25 @@ async fn host_tls_block_sets_versions_and_alpn() {
     let gw = start(&yaml, s).await;
     let port = gw.https.port();
 
+    // Every TLS Host's certificate expiry is exported (the test certificates last 2 days).
+    let text = gw.proxy.metrics().render(None);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for h in ["new.test", "any.test"] {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "legate_tls_certificate_expiry_timestamp_seconds{{host=\"{h}\"}}"
+                ))
+            })
+            .unwrap_or_else(|| panic!("no expiry for {h}:\n{text}"));
+        let at: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!((now + 86_400..=now + 3 * 86_400).contains(&at), "{line}");
+    }
+
     // TLS 1.2 is refused by the Host that wants 1.3, accepted by the other one.
     let (ok, out, _) = curl(&args("new.test", port, &ca13, &["--tls-max", "1.2"])).await;
     assert!(!ok, "TLS 1.2 accepted: {out}");
