@@ -105,8 +105,10 @@ async fn start(yaml: &str, secrets: &Path) -> Gateway {
         strip_matching_host_port: true,
         ..Default::default()
     };
-    let mut settings = Settings::default();
-    settings.secrets_dir = Some(secrets.to_path_buf());
+    let settings = Settings {
+        secrets_dir: Some(secrets.to_path_buf()),
+        ..Settings::default()
+    };
     Gateway::with_graph(compile_with(yaml, strip), settings).await
 }
 
