@@ -1406,6 +1406,19 @@ fn compile_host(
     });
     let host_name = h.hostname.as_deref().unwrap_or("*");
     let (tls, redirect_from) = host_tls(r, h, host_name, contexts, &mut tls_secret, diags)?;
+    if tls.is_some() && tls_secret.is_none() {
+        diags.push(
+            Diagnostic::warning(
+                "tls-settings-without-certificate",
+                &r.at("/spec"),
+                format!(
+                    "Host `{}` has TLS settings but no certificate, so it terminates no TLS and the settings do nothing",
+                    r.name
+                ),
+            )
+            .with_help("add a `tlsSecret` (or a `secret` in its TLSContext)"),
+        );
+    }
     if redirect_from.is_some() && h.request_policy.insecure.action.as_deref() == Some("Route") {
         diags.push(
             Diagnostic::warning(

@@ -315,5 +315,10 @@ mod tests {
         assert!(errors(&o)[0].starts_with("tls-cert-required"));
         let o = run(&host("tls: {alpn_protocols: 'h2,h3'}"));
         assert!(errors(&o)[0].starts_with("tls-alpn"));
+        let o = run("---\napiVersion: getambassador.io/v3alpha1\nkind: Host\nmetadata:\n  name: h\nspec:\n  hostname: a.test\n  tls: {min_tls_version: v1.3}\n");
+        assert!(o
+            .diagnostics
+            .iter()
+            .any(|d| d.code == "tls-settings-without-certificate"));
     }
 }

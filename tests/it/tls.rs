@@ -183,6 +183,19 @@ async fn client_certificates_required_by_a_tlscontext_are_verified() {
     let (ok, out, _) = curl(&with("secure.test", &server_ca, &cert(&bad_crt, &bad_key))).await;
     assert!(!ok, "served with an untrusted client certificate: {out}");
 
+    // The client CA Secret is rotated to the other CA: picked up without a revision.
+    std::fs::copy(s.join("other-ca/ca.crt"), s.join("client-ca/ca.crt")).unwrap();
+    assert!(gw.proxy.refresh_certs(), "a changed ca.crt is noticed");
+    let (ok, out, err) = curl(&with("secure.test", &server_ca, &cert(&bad_crt, &bad_key))).await;
+    assert!(ok && out.contains(" 200"), "{err}{out}");
+    let (ok, out, _) = curl(&with(
+        "secure.test",
+        &server_ca,
+        &cert(&good_crt, &good_key),
+    ))
+    .await;
+    assert!(!ok, "the old CA still trusted: {out}");
+
     // The other Host on the same listener asks for no certificate, and a client's own
     // x-forwarded-client-cert is not passed on.
     let forged = [
