@@ -142,8 +142,16 @@ async fn client_certificates_required_by_a_tlscontext_are_verified() {
             "secure-ctx",
             "hosts: [secure.test]\nsecret: secure-tls\nca_secret: client-ca\ncert_required: true",
         ),
-        host("secure", "secure.test", "tlsSecret:\n  name: secure-tls"),
-        host("open", "open.test", "tlsSecret:\n  name: open-tls"),
+        host(
+            "secure",
+            "secure.test",
+            "tlsSecret:\n  name: secure-tls\nrequestPolicy:\n  insecure:\n    action: Route",
+        ),
+        host(
+            "open",
+            "open.test",
+            "tlsSecret:\n  name: open-tls\nrequestPolicy:\n  insecure:\n    action: Route",
+        ),
         mapping("m", &format!("prefix: /s/\nservice: {}", up.service())),
     ]
     .concat();
@@ -195,6 +203,13 @@ async fn client_certificates_required_by_a_tlscontext_are_verified() {
     ))
     .await;
     assert!(!ok, "the old CA still trusted: {out}");
+
+    // Not reachable around its handshake: its cleartext `Route` action does not serve it
+    // without a certificate check (the HTTP listener checks none).
+    let r = crate::support::get(&gw.url("/s/x"), &[("host", "secure.test")]).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = crate::support::get(&gw.url("/s/x"), &[("host", "open.test")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
 
     // The other Host on the same listener asks for no certificate, and a client's own
     // x-forwarded-client-cert is not passed on.
