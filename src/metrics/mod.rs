@@ -8,8 +8,11 @@
 //! Label values are bounded: a route label is a Mapping's `stats_name` (operator-chosen, from the
 //! config), method and status are classes, and the live revision appears only in one info metric.
 
+mod recent;
 mod source;
 mod upstream;
+
+pub use recent::{Recent, RouteRate, Traffic};
 
 pub use upstream::{BreakerLimit, RetryReason, UpstreamStats};
 
@@ -449,7 +452,31 @@ impl Metrics {
     }
 }
 
+/// One upstream's address health, as the dashboard shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamView {
+    pub upstream: String,
+    pub addresses: u64,
+    pub ejected: u64,
+    pub unhealthy: u64,
+    pub ejections: u64,
+}
+
 impl Metrics {
+    /// Address health of every upstream with outlier detection or health checks.
+    pub fn upstream_health(&self) -> Vec<UpstreamView> {
+        let m = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .map(|(k, u)| UpstreamView {
+                upstream: k.clone(),
+                addresses: u.addresses.load(Relaxed),
+                ejected: u.ejected.load(Relaxed),
+                unhealthy: u.unhealthy.load(Relaxed),
+                ejections: u.ejections.load(Relaxed),
+            })
+            .collect()
+    }
+
     fn render_upstreams(&self, out: &mut String) {
         let ups: Vec<(String, Arc<EndpointStats>)> = {
             let m = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());

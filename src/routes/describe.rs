@@ -3,7 +3,10 @@
 
 use std::fmt::Write as _;
 
-use super::{Action, Graph, HostMatch, MethodMatch, PathMatch, RedirectPath, Rewrite, ValueTest};
+use super::types::{header_ok, query_has};
+use super::{
+    Action, Graph, HostMatch, MethodMatch, PathMatch, RedirectPath, RequestHead, Rewrite, ValueTest,
+};
 
 /// Describe a route's match in one short line.
 pub fn describe_match(g: &Graph, group: usize) -> String {
@@ -48,6 +51,56 @@ fn show(t: &ValueTest) -> String {
         ValueTest::Regex(r) => format!("~{}", strip_anchor(r.as_str())),
         ValueTest::Present => " present".into(),
     }
+}
+
+/// Why the group at `group` does not serve `req`: the first condition it fails, in the order
+/// the matcher checks them (path, host, method, headers, query); `None` when it matches.
+pub fn why_not(g: &Graph, group: usize, req: &RequestHead<'_>) -> Option<String> {
+    let m = &g.groups[group].matcher;
+    let path = req.path;
+    let same = |a: &str, b: &str| {
+        if m.case_sensitive {
+            a == b
+        } else {
+            a.eq_ignore_ascii_case(b)
+        }
+    };
+    let path_ok = match &m.path {
+        PathMatch::Prefix(p) => path.get(..p.len()).is_some_and(|head| same(head, p)),
+        PathMatch::Exact(p) => same(path, p),
+        PathMatch::Regex(r) => r.is_match(path),
+    };
+    if !path_ok {
+        let what = match &m.path {
+            PathMatch::Prefix(p) => format!("does not start with {p}"),
+            PathMatch::Exact(p) => format!("is not {p}"),
+            PathMatch::Regex(r) => format!("does not match ~{}", strip_anchor(r.as_str())),
+        };
+        let case = if m.case_sensitive { "" } else { " (any case)" };
+        return Some(format!("path {path} {what}{case}"));
+    }
+    if !m.host.matches(req.host) {
+        return Some(format!(
+            "host {} does not match {}",
+            req.host,
+            host_of(&m.host)
+        ));
+    }
+    if let Some(mm) = m.method.as_ref().filter(|mm| !mm.matches(req.method)) {
+        let want = match mm {
+            MethodMatch::Exact(x) => x.clone(),
+            MethodMatch::Regex(r) => format!("~{}", strip_anchor(r.as_str())),
+        };
+        return Some(format!("method {} is not {want}", req.method));
+    }
+    if let Some(h) = m.headers.iter().find(|h| !header_ok(h, req)) {
+        return Some(format!("header fails [{}{}]", h.name, show(&h.test)));
+    }
+    let q = req.query.unwrap_or("");
+    if let Some(p) = m.query.iter().find(|p| !query_has(q, &p.name, &p.test)) {
+        return Some(format!("query fails ?{}{}", p.name, show(&p.test)));
+    }
+    None
 }
 
 pub fn host_of(m: &HostMatch) -> String {

@@ -85,6 +85,7 @@ async fn metrics_count_known_traffic_and_pass_promtool() {
         // A token guards mutating calls only: /metrics stays open.
         token: Some(Arc::new("t0ken".into())),
         metrics: Some(gw.proxy.metrics().clone()),
+        recent: None,
     };
     let server = tokio::spawn(legate::admin::serve(admin, state));
     let url = format!("http://{admin_addr}/metrics");

@@ -596,6 +596,7 @@ async fn webhooks_check_signatures_and_trigger_a_pass() {
         token: None,
         graph: None,
         metrics: None,
+        recent: None,
     };
     let body: &'static [u8] = br#"{"ref":"refs/heads/main"}"#;
     let good = admin::hooks::sign(b"s3cret", body);
@@ -667,6 +668,7 @@ async fn webhooks_check_signatures_and_trigger_a_pass() {
         token: None,
         graph: None,
         metrics: None,
+        recent: None,
     };
     assert_eq!(
         st(admin::handle(
