@@ -463,11 +463,11 @@ fn human(call: &Call<'_>, v: &Value) -> String {
                         o.push_str(&format!(
                             "  {:<4} {:<5} {:<24} {:<40} {:<28} {:>5}%  {kind}{}\n",
                             i + 1,
-                            g["precedence"],
+                            g["precedence"].to_string(),
                             g["host"].as_str().unwrap_or(""),
                             g["match"].as_str().unwrap_or(""),
                             m["mapping"].as_str().unwrap_or(""),
-                            share,
+                            share.to_string(),
                             m["action"].as_str().unwrap_or("")
                         ));
                     }
@@ -516,7 +516,7 @@ fn explain_text(v: &Value, o: &mut String) {
     for c in v["candidates"].as_array().into_iter().flatten() {
         o.push_str(&format!(
             "  {:<4} {:<40} lost: {}\n",
-            c["position"],
+            c["position"].to_string(),
             c["match"].as_str().unwrap_or(""),
             c["lost"].as_str().unwrap_or("")
         ));
@@ -527,7 +527,7 @@ fn explain_text(v: &Value, o: &mut String) {
     }
     o.push_str(&format!(
         "  {:<4} {:<40} wins\n",
-        v["position"],
+        v["position"].to_string(),
         v["match"].as_str().unwrap_or("")
     ));
     for m in v["members"].as_array().into_iter().flatten() {
