@@ -66,7 +66,7 @@ impl Proxy {
                     self.gateway_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                observe::count_error(&self.metrics, &e);
+                observe::count_error(&self.metrics, &snap, ex.route, &e);
                 ex.failed(&e);
                 if grpc {
                     e.into_grpc_response()

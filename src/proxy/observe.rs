@@ -115,14 +115,18 @@ impl Proxy {
     }
 }
 
-/// Count a failure the gateway answered itself.
-pub(crate) fn count_error(m: &Metrics, e: &ProxyError) {
+/// Count a failure the gateway answered itself, on the route it was for (`none` before one
+/// matched).
+pub(crate) fn count_error(m: &Metrics, snap: &Snapshot, route: Option<usize>, e: &ProxyError) {
+    let stats = route
+        .and_then(|i| snap.stats.get(i))
+        .unwrap_or(m.no_route());
     match e {
-        ProxyError::Connect(_) => m.connect_failure(),
-        ProxyError::Timeout => m.timeout(),
+        ProxyError::Connect(_) => stats.connect_failure(),
+        ProxyError::Timeout => stats.timeout(),
         _ => {}
     }
     if e.status().is_server_error() {
-        m.gateway_5xx();
+        stats.gateway_5xx();
     }
 }

@@ -232,4 +232,35 @@ async fn dashboard_files_api_and_cross_origin_refusal() {
     )
     .await;
     assert!(ok.status.is_success(), "{} {}", ok.status, ok.body);
+
+    // `legate_source_out_of_sync`: 0 while the head is live, 1 once the head is rejected.
+    let gauge = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("legate_source_out_of_sync "))
+            .map(str::to_string)
+    };
+    let m = get(&format!("{admin}/metrics"), &[]).await.body;
+    assert_eq!(gauge(&m).as_deref(), Some("0"), "{m}");
+    let bad = repo.commit(
+        &[(
+            "bad.yaml",
+            Some(
+                &ECHO
+                    .replace("echo", "bad")
+                    .replace("rewrite: /", "retries: lots"),
+            ),
+        )],
+        "Break it",
+    );
+    let mut last = serde_json::Value::Null;
+    for _ in 0..200 {
+        last = get(&format!("{admin}/api/status"), &[]).await.json();
+        if last["last_attempt"]["revision"] == bad.as_str() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last["last_attempt"]["outcome"], "Rejected", "{last}");
+    let m = get(&format!("{admin}/metrics"), &[]).await.body;
+    assert_eq!(gauge(&m).as_deref(), Some("1"), "{m}");
 }
