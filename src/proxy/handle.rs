@@ -58,7 +58,7 @@ impl Proxy {
         }
         let snap = self.shared.load_full();
         let grpc = hdr::is_grpc(req.headers());
-        let mut ex = Exchange::start(&req, &snap, self.settings.access_log.is_some());
+        let mut ex = Exchange::start(&req, &snap, self.settings.access_log.is_some(), conn.remote);
         let mut resp = match self.serve(&snap, req, conn, &mut ex).await {
             Ok(r) => r,
             Err(e) => {

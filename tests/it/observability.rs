@@ -238,11 +238,16 @@ async fn access_log_lines_match_the_requests() {
     let (path, settings) = logging_to(dir.path());
     let gw = Gateway::with(&config(&up), settings).await;
 
-    let given = get(&gw.url("/api/x?token=secret"), &[("x-request-id", "req-1")]).await;
+    let given = get(
+        &gw.url("/api/x?token=secret"),
+        &[("x-request-id", "req-1"), ("user-agent", "legate-test/1")],
+    )
+    .await;
     assert_eq!(given.status, 200);
     let generated = get(&gw.url("/web/y"), &[]).await;
     assert_eq!(generated.status, 200);
-    assert_eq!(get(&gw.url("/nowhere"), &[]).await.status, 404);
+    let nowhere = get(&gw.url("/nowhere"), &[]).await;
+    assert_eq!(nowhere.status, 404);
 
     let lines = log_lines(&path, 3).await;
     let by_path = |p: &str| lines.iter().find(|l| l["path"] == p).unwrap().clone();
@@ -272,6 +277,20 @@ async fn access_log_lines_match_the_requests() {
     let n = by_path("/nowhere");
     assert_eq!(n["status"], 404);
     assert!(n["route"].is_null() && n["upstream"].is_null());
+    // Every line has an id, the gateway's own answers too, and the client got it to quote.
+    assert_eq!(
+        n["request_id"].as_str(),
+        nowhere.header("x-request-id"),
+        "{n}"
+    );
+    assert_eq!(n["error"], "no route matches the request");
+    assert!(a["error"].is_null());
+    assert_eq!(a["user_agent"], "legate-test/1");
+    // The TCP peer: this test's client on loopback.
+    assert!(
+        a["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{a}"
+    );
     // The query string never reaches the log.
     assert!(!std::fs::read_to_string(&path).unwrap().contains("secret"));
 }
