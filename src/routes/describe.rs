@@ -190,3 +190,68 @@ pub fn route_table_json(g: &Graph) -> serde_json::Value {
         "fallback": table(&g.tables[g.hosts.len()].groups),
     })
 }
+
+#[cfg(test)]
+mod why_not_tests {
+    use super::*;
+    use crate::config::{load_and_compile, MemTree, Options};
+
+    fn graph(mappings: &[&str]) -> std::sync::Arc<Graph> {
+        let yaml: String = mappings
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                format!("---\napiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata: {{name: m{i}}}\nspec: {spec}\n")
+            })
+            .collect();
+        let o = load_and_compile(
+            &MemTree::new().with("c.yaml", yaml.as_str()),
+            &Options::default(),
+        );
+        o.graph.unwrap_or_else(|| panic!("{:?}", o.diagnostics))
+    }
+
+    /// The first condition a group fails is named, in the matcher's order.
+    #[test]
+    fn names_the_first_failing_condition() {
+        let g = graph(&[
+            "{hostname: \"*\", prefix: /api/, service: a}",
+            "{hostname: \"*\", prefix: /x/, method: POST, service: b}",
+            "{hostname: \"*\", prefix: /x/, headers: {x-v: \"2\"}, service: c}",
+            "{hostname: api.test, prefix: /x/, service: d}",
+            "{hostname: \"*\", prefix: /X/, case_sensitive: false, query_parameters: {q: \"1\"}, service: e}",
+        ]);
+        let headers = http::HeaderMap::new();
+        let head = RequestHead {
+            host: "web.test",
+            method: "GET",
+            path: "/x/1",
+            query: None,
+            headers: &headers,
+        };
+        let group_of = |svc: &str| {
+            g.routes
+                .iter()
+                .find(|r| describe_action(&r.action).contains(svc))
+                .map(|r| r.group)
+                .unwrap()
+        };
+        let why = |svc: &str| why_not(&g, group_of(svc), &head);
+        assert_eq!(
+            why("//a:").as_deref(),
+            Some("path /x/1 does not start with /api/")
+        );
+        assert_eq!(why("//b:").as_deref(), Some("method GET is not POST"));
+        assert_eq!(why("//c:").as_deref(), Some("header fails [x-v=2]"));
+        assert_eq!(
+            why("//d:").as_deref(),
+            Some("host web.test does not match api.test")
+        );
+        assert_eq!(why("//e:").as_deref(), Some("query fails ?q=1"));
+        let with_q = RequestHead {
+            query: Some("q=1"),
+            ..head
+        };
+        assert_eq!(why_not(&g, group_of("//e:"), &with_q), None);
+    }
+}
