@@ -211,7 +211,7 @@ where
         }
     }
     if method == Method::POST {
-        if let Err(why) = same_origin(&req) {
+        if let Err(why) = same_origin(&req, state.token.is_some()) {
             return error(StatusCode::FORBIDDEN, &why);
         }
         if let Some(t) = &state.token {
@@ -274,7 +274,10 @@ where
 /// origin is refused even when it carries the token (a stolen token aside, this stops a page
 /// the operator visits from driving the admin API). Tools that send no `Origin` (curl, the
 /// CLI) are not affected.
-fn same_origin<B>(req: &Request<B>) -> Result<(), String> {
+///
+/// Without a token (loopback only), the Host must also be a loopback name: DNS rebinding
+/// would otherwise make a hostile page same-origin.
+fn same_origin<B>(req: &Request<B>, token_set: bool) -> Result<(), String> {
     let Some(origin) = req.headers().get(http::header::ORIGIN) else {
         return Ok(());
     };
@@ -284,11 +287,25 @@ fn same_origin<B>(req: &Request<B>) -> Result<(), String> {
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
     let origin = origin.to_str().unwrap_or("");
-    if !host.is_empty() && origin == format!("http://{host}") {
+    if host.is_empty() || origin != format!("http://{host}") {
+        return Err(format!(
+            "cross-origin call refused: Origin `{origin}` is not this admin listener (http://{host})"
+        ));
+    }
+    // Without a token, a page whose name was rebound to 127.0.0.1 would be same-origin: only
+    // loopback names count then.
+    let name = host.rsplit_once(':').map_or(host, |(n, _)| n);
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if token_set || loopback {
         Ok(())
     } else {
         Err(format!(
-            "cross-origin call refused: Origin `{origin}` is not this admin listener (http://{host})"
+            "refused: without an admin token, the dashboard's changes are taken only from a loopback name (not `{host}`)"
         ))
     }
 }
