@@ -1,10 +1,12 @@
-//! Admin API: reconciler status, history, manual sync, pin/unpin, and webhook triggers.
+//! Admin API: reconciler status, history, manual sync, pin/unpin, webhook triggers, and the
+//! web dashboard under `/ui/` (static files embedded in the binary, see [`ui`]).
 //!
 //! Owns: HTTP handlers over a [`reconcile::Handle`]. Must not change the graph itself: every
 //! write goes through the reconciler. Webhook bodies are authenticated before anything else and
 //! never parsed: a valid hook only asks for a fetch, the content comes from the source.
 
 pub mod hooks;
+mod ui;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -31,6 +33,8 @@ pub struct AdminState {
     pub token: Option<Arc<String>>,
     /// The proxy's metrics, for `GET /metrics`; 404 without them.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Recent per-route traffic for the dashboard (`GET /api/traffic`); empty without it.
+    pub recent: Option<Arc<crate::metrics::Recent>>,
 }
 
 /// Reads the live graph.
@@ -39,7 +43,7 @@ pub type GraphView = Arc<dyn Fn() -> Arc<crate::routes::Graph> + Send + Sync>;
 /// `GET /api/routes/explain?method=&host=&path=&header=name:value&query=`: which Mapping would
 /// serve the request, and why.
 fn explain(g: &crate::routes::Graph, query: &str) -> serde_json::Value {
-    use crate::routes::describe::{describe_action, describe_match};
+    use crate::routes::describe::{describe_action, describe_match, why_not};
     let mut method = "GET".to_string();
     let mut host = "localhost".to_string();
     let mut path = "/".to_string();
@@ -84,13 +88,39 @@ fn explain(g: &crate::routes::Graph, query: &str) -> serde_json::Value {
         ),
         None => serde_json::json!("no Host matches this authority: 404"),
     };
-    match g.lookup(&head) {
-        None => serde_json::json!({"matched": false, "table": via, "answer": "404 no route"}),
+    let found = g.lookup(&head);
+    // Positions count from 1 within the table, as `legate routes` numbers them; every group
+    // before the winner (all of them when none wins) says why it lost.
+    let table = g.table_for(&host_name).map(|t| &g.tables[t].groups[..]);
+    let mut lost = Vec::new();
+    let mut position = None;
+    for (n, &gi) in table.unwrap_or(&[]).iter().enumerate() {
+        if found.as_ref().is_some_and(|m| m.group_index == gi) {
+            position = Some(n + 1);
+            break;
+        }
+        if lost.len() < MAX_EXPLAINED {
+            lost.push(serde_json::json!({
+                "position": n + 1,
+                "match": describe_match(g, gi),
+                "mappings": g.groups[gi].shares().iter().map(|(id, _)| {
+                    let r = g.route(*id);
+                    format!("{}/{}", r.namespace, r.name)
+                }).collect::<Vec<_>>(),
+                "lost": why_not(g, gi, &head).unwrap_or_else(|| "matches, but a group before it won".into()),
+            }));
+        }
+    }
+    match found {
+        None => {
+            serde_json::json!({"matched": false, "table": via, "answer": "404 no route", "candidates": lost})
+        }
         Some(m) => serde_json::json!({
             "matched": true,
             "table": via,
             "match": describe_match(g, m.group_index),
-            "position": m.group_index,
+            "position": position,
+            "candidates": lost,
             "members": m.group.shares().iter().map(|(id, share)| {
                 let r = g.route(*id);
                 serde_json::json!({
@@ -104,6 +134,9 @@ fn explain(g: &crate::routes::Graph, query: &str) -> serde_json::Value {
         }),
     }
 }
+
+/// Earlier candidates an explanation lists at most.
+const MAX_EXPLAINED: usize = 100;
 
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
@@ -172,7 +205,15 @@ where
         }
         _ => {}
     }
+    if method == Method::GET {
+        if let Some(r) = ui::serve(&path, &req) {
+            return r;
+        }
+    }
     if method == Method::POST {
+        if let Err(why) = same_origin(&req, state.token.is_some()) {
+            return error(StatusCode::FORBIDDEN, &why);
+        }
         if let Some(t) = &state.token {
             if !authorized(&req, t) {
                 let mut r = error(
@@ -204,6 +245,11 @@ where
             ),
             None => error(StatusCode::NOT_FOUND, "no route graph on this listener"),
         },
+        (Method::GET, "/api/traffic") => traffic(state, req.uri().query().unwrap_or("")),
+        (Method::GET, p) if p.starts_with("/api/revisions/") && p.ends_with("/diff") => {
+            let rev = &p["/api/revisions/".len()..p.len() - "/diff".len()];
+            revision_diff(state, rev)
+        }
         (Method::POST, "/api/sync") => pass(state.reconciler.sync().await),
         (Method::POST, "/api/unpin") => pass(state.reconciler.unpin().await),
         (Method::POST, p) if p.starts_with("/api/pin/") => {
@@ -221,6 +267,99 @@ where
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
         _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
+    }
+}
+
+/// A browser sends `Origin` with every cross-site POST: a mutating call from a page of another
+/// origin is refused even when it carries the token (a stolen token aside, this stops a page
+/// the operator visits from driving the admin API). Tools that send no `Origin` (curl, the
+/// CLI) are not affected.
+///
+/// Without a token (loopback only), the Host must also be a loopback name: DNS rebinding
+/// would otherwise make a hostile page same-origin.
+fn same_origin<B>(req: &Request<B>, token_set: bool) -> Result<(), String> {
+    let Some(origin) = req.headers().get(http::header::ORIGIN) else {
+        return Ok(());
+    };
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let origin = origin.to_str().unwrap_or("");
+    if host.is_empty() || origin != format!("http://{host}") {
+        return Err(format!(
+            "cross-origin call refused: Origin `{origin}` is not this admin listener (http://{host})"
+        ));
+    }
+    // Without a token, a page whose name was rebound to 127.0.0.1 would be same-origin: only
+    // loopback names count then.
+    let name = host.rsplit_once(':').map_or(host, |(n, _)| n);
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if token_set || loopback {
+        Ok(())
+    } else {
+        Err(format!(
+            "refused: without an admin token, the dashboard's changes are taken only from a loopback name (not `{host}`)"
+        ))
+    }
+}
+
+/// `GET /api/traffic?minutes=N` (1 to 15, default 5): request rate, error ratio and p99 per
+/// route over the last minutes, from the gateway's own counters, and the upstreams' address
+/// health.
+fn traffic(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
+    let minutes = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("minutes="))
+        .and_then(|m| m.parse::<u64>().ok())
+        .unwrap_or(5)
+        .clamp(1, 15);
+    let traffic = state
+        .recent
+        .as_ref()
+        .map(|r| r.traffic(std::time::Duration::from_secs(minutes * 60)));
+    let upstreams = state
+        .metrics
+        .as_ref()
+        .map(|m| m.upstream_health())
+        .unwrap_or_default();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "minutes": minutes,
+            "seconds": traffic.as_ref().map(|t| t.seconds),
+            "routes": traffic.map(|t| t.routes).unwrap_or_default(),
+            "upstreams": upstreams,
+        }),
+    )
+}
+
+/// `GET /api/revisions/{rev}/diff`: the route diff of a revision against the one swapped in
+/// before it, as `legate diff` computes it (text and JSON).
+fn revision_diff(state: &AdminState, rev: &str) -> Response<Full<Bytes>> {
+    if rev.is_empty() || rev.len() > 128 || !rev.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a revision id is hex or alphanumeric",
+        );
+    }
+    match state.reconciler.diff(rev) {
+        Ok(d) => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "revision": rev,
+                "base": d.base,
+                "text": crate::diff::render::text(&d.diff),
+                "diff": d.diff,
+            }),
+        ),
+        Err(e) => error(StatusCode::NOT_FOUND, &e),
     }
 }
 

@@ -442,17 +442,32 @@ fn human(call: &Call<'_>, v: &Value) -> String {
             }
         }
         Call::Routes => {
+            // The same layout as `legate routes` (crate::cli::output::route_table).
             let table = |title: String, rows: &Value, o: &mut String| {
                 o.push_str(&format!("{title}\n"));
-                for (i, g) in rows.as_array().into_iter().flatten().enumerate() {
-                    for m in g["members"].as_array().into_iter().flatten() {
+                let rows = rows.as_array().map(Vec::as_slice).unwrap_or(&[]);
+                if rows.is_empty() {
+                    o.push_str("  (no routes)\n");
+                }
+                o.push_str(&format!(
+                    "  {:<4} {:<5} {:<24} {:<40} {:<28} {:>6}  upstream\n",
+                    "#", "prec", "host", "match", "mapping", "weight"
+                ));
+                for (i, g) in rows.iter().enumerate() {
+                    let shadow = g.get("shadow").filter(|s| s.is_object());
+                    let members = g["members"].as_array().into_iter().flatten();
+                    let rows = members
+                        .map(|m| (m, &m["weight"], ""))
+                        .chain(shadow.map(|s| (s, &s["percent"], "shadow ")));
+                    for (m, share, kind) in rows {
                         o.push_str(&format!(
-                            "  {:<4} {:<24} {:<40} {:<28} {:>4}%  {}\n",
+                            "  {:<4} {:<5} {:<24} {:<40} {:<28} {:>5}%  {kind}{}\n",
                             i + 1,
+                            g["precedence"].to_string(),
                             g["host"].as_str().unwrap_or(""),
                             g["match"].as_str().unwrap_or(""),
                             m["mapping"].as_str().unwrap_or(""),
-                            m["weight"],
+                            share.to_string(),
                             m["action"].as_str().unwrap_or("")
                         ));
                     }
@@ -460,11 +475,16 @@ fn human(call: &Call<'_>, v: &Value) -> String {
                 o.push('\n');
             };
             for h in v["hosts"].as_array().into_iter().flatten() {
+                let tls = match h["tls_secret"].as_str() {
+                    Some(s) => format!("tls={s}"),
+                    None => "no tls".into(),
+                };
                 table(
                     format!(
-                        "Host {} ({})",
+                        "Host {} ({}; {tls}; insecure={})",
                         h["host"].as_str().unwrap_or(""),
-                        h["hostname"].as_str().unwrap_or("")
+                        h["hostname"].as_str().unwrap_or(""),
+                        h["insecure"].as_str().unwrap_or("")
                     ),
                     &h["routes"],
                     &mut o,
@@ -478,28 +498,46 @@ fn human(call: &Call<'_>, v: &Value) -> String {
                 );
             }
         }
-        Call::Explain(_) => {
-            if v["matched"] == true {
-                o.push_str(&format!(
-                    "matched {} (position {})\n",
-                    v["match"].as_str().unwrap_or(""),
-                    v["position"]
-                ));
-                for m in v["members"].as_array().into_iter().flatten() {
-                    o.push_str(&format!(
-                        "  {} ({}%) from {}: {} -> upstream path {}\n",
-                        m["mapping"].as_str().unwrap_or(""),
-                        m["weight"],
-                        m["source"].as_str().unwrap_or(""),
-                        m["action"].as_str().unwrap_or(""),
-                        m["upstream_path"].as_str().unwrap_or("-")
-                    ));
-                }
-            } else {
-                o.push_str("no route: the gateway answers 404\n");
-            }
-            o.push_str(&format!("table: {}\n", v["table"]));
-        }
+        Call::Explain(_) => explain_text(v, &mut o),
     }
     o
+}
+
+/// `legate explain` as text: the table, the earlier candidates and why each lost, the winner.
+fn explain_text(v: &Value, o: &mut String) {
+    match &v["table"] {
+        Value::String(t) => o.push_str(&format!("table: {t}\n")),
+        t => o.push_str(&format!(
+            "table: Host {} ({})\n",
+            t["host"].as_str().unwrap_or(""),
+            t["hostname"].as_str().unwrap_or("")
+        )),
+    }
+    for c in v["candidates"].as_array().into_iter().flatten() {
+        o.push_str(&format!(
+            "  {:<4} {:<40} lost: {}\n",
+            c["position"].to_string(),
+            c["match"].as_str().unwrap_or(""),
+            c["lost"].as_str().unwrap_or("")
+        ));
+    }
+    if v["matched"] != true {
+        o.push_str("no route: the gateway answers 404\n");
+        return;
+    }
+    o.push_str(&format!(
+        "  {:<4} {:<40} wins\n",
+        v["position"].to_string(),
+        v["match"].as_str().unwrap_or("")
+    ));
+    for m in v["members"].as_array().into_iter().flatten() {
+        o.push_str(&format!(
+            "       {} ({}%) from {}: {} -> upstream path {}\n",
+            m["mapping"].as_str().unwrap_or(""),
+            m["weight"],
+            m["source"].as_str().unwrap_or(""),
+            m["action"].as_str().unwrap_or(""),
+            m["upstream_path"].as_str().unwrap_or("-")
+        ));
+    }
 }

@@ -464,6 +464,13 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         let n = crate::notify::Notifier::new(url).map_err(anyhow::Error::msg)?;
         n.spawn(notify_events, source_name.clone());
     }
+    // The dashboard's recent traffic: a snapshot of the per-route counters every 5 s, kept for
+    // the longest window it offers (15 min).
+    let recent = proxy.settings().metrics.then(|| {
+        let r = crate::metrics::Recent::new(proxy.metrics().clone(), 15 * 12 + 1);
+        r.spawn(Duration::from_secs(5));
+        r
+    });
     let admin_state = crate::admin::AdminState {
         reconciler: handle.clone(),
         hook_secret: hook_secret.clone(),
@@ -473,6 +480,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         }),
         token: token.map(Arc::new),
         metrics: Some(proxy.metrics().clone()).filter(|_| proxy.settings().metrics),
+        recent,
     };
     if hook_secret.is_some() {
         let prefix = if args.hooks_prefix.ends_with('/') {

@@ -8,8 +8,11 @@
 //! Label values are bounded: a route label is a Mapping's `stats_name` (operator-chosen, from the
 //! config), method and status are classes, and the live revision appears only in one info metric.
 
+mod recent;
 mod source;
 mod upstream;
+
+pub use recent::{Recent, RouteRate, Traffic};
 
 pub use upstream::{BreakerLimit, RetryReason, UpstreamStats};
 
@@ -54,6 +57,8 @@ pub struct RouteStats {
     sum_us: AtomicU64,
     /// Retries and circuit-breaker refusals of this route's upstream.
     pub upstream: UpstreamStats,
+    /// Failures the gateway answered itself: connect failures, timeouts, gateway 5xx.
+    failures: [AtomicU64; 3],
 }
 
 impl RouteStats {
@@ -69,6 +74,21 @@ impl RouteStats {
         }
         self.count.fetch_add(1, Relaxed);
         self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Count a request whose upstream connection could not be established.
+    pub fn connect_failure(&self) {
+        self.failures[0].fetch_add(1, Relaxed);
+    }
+
+    /// Count a request answered 504 because the upstream exceeded the route timeout.
+    pub fn timeout(&self) {
+        self.failures[1].fetch_add(1, Relaxed);
+    }
+
+    /// Count a 5xx the gateway made itself (not relayed from an upstream).
+    pub fn gateway_5xx(&self) {
+        self.failures[2].fetch_add(1, Relaxed);
     }
 }
 
@@ -103,9 +123,6 @@ pub struct Metrics {
     none: Arc<RouteStats>,
     /// By upstream service (from the config, so bounded like route labels).
     upstreams: Mutex<BTreeMap<String, Arc<EndpointStats>>>,
-    connect_failures: AtomicU64,
-    timeouts: AtomicU64,
-    gateway_5xx: AtomicU64,
     connections: AtomicI64,
     access_log_dropped: AtomicU64,
     /// Recorded revisions by outcome: applied, rejected, rolled back, superseded.
@@ -125,9 +142,6 @@ impl Default for Metrics {
             routes: Mutex::new(routes),
             none,
             upstreams: Mutex::new(BTreeMap::new()),
-            connect_failures: AtomicU64::new(0),
-            timeouts: AtomicU64::new(0),
-            gateway_5xx: AtomicU64::new(0),
             connections: AtomicI64::new(0),
             access_log_dropped: AtomicU64::new(0),
             outcomes: Default::default(),
@@ -148,6 +162,9 @@ pub struct ReconcileView {
     /// Unix milliseconds.
     pub last_pass_at: Option<u64>,
     pub last_fetch_ok_at: Option<u64>,
+    /// The source's head is known and is not the serving revision (rejected, rolled back,
+    /// not applied yet, or pinned).
+    pub out_of_sync: bool,
 }
 
 impl From<&crate::reconcile::Status> for ReconcileView {
@@ -159,6 +176,7 @@ impl From<&crate::reconcile::Status> for ReconcileView {
             consecutive_failures: s.consecutive_failures,
             last_pass_at: s.last_pass_at,
             last_fetch_ok_at: s.last_fetch_ok_at,
+            out_of_sync: s.head.is_some() && s.applied.is_some() && s.head != s.applied,
         }
     }
 }
@@ -193,18 +211,6 @@ impl Metrics {
     /// The statistics of requests no route matched.
     pub fn no_route(&self) -> &Arc<RouteStats> {
         &self.none
-    }
-
-    pub fn connect_failure(&self) {
-        self.connect_failures.fetch_add(1, Relaxed);
-    }
-
-    pub fn timeout(&self) {
-        self.timeouts.fetch_add(1, Relaxed);
-    }
-
-    pub fn gateway_5xx(&self) {
-        self.gateway_5xx.fetch_add(1, Relaxed);
     }
 
     pub fn access_log_dropped(&self) {
@@ -320,32 +326,40 @@ impl Metrics {
         }
         upstream::render(&mut out, &routes, &self.shadow);
 
-        let counters = [
+        let by_route = [
             (
                 "legate_upstream_connect_failures_total",
-                "Requests whose upstream connection could not be established.",
-                &self.connect_failures,
+                "Requests whose upstream connection could not be established, by route.",
             ),
             (
                 "legate_upstream_timeouts_total",
-                "Requests answered 504 because the upstream exceeded the route timeout.",
-                &self.timeouts,
+                "Requests answered 504 because the upstream exceeded the route timeout, by route.",
             ),
             (
                 "legate_gateway_errors_total",
-                "5xx responses made by the gateway itself (not relayed from an upstream).",
-                &self.gateway_5xx,
-            ),
-            (
-                "legate_access_log_dropped_total",
-                "Access log lines dropped because the writer fell behind.",
-                &self.access_log_dropped,
+                "5xx responses made by the gateway itself (not relayed from an upstream), by route (none: before a route matched).",
             ),
         ];
-        for (name, help, v) in counters {
+        for (i, (name, help)) in by_route.into_iter().enumerate() {
             head(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+            for (route, s) in &routes {
+                let n = s.failures[i].load(Relaxed);
+                if n > 0 {
+                    let _ = writeln!(out, "{name}{{route=\"{route}\"}} {n}");
+                }
+            }
         }
+        head(
+            &mut out,
+            "legate_access_log_dropped_total",
+            "counter",
+            "Access log lines dropped because the writer fell behind.",
+        );
+        let _ = writeln!(
+            out,
+            "legate_access_log_dropped_total {}",
+            self.access_log_dropped.load(Relaxed)
+        );
         head(
             &mut out,
             "legate_downstream_connections",
@@ -437,6 +451,13 @@ impl Metrics {
             }
             head(
                 &mut out,
+                "legate_source_out_of_sync",
+                "gauge",
+                "1 while the source's head is not the serving revision (rejected, rolled back, or pinned).",
+            );
+            let _ = writeln!(out, "legate_source_out_of_sync {}", u8::from(r.out_of_sync));
+            head(
+                &mut out,
                 "legate_revision_info",
                 "gauge",
                 "The revision being served (value always 1).",
@@ -451,6 +472,16 @@ impl Metrics {
         }
         out
     }
+}
+
+/// One upstream's address health, as the dashboard shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamView {
+    pub upstream: String,
+    pub addresses: u64,
+    pub ejected: u64,
+    pub unhealthy: u64,
+    pub ejections: u64,
 }
 
 impl Metrics {
@@ -478,6 +509,20 @@ impl Metrics {
                 escape(&host)
             );
         }
+    }
+
+    /// Address health of every upstream with outlier detection or health checks.
+    pub fn upstream_health(&self) -> Vec<UpstreamView> {
+        let m = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .map(|(k, u)| UpstreamView {
+                upstream: k.clone(),
+                addresses: u.addresses.load(Relaxed),
+                ejected: u.ejected.load(Relaxed),
+                unhealthy: u.unhealthy.load(Relaxed),
+                ejections: u.ejections.load(Relaxed),
+            })
+            .collect()
     }
 
     fn render_upstreams(&self, out: &mut String) {

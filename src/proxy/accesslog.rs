@@ -96,6 +96,11 @@ pub struct Line {
     host: Option<Span>,
     path: Span,
     client_id: Option<Span>,
+    user_agent: Option<Span>,
+    /// The downstream peer (the TCP peer, not `X-Forwarded-For`).
+    client: SocketAddr,
+    /// Why the gateway answered itself instead of relaying an upstream response.
+    pub failure: Option<String>,
     /// The request id the gateway generated (else the client's is logged).
     pub request_id: Option<HeaderValue>,
     pub trace_id: Option<TraceId>,
@@ -108,7 +113,12 @@ pub struct Line {
 
 impl Line {
     /// Capture the request head before the request is consumed (`started`: when it arrived).
-    pub(crate) fn start<B>(req: &http::Request<B>, snap: &Arc<Snapshot>, started: Instant) -> Line {
+    pub(crate) fn start<B>(
+        req: &http::Request<B>,
+        snap: &Arc<Snapshot>,
+        started: Instant,
+        client: SocketAddr,
+    ) -> Line {
         let h = req.headers();
         let host = match req.uri().authority() {
             Some(a) => Some(a.as_str().as_bytes()),
@@ -118,12 +128,17 @@ impl Line {
         let client_id = h
             .get(&super::headers::X_REQUEST_ID)
             .map(HeaderValue::as_bytes);
+        let user_agent = h.get(http::header::USER_AGENT).map(HeaderValue::as_bytes);
         let mut text = Vec::with_capacity(
-            host.map_or(0, <[u8]>::len) + path.len() + client_id.map_or(0, <[u8]>::len),
+            host.map_or(0, <[u8]>::len)
+                + path.len()
+                + client_id.map_or(0, <[u8]>::len)
+                + user_agent.map_or(0, <[u8]>::len),
         );
         let host = host.map(|b| Span::copy(&mut text, b));
         let path = Span::copy(&mut text, path);
         let client_id = client_id.map(|b| Span::copy(&mut text, b));
+        let user_agent = user_agent.map(|b| Span::copy(&mut text, b));
         Line {
             started,
             took: Duration::ZERO,
@@ -132,6 +147,9 @@ impl Line {
             host,
             path,
             client_id,
+            user_agent,
+            client,
+            failure: None,
             request_id: None,
             // A request that is never forwarded keeps the client's trace id, if any.
             trace_id: super::trace::incoming(req.headers()),
@@ -141,6 +159,11 @@ impl Line {
             status: 0,
             bytes: 0,
         }
+    }
+
+    /// Whether the client sent its own `x-request-id`.
+    pub fn has_client_id(&self) -> bool {
+        self.client_id.is_some()
     }
 
     /// Append the JSON line (hand-written, no `fmt`: the writer formats hundreds of thousands
@@ -163,6 +186,10 @@ impl Line {
             }
             None => out.extend_from_slice(b"null"),
         }
+        out.extend_from_slice(b",\"client\":");
+        addr(out, Some(self.client));
+        out.extend_from_slice(b",\"user_agent\":");
+        opt_str(out, self.user_agent.map(|s| s.of(&self.text)));
         out.extend_from_slice(b",\"method\":");
         opt_str(out, Some(self.method.as_str().as_bytes()));
         out.extend_from_slice(b",\"host\":");
@@ -188,25 +215,7 @@ impl Line {
         let prep = self.route.and_then(|i| self.snap.routes.get(i)?.as_ref());
         opt_str(out, prep.map(|p| p.authority.as_str().as_bytes()));
         out.extend_from_slice(b",\"upstream_addr\":");
-        match self.attempts.peer {
-            // An address has no character JSON must escape.
-            Some(SocketAddr::V4(a)) => {
-                out.push(b'"');
-                for (i, o) in a.ip().octets().into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(b'.');
-                    }
-                    int(out, u64::from(o));
-                }
-                out.push(b':');
-                int(out, u64::from(a.port()));
-                out.push(b'"');
-            }
-            Some(a) => {
-                let _ = write!(out, "\"{a}\"");
-            }
-            None => out.extend_from_slice(b"null"),
-        }
+        addr(out, self.attempts.peer);
         out.extend_from_slice(b",\"route\":");
         match self.route.and_then(|i| self.snap.graph.routes.get(i)) {
             Some(r) => {
@@ -222,6 +231,8 @@ impl Line {
         opt_str(out, Some(self.snap.revision.as_bytes()));
         out.extend_from_slice(b",\"retries\":");
         int(out, u64::from(self.attempts.retries));
+        out.extend_from_slice(b",\"error\":");
+        opt_str(out, self.failure.as_deref().map(str::as_bytes));
         out.extend_from_slice(b"}\n");
     }
 
@@ -304,6 +315,29 @@ impl Clock {
             b'0' + (ms % 10) as u8,
             b'Z',
         ]);
+    }
+}
+
+/// A socket address as a JSON string (or `null`).
+fn addr(out: &mut Vec<u8>, a: Option<SocketAddr>) {
+    match a {
+        // An address has no character JSON must escape.
+        Some(SocketAddr::V4(a)) => {
+            out.push(b'"');
+            for (i, o) in a.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                int(out, u64::from(o));
+            }
+            out.push(b':');
+            int(out, u64::from(a.port()));
+            out.push(b'"');
+        }
+        Some(a) => {
+            let _ = write!(out, "\"{a}\"");
+        }
+        None => out.extend_from_slice(b"null"),
     }
 }
 
@@ -531,6 +565,7 @@ mod tests {
             stats: Vec::new(),
         });
         let req = http::Request::get("http://h.test/p?q=secret")
+            .header("user-agent", "curl/8.5")
             .body(())
             .unwrap();
         let logger = Arc::new(Logger {
@@ -540,7 +575,12 @@ mod tests {
         for _ in 0..3 {
             let body = Counted::new(
                 super::super::body::full(Bytes::from_static(b"hi")),
-                Line::start(&req, &snap, Instant::now()),
+                Line::start(
+                    &req,
+                    &snap,
+                    Instant::now(),
+                    "[2001:db8::1]:5000".parse().unwrap(),
+                ),
                 200,
                 logger.clone(),
             );
@@ -551,7 +591,11 @@ mod tests {
         line.trace_id = Some([0xab; 16]);
         line.attempts.retries = 3;
         line.attempts.peer = Some("10.0.0.7:8080".parse().unwrap());
+        line.failure = Some("upstream connect failed: refused".into());
         let line = line.json();
+        assert_eq!(line["client"], "[2001:db8::1]:5000");
+        assert_eq!(line["user_agent"], "curl/8.5");
+        assert_eq!(line["error"], "upstream connect failed: refused");
         assert_eq!(line["duration_ms"], 12.034);
         assert_eq!(line["trace_id"], "ab".repeat(16));
         assert_eq!(line["retries"], 3);

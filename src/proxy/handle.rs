@@ -65,7 +65,7 @@ impl Proxy {
         }
         let snap = self.shared.load_full();
         let grpc = hdr::is_grpc(req.headers());
-        let mut ex = Exchange::start(&req, &snap, self.settings.access_log.is_some());
+        let mut ex = Exchange::start(&req, &snap, self.settings.access_log.is_some(), conn.remote);
         let mut resp = match self.serve(&snap, req, conn, &mut ex).await {
             Ok(r) => r,
             Err(e) => {
@@ -73,7 +73,7 @@ impl Proxy {
                     self.gateway_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                observe::count_error(&self.metrics, &e);
+                observe::count_error(&self.metrics, &snap, ex.route, &e);
                 ex.failed(&e);
                 if grpc {
                     e.into_grpc_response()

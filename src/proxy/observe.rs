@@ -47,12 +47,17 @@ pub(crate) struct Attempts {
 
 impl Exchange {
     /// Begin observing a request (before it is consumed).
-    pub fn start<B>(req: &Request<B>, snap: &Arc<Snapshot>, log: bool) -> Exchange {
+    pub fn start<B>(
+        req: &Request<B>,
+        snap: &Arc<Snapshot>,
+        log: bool,
+        client: SocketAddr,
+    ) -> Exchange {
         let start = Instant::now();
         Exchange {
             start,
             method: method_class(req.method()),
-            line: log.then(|| Line::start(req, snap, start)),
+            line: log.then(|| Line::start(req, snap, start, client)),
             route: None,
             request_id: None,
             trace_id: None,
@@ -64,6 +69,9 @@ impl Exchange {
     /// The gateway answers with `e` instead of an upstream response.
     pub fn failed(&mut self, e: &ProxyError) {
         self.failure = Some(e.counts_against_revision());
+        if let Some(line) = &mut self.line {
+            line.failure = Some(e.to_string());
+        }
     }
 
     /// How this exchange counts in its revision's verification window.
@@ -85,7 +93,7 @@ impl Proxy {
         &self,
         snap: &Snapshot,
         ex: Exchange,
-        resp: Response<RespBody>,
+        mut resp: Response<RespBody>,
     ) -> Response<RespBody> {
         if let Some(route) = ex.route {
             snap.evidence.record(route, ex.evidence(resp.status()));
@@ -102,6 +110,14 @@ impl Proxy {
                 line.route = ex.route;
                 line.attempts = ex.attempts;
                 line.request_id = ex.request_id;
+                if line.request_id.is_none() && !line.has_client_id() {
+                    // Not forwarded (404, a policy's refusal, an early failure): the line still
+                    // gets an id, and the client sees it to quote.
+                    let id = super::headers::new_request_id();
+                    resp.headers_mut()
+                        .insert(super::headers::X_REQUEST_ID.clone(), id.clone());
+                    line.request_id = Some(id);
+                }
                 if ex.trace_id.is_some() {
                     line.trace_id = ex.trace_id;
                 }
@@ -115,14 +131,18 @@ impl Proxy {
     }
 }
 
-/// Count a failure the gateway answered itself.
-pub(crate) fn count_error(m: &Metrics, e: &ProxyError) {
+/// Count a failure the gateway answered itself, on the route it was for (`none` before one
+/// matched).
+pub(crate) fn count_error(m: &Metrics, snap: &Snapshot, route: Option<usize>, e: &ProxyError) {
+    let stats = route
+        .and_then(|i| snap.stats.get(i))
+        .unwrap_or(m.no_route());
     match e {
-        ProxyError::Connect(_) => m.connect_failure(),
-        ProxyError::Timeout => m.timeout(),
+        ProxyError::Connect(_) => stats.connect_failure(),
+        ProxyError::Timeout => stats.timeout(),
         _ => {}
     }
     if e.status().is_server_error() {
-        m.gateway_5xx();
+        stats.gateway_5xx();
     }
 }

@@ -330,6 +330,21 @@ struct Shared {
     history: VecDeque<Entry>,
     /// The running window, for its evidence so far in status.
     window: Option<(String, Arc<verify::Window>)>,
+    /// Compiled graphs of the revisions swapped in lately (newest last, at most
+    /// [`KEPT_GRAPHS`]), so the dashboard can diff a revision against the one before it
+    /// without reading the source again.
+    graphs: VecDeque<(String, Arc<Graph>)>,
+}
+
+/// How many compiled graphs [`Shared::graphs`] keeps.
+pub const KEPT_GRAPHS: usize = 20;
+
+/// The route diff of a revision against the revision served before it.
+#[derive(Debug)]
+pub struct RevisionDiff {
+    /// The revision before (`None`: the first revision, compared with no routes).
+    pub base: Option<String>,
+    pub diff: crate::diff::RouteDiff,
 }
 
 /// The running verification window, as status shows it.
@@ -417,6 +432,28 @@ impl Handle {
     /// History, newest first.
     pub fn history(&self) -> Vec<Entry> {
         self.lock().history.iter().rev().cloned().collect()
+    }
+
+    /// The route diff of revision `id` against the revision swapped in before it. Only the
+    /// last [`KEPT_GRAPHS`] swapped-in revisions are kept; a rejected revision never compiled,
+    /// so it has no diff (its diagnostics say why).
+    pub fn diff(&self, id: &str) -> Result<RevisionDiff, String> {
+        let s = self.lock();
+        let Some(at) = s.graphs.iter().rposition(|(r, _)| r == id) else {
+            return Err(format!(
+                "revision {id} is not among the last {KEPT_GRAPHS} revisions swapped in (a rejected revision has no routes: see its diagnostics)"
+            ));
+        };
+        let head = &s.graphs[at].1;
+        let before = s.graphs.iter().take(at).rev().find(|(r, _)| r != id);
+        let diff = match before {
+            Some((_, base)) => crate::diff::diff(base, head),
+            None => crate::diff::diff(&Graph::empty(), head),
+        };
+        Ok(RevisionDiff {
+            base: before.map(|(r, _)| r.clone()),
+            diff,
+        })
     }
 
     /// Ask for a fetch and pass soon (webhooks, file watches). Never blocks; bursts coalesce.
@@ -657,6 +694,18 @@ impl Reconciler {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Remember the graph of a revision just swapped in, for [`Handle::diff`].
+    fn keep_graph(&self, id: &str, graph: &Arc<Graph>) {
+        let mut s = self.lock();
+        if s.graphs.back().is_some_and(|(r, _)| r == id) {
+            return;
+        }
+        s.graphs.push_back((id.to_string(), graph.clone()));
+        while s.graphs.len() > KEPT_GRAPHS {
+            s.graphs.pop_front();
+        }
+    }
+
     async fn run(mut self) {
         self.restore().await;
         let mut replies: Vec<oneshot::Sender<PassResult>> = Vec::new();
@@ -884,6 +933,7 @@ impl Reconciler {
             let t = Instant::now();
             self.sink
                 .serve(graph.clone(), &rev.id, Evidence::new(graph.len()));
+            self.keep_graph(&rev.id, &graph);
             entry.timings.swap_ms = ms(t.elapsed());
             entry.outcome = Outcome::Applied;
             entry.reason = Some("served from the local cache at startup (verified before)".into());
@@ -1219,6 +1269,7 @@ impl Reconciler {
         let ev = Evidence::new(graph.len());
         let t = Instant::now();
         self.sink.serve(graph.clone(), &rev.id, ev.clone());
+        self.keep_graph(&rev.id, &graph);
         entry.timings.swap_ms = ms(t.elapsed());
         entry.graph = short(&graph.hash);
         entry.routes = graph.len();

@@ -215,6 +215,16 @@ impl Graph {
         self.host_index.find(host).map(|i| &self.hosts[i])
     }
 
+    /// The table (index in `tables`) that serves an authority outside TLS, as [`Graph::lookup`]
+    /// picks it: a Host's, the default Host's when none is defined, or `None` (404).
+    pub fn table_for(&self, host: &str) -> Option<usize> {
+        match self.host_index.find(host) {
+            Some(i) => Some(i),
+            None if self.hosts.is_empty() => Some(self.hosts.len()),
+            None => None,
+        }
+    }
+
     /// Index in `hosts` of the TLS Host whose certificate a handshake with this SNI gets: the
     /// best match by name (without port); no SNI gets a `*` TLS Host. `None`: no TLS Host.
     pub fn host_for_sni(&self, sni: Option<&str>) -> Option<usize> {

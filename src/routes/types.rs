@@ -125,26 +125,8 @@ impl RouteMatch {
                 return false;
             }
         }
-        for h in &self.headers {
-            if h.name == AUTHORITY {
-                // Not in the header map: the authority routing uses (Envoy's `:authority`).
-                if !h.test.matches(req.host) || req.host.is_empty() {
-                    return false;
-                }
-                continue;
-            }
-            let mut ok = false;
-            for v in req.headers.get_all(h.name.as_str()) {
-                if let Ok(v) = v.to_str() {
-                    if h.test.matches(v) {
-                        ok = true;
-                        break;
-                    }
-                }
-            }
-            if !ok {
-                return false;
-            }
+        if !self.headers.iter().all(|h| header_ok(h, req)) {
+            return false;
         }
         if !self.query.is_empty() {
             let q = req.query.unwrap_or("");
@@ -158,7 +140,19 @@ impl RouteMatch {
     }
 }
 
-fn query_has(query: &str, name: &str, test: &ValueTest) -> bool {
+/// Whether the request satisfies one header condition.
+pub(crate) fn header_ok(h: &ValueMatch, req: &super::RequestHead<'_>) -> bool {
+    if h.name == AUTHORITY {
+        // Not in the header map: the authority routing uses (Envoy's `:authority`).
+        return h.test.matches(req.host) && !req.host.is_empty();
+    }
+    req.headers
+        .get_all(h.name.as_str())
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| h.test.matches(v)))
+}
+
+pub(crate) fn query_has(query: &str, name: &str, test: &ValueTest) -> bool {
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if k == name && test.matches(v) {

@@ -177,9 +177,33 @@ async fn route_tests_gate_revisions_and_outcomes_are_announced() {
         "{revs}"
     );
     let o = cli(&["explain", "/echo/x"], false);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("default/echo"));
-    let o = cli(&["routes", "--live"], false);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("default/echo"));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        text.contains("default/echo") && text.contains("  1    /echo/*") && text.contains("wins"),
+        "{text}"
+    );
+    let o = cli(&["explain", "/nowhere"], false);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        text.contains("lost: path /nowhere does not start with /echo/")
+            && text.contains("no route: the gateway answers 404"),
+        "{text}"
+    );
+    let o = cli(&["explain", "/echo/x", "--json"], false);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["position"], 1, "{v}");
+    // The live table reads exactly like the one compiled from the same directory.
+    let live = String::from_utf8_lossy(&cli(&["routes", "--live"], false).stdout).into_owned();
+    let local = Command::new(env!("CARGO_BIN_EXE_legate"))
+        .arg("routes")
+        .arg(tree.path())
+        .output()
+        .unwrap();
+    assert_eq!(live, String::from_utf8_lossy(&local.stdout), "{live}");
+    assert!(
+        live.contains("#    prec") && live.contains("default/echo"),
+        "{live}"
+    );
 
     // A change that breaks the route test is rejected; the old routes keep serving.
     let broken = good.replace("rewrite: /", "rewrite: /api/");

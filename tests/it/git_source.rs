@@ -226,6 +226,7 @@ async fn commits_over_git_daemon_go_live_bad_is_rejected_fix_goes_live() {
         token: None,
         graph: None,
         metrics: None,
+        recent: None,
     };
     let body: &'static [u8] = b"{}";
     let req = http::Request::post("/hooks/github")
@@ -557,6 +558,7 @@ async fn bench_commit_to_live_via_webhook() {
         token: None,
         graph: None,
         metrics: None,
+        recent: None,
     };
     let body: &'static [u8] = b"{}";
     let mut times = Vec::new();

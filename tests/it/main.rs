@@ -3,6 +3,7 @@
 mod ci_recipes;
 mod compat;
 mod config_cli;
+mod dashboard;
 mod deploy;
 mod diff;
 mod emissary;

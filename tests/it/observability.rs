@@ -44,6 +44,14 @@ fn sample(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The sum of every series of metric `name`, whatever its labels.
+fn total(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 #[tokio::test]
 async fn metrics_count_known_traffic_and_pass_promtool() {
     let up = Upstream::start("u").await;
@@ -85,6 +93,7 @@ async fn metrics_count_known_traffic_and_pass_promtool() {
         // A token guards mutating calls only: /metrics stays open.
         token: Some(Arc::new("t0ken".into())),
         metrics: Some(gw.proxy.metrics().clone()),
+        recent: None,
     };
     let server = tokio::spawn(legate::admin::serve(admin, state));
     let url = format!("http://{admin_addr}/metrics");
@@ -144,12 +153,24 @@ async fn metrics_count_known_traffic_and_pass_promtool() {
         ),
         Some(3.0)
     );
+    // Failures the gateway answered itself, by route.
     assert_eq!(
-        sample(&text, "legate_upstream_connect_failures_total"),
+        sample(
+            &text,
+            "legate_upstream_connect_failures_total{route=\"dead\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "legate_upstream_timeouts_total{route=\"slow\"}"),
         Some(1.0)
     );
-    assert_eq!(sample(&text, "legate_upstream_timeouts_total"), Some(1.0));
-    assert_eq!(sample(&text, "legate_gateway_errors_total"), Some(2.0));
+    assert_eq!(
+        sample(&text, "legate_gateway_errors_total{route=\"dead\"}"),
+        Some(1.0)
+    );
+    assert_eq!(total(&text, "legate_gateway_errors_total"), 2.0, "{text}");
     assert!(sample(&text, "legate_downstream_connections").is_some());
     let rev = h.status().applied.unwrap();
     assert_eq!(
@@ -217,11 +238,16 @@ async fn access_log_lines_match_the_requests() {
     let (path, settings) = logging_to(dir.path());
     let gw = Gateway::with(&config(&up), settings).await;
 
-    let given = get(&gw.url("/api/x?token=secret"), &[("x-request-id", "req-1")]).await;
+    let given = get(
+        &gw.url("/api/x?token=secret"),
+        &[("x-request-id", "req-1"), ("user-agent", "legate-test/1")],
+    )
+    .await;
     assert_eq!(given.status, 200);
     let generated = get(&gw.url("/web/y"), &[]).await;
     assert_eq!(generated.status, 200);
-    assert_eq!(get(&gw.url("/nowhere"), &[]).await.status, 404);
+    let nowhere = get(&gw.url("/nowhere"), &[]).await;
+    assert_eq!(nowhere.status, 404);
 
     let lines = log_lines(&path, 3).await;
     let by_path = |p: &str| lines.iter().find(|l| l["path"] == p).unwrap().clone();
@@ -251,6 +277,20 @@ async fn access_log_lines_match_the_requests() {
     let n = by_path("/nowhere");
     assert_eq!(n["status"], 404);
     assert!(n["route"].is_null() && n["upstream"].is_null());
+    // Every line has an id, the gateway's own answers too, and the client got it to quote.
+    assert_eq!(
+        n["request_id"].as_str(),
+        nowhere.header("x-request-id"),
+        "{n}"
+    );
+    assert_eq!(n["error"], "no route matches the request");
+    assert!(a["error"].is_null());
+    assert_eq!(a["user_agent"], "legate-test/1");
+    // The TCP peer: this test's client on loopback.
+    assert!(
+        a["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{a}"
+    );
     // The query string never reaches the log.
     assert!(!std::fs::read_to_string(&path).unwrap().contains("secret"));
 }
@@ -455,8 +495,8 @@ async fn retry_and_circuit_breaker_counters_match_the_traffic() {
     );
     // The 503 the breaker made is a gateway answer, the relayed ones are not.
     assert_eq!(
-        sample(&text, "legate_gateway_errors_total"),
-        Some(breaker_503s as f64 + 1.0),
+        total(&text, "legate_gateway_errors_total"),
+        breaker_503s as f64 + 1.0,
         "{text}"
     );
     assert_eq!(

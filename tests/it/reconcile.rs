@@ -596,6 +596,7 @@ async fn webhooks_check_signatures_and_trigger_a_pass() {
         token: None,
         graph: None,
         metrics: None,
+        recent: None,
     };
     let body: &'static [u8] = br#"{"ref":"refs/heads/main"}"#;
     let good = admin::hooks::sign(b"s3cret", body);
@@ -667,6 +668,7 @@ async fn webhooks_check_signatures_and_trigger_a_pass() {
         token: None,
         graph: None,
         metrics: None,
+        recent: None,
     };
     assert_eq!(
         st(admin::handle(
@@ -676,6 +678,28 @@ async fn webhooks_check_signatures_and_trigger_a_pass() {
         .await),
         404
     );
+    // Without a token, a browser's change is taken only from a loopback name: a page whose
+    // name was rebound to 127.0.0.1 is same-origin, but not loopback by name.
+    let sync_from = |host: &str| {
+        http::Request::post("/api/sync")
+            .header("host", host)
+            .header("origin", format!("http://{host}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    for (host, code) in [
+        ("evil.test:8877", 403),
+        ("127.evil.test:8877", 403),
+        ("127.0.0.1:8877", 200),
+        ("localhost:8877", 200),
+        ("[::1]:8877", 200),
+    ] {
+        assert_eq!(
+            st(admin::handle(sync_from(host), &open).await),
+            code,
+            "{host}"
+        );
+    }
 
     // A good signature makes the new content go live without a poll.
     write(d.path(), "b.yaml", &mapping("b", "/b/", "127.0.0.1:9002"));
