@@ -129,8 +129,8 @@ pub struct Metrics {
     outcomes: [AtomicU64; 7],
     shadow: upstream::ShadowCounts,
     fetch: source::FetchStats,
-    /// `notAfter` (Unix seconds) of each TLS Host's certificate, by hostname, as last loaded.
-    cert_expiry: Mutex<Vec<(String, i64)>>,
+    /// Each TLS Host's certificate, as last loaded.
+    certificates: Mutex<Vec<CertState>>,
 }
 
 impl Default for Metrics {
@@ -146,7 +146,7 @@ impl Default for Metrics {
             access_log_dropped: AtomicU64::new(0),
             outcomes: Default::default(),
             shadow: Default::default(),
-            cert_expiry: Mutex::new(Vec::new()),
+            certificates: Mutex::new(Vec::new()),
             fetch: Default::default(),
         }
     }
@@ -474,6 +474,16 @@ impl Metrics {
     }
 }
 
+/// A TLS Host's certificate: `loaded` (with its `notAfter`, Unix seconds) or `unavailable`
+/// (its Secret could not be read; the logs say why).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertState {
+    pub host: String,
+    pub secret: String,
+    pub state: &'static str,
+    pub not_after: Option<i64>,
+}
+
 /// One upstream's address health, as the dashboard shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UpstreamView {
@@ -485,29 +495,35 @@ pub struct UpstreamView {
 }
 
 impl Metrics {
-    /// Replace the certificate expiries (called whenever the certificates are loaded).
-    pub fn set_cert_expiry(&self, expiries: Vec<(String, i64)>) {
-        *self.cert_expiry.lock().unwrap_or_else(|e| e.into_inner()) = expiries;
+    /// Replace the certificate states (called whenever the certificates are loaded).
+    pub fn set_certificates(&self, certs: Vec<CertState>) {
+        *self.certificates.lock().unwrap_or_else(|e| e.into_inner()) = certs;
+    }
+
+    /// Each TLS Host's certificate, for `GET /api/certificates`.
+    pub fn certificates(&self) -> Vec<CertState> {
+        self.certificates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn render_cert_expiry(&self, out: &mut String) {
-        let certs = self
-            .cert_expiry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let certs = self.certificates();
         head(
             out,
             "legate_tls_certificate_expiry_timestamp_seconds",
             "gauge",
             "When the certificate served for a TLS Host expires (notAfter, Unix seconds), by Host hostname.",
         );
-        for (host, t) in certs {
-            let _ = writeln!(
-                out,
-                "legate_tls_certificate_expiry_timestamp_seconds{{host=\"{}\"}} {t}",
-                escape(&host)
-            );
+        for c in certs {
+            if let Some(t) = c.not_after {
+                let _ = writeln!(
+                    out,
+                    "legate_tls_certificate_expiry_timestamp_seconds{{host=\"{}\"}} {t}",
+                    escape(&c.host)
+                );
+            }
         }
     }
 

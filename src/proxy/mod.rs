@@ -468,7 +468,7 @@ impl Proxy {
             &self.secrets,
             self.settings.default_cert.as_deref(),
         );
-        self.metrics.set_cert_expiry(certs.expiries(&cur.graph));
+        self.metrics.set_certificates(certs.states(&cur.graph));
         let snap = Snapshot {
             graph: cur.graph.clone(),
             routes: cur.routes.clone(),
@@ -525,7 +525,7 @@ impl Proxy {
             routes.push(prepared);
         }
         let certs = CertTable::build(&graph, &self.secrets, self.settings.default_cert.as_deref());
-        self.metrics.set_cert_expiry(certs.expiries(&graph));
+        self.metrics.set_certificates(certs.states(&graph));
         Snapshot {
             revision: HeaderValue::from_static(""),
             evidence: Arc::default(),

@@ -328,15 +328,24 @@ impl CertTable {
         }
     }
 
-    /// `notAfter` (Unix seconds) of the certificate each TLS Host serves, by hostname.
-    pub fn expiries(&self, graph: &Graph) -> Vec<(String, i64)> {
+    /// The state of each TLS Host's certificate: its `notAfter` (Unix seconds) when loaded.
+    pub fn states(&self, graph: &Graph) -> Vec<crate::metrics::CertState> {
         graph
             .hosts
             .iter()
             .zip(&self.by_host)
             .filter_map(|(h, k)| {
-                let leaf = k.as_ref()?.cert.first()?;
-                Some((h.hostname.to_string(), cert::not_after(leaf)?))
+                let secret = h.tls_secret.as_ref()?;
+                let not_after = k
+                    .as_ref()
+                    .and_then(|k| k.cert.first())
+                    .and_then(|leaf| cert::not_after(leaf));
+                Some(crate::metrics::CertState {
+                    host: h.hostname.to_string(),
+                    secret: secret.name.clone(),
+                    state: if k.is_some() { "loaded" } else { "unavailable" },
+                    not_after,
+                })
             })
             .collect()
     }

@@ -423,3 +423,89 @@ async fn revoked_client_certificates_are_refused_and_secrets_are_preflighted() {
         "{text:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_states_in_the_admin_api_follow_the_secrets_directory() {
+    use crate::support::{free_addr, get, Killed};
+    let secrets = tempfile::tempdir().unwrap();
+    let s = secrets.path();
+    make_secret(s, "a-tls", &["a.test"]);
+    make_secret(s, "b-tls", &["b.test"]);
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(
+        config.path().join("hosts.yaml"),
+        [
+            host("a", "a.test", "tlsSecret:\n  name: a-tls"),
+            host("b", "b.test", "tlsSecret:\n  name: b-tls"),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let (http, https, admin) = (free_addr(), free_addr(), free_addr());
+    let _gw = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+            .arg("run")
+            .arg("--dir")
+            .arg(config.path())
+            .arg("--secrets-dir")
+            .arg(s)
+            .args(["--secrets-poll-secs", "1", "--verify-window", "0"])
+            .args(["--http-listen", &http.to_string()])
+            .args(["--https-listen", &https.to_string()])
+            .args(["--admin-listen", &admin.to_string(), "--access-log", "off"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://{admin}/api/certificates");
+    let state = |v: &serde_json::Value, host: &str| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|c| c["host"] == host))
+            .map(|c| c["state"].as_str().unwrap_or_default().to_string())
+    };
+    let mut loaded = serde_json::Value::Null;
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(admin).await.is_ok() {
+            let r = get(&url, &[]).await;
+            if r.status == 200 && state(&r.json(), "b.test").as_deref() == Some("loaded") {
+                loaded = r.json();
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        state(&loaded, "a.test").as_deref(),
+        Some("loaded"),
+        "{loaded}"
+    );
+    assert!(loaded[0]["not_after"].as_i64().is_some(), "{loaded}");
+
+    // b's Secret disappears: b is reported unavailable, a keeps serving.
+    std::fs::remove_dir_all(s.join("b-tls")).unwrap();
+    let mut seen = serde_json::Value::Null;
+    for _ in 0..300 {
+        let r = get(&url, &[]).await.json();
+        if state(&r, "b.test").as_deref() == Some("unavailable") {
+            seen = r;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        state(&seen, "b.test").as_deref(),
+        Some("unavailable"),
+        "{seen}"
+    );
+    assert_eq!(state(&seen, "a.test").as_deref(), Some("loaded"), "{seen}");
+    let metrics = get(&format!("http://{admin}/metrics"), &[]).await.body;
+    assert!(
+        metrics.contains("legate_tls_certificate_expiry_timestamp_seconds{host=\"a.test\"}"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("legate_tls_certificate_expiry_timestamp_seconds{host=\"b.test\"}"),
+        "{metrics}"
+    );
+}
