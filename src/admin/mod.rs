@@ -67,6 +67,17 @@ fn explain(g: &crate::routes::Graph, query: &str) -> serde_json::Value {
         }
     }
     let host_name = host.split(':').next().unwrap_or("").to_string();
+    // The proxy's normalizer: explain routes what the gateway would route.
+    let normalized = match crate::routes::path::normalize(&path, g.normalize) {
+        Ok(n) => n.path.into_owned(),
+        Err(crate::routes::path::PathError::NotAbsolute) => {
+            return serde_json::json!({"matched": false, "answer": "404 no route (the path does not start with /)"})
+        }
+        Err(e) => {
+            return serde_json::json!({"matched": false, "answer": format!("400 bad request: {e}")})
+        }
+    };
+    let path = normalized;
     let head = crate::routes::RequestHead {
         host: &host_name,
         method: &method,
@@ -84,6 +95,7 @@ fn explain(g: &crate::routes::Graph, query: &str) -> serde_json::Value {
         None => serde_json::json!({"matched": false, "table": via, "answer": "404 no route"}),
         Some(m) => serde_json::json!({
             "matched": true,
+            "path": path,
             "table": via,
             "match": describe_match(g, m.group_index),
             "position": m.group_index,

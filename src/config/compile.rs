@@ -1008,6 +1008,7 @@ fn compile_forward(
         ext_auth: None,
         jwt: None,
         rate_limits: Vec::new(),
+        allow_escaped_slashes: spec.allow_escaped_slashes,
     })
 }
 

@@ -37,8 +37,8 @@ pub type Client = hyper_util::client::legacy::Client<Connector, ReqBody>;
 const POOL_MAX_IDLE_PER_HOST: usize = 256;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// HTTP/2?, connect timeout, upstream idle timeout.
-type ClientKey = (bool, Duration, Option<Duration>);
+/// HTTP/2?, connect timeout, upstream idle timeout, the upstream every request dials.
+type ClientKey = (bool, Duration, Option<Duration>, Option<String>);
 
 /// Upstream URL, connect timeout, upstream idle timeout.
 type PoolKey = (String, Duration, Option<Duration>);
@@ -71,6 +71,15 @@ impl Clients {
     }
 
     fn connector(&self, http2: bool, connect_timeout: Duration) -> Connector {
+        self.connector_to(http2, connect_timeout, None)
+    }
+
+    fn connector_to(
+        &self,
+        http2: bool,
+        connect_timeout: Duration,
+        target: Option<Uri>,
+    ) -> Connector {
         let mut http = HttpConnector::new_with_resolver(self.resolver.clone());
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -78,6 +87,7 @@ impl Clients {
         http.set_keepalive(Some(Duration::from_secs(60)));
         Connector {
             http,
+            target,
             tls: if http2 {
                 self.h2_tls.clone()
             } else {
@@ -111,12 +121,22 @@ impl Clients {
             .clone()
     }
 
-    /// The shared client for this protocol, connect timeout and upstream idle timeout.
-    pub fn get(&self, http2: bool, connect_timeout: Duration, idle: Option<Duration>) -> Client {
+    /// The shared client for this protocol, connect timeout and upstream idle timeout; with
+    /// `upstream`, every request dials it whatever authority its URI carries (an HTTP/2
+    /// upstream receives the client's authority as `:authority`).
+    pub fn get(
+        &self,
+        http2: bool,
+        connect_timeout: Duration,
+        idle: Option<Duration>,
+        upstream: Option<&crate::routes::Upstream>,
+    ) -> Client {
+        let target = upstream.map(|u| u.to_string());
         let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
-        made.entry((http2, connect_timeout, idle))
+        made.entry((http2, connect_timeout, idle, target.clone()))
             .or_insert_with(|| {
-                let connector = self.connector(http2, connect_timeout);
+                let fixed = target.and_then(|t| t.parse::<Uri>().ok());
+                let connector = self.connector_to(http2, connect_timeout, fixed);
                 let mut b = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
                 b.pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())
@@ -135,6 +155,8 @@ impl Clients {
 #[derive(Clone)]
 pub struct Connector {
     http: HttpConnector<Resolver>,
+    /// Dial this instead of the request's URI (scheme and authority).
+    target: Option<Uri>,
     tls: TlsConnector,
 }
 
@@ -150,6 +172,7 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        let uri = self.target.clone().unwrap_or(uri);
         self.dial(uri, None)
     }
 }

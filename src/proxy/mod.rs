@@ -17,10 +17,10 @@ mod cors;
 pub mod echo;
 mod error;
 mod handle;
+mod head;
 mod headers;
 mod health;
 mod observe;
-mod path;
 mod pool;
 mod retry;
 mod server;
@@ -537,6 +537,7 @@ impl Proxy {
                 true,
                 f.connect_timeout,
                 f.idle_timeout,
+                Some(&f.upstream),
             )))
         } else {
             UpstreamClient::H1(

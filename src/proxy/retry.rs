@@ -212,9 +212,16 @@ pub(super) async fn send_once(
             })
         }
         UpstreamClient::H2(client) => {
+            // The client's authority (or `host_rewrite`) travels as `:authority` only; the
+            // client dials this route's upstream whatever the URI names.
+            let authority = parts
+                .headers
+                .remove(header::HOST)
+                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+                .unwrap_or_else(|| prep.authority.clone());
             let mut up = http::uri::Parts::default();
             up.scheme = Some(prep.scheme.clone());
-            up.authority = Some(prep.authority.clone());
+            up.authority = Some(authority);
             up.path_and_query = Some(pq);
             parts.uri = Uri::from_parts(up)
                 .map_err(|e| ProxyError::Internal(format!("upstream uri: {e}")))?;

@@ -18,6 +18,7 @@ mod action;
 pub mod describe;
 mod host;
 mod index;
+pub mod path;
 mod policy;
 mod types;
 
@@ -63,6 +64,8 @@ pub struct Graph {
     /// One table per entry of `hosts`, then the fallback table.
     pub(crate) tables: Vec<Table>,
     pub(crate) host_index: host::HostIndex,
+    /// How request paths are normalized before lookup (the Module's settings).
+    pub normalize: path::NormalizeOptions,
 }
 
 impl Graph {
@@ -101,6 +104,7 @@ impl Graph {
             groups,
             tables,
             host_index,
+            normalize: path::NormalizeOptions::default(),
         }
     }
 

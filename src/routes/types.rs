@@ -276,6 +276,9 @@ pub struct Forward {
     pub jwt: Option<std::sync::Arc<crate::policy::JwtPolicy>>,
     /// The RateLimit limits counting this route's requests.
     pub rate_limits: Vec<crate::policy::RouteLimit>,
+    /// Serve paths holding `%2F`/`%5C` even when the graph refuses them (GitLab's
+    /// `group%2Fname`, npm's `@scope%2fpkg`).
+    pub allow_escaped_slashes: bool,
 }
 
 /// A header to add. `append: false` replaces existing values.

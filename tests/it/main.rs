@@ -5,6 +5,7 @@ mod compat;
 mod config_cli;
 mod deploy;
 mod diff;
+mod edge;
 mod gateway;
 mod git_source;
 mod golden;

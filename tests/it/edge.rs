@@ -1,0 +1,268 @@
+//! Edge hardening through the running gateway: request-head smuggling, host confusion and path
+//! normalization cases as one table each, so every later change of the request path runs them.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::support::*;
+
+/// A raw HTTP/1.1 exchange's status and, when the upstream answered, what it saw.
+struct Seen {
+    status: u16,
+    upstream: Option<String>,
+    path: Option<String>,
+    host: Option<String>,
+}
+
+async fn exchange(addr: SocketAddr, head: &str) -> Seen {
+    let text = raw(addr, head.as_bytes()).await;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?} for {head:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let doc: Option<serde_json::Value> = serde_json::from_str(body).ok();
+    let field = |f: &dyn Fn(&serde_json::Value) -> Option<String>| doc.as_ref().and_then(f);
+    Seen {
+        status,
+        upstream: field(&|d| d["upstream"].as_str().map(str::to_string)),
+        path: field(&|d| d["path"].as_str().map(str::to_string)),
+        host: field(&|d| d["headers"]["host"][0].as_str().map(str::to_string)),
+    }
+}
+
+/// A request head, then what must happen: status, upstream, upstream path, Host it saw.
+type Case = (
+    String,
+    u16,
+    Option<&'static str>,
+    Option<&'static str>,
+    Option<&'static str>,
+);
+
+/// A gateway with a protected `/secure/` route and a catch-all, on two virtual hosts.
+async fn edge_gateway(secure: &Upstream, open: &Upstream, admin: &Upstream) -> Gateway {
+    let yaml = [
+        host("public", "public.example", "requestPolicy:\n  insecure:\n    action: Route"),
+        host("admin", "admin.internal", "requestPolicy:\n  insecure:\n    action: Route"),
+        mapping(
+            "secure",
+            &format!("hostname: public.example\nprefix: /secure/\nservice: {}\nrewrite: ''", secure.service()),
+        ),
+        mapping(
+            "open",
+            &format!("hostname: public.example\nprefix: /\nservice: {}\nrewrite: ''", open.service()),
+        ),
+        mapping(
+            "slashes",
+            &format!(
+                "hostname: public.example\nprefix: /api/v4/projects/\nservice: {}\nrewrite: ''\nallow_escaped_slashes: true",
+                open.service()
+            ),
+        ),
+        mapping(
+            "admin",
+            &format!("hostname: admin.internal\nprefix: /\nservice: {}\nrewrite: ''", admin.service()),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    gw.proxy.set_local("/.legate/hooks/", Arc::new(Hook));
+    gw
+}
+
+/// Stands in for the webhooks on the proxy listeners.
+struct Hook;
+
+impl legate::proxy::LocalService for Hook {
+    fn call(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> Pin<Box<dyn Future<Output = http::Response<bytes::Bytes>> + Send>> {
+        let doc = serde_json::json!({"upstream": "hook", "path": req.uri().path()});
+        Box::pin(async move {
+            let mut r = http::Response::new(bytes::Bytes::from(doc.to_string()));
+            *r.status_mut() = http::StatusCode::ACCEPTED;
+            r
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_heads_are_checked_and_normalized_once() {
+    let secure = Upstream::start("secure").await;
+    let open = Upstream::start("open").await;
+    let admin = Upstream::start("admin").await;
+    let gw = edge_gateway(&secure, &open, &admin).await;
+    let pub_ = "Host: public.example\r\nConnection: close\r\n\r\n";
+    // (request head, status, upstream, upstream path, Host the upstream saw)
+    let get = |target: &str| format!("GET {target} HTTP/1.1\r\n{pub_}");
+    let cases: Vec<Case> = vec![
+        // Paths: what reaches an upstream is normalized, and routed as normalized.
+        (get("/secure/x"), 200, Some("secure"), Some("/secure/x"), Some("public.example")),
+        (get("/%73ecure/x"), 200, Some("secure"), Some("/secure/x"), None),
+        (get("/public/%2e%2e/secure/x"), 200, Some("secure"), Some("/secure/x"), None),
+        (get("/public/%2E%2e/secure/x"), 200, Some("secure"), Some("/secure/x"), None),
+        (get("/public/../secure/x"), 200, Some("secure"), Some("/secure/x"), None),
+        (get("/public/..;x/secure/x"), 200, Some("secure"), Some("/secure/x"), None),
+        (get("/secure/.;x/y"), 200, Some("secure"), Some("/secure/y"), None),
+        (get("/public/%252e%252e/secure/x"), 200, Some("open"), Some("/public/%252e%252e/secure/x"), None),
+        (get("/Secure/x"), 200, Some("open"), Some("/Secure/x"), None),
+        (get("/a;b/c?q=%2e%2e"), 200, Some("open"), Some("/a;b/c"), None),
+        (get("/%c3%a9t%c3%a9"), 200, Some("open"), Some("/%C3%A9t%C3%A9"), None),
+        (get("//secure//x"), 200, Some("open"), Some("//secure//x"), None),
+        (get("/public%2F..%2Fsecure/x"), 400, None, None, None),
+        (get("/public%5c..%5csecure/x"), 400, None, None, None),
+        (get("/public\\..\\secure/x"), 400, None, None, None),
+        (get("/bad%zz"), 400, None, None, None),
+        (get("/bad%2"), 400, None, None, None),
+        // The hooks prefix is matched on the normalized path, never proxied with its signature.
+        (get("/x/../.legate/hooks/github"), 202, Some("hook"), Some("/.legate/hooks/github"), None),
+        (get("/%2elegate/hooks/github"), 202, Some("hook"), Some("/.legate/hooks/github"), None),
+        // The per-Mapping opt-in keeps escaped slashes as escapes.
+        (get("/api/v4/projects/group%2fname"), 200, Some("open"), Some("/api/v4/projects/group%2Fname"), None),
+        // Host confusion: the absolute-form target's authority wins and is what is forwarded.
+        (
+            "GET http://public.example/x HTTP/1.1\r\nHost: admin.internal\r\nConnection: close\r\n\r\n".into(),
+            200, Some("open"), Some("/x"), Some("public.example"),
+        ),
+        (
+            "GET http://admin.internal/x HTTP/1.1\r\nHost: public.example\r\nConnection: close\r\n\r\n".into(),
+            200, Some("admin"), Some("/x"), Some("admin.internal"),
+        ),
+        ("GET /x HTTP/1.1\r\nConnection: close\r\n\r\n".into(), 400, None, None, None),
+        ("GET http://public.example/x HTTP/1.1\r\nConnection: close\r\n\r\n".into(), 400, None, None, None),
+        ("GET /x HTTP/1.0\r\n\r\n".into(), 400, None, None, None),
+        (
+            "GET /x HTTP/1.1\r\nHost: public.example\r\nHost: admin.internal\r\nConnection: close\r\n\r\n".into(),
+            400, None, None, None,
+        ),
+        ("GET /x HTTP/1.1\r\nHost: u@admin.internal\r\nConnection: close\r\n\r\n".into(), 400, None, None, None),
+        (
+            "GET http://u@public.example/x HTTP/1.1\r\nHost: public.example\r\nConnection: close\r\n\r\n".into(),
+            400, None, None, None,
+        ),
+        ("GET /x HTTP/1.1\r\nHost: public.example:abc\r\nConnection: close\r\n\r\n".into(), 400, None, None, None),
+        ("GET /x HTTP/1.1\r\nHost: pub lic\r\nConnection: close\r\n\r\n".into(), 400, None, None, None),
+        ("GET /x HTTP/1.1\r\nHost: \r\nConnection: close\r\n\r\n".into(), 400, None, None, None),
+        // Valid names keep working: a trailing dot, a port, another case.
+        ("GET /x HTTP/1.1\r\nHost: public.example.\r\nConnection: close\r\n\r\n".into(), 200, Some("open"), Some("/x"), Some("public.example.")),
+        ("GET /x HTTP/1.1\r\nHost: PUBLIC.example:8080\r\nConnection: close\r\n\r\n".into(), 200, Some("open"), Some("/x"), Some("PUBLIC.example:8080")),
+        ("GET /x HTTP/1.0\r\nHost: public.example\r\n\r\n".into(), 200, Some("open"), Some("/x"), None),
+        // Underscores in names and IPv6 literals are valid hosts (no Host serves them: 404).
+        ("GET /x HTTP/1.1\r\nHost: my_host.internal\r\nConnection: close\r\n\r\n".into(), 404, None, None, None),
+        ("GET /x HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n".into(), 404, None, None, None),
+        // Header names with an underscore are refused (Envoy's edge guidance).
+        (format!("GET /secure/x HTTP/1.1\r\nx_user_id: 1\r\n{pub_}"), 400, None, None, None),
+        // Smuggling: the parser refuses conflicting framing; nothing reaches an upstream.
+        // Both framings: read by Transfer-Encoding alone (RFC 9112 §6.3), the length dropped.
+        (
+            format!("POST /x HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n{pub_}0\r\n\r\nGET /smuggled HTTP/1.1\r\n{pub_}"),
+            200, Some("open"), Some("/x"), None,
+        ),
+        (
+            format!("POST /x HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 5\r\n{pub_}abcd"),
+            400, None, None, None,
+        ),
+        (
+            format!("POST /x HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n{pub_}0\r\n\r\n"),
+            400, None, None, None,
+        ),
+        (format!("GET /x HTTP/1.1\r\nX-A : b\r\n{pub_}"), 400, None, None, None),
+        (format!("GET /x HTTP/1.1\r\n X-A: b\r\n{pub_}"), 400, None, None, None),
+    ];
+    let mut failures = Vec::new();
+    for (req, status, upstream, path, host) in &cases {
+        let seen = exchange(gw.http, req).await;
+        let ok = seen.status == *status
+            && (upstream.is_none() || seen.upstream.as_deref() == *upstream)
+            && (path.is_none() || seen.path.as_deref() == *path)
+            && (host.is_none() || seen.host.as_deref() == *host)
+            && (*status < 300 || seen.upstream.is_none());
+        if !ok {
+            failures.push(format!(
+                "{req:?}: want {status} {upstream:?} {path:?} {host:?}, got {} {:?} {:?} {:?}",
+                seen.status, seen.upstream, seen.path, seen.host
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// An HTTP/2 request over a prior-knowledge connection; `(status, upstream JSON)`.
+async fn h2_get(addr: SocketAddr, uri: &str, headers: &[(&str, &str)]) -> (u16, serde_json::Value) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut b = http::Request::builder().uri(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let (resp, _) = client.send_request(b.body(()).unwrap(), true).unwrap();
+    let resp = resp.await.unwrap();
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        bytes.extend_from_slice(&chunk);
+    }
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_authority_is_checked_and_reaches_h2_upstreams_as_authority_only() {
+    let h1 = Upstream::start("h1").await;
+    let h2 = Upstream::start("h2").await;
+    let yaml = [
+        host("public", "public.example", "requestPolicy:\n  insecure:\n    action: Route"),
+        mapping(
+            "h1",
+            &format!("hostname: public.example\nprefix: /h1/\nservice: {}", h1.service()),
+        ),
+        mapping(
+            "grpc",
+            &format!("hostname: public.example\nprefix: /g/\nservice: {}\ngrpc: true", h2.service()),
+        ),
+        mapping(
+            "rewritten",
+            &format!(
+                "hostname: public.example\nprefix: /r/\nservice: h2c://{}\nhost_rewrite: inside.example",
+                h2.service()
+            ),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    // `host` differing from `:authority` makes the request malformed (RFC 9113 §8.3.1).
+    let (status, _) = h2_get(
+        gw.http,
+        "http://public.example/h1/x",
+        &[("host", "admin.internal")],
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, seen) = h2_get(
+        gw.http,
+        "http://public.example/h1/x",
+        &[("host", "public.example")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(seen["headers"]["host"][0], "public.example");
+    assert_eq!(seen["headers"]["x-forwarded-host"][0], "public.example");
+    // To an HTTP/2 upstream: the client's authority as `:authority`, no `host` header.
+    let (status, seen) = h2_get(gw.http, "http://public.example/g/x", &[]).await;
+    assert_eq!(status, 200, "{seen}");
+    assert_eq!(seen["version"], "HTTP/2.0");
+    assert_eq!(seen["authority"], "public.example");
+    assert!(seen["headers"].get("host").is_none(), "{seen}");
+    let (status, seen) = h2_get(gw.http, "http://public.example/r/x", &[]).await;
+    assert_eq!(status, 200, "{seen}");
+    assert_eq!(seen["authority"], "inside.example");
+    assert!(seen["headers"].get("host").is_none(), "{seen}");
+}
