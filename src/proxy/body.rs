@@ -73,6 +73,40 @@ impl Body for RespBody {
 #[error("request body larger than the limit")]
 pub struct TooLarge;
 
+/// Reading the downstream request body failed: the client's fault, never the upstream's.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBody {
+    /// The client went away mid-body (logged as 499).
+    #[error("the client aborted the request body: {0}")]
+    Aborted(String),
+    /// The body's framing is broken (a bad chunk size line, say).
+    #[error("malformed request body: {0}")]
+    Malformed(String),
+}
+
+impl ClientBody {
+    /// Classify a failure reading the downstream body.
+    pub fn of(e: hyper::Error) -> ClientBody {
+        use std::io::ErrorKind::*;
+        let mut aborted = e.is_incomplete_message() || e.is_canceled() || e.is_closed();
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = src {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                aborted |= matches!(
+                    io.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+                );
+            }
+            src = s.source();
+        }
+        if aborted {
+            ClientBody::Aborted(e.to_string())
+        } else {
+            ClientBody::Malformed(e.to_string())
+        }
+    }
+}
+
 /// The downstream request body on its way upstream, counting bytes against the limit; or a
 /// small body read whole beforehand (retries and shadow copies replay it).
 #[derive(Debug)]
@@ -184,7 +218,7 @@ impl Body for ReqBody {
                 }
                 Some(Ok(f))
             }
-            Some(Err(e)) => Some(Err(Box::new(e))),
+            Some(Err(e)) => Some(Err(Box::new(ClientBody::of(e)))),
             None => None,
         })
     }

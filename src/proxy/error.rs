@@ -8,11 +8,12 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::{full, RespBody};
 
-/// Which side failed (pingora's `ErrorSource`): decides the status code and the log level.
+/// Which side failed (pingora's `ErrorSource`): decides the status code, the log level, and
+/// whether the failure counts against a revision (only `Upstream` does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The client sent something we refuse.
-    Downstream,
+pub enum ErrorSource {
+    /// The client sent something we refuse, or went away.
+    Client,
     /// The upstream could not be reached or misbehaved.
     Upstream,
     /// A bug or a resource problem in the gateway itself.
@@ -34,6 +35,8 @@ pub enum ProxyError {
     BodyTooLarge,
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    #[error("{0}")]
+    ClientBody(#[from] super::body::ClientBody),
     #[error("WebSocket upgrade asked of a route that does not allow it")]
     UpgradeRefused,
     #[error("route group has no member taking traffic")]
@@ -53,13 +56,15 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn side(&self) -> Side {
+    pub fn error_source(&self) -> ErrorSource {
         use ProxyError::*;
         match self {
             NoRoute | InsecureRejected | UriTooLong | HeadersTooLarge | BodyTooLarge
-            | BadRequest(_) | UpgradeRefused | Denied(_) => Side::Downstream,
-            NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout | Overloaded => Side::Upstream,
-            Internal(_) => Side::Internal,
+            | BadRequest(_) | ClientBody(_) | UpgradeRefused | Denied(_) => ErrorSource::Client,
+            NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout | Overloaded => {
+                ErrorSource::Upstream
+            }
+            Internal(_) => ErrorSource::Internal,
         }
     }
 
@@ -72,7 +77,13 @@ impl ProxyError {
             UriTooLong => StatusCode::URI_TOO_LONG,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            BadRequest(_) => StatusCode::BAD_REQUEST,
+            BadRequest(_) | ClientBody(super::body::ClientBody::Malformed(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            // nginx's "client closed request": what the access log shows for an abort.
+            ClientBody(super::body::ClientBody::Aborted(_)) => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             NoHealthyUpstream | Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Connect(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -89,7 +100,7 @@ impl ProxyError {
             UriTooLong => "uri too long\n",
             HeadersTooLarge => "request headers too large\n",
             BodyTooLarge => "request body too large\n",
-            BadRequest(_) => "bad request\n",
+            BadRequest(_) | ClientBody(_) => "bad request\n",
             UpgradeRefused => "websocket upgrade not allowed on this route (allow_upgrade)\n",
             NoHealthyUpstream => "no healthy upstream\n",
             Connect(_) | Upstream(_) => "upstream unavailable\n",
@@ -102,10 +113,10 @@ impl ProxyError {
 
     /// The response the client gets; logs the detail the client does not.
     pub fn into_response(self) -> Response<RespBody> {
-        match self.side() {
-            Side::Downstream => tracing::debug!(error = %self, "request refused"),
-            Side::Upstream => tracing::warn!(error = %self, "upstream failure"),
-            Side::Internal => tracing::error!(error = %self, "internal failure"),
+        match self.error_source() {
+            ErrorSource::Client => tracing::debug!(error = %self, "request refused"),
+            ErrorSource::Upstream => tracing::warn!(error = %self, "upstream failure"),
+            ErrorSource::Internal => tracing::error!(error = %self, "internal failure"),
         }
         if let ProxyError::Denied(d) = self {
             // The policy wrote the answer (an auth service's own denial, a 401, a 429).
@@ -126,7 +137,10 @@ impl ProxyError {
                 HeaderValue::from_static("circuit-breaker"),
             );
         }
-        if matches!(self, ProxyError::BodyTooLarge | ProxyError::BadRequest(_)) {
+        if matches!(
+            self,
+            ProxyError::BodyTooLarge | ProxyError::BadRequest(_) | ProxyError::ClientBody(_)
+        ) {
             // The unread rest of the body makes the connection unusable for another request.
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -144,6 +158,7 @@ impl ProxyError {
             NoRoute => "12",
             InsecureRejected | UpgradeRefused => "7",
             UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_) => "13",
+            ClientBody(_) => "1",
             NoHealthyUpstream | Connect(_) | Upstream(_) | Overloaded => "14",
             Internal(_) => "13",
             // Policy refusals: UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED.
@@ -173,8 +188,8 @@ impl ProxyError {
     pub fn from_client(e: hyper_util::client::legacy::Error) -> ProxyError {
         let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = src {
-            if s.is::<super::body::TooLarge>() {
-                return ProxyError::BodyTooLarge;
+            if let Some(c) = client_side(s) {
+                return c;
             }
             src = s.source();
         }
@@ -191,13 +206,28 @@ impl ProxyError {
     pub fn from_hyper(e: hyper::Error) -> ProxyError {
         let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = src {
-            if s.is::<super::body::TooLarge>() {
-                return ProxyError::BodyTooLarge;
+            if let Some(c) = client_side(s) {
+                return c;
             }
             src = s.source();
         }
         ProxyError::Upstream(chain(&e))
     }
+}
+
+/// The client's failure hidden in an upstream exchange's error: the request body it sent was
+/// too large, broken or cut off.
+fn client_side(e: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
+    use super::body::ClientBody;
+    if e.is::<super::body::TooLarge>() {
+        return Some(ProxyError::BodyTooLarge);
+    }
+    Some(ProxyError::ClientBody(
+        match e.downcast_ref::<ClientBody>()? {
+            ClientBody::Aborted(m) => ClientBody::Aborted(m.clone()),
+            ClientBody::Malformed(m) => ClientBody::Malformed(m.clone()),
+        },
+    ))
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

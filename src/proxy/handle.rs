@@ -16,8 +16,8 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use super::body::{full, RespBody};
+use super::error::ErrorSource;
 use super::error::ProxyError;
-use super::error::Side;
 use super::head;
 use super::headers::{self as hdr, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::observe::{self, Exchange};
@@ -53,7 +53,7 @@ impl Proxy {
         let resp = match self.serve(&snap, req, conn, &mut ex).await {
             Ok(r) => r,
             Err(e) => {
-                if e.side() == Side::Upstream {
+                if e.error_source() == ErrorSource::Upstream {
                     self.gateway_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }

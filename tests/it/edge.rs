@@ -266,3 +266,64 @@ async fn http2_authority_is_checked_and_reaches_h2_upstreams_as_authority_only()
     assert_eq!(seen["authority"], "inside.example");
     assert!(seen["headers"].get("host").is_none(), "{seen}");
 }
+
+/// Write `bytes`, optionally close the sending half (a client gone mid-upload), read the answer.
+async fn send_raw(addr: SocketAddr, bytes: &[u8], half_close: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    if half_close {
+        s.shutdown().await.unwrap();
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_or_aborted_request_bodies_are_the_clients_failure() {
+    let up = Upstream::start("app").await;
+    let yaml = mapping(
+        "app",
+        &format!(
+            "hostname: '*'\nprefix: /\nservice: {}\nrewrite: ''",
+            up.service()
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    let head = "POST /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n";
+    // (request, close the sending half after it, status)
+    let cases = [
+        (
+            format!("{head}Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n"),
+            false,
+            400,
+        ),
+        (
+            format!("{head}Transfer-Encoding: chunked\r\n\r\n5\r\nhelloXX\r\n0\r\n\r\n"),
+            false,
+            400,
+        ),
+        (
+            format!("{head}Transfer-Encoding: chunked\r\n\r\n64\r\nhello"),
+            true,
+            499,
+        ),
+        (format!("{head}Content-Length: 100\r\n\r\nhello"), true, 499),
+    ];
+    for (req, half, status) in &cases {
+        let resp = send_raw(gw.http, req.as_bytes(), *half).await;
+        assert!(
+            resp.starts_with(&format!("HTTP/1.1 {status}")),
+            "{req:?}: {resp}"
+        );
+    }
+    // None of it is the gateway's or an upstream's failure: nothing for a rollback to count.
+    assert_eq!(gw.proxy.gateway_errors(), 0);
+    let metrics = gw.proxy.metrics().render(None);
+    let counted = metrics
+        .lines()
+        .find(|l| l.starts_with("legate_gateway_errors_total"))
+        .unwrap_or("legate_gateway_errors_total 0");
+    assert!(counted.ends_with(" 0"), "{counted}");
+}
