@@ -182,10 +182,12 @@ pub(crate) struct Prepared {
     pub remove_request: Vec<HeaderName>,
     pub add_response: Vec<HeaderOp>,
     pub remove_response: Vec<HeaderName>,
-    pub timeout: Duration,
+    /// Route timeout over the whole response (Envoy's route timeout); `None`: `timeout_ms: 0`.
+    pub timeout: Option<Duration>,
     /// Upgrade protocols allowed (lowercase), e.g. `websocket`.
     pub allow_upgrade: Vec<String>,
-    /// How long an upgraded tunnel may pass no bytes either way before it is closed.
+    /// How long an upgraded tunnel may pass no bytes either way, and a response body may send
+    /// no data, before it is closed (the Mapping's `idle_timeout_ms`).
     pub tunnel_idle: Duration,
     /// `namespace/name`, for `x-legate-route`.
     pub label: HeaderValue,
@@ -596,7 +598,8 @@ impl Proxy {
             remove_request: names(&f.remove_request_headers),
             add_response: ops(&f.add_response_headers),
             remove_response: names(&f.remove_response_headers),
-            timeout: f.timeout.unwrap_or(self.settings.default_timeout),
+            // `timeout_ms: 0` turns the route timeout off, as in Envoy.
+            timeout: f.timeout,
             allow_upgrade: f.allow_upgrade.clone(),
             // The Mapping's `idle_timeout_ms` (Emissary: the route's stream idle timeout), else
             // Envoy's default stream idle timeout.

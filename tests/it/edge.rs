@@ -5,6 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::support::*;
 
@@ -326,4 +327,173 @@ async fn broken_or_aborted_request_bodies_are_the_clients_failure() {
         .find(|l| l.starts_with("legate_gateway_errors_total"))
         .unwrap_or("legate_gateway_errors_total 0");
     assert!(counted.ends_with(" 0"), "{counted}");
+}
+
+/// An HTTP/1.1 upstream that answers every request with `answer`, then holds the connection.
+async fn stalling_upstream(answer: &'static [u8]) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(answer).await;
+                // Hold the connection until the gateway gives up on it.
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// An h2c upstream that sends the head and one data frame, then stalls.
+async fn stalling_h2_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                let mut held = Vec::new();
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let resp = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut send) = respond.send_response(resp, false) {
+                        let _ = send.send_data(bytes::Bytes::from_static(b"\0\0\0\0\0"), false);
+                        held.push(send);
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_timeout_and_idle_limit_cover_the_whole_response() {
+    let (stall, _t) =
+        stalling_upstream(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await;
+    let (grpc, _g) = stalling_h2_upstream().await;
+    let yaml = [
+        mapping(
+            "whole",
+            &format!("hostname: '*'\nprefix: /whole/\nservice: {stall}\ntimeout_ms: 300"),
+        ),
+        mapping(
+            "idle",
+            &format!("hostname: '*'\nprefix: /idle/\nservice: {stall}\ntimeout_ms: 0\nidle_timeout_ms: 300"),
+        ),
+        mapping(
+            "grpc",
+            &format!("hostname: '*'\nprefix: /svc.Greeter/\nservice: {grpc}\ngrpc: true\ntimeout_ms: 300"),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    for path in ["/whole/x", "/idle/x"] {
+        // HTTP/1.1: the head and the data so far, then the connection closes without the final
+        // chunk, so the client knows the body is cut off.
+        let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+        let got = tokio::time::timeout(Duration::from_secs(20), raw(gw.http, req.as_bytes()))
+            .await
+            .expect("the gateway let a stalled response hold the connection");
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        assert!(got.contains("hello"), "{got}");
+        assert!(!got.ends_with("0\r\n\r\n"), "{got}");
+    }
+    // HTTP/2: the stream is reset.
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri("http://t/whole/x")
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let mut body = resp.await.unwrap().into_body();
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match body.data().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
+        }
+    })
+    .await
+    .expect("stalled HTTP/2 response not ended");
+    assert!(
+        ended.is_err_and(|e| e.is_reset()),
+        "the stream should be reset"
+    );
+    // gRPC: DEADLINE_EXCEEDED in trailers after the data already sent.
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("http://t/svc.Greeter/Hello")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    while let Some(d) = body.data().await {
+        d.unwrap();
+    }
+    let trailers = tokio::time::timeout(Duration::from_secs(20), body.trailers())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("trailers");
+    assert_eq!(trailers["grpc-status"], "4");
+}
+
+#[test]
+fn check_points_out_stream_mappings_under_a_route_timeout() {
+    let yaml = [
+        mapping(
+            "grpc",
+            "hostname: '*'\nprefix: /g/\nservice: g:50051\ngrpc: true",
+        ),
+        mapping(
+            "ws",
+            "hostname: '*'\nprefix: /ws/\nservice: w\nallow_upgrade: [websocket]",
+        ),
+        mapping(
+            "off",
+            "hostname: '*'\nprefix: /s/\nservice: s\ngrpc: true\ntimeout_ms: 0",
+        ),
+        mapping("plain", "hostname: '*'\nprefix: /p/\nservice: p"),
+    ]
+    .concat();
+    let tree = Tree::new(&yaml);
+    let out = legate::config::check_dir(tree.path(), &legate::config::Options::default());
+    let flagged: Vec<&str> = out
+        .diagnostics
+        .iter()
+        .filter(|d| d.code == "stream-timeout")
+        .map(|d| d.message.as_str())
+        .collect();
+    assert_eq!(flagged.len(), 2, "{flagged:?}");
+    assert!(flagged.iter().all(|m| m.contains("3000 ms")), "{flagged:?}");
 }
