@@ -165,12 +165,17 @@ impl Proxy {
             let proxy = self.clone();
             let tls = tls.clone();
             let stop = stop.clone();
+            // A client must complete a request head (and a TLS handshake) within the header
+            // timeout from accept, whatever the protocol: the clock starts here.
+            let head_by = tokio::time::Instant::now() + self.settings.limits.header_read_timeout;
             tokio::spawn(async move {
                 // Held by the connection task and by a tunnel it hands an upgrade to, so an
                 // upgraded connection still counts against --max-connections, in the gauge and
                 // for the drain on shutdown.
                 let hold = ConnHold(Arc::new((permit, proxy.metrics.connection())));
-                proxy.serve_conn(stream, remote, tls, stop, hold).await;
+                proxy
+                    .serve_conn(stream, remote, tls, stop, hold, head_by)
+                    .await;
             });
         }
     }
@@ -182,21 +187,24 @@ impl Proxy {
         tls: Option<TlsAcceptor>,
         stop: watch::Receiver<bool>,
         hold: ConnHold,
+        head_by: tokio::time::Instant,
     ) {
         let info = ConnInfo {
             remote,
             tls: tls.is_some(),
         };
         match tls {
-            None => self.serve_io(TokioIo::new(stream), info, stop, hold).await,
+            None => {
+                self.serve_io(TokioIo::new(stream), info, stop, hold, head_by)
+                    .await
+            }
             Some(acceptor) => {
-                let hs = tokio::time::timeout(
-                    self.settings.limits.header_read_timeout,
-                    acceptor.accept(stream),
-                )
-                .await;
+                let hs = tokio::time::timeout_at(head_by, acceptor.accept(stream)).await;
                 match hs {
-                    Ok(Ok(s)) => self.serve_io(TokioIo::new(s), info, stop, hold).await,
+                    Ok(Ok(s)) => {
+                        self.serve_io(TokioIo::new(s), info, stop, hold, head_by)
+                            .await
+                    }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
                 }
@@ -210,6 +218,7 @@ impl Proxy {
         info: ConnInfo,
         mut stop: watch::Receiver<bool>,
         hold: ConnHold,
+        head_by: tokio::time::Instant,
     ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -236,6 +245,11 @@ impl Proxy {
         let idle = self.settings.limits.idle_timeout;
         let idle_timer = tokio::time::sleep(idle);
         tokio::pin!(idle_timer);
+        // hyper's HTTP/1.1 header timer starts only with the first byte, and HTTP/2 (and the
+        // protocol sniffing of the plain listener) has none: a connection whose first request
+        // has not started by `head_by` is dropped.
+        let first_head = tokio::time::sleep_until(head_by);
+        tokio::pin!(first_head);
         let mut closing = *stop.borrow();
         if closing {
             conn.as_mut().graceful_shutdown();
@@ -246,6 +260,10 @@ impl Proxy {
                     if let Err(e) = r {
                         tracing::debug!(remote = %info.remote, error = %e, "connection ended with an error");
                     }
+                    return;
+                }
+                _ = &mut first_head, if !activity.started() => {
+                    tracing::debug!(remote = %info.remote, "no request head within the header timeout: closed");
                     return;
                 }
                 _ = stop.changed(), if !closing => {
@@ -270,6 +288,8 @@ impl Proxy {
 struct Activity {
     inflight: AtomicUsize,
     seen: LastSeen,
+    /// A request head has been read on this connection.
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -277,12 +297,18 @@ impl Activity {
         Activity {
             inflight: AtomicUsize::new(0),
             seen: LastSeen::new(),
+            started: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     fn begin(self: &Arc<Self>) -> Busy {
+        self.started.store(true, Ordering::Relaxed);
         self.inflight.fetch_add(1, Ordering::Relaxed);
         Busy(self.clone())
+    }
+
+    fn started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
     }
 
     fn end(&self) {

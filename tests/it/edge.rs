@@ -497,3 +497,63 @@ fn check_points_out_stream_mappings_under_a_route_timeout() {
     assert_eq!(flagged.len(), 2, "{flagged:?}");
     assert!(flagged.iter().all(|m| m.contains("3000 ms")), "{flagged:?}");
 }
+
+/// Wait (up to 20 s) until the gateway holds at most `n` connections; returns how many it held.
+async fn settle_connections(gw: &Gateway, n: usize) -> usize {
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let open = gw.running().open_connections();
+        if open <= n || tokio::time::Instant::now() > end {
+            return open;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_slow_clients_are_closed_after_the_header_timeout_from_accept() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::start("app").await;
+    let yaml = mapping(
+        "app",
+        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
+    );
+    let mut settings = legate::proxy::Settings::default();
+    settings.limits.header_read_timeout = Duration::from_millis(300);
+    let gw = Gateway::with(&yaml, settings).await;
+    const EACH: usize = 10;
+    let mut held = Vec::new();
+    for _ in 0..EACH {
+        // Never a byte (the plain listener sniffs the protocol with no timer of its own).
+        held.push(tokio::net::TcpStream::connect(gw.http).await.unwrap());
+        // An HTTP/2 preface and SETTINGS, then no request (HTTP/2 has no header timer).
+        let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        held.push(s);
+        // A TCP connection to the TLS listener that never starts the handshake.
+        held.push(tokio::net::TcpStream::connect(gw.https).await.unwrap());
+    }
+    // A slowloris: a head that never ends, one byte at a time.
+    let mut slow = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let dribble = tokio::spawn(async move {
+        let _ = slow.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n").await;
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if slow.write_all(b"x").await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    assert_eq!(
+        settle_connections(&gw, 0).await,
+        0,
+        "idle clients still held"
+    );
+    assert!(dribble.await.unwrap(), "the slowloris was never cut off");
+    // A client that does send its request is served as before.
+    assert_eq!(get(&gw.url("/x"), &[]).await.status, 200);
+    drop(held);
+}
