@@ -226,21 +226,66 @@ where
     }
 }
 
+/// Open admin connections at most; more are closed at accept (the proxy's descriptor budget
+/// keeps this many back for them).
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time an admin client has to send a request head, from accept.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Serve [`handle`] on `listener` until the task is dropped (for tests and a bare admin port).
+/// An accept error (EMFILE, say) is logged and retried after a pause, never the end of the
+/// listener: probes, metrics and the API must come back with the descriptors.
 pub async fn serve(listener: tokio::net::TcpListener, state: AdminState) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = std::time::Duration::from_millis(10);
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => {
+                backoff = std::time::Duration::from_millis(10);
+                s
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "admin accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin connection refused: {MAX_CONNECTIONS} open");
+            continue;
+        };
+        tokio::spawn(serve_one(stream, state.clone(), slot));
+    }
+}
+
+/// One admin connection: one request (no keep-alive), whose head must arrive within
+/// [`HEADER_TIMEOUT`] from accept.
+async fn serve_one(
+    stream: tokio::net::TcpStream,
+    state: AdminState,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = started.clone();
+    let svc = hyper::service::service_fn(move |req| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state).await) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
+        seen.store(true, std::sync::atomic::Ordering::Relaxed);
+        async move { Ok::<_, Infallible>(handle(req, &state).await) }
+    });
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(false);
+    let conn = b.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let head = tokio::time::sleep(HEADER_TIMEOUT);
+    tokio::pin!(head);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = &mut head, if !started.load(std::sync::atomic::Ordering::Relaxed) => return,
+        }
     }
 }
 

@@ -182,7 +182,9 @@ pub struct RunArgs {
     /// Concurrent streams per HTTP/2 connection.
     #[arg(long, env = "LEGATE_MAX_H2_STREAMS", default_value_t = 100)]
     pub max_h2_streams: u32,
-    /// Open downstream connections; new ones beyond it are closed at accept.
+    /// Open downstream connections; new ones beyond it are closed at accept. Lowered at start
+    /// to what the open-file limit allows (two descriptors per connection, some kept back for
+    /// the admin listener); the soft limit is raised to the hard one first.
     #[arg(long, env = "LEGATE_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish, in seconds.
@@ -289,6 +291,19 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
 
     // In Kubernetes mode the TLS Secrets are written to a private directory the proxy reads.
     let mut settings = args.settings();
+    // With the common soft limit of 1024 the default 10,000 connections would end in EMFILE:
+    // raise the limit, then size the connection cap to it (admin descriptors kept back).
+    let soft = crate::proxy::fds::raise_nofile_limit();
+    let budget = crate::proxy::fds::connection_budget(settings.limits.max_connections, soft);
+    if budget < settings.limits.max_connections {
+        tracing::warn!(
+            requested = settings.limits.max_connections,
+            allowed = budget,
+            open_files_limit = soft.unwrap_or(0),
+            "--max-connections lowered to what the open-file limit allows (raise `ulimit -n`)"
+        );
+        settings.limits.max_connections = budget;
+    }
     if args.kubernetes && settings.secrets_dir.is_none() {
         settings.secrets_dir =
             Some(std::env::temp_dir().join(format!("legate-kube-secrets-{}", std::process::id())));
@@ -533,10 +548,22 @@ impl crate::proxy::LocalService for Hooks {
     }
 }
 
+/// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`): room
+/// for bursts, where the usual 128 drops SYNs under load.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (--{flag})"))
+    let listen = || -> std::io::Result<tokio::net::TcpListener> {
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)?;
+        sock.listen(LISTEN_BACKLOG)
+    };
+    listen().with_context(|| format!("cannot listen on {addr} (--{flag})"))
 }
 
 async fn wait_for_signal() {

@@ -16,6 +16,7 @@ mod client;
 mod cors;
 pub mod echo;
 mod error;
+pub mod fds;
 mod handle;
 mod head;
 mod headers;

@@ -557,3 +557,59 @@ async fn silent_and_slow_clients_are_closed_after_the_header_timeout_from_accept
     assert_eq!(get(&gw.url("/x"), &[]).await.status, 200);
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_outlives_descriptor_exhaustion() {
+    use std::process::{Command, Stdio};
+    let (http, admin) = (free_addr(), free_addr());
+    let tree = Tree::new(&mapping(
+        "m",
+        "hostname: '*'\nprefix: /\nservice: 127.0.0.1:9",
+    ));
+    // A low open-file limit (soft and hard) with the default --max-connections 10,000.
+    let script = format!(
+        "ulimit -n 512 && exec {} run --dir {} --http-listen {http} --https-listen off \
+         --admin-listen {admin} --header-read-timeout-ms 60000 --verify-window 0",
+        env!("CARGO_BIN_EXE_legate"),
+        tree.path().display()
+    );
+    let _gw = Killed(
+        Command::new("bash")
+            .args(["-c", &script])
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let healthz = format!("http://{admin}/healthz");
+    let answered = || async {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            client().get(healthz.parse().unwrap()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok_and(|r| r.status() == 200))
+    };
+    let up = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !answered().await {
+        assert!(
+            tokio::time::Instant::now() < up,
+            "the gateway did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // More idle clients than the process has descriptors.
+    let mut idle = Vec::new();
+    for _ in 0..700 {
+        if let Ok(s) = tokio::net::TcpStream::connect(http).await {
+            idle.push(s);
+        }
+    }
+    // The admin API answers during the flood and after it.
+    assert!(
+        answered().await,
+        "admin listener unreachable while the proxy is saturated"
+    );
+    drop(idle);
+    assert!(answered().await, "admin listener gone after the flood");
+}
