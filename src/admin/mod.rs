@@ -279,12 +279,13 @@ async fn serve_one(
         .keep_alive(false);
     let conn = b.serve_connection(io, svc);
     tokio::pin!(conn);
-    let head = tokio::time::sleep(HEADER_TIMEOUT);
-    tokio::pin!(head);
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = &mut head, if !started.load(std::sync::atomic::Ordering::Relaxed) => return,
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = tokio::time::sleep(HEADER_TIMEOUT) => {
+            // A request in progress finishes; a connection that never sent one is dropped.
+            if started.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = conn.await;
+            }
         }
     }
 }
