@@ -613,3 +613,99 @@ async fn the_admin_listener_outlives_descriptor_exhaustion() {
     drop(idle);
     assert!(answered().await, "admin listener gone after the flood");
 }
+
+/// A TLS upstream whose handshake takes 300 ms (so a dial is still in progress when the
+/// request that asked for it is reset); counts the TCP connections it accepts.
+async fn slow_tls_upstream(
+    cert_dir: &std::path::Path,
+) -> (
+    SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use rustls_pki_types::pem::PemObject;
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(cert_dir.join("tls.crt"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(cert_dir.join("tls.key")).unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_streams_do_not_cost_an_upstream_dial_each() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_secret(certs.path(), "up", &["localhost"]);
+    let (up, accepted, _t) = slow_tls_upstream(&certs.path().join("up")).await;
+    let yaml = mapping(
+        "app",
+        &format!(
+            "hostname: '*'\nprefix: /\nservice: https://localhost:{}",
+            up.port()
+        ),
+    );
+    let mut settings = legate::proxy::Settings::default();
+    settings.upstream_ca = Some(ca);
+    let gw = Gateway::with(&yaml, settings).await;
+    const RESETS: usize = 150;
+    let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    for i in 0..RESETS {
+        let req = http::Request::builder()
+            .uri(format!("http://t/r{i}"))
+            .body(())
+            .unwrap();
+        let Ok((_resp, mut stream)) = client.send_request(req, false) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        client = client.ready().await.unwrap();
+    }
+    // A request that is not reset is served, on a connection the resets' dials left behind.
+    let r = get(&gw.url("/after"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let dials = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("{RESETS} reset streams made {dials} upstream dials");
+    assert!(
+        dials <= 33,
+        "{dials} upstream dials for {RESETS} reset streams"
+    );
+}
