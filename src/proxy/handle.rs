@@ -364,6 +364,11 @@ impl Proxy {
             ));
         }
         let (mut parts, body) = resp.into_parts();
+        if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+            // Both framings: the body was read by Transfer-Encoding (RFC 9112 §6.3), so the
+            // length is stale; passed on, it would make the client wait for bytes never sent.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         hdr::strip_hop_by_hop(&mut parts.headers, false);
         if let Some(u) = switched {
             parts.headers.insert(header::UPGRADE, u);

@@ -709,3 +709,42 @@ async fn reset_streams_do_not_cost_an_upstream_dial_each() {
         "{dials} upstream dials for {RESETS} reset streams"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_framing_faults_are_not_passed_on() {
+    // (upstream answer, status the client gets, body it gets)
+    let cases: [(&'static [u8], u16, Option<&str>); 2] = [
+        // Both framings: Transfer-Encoding wins (RFC 9112 §6.3); the stale length is dropped.
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            200,
+            Some("hello"),
+        ),
+        // A switch nobody asked for.
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n",
+            502,
+            None,
+        ),
+    ];
+    for (answer, status, body) in cases {
+        let (up, _t) = stalling_upstream(answer).await;
+        let yaml = mapping("app", &format!("hostname: '*'\nprefix: /\nservice: {up}"));
+        let gw = Gateway::start(&yaml).await;
+        let got = tokio::time::timeout(
+            Duration::from_secs(20),
+            raw(
+                gw.http,
+                b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            ),
+        )
+        .await
+        .expect("the client was left waiting");
+        assert!(got.starts_with(&format!("HTTP/1.1 {status}")), "{got}");
+        let head = got.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+        assert!(!head.contains("content-length: 100"), "{got}");
+        if let Some(b) = body {
+            assert!(got.contains(b), "{got}");
+        }
+    }
+}
