@@ -190,7 +190,18 @@ where
         }
     }
     match (method, path.as_str()) {
-        (Method::GET, "/api/status") => json(StatusCode::OK, &state.reconciler.status()),
+        (Method::GET, "/api/status") => {
+            let mut st = serde_json::to_value(state.reconciler.status()).unwrap_or_default();
+            if let Some(o) = st.as_object_mut() {
+                // Writes under --cache-dir failing (a full disk): restarts would serve an older
+                // revision until this clears.
+                o.insert(
+                    "cache_error".into(),
+                    crate::source::dir::cache_failure().into(),
+                );
+            }
+            json(StatusCode::OK, &st)
+        }
         (Method::GET, "/api/revisions") => json(StatusCode::OK, &state.reconciler.history()),
         (Method::GET, "/api/routes") => match &state.graph {
             Some(g) => json(
@@ -296,7 +307,13 @@ fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
         return text(StatusCode::NOT_FOUND, "no metrics on this listener\n");
     };
     let view = crate::metrics::ReconcileView::from(&state.reconciler.status());
-    let mut r = Response::new(Full::new(Bytes::from(m.render(Some(&view)))));
+    let mut text = m.render(Some(&view));
+    let failing = u8::from(crate::source::dir::cache_failure().is_some());
+    text.push_str(&format!(
+        "# HELP legate_cache_write_failing 1 while writes under --cache-dir fail (a full disk).\n\
+         # TYPE legate_cache_write_failing gauge\nlegate_cache_write_failing {failing}\n"
+    ));
+    let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -748,3 +748,90 @@ async fn upstream_framing_faults_are_not_passed_on() {
         }
     }
 }
+
+/// `legate run` on `tree` with these extra flags; returns the process and the admin address.
+fn legate_run(tree: &Tree, extra: &[&str]) -> (Killed, SocketAddr) {
+    let (http, admin) = (free_addr(), free_addr());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+        .arg("run")
+        .arg("--dir")
+        .arg(tree.path())
+        .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+        .args(["--admin-listen", &admin.to_string(), "--verify-window", "0"])
+        .args(extra)
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (Killed(child), admin)
+}
+
+/// Poll `GET url` (JSON) until `ok` holds, up to 30 s.
+async fn poll_json(url: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got =
+            tokio::time::timeout(Duration::from_secs(5), client().get(url.parse().unwrap())).await;
+        if let Ok(Ok(resp)) = got {
+            use http_body_util::BodyExt;
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            if ok(&v) {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < end, "gave up waiting: {v}");
+        }
+        assert!(tokio::time::Instant::now() < end, "{url} never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cache_dir_is_reported_cleaned_up_and_recovered() {
+    let tree = Tree::new(&mapping(
+        "m",
+        "hostname: '*'\nprefix: /\nservice: 127.0.0.1:9",
+    ));
+    let cache = tempfile::tempdir().unwrap();
+    // Writing the snapshot's temporary file hits a full device.
+    std::os::unix::fs::symlink("/dev/full", cache.path().join("dir-snapshot.tmp")).unwrap();
+    let cache_arg = cache.path().to_str().unwrap().to_string();
+    let (_gw, admin) = legate_run(&tree, &["--cache-dir", &cache_arg]);
+    let status = format!("http://{admin}/api/status");
+    let st = poll_json(&status, |s| {
+        s["applied"].is_string() && s["cache_error"].is_string()
+    })
+    .await;
+    assert!(
+        st["cache_error"]
+            .as_str()
+            .unwrap()
+            .contains("dir-snapshot.json"),
+        "{st}"
+    );
+    let metrics = client()
+        .get(format!("http://{admin}/metrics").parse().unwrap())
+        .await
+        .unwrap();
+    let text = {
+        use http_body_util::BodyExt;
+        metrics.into_body().collect().await.unwrap().to_bytes()
+    };
+    assert!(String::from_utf8_lossy(&text).contains("legate_cache_write_failing 1"));
+    // No temporary file is left behind.
+    let left: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // Space is back: the next pass writes the applied revision and the report clears.
+    let sync = http::Request::post(format!("http://{admin}/api/sync"))
+        .body(empty())
+        .unwrap();
+    let _ = client().request(sync).await.unwrap();
+    poll_json(&status, |s| s["cache_error"].is_null()).await;
+    let snap = std::fs::read(cache.path().join("dir-snapshot.json")).expect("snapshot written");
+    let snap: serde_json::Value = serde_json::from_slice(&snap).unwrap();
+    assert_eq!(snap["id"], st["applied"]);
+}
