@@ -680,8 +680,10 @@ async fn reset_streams_do_not_cost_an_upstream_dial_each() {
             up.port()
         ),
     );
-    let mut settings = legate::proxy::Settings::default();
-    settings.upstream_ca = Some(ca);
+    let settings = legate::proxy::Settings {
+        upstream_ca: Some(ca),
+        ..Default::default()
+    };
     let gw = Gateway::with(&yaml, settings).await;
     const RESETS: usize = 150;
     let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
