@@ -837,3 +837,43 @@ async fn a_full_cache_dir_is_reported_cleaned_up_and_recovered() {
     let snap: serde_json::Value = serde_json::from_slice(&snap).unwrap();
     assert_eq!(snap["id"], st["applied"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_webhooks_do_not_cause_a_fetch_each() {
+    use http_body_util::BodyExt;
+    let tree = Tree::new(&mapping(
+        "m",
+        "hostname: '*'\nprefix: /\nservice: 127.0.0.1:9",
+    ));
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "s3cret").unwrap();
+    let secret_arg = secret.path().to_str().unwrap().to_string();
+    let (_gw, admin) = legate_run(&tree, &["--webhook-secret-file", &secret_arg]);
+    let status = format!("http://{admin}/api/status");
+    let before = poll_json(&status, |s| s["applied"].is_string()).await["passes"]
+        .as_u64()
+        .unwrap();
+    let body = br#"{"ref":"refs/heads/main"}"#;
+    let sig = legate::admin::hooks::sign(b"s3cret", body);
+    for _ in 0..20 {
+        let req = http::Request::post(format!("http://{admin}/hooks/generic"))
+            .header("x-legate-signature", &sig)
+            .body(
+                http_body_util::Full::new(bytes::Bytes::from_static(body))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        let resp = client().request(req).await.unwrap();
+        assert_eq!(resp.status(), 202);
+    }
+    // One fetch at once, one at the end of the gap for the deliveries inside it.
+    let after = poll_json(&status, |s| s["passes"].as_u64() >= Some(before + 2)).await["passes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        after < before + 5,
+        "20 deliveries made {} passes",
+        after - before
+    );
+}
