@@ -154,7 +154,8 @@ pub struct RunArgs {
     /// Add `x-legate-route` (namespace/name of the Mapping) and `x-legate-revision` to responses.
     #[arg(long, env = "LEGATE_DEBUG_HEADERS")]
     pub debug_headers: bool,
-    /// Request timeout of Mappings without timeout_ms, in milliseconds.
+    /// No effect any more: a Mapping without `timeout_ms` gets 3000 ms (Emissary's default)
+    /// and `timeout_ms: 0` turns the route timeout off; kept so existing command lines run.
     #[arg(long, env = "LEGATE_DEFAULT_TIMEOUT_MS", default_value_t = 3000)]
     pub default_timeout_ms: u64,
     /// Also serve the built-in demo echo upstream on this address (for the quickstart).
@@ -173,7 +174,8 @@ pub struct RunArgs {
     /// Largest request body in bytes (413 above); unlimited when unset.
     #[arg(long, env = "LEGATE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<u64>,
-    /// Time allowed for a TLS handshake and a complete request head, in milliseconds.
+    /// Time from accept to a complete first request head (TLS handshake included, HTTP/1.1 and
+    /// HTTP/2 alike), in milliseconds; later heads on a keep-alive connection get the same.
     #[arg(long, env = "LEGATE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
     /// A downstream connection idle this long is closed, in milliseconds.
