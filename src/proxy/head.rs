@@ -54,7 +54,7 @@ pub(crate) fn authority<B>(req: &Request<B>) -> Result<HeaderValue, ProxyError> 
 }
 
 /// `name[:port]` or `[v6][:port]`; no userinfo, no empty name.
-pub(crate) fn valid_authority(a: &[u8]) -> bool {
+pub fn valid_authority(a: &[u8]) -> bool {
     let (host, port) = if a.first() == Some(&b'[') {
         let Some(end) = a.iter().position(|&c| c == b']') else {
             return false;

@@ -41,6 +41,7 @@ use crate::tls::{CertSource, CertTable, SecretStore};
 
 pub use client::{Lookup, SystemLookup};
 pub use error::{ProxyError, SetupError};
+pub use head::valid_authority;
 pub use server::{Listeners, Running};
 pub use shadow::ShadowStats;
 

@@ -250,6 +250,7 @@ impl Proxy {
         // has not started by `head_by` is dropped.
         let first_head = tokio::time::sleep_until(head_by);
         tokio::pin!(first_head);
+        let mut head_seen = false;
         let mut closing = *stop.borrow();
         if closing {
             conn.as_mut().graceful_shutdown();
@@ -262,9 +263,14 @@ impl Proxy {
                     }
                     return;
                 }
-                _ = &mut first_head, if !activity.started() => {
-                    tracing::debug!(remote = %info.remote, "no request head within the header timeout: closed");
-                    return;
+                _ = &mut first_head, if !head_seen => {
+                    // Looked at when the timer fires: the first request may have started after
+                    // this wait began.
+                    head_seen = activity.started();
+                    if !head_seen {
+                        tracing::debug!(remote = %info.remote, "no request head within the header timeout: closed");
+                        return;
+                    }
                 }
                 _ = stop.changed(), if !closing => {
                     closing = true;
