@@ -89,7 +89,8 @@ pub struct Settings {
     pub xff_trusted_hops: usize,
     /// Add `x-legate-route` and `x-legate-revision` to responses.
     pub debug_headers: bool,
-    /// Request timeout of Mappings without `timeout_ms` (Emissary's default: 3000 ms).
+    /// Not read any more: compiled Mappings carry their timeout (3000 ms unless `timeout_ms`
+    /// says otherwise; `timeout_ms: 0` is none). Kept for `--default-timeout-ms`.
     pub default_timeout: Duration,
     /// Port written in insecure-redirect `Location`s (443 is omitted).
     pub https_redirect_port: u16,
