@@ -877,3 +877,30 @@ async fn replayed_webhooks_do_not_cause_a_fetch_each() {
         after - before
     );
 }
+
+#[test]
+fn diff_points_out_a_new_stream_mapping_under_a_route_timeout() {
+    let base = Tree::new(&mapping("plain", "hostname: '*'\nprefix: /p/\nservice: p"));
+    let head = Tree::new(
+        &[
+            mapping("plain", "hostname: '*'\nprefix: /p/\nservice: p"),
+            mapping(
+                "grpc",
+                "hostname: '*'\nprefix: /g/\nservice: g:50051\ngrpc: true",
+            ),
+        ]
+        .concat(),
+    );
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+        .args([
+            "diff",
+            base.path().to_str().unwrap(),
+            head.path().to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("covers the whole response"), "{err}");
+    assert!(err.contains("timeout_ms: 0"), "{err}");
+}
