@@ -21,7 +21,7 @@ pub const MAX_HOOK_BODY: usize = 1 << 20;
 /// schedules one fetch at its end (later ones join it), so the last push is always fetched
 /// while a replayed or redelivered delivery storm costs one pass per gap, not one per request
 /// (de-duplicating on the delivery id would swallow deliberate redeliveries).
-pub const MIN_FETCH_GAP: std::time::Duration = std::time::Duration::from_secs(3);
+pub const MIN_FETCH_GAP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The shared webhook secret, and the throttle of the fetches its hooks trigger. `Debug`
 /// never shows the secret.

@@ -66,9 +66,10 @@ fn explain(g: &crate::routes::Graph, query: &str) -> serde_json::Value {
             _ => {}
         }
     }
-    let host_name = host.split(':').next().unwrap_or("").to_string();
+    // The port is part of the match, as in the proxy (which may strip the listener's own).
+    let host_name = crate::routes::route_authority(&host, None).into_owned();
     // The proxy's normalizer: explain routes what the gateway would route.
-    let normalized = match crate::routes::path::normalize(&path, g.normalize) {
+    let normalized = match crate::routes::path::normalize(&path, g.normalize_options()) {
         Ok(n) => n.path.into_owned(),
         Err(crate::routes::path::PathError::NotAbsolute) => {
             return serde_json::json!({"matched": false, "answer": "404 no route (the path does not start with /)"})
@@ -89,7 +90,10 @@ fn explain(g: &crate::routes::Graph, query: &str) -> serde_json::Value {
         Some(h) => {
             serde_json::json!({"host": format!("{}/{}", h.namespace, h.name), "hostname": h.hostname.to_string(), "insecure": format!("{:?}", h.insecure)})
         }
-        None => serde_json::json!("no Host matches: Mappings with their own hostname serve it"),
+        None if g.hosts.is_empty() => serde_json::json!(
+            "no Host is defined: the default Host (`*`) serves the Mappings that have a hostname"
+        ),
+        None => serde_json::json!("no Host matches this authority: 404"),
     };
     match g.lookup(&head) {
         None => serde_json::json!({"matched": false, "table": via, "answer": "404 no route"}),
@@ -161,15 +165,21 @@ where
     }
     match (&method, path.as_str()) {
         // Open to probes and scrapers even when a token is configured.
-        (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
+        // Emissary's probe paths, so a migrated Deployment's probes keep working.
+        (&Method::GET, "/healthz" | "/ambassador/v0/check_alive") => {
+            return text(StatusCode::OK, "ok\n")
+        }
         (&Method::GET, "/metrics") => return metrics(state),
-        (&Method::GET, "/readyz") => {
-            // Ready once a revision is applied; stays ready while serving the last good one.
+        (&Method::GET, "/readyz" | "/ambassador/v0/check_ready") => {
+            // Ready once a graph serves, in every serving state (verifying, degraded...);
+            // not ready while draining after SIGTERM, so load balancers stop sending.
             let st = state.reconciler.status();
-            return if st.applied.is_some() || st.verifying.is_some() {
+            return if st.draining {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if st.applied.is_some() {
                 text(StatusCode::OK, "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "no revision applied yet\n")
+                text(StatusCode::SERVICE_UNAVAILABLE, "no revision serves yet\n")
             };
         }
         _ => {}
@@ -321,9 +331,16 @@ fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
     r
 }
 
+/// The answer to sync, pin and unpin, given at swap time: 202 for "swapped in, verifying"
+/// (poll `/api/revisions` or use `legate sync --wait` for the verdict), 200 for a revision
+/// verified at once (nothing changed, or verification off) or already served, 409 for a
+/// rejection, 502 when the source failed.
 fn pass(r: PassResult) -> Response<Full<Bytes>> {
     let code = match &r {
         PassResult::Unchanged { .. } => StatusCode::OK,
+        PassResult::Recorded { entry } if entry.outcome == Outcome::Verifying => {
+            StatusCode::ACCEPTED
+        }
         PassResult::Recorded { entry } if entry.outcome == Outcome::Applied => StatusCode::OK,
         PassResult::Recorded { .. } => StatusCode::CONFLICT,
         PassResult::SourceFailed { .. } => StatusCode::BAD_GATEWAY,

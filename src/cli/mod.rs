@@ -56,20 +56,32 @@ pub enum Command {
     Diff(DiffArgs),
     /// Print or write the Kubernetes CRDs generated from the schemas.
     Crds(CrdsArgs),
+    /// Rewrite getambassador.io/v2 (and v1) resources as v3alpha1, as Emissary converts them.
+    Convert(ConvertArgs),
     /// Run the gateway.
     Run(Box<run::RunArgs>),
     /// A running gateway's live revision, last attempt and mode (admin API).
     Status(remote::Remote),
     /// A running gateway's revision history.
     Revisions(remote::Remote),
-    /// Make a running gateway fetch and reconcile now.
-    Sync(remote::Remote),
+    /// Make a running gateway fetch and reconcile now. Answers when the revision is swapped
+    /// in (`verifying`); with --wait, when its verification window has a verdict.
+    Sync(remote::WaitArgs),
     /// Make a running gateway serve this revision and stop following its source.
     Pin(remote::PinArgs),
     /// Make a running gateway follow its source again.
-    Unpin(remote::Remote),
+    Unpin(remote::WaitArgs),
     /// Which Mapping a running gateway would pick for a request, and why.
     Explain(remote::ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// A YAML file, or a directory searched for `*.yaml`/`*.yml` files.
+    pub path: PathBuf,
+    /// Rewrite the files in place instead of printing the converted text.
+    #[arg(long)]
+    pub write: bool,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +119,11 @@ pub struct ConfigArgs {
     /// apply the valid resources and report the invalid ones.
     #[arg(long, value_enum, default_value = "reject", env = "LEGATE_ON_INVALID")]
     pub on_invalid: OnInvalid,
+    /// Emissary's opt-out of strict label selectors (same environment variable): a Host with a
+    /// mappingSelector then takes a Mapping whose hostname OR labels match, and one matching
+    /// label is enough. Default: both must match, and every label.
+    #[arg(long, env = "DISABLE_STRICT_LABEL_SELECTORS")]
+    pub disable_strict_label_selectors: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -130,6 +147,10 @@ impl ConfigArgs {
             ambassador_id: self.ambassador_id.clone(),
             strict: self.strict,
             skip_invalid: self.on_invalid == OnInvalid::SkipResource,
+            routing: crate::routes::RoutingOptions {
+                loose_label_selectors: self.disable_strict_label_selectors,
+                ..Default::default()
+            },
         }
     }
 }
@@ -189,9 +210,11 @@ pub enum DiffFormat {
 #[derive(Debug, Args)]
 pub struct DiffArgs {
     /// The revision before the change: a git revision (branch, tag, commit) or a directory.
+    /// `A...B` (one argument) compares the merge base of A and B with B, as a pull request
+    /// shows it; `A..B` is the same as `A B` (the two tips).
     pub base: String,
-    /// The revision after the change.
-    pub head: String,
+    /// The revision after the change (omitted with `A...B` or `A..B`).
+    pub head: Option<String>,
     /// The git repository for revision arguments (default: the one containing the current directory).
     #[arg(long, default_value = ".")]
     pub repo: PathBuf,
@@ -224,11 +247,12 @@ pub fn main(cli: Cli) -> i32 {
         Command::Schema(a) => schema(a),
         Command::Diff(a) => diff(a),
         Command::Crds(a) => crds(a),
+        Command::Convert(a) => convert(a),
         Command::Status(r) => remote::run(remote::Call::Status, &r),
         Command::Revisions(r) => remote::run(remote::Call::Revisions, &r),
-        Command::Sync(r) => remote::run(remote::Call::Sync, &r),
-        Command::Pin(a) => remote::run(remote::Call::Pin(&a.revision), &a.remote),
-        Command::Unpin(r) => remote::run(remote::Call::Unpin, &r),
+        Command::Sync(a) => remote::run_waiting(remote::Call::Sync, &a.remote, a.wait),
+        Command::Pin(a) => remote::run_waiting(remote::Call::Pin(&a.revision), &a.remote, a.wait),
+        Command::Unpin(a) => remote::run_waiting(remote::Call::Unpin, &a.remote, a.wait),
         Command::Explain(a) => remote::run(remote::Call::Explain(&a), &a.remote),
         Command::Run(a) => {
             let cfg = a.config.options();
@@ -386,26 +410,76 @@ fn warn_new_stream_timeouts(base: &config::Outcome, head: &config::Outcome) {
     }
 }
 
+/// The two sides of `legate diff`: `A B`, `A..B` (the tips), or `A...B` (the merge base of
+/// A and B, and B: what a pull request from B into A changes).
+fn diff_specs(a: &DiffArgs) -> anyhow::Result<(String, String)> {
+    let range = |sep: &str| {
+        a.base
+            .split_once(sep)
+            .filter(|_| !std::path::Path::new(&a.base).exists())
+            .map(|(x, y)| {
+                let or_head = |s: &str| if s.is_empty() { "HEAD" } else { s }.to_string();
+                (or_head(x), or_head(y))
+            })
+    };
+    if let Some((x, y)) = range("...") {
+        if a.head.is_some() {
+            anyhow::bail!("`{}` is already a range: give no second revision", a.base);
+        }
+        let repo = git2::Repository::discover(&a.repo)
+            .map_err(|e| anyhow::anyhow!("`{}` needs a git repository: {}", a.base, e.message()))?;
+        let id = |spec: &str| {
+            repo.revparse_single(spec)
+                .and_then(|o| o.peel_to_commit())
+                .map(|c| c.id())
+                .map_err(|e| anyhow::anyhow!("`{spec}` is not a revision: {}", e.message()))
+        };
+        let base = repo.merge_base(id(&x)?, id(&y)?).map_err(|e| {
+            anyhow::anyhow!("`{x}` and `{y}` have no common ancestor: {}", e.message())
+        })?;
+        return Ok((base.to_string(), y));
+    }
+    if let Some((x, y)) = range("..") {
+        if a.head.is_some() {
+            anyhow::bail!("`{}` is already a range: give no second revision", a.base);
+        }
+        return Ok((x, y));
+    }
+    match &a.head {
+        Some(h) => Ok((a.base.clone(), h.clone())),
+        None => anyhow::bail!(
+            "give two revisions or directories (`legate diff A B`), or a range (`A...B`)"
+        ),
+    }
+}
+
 fn diff(a: DiffArgs) -> anyhow::Result<i32> {
     let opts = a.config.options();
-    let (bl, base) = diff_side(&a.base, &a, &opts)?;
-    let (hl, head) = diff_side(&a.head, &a, &opts)?;
-    let mut invalid = false;
+    let (b, h) = diff_specs(&a)?;
+    let (bl, base) = diff_side(&b, &a, &opts)?;
+    let (hl, head) = diff_side(&h, &a, &opts)?;
+    let mut invalid = Vec::new();
     for (label, side) in [(&bl, &base), (&hl, &head)] {
         if !side.is_ok() {
-            invalid = true;
             eprintln!("{label} does not validate:");
-            for d in side
+            let errors: Vec<String> = side
                 .diagnostics
                 .iter()
                 .filter(|d| d.severity == config::Severity::Error)
-            {
+                .map(|d| d.to_string())
+                .collect();
+            for d in &errors {
                 eprintln!("  {d}");
             }
+            invalid.push((label.as_str(), errors));
         }
     }
     let (Some(bg), Some(hg)) = (&base.graph, &head.graph) else {
-        debug_assert!(invalid);
+        debug_assert!(!invalid.is_empty());
+        // A pull-request comment still says why there is no diff.
+        if a.format == DiffFormat::Markdown {
+            out!("{}", crate::diff::render::markdown_invalid(&invalid));
+        }
         return Ok(2);
     };
     let d = crate::diff::diff(bg, hg);
@@ -422,11 +496,69 @@ fn diff(a: DiffArgs) -> anyhow::Result<i32> {
     Ok(if a.exit_code && !d.is_empty() { 1 } else { 0 })
 }
 
+/// `legate convert`: every YAML file under the path, older getambassador.io documents
+/// rewritten as v3alpha1; files with nothing to convert are left alone.
+fn convert(a: ConvertArgs) -> anyhow::Result<i32> {
+    use anyhow::Context as _;
+    let mut files = Vec::new();
+    yaml_files(&a.path, &mut files)
+        .with_context(|| format!("{}: cannot read", a.path.display()))?;
+    let mut converted = 0;
+    for f in files {
+        let text = std::fs::read_to_string(&f).with_context(|| format!("{}", f.display()))?;
+        let out = config::convert::convert_text(&text)
+            .map_err(|e| anyhow::anyhow!("{}:{}:{}: {e}", f.display(), e.pos.line, e.pos.column))?;
+        let Some((out, n)) = out else {
+            continue;
+        };
+        converted += 1;
+        if a.write {
+            std::fs::write(&f, out).with_context(|| format!("{}: cannot write", f.display()))?;
+            eprintln!(
+                "{}: {n} resource(s) rewritten as {}",
+                f.display(),
+                config::convert::TARGET
+            );
+        } else {
+            outln!("# ==> {} ({n} resource(s) converted) <==", f.display());
+            out!("{out}");
+        }
+    }
+    if converted == 0 {
+        eprintln!("nothing to convert: no getambassador.io/v2 or v1 resources found");
+    }
+    Ok(0)
+}
+
+fn yaml_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    if path.is_file() {
+        out.push(path.to_path_buf());
+        return Ok(());
+    }
+    let mut entries: Vec<_> = std::fs::read_dir(path)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') {
+            continue;
+        }
+        if e.file_type()?.is_dir() {
+            yaml_files(&p, out)?;
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
 /// The generated CRD files: (file name, YAML text).
 pub fn crd_files() -> Vec<(String, String)> {
     use config::schema::Kind;
     Kind::ALL
         .iter()
+        // Module exists only in Emissary's group: Legate installs no CRD for it.
+        .filter(|k| **k != Kind::Module)
         .map(|k| {
             let text = format!(
                 "# Generated by `legate crds` from {}; do not edit.\n{}",

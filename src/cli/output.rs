@@ -205,10 +205,12 @@ pub fn route_table(g: &Graph) -> String {
             &mut out,
         );
     }
-    section(
-        "Requests matching no Host (Mappings with their own hostname)".into(),
-        &g.tables[g.hosts.len()].groups,
-        &mut out,
-    );
+    if g.hosts.is_empty() {
+        section(
+            crate::routes::DEFAULT_HOST_TITLE.into(),
+            &g.tables[g.hosts.len()].groups,
+            &mut out,
+        );
+    }
     out
 }

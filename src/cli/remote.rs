@@ -32,8 +32,69 @@ pub struct Remote {
 pub struct PinArgs {
     /// Revision (commit id or content hash) to serve; history shows the candidates.
     pub revision: String,
+    /// Wait for the verification window's verdict (exit 0 verified, 1 rolled back or
+    /// degraded, 3 interrupted by a newer revision).
+    #[arg(long)]
+    pub wait: bool,
     #[command(flatten)]
     pub remote: Remote,
+}
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Wait for the verification window's verdict (exit 0 verified, 1 rolled back or
+    /// degraded, 3 interrupted by a newer revision).
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// Sync, pin or unpin; with `wait`, then poll the history until the swapped-in revision's
+/// window has a verdict.
+pub fn run_waiting(call: Call<'_>, r: &Remote, wait: bool) -> anyhow::Result<i32> {
+    let code = run(call, r)?;
+    if !wait || code != 0 {
+        return Ok(code);
+    }
+    let Some((rev, started)) = LAST_SWAP.with(|l| l.borrow_mut().take()) else {
+        return Ok(code);
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    loop {
+        let (status, body) = request(r, "GET", "/api/revisions")?;
+        if status != 200 {
+            bail!("GET /api/revisions answered {status}");
+        }
+        let v: Value = serde_json::from_slice(&body).context("the history is not JSON")?;
+        let e = v.as_array().into_iter().flatten().find(|e| {
+            e["revision"].as_str() == Some(rev.as_str())
+                && e["started_at"].as_u64() == Some(started)
+        });
+        let outcome = e.and_then(|e| e["outcome"].as_str()).unwrap_or("Verifying");
+        if outcome != "Verifying" {
+            let e = e.cloned().unwrap_or(Value::Null);
+            if r.json {
+                outln!("{}", serde_json::to_string_pretty(&e).unwrap_or_default());
+            } else {
+                outln!("verdict: {}", entry_line(&e));
+            }
+            return Ok(match outcome {
+                "Applied" => 0,
+                "Interrupted" => 3,
+                _ => 1,
+            });
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no verdict for {rev} after an hour");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+thread_local! {
+    /// The revision and start time of the entry the last sync/pin/unpin swapped in.
+    static LAST_SWAP: std::cell::RefCell<Option<(String, u64)>> = const { std::cell::RefCell::new(None) };
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +164,14 @@ pub fn run(call: Call<'_>, r: &Remote) -> anyhow::Result<i32> {
     }
     let v: Value = serde_json::from_slice(&body)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    if v["entry"]["outcome"] == "Verifying" {
+        if let (Some(rev), Some(at)) = (
+            v["entry"]["revision"].as_str(),
+            v["entry"]["started_at"].as_u64(),
+        ) {
+            LAST_SWAP.with(|l| *l.borrow_mut() = Some((rev.to_string(), at)));
+        }
+    }
     if r.json {
         outln!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     } else {
@@ -192,6 +261,11 @@ fn entry_line(e: &Value) -> String {
     s.push_str(&format!(" at {}", when(&e["finished_at"])));
     if let Some(r) = e["reason"].as_str() {
         s.push_str(&format!(" ({r})"));
+    } else if let Some(v) = e["verdict"]["summary"].as_str() {
+        s.push_str(&format!(
+            " ({}: {v})",
+            e["verdict"]["judgement"].as_str().unwrap_or("")
+        ));
     }
     s
 }
@@ -213,9 +287,18 @@ fn human(call: &Call<'_>, v: &Value) -> String {
                     .unwrap_or_default()
             ));
             let live = match v.get("live") {
-                Some(e) if e.is_object() => format!("{}, {} route(s)", entry_line(e), e["routes"]),
+                Some(e) if e.is_object() => format!(
+                    "{} [{}], graph {}, {} route(s)",
+                    entry_line(e),
+                    v["state"].as_str().unwrap_or("-"),
+                    e["graph"].as_str().unwrap_or("-"),
+                    e["routes"]
+                ),
                 _ => short(&v["applied"]),
             };
+            if let Some(id) = v["applied"].as_str() {
+                o.push_str(&format!("revision:      {id}\n"));
+            }
             o.push_str(&format!(
                 "live:          {live}{}\n",
                 if v["serving_cached"] == true {
@@ -243,7 +326,64 @@ fn human(call: &Call<'_>, v: &Value) -> String {
                 }
             }
             if let Some(vr) = v["verifying"].as_str() {
-                o.push_str(&format!("verifying:     {}\n", vr.get(..12).unwrap_or(vr)));
+                let w = &v["window"];
+                o.push_str(&format!(
+                    "verifying:     {} ({} changed route(s), ends in {} ms)\n",
+                    vr.get(..12).unwrap_or(vr),
+                    w["judged"],
+                    w["ends_in_ms"]
+                ));
+                for r in w["routes"].as_array().into_iter().flatten().take(10) {
+                    o.push_str(&format!(
+                        "  {} ({}): {} request(s), {} failed, {} upstream 5xx\n",
+                        r["mapping"].as_str().unwrap_or(""),
+                        r["why"].as_str().unwrap_or(""),
+                        r["requests"],
+                        r["failures"],
+                        r["upstream_5xx"]
+                    ));
+                }
+            }
+            if v["verified"].is_string() && v["verified"] != v["applied"] {
+                o.push_str(&format!(
+                    "verified:      {} (the rollback target)\n",
+                    short(&v["verified"])
+                ));
+            }
+            if v["head"].is_string() && v["head"] != v["applied"] {
+                o.push_str(&format!(
+                    "head:          {}{}\n",
+                    short(&v["head"]),
+                    if v["out_of_sync"] == true {
+                        " (out of sync: pinned)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            if let Some(rt) = v.get("retry").filter(|r| r.is_object()) {
+                o.push_str(&format!(
+                    "retry:         {} ({}) attempt {} at {}, after probes of {}{}\n",
+                    short(&rt["revision"]),
+                    rt["kind"].as_str().unwrap_or(""),
+                    rt["attempts"].as_u64().unwrap_or(0) + 1,
+                    when(&rt["next_at"]),
+                    rt["upstreams"]
+                        .as_array()
+                        .map(|a| a
+                            .iter()
+                            .filter_map(|u| u.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .unwrap_or_default(),
+                    rt["last_probe_error"]
+                        .as_str()
+                        .map(|e| format!("; last probe: {e}"))
+                        .unwrap_or_default()
+                ));
+            }
+            if v["draining"] == true {
+                o.push_str("draining:      yes (not ready)\n");
             }
             if let Some(err) = v["source_error"].as_str() {
                 o.push_str(&format!(
@@ -330,7 +470,13 @@ fn human(call: &Call<'_>, v: &Value) -> String {
                     &mut o,
                 );
             }
-            table("Requests matching no Host".into(), &v["fallback"], &mut o);
+            if v["hosts"].as_array().is_none_or(|h| h.is_empty()) {
+                table(
+                    crate::routes::DEFAULT_HOST_TITLE.into(),
+                    &v["fallback"],
+                    &mut o,
+                );
+            }
         }
         Call::Explain(_) => {
             if v["matched"] == true {

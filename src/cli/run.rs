@@ -79,15 +79,42 @@ pub struct RunArgs {
     /// Require head commits signed (SSH signatures) by a key in this allowed_signers file.
     #[arg(long, env = "LEGATE_VERIFY_SIGNATURES", value_name = "ALLOWED_SIGNERS")]
     pub verify_signatures: Option<PathBuf>,
-    /// How long a new revision is watched after it is applied (0 disables).
-    #[arg(long, env = "LEGATE_VERIFY_WINDOW", default_value = "10s", value_parser = parse_duration)]
+    /// How long a new revision is watched after its swap (0 disables). Only the routes it
+    /// changed against the last verified revision are judged: new or changed Mappings, and
+    /// unchanged ones that may receive traffic a removed or changed one took. A changed route
+    /// fails when more than --verify-max-error-ratio of at least --verify-min-requests of its
+    /// requests failed at the gateway (connect errors, resets, timeouts; never client errors
+    /// or a policy's answer); a failed --health-path probe or active health check fails it
+    /// too. Fewer requests is "verified-unobserved", still a rollback target. A failing
+    /// revision is rolled back to the last verified one, or kept serving as degraded when
+    /// there is none (the first revision) or it is pinned; in Kubernetes mode the failing
+    /// Mappings are set aside instead (Accepted=False, VerificationFailed). A newer revision
+    /// interrupts the window at once; evidence carries over by route. States of the serving
+    /// revision: verifying, verified, verified-unobserved, degraded, pinned, from-cache
+    /// (/readyz answers 200 in all of them, 503 before the first and while draining).
+    #[arg(long, env = "LEGATE_VERIFY_WINDOW", default_value = "10s", value_parser = parse_duration, verbatim_doc_comment)]
     pub verify_window: Duration,
-    /// During the window, GET this path on every plain-HTTP upstream the revision uses.
+    /// A changed route fails its window above this share of failed requests (0 to 1).
+    #[arg(long, env = "LEGATE_VERIFY_MAX_ERROR_RATIO", default_value_t = 0.2, value_parser = parse_ratio)]
+    pub verify_max_error_ratio: f64,
+    /// Requests a changed route needs in the window before its error ratio can fail it.
+    #[arg(long, env = "LEGATE_VERIFY_MIN_REQUESTS", default_value_t = 10)]
+    pub verify_min_requests: u64,
+    /// Also count 5xx answers sent by the upstream itself as failures in the window.
+    #[arg(long, env = "LEGATE_VERIFY_COUNT_UPSTREAM_5XX")]
+    pub verify_count_upstream_5xx: bool,
+    /// First delay before a rolled-back or degraded revision is tried again (once its failed
+    /// upstreams accept a TCP connection); doubles after each failure up to --verify-retry-max.
+    /// A new revision cancels the retry.
+    #[arg(long, env = "LEGATE_VERIFY_RETRY", default_value = "1m", value_parser = parse_duration)]
+    pub verify_retry: Duration,
+    /// Longest delay between retries of a failed revision.
+    #[arg(long, env = "LEGATE_VERIFY_RETRY_MAX", default_value = "15m", value_parser = parse_duration)]
+    pub verify_retry_max: Duration,
+    /// During the window, GET this path on the plain-HTTP upstreams of the changed routes
+    /// (3 failures in a row fail the revision).
     #[arg(long, env = "LEGATE_HEALTH_PATH")]
     pub health_path: Option<String>,
-    /// Gateway-made upstream errors tolerated during the window before rolling back.
-    #[arg(long, env = "LEGATE_MAX_NEW_ERRORS", default_value_t = 0)]
-    pub max_new_errors: u64,
     /// Revisions kept in history.
     #[arg(long, env = "LEGATE_HISTORY", default_value_t = 50)]
     pub history: usize,
@@ -101,8 +128,8 @@ pub struct RunArgs {
     /// Required when the admin listener is not on loopback.
     #[arg(long, env = "LEGATE_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// POST a JSON (Slack-compatible) message here when a revision is applied, rejected or
-    /// rolled back.
+    /// POST a JSON (Slack-compatible) message here when a revision is swapped in (verifying),
+    /// applied, kept serving degraded, rejected or rolled back.
     #[arg(long, env = "LEGATE_NOTIFY_URL")]
     pub notify_url: Option<String>,
     /// Watch Mappings, Hosts and their TLS Secrets in Kubernetes instead of a repository.
@@ -149,20 +176,26 @@ pub struct RunArgs {
     #[arg(long, env = "LEGATE_HTTPS_REDIRECT_PORT", default_value_t = 443)]
     pub https_redirect_port: u16,
     /// Proxies in front of Legate trusted to append to X-Forwarded-For (0: replace the client's).
+    /// From 1 up, their X-Forwarded-Proto is kept and decides whether a request is secure for
+    /// its Host's insecure action (at 0 the connection's own scheme decides).
+    /// The only trusted-hop setting: a Module's `xff_num_trusted_hops` is ignored (as in
+    /// Emissary); a Module's `use_remote_address: false` forwards the client's header as sent.
     #[arg(long, env = "LEGATE_XFF_TRUSTED_HOPS", default_value_t = 0)]
     pub xff_trusted_hops: usize,
     /// Add `x-legate-route` (namespace/name of the Mapping) and `x-legate-revision` to responses.
     #[arg(long, env = "LEGATE_DEBUG_HEADERS")]
     pub debug_headers: bool,
-    /// No effect any more: a Mapping without `timeout_ms` gets 3000 ms (Emissary's default)
-    /// and `timeout_ms: 0` turns the route timeout off; kept so existing command lines run.
+    /// Not read: a Mapping without `timeout_ms` gets 3000 ms (Emissary's default; a Module's
+    /// `cluster_request_timeout_ms` becomes those Mappings' timeout_ms) and `timeout_ms: 0`
+    /// turns the route timeout off; kept so existing command lines run.
     #[arg(long, env = "LEGATE_DEFAULT_TIMEOUT_MS", default_value_t = 3000)]
     pub default_timeout_ms: u64,
     /// Also serve the built-in demo echo upstream on this address (for the quickstart).
     #[arg(long, env = "LEGATE_DEMO_ECHO", value_name = "ADDR")]
     pub demo_echo: Option<SocketAddr>,
 
-    /// Largest request head: sum of header name and value bytes (431 above).
+    /// Largest request head: sum of header name and value bytes (431 above). With a Module's
+    /// `max_request_headers_kb` the smaller of the two applies.
     #[arg(long, env = "LEGATE_MAX_HEADER_BYTES", default_value_t = 32 * 1024)]
     pub max_header_bytes: usize,
     /// Most header fields in one request (431 above).
@@ -171,7 +204,8 @@ pub struct RunArgs {
     /// Longest request target in bytes (414 above).
     #[arg(long, env = "LEGATE_MAX_URI_BYTES", default_value_t = 8 * 1024)]
     pub max_uri_bytes: usize,
-    /// Largest request body in bytes (413 above); unlimited when unset.
+    /// Largest request body in bytes (413 above); unlimited when unset. With a Module's
+    /// `buffer.max_request_bytes` the smaller of the two applies.
     #[arg(long, env = "LEGATE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<u64>,
     /// Time from accept to a complete first request head (TLS handshake included, HTTP/1.1 and
@@ -337,13 +371,17 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         verify: VerifySettings {
             window: args.verify_window,
             probe_path: args.health_path.clone(),
-            max_new_errors: args.max_new_errors,
+            max_error_ratio: args.verify_max_error_ratio,
+            min_requests: args.verify_min_requests,
+            count_upstream_5xx: args.verify_count_upstream_5xx,
+            retry_initial: args.verify_retry,
+            retry_max: args.verify_retry_max,
             ..Default::default()
         },
         ..Default::default()
     };
     let sink: Arc<dyn reconcile::GraphSink> = proxy.clone();
-    let errors: Arc<dyn reconcile::ErrorCounter> = proxy.clone();
+    let errors: Arc<dyn reconcile::UpstreamHealth> = proxy.clone();
     // Keep-alives for the source's watches and tasks.
     let mut _keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     let (handle, source_name) = if args.kubernetes {
@@ -361,14 +399,34 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         let kwatch = crate::source::kube::start(client.clone(), k, None).await?;
         let source = Arc::new(kwatch.source());
         let handle = reconcile::start(source, sink, rsettings, Some(errors));
+        // Each new snapshot asks for a pass at once (a set-aside object's replacement too),
+        // instead of waiting for the poll.
+        let mut snaps = kwatch.snapshots();
+        let h = handle.clone();
+        tokio::spawn(async move {
+            while snaps.changed().await.is_ok() {
+                h.trigger();
+            }
+        });
         // The served revision goes to the objects' status, written by the Lease holder only.
-        let (served_tx, served_rx) = tokio::sync::watch::channel(None::<String>);
+        let (served_tx, served_rx) = tokio::sync::watch::channel(None::<crate::kube::Served>);
         let mut events = served_events;
         tokio::spawn(async move {
+            use reconcile::Outcome;
             while let Ok(e) = events.recv().await {
-                if e.outcome == reconcile::Outcome::Applied {
-                    served_tx.send_replace(Some(e.revision));
-                }
+                let state = match e.outcome {
+                    Outcome::Verifying => "verifying",
+                    Outcome::Degraded => "degraded",
+                    Outcome::Applied => match e.verdict.as_ref().map(|v| v.judgement) {
+                        Some(reconcile::Judgement::VerifiedUnobserved) => "verified-unobserved",
+                        _ => "verified",
+                    },
+                    _ => continue,
+                };
+                served_tx.send_replace(Some(crate::kube::Served {
+                    revision: e.revision,
+                    state: state.into(),
+                }));
             }
         });
         let lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| cfg.namespace.clone());
@@ -495,6 +553,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
 
     wait_for_signal().await;
     tracing::info!("shutting down: draining connections");
+    handle.set_draining();
     let drained = running
         .shutdown(Duration::from_secs(args.drain_timeout_secs))
         .await;

@@ -1,10 +1,11 @@
 //! `compile`: validated resources -> one immutable `routes::Graph`.
 //!
-//! Implements Emissary's semantics: canary groups (Mappings with the same match), weights
-//! (unweighted members share what the weighted ones leave), one shadow per group, route
-//! order (precedence, prefix length, header and query constraint lengths, prefix, method),
-//! and Host association (a Mapping's hostname glob overlaps the Host's, or the Host's
-//! mappingSelector selects its labels). Collects every problem; pure.
+//! Implements Emissary's semantics: canary groups (Emissary's `group_id`: the match, plus the
+//! selecting Hosts' labels for a Mapping without a host), weights (unweighted members share
+//! what the weighted ones leave), one shadow per group, route order (precedence, prefix length,
+//! header and query constraint lengths, prefix, method), and Host association (`matches_httpgroup`
+//! with strict selectors: a Host with a mappingSelector needs the labels, and the hostname too
+//! when the group has one; a Host without one goes by hostname). Collects every problem; pure.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -17,8 +18,8 @@ use super::diag::Diagnostic;
 use super::model::{AddedHeader, HostSpec, MappingSpec, MatchValue, RegexSubst, Resource, Spec};
 use crate::routes::{
     Action, AddHeader, Forward, Graph, Group, HostMatch, HostPattern, HostRoute, InsecureAction,
-    MethodMatch, PathMatch, Redirect, RedirectPath, Rewrite, Route, RouteId, RouteMatch, Scheme,
-    SecretRef, Upstream, ValueMatch, ValueTest,
+    MethodMatch, PathMatch, Redirect, RedirectPath, Rewrite, Route, RouteId, RouteMatch,
+    RoutingOptions, Scheme, SecretRef, Upstream, ValueMatch, ValueTest, AUTHORITY,
 };
 
 /// Emissary's default request timeout.
@@ -34,15 +35,25 @@ struct Compiled<'r> {
     spec: &'r MappingSpec,
     matcher: RouteMatch,
     action: Action,
-    /// Canonical text of the match: members of one group share it.
+    /// Canonical text of the match: members of one group share it (Emissary's `group_id`).
     group_key: String,
     /// Emissary's route weight: (precedence, prefix length, header length, query length).
     order: (i64, usize, usize, usize, String, String),
-    /// The host glob used for Host association, if the Mapping names one.
+    /// The host glob used for Host association, if the Mapping names one (`hostname`, `host`
+    /// or an exact `:authority` header).
     assoc_glob: Option<HostPattern>,
     /// For host_redirect Mappings without a hostname: the redirect target, for association.
     redirect_assoc: Option<HostPattern>,
     host_regex: bool,
+}
+
+/// A compiled Host and the selector association reads.
+struct HostEntry<'r> {
+    res: &'r Resource,
+    route: HostRoute,
+    /// The `matchLabels` of `mappingSelector` (or of the older `selector` when
+    /// `mappingSelector` is absent or empty); `None`: the Host has no selector.
+    selector: Option<&'r BTreeMap<String, String>>,
 }
 
 /// Compile resources into a graph. The graph is only meaningful when no diagnostic is an error.
@@ -52,9 +63,17 @@ pub fn compile(resources: &[Resource]) -> (Graph, Vec<Diagnostic>) {
 
 /// `compile` over borrowed resources (a subset, for skip-invalid mode).
 pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
+    compile_refs_with(resources, &RoutingOptions::default())
+}
+
+/// `compile_refs` with routing options (flags; later the Emissary Module).
+pub fn compile_refs_with(
+    resources: &[&Resource],
+    options: &RoutingOptions,
+) -> (Graph, Vec<Diagnostic>) {
     let mut diags = Vec::new();
     let mut mappings: Vec<Compiled<'_>> = Vec::new();
-    let mut hosts: Vec<(&Resource, &HostSpec)> = Vec::new();
+    let mut host_specs: Vec<(&Resource, &HostSpec)> = Vec::new();
     for &r in resources {
         match &r.spec {
             Spec::Mapping(m) => {
@@ -62,13 +81,33 @@ pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
                     mappings.push(c);
                 }
             }
-            Spec::Host(h) => hosts.push((r, h)),
-            Spec::RouteTest(_) | Spec::AuthService(_) | Spec::JwtPolicy(_) | Spec::RateLimit(_) => {
-            }
+            Spec::Host(h) => host_specs.push((r, h)),
+            Spec::RouteTest(_)
+            | Spec::AuthService(_)
+            | Spec::JwtPolicy(_)
+            | Spec::RateLimit(_)
+            | Spec::Module(_) => {}
         }
     }
     // Stable route ids: by namespace/name.
     mappings.sort_by(|a, b| (&a.res.namespace, &a.res.name).cmp(&(&b.res.namespace, &b.res.name)));
+    host_specs.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+    let hosts: Vec<HostEntry<'_>> = host_specs
+        .into_iter()
+        .filter_map(|(r, h)| {
+            let route = compile_host(r, h, &mut diags)?;
+            Some(HostEntry {
+                res: r,
+                route,
+                selector: host_selector(r, h, &mut diags),
+            })
+        })
+        .collect();
+    warn_duplicate_hostnames(&hosts, &mut diags);
+    let loose = options.loose_label_selectors;
+    for m in &mut mappings {
+        add_selector_labels(m, &hosts, loose);
+    }
 
     // Group by match.
     let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -119,67 +158,232 @@ pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
             shadow: group.1,
             matcher: first.matcher.clone(),
             precedence: first.spec.precedence,
-            serves_without_host: members
-                .iter()
-                .any(|&m| mappings[m].assoc_glob.is_some() || mappings[m].host_regex),
+            serves_without_host: GroupAssoc::of(&mappings, &members).has_hostname(),
         });
         group_members.push(members);
     }
 
-    // Hosts and association.
-    let mut host_routes = Vec::new();
-    let mut selected = vec![false; mappings.len()];
-    let mut hosts_sorted = hosts;
-    hosts_sorted.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
-    for (r, h) in hosts_sorted {
-        let Some(mut hr) = compile_host(r, h, &mut diags) else {
-            continue;
-        };
-        let selector = h.mapping_selector.as_ref().or(h.selector.as_ref());
-        for (gi, members) in group_members.iter().enumerate() {
-            let mut assoc = false;
-            for &m in members {
-                let c = &mappings[m];
-                let host_match = c.host_regex
-                    || c.assoc_glob
-                        .as_ref()
-                        .is_some_and(|g| g.overlaps(&hr.hostname))
-                    || c.redirect_assoc
-                        .as_ref()
-                        .is_some_and(|g| g.overlaps(&hr.hostname));
-                let sel_match = selector.is_some_and(|s| !s.is_empty() && s.matches(&c.res.labels));
-                if host_match || sel_match {
-                    selected[m] = true;
-                }
-                assoc |= host_match || sel_match;
-            }
-            if assoc {
-                hr.groups.push(gi);
-            }
+    let host_routes = associate(hosts, &mappings, &group_members, loose, &mut diags);
+
+    crate::policy::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
+    // The Module's `strip_matching_host_port` turns the routing option on (the flag can too).
+    let mut options = *options;
+    options.strip_matching_host_port |=
+        super::module::settings(resources).is_some_and(|s| s.strip_matching_host_port);
+    let hash = graph_hash(&host_routes, &routes, &groups, &options);
+    let mut graph = Graph::build(host_routes, routes, groups, hash, options);
+    super::module::attach(&mut graph, resources, &mut diags);
+    (graph, diags)
+}
+
+/// What Host association reads of a group (Emissary's `IRHTTPMappingGroup`): its host glob or
+/// regex (shared by all members, being part of the match) and its members' labels merged in
+/// member order, later ones winning.
+struct GroupAssoc<'a> {
+    glob: Option<&'a HostPattern>,
+    regex: bool,
+    labels: BTreeMap<String, String>,
+}
+
+impl<'a> GroupAssoc<'a> {
+    fn of(mappings: &'a [Compiled<'_>], members: &[usize]) -> GroupAssoc<'a> {
+        let first = &mappings[members[0]];
+        let mut labels = BTreeMap::new();
+        for &m in members {
+            labels.extend(
+                mappings[m]
+                    .res
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
         }
-        host_routes.push(hr);
+        GroupAssoc {
+            glob: first.assoc_glob.as_ref().or_else(|| {
+                members
+                    .iter()
+                    .find_map(|&m| mappings[m].redirect_assoc.as_ref())
+            }),
+            regex: first.host_regex,
+            labels,
+        }
     }
 
-    // Emissary's silent trap: a Mapping with no hostname that no Host selects serves nothing.
-    for (i, m) in mappings.iter().enumerate() {
-        if m.assoc_glob.is_none() && !m.host_regex && !selected[i] {
+    fn has_hostname(&self) -> bool {
+        self.regex || self.glob.is_some()
+    }
+
+    /// Emissary's `IRHost.matches_httpgroup`, strict by default: a Host with a selector takes a
+    /// group whose labels match and, when the group has a hostname, whose glob overlaps too; a
+    /// Host without one takes groups by hostname only. Loose (`DISABLE_STRICT_LABEL_SELECTORS`):
+    /// hostname OR labels.
+    fn attaches_to(&self, host: &HostEntry<'_>, loose: bool) -> bool {
+        let host_match = self.regex || self.glob.is_some_and(|g| g.overlaps(&host.route.hostname));
+        let sel_match = host
+            .selector
+            .map(|sel| selector_matches(sel, &self.labels, loose));
+        if loose {
+            return host_match || sel_match == Some(true);
+        }
+        match (sel_match, self.has_hostname()) {
+            (Some(sel), true) => sel && host_match,
+            (Some(sel), false) => sel,
+            (None, has_hostname) => has_hostname && host_match,
+        }
+    }
+}
+
+/// Emissary's `selector_matches`: only `matchLabels`; every label must match (strict), or any
+/// one (loose). No labels to match selects everything.
+fn selector_matches(
+    want: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+    loose: bool,
+) -> bool {
+    if want.is_empty() {
+        return true;
+    }
+    let hit = |(k, v): (&String, &String)| labels.get(k) == Some(v);
+    if loose {
+        want.iter().any(hit)
+    } else {
+        want.iter().all(hit)
+    }
+}
+
+/// Emissary's `group_id` for a Mapping without a host: the `matchLabels` of every Host whose
+/// selector matches it join its identity, so Mappings selected by different Hosts are
+/// different groups even on the same match.
+fn add_selector_labels(m: &mut Compiled<'_>, hosts: &[HostEntry<'_>], loose: bool) {
+    if m.assoc_glob.is_some() {
+        return;
+    }
+    for h in hosts {
+        if let Some(sel) = h.selector {
+            if selector_matches(sel, &m.res.labels, loose) {
+                for (k, v) in sel {
+                    let _ = write!(m.group_key, "L{k}={v};");
+                }
+            }
+        }
+    }
+}
+
+/// The selector a Host associates by: `mappingSelector`, else the older `selector`; an empty
+/// one counts as none. Only `matchLabels` is read, as in Emissary.
+fn host_selector<'r>(
+    r: &'r Resource,
+    h: &'r HostSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<&'r BTreeMap<String, String>> {
+    let (sel, field) = match (&h.mapping_selector, &h.selector) {
+        (Some(s), _) if !s.is_empty() => (s, "mappingSelector"),
+        (_, Some(s)) if !s.is_empty() => (s, "selector"),
+        _ => return None,
+    };
+    if !sel.match_expressions.is_empty() {
+        diags.push(
+            Diagnostic::warning(
+                "selector-expressions-ignored",
+                &r.at(&format!("/spec/{field}/matchExpressions")),
+                format!(
+                    "Host `{}`: `matchExpressions` is not read (as in Emissary, only `matchLabels` selects Mappings)",
+                    r.name
+                ),
+            )
+            .with_help("express the selection with `matchLabels`"),
+        );
+    }
+    Some(&sel.match_labels)
+}
+
+/// Emissary keeps one virtual host per hostname, silently the later Host's; Legate does the
+/// same and says so.
+fn warn_duplicate_hostnames(hosts: &[HostEntry<'_>], diags: &mut Vec<Diagnostic>) {
+    let mut seen: HashMap<&HostPattern, &HostEntry<'_>> = HashMap::new();
+    for h in hosts {
+        if let Some(earlier) = seen.insert(&h.route.hostname, h) {
             diags.push(
                 Diagnostic::warning(
-                    "unreachable-mapping",
-                    &m.res.at("/spec"),
+                    "duplicate-hostname",
+                    &earlier.res.at("/spec/hostname"),
                     format!(
-                        "Mapping `{}` has no hostname and no Host selects it, so it serves no traffic",
-                        m.res.name
+                        "Hosts `{}` and `{}` ({}) both have hostname `{}`; only `{}` (the later by namespace/name) serves it, as in Emissary",
+                        earlier.res.id(),
+                        h.res.id(),
+                        h.route.source,
+                        h.route.hostname,
+                        h.res.id()
                     ),
                 )
-                .with_help("add `hostname: \"*\"` to serve every host, or labels that a Host's mappingSelector selects"),
+                .with_help("give each Host its own hostname, or merge them into one"),
             );
         }
     }
+}
 
-    crate::policy::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
-    let hash = graph_hash(&host_routes, &routes, &groups);
-    (Graph::build(host_routes, routes, groups, hash), diags)
+/// Attach groups to Hosts and report the Mappings that end up on none.
+fn associate(
+    hosts: Vec<HostEntry<'_>>,
+    mappings: &[Compiled<'_>],
+    group_members: &[Vec<usize>],
+    loose: bool,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<HostRoute> {
+    let assoc: Vec<GroupAssoc<'_>> = group_members
+        .iter()
+        .map(|members| GroupAssoc::of(mappings, members))
+        .collect();
+    let mut attached = vec![false; group_members.len()];
+    let mut host_routes = Vec::with_capacity(hosts.len());
+    for h in hosts {
+        let groups: Vec<usize> = (0..assoc.len())
+            .filter(|&gi| assoc[gi].attaches_to(&h, loose))
+            .collect();
+        for &gi in &groups {
+            attached[gi] = true;
+        }
+        host_routes.push(HostRoute { groups, ..h.route });
+    }
+    // Without Hosts, the default Host (`*`, no selector) takes the groups with a hostname.
+    if host_routes.is_empty() {
+        for (gi, a) in assoc.iter().enumerate() {
+            attached[gi] |= a.has_hostname();
+        }
+    }
+    for (gi, members) in group_members.iter().enumerate() {
+        if attached[gi] {
+            continue;
+        }
+        for &m in members {
+            diags.push(unreachable(&mappings[m], host_routes.is_empty()));
+        }
+    }
+    host_routes
+}
+
+/// Emissary's silent trap: a Mapping no Host attaches serves nothing.
+fn unreachable(m: &Compiled<'_>, no_hosts: bool) -> Diagnostic {
+    let named = m.assoc_glob.is_some() || m.host_regex || m.redirect_assoc.is_some();
+    let (message, help) = if !named || no_hosts {
+        (
+            format!(
+                "Mapping `{}` has no hostname and no Host selects it, so it serves no traffic",
+                m.res.name
+            ),
+            "add `hostname: \"*\"` to serve every host, or labels that a Host's mappingSelector selects"
+                .to_string(),
+        )
+    } else {
+        (
+            format!(
+                "Mapping `{}` is attached to no Host (its hostname overlaps no Host's, or a Host with a mappingSelector does not select its labels), so it serves no traffic",
+                m.res.name
+            ),
+            "a Host with a mappingSelector takes only Mappings whose labels it selects: add them, or a Host for this hostname (strict selectors, as in Emissary)".to_string(),
+        )
+    };
+    Diagnostic::warning("unreachable-mapping", &m.res.at("/spec"), message).with_help(help)
 }
 
 type Members = (Vec<(RouteId, u32)>, Option<(RouteId, u32)>);
@@ -243,6 +447,24 @@ fn build_group(
                     ),
                 )
                 .with_help("give the redirect its own match (another prefix, host or header)"),
+            );
+        }
+    }
+    // Emissary keeps one host_redirect per group (it logs and drops the others).
+    if redirects > 1 && redirects == live.len() {
+        let first = &mappings[live[0]];
+        for &m in &live[1..] {
+            let c = &mappings[m];
+            diags.push(
+                Diagnostic::error(
+                    "second-redirect",
+                    &c.res.at("/spec/host_redirect"),
+                    format!(
+                        "Mapping `{}` is a second host_redirect for the same match as `{}`; a match group redirects one way only",
+                        c.res.name, first.res.name
+                    ),
+                )
+                .with_help("delete one of them, or give them different matches"),
             );
         }
     }
@@ -388,9 +610,15 @@ fn compile_mapping<'r>(
         })
     };
 
-    // Host at the route level, and the glob used for Host association.
+    // Host at the route level, and the glob used for Host association (Emissary's
+    // `IRHTTPMapping.__init__`: an exact `:authority` header acts as `host`, `host` overrides
+    // it, `hostname` overrides both).
     let mut assoc_glob = None;
     let mut host_regex = false;
+    let authority_header = spec.headers.iter().find_map(|(k, v)| match v {
+        MatchValue::Text(t) if k.eq_ignore_ascii_case(AUTHORITY) => Some((k, t)),
+        _ => None,
+    });
     let host = if let Some(h) = &spec.hostname {
         if spec.host.is_some() {
             diags.push(
@@ -402,7 +630,7 @@ fn compile_mapping<'r>(
                 .with_help("keep `hostname` (`host` is its deprecated form)"),
             );
         }
-        match host_glob(res, "/spec/hostname", h, diags) {
+        match h.parse::<HostPattern>() {
             Ok(p) => {
                 assoc_glob = Some(p.clone());
                 if p == HostPattern::Any {
@@ -433,23 +661,17 @@ fn compile_mapping<'r>(
                 }
             }
         } else {
-            match host_glob(res, "/spec/host", h, diags) {
-                Ok(p) => {
-                    assoc_glob = Some(p.clone());
-                    HostMatch::Glob(p)
-                }
-                Err(e) => {
-                    err(
-                        diags,
-                        "/spec/host",
-                        "bad-hostname",
-                        format!("host is not a valid host name: {e}"),
-                        "use a host name such as `api.example.com`",
-                    );
-                    HostMatch::Any
-                }
-            }
+            exact_host(res, "/spec/host", "host", h, diags).map_or(HostMatch::Any, |p| {
+                assoc_glob = Some(p.clone());
+                HostMatch::Glob(p)
+            })
         }
+    } else if let Some((name, h)) = authority_header {
+        let ptr = format!("/spec/headers/{}", super::yaml::escape_pointer(name));
+        exact_host(res, &ptr, ":authority", h, diags).map_or(HostMatch::Any, |p| {
+            assoc_glob = Some(p.clone());
+            HostMatch::Glob(p)
+        })
     } else {
         HostMatch::Any
     };
@@ -626,7 +848,7 @@ fn compile_mapping<'r>(
         headers,
         query,
     };
-    let group_key = match_key(&matcher, spec);
+    let group_key = match_key(&matcher, spec, assoc_glob.as_ref());
     Some(Compiled {
         res,
         spec,
@@ -640,37 +862,42 @@ fn compile_mapping<'r>(
     })
 }
 
-/// Parse a hostname glob; Emissary also accepts `name:port`, which Legate matches by name only.
-fn host_glob(
+/// An exact host (`host` without `host_regex`, or an exact `:authority` header): a `*` in it
+/// is an error, as in Emissary's v3alpha1 ("cannot match anything"); `hostname` is the glob.
+fn exact_host(
     res: &Resource,
     ptr: &str,
+    field: &str,
     raw: &str,
     diags: &mut Vec<Diagnostic>,
-) -> Result<HostPattern, String> {
-    let (name, port) = match raw.rsplit_once(':') {
-        Some((n, p))
-            if !n.contains(':') && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) =>
-        {
-            (n, Some(p))
-        }
-        _ => (raw, None),
-    };
-    let pat = name.parse::<HostPattern>()?;
-    if port.is_some() {
+) -> Option<HostPattern> {
+    if raw.contains('*') {
         diags.push(
-            Diagnostic::warning(
-                "hostname-port",
+            Diagnostic::error(
+                "host-glob",
                 &res.at(ptr),
-                format!(
-                    "the port in `{raw}` is ignored: Legate matches host names without the port"
-                ),
+                format!("{field} exact-match `{raw}` contains *, which cannot match anything"),
             )
             .with_help(format!(
-                "write `{name}`; to tell ports apart, use separate listeners"
+                "write `hostname: \"{raw}\"` for a glob, or set `host_regex: true` with a regular expression"
             )),
         );
+        return None;
     }
-    Ok(pat)
+    match raw.parse::<HostPattern>() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            diags.push(
+                Diagnostic::error(
+                    "bad-hostname",
+                    &res.at(ptr),
+                    format!("{field} is not a valid host name: {e}"),
+                )
+                .with_help("use a host name such as `api.example.com`"),
+            );
+            None
+        }
+    }
 }
 
 fn test_len(t: &ValueTest) -> usize {
@@ -682,7 +909,7 @@ fn test_len(t: &ValueTest) -> usize {
     }
 }
 
-fn match_key(m: &RouteMatch, spec: &MappingSpec) -> String {
+fn match_key(m: &RouteMatch, spec: &MappingSpec, glob: Option<&HostPattern>) -> String {
     let mut k = String::new();
     let _ = write!(
         k,
@@ -696,14 +923,16 @@ fn match_key(m: &RouteMatch, spec: &MappingSpec) -> String {
         m.case_sensitive,
         spec.precedence
     );
-    match &m.host {
-        HostMatch::Any => k.push('*'),
-        HostMatch::Glob(p) => {
-            let _ = write!(k, "g:{p}");
-        }
-        HostMatch::Regex(r) => {
+    // `hostname: "*"` is part of the identity (Emissary's `:authority` header), so a Mapping
+    // without a host never joins a `*` group.
+    match (&m.host, glob) {
+        (HostMatch::Regex(r), _) => {
             let _ = write!(k, "r:{}", r.as_str());
         }
+        (_, Some(p)) => {
+            let _ = write!(k, "g:{p}");
+        }
+        (_, None) => k.push('-'),
     }
     let _ = write!(
         k,
@@ -744,8 +973,16 @@ fn value_matches(
         "regex_query_parameters"
     };
     let mut out = Vec::new();
-    let name_ok = |n: &str| !is_header || http::HeaderName::from_bytes(n.as_bytes()).is_ok();
+    let name_ok = |n: &str| {
+        !is_header
+            || n.eq_ignore_ascii_case(AUTHORITY)
+            || http::HeaderName::from_bytes(n.as_bytes()).is_ok()
+    };
     for (name, v) in exact {
+        if is_header && name.eq_ignore_ascii_case(AUTHORITY) && matches!(v, MatchValue::Text(_)) {
+            // An exact `:authority` is the Mapping's host (see `compile_mapping`).
+            continue;
+        }
         let ptr = format!("/spec/{field}/{}", super::yaml::escape_pointer(name));
         if !name_ok(name) {
             diags.push(bad_header_name(res, &ptr, name));
@@ -995,6 +1232,10 @@ fn compile_forward(
             .idle_timeout_ms
             .filter(|ms| *ms > 0)
             .map(Duration::from_millis),
+        cluster_idle_timeout: spec
+            .cluster_idle_timeout_ms
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis),
         allow_upgrade,
         http2: spec.grpc || h2c,
         retry: super::policy::retry(res, spec.retry_policy.as_ref(), diags),
@@ -1013,10 +1254,11 @@ fn compile_forward(
     })
 }
 
-/// The route timeout covers the whole response: point it out on Mappings that look like
-/// streams (gRPC, upgrades), whose responses may rightly outlast it.
+/// The route timeout covers the whole response: point it out on gRPC Mappings, whose streams
+/// may rightly outlast it. Upgrade Mappings are left alone: the timeout stops at the 101, and a
+/// tunnel has its own idle limit.
 fn warn_stream_timeout(res: &Resource, spec: &MappingSpec, diags: &mut Vec<Diagnostic>) {
-    let streams = spec.grpc || spec.use_websocket || !spec.allow_upgrade.is_empty();
+    let streams = spec.grpc;
     let ms = spec.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
     if !streams || ms == 0 {
         return;
@@ -1144,12 +1386,7 @@ fn build_regex(pat: &str, case_insensitive: bool, anchored: bool) -> Result<Rege
 }
 
 fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Option<HostRoute> {
-    let hostname = match host_glob(
-        r,
-        "/spec/hostname",
-        h.hostname.as_deref().unwrap_or("*"),
-        diags,
-    ) {
+    let hostname = match h.hostname.as_deref().unwrap_or("*").parse::<HostPattern>() {
         Ok(p) => p,
         Err(e) => {
             diags.push(
@@ -1163,7 +1400,7 @@ fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Opti
             return None;
         }
     };
-    if h.mapping_selector.is_some() && h.selector.is_some() {
+    if h.mapping_selector.as_ref().is_some_and(|s| !s.is_empty()) && h.selector.is_some() {
         diags.push(
             Diagnostic::warning(
                 "selector-ignored",
@@ -1177,24 +1414,35 @@ fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Opti
         namespace: s.namespace.clone().unwrap_or_else(|| r.namespace.clone()),
         name: s.name.clone(),
     });
+    // Emissary's default is Redirect, with or without TLS on the Host.
     let insecure = match h.request_policy.insecure.action.as_deref() {
         Some("Reject") => InsecureAction::Reject,
         Some("Route") => InsecureAction::Route,
-        Some("Redirect") => InsecureAction::Redirect,
-        _ if tls_secret.is_some() => InsecureAction::Redirect,
-        _ => InsecureAction::Route,
+        _ => InsecureAction::Redirect,
     };
-    if insecure != InsecureAction::Route && tls_secret.is_none() {
+    if h.request_policy.insecure.action.is_none() && tls_secret.is_none() {
+        diags.push(
+            Diagnostic::warning(
+                "insecure-default-redirect",
+                &r.at("/spec"),
+                format!(
+                    "Host `{}` has no TLS and no `requestPolicy.insecure.action`: as in Emissary, its plain-HTTP requests are redirected to HTTPS",
+                    r.name
+                ),
+            )
+            .with_help("set `requestPolicy.insecure.action: Route` when TLS ends in front of the gateway (unless that proxy sends `X-Forwarded-Proto` and `--xff-trusted-hops` is 1 or more), or add a `tlsSecret`"),
+        );
+    } else if insecure != InsecureAction::Route && tls_secret.is_none() {
         diags.push(
             Diagnostic::warning(
                 "insecure-without-tls",
                 &r.at("/spec/requestPolicy/insecure/action"),
                 format!(
-                    "Host `{}` has no TLS, so `{insecure:?}` turns away all of its traffic",
+                    "Host `{}` has no TLS, so `{insecure:?}` turns away every request that is not already secure",
                     r.name
                 ),
             )
-            .with_help("add a `tlsSecret`, or set `requestPolicy.insecure.action: Route`"),
+            .with_help("add a `tlsSecret`; or, when TLS ends in front of the gateway, let `--xff-trusted-hops` trust its `X-Forwarded-Proto` or set `requestPolicy.insecure.action: Route`"),
         );
     }
     Some(HostRoute {
@@ -1213,8 +1461,14 @@ fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Opti
     })
 }
 
-fn graph_hash(hosts: &[HostRoute], routes: &[Route], groups: &[Group]) -> String {
+fn graph_hash(
+    hosts: &[HostRoute],
+    routes: &[Route],
+    groups: &[Group],
+    options: &RoutingOptions,
+) -> String {
     let mut h = Sha256::new();
+    h.update(format!("O{options:?}\n"));
     for host in hosts {
         h.update(format!(
             "H{}/{}|{}|{:?}|{:?}|{:?}|{:?}\n",
@@ -1281,6 +1535,439 @@ mod tests {
         };
         g.lookup(&head)
             .map(|m| g.route(m.group.pick(0).unwrap()).name.clone())
+    }
+
+    fn doc(kind: &str, name: &str, labels: &str, spec: &str) -> String {
+        let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+        format!("---\napiVersion: getambassador.io/v3alpha1\nkind: {kind}\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\nspec:\n{spec}")
+    }
+
+    fn compile_with(text: &str, routing: RoutingOptions) -> Outcome {
+        let opts = Options {
+            routing,
+            ..Options::default()
+        };
+        load_and_compile(&MemTree::new().with("m.yaml", text), &opts)
+    }
+
+    /// Every member with its share for a request to `host` + `path`, the insecure action
+    /// applied as for a cleartext request when `secure` is false.
+    fn served(o: &Outcome, host: &str, path: &str, secure: bool) -> Vec<(String, u32)> {
+        served_with(o, host, path, secure, &http::HeaderMap::new())
+    }
+
+    fn served_with(
+        o: &Outcome,
+        host: &str,
+        path: &str,
+        secure: bool,
+        headers: &http::HeaderMap,
+    ) -> Vec<(String, u32)> {
+        let g = o.graph.as_ref().expect("valid config");
+        let head = RequestHead {
+            host,
+            method: "GET",
+            path,
+            query: None,
+            headers,
+        };
+        match g.route_request(&head, crate::routes::Arrival::plain(secure)) {
+            crate::routes::Routed::Route(m) => m
+                .group
+                .shares()
+                .into_iter()
+                .map(|(id, s)| (g.route(id).name.clone(), s))
+                .collect(),
+            other => vec![(format!("{other:?}").split('(').next().unwrap().into(), 0)],
+        }
+    }
+
+    fn one(name: &str) -> Vec<(String, u32)> {
+        vec![(name.to_string(), 100)]
+    }
+
+    fn route(h: &str) -> String {
+        format!("hostname: '{h}'\nrequestPolicy: {{insecure: {{action: Route}}}}")
+    }
+
+    #[test]
+    fn hostless_mappings_selected_by_different_hosts_are_different_groups() {
+        let t = doc("Host", "foo", "", &(route("foo.test") + "\nmappingSelector: {matchLabels: {host: foo}}"))
+            + &doc("Host", "bar", "", &(route("bar.test") + "\nmappingSelector: {matchLabels: {host: bar}}"))
+            + &doc("Mapping", "api-foo", "host: foo, extra: '1'", "prefix: /api/\nservice: a")
+            + &doc("Mapping", "api-bar", "host: bar", "prefix: /api/\nservice: b")
+            // Only the selector's labels count: `extra` does not split this from api-foo.
+            + &doc("Mapping", "api-foo-2", "host: foo, extra: '2'", "prefix: /api/\nservice: c\nweight: 10");
+        let o = compile_text(&t);
+        assert!(o.is_ok(), "{:?}", o.diagnostics);
+        assert_eq!(
+            served(&o, "foo.test", "/api/x", true),
+            [("api-foo".to_string(), 90), ("api-foo-2".to_string(), 10)]
+        );
+        assert_eq!(served(&o, "bar.test", "/api/x", true), one("api-bar"));
+    }
+
+    #[test]
+    fn same_hostname_and_prefix_is_one_group_with_merged_labels() {
+        let t = doc(
+            "Host",
+            "foo",
+            "",
+            &(route("*") + "\nmappingSelector: {matchLabels: {host: foo}}"),
+        ) + &doc(
+            "Host",
+            "bar",
+            "",
+            &(route("bar.test") + "\nmappingSelector: {matchLabels: {host: bar}}"),
+        ) + &doc(
+            "Mapping",
+            "m1",
+            "host: foo",
+            "hostname: '*'\nprefix: /api/\nservice: a",
+        ) + &doc(
+            "Mapping",
+            "m2",
+            "host: bar",
+            "hostname: '*'\nprefix: /api/\nservice: b",
+        );
+        let o = compile_text(&t);
+        // One group; its merged labels end with `host: bar` (the later member wins), so only
+        // the `bar` Host selects it, with both members.
+        let both = vec![("m1".to_string(), 50), ("m2".to_string(), 50)];
+        assert_eq!(served(&o, "bar.test", "/api/", true), both);
+        assert_eq!(
+            served(&o, "other.test", "/api/", true),
+            vec![("NoRoute".to_string(), 0)]
+        );
+    }
+
+    #[test]
+    fn unselected_hostless_mapping_never_joins_a_star_group() {
+        let t = doc("Host", "all", "", &route("*"))
+            + &doc(
+                "Mapping",
+                "star",
+                "",
+                "hostname: '*'\nprefix: /api/\nservice: a",
+            )
+            + &doc("Mapping", "lost", "", "prefix: /api/\nservice: b");
+        let o = compile_text(&t);
+        assert_eq!(served(&o, "x.test", "/api/", true), one("star"));
+        assert!(!codes(&o).contains(&"accidental-split"), "{:?}", codes(&o));
+        assert!(o
+            .diagnostics
+            .iter()
+            .any(|d| d.code == "unreachable-mapping" && d.message.contains("`lost`")));
+    }
+
+    #[test]
+    fn default_host_only_without_hosts() {
+        let m = doc(
+            "Mapping",
+            "byname",
+            "",
+            "hostname: '*.fallback.test'\nprefix: /f/\nservice: a",
+        ) + &doc(
+            "Mapping",
+            "star",
+            "",
+            "hostname: '*'\nprefix: /s/\nservice: a",
+        );
+        let o = compile_text(&m);
+        assert_eq!(served(&o, "a.fallback.test", "/f/", false), one("byname"));
+        assert_eq!(served(&o, "x.test:8080", "/s/", false), one("star"));
+        let o = compile_text(&(doc("Host", "shop", "", &route("shop.test")) + &m));
+        let none = vec![("NoRoute".to_string(), 0)];
+        assert_eq!(served(&o, "a.fallback.test", "/f/", false), none);
+        assert_eq!(served(&o, "x.test", "/s/", false), none);
+        assert_eq!(served(&o, "shop.test", "/s/", false), one("star"));
+        assert!(o
+            .diagnostics
+            .iter()
+            .any(|d| d.code == "unreachable-mapping" && d.message.contains("`byname`")));
+    }
+
+    #[test]
+    fn ports_are_matched_unless_stripped() {
+        let t = doc("Host", "plain", "", &route("foo.test"))
+            + &doc("Host", "alt", "", &route("foo.test:8443"))
+            + &doc(
+                "Mapping",
+                "a",
+                "",
+                "hostname: foo.test\nprefix: /a/\nservice: a",
+            )
+            + &doc(
+                "Mapping",
+                "b",
+                "",
+                "hostname: 'foo.test:8443'\nprefix: /b/\nservice: b",
+            )
+            + &doc("Mapping", "s", "", "hostname: '*'\nprefix: /s/\nservice: b");
+        let o = compile_text(&t);
+        assert!(o.is_ok(), "{:?}", o.diagnostics);
+        let none = vec![("NoRoute".to_string(), 0)];
+        assert_eq!(served(&o, "foo.test", "/a/", true), one("a"));
+        assert_eq!(served(&o, "foo.test:8080", "/a/", true), none);
+        assert_eq!(served(&o, "foo.test:8443", "/b/", true), one("b"));
+        assert_eq!(served(&o, "foo.test:8443", "/a/", true), none);
+        assert_eq!(served(&o, "foo.test", "/b/", true), none);
+        assert_eq!(served(&o, "foo.test:8443", "/s/", true), one("s"));
+        let o = compile_with(
+            &t,
+            RoutingOptions {
+                strip_matching_host_port: true,
+                ..RoutingOptions::default()
+            },
+        );
+        assert!(o.graph.as_ref().unwrap().options.strip_matching_host_port);
+    }
+
+    #[test]
+    fn duplicate_hostnames_warn_and_the_later_wins() {
+        let t = doc(
+            "Host",
+            "a-first",
+            "",
+            &(route("dup.test") + "\nmappingSelector: {matchLabels: {h: a}}"),
+        ) + &doc(
+            "Host",
+            "b-second",
+            "",
+            &(route("dup.test") + "\nmappingSelector: {matchLabels: {h: b}}"),
+        ) + &doc("Mapping", "ma", "h: a", "prefix: /x/\nservice: a")
+            + &doc("Mapping", "mb", "h: b", "prefix: /x/\nservice: b");
+        let o = compile_text(&t);
+        let d = o
+            .diagnostics
+            .iter()
+            .find(|d| d.code == "duplicate-hostname")
+            .expect("warned");
+        assert!(d.message.contains("default/b-second"), "{}", d.message);
+        assert_eq!(served(&o, "dup.test", "/x/", true), one("mb"));
+    }
+
+    #[test]
+    fn authority_header_forms() {
+        let t = doc("Host", "api", "", &route("api.test"))
+            + &doc("Host", "web", "", &route("web.test"))
+            // Exact :authority acts as `host`: attaches to api.test only.
+            + &doc("Mapping", "exact", "", "prefix: /e/\nservice: a\nheaders: {':authority': api.test}")
+            // Presence check: a header match only, so without a hostname no Host takes it...
+            + &doc("Mapping", "present", "", "prefix: /p/\nservice: a\nheaders: {':authority': true}")
+            // ...with one, it matches any authority.
+            + &doc("Mapping", "present-star", "", "hostname: '*'\nprefix: /ps/\nservice: a\nheaders: {':authority': true}")
+            // A regex is only a header match: no Host attachment by it.
+            + &doc("Mapping", "regex", "", "prefix: /r/\nservice: a\nregex_headers: {':authority': 'web\\..*'}")
+            + &doc("Mapping", "regex-star", "", "hostname: '*'\nprefix: /rs/\nservice: a\nregex_headers: {':authority': 'web\\..*'}")
+            // host_regex attaches to every Host.
+            + &doc("Mapping", "hre", "", "host: '.*'\nhost_regex: true\nprefix: /h/\nservice: a")
+            // hostname overrides host.
+            + &doc("Mapping", "both", "", "host: web.test\nhostname: api.test\nprefix: /b/\nservice: a");
+        let o = compile_text(&t);
+        assert!(o.is_ok(), "{:?}", o.diagnostics);
+        let none = vec![("NoRoute".to_string(), 0)];
+        assert_eq!(served(&o, "api.test", "/e/", true), one("exact"));
+        assert_eq!(served(&o, "web.test", "/e/", true), none);
+        assert_eq!(served(&o, "api.test", "/p/", true), none);
+        assert_eq!(served(&o, "web.test", "/ps/", true), one("present-star"));
+        assert_eq!(served(&o, "web.test", "/r/", true), none);
+        assert_eq!(served(&o, "web.test", "/rs/", true), one("regex-star"));
+        assert_eq!(served(&o, "api.test", "/rs/", true), none);
+        assert_eq!(served(&o, "api.test", "/h/", true), one("hre"));
+        assert_eq!(served(&o, "web.test", "/h/", true), one("hre"));
+        assert_eq!(served(&o, "api.test", "/b/", true), one("both"));
+        assert_eq!(served(&o, "web.test", "/b/", true), none);
+        let unreachable: Vec<_> = o
+            .diagnostics
+            .iter()
+            .filter(|d| d.code == "unreachable-mapping")
+            .map(|d| d.message.split('`').nth(1).unwrap())
+            .collect();
+        assert_eq!(unreachable, ["present", "regex"]);
+    }
+
+    #[test]
+    fn star_in_an_exact_host_is_an_error() {
+        for spec in [
+            "host: '*.example.com'\nprefix: /x/\nservice: a",
+            "headers: {':authority': '*.example.com'}\nprefix: /x/\nservice: a",
+        ] {
+            let o = compile_text(&doc("Mapping", "m", "", spec));
+            let d = o
+                .diagnostics
+                .iter()
+                .find(|d| d.code == "host-glob")
+                .unwrap_or_else(|| panic!("{spec}: {:?}", o.diagnostics));
+            assert!(d
+                .message
+                .contains("contains *, which cannot match anything"));
+            assert!(!o.is_ok());
+        }
+        // A glob belongs in `hostname`.
+        let o = compile_text(&doc(
+            "Mapping",
+            "m",
+            "",
+            "hostname: '*.example.com'\nprefix: /x/\nservice: a",
+        ));
+        assert!(o.is_ok());
+    }
+
+    #[test]
+    fn insecure_default_is_redirect_even_without_tls() {
+        let t = doc("Host", "plain", "", "hostname: plain.test")
+            + &doc(
+                "Host",
+                "rej",
+                "",
+                "hostname: rej.test\nrequestPolicy: {insecure: {action: Reject}}",
+            )
+            + &doc("Mapping", "app", "", "hostname: '*'\nprefix: /\nservice: a")
+            + &doc(
+                "Mapping",
+                "acme",
+                "",
+                "hostname: '*'\nprefix: /.well-known/acme-challenge/\nservice: b",
+            );
+        let o = compile_text(&t);
+        let d = o
+            .diagnostics
+            .iter()
+            .find(|d| d.code == "insecure-default-redirect")
+            .expect("warned");
+        assert!(d.help.as_deref().unwrap().contains("action: Route"));
+        let g = o.graph.as_ref().unwrap();
+        assert_eq!(g.hosts[0].insecure, InsecureAction::Redirect);
+        let redirect = vec![("RedirectToHttps".to_string(), 0)];
+        assert_eq!(served(&o, "plain.test", "/x", false), redirect);
+        assert_eq!(served(&o, "plain.test", "/x", true), one("app"));
+        assert_eq!(
+            served(&o, "rej.test", "/x", false),
+            vec![("Rejected".to_string(), 0)]
+        );
+        // ACME challenges are routed under Redirect and Reject alike.
+        for host in ["plain.test", "rej.test"] {
+            assert_eq!(
+                served(&o, host, "/.well-known/acme-challenge/t", false),
+                one("acme")
+            );
+        }
+    }
+
+    /// The shape of Emissary's `cmd/entrypoint/testdata/hostsem-hostsel` and
+    /// `hostsem-disjoint-hosts` (written anew): per-Host selectors over hostless Mappings, the
+    /// older `selector`, and each Host's insecure action on the routes it takes.
+    #[test]
+    fn emissary_hostsem_expectations() {
+        let h = |name: &str, action: &str, sel: &str| {
+            doc(
+                "Host",
+                &format!("{name}-host"),
+                "",
+                &format!("hostname: {name}.example.com\ntlsSecret: {{name: {name}-secret}}\nrequestPolicy: {{insecure: {{action: {action}}}}}\n{sel}: {{matchLabels: {{{name}-host: 'yes'}}}}"),
+            )
+        };
+        let t = h("h1", "Route", "mappingSelector")
+            + &h("h2", "Redirect", "selector")
+            + &h("h3", "Reject", "mappingSelector")
+            + &doc(
+                "Mapping",
+                "quote-1",
+                "h1-host: 'yes'",
+                "prefix: /quote-1/\nservice: quote",
+            )
+            + &doc(
+                "Mapping",
+                "quote-2",
+                "h2-host: 'yes'",
+                "prefix: /quote-2/\nservice: quote",
+            )
+            + &doc(
+                "Mapping",
+                "quote",
+                "h1-host: 'yes', h2-host: 'yes', h3-host: 'yes'",
+                "prefix: /quote/\nservice: quote",
+            )
+            + &doc(
+                "Mapping",
+                "ignored",
+                "ignore-this-mapping: 'yes'",
+                "prefix: /ignore/\nservice: quote",
+            );
+        let o = compile_text(&t);
+        assert!(o.is_ok(), "{:?}", o.diagnostics);
+        let none = vec![("NoRoute".to_string(), 0)];
+        // hostsel: each hostless Mapping on its own Host only.
+        assert_eq!(
+            served(&o, "h1.example.com", "/quote-1/", false),
+            one("quote-1")
+        );
+        assert_eq!(served(&o, "h2.example.com", "/quote-1/", true), none);
+        assert_eq!(
+            served(&o, "h2.example.com", "/quote-2/", false),
+            vec![("RedirectToHttps".to_string(), 0)]
+        );
+        assert_eq!(
+            served(&o, "h2.example.com", "/quote-2/", true),
+            one("quote-2")
+        );
+        // disjoint-hosts: one Mapping every Host selects; the insecure action per Host.
+        assert_eq!(served(&o, "h1.example.com", "/quote/", false), one("quote"));
+        assert_eq!(served(&o, "h3.example.com", "/quote/", true), one("quote"));
+        assert_eq!(
+            served(&o, "h3.example.com", "/quote/", false),
+            vec![("Rejected".to_string(), 0)]
+        );
+        assert_eq!(served(&o, "h1.example.com", "/ignore/", true), none);
+    }
+
+    #[test]
+    fn strict_selectors_and_the_loose_opt_out() {
+        let t = doc("Host", "h", "", &(route("h.test") + "\nmappingSelector: {matchLabels: {team: a, tier: web}}"))
+            + &doc("Host", "old", "", &(route("old.test") + "\nmappingSelector: {}\nselector: {matchLabels: {team: b}}"))
+            + &doc("Host", "bare", "", &route("bare.test"))
+            // Hostname overlaps, labels match: attached.
+            + &doc("Mapping", "both", "team: a, tier: web", "hostname: '*.test'\nprefix: /both/\nservice: a")
+            // Hostname overlaps, one label of two: strict says no.
+            + &doc("Mapping", "partial", "team: a", "hostname: h.test\nprefix: /partial/\nservice: a")
+            // Labels match, hostname does not overlap: strict says no.
+            + &doc("Mapping", "elsewhere", "team: a, tier: web", "hostname: x.test\nprefix: /else/\nservice: a")
+            // Hostname overlaps, no labels: strict says no.
+            + &doc("Mapping", "nolabel", "", "hostname: h.test\nprefix: /nolabel/\nservice: a")
+            // The older `selector`, used because `mappingSelector` is empty.
+            + &doc("Mapping", "legacy", "team: b", "prefix: /legacy/\nservice: a");
+        let o = compile_text(&t);
+        let none = vec![("NoRoute".to_string(), 0)];
+        assert_eq!(served(&o, "h.test", "/both/", true), one("both"));
+        assert_eq!(served(&o, "bare.test", "/both/", true), one("both"));
+        assert_eq!(served(&o, "h.test", "/partial/", true), none);
+        assert_eq!(served(&o, "h.test", "/else/", true), none);
+        assert_eq!(served(&o, "old.test", "/legacy/", true), one("legacy"));
+        // A Host without a selector never takes a hostless Mapping.
+        assert_eq!(served(&o, "bare.test", "/legacy/", true), none);
+
+        let loose = compile_with(
+            &t,
+            RoutingOptions {
+                loose_label_selectors: true,
+                ..RoutingOptions::default()
+            },
+        );
+        assert_eq!(served(&o, "h.test", "/nolabel/", true), none);
+        // Loose: one label is enough, and the hostname alone is enough.
+        assert_eq!(served(&loose, "h.test", "/partial/", true), one("partial"));
+        assert_eq!(served(&loose, "h.test", "/nolabel/", true), one("nolabel"));
+        // Attached by labels, but the route still matches its own hostname only.
+        assert_eq!(served(&loose, "h.test", "/else/", true), none);
+        assert!(loose.graph.as_ref().unwrap().hosts[1]
+            .groups
+            .iter()
+            .any(|&gi| loose.graph.as_ref().unwrap().groups[gi]
+                .matcher
+                .path
+                .as_str()
+                == "/else/"));
     }
 
     #[test]
@@ -1490,15 +2177,18 @@ mod tests {
     }
 
     #[test]
-    fn host_association_by_glob_or_selector() {
+    fn host_association_by_glob_and_selector() {
         let t = "---\napiVersion: legate.dev/v1alpha1\nkind: Host\nmetadata:\n  name: h\nspec:\n  hostname: h.example\n  mappingSelector:\n    matchLabels: {team: a}\n".to_string()
             + "---\napiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata:\n  name: sel\n  labels: {team: a}\nspec:\n  prefix: /sel/\n  service: a\n"
             + &mapping("other", "prefix: /other/\nservice: a")
-            + &mapping("glob", "hostname: '*.example'\nprefix: /glob/\nservice: a");
+            + "---\napiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata:\n  name: glob\n  labels: {team: a}\nspec:\n  hostname: '*.example'\n  prefix: /glob/\n  service: a\n"
+            + &mapping("unlabelled-glob", "hostname: '*.example'\nprefix: /nolabel/\nservice: a");
         let o = compile_text(&t);
         assert_eq!(route_for(&o, "GET", "/sel/", &[]).as_deref(), Some("sel"));
         assert_eq!(route_for(&o, "GET", "/glob/", &[]).as_deref(), Some("glob"));
         assert_eq!(route_for(&o, "GET", "/other/", &[]), None);
+        // Strict selectors: the hostname overlaps but the Host's selector does not take it.
+        assert_eq!(route_for(&o, "GET", "/nolabel/", &[]), None);
         assert!(o
             .diagnostics
             .iter()
@@ -1547,5 +2237,36 @@ mod skip_tests {
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(errs.iter().any(|d| d.code == "bad-regex"));
         assert!(errs.iter().any(|d| d.pointer == "/spec/timeout_ms"));
+    }
+}
+
+#[cfg(test)]
+mod default_host_tests {
+    use crate::config::{load_and_compile, MemTree, Options};
+    use crate::routes::{Arrival, RequestHead, Routed};
+
+    /// With every Host invalid (left out under skip-invalid), the default Host serves again.
+    #[test]
+    fn all_hosts_invalid_brings_the_default_host_back() {
+        let text = "---\napiVersion: getambassador.io/v3alpha1\nkind: Host\nmetadata:\n  name: bad\nspec:\n  hostname: 'a*b.example'\n---\napiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata:\n  name: m\nspec:\n  hostname: '*'\n  prefix: /m/\n  service: m\n";
+        let opts = Options {
+            skip_invalid: true,
+            ..Options::default()
+        };
+        let o = load_and_compile(&MemTree::new().with("m.yaml", text), &opts);
+        let g = o.graph.expect("the valid part compiles");
+        assert!(g.hosts.is_empty());
+        let headers = http::HeaderMap::new();
+        let head = RequestHead {
+            host: "any.test",
+            method: "GET",
+            path: "/m/x",
+            query: None,
+            headers: &headers,
+        };
+        assert!(matches!(
+            g.route_request(&head, Arrival::plain(false)),
+            Routed::Route(m) if m.host.is_none()
+        ));
     }
 }

@@ -20,6 +20,7 @@ pub fn plural(kind: Kind) -> &'static str {
         Kind::AuthService => "authservices",
         Kind::JwtPolicy => "jwtpolicies",
         Kind::RateLimit => "ratelimits",
+        Kind::Module => "modules",
     }
 }
 
@@ -45,6 +46,7 @@ fn printer_columns(kind: Kind) -> Value {
         Kind::AuthService => vec![col("Service", ".spec.auth_service"), state, age],
         Kind::JwtPolicy => vec![col("Issuer", ".spec.issuer"), state, age],
         Kind::RateLimit => vec![col("Backend", ".spec.backend"), state, age],
+        Kind::Module => vec![state, age],
     })
 }
 

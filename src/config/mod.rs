@@ -5,10 +5,13 @@
 //! a `routes::Graph`. Pure: no tokio, no sockets; `legate check`, `legate diff` and the
 //! reconciler all call [`load_and_compile`], so a pull request sees what the gateway will do.
 
+pub mod annotations;
 pub mod compile;
+pub mod convert;
 pub mod crd;
 pub mod diag;
 pub mod model;
+pub mod module;
 pub mod policy;
 pub mod routetest;
 pub mod schema;
@@ -37,6 +40,8 @@ pub struct Options {
     /// Compile the valid resources even when others are invalid (`--on-invalid=skip-resource`;
     /// Kubernetes mode). The invalid ones are still reported as errors and left out.
     pub skip_invalid: bool,
+    /// How the compiled graph routes (label-selector strictness, host-port stripping).
+    pub routing: crate::routes::RoutingOptions,
 }
 
 impl Default for Options {
@@ -47,6 +52,7 @@ impl Default for Options {
             ambassador_id: "default".into(),
             strict: false,
             skip_invalid: false,
+            routing: crate::routes::RoutingOptions::default(),
         }
     }
 }
@@ -81,7 +87,8 @@ pub fn load_and_compile(tree: &dyn ConfigTree, opts: &Options) -> Outcome {
         return skip_invalid(loaded, opts);
     }
     let (graph, mut diagnostics) = {
-        let (g, d) = compile(&loaded.resources);
+        let refs: Vec<&Resource> = loaded.resources.iter().collect();
+        let (g, d) = compile::compile_refs_with(&refs, &opts.routing);
         let mut all = loaded.diagnostics;
         all.extend(d);
         (g, all)
@@ -133,7 +140,7 @@ fn skip_invalid(loaded: Loaded, opts: &Options) -> Outcome {
             .filter(|(_, k)| **k)
             .map(|(r, _)| *r)
             .collect();
-        let (graph, mut found) = compile::compile_refs(&current);
+        let (graph, mut found) = compile::compile_refs_with(&current, &opts.routing);
         if !found.iter().any(is_err) {
             found.extend(routetest::run(&graph, current.iter().copied()));
         }

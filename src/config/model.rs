@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::convert;
 use super::diag::{did_you_mean, Diagnostic, Location};
 use super::schema::{self, Kind};
 use super::tree::ConfigTree;
@@ -15,22 +16,30 @@ use super::Options;
 /// API versions whose Mapping/Host spec Legate reads.
 pub const API_VERSIONS: [&str; 2] = ["getambassador.io/v3alpha1", "legate.dev/v1alpha1"];
 
-/// getambassador.io kinds that Legate knows of but does not implement.
-const EMISSARY_KINDS: [&str; 13] = [
-    "ConsulResolver",
-    "DevPortal",
-    "Filter",
-    "FilterPolicy",
-    "KubernetesEndpointResolver",
-    "KubernetesServiceResolver",
-    "Listener",
-    "LogService",
-    "Module",
-    "RateLimitService",
-    "TCPMapping",
-    "TLSContext",
-    "TracingService",
+/// getambassador.io kinds (Emissary's and Edge Stack's) that Legate knows of but does not
+/// implement: what a user loses, and the nearest Legate equivalent.
+const EMISSARY_KINDS: [(&str, &str); 16] = [
+    ("ConsulResolver", "services are resolved through DNS, not Consul; point `service` at a name DNS resolves"),
+    ("DevPortal", "an Edge Stack developer portal (no effect in Emissary itself); nothing replaces it"),
+    ("Filter", "an Edge Stack filter (no effect in Emissary); for JWT checks use a `legate.dev/v1alpha1` JWTPolicy, for external auth an AuthService"),
+    ("FilterPolicy", "an Edge Stack filter policy (no effect in Emissary); JWTPolicy's `mappings`/`mappingSelector`/`hosts` say where a check applies"),
+    ("KubernetesEndpointResolver", "upstreams are balanced over the addresses DNS returns; use a headless Service name to reach the endpoints"),
+    ("KubernetesServiceResolver", "services are resolved through DNS, which is what this resolver does"),
+    ("Listener", "the listen flags (`--http-listen`, `--https-listen`) set the ports; its `securityModel`, `l7Depth` (use `--xff-trusted-hops`) and `hostBinding` are not applied yet"),
+    ("LogService", "no remote access-log service; the JSON access log goes to `--access-log`"),
+    ("RateLimit", "an Edge Stack rate limit (no effect in Emissary): use Legate's own `legate.dev/v1alpha1` RateLimit with the Mappings' `labels`"),
+    ("RateLimitService", "no external rate-limit service: use a `legate.dev/v1alpha1` RateLimit (local or Redis) with the same Mapping `labels`"),
+    ("TCPMapping", "no TCP proxying: only HTTP Mappings are served"),
+    ("TLSContext", "certificates, TLS versions and ciphers come from each Host's `tlsSecret`/`tls`; origination is `service: https://...`"),
+    ("TracingService", "spans are not exported; W3C `traceparent` is propagated and logged"),
+    ("WebApplicationFirewall", "an Edge Stack firewall; nothing replaces it"),
+    ("WebApplicationFirewallPolicy", "an Edge Stack firewall policy; nothing replaces it"),
+    ("AuthFilter", "an Edge Stack kind; use an AuthService"),
 ];
+
+/// Legate's own kinds, read only under `legate.dev` (under `getambassador.io` a `RateLimit` is
+/// Edge Stack's, with another spec).
+const LEGATE_ONLY: [Kind; 3] = [Kind::RateLimit, Kind::JwtPolicy, Kind::RouteTest];
 
 /// A Mapping or Host that passed the schema, for this gateway's ambassador_id.
 #[derive(Debug, Clone)]
@@ -67,6 +76,7 @@ pub enum Spec {
     AuthService(Box<crate::policy::AuthServiceSpec>),
     JwtPolicy(Box<crate::policy::JwtPolicySpec>),
     RateLimit(Box<crate::policy::RateLimitSpec>),
+    Module(Box<super::module::ModuleSpec>),
 }
 
 /// A header or query value to match: a string, or `true` for "present".
@@ -154,6 +164,7 @@ pub struct MappingSpec {
     pub timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
     pub idle_timeout_ms: Option<u64>,
+    pub cluster_idle_timeout_ms: Option<u64>,
     pub allow_upgrade: Vec<String>,
     pub use_websocket: bool,
     pub grpc: bool,
@@ -169,6 +180,8 @@ pub struct MappingSpec {
     pub bypass_auth: bool,
     /// Legate's own: route paths with `%2F`/`%5C` here instead of refusing them.
     pub allow_escaped_slashes: bool,
+    /// Add `l5d-dst-override` (Linkerd) with the service's authority.
+    pub add_linkerd_headers: bool,
     /// Rate-limit descriptor groups, read by `policy::ratelimit`.
     pub labels: Option<Value>,
 }
@@ -297,18 +310,74 @@ pub fn load(tree: &dyn ConfigTree, opts: &Options) -> Loaded {
                 continue;
             }
         };
+        let mut converted: Option<(usize, Location)> = None;
         for doc in docs {
-            for doc in expand_lists(doc) {
+            for mut doc in expand_lists(doc) {
+                for inner in
+                    super::annotations::documents(&doc, &file.path, opts, &mut out.diagnostics)
+                {
+                    load_document(inner, &file.path, opts, &mut seen, &mut out);
+                }
+                if convert_older(&mut doc) {
+                    let loc = schema::locate(&doc, &file.path, "/apiVersion");
+                    converted.get_or_insert((0, loc)).0 += 1;
+                }
                 load_document(doc, &file.path, opts, &mut seen, &mut out);
             }
         }
+        if let Some((n, loc)) = converted {
+            out.diagnostics.push(
+                Diagnostic::note(
+                    "converted",
+                    &loc,
+                    format!(
+                        "{n} resource(s) in this file are an older getambassador.io version, read as {} the way Emissary converts them",
+                        convert::TARGET
+                    ),
+                )
+                .with_help(format!(
+                    "`legate convert {} --write` rewrites the file as {}",
+                    file.path,
+                    convert::TARGET
+                )),
+            );
+        }
     }
+    super::module::apply_defaults(&mut out);
     out
+}
+
+/// Rewrite a `getambassador.io/v2` (or `v1`) document as v3alpha1 in place; whether it was one.
+pub(super) fn convert_older(doc: &mut Document) -> bool {
+    let api = doc.value.get("apiVersion").and_then(Value::as_str);
+    let kind = doc.value.get("kind").and_then(Value::as_str);
+    match (api, kind) {
+        (Some(a), Some(k)) if convert::converts(a, k) => {
+            doc.value = convert::to_v3alpha1(&doc.value);
+            // Findings about a renamed field point at the line of the field as written.
+            let moved: Vec<(String, yaml::Pos)> = doc
+                .positions
+                .iter()
+                .filter_map(|(p, pos)| {
+                    convert::RENAMED.iter().find_map(|(from, to)| {
+                        p.strip_prefix(from)
+                            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+                            .map(|rest| (format!("{to}{rest}"), *pos))
+                    })
+                })
+                .collect();
+            for (p, pos) in moved {
+                doc.positions.entry(p).or_insert(pos);
+            }
+            true
+        }
+        _ => false,
+    }
 }
 
 /// A document holding a YAML list of resources, or a Kubernetes `kind: List`, becomes one
 /// document per item (positions re-rooted).
-fn expand_lists(doc: Document) -> Vec<Document> {
+pub(super) fn expand_lists(doc: Document) -> Vec<Document> {
     let items_prefix = match &doc.value {
         Value::Array(_) => "",
         Value::Object(o)
@@ -399,7 +468,7 @@ fn load_document(
             d = match did_you_mean(api, API_VERSIONS) {
                 Some(s) => d.with_help(format!("did you mean `{s}`?")),
                 None => d.with_help(format!(
-                    "use one of: {} (older getambassador.io versions must be converted to v3alpha1)",
+                    "use one of: {} (getambassador.io/v2 and v1 are converted on load; older versions must be rewritten as v3alpha1)",
                     API_VERSIONS.join(", ")
                 )),
             };
@@ -414,28 +483,44 @@ fn load_document(
                 .with_help(format!("did you mean `{s}`?")),
             );
         } else {
-            out.diagnostics.push(Diagnostic::note(
-                "other-api",
-                &at(""),
-                format!("{kind_s} of apiVersion `{api}` is not Legate's; skipped"),
-            ));
+            let annotated = obj
+                .get("metadata")
+                .and_then(|m| m.get("annotations"))
+                .is_some_and(|a| a.get(super::annotations::CONFIG_ANNOTATION).is_some());
+            // A Service or Ingress whose annotation was read has its own note.
+            if !(annotated && matches!(kind_s, "Service" | "Ingress")) {
+                out.diagnostics.push(Diagnostic::note(
+                    "other-api",
+                    &at(""),
+                    format!("{kind_s} of apiVersion `{api}` is not Legate's; skipped"),
+                ));
+            }
         }
         return;
     }
-    let Some(kind) = Kind::from_name(kind_s) else {
-        if EMISSARY_KINDS.contains(&kind_s) && group == "getambassador.io" {
-            out.diagnostics.push(Diagnostic::warning(
-                "kind-not-implemented",
-                &at("/kind"),
-                format!(
-                    "kind `{kind_s}` is not implemented by Legate yet; this resource is ignored"
-                ),
-            ));
+    let kind = Kind::from_name(kind_s)
+        .filter(|k| !(group == "getambassador.io" && LEGATE_ONLY.contains(k)))
+        .filter(|k| !(group == "legate.dev" && *k == Kind::Module));
+    let Some(kind) = kind else {
+        let lost = EMISSARY_KINDS.iter().find(|(k, _)| *k == kind_s);
+        if let (Some((_, lost)), "getambassador.io") = (lost, group) {
+            out.diagnostics.push(
+                Diagnostic::warning(
+                    "kind-not-implemented",
+                    &at("/kind"),
+                    format!(
+                        "kind `{kind_s}` is not implemented by Legate; this resource is ignored"
+                    ),
+                )
+                .with_help(format!(
+                    "what is lost and the nearest Legate equivalent: {lost}"
+                )),
+            );
         } else {
             let known: Vec<&str> = Kind::ALL
                 .iter()
                 .map(|k| k.name())
-                .chain(EMISSARY_KINDS)
+                .chain(EMISSARY_KINDS.iter().map(|(k, _)| *k))
                 .collect();
             let mut d = Diagnostic::error(
                 "unknown-kind",
@@ -479,8 +564,11 @@ fn load_document(
         out.diagnostics.extend(errors);
         return;
     }
-    out.diagnostics
-        .extend(schema::status_warnings(kind, &doc, file));
+    out.diagnostics.extend(
+        schema::status_warnings(kind, &doc, file)
+            .into_iter()
+            .filter(|d| !acme_disabled(kind, &doc.value, d)),
+    );
     let meta = &obj["metadata"];
     let name = meta["name"].as_str().unwrap_or_default().to_string();
     let namespace = meta
@@ -508,7 +596,22 @@ fn load_document(
             .map(|s| Spec::JwtPolicy(Box::new(s))),
         Kind::RateLimit => serde_json::from_value::<crate::policy::RateLimitSpec>(spec_value)
             .map(|s| Spec::RateLimit(Box::new(s))),
+        Kind::Module => {
+            let (m, d) = super::module::read(&doc, file, &name, &spec_value);
+            let bad = d.iter().any(|d| d.severity == super::Severity::Error);
+            out.diagnostics.extend(d);
+            if bad {
+                return;
+            }
+            Ok(Spec::Module(Box::new(m)))
+        }
     };
+    if let Ok(Spec::Mapping(m)) = &spec {
+        if let Some(d) = named_tls(m, &doc, file) {
+            out.diagnostics.push(d);
+            return;
+        }
+    }
     let spec = match spec {
         Ok(s) => s,
         Err(e) => {
@@ -565,6 +668,39 @@ fn load_document(
         spec,
         doc,
     });
+}
+
+/// `acmeProvider: {authority: none}` turns ACME off, which is all Legate does anyway: no
+/// warning for it.
+fn acme_disabled(kind: Kind, doc: &Value, d: &Diagnostic) -> bool {
+    kind == Kind::Host
+        && d.pointer == "/spec/acmeProvider"
+        && doc
+            .pointer("/spec/acmeProvider/authority")
+            .and_then(Value::as_str)
+            .is_some_and(|a| a.eq_ignore_ascii_case("none"))
+}
+
+/// `tls: NAME` on a Mapping names a TLSContext for origination. Emissary reports an unknown
+/// name and then speaks plain HTTP; Legate has no TLSContext yet, so the name can never be
+/// found, and silently sending plaintext is worse than refusing.
+fn named_tls(spec: &MappingSpec, doc: &Document, file: &str) -> Option<Diagnostic> {
+    let Some(Value::String(name)) = &spec.tls else {
+        return None;
+    };
+    if name.is_empty() {
+        return None;
+    }
+    Some(
+        Diagnostic::error(
+            "unknown-tlscontext",
+            &schema::locate(doc, file, "/spec/tls"),
+            format!(
+                "`tls: {name}` names a TLSContext, which Legate does not implement yet, so no TLS settings can be found for it (Emissary would report the unknown name and send plain HTTP)"
+            ),
+        )
+        .with_help("to originate TLS with the default settings, remove `tls` and write the service as `https://host:port`"),
+    )
 }
 
 fn near_miss_group(group: &str) -> Option<&'static str> {

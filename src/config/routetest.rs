@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::diag::Diagnostic;
 use super::model::{Resource, Spec};
-use crate::routes::{Action, Graph, InsecureAction, RequestHead, RouteId};
+use crate::routes::{Action, Arrival, Graph, RequestHead, RouteId, Routed};
 
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct RouteTestSpec {
@@ -132,7 +132,7 @@ pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
         }
     }
     // The proxy's normalizer, so a case sees the path the gateway routes on.
-    let normalized = match crate::routes::path::normalize(&req.path, graph.normalize) {
+    let normalized = match crate::routes::path::normalize(&req.path, graph.normalize_options()) {
         Ok(n) => n,
         Err(crate::routes::path::PathError::NotAbsolute) => return vec![Verdict::NoRoute],
         Err(crate::routes::path::PathError::BadEscape) => {
@@ -147,26 +147,6 @@ pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
     let tls = req
         .tls
         .unwrap_or_else(|| host_route.is_some_and(|h| h.tls_secret.is_some()));
-    if !tls {
-        if let Some(h) = host_route {
-            match h.insecure {
-                InsecureAction::Route => {}
-                InsecureAction::Reject => return vec![Verdict::InsecureRejected],
-                InsecureAction::Redirect => {
-                    let mut loc = format!("https://{host}{path}");
-                    if let Some(q) = &query {
-                        loc.push('?');
-                        loc.push_str(q);
-                    }
-                    return vec![Verdict::Redirect {
-                        status: 301,
-                        location: loc,
-                        mapping: None,
-                    }];
-                }
-            }
-        }
-    }
     let head = RequestHead {
         host: &host,
         method: &method,
@@ -174,12 +154,33 @@ pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
         query: query.as_deref(),
         headers: &headers,
     };
-    let Some(m) = graph.lookup(&head) else {
-        return vec![Verdict::NoRoute];
+    // Over TLS the client's SNI is the host name, as a browser sends it.
+    let sni = crate::routes::split_port(&host).0;
+    let via = Arrival {
+        secure: tls,
+        tls_sni: tls.then_some(Some(sni)),
+    };
+    let m = match graph.route_request(&head, via) {
+        Routed::Route(m) => m,
+        Routed::NoRoute => return vec![Verdict::NoRoute],
+        Routed::Rejected => return vec![Verdict::InsecureRejected],
+        Routed::RedirectToHttps => {
+            let name = crate::routes::split_port(&host).0;
+            let mut loc = format!("https://{name}{path}");
+            if let Some(q) = &query {
+                loc.push('?');
+                loc.push_str(q);
+            }
+            return vec![Verdict::Redirect {
+                status: 301,
+                location: loc,
+                mapping: None,
+            }];
+        }
     };
     let scheme = if tls { "https" } else { "http" };
     let refuse_slash = normalized.escaped_slash
-        && graph.normalize.escaped_slashes == crate::routes::path::EscapedSlashes::Reject;
+        && graph.normalize_options().escaped_slashes == crate::routes::path::EscapedSlashes::Reject;
     m.group
         .shares()
         .into_iter()
@@ -241,7 +242,9 @@ fn show(v: &Verdict) -> String {
     match v {
         Verdict::NoRoute => "no route (404)".into(),
         Verdict::BadRequest(why) => format!("bad request (400): {why}"),
-        Verdict::InsecureRejected => "rejected: cleartext not allowed for this Host".into(),
+        Verdict::InsecureRejected => {
+            "no route (404): the Host rejects cleartext (`insecure.action: Reject`)".into()
+        }
         Verdict::Redirect {
             status,
             location,
@@ -264,7 +267,11 @@ fn check_case(graph: &Graph, case: &Case) -> Vec<String> {
     let e = &case.expect;
     let got = || verdicts.iter().map(show).collect::<Vec<_>>().join(" | ");
     if e.no_route == Some(true) {
-        return if verdicts == [Verdict::NoRoute] {
+        // A Host's `Reject` is a 404 too, as in Emissary.
+        return if matches!(
+            verdicts.as_slice(),
+            [Verdict::NoRoute] | [Verdict::InsecureRejected]
+        ) {
             Vec::new()
         } else {
             vec![format!("expected no route, got {}", got())]

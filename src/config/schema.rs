@@ -22,16 +22,18 @@ pub enum Kind {
     AuthService,
     JwtPolicy,
     RateLimit,
+    Module,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Mapping,
         Kind::Host,
         Kind::RouteTest,
         Kind::AuthService,
         Kind::JwtPolicy,
         Kind::RateLimit,
+        Kind::Module,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +44,7 @@ impl Kind {
             Kind::AuthService => "AuthService",
             Kind::JwtPolicy => "JWTPolicy",
             Kind::RateLimit => "RateLimit",
+            Kind::Module => "Module",
         }
     }
 
@@ -58,6 +61,7 @@ impl Kind {
             Kind::AuthService => include_str!("../../schemas/authservice.schema.json"),
             Kind::JwtPolicy => include_str!("../../schemas/jwtpolicy.schema.json"),
             Kind::RateLimit => include_str!("../../schemas/ratelimit.schema.json"),
+            Kind::Module => include_str!("../../schemas/module.schema.json"),
         }
     }
 
@@ -69,6 +73,7 @@ impl Kind {
             Kind::AuthService => "schemas/authservice.schema.json",
             Kind::JwtPolicy => "schemas/jwtpolicy.schema.json",
             Kind::RateLimit => "schemas/ratelimit.schema.json",
+            Kind::Module => "schemas/module.schema.json",
         }
     }
 
@@ -79,6 +84,7 @@ impl Kind {
         static AUTH_SERVICE: OnceLock<Compiled> = OnceLock::new();
         static JWT_POLICY: OnceLock<Compiled> = OnceLock::new();
         static RATE_LIMIT: OnceLock<Compiled> = OnceLock::new();
+        static MODULE: OnceLock<Compiled> = OnceLock::new();
         let cell = match self {
             Kind::Mapping => &MAPPING,
             Kind::Host => &HOST,
@@ -86,6 +92,7 @@ impl Kind {
             Kind::AuthService => &AUTH_SERVICE,
             Kind::JwtPolicy => &JWT_POLICY,
             Kind::RateLimit => &RATE_LIMIT,
+            Kind::Module => &MODULE,
         };
         cell.get_or_init(|| Compiled::new(self))
     }
@@ -310,8 +317,12 @@ fn warnings_by_status(schema: &Value, kind: &str, doc: &Document, file: &str) ->
         };
         let loc = locate(doc, file, &format!("/spec/{}", escape_pointer(key)));
         let mut d = Diagnostic::warning(code, &loc, format!("{kind} `{key}` {what}"));
-        if let Some(n) = note {
-            d = d.with_help(n.to_string());
+        // Say what is lost: the field's own note, else what the field would have done.
+        let description = p.get("description").and_then(Value::as_str);
+        match (note, description) {
+            (Some(n), _) => d = d.with_help(n.to_string()),
+            (None, Some(desc)) => d = d.with_help(format!("what is lost: {desc}")),
+            (None, None) => {}
         }
         out.push(d);
     }

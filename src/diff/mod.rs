@@ -87,7 +87,7 @@ pub struct Finding {
     pub message: String,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "kebab-case")]
 pub enum FindingKind {
     Shadowed,
@@ -126,6 +126,9 @@ fn fields_of(g: &Graph, r: &Route) -> BTreeMap<&'static str, String> {
             m.insert("timeout", fmt_dur(f.timeout));
             m.insert("connect_timeout", fmt_dur(Some(f.connect_timeout)));
             m.insert("idle_timeout", fmt_dur(f.idle_timeout));
+            if f.cluster_idle_timeout.is_some() {
+                m.insert("cluster_idle_timeout", fmt_dur(f.cluster_idle_timeout));
+            }
             if let Some(h) = &f.host_rewrite {
                 m.insert("host_rewrite", h.clone());
             }
@@ -186,7 +189,7 @@ fn key(r: &Route) -> String {
 }
 
 /// Tables of a graph keyed by a stable identity: the Host's `namespace/name`, or "" for the
-/// hostname fallback.
+/// default Host (which serves only when no Host is defined).
 fn tables(g: &Graph) -> Vec<(String, String, &[usize])> {
     let mut out: Vec<(String, String, &[usize])> = g
         .hosts
@@ -202,7 +205,7 @@ fn tables(g: &Graph) -> Vec<(String, String, &[usize])> {
         .collect();
     out.push((
         String::new(),
-        "Requests matching no Host (Mappings with their own hostname)".into(),
+        crate::routes::DEFAULT_HOST_TITLE.into(),
         g.tables[g.hosts.len()].groups.as_slice(),
     ));
     out
@@ -519,6 +522,13 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
             }
         }
     }
+    // Once per change: a route attached to several Hosts yields the same finding in each
+    // Host's table, differing only in the example request. Keep the first example.
+    let mut seen = HashSet::new();
+    d.findings.retain(|f| {
+        let subject = f.message.split(" (e.g. ").next().unwrap_or(&f.message);
+        seen.insert((f.kind, subject.to_string()))
+    });
     d.findings.sort();
     d.findings.dedup();
     d
@@ -653,4 +663,52 @@ fn witness(m: &crate::routes::RouteMatch, table_host: Option<&HostPattern>) -> O
         query: (!q.is_empty()).then(|| q.join("&")),
         headers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load_and_compile, MemTree, Options};
+
+    fn graph(yaml: &str) -> std::sync::Arc<Graph> {
+        let o = load_and_compile(&MemTree::new().with("c.yaml", yaml), &Options::default());
+        o.graph.unwrap_or_else(|| panic!("{:?}", o.diagnostics))
+    }
+
+    fn doc(kind: &str, name: &str, spec: &str) -> String {
+        format!("---\napiVersion: getambassador.io/v3alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    }
+
+    /// A route on every Host that a new catch-all shadows is one finding, not one per Host.
+    #[test]
+    fn a_change_seen_from_several_hosts_is_one_finding() {
+        let hosts = doc("Host", "a", "{hostname: a.example.com}")
+            + &doc("Host", "b", "{hostname: b.example.com}")
+            + &doc("Host", "c", "{hostname: \"*.example.org\"}");
+        let users = doc(
+            "Mapping",
+            "users",
+            "{hostname: \"*\", prefix: /users/, service: users}",
+        );
+        let base = graph(&(hosts.clone() + &users));
+        let head = graph(
+            &(hosts
+                + &users
+                + &doc(
+                    "Mapping",
+                    "catch-all",
+                    "{hostname: \"*\", prefix: /, service: web, precedence: 10}",
+                )),
+        );
+        let d = diff(&base, &head);
+        let shadowed: Vec<_> = d
+            .findings
+            .iter()
+            .filter(|f| f.kind == FindingKind::Shadowed)
+            .collect();
+        assert_eq!(shadowed.len(), 1, "{:#?}", d.findings);
+        assert!(shadowed[0].message.contains("`default/catch-all`"));
+        // Each Host's table still lists the change.
+        assert_eq!(d.tables.iter().filter(|t| !t.entries.is_empty()).count(), 3);
+    }
 }

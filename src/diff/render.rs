@@ -103,6 +103,29 @@ fn md_escape(s: &str) -> String {
     s.replace('|', "\\|").replace('`', "'").replace('<', "&lt;")
 }
 
+/// The pull-request comment when a side does not validate: no route diff, the errors instead
+/// (with the same marker, so the next push edits this comment).
+pub fn markdown_invalid(sides: &[(&str, Vec<String>)]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{COMMENT_MARKER}");
+    let _ = writeln!(s, "### Legate route diff\n");
+    s.push_str(":x: No route diff: the configuration does not validate.\n\n");
+    for (label, errors) in sides {
+        let _ = writeln!(
+            s,
+            "**{}**, {} error(s):\n",
+            label.replace('<', "&lt;"),
+            errors.len()
+        );
+        s.push_str("```\n");
+        for e in errors {
+            let _ = writeln!(s, "{}", e.replace("```", "'''"));
+        }
+        s.push_str("```\n\n");
+    }
+    s
+}
+
 pub fn markdown(d: &RouteDiff) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{COMMENT_MARKER}");

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use lease::{default_identity, Leader, LeaseConfig};
-pub use status::{spawn_status, StatusWriter};
+pub use status::{spawn_status, Served, StatusWriter};
 
 use crate::source::kube::Snapshot;
 
@@ -40,11 +40,12 @@ impl Drop for StatusHandle {
 }
 
 /// Campaign for `lease` and write status from `snapshots` while leader. `served` carries the
-/// id of the revision the gateway serves (the reconciler sends it after each apply).
+/// id of the revision the gateway serves and its rollout state (sent at the swap and again
+/// with the verdict).
 pub fn start_status(
     client: Client,
     snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
-    served: watch::Receiver<Option<String>>,
+    served: watch::Receiver<Option<Served>>,
     lease: LeaseConfig,
 ) -> StatusHandle {
     let leader = Leader::spawn(client.clone(), lease);

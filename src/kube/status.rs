@@ -22,11 +22,31 @@ use crate::source::kube::{ObjectRef, Snapshot, Verdict};
 /// How often failed writes are retried when nothing else happens.
 const RETRY: Duration = Duration::from_secs(30);
 
+/// The revision this replica serves and its rollout state (`verifying`, `verified`,
+/// `verified-unobserved`, `degraded`), as the lease holder's own reconciler judged it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    pub revision: String,
+    pub state: String,
+}
+
+impl From<String> for Served {
+    /// A revision served as verified.
+    fn from(revision: String) -> Served {
+        Served {
+            revision,
+            state: "verified".into(),
+        }
+    }
+}
+
 /// The part of a status that decides whether to write (no timestamps).
 #[derive(Debug, Clone, PartialEq)]
 struct Core {
     generation: Option<i64>,
     revision: Option<String>,
+    /// The served revision's rollout state (with `revision`).
+    rollout: Option<String>,
     accepted: bool,
     reason: String,
     message: String,
@@ -59,19 +79,16 @@ impl StatusWriter {
 
     /// Write the status of every object of `snap` whose status changed. `served` is the id of
     /// the revision the gateway serves. Returns how many objects were patched.
-    pub async fn publish(&mut self, snap: &Snapshot, served: Option<&str>) -> usize {
-        let serving = served.filter(|s| *s == snap.revision.id);
+    pub async fn publish(&mut self, snap: &Snapshot, served: Option<&Served>) -> usize {
+        let serving = served.filter(|s| s.revision == snap.revision.id);
         self.written
             .retain(|k, _| snap.verdicts.iter().any(|v| &v.object == k));
         let mut patched = 0;
         for v in &snap.verdicts {
             let core = Core {
                 generation: v.generation,
-                revision: if v.accepted {
-                    serving.map(str::to_string)
-                } else {
-                    None
-                },
+                revision: serving.filter(|_| v.accepted).map(|s| s.revision.clone()),
+                rollout: serving.filter(|_| v.accepted).map(|s| s.state.clone()),
                 accepted: v.accepted,
                 reason: v.reason.clone(),
                 message: v.message.clone(),
@@ -127,6 +144,7 @@ fn body(core: &Core, since: &str) -> Value {
         "status": {
             "observedGeneration": core.generation,
             "revision": core.revision,
+            "rollout": core.rollout,
             "conditions": [{
                 "type": "Accepted",
                 "status": if core.accepted { "True" } else { "False" },
@@ -154,6 +172,7 @@ fn seen(v: &Verdict) -> Option<Written> {
                 .get("revision")
                 .and_then(Value::as_str)
                 .map(str::to_string),
+            rollout: s.get("rollout").and_then(Value::as_str).map(str::to_string),
             accepted: cond.get("status").and_then(Value::as_str) == Some("True"),
             reason: cond
                 .get("reason")
@@ -179,7 +198,7 @@ fn seen(v: &Verdict) -> Option<Written> {
 pub fn spawn_status(
     client: Client,
     mut snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
-    mut served: watch::Receiver<Option<String>>,
+    mut served: watch::Receiver<Option<Served>>,
     mut leader: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -194,7 +213,7 @@ pub fn spawn_status(
             let snap = snapshots.borrow_and_update().clone();
             let srv = served.borrow_and_update().clone();
             if let (true, Some(snap)) = (is_leader, snap) {
-                writer.publish(&snap, srv.as_deref()).await;
+                writer.publish(&snap, srv.as_ref()).await;
             }
             tokio::select! {
                 r = snapshots.changed() => if r.is_err() { return },

@@ -109,7 +109,7 @@ pub struct Metrics {
     connections: AtomicI64,
     access_log_dropped: AtomicU64,
     /// Recorded revisions by outcome: applied, rejected, rolled back, superseded.
-    outcomes: [AtomicU64; 4],
+    outcomes: [AtomicU64; 7],
     shadow: upstream::ShadowCounts,
     fetch: source::FetchStats,
 }
@@ -150,7 +150,7 @@ pub struct ReconcileView {
 impl From<&crate::reconcile::Status> for ReconcileView {
     fn from(s: &crate::reconcile::Status) -> Self {
         ReconcileView {
-            revision: s.verifying.clone().or_else(|| s.applied.clone()),
+            revision: s.applied.clone(),
             passes: s.passes,
             fetch_failures: s.fetch_failures,
             consecutive_failures: s.consecutive_failures,
@@ -245,6 +245,9 @@ impl Metrics {
             Rejected => 1,
             RolledBack => 2,
             Superseded => 3,
+            Verifying => 4,
+            Degraded => 5,
+            Interrupted => 6,
         };
         self.outcomes[i].fetch_add(1, Relaxed);
     }
@@ -360,9 +363,17 @@ impl Metrics {
             "counter",
             "Revisions recorded by the reconciler, by outcome.",
         );
-        for (i, o) in ["applied", "rejected", "rolled_back", "superseded"]
-            .iter()
-            .enumerate()
+        for (i, o) in [
+            "applied",
+            "rejected",
+            "rolled_back",
+            "superseded",
+            "verifying",
+            "degraded",
+            "interrupted",
+        ]
+        .iter()
+        .enumerate()
         {
             let _ = writeln!(
                 out,

@@ -100,11 +100,13 @@ impl Notifier {
 /// The JSON sent for `entry`, or `None` when the outcome is not announced.
 pub fn payload(entry: &Entry, source: &str) -> Option<serde_json::Value> {
     let verb = match entry.outcome {
-        Outcome::Applied if entry.from_cache => return None,
+        Outcome::Applied | Outcome::Verifying if entry.from_cache => return None,
+        Outcome::Verifying => "is verifying",
         Outcome::Applied => "applied",
+        Outcome::Degraded => "kept serving, degraded,",
         Outcome::Rejected => "rejected",
         Outcome::RolledBack => "rolled back",
-        Outcome::Superseded => return None,
+        Outcome::Interrupted | Outcome::Superseded => return None,
     };
     let short = entry.revision.get(..12).unwrap_or(&entry.revision);
     let (who, what) = match &entry.commit {

@@ -61,6 +61,8 @@ pub struct AuthServiceSpec {
     pub status_on_error: Option<StatusOnError>,
     pub failure_mode_allow: bool,
     pub include_body: Option<IncludeBodySpec>,
+    pub add_auth_headers: std::collections::BTreeMap<String, String>,
+    pub allow_request_body: bool,
 }
 
 /// `include_body: {max_bytes, allow_partial}`.
@@ -101,7 +103,10 @@ pub struct ExtAuth {
     /// `host:port` of the auth service.
     pub authority: String,
     pub path_prefix: String,
-    pub timeout: Duration,
+    /// `None`: `timeout_ms: 0`, no limit (Envoy's reading of a zero timeout).
+    pub timeout: Option<Duration>,
+    /// `add_auth_headers`: set on every auth request.
+    pub add_headers: Vec<(HeaderName, HeaderValue)>,
     pub request_headers: Vec<HeaderName>,
     pub authorization_headers: Vec<HeaderName>,
     pub status_on_error: StatusCode,
@@ -190,10 +195,28 @@ impl ExtAuth {
                 "use a status between 100 and 599".to_string(),
             )
         })?;
+        let mut add_headers = Vec::new();
+        for (name, value) in &spec.add_auth_headers {
+            let pair = HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .zip(HeaderValue::from_str(value).ok());
+            let Some(pair) = pair else {
+                return Err((
+                    "/spec/add_auth_headers",
+                    format!("`{name}: {value}` is not a valid header"),
+                    "use a header name and a value without control characters".to_string(),
+                ));
+            };
+            add_headers.push(pair);
+        }
         Ok(ExtAuth {
             authority: up.authority(),
             path_prefix: prefix.trim_end_matches('/').to_string(),
-            timeout: Duration::from_millis(spec.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS).max(1)),
+            timeout: match spec.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS) {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            },
+            add_headers,
             request_headers,
             authorization_headers,
             status_on_error,
@@ -205,6 +228,11 @@ impl ExtAuth {
                     max_bytes: usize::try_from(b.max_bytes).unwrap_or(usize::MAX),
                     allow_partial: b.allow_partial,
                 })
+                // Emissary's older switch, used only without `include_body` (v3httpfilter.py).
+                .or(spec.allow_request_body.then_some(IncludeBody {
+                    max_bytes: 4096,
+                    allow_partial: true,
+                }))
                 .filter(|b| b.max_bytes > 0),
         })
     }
@@ -324,6 +352,9 @@ impl ExtAuth {
                 h.insert(HeaderName::from_static("x-forwarded-for"), v);
             }
         }
+        for (name, value) in &self.add_headers {
+            h.insert(name.clone(), value.clone());
+        }
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         if let Some(p) = partial {
             // What Envoy tells an auth service about the body it was sent.
@@ -346,7 +377,11 @@ impl ExtAuth {
                 .to_bytes();
             Ok::<_, String>((parts, body))
         };
-        let (parts, body) = match tokio::time::timeout(self.timeout, exchange).await {
+        let answer = match self.timeout {
+            Some(t) => tokio::time::timeout(t, exchange).await,
+            None => Ok(exchange.await),
+        };
+        let (parts, body) = match answer {
             Err(_) => return self.unreachable("auth service timed out"),
             Ok(Err(e)) => return self.unreachable(&e),
             Ok(Ok(r)) => r,

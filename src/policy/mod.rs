@@ -274,7 +274,10 @@ fn attach_rate_limits(resources: &[&Resource], routes: &mut [Route], diags: &mut
     }
 }
 
-/// The one AuthService of the gateway; a second one is an error (Emissary also uses only one).
+/// The one AuthService of the gateway. Emissary merges several into one auth filter (their
+/// services become weighted endpoints of one cluster when TLS, protocol and timeouts agree, and
+/// the last one's settings win); Legate refuses a second one instead, since which settings
+/// apply would depend on the order resources are read in.
 fn compile_auth(resources: &[&Resource], diags: &mut Vec<Diagnostic>) -> Option<Arc<ExtAuth>> {
     let mut found: Vec<(&Resource, &AuthServiceSpec)> = resources
         .iter()
@@ -291,12 +294,12 @@ fn compile_auth(resources: &[&Resource], diags: &mut Vec<Diagnostic>) -> Option<
                 "duplicate-authservice",
                 &extra.at("/metadata/name"),
                 format!(
-                    "AuthService `{}` is a second AuthService; `{}` is already the gateway's",
+                    "AuthService `{}` is a second AuthService; `{}` is already the gateway's (Emissary would merge them into one auth filter, the last one's settings winning)",
                     extra.id(),
                     first.id()
                 ),
             )
-            .with_help("keep one AuthService per gateway (use ambassador_id to split gateways)"),
+            .with_help("keep one AuthService per gateway: put the auth services behind one address, or use ambassador_id to split gateways"),
         );
     }
     match ExtAuth::compile(spec) {
@@ -412,10 +415,10 @@ pub fn describe(route: &crate::routes::Forward) -> Vec<(&'static str, String)> {
         out.push((
             "ext_auth",
             format!(
-                "http://{}{} (timeout {:?}, {})",
+                "http://{}{} (timeout {}, {})",
                 a.authority,
                 a.path_prefix,
-                a.timeout,
+                a.timeout.map_or("none".to_string(), |t| format!("{t:?}")),
                 if a.failure_mode_allow {
                     "fails open".to_string()
                 } else {

@@ -527,7 +527,7 @@ mod tests {
             routes: Vec::new(),
             certs: Default::default(),
             revision: HeaderValue::from_static("abc"),
-            any_insecure_policy: false,
+            evidence: Arc::default(),
             stats: Vec::new(),
         });
         let req = http::Request::get("http://h.test/p?q=secret")

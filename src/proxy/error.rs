@@ -25,8 +25,6 @@ pub enum ErrorSource {
 pub enum ProxyError {
     #[error("no route matches the request")]
     NoRoute,
-    #[error("plain-HTTP request refused by the Host's insecure policy")]
-    InsecureRejected,
     #[error("request target longer than the limit")]
     UriTooLong,
     #[error("request headers larger than the limit")]
@@ -53,14 +51,16 @@ pub enum ProxyError {
     Internal(String),
     #[error("refused by a security policy ({})", .0.status)]
     Denied(Box<crate::policy::Denial>),
+    #[error("client address refused by the Module's ip_allow/ip_deny")]
+    AddressDenied,
 }
 
 impl ProxyError {
     pub fn error_source(&self) -> ErrorSource {
         use ProxyError::*;
         match self {
-            NoRoute | InsecureRejected | UriTooLong | HeadersTooLarge | BodyTooLarge
-            | BadRequest(_) | ClientBody(_) | UpgradeRefused | Denied(_) => ErrorSource::Client,
+            NoRoute | UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_)
+            | ClientBody(_) | UpgradeRefused | Denied(_) | AddressDenied => ErrorSource::Client,
             NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout | Overloaded => {
                 ErrorSource::Upstream
             }
@@ -68,12 +68,22 @@ impl ProxyError {
         }
     }
 
+    /// Whether this failure counts against the serving revision in its verification window: a
+    /// failure on the upstream side that the gateway itself saw (connect error, reset, timeout,
+    /// no healthy member). Never a client-side kind (anything [`ErrorSource::Client`]: malformed
+    /// or aborted requests, limits, policy answers including an AuthService's relayed 5xx), so
+    /// a new client-error kind is excluded by its side. An open circuit breaker is load the
+    /// operator chose to shed, and the failures that opened it were counted already.
+    pub fn counts_against_revision(&self) -> bool {
+        self.error_source() == ErrorSource::Upstream && !matches!(self, ProxyError::Overloaded)
+    }
+
     pub fn status(&self) -> StatusCode {
         use ProxyError::*;
         match self {
             NoRoute => StatusCode::NOT_FOUND,
             // Envoy's answer (`upgrade_failed`), so Emissary users see what they know.
-            InsecureRejected | UpgradeRefused => StatusCode::FORBIDDEN,
+            UpgradeRefused | AddressDenied => StatusCode::FORBIDDEN,
             UriTooLong => StatusCode::URI_TOO_LONG,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -96,7 +106,6 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             NoRoute => "no route\n",
-            InsecureRejected => "https required\n",
             UriTooLong => "uri too long\n",
             HeadersTooLarge => "request headers too large\n",
             BodyTooLarge => "request body too large\n",
@@ -108,6 +117,8 @@ impl ProxyError {
             Overloaded => "upstream overloaded\n",
             Internal(_) => "internal error\n",
             Denied(_) => "",
+            // Envoy's RBAC filter answers with this body.
+            AddressDenied => "RBAC: access denied",
         }
     }
 
@@ -156,7 +167,7 @@ impl ProxyError {
         let code = match &self {
             Timeout => "4",
             NoRoute => "12",
-            InsecureRejected | UpgradeRefused => "7",
+            UpgradeRefused | AddressDenied => "7",
             UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_) => "13",
             ClientBody(_) => "1",
             NoHealthyUpstream | Connect(_) | Upstream(_) | Overloaded => "14",
@@ -228,6 +239,30 @@ fn client_side(e: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
             ClientBody::Malformed(m) => ClientBody::Malformed(m.clone()),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_upstream_side_failures_count_against_a_revision() {
+        assert!(ProxyError::Connect("refused".into()).counts_against_revision());
+        assert!(ProxyError::Upstream("reset".into()).counts_against_revision());
+        assert!(ProxyError::Timeout.counts_against_revision());
+        assert!(ProxyError::NoHealthyUpstream.counts_against_revision());
+        assert!(!ProxyError::Overloaded.counts_against_revision());
+        assert!(!ProxyError::BadRequest("body").counts_against_revision());
+        assert!(!ProxyError::BodyTooLarge.counts_against_revision());
+        assert!(!ProxyError::NoRoute.counts_against_revision());
+        assert!(!ProxyError::Internal("bug".into()).counts_against_revision());
+        let relayed = crate::policy::Denial {
+            status: StatusCode::BAD_GATEWAY,
+            headers: http::HeaderMap::new(),
+            body: Bytes::new(),
+        };
+        assert!(!ProxyError::Denied(Box::new(relayed)).counts_against_revision());
+    }
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

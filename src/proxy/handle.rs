@@ -23,7 +23,7 @@ use super::headers::{self as hdr, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST
 use super::observe::{self, Exchange};
 use super::{Prepared, Proxy, Snapshot};
 use crate::routes::path::{normalize, EscapedSlashes, PathError};
-use crate::routes::{Action, InsecureAction, RequestHead, Route};
+use crate::routes::{Action, Arrival, RequestHead, Route, Routed};
 
 /// What keeps a downstream connection counted (its `--max-connections` slot and its place in
 /// the open-connections gauge); an upgraded connection's tunnel keeps a clone.
@@ -33,12 +33,30 @@ pub(crate) struct ConnHold(
     pub(crate) Arc<(tokio::sync::OwnedSemaphorePermit, crate::metrics::ConnGuard)>,
 );
 
+/// What the forwarding headers are made from.
+#[derive(Clone, Copy)]
+struct Forwarding<'a> {
+    /// The Module's settings (`use_remote_address`, `preserve_external_request_id`).
+    module: &'a crate::routes::Settings,
+    conn: ConnInfo,
+    /// The checked authority.
+    authority: &'a HeaderValue,
+    /// The `Upgrade` the route lets through.
+    upgrade: Option<&'a HeaderValue>,
+}
+
 /// Facts about the downstream connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub tls: bool,
+    /// The listener's own port (what `strip_matching_host_port` compares with).
+    pub local_port: u16,
 }
+
+/// The SNI a TLS client sent, carried in each request's extensions.
+#[derive(Debug, Clone)]
+pub(crate) struct Sni(pub(crate) Arc<str>);
 
 impl Proxy {
     /// Serve one request; never fails (failures become responses in `error`).
@@ -50,7 +68,7 @@ impl Proxy {
         let snap = self.shared.load_full();
         let grpc = hdr::is_grpc(req.headers());
         let mut ex = Exchange::start(&req, &snap, self.settings.access_log.is_some());
-        let resp = match self.serve(&snap, req, conn, &mut ex).await {
+        let mut resp = match self.serve(&snap, req, conn, &mut ex).await {
             Ok(r) => r,
             Err(e) => {
                 if e.error_source() == ErrorSource::Upstream {
@@ -58,6 +76,7 @@ impl Proxy {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 observe::count_error(&self.metrics, &e);
+                ex.failed(&e);
                 if grpc {
                     e.into_grpc_response()
                 } else {
@@ -65,6 +84,7 @@ impl Proxy {
                 }
             }
         };
+        super::module::decorate(&snap.graph.settings, resp.headers_mut());
         self.observed(&snap, ex, resp)
     }
 
@@ -78,10 +98,22 @@ impl Proxy {
         self.check_limits(&req)?;
         head::check_headers(req.headers())?;
         let graph = &*snap.graph;
+        super::module::admit(
+            &graph.settings,
+            req.uri().path(),
+            req.headers(),
+            conn.remote.ip(),
+            self.settings.xff_trusted_hops,
+        )?;
         let authority = head::authority(&req)?;
         let authority_str = authority.to_str().unwrap_or("");
         let host = host_name(authority_str);
-        let norm = match normalize(req.uri().path(), graph.normalize) {
+        let strip = graph
+            .options
+            .strip_matching_host_port
+            .then_some(conn.local_port);
+        let route_host = crate::routes::route_authority(authority_str, strip);
+        let norm = match normalize(req.uri().path(), graph.normalize_options()) {
             Ok(n) => n,
             // `OPTIONS *` and friends: nothing to route.
             Err(PathError::NotAbsolute) => return Err(ProxyError::NoRoute),
@@ -108,27 +140,30 @@ impl Proxy {
                 return Ok(svc.call(req).await.map(full));
             }
         }
-
-        if !conn.tls && snap.any_insecure_policy {
-            if let Some(h) = graph.host_for(&host) {
-                match h.insecure {
-                    InsecureAction::Route => {}
-                    InsecureAction::Reject => return Err(ProxyError::InsecureRejected),
-                    InsecureAction::Redirect => {
-                        return Ok(self.https_redirect(&host, path, query));
-                    }
-                }
-            }
+        if let Some(r) = super::module::reserved(&graph.settings, path) {
+            return r;
         }
 
+        let via = Arrival {
+            secure: self.is_secure(&req, conn),
+            tls_sni: conn
+                .tls
+                .then(|| req.extensions().get::<Sni>().map(|s| &*s.0)),
+        };
         let head = RequestHead {
-            host: &host,
+            host: &route_host,
             method: req.method().as_str(),
             path,
             query,
             headers: req.headers(),
         };
-        let matched = graph.lookup(&head).ok_or(ProxyError::NoRoute)?;
+        // The insecure action comes before any policy (auth) runs, as Emissary's redirect
+        // routes turn ext_authz off.
+        let matched = match graph.route_request(&head, via) {
+            Routed::Route(m) => m,
+            Routed::RedirectToHttps => return Ok(self.https_redirect(&host, path, query)),
+            Routed::Rejected | Routed::NoRoute => return Err(ProxyError::NoRoute),
+        };
         let members = &matched.group.members;
         let id = if members.len() == 1 {
             members[0].0
@@ -140,7 +175,7 @@ impl Proxy {
         };
         let route = graph.route(id);
         ex.route = Some(id.0);
-        if escaped_slash && graph.normalize.escaped_slashes == EscapedSlashes::Reject {
+        if escaped_slash && graph.normalize_options().escaped_slashes == EscapedSlashes::Reject {
             let allowed = matches!(&route.action, Action::Forward(f) if f.allow_escaped_slashes);
             if !allowed {
                 return Err(ProxyError::BadRequest("escaped slash in the path"));
@@ -170,7 +205,13 @@ impl Proxy {
                 // Hop-by-hop headers go and the forwarding headers are set before any policy
                 // adds a header: a client's `Connection: x-granted` cannot remove what the
                 // AuthService grants, and the AuthService sees the real peer and authority.
-                self.forwarding_headers(&mut req, prep, conn, &authority, upgrade.as_ref(), ex);
+                let fwd = Forwarding {
+                    module: &graph.settings,
+                    conn,
+                    authority: &authority,
+                    upgrade: upgrade.as_ref(),
+                };
+                self.forwarding_headers(&mut req, prep, fwd, ex);
                 let passed = crate::policy::enforce(f, &mut req, conn.remote)
                     .await
                     .map_err(ProxyError::Denied)?;
@@ -214,18 +255,24 @@ impl Proxy {
         &self,
         req: &mut Request<Incoming>,
         prep: &Prepared,
-        conn: ConnInfo,
-        authority: &HeaderValue,
-        upgrade: Option<&HeaderValue>,
+        fwd: Forwarding<'_>,
         ex: &mut Exchange,
     ) {
+        let Forwarding {
+            module,
+            conn,
+            authority,
+            upgrade,
+        } = fwd;
         let h = req.headers_mut();
         hdr::strip_hop_by_hop(h, prep.http2);
         if let Some(u) = upgrade {
             h.insert(header::UPGRADE, u.clone());
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        hdr::set_forwarded_for(h, conn.remote.ip(), self.settings.xff_trusted_hops);
+        if module.use_remote_address {
+            hdr::set_forwarded_for(h, conn.remote.ip(), self.settings.xff_trusted_hops);
+        }
         if self.settings.xff_trusted_hops == 0 || !h.contains_key(&X_FORWARDED_PROTO) {
             h.insert(
                 X_FORWARDED_PROTO.clone(),
@@ -233,7 +280,7 @@ impl Proxy {
             );
         }
         h.insert(X_FORWARDED_HOST.clone(), authority.clone());
-        if !h.contains_key(&X_REQUEST_ID) {
+        if module.preserve_external_request_id == Some(false) || !h.contains_key(&X_REQUEST_ID) {
             let id = hdr::new_request_id();
             if self.settings.access_log.is_some() {
                 ex.request_id = Some(id.clone());
@@ -242,6 +289,18 @@ impl Proxy {
         }
         ex.trace_id = Some(super::trace::propagate(h, self.settings.trace_sample_ratio));
         h.insert(header::HOST, authority.clone());
+    }
+
+    /// Whether a request counts as secure for its Host's insecure action: the connection's own
+    /// scheme, unless hops in front are trusted (`--xff-trusted-hops` >= 1) and one of them sent
+    /// `X-Forwarded-Proto` (Envoy's rule under Emissary's default XFP security model).
+    fn is_secure(&self, req: &Request<Incoming>, conn: ConnInfo) -> bool {
+        if self.settings.xff_trusted_hops > 0 {
+            if let Some(v) = req.headers().get(&X_FORWARDED_PROTO) {
+                return v.as_bytes().eq_ignore_ascii_case(b"https");
+            }
+        }
+        conn.tls
     }
 
     fn check_limits(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
@@ -338,7 +397,13 @@ impl Proxy {
         hdr::edit(h, &prep.remove_request, &prep.add_request, &ctx, None);
 
         let replayable = prep.retry.is_some() || shadow.is_some();
-        let limit = self.settings.limits.max_body_bytes;
+        let limit = match (
+            self.settings.limits.max_body_bytes,
+            snap.graph.settings.max_request_body_bytes,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let body = match parts.extensions.remove::<crate::policy::ReadAhead>() {
             Some(ahead) => super::body::ReqBody::read_ahead(ahead, body, limit)
                 .map_err(|_| ProxyError::BodyTooLarge)?,

@@ -21,6 +21,7 @@ mod handle;
 mod head;
 mod headers;
 mod health;
+mod module;
 mod observe;
 mod pool;
 mod retry;
@@ -137,13 +138,13 @@ impl crate::reconcile::GraphSink for Proxy {
     fn swap(&self, graph: Arc<Graph>) {
         Proxy::swap(self, graph)
     }
+
+    fn serve(&self, graph: Arc<Graph>, revision: &str, evidence: Arc<crate::reconcile::Evidence>) {
+        Proxy::swap_revision(self, graph, revision, evidence)
+    }
 }
 
-impl crate::reconcile::ErrorCounter for Proxy {
-    fn gateway_errors(&self) -> u64 {
-        Proxy::gateway_errors(self)
-    }
-
+impl crate::reconcile::UpstreamHealth for Proxy {
     fn unhealthy_upstreams(&self) -> Vec<String> {
         Proxy::unhealthy_upstreams(self)
     }
@@ -155,10 +156,11 @@ pub(crate) struct Snapshot {
     /// Indexed by `RouteId`; `None` for redirects.
     pub routes: Vec<Option<Prepared>>,
     pub certs: CertTable,
-    /// `x-legate-revision` value.
+    /// `x-legate-revision` value and the access log's `revision`: the revision id the
+    /// reconciler shows (commit id, or content id), or the graph hash for a bare swap.
     pub revision: HeaderValue,
-    /// Whether any Host redirects or rejects plain HTTP (else that lookup is skipped).
-    pub any_insecure_policy: bool,
+    /// Where each answered request is counted for the revision's verification window.
+    pub evidence: Arc<crate::reconcile::Evidence>,
     /// Request counters per route, indexed by `RouteId` (resolved here, not per request).
     pub stats: Vec<Arc<crate::metrics::RouteStats>>,
 }
@@ -308,7 +310,7 @@ impl Proxy {
                 routes: Vec::new(),
                 certs: CertTable::default(),
                 revision: HeaderValue::from_static(""),
-                any_insecure_policy: false,
+                evidence: Arc::default(),
                 stats: Vec::new(),
             })),
             settings,
@@ -330,11 +332,26 @@ impl Proxy {
     }
 
     /// Make `graph` the one that new requests see. In-flight requests finish on their graph.
+    /// Its revision is named by the graph hash (the reconciler uses [`Proxy::swap_revision`]).
     pub fn swap(&self, graph: Arc<Graph>) {
+        let short = graph.hash.get(..12).unwrap_or(&graph.hash).to_string();
+        let evidence = crate::reconcile::Evidence::new(graph.len());
+        self.swap_revision(graph, &short, evidence)
+    }
+
+    /// Make `graph` current as revision `revision`, counting its requests into `evidence`.
+    pub fn swap_revision(
+        &self,
+        graph: Arc<Graph>,
+        revision: &str,
+        evidence: Arc<crate::reconcile::Evidence>,
+    ) {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         // Local rate-limit buckets and JWKS keys outlive a revision that leaves them as they were.
         crate::policy::carry_over(&self.shared.load().graph, &graph);
-        let snap = self.build(graph);
+        let mut snap = self.build(graph);
+        snap.revision = HeaderValue::from_str(revision).unwrap_or(HeaderValue::from_static(""));
+        snap.evidence = evidence;
         self.run_checkers(&snap);
         self.shared.store(Arc::new(snap));
         self.loaded
@@ -461,7 +478,7 @@ impl Proxy {
             routes: cur.routes.clone(),
             certs,
             revision: cur.revision.clone(),
-            any_insecure_policy: cur.any_insecure_policy,
+            evidence: cur.evidence.clone(),
             stats: cur.stats.clone(),
         };
         self.shared.store(Arc::new(snap));
@@ -484,13 +501,9 @@ impl Proxy {
             routes.push(prepared);
         }
         let certs = CertTable::build(&graph, &self.secrets, self.settings.default_cert.as_deref());
-        let short = graph.hash.get(..12).unwrap_or(&graph.hash);
         Snapshot {
-            revision: HeaderValue::from_str(short).unwrap_or(HeaderValue::from_static("")),
-            any_insecure_policy: graph
-                .hosts
-                .iter()
-                .any(|h| h.insecure != crate::routes::InsecureAction::Route),
+            revision: HeaderValue::from_static(""),
+            evidence: Arc::default(),
             stats: graph
                 .routes
                 .iter()
@@ -537,18 +550,16 @@ impl Proxy {
                 .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
                 .collect()
         };
+        let pool_idle = f.cluster_idle_timeout.or(f.idle_timeout);
         let upstream = if f.http2 {
             UpstreamClient::H2(Box::new(self.clients.get(
                 true,
                 f.connect_timeout,
-                f.idle_timeout,
+                pool_idle,
                 Some(&f.upstream),
             )))
         } else {
-            UpstreamClient::H1(
-                self.clients
-                    .pool(&f.upstream, f.connect_timeout, f.idle_timeout),
-            )
+            UpstreamClient::H1(self.clients.pool(&f.upstream, f.connect_timeout, pool_idle))
         };
         let wants_health = f.outlier.is_some() || !f.health_checks.is_empty();
         let health = wants_health.then(|| {
@@ -581,8 +592,7 @@ impl Proxy {
             (None, _, _) => None,
             (Some(_), UpstreamClient::H1(pool), Some(b)) => Some((pool.clone(), b.clone())),
             (Some(_), _, _) => Some((
-                self.clients
-                    .pool(&f.upstream, f.connect_timeout, f.idle_timeout),
+                self.clients.pool(&f.upstream, f.connect_timeout, pool_idle),
                 make_balancer(),
             )),
         };

@@ -16,6 +16,7 @@ use super::error::ProxyError;
 use super::trace::TraceId;
 use super::{Proxy, Snapshot};
 use crate::metrics::{method_class, Metrics};
+use crate::reconcile::Observed;
 
 /// Facts about one request, filled in along the request path.
 pub(crate) struct Exchange {
@@ -30,6 +31,9 @@ pub(crate) struct Exchange {
     /// The trace id sent upstream (the client's, or a new trace's).
     pub trace_id: Option<TraceId>,
     pub attempts: Attempts,
+    /// Set when the gateway answered with an error instead of an upstream response: whether
+    /// that error counts against the revision (see [`ProxyError::counts_against_revision`]).
+    failure: Option<bool>,
 }
 
 /// What the attempts of one forwarded request came to.
@@ -53,6 +57,23 @@ impl Exchange {
             request_id: None,
             trace_id: None,
             attempts: Attempts::default(),
+            failure: None,
+        }
+    }
+
+    /// The gateway answers with `e` instead of an upstream response.
+    pub fn failed(&mut self, e: &ProxyError) {
+        self.failure = Some(e.counts_against_revision());
+    }
+
+    /// How this exchange counts in its revision's verification window.
+    fn evidence(&self, status: http::StatusCode) -> Observed {
+        match self.failure {
+            Some(true) => Observed::UpstreamFailure,
+            // A client error or a policy's answer (an AuthService's relayed 5xx too).
+            Some(false) => Observed::NotCounted,
+            None if status.is_server_error() => Observed::Upstream5xx,
+            None => Observed::Fine,
         }
     }
 }
@@ -66,6 +87,9 @@ impl Proxy {
         ex: Exchange,
         resp: Response<RespBody>,
     ) -> Response<RespBody> {
+        if let Some(route) = ex.route {
+            snap.evidence.record(route, ex.evidence(resp.status()));
+        }
         if self.settings.metrics {
             let stats = ex
                 .route

@@ -21,7 +21,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use super::handle::{ConnHold, ConnInfo};
+use super::handle::{ConnHold, ConnInfo, Sni};
 use super::{Limits, Proxy, SetupError};
 
 /// hyper's server builder with the limits applied.
@@ -192,17 +192,19 @@ impl Proxy {
         let info = ConnInfo {
             remote,
             tls: tls.is_some(),
+            local_port: stream.local_addr().map_or(0, |a| a.port()),
         };
         match tls {
             None => {
-                self.serve_io(TokioIo::new(stream), info, stop, hold, head_by)
+                self.serve_io(TokioIo::new(stream), info, None, stop, hold, head_by)
                     .await
             }
             Some(acceptor) => {
                 let hs = tokio::time::timeout_at(head_by, acceptor.accept(stream)).await;
                 match hs {
                     Ok(Ok(s)) => {
-                        self.serve_io(TokioIo::new(s), info, stop, hold, head_by)
+                        let sni = s.get_ref().1.server_name().map(|n| Sni(Arc::from(n)));
+                        self.serve_io(TokioIo::new(s), info, sni, stop, hold, head_by)
                             .await
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
@@ -216,6 +218,7 @@ impl Proxy {
         self: Arc<Self>,
         io: I,
         info: ConnInfo,
+        sni: Option<Sni>,
         mut stop: watch::Receiver<bool>,
         hold: ConnHold,
         head_by: tokio::time::Instant,
@@ -232,6 +235,9 @@ impl Proxy {
                 if req.headers().contains_key(http::header::UPGRADE) {
                     // Only a request that may become a tunnel carries the hold.
                     req.extensions_mut().insert(hold.clone());
+                }
+                if let Some(sni) = &sni {
+                    req.extensions_mut().insert(sni.clone());
                 }
                 async move {
                     // A guard, so a request cancelled by a client reset still counts as ended.

@@ -2,21 +2,27 @@
 //! the graph atomically, verify it, and record every outcome.
 //!
 //! Owns: the one reconcile loop (one pass at a time), the revision history, pin/unpin, the
-//! last-applied record in the cache dir and the verification window. Must not parse YAML or
-//! match requests (that is `config` and `routes`) nor know proxy internals: the graph goes
-//! through [`GraphSink`]. Level-triggered: a trigger only says "look again"; each pass reads
-//! the whole revision, so a lost trigger is healed by the next poll.
+//! serving and last verified revisions in the cache dir, verification windows and the retry of
+//! revisions a window failed. Must not parse YAML or match requests (that is `config` and
+//! `routes`) nor know proxy internals: the graph goes through [`GraphSink`]. Level-triggered: a
+//! trigger only says "look again"; each pass reads the whole revision, so a lost trigger is
+//! healed by the next poll.
+//!
+//! A window never holds the loop up: it runs as a task and reports its verdict with the
+//! generation it was started for. Every swap bumps the generation, so the verdict of a window a
+//! newer revision interrupted is dropped instead of swapping anything.
 
+pub mod evidence;
 pub mod preflight;
 pub mod verify;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
@@ -24,18 +30,27 @@ use crate::config::{self, Diagnostic, Severity};
 use crate::routes::Graph;
 use crate::source::{CommitInfo, Revision, Source, SourceError};
 
-pub use verify::{ErrorCounter, VerifySettings};
+pub use evidence::{Evidence, Observed, Tally};
+pub use verify::{Judgement, UpstreamHealth, Verdict, VerifySettings};
 
 /// Where the reconciler puts the graph new requests should see.
 pub trait GraphSink: Send + Sync + 'static {
     /// Make `graph` current. Must not drop in-flight requests.
     fn swap(&self, graph: Arc<Graph>);
+
+    /// Make `graph` current as revision `revision` (the id shown everywhere: access log,
+    /// `x-legate-revision`), counting each request a route answers into `evidence`.
+    fn serve(&self, graph: Arc<Graph>, revision: &str, evidence: Arc<Evidence>) {
+        let _ = (revision, evidence);
+        self.swap(graph)
+    }
 }
 
 /// A graph holder for the proxy to read per request (`load`) and for tasks to watch.
 pub struct Live {
     graph: ArcSwap<Graph>,
     tx: watch::Sender<Arc<Graph>>,
+    served: Mutex<(String, Arc<Evidence>)>,
 }
 
 impl Live {
@@ -44,6 +59,7 @@ impl Live {
         Arc::new(Live {
             graph: ArcSwap::new(g.clone()),
             tx: watch::channel(g).0,
+            served: Mutex::new((String::new(), Evidence::new(0))),
         })
     }
 
@@ -56,10 +72,28 @@ impl Live {
     pub fn subscribe(&self) -> watch::Receiver<Arc<Graph>> {
         self.tx.subscribe()
     }
+
+    /// The revision id and evidence counters of the current graph (tests count into them as
+    /// the proxy would).
+    pub fn served(&self) -> (String, Arc<Evidence>) {
+        self.served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 impl GraphSink for Live {
     fn swap(&self, graph: Arc<Graph>) {
+        let n = graph.len();
+        *self.served.lock().unwrap_or_else(|e| e.into_inner()) =
+            (graph.hash.clone(), Evidence::new(n));
+        self.graph.store(graph.clone());
+        self.tx.send_replace(graph);
+    }
+
+    fn serve(&self, graph: Arc<Graph>, revision: &str, evidence: Arc<Evidence>) {
+        *self.served.lock().unwrap_or_else(|e| e.into_inner()) = (revision.to_string(), evidence);
         self.graph.store(graph.clone());
         self.tx.send_replace(graph);
     }
@@ -71,7 +105,7 @@ pub struct Settings {
     pub config: config::Options,
     /// TLS secrets directory for preflight (`None`: Hosts with `tlsSecret` are not checked).
     pub secrets_dir: Option<PathBuf>,
-    /// Where the last applied revision is remembered (`state.json`).
+    /// Where the serving and last verified revisions are remembered (`state.json`).
     pub cache_dir: Option<PathBuf>,
     /// Periodic resync (git poll interval).
     pub poll: Duration,
@@ -84,9 +118,10 @@ pub struct Settings {
     /// Apply a head that does not descend from the applied commit.
     pub allow_force_push: bool,
     pub verify: VerifySettings,
-    /// Where recorded history entries are broadcast. Give a sender whose receivers were made
-    /// before `start` so that not even the first revision is missed; `None`: a private channel
-    /// ([`Handle::subscribe`] still works, from the moment it is called).
+    /// Where recorded history entries are broadcast (at swap time, and again with the
+    /// verdict). Give a sender whose receivers were made before `start` so that not even the
+    /// first revision is missed; `None`: a private channel ([`Handle::subscribe`] still works,
+    /// from the moment it is called).
     pub events: Option<broadcast::Sender<Entry>>,
     /// Where each source read's duration is counted (`legate_source_fetch_duration_seconds`).
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
@@ -111,15 +146,23 @@ impl Default for Settings {
 }
 
 /// What became of a revision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    /// Serving now.
+    /// Swapped in and serving; its verification window runs.
+    Verifying,
+    /// Serving, verified (or verified-unobserved: see the entry's `verdict`).
     Applied,
+    /// Serving although its window failed: there was nothing verified to go back to (a first
+    /// revision), or it is pinned. Retried (re-verified) with backoff.
+    Degraded,
     /// Never applied; see `reason` and `diagnostics`.
     Rejected,
-    /// Applied, failed verification, swapped back.
+    /// Applied, failed verification, swapped back to the last verified revision. Retried with
+    /// backoff once its failed upstreams answer a probe.
     RolledBack,
-    /// Was applied, then replaced by a newer revision.
+    /// Swapped in, then replaced by a newer revision before its window ended: never judged.
+    Interrupted,
+    /// Was verified and serving, then replaced by a newer revision.
     Superseded,
 }
 
@@ -147,10 +190,14 @@ pub struct Timings {
     pub verify_ms: u64,
 }
 
-/// One entry of the history.
+/// One entry of the history. Written when a revision is swapped in (`Verifying`) or rejected,
+/// and updated in place with the window's verdict.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
+    /// The revision id: the commit id for git, the content id for a directory or Kubernetes.
     pub revision: String,
+    /// Short hash of the compiled graph (equal configs, equal hash), beside the revision id.
+    pub graph: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commit: Option<CommitInfo>,
     pub outcome: Outcome,
@@ -158,34 +205,92 @@ pub struct Entry {
     pub reject: Option<RejectKind>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The verification window's verdict, once it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
     /// A force push (new head not descending from the applied one).
     pub forced: bool,
     /// Applied by a pin rather than by following the ref.
     pub pinned: bool,
     /// Served from the local cache at startup.
     pub from_cache: bool,
+    /// Applied by a retry after its window failed (the attempt number).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<u32>,
     /// Unix milliseconds.
     pub started_at: u64,
+    /// Unix milliseconds of the last change (the swap, then the verdict).
     pub finished_at: u64,
     pub timings: Timings,
     pub routes: usize,
     pub diagnostics: Vec<Diagnostic>,
+    /// Identifies the entry across its updates.
+    #[serde(skip)]
+    seq: u64,
+}
+
+/// The serving revision's state, as `legate status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LiveState {
+    Verifying,
+    Verified,
+    VerifiedUnobserved,
+    Degraded,
+    Pinned,
+    FromCache,
+}
+
+/// A revision a window failed, waiting to be tried again.
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryView {
+    pub revision: String,
+    /// Attempts so far (the next one is `attempts + 1`).
+    pub attempts: u32,
+    pub delay_ms: u64,
+    /// Unix milliseconds of the next attempt.
+    pub next_at: u64,
+    /// Upstreams that must answer a probe before the attempt.
+    pub upstreams: Vec<String>,
+    /// `rollback` (swapped in again) or `reverify` (still serving, watched again).
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_probe_error: Option<String>,
 }
 
 /// The reconciler's current state, as the admin API shows it.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Status {
     pub source: String,
-    /// Revision being served.
+    /// Revision being served (also during its window).
     pub applied: Option<String>,
+    /// Short hash of the serving graph.
+    pub graph: Option<String>,
+    /// State of the serving revision.
+    pub state: Option<LiveState>,
+    /// The last revision that passed its window: what a failing one is judged against and
+    /// rolled back to.
+    pub verified: Option<String>,
     /// Last revision a pass looked at.
     pub attempted: Option<String>,
     pub pinned: Option<String>,
-    /// Swapped in and inside its verification window (serving, not yet recorded Applied).
+    /// The source's head (also while pinned).
+    pub head: Option<String>,
+    /// Pinned and the head is another revision.
+    pub out_of_sync: bool,
+    /// Swapped in and inside its verification window.
     pub verifying: Option<String>,
     /// The served revision came from the local cache at startup and nothing newer has been
     /// applied since (the source was unreachable or its head broken).
     pub serving_cached: bool,
+    /// The running window and its evidence so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowView>,
+    /// A revision a window failed, waiting for its retry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryView>,
+    /// SIGTERM received: connections are draining (`/readyz` answers 503).
+    pub draining: bool,
     /// Last source failure, while it persists.
     pub source_error: Option<String>,
     pub consecutive_failures: u32,
@@ -206,7 +311,8 @@ pub struct Status {
     pub mode: &'static str,
 }
 
-/// What one pass did, as answered to a manual sync or pin.
+/// What one pass did, as answered to a manual sync or pin: at swap time, so a swapped-in
+/// revision answers `Verifying` (its verdict comes later, see `legate sync --wait`).
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum PassResult {
@@ -218,10 +324,24 @@ pub enum PassResult {
     SourceFailed { error: String },
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Shared {
     status: Status,
     history: VecDeque<Entry>,
+    /// The running window, for its evidence so far in status.
+    window: Option<(String, Arc<verify::Window>)>,
+}
+
+/// The running verification window, as status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowView {
+    pub revision: String,
+    /// Until the last changed route has been live for the window.
+    pub ends_in_ms: u64,
+    /// How many routes are judged.
+    pub judged: usize,
+    /// Evidence so far: the failing routes, then the busiest others.
+    pub routes: Vec<verify::RouteReport>,
 }
 
 enum Command {
@@ -247,9 +367,13 @@ pub struct Handle {
     events: broadcast::Sender<Entry>,
 }
 
+fn is_serving(o: Outcome) -> bool {
+    matches!(o, Outcome::Verifying | Outcome::Applied | Outcome::Degraded)
+}
+
 impl Handle {
-    /// Every history entry as it is recorded (notifications, Kubernetes status). A slow
-    /// receiver misses events (`Lagged`) instead of holding the reconciler up.
+    /// Every history entry as it is recorded or updated (notifications, Kubernetes status). A
+    /// slow receiver misses events (`Lagged`) instead of holding the reconciler up.
     pub fn subscribe(&self) -> broadcast::Receiver<Entry> {
         self.events.subscribe()
     }
@@ -258,18 +382,35 @@ impl Handle {
         let s = self.lock();
         let mut st = s.status.clone();
         st.live = st.applied.as_ref().and_then(|id| {
-            s.history
-                .iter()
-                .rev()
-                .find(|e| &e.revision == id && e.outcome == Outcome::Applied)
+            let mine = s.history.iter().rev().filter(|e| &e.revision == id);
+            mine.clone()
+                .find(|e| is_serving(e.outcome))
+                .or_else(|| mine.clone().next())
                 .cloned()
         });
         st.last_attempt = s.history.back().cloned();
+        st.window = s.window.as_ref().map(|(rev, w)| WindowView {
+            revision: rev.clone(),
+            ends_in_ms: ms(w.deadline().saturating_duration_since(Instant::now())),
+            judged: w.routes.len(),
+            routes: w.progress(),
+        });
         st.mode = if st.pinned.is_some() {
             "pinned"
         } else {
             "following"
         };
+        st.out_of_sync = st.pinned.is_some() && st.head.is_some() && st.head != st.applied;
+        st.state = st.live.as_ref().map(|e| match e.outcome {
+            Outcome::Verifying => LiveState::Verifying,
+            Outcome::Degraded => LiveState::Degraded,
+            _ if st.pinned.is_some() => LiveState::Pinned,
+            _ if st.serving_cached => LiveState::FromCache,
+            _ if e.verdict.as_ref().map(|v| v.judgement) == Some(Judgement::VerifiedUnobserved) => {
+                LiveState::VerifiedUnobserved
+            }
+            _ => LiveState::Verified,
+        });
         st
     }
 
@@ -288,8 +429,13 @@ impl Handle {
         self.trigger.clone()
     }
 
-    /// Run a pass now and wait for it. A manual sync also retries a revision whose rejection
-    /// was final.
+    /// SIGTERM: report not ready from now on (`/readyz` 503) while connections drain.
+    pub fn set_draining(&self) {
+        self.lock().status.draining = true;
+    }
+
+    /// Run a pass now and wait for it (not for a window: the answer comes at swap time). A
+    /// manual sync also retries a revision whose rejection was final.
     pub async fn sync(&self) -> PassResult {
         let (tx, rx) = oneshot::channel();
         self.send(
@@ -337,11 +483,33 @@ impl Handle {
     }
 }
 
-#[derive(Debug, Default, Serialize, serde::Deserialize)]
+/// `state.json` in the cache dir.
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Persisted {
     source: String,
+    /// The serving revision.
     applied: Option<String>,
     pinned: Option<String>,
+    /// Format 2 adds the fields below; in format 1 the applied revision was always verified.
+    #[serde(default)]
+    format: u32,
+    #[serde(default)]
+    verified: Option<String>,
+    /// Verdicts of the revisions named above.
+    #[serde(default)]
+    verdicts: BTreeMap<String, Verdict>,
+    #[serde(default)]
+    retry: Option<PersistedRetry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PersistedRetry {
+    revision: String,
+    attempts: u32,
+    delay_ms: u64,
+    next_at: u64,
+    upstreams: Vec<String>,
+    reverify: bool,
 }
 
 const STATE_FILE: &str = "state.json";
@@ -352,7 +520,7 @@ pub fn start(
     source: Arc<dyn Source>,
     sink: Arc<dyn GraphSink>,
     settings: Settings,
-    errors: Option<Arc<dyn ErrorCounter>>,
+    health: Option<Arc<dyn UpstreamHealth>>,
 ) -> Handle {
     let (tx, rx) = mpsc::channel(64);
     let shared = Arc::new(Mutex::new(Shared::default()));
@@ -366,16 +534,25 @@ pub fn start(
         .events
         .clone()
         .unwrap_or_else(|| broadcast::channel(64).0);
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
     let r = Reconciler {
         events: events.clone(),
         source,
         sink,
         settings,
-        errors,
+        health,
         shared: shared.clone(),
         rx,
         trigger: trigger.clone(),
-        applied: None,
+        serving: None,
+        verified: None,
+        active: None,
+        generation: 0,
+        seq: 0,
+        pending: HashMap::new(),
+        retry: None,
+        done_tx,
+        done_rx,
         final_reject: None,
         pinned: None,
         failures: 0,
@@ -389,9 +566,38 @@ pub fn start(
     }
 }
 
+#[derive(Clone)]
 struct AppliedRev {
     id: String,
     graph: Arc<Graph>,
+    rev: Revision,
+}
+
+/// The window running over the serving revision.
+struct Active {
+    generation: u64,
+    seq: u64,
+    window: Arc<verify::Window>,
+    task: tokio::task::AbortHandle,
+    started: Instant,
+}
+
+/// A verdict reported by a window task.
+struct Done {
+    generation: u64,
+    verdict: Verdict,
+}
+
+struct Retry {
+    revision: String,
+    attempts: u32,
+    delay: Duration,
+    next_at: Instant,
+    next_at_ms: u64,
+    upstreams: Vec<String>,
+    /// Still serving (degraded): watch it again instead of swapping it in.
+    reverify: bool,
+    last_probe_error: Option<String>,
 }
 
 struct Reconciler {
@@ -399,11 +605,24 @@ struct Reconciler {
     source: Arc<dyn Source>,
     sink: Arc<dyn GraphSink>,
     settings: Settings,
-    errors: Option<Arc<dyn ErrorCounter>>,
+    health: Option<Arc<dyn UpstreamHealth>>,
     shared: Arc<Mutex<Shared>>,
     rx: mpsc::Receiver<Command>,
     trigger: Arc<Notify>,
-    applied: Option<AppliedRev>,
+    /// The revision being served.
+    serving: Option<AppliedRev>,
+    /// The last revision that passed its window.
+    verified: Option<AppliedRev>,
+    active: Option<Active>,
+    /// Bumped at every swap; a window's verdict counts only for its own generation.
+    generation: u64,
+    seq: u64,
+    /// Evidence of changed routes (by fingerprint) from windows a newer revision interrupted,
+    /// since the last verified revision: (what they saw, when the fingerprint went live).
+    pending: HashMap<String, (Tally, Instant)>,
+    retry: Option<Retry>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
     /// A revision whose rejection (config error, force push, rollback) holds until a new
     /// revision or a manual sync.
     final_reject: Option<String>,
@@ -422,6 +641,17 @@ fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
 
+fn short(hash: &str) -> String {
+    hash.get(..12).unwrap_or(hash).to_string()
+}
+
+/// What woke the loop.
+enum Wake {
+    Pass(Option<Command>),
+    Verdict(Done),
+    Retry,
+}
+
 impl Reconciler {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
@@ -433,33 +663,54 @@ impl Reconciler {
         let mut force = false;
         // The pin before a pin request, restored if the pinned revision cannot be found.
         let mut undo_pin: Option<Option<String>> = None;
+        let mut do_pass = true;
         loop {
-            let res = self.pass(force).await;
-            if let (Some(prev), PassResult::SourceFailed { .. }) = (undo_pin.take(), &res) {
-                self.pinned = prev;
-                self.lock().status.pinned = self.pinned.clone();
-                self.persist();
+            if do_pass {
+                let res = self.pass(force).await;
+                if let (Some(prev), PassResult::SourceFailed { .. }) = (undo_pin.take(), &res) {
+                    self.pinned = prev;
+                    self.lock().status.pinned = self.pinned.clone();
+                    self.persist();
+                }
+                for r in replies.drain(..) {
+                    let _ = r.send(res.clone());
+                }
+                force = false;
             }
-            for r in replies.drain(..) {
-                let _ = r.send(res.clone());
-            }
-            force = false;
+            do_pass = true;
             let delay = if self.failures == 0 {
                 self.settings.poll
             } else {
                 let exp = self.failures.saturating_sub(1).min(16);
                 (self.settings.backoff * 2u32.pow(exp)).min(self.settings.poll)
             };
-            // Wait for the poll, a trigger or a command; then take every queued command, so
-            // a burst of webhooks makes one pass.
-            let first = tokio::select! {
+            let retry_at = self.retry.as_ref().map(|r| r.next_at);
+            // Wait for the poll, a trigger, a command, a window's verdict or a retry; then take
+            // every queued command, so a burst of webhooks makes one pass.
+            let wake = tokio::select! {
                 c = self.rx.recv() => match c {
-                    Some(c) => Some(c),
+                    Some(c) => Wake::Pass(Some(c)),
                     // Every handle is gone: nobody can ask for anything, keep polling.
-                    None => { tokio::time::sleep(delay).await; None }
+                    None => { tokio::time::sleep(delay).await; Wake::Pass(None) }
                 },
-                _ = self.trigger.notified() => None,
-                _ = tokio::time::sleep(delay) => None,
+                _ = self.trigger.notified() => Wake::Pass(None),
+                _ = tokio::time::sleep(delay) => Wake::Pass(None),
+                Some(d) = self.done_rx.recv() => Wake::Verdict(d),
+                _ = sleep_until_opt(retry_at), if retry_at.is_some() => Wake::Retry,
+            };
+            let first = match wake {
+                Wake::Pass(c) => c,
+                Wake::Verdict(d) => {
+                    self.on_verdict(d).await;
+                    do_pass = false;
+                    continue;
+                }
+                Wake::Retry => {
+                    // A rollback retry makes a pass of its own (the head must still be it).
+                    do_pass = self.retry_due().await;
+                    force = do_pass;
+                    continue;
+                }
             };
             let mut cmds: Vec<Command> = first.into_iter().collect();
             while let Ok(c) = self.rx.try_recv() {
@@ -500,10 +751,36 @@ impl Reconciler {
         let Some(path) = self.state_path() else {
             return;
         };
+        let mut verdicts = BTreeMap::new();
+        {
+            let s = self.lock();
+            for id in [&self.serving, &self.verified].into_iter().flatten() {
+                let v = s
+                    .history
+                    .iter()
+                    .rev()
+                    .find(|e| e.revision == id.id && e.verdict.is_some())
+                    .and_then(|e| e.verdict.clone());
+                if let Some(v) = v {
+                    verdicts.insert(id.id.clone(), v);
+                }
+            }
+        }
         let p = Persisted {
             source: self.source.describe(),
-            applied: self.applied.as_ref().map(|a| a.id.clone()),
+            applied: self.serving.as_ref().map(|a| a.id.clone()),
             pinned: self.pinned.clone(),
+            format: 2,
+            verified: self.verified.as_ref().map(|a| a.id.clone()),
+            verdicts,
+            retry: self.retry.as_ref().map(|r| PersistedRetry {
+                revision: r.revision.clone(),
+                attempts: r.attempts,
+                delay_ms: ms(r.delay),
+                next_at: r.next_at_ms,
+                upstreams: r.upstreams.clone(),
+                reverify: r.reverify,
+            }),
         };
         if let Ok(bytes) = serde_json::to_vec_pretty(&p) {
             if let Err(e) = crate::source::dir::write_atomic(&path, &bytes) {
@@ -512,7 +789,29 @@ impl Reconciler {
         }
     }
 
-    /// Serve the last applied revision from the local copy, before touching the network.
+    /// Read and compile revision `id` from the local copy (restart).
+    async fn load_cached(&self, id: &str) -> Option<(Revision, config::Outcome, u64)> {
+        let source = self.source.clone();
+        let id2 = id.to_string();
+        let rev = match tokio::task::spawn_blocking(move || source.at(&id2)).await {
+            Ok(Ok(rev)) => rev,
+            Ok(Err(e)) => {
+                tracing::warn!(revision = %id, error = %e, "a remembered revision is not in the cache");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        let (outcome, compile_ms) = self.compile(&rev).await;
+        if outcome.graph.is_none() {
+            tracing::warn!(revision = %rev.id, "a cached revision no longer compiles");
+            return None;
+        }
+        Some((rev, outcome, compile_ms))
+    }
+
+    /// Serve the serving revision from the local copy, before touching the network. A
+    /// revision whose window passed before is served as verified (no new window); one whose
+    /// window had not ended, or failed (degraded), is watched again.
     async fn restore(&mut self) {
         let Some(path) = self.state_path() else {
             return;
@@ -529,58 +828,117 @@ impl Reconciler {
         }
         self.pinned = p.pinned.clone();
         self.lock().status.pinned = self.pinned.clone();
-        let Some(id) = p.applied else { return };
-        let source = self.source.clone();
-        let rev = match tokio::task::spawn_blocking(move || source.at(&id)).await {
-            Ok(Ok(rev)) => rev,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "the last applied revision is not in the cache");
-                return;
-            }
-            Err(_) => return,
+        let Some(id) = p.applied.clone() else { return };
+        // Format 1 recorded a revision only once it passed its window.
+        let verified_id = if p.format < 2 {
+            Some(id.clone())
+        } else {
+            p.verified.clone()
         };
-        let started = now_ms();
-        let t0 = Instant::now();
-        let (outcome, compile_ms) = self.compile(&rev).await;
-        let Some(graph) = outcome.graph.clone() else {
-            tracing::warn!(revision = %rev.id, "the cached revision no longer compiles");
+        if let Some(v) = verified_id.as_ref().filter(|v| **v != id) {
+            if let Some((rev, out, _)) = self.load_cached(v).await {
+                if let Some(graph) = out.graph {
+                    self.verified = Some(AppliedRev {
+                        id: rev.id.clone(),
+                        graph,
+                        rev,
+                    });
+                    self.lock().status.verified = Some(v.clone());
+                }
+            }
+        }
+        let Some((rev, outcome, compile_ms)) = self.load_cached(&id).await else {
             return;
         };
-        // Preflight is skipped on purpose: serving the last good graph beats serving nothing.
-        let t1 = Instant::now();
-        self.sink.swap(graph.clone());
-        let entry = Entry {
-            revision: rev.id.clone(),
-            commit: rev.commit.clone(),
-            outcome: Outcome::Applied,
-            reject: None,
-            reason: Some("served from the local cache at startup".into()),
-            forced: false,
-            pinned: self.pinned.is_some(),
-            from_cache: true,
-            started_at: started,
-            finished_at: now_ms(),
-            timings: Timings {
-                compile_ms,
-                swap_ms: ms(t1.elapsed()),
-                ..Timings::default()
-            },
-            routes: graph.len(),
-            diagnostics: outcome.diagnostics,
+        let Some(graph) = outcome.graph.clone() else {
+            return;
         };
-        let _ = t0;
-        self.applied = Some(AppliedRev {
-            id: rev.id.clone(),
-            graph,
-        });
-        let mut s = self.lock();
-        s.status.applied = Some(rev.id);
-        s.status.serving_cached = true;
-        drop(s);
-        self.record(entry);
+        let started = now_ms();
+        let mut entry = self.new_entry(&rev, started);
+        entry.from_cache = true;
+        entry.pinned = self.pinned.is_some();
+        entry.timings.compile_ms = compile_ms;
+        entry.routes = graph.len();
+        entry.graph = short(&graph.hash);
+        entry.diagnostics = outcome.diagnostics;
+        if let Some(r) = p.retry {
+            if !r.reverify {
+                // Rolled back: not swapped in again before its retry, restart or not.
+                self.final_reject = Some(r.revision.clone());
+            }
+            let wait = Duration::from_millis(r.next_at.saturating_sub(now_ms()));
+            self.retry = Some(Retry {
+                revision: r.revision,
+                attempts: r.attempts,
+                delay: Duration::from_millis(r.delay_ms),
+                next_at: Instant::now() + wait,
+                next_at_ms: r.next_at,
+                upstreams: r.upstreams,
+                reverify: r.reverify,
+                last_probe_error: None,
+            });
+            self.show_retry();
+        }
+        if verified_id.as_deref() == Some(id.as_str()) {
+            // Preflight is skipped on purpose: serving the last good graph beats serving nothing.
+            let t = Instant::now();
+            self.sink
+                .serve(graph.clone(), &rev.id, Evidence::new(graph.len()));
+            entry.timings.swap_ms = ms(t.elapsed());
+            entry.outcome = Outcome::Applied;
+            entry.reason = Some("served from the local cache at startup (verified before)".into());
+            entry.verdict = p.verdicts.get(&id).cloned();
+            entry.finished_at = now_ms();
+            let a = AppliedRev {
+                id: rev.id.clone(),
+                graph,
+                rev,
+            };
+            self.serving = Some(a.clone());
+            self.verified = Some(a);
+            {
+                let mut s = self.lock();
+                s.status.applied = Some(id.clone());
+                s.status.graph = Some(entry.graph.clone());
+                s.status.verified = Some(id);
+                s.status.serving_cached = true;
+            }
+            self.upsert(entry);
+        } else {
+            entry.reason = Some(
+                "served from the local cache at startup; it had not passed its window: verifying again"
+                    .into(),
+            );
+            self.go_live(rev, graph, entry).await;
+            self.lock().status.serving_cached = true;
+        }
     }
 
-    fn record(&self, entry: Entry) {
+    fn new_entry(&mut self, rev: &Revision, started: u64) -> Entry {
+        self.seq += 1;
+        Entry {
+            revision: rev.id.clone(),
+            graph: String::new(),
+            commit: rev.commit.clone(),
+            outcome: Outcome::Rejected,
+            reject: None,
+            reason: None,
+            verdict: None,
+            forced: rev.forced,
+            pinned: self.pinned.is_some(),
+            from_cache: false,
+            retry: None,
+            started_at: started,
+            finished_at: 0,
+            timings: Timings::default(),
+            routes: 0,
+            diagnostics: Vec::new(),
+            seq: self.seq,
+        }
+    }
+
+    /// Record `entry`, replacing the entry with the same `seq` if there is one, and announce it.
+    fn upsert(&self, entry: Entry) {
         let mut s = self.lock();
         // A revision waiting for a secret is retried every resync: keep one entry for it, and
         // announce it once.
@@ -596,17 +954,34 @@ impl Reconciler {
         if !repeat {
             let _ = self.events.send(entry.clone());
         }
-        if entry.outcome == Outcome::Applied {
-            for e in s.history.iter_mut() {
-                if e.outcome == Outcome::Applied {
-                    e.outcome = Outcome::Superseded;
-                }
-            }
+        match s.history.iter_mut().find(|e| e.seq == entry.seq) {
+            Some(e) => *e = entry,
+            None => s.history.push_back(entry),
         }
-        s.history.push_back(entry);
         while s.history.len() > self.settings.history.max(1) {
             s.history.pop_front();
         }
+    }
+
+    /// Change the outcome of the newest entry of revision `id` that has outcome `from`.
+    fn set_outcome(&self, id: &str, from: &[Outcome], to: Outcome) {
+        let found = {
+            let s = self.lock();
+            s.history
+                .iter()
+                .rev()
+                .find(|e| e.revision == id && from.contains(&e.outcome))
+                .cloned()
+        };
+        if let Some(mut e) = found {
+            e.outcome = to;
+            e.finished_at = now_ms();
+            self.upsert(e);
+        }
+    }
+
+    fn entry_by_seq(&self, seq: u64) -> Option<Entry> {
+        self.lock().history.iter().find(|e| e.seq == seq).cloned()
     }
 
     async fn compile(&self, rev: &Revision) -> (config::Outcome, u64) {
@@ -634,10 +1009,39 @@ impl Reconciler {
         (out, ms(t.elapsed()))
     }
 
+    /// Read the source's head in the background while pinned, only to show it (and "out of
+    /// sync"): a pinned pass serves from the local copy and never waits for the network.
+    fn watch_head(&self) {
+        let source = self.source.clone();
+        let applied = self.serving.as_ref().map(|a| a.id.clone());
+        let shared = self.shared.clone();
+        let metrics = self.settings.metrics.clone();
+        let timeout = self.settings.fetch_timeout;
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let kind = source.kind();
+            let task = tokio::task::spawn_blocking(move || source.current(applied.as_deref()));
+            let head = match tokio::time::timeout(timeout, task).await {
+                Ok(Ok(r)) => r.ok(),
+                _ => None,
+            };
+            if let Some(m) = &metrics {
+                m.source_fetch(kind, head.is_some(), t.elapsed());
+            }
+            if let Some(h) = head {
+                shared.lock().unwrap_or_else(|e| e.into_inner()).status.head = Some(h.id);
+            }
+        });
+    }
+
+    /// The revision to serve: the source's head, or the pinned one from the local copy.
     async fn fetch(&self) -> Result<Revision, SourceError> {
         let source = self.source.clone();
-        let applied = self.applied.as_ref().map(|a| a.id.clone());
+        let applied = self.serving.as_ref().map(|a| a.id.clone());
         let pinned = self.pinned.clone();
+        if pinned.is_some() {
+            self.watch_head();
+        }
         let task = tokio::task::spawn_blocking(move || match pinned {
             Some(id) => source.at(&id),
             None => source.current(applied.as_deref()),
@@ -659,9 +1063,12 @@ impl Reconciler {
         let fetched = self.fetch().await;
         let took = t_fetch.elapsed();
         let fetch_ms = ms(took);
-        // A pinned pass reads the local copy only: not a fetch.
+        // A pinned pass reads the local copy only: not a fetch (the head is read beside it).
         if let (Some(m), None) = (&self.settings.metrics, &self.pinned) {
             m.source_fetch(self.source.kind(), fetched.is_ok(), took);
+        }
+        if let (Ok(r), None) = (&fetched, &self.pinned) {
+            self.lock().status.head = Some(r.id.clone());
         }
         let rev = match fetched {
             Ok(r) => r,
@@ -689,33 +1096,25 @@ impl Reconciler {
             s.status.last_fetch_ok_at = s.status.last_pass_at;
             s.status.passes += 1;
         }
-        let is_applied = self.applied.as_ref().map(|a| a.id == rev.id) == Some(true);
-        let cached = self.lock().status.serving_cached;
-        if is_applied && !cached {
+        // A new head cancels the retry of an older revision.
+        if self.retry.as_ref().is_some_and(|r| r.revision != rev.id) {
+            tracing::info!(revision = %rev.id, "a new revision cancels the pending retry");
+            self.retry = None;
+            self.show_retry();
+            self.persist();
+        }
+        let is_serving = self.serving.as_ref().map(|a| a.id == rev.id) == Some(true);
+        if is_serving {
+            // The source confirms what the cache served.
+            self.lock().status.serving_cached = false;
             return PassResult::Unchanged { revision: rev.id };
         }
         if self.final_reject.as_deref() == Some(rev.id.as_str()) && !force {
             return PassResult::Unchanged { revision: rev.id };
         }
         let pinned = self.pinned.is_some();
-        let mut entry = Entry {
-            revision: rev.id.clone(),
-            commit: rev.commit.clone(),
-            outcome: Outcome::Rejected,
-            reject: None,
-            reason: None,
-            forced: rev.forced,
-            pinned,
-            from_cache: false,
-            started_at: started,
-            finished_at: 0,
-            timings: Timings {
-                fetch_ms,
-                ..Timings::default()
-            },
-            routes: 0,
-            diagnostics: Vec::new(),
-        };
+        let mut entry = self.new_entry(&rev, started);
+        entry.timings.fetch_ms = fetch_ms;
         if rev.forced && !pinned && !self.settings.allow_force_push {
             entry.reject = Some(RejectKind::ForcePush);
             entry.reason = Some(format!(
@@ -743,6 +1142,7 @@ impl Reconciler {
             return self.reject(entry, true);
         };
         entry.routes = graph.len();
+        entry.graph = short(&graph.hash);
         if let Some(dir) = &self.settings.secrets_dir {
             let t = Instant::now();
             let dir = dir.clone();
@@ -762,57 +1162,334 @@ impl Reconciler {
                 return self.reject(entry, false);
             }
         }
-        // Swap.
-        let t = Instant::now();
-        let previous = self.applied.take();
-        self.sink.swap(graph.clone());
-        entry.timings.swap_ms = ms(t.elapsed());
-        // Verify.
-        self.lock().status.verifying = Some(rev.id.clone());
-        let t = Instant::now();
-        let verdict = verify::verify(&graph, &self.settings.verify, self.errors.as_deref()).await;
-        entry.timings.verify_ms = ms(t.elapsed());
-        self.lock().status.verifying = None;
-        if let Err(reason) = verdict {
-            match &previous {
-                Some(p) => self.sink.swap(p.graph.clone()),
-                None => self.sink.swap(Graph::empty()),
-            }
-            self.applied = previous;
-            entry.outcome = Outcome::RolledBack;
-            entry.reason = Some(reason);
-            entry.finished_at = now_ms();
-            self.final_reject = Some(rev.id.clone());
-            tracing::warn!(revision = %rev.id, reason = entry.reason.as_deref().unwrap_or(""), "rolled back");
-            self.record(entry.clone());
-            return PassResult::Recorded {
-                entry: Box::new(entry),
-            };
+        if let Some(r) = self.retry.as_ref().filter(|r| r.revision == rev.id) {
+            entry.retry = Some(r.attempts);
         }
-        self.applied = Some(AppliedRev {
-            id: rev.id.clone(),
-            graph,
-        });
-        self.final_reject = None;
-        entry.outcome = Outcome::Applied;
-        entry.finished_at = now_ms();
-        {
-            let mut s = self.lock();
-            s.status.applied = Some(rev.id.clone());
-            s.status.serving_cached = false;
-        }
-        let source = self.source.clone();
-        let r2 = rev.clone();
-        match tokio::task::spawn_blocking(move || source.remember(&r2)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot remember the applied revision"),
-            Err(e) => tracing::warn!(error = %e, "cannot remember the applied revision"),
-        }
-        self.persist();
-        tracing::info!(revision = %rev.id, routes = entry.routes, "applied");
-        self.record(entry.clone());
+        let entry = self.go_live(rev, graph, entry).await;
         PassResult::Recorded {
             entry: Box::new(entry),
+        }
+    }
+
+    /// Swap `graph` in as revision `rev` and start its window, judged against the last
+    /// verified revision. Interrupts the running window (its evidence is carried over by route
+    /// fingerprint). Returns the entry as recorded at swap time.
+    async fn go_live(&mut self, rev: Revision, graph: Arc<Graph>, mut entry: Entry) -> Entry {
+        let now = Instant::now();
+        if let Some(a) = self.active.take() {
+            a.task.abort();
+            for w in &a.window.routes {
+                self.pending
+                    .insert(w.route.fingerprint.clone(), (a.window.tally(w), w.since));
+            }
+            if let Some(mut e) = self.entry_by_seq(a.seq) {
+                e.outcome = Outcome::Interrupted;
+                e.reason = Some(format!(
+                    "replaced by {} before its window ended",
+                    short(&rev.id)
+                ));
+                e.timings.verify_ms = ms(a.started.elapsed());
+                e.finished_at = now_ms();
+                self.upsert(e);
+            }
+        } else if let Some(s) = &self.serving {
+            let id = s.id.clone();
+            self.set_outcome(&id, &[Outcome::Applied], Outcome::Superseded);
+        }
+        self.generation += 1;
+        let base = self.verified.as_ref().map(|v| v.graph.clone());
+        let changed = evidence::changed(base.as_deref(), &graph);
+        let routes: Vec<verify::Watched> = changed
+            .into_iter()
+            .map(|c| {
+                let (carried, since) = self
+                    .pending
+                    .get(&c.fingerprint)
+                    .copied()
+                    .unwrap_or((Tally::default(), now));
+                verify::Watched {
+                    route: c,
+                    carried,
+                    since,
+                }
+            })
+            .collect();
+        self.pending
+            .retain(|fp, _| routes.iter().any(|w| &w.route.fingerprint == fp));
+        let ev = Evidence::new(graph.len());
+        let t = Instant::now();
+        self.sink.serve(graph.clone(), &rev.id, ev.clone());
+        entry.timings.swap_ms = ms(t.elapsed());
+        entry.graph = short(&graph.hash);
+        entry.routes = graph.len();
+        self.serving = Some(AppliedRev {
+            id: rev.id.clone(),
+            graph: graph.clone(),
+            rev,
+        });
+        {
+            let mut s = self.lock();
+            s.status.applied = Some(entry.revision.clone());
+            s.status.graph = Some(entry.graph.clone());
+            s.status.serving_cached = false;
+        }
+        let window = Arc::new(verify::Window {
+            graph,
+            evidence: ev,
+            routes,
+            settings: self.settings.verify.clone(),
+            health: self.health.clone(),
+        });
+        entry.outcome = Outcome::Verifying;
+        entry.finished_at = now_ms();
+        if self.settings.verify.window.is_zero() || window.routes.is_empty() {
+            let v = window.run().await;
+            return self.finish(entry, v, Duration::ZERO).await;
+        }
+        tracing::info!(revision = %entry.revision, routes = entry.routes, judged = window.routes.len(), "swapped in; verifying");
+        let generation = self.generation;
+        let tx = self.done_tx.clone();
+        let w = window.clone();
+        let task = tokio::spawn(async move {
+            let verdict = w.run().await;
+            let _ = tx.send(Done {
+                generation,
+                verdict,
+            });
+        })
+        .abort_handle();
+        self.active = Some(Active {
+            generation,
+            seq: entry.seq,
+            window,
+            task,
+            started: now,
+        });
+        {
+            let mut s = self.lock();
+            s.status.verifying = Some(entry.revision.clone());
+            s.window = self
+                .active
+                .as_ref()
+                .map(|a| (entry.revision.clone(), a.window.clone()));
+        }
+        self.persist();
+        self.upsert(entry.clone());
+        entry
+    }
+
+    async fn on_verdict(&mut self, d: Done) {
+        let Some(a) = self.active.take_if(|a| a.generation == d.generation) else {
+            // A window a newer revision interrupted: its verdict is for nothing that serves.
+            return;
+        };
+        let Some(entry) = self.entry_by_seq(a.seq) else {
+            return;
+        };
+        self.finish(entry, d.verdict, a.started.elapsed()).await;
+    }
+
+    /// Act on the verdict for the serving revision (`entry`): keep it verified, roll back to
+    /// the last verified revision, or keep it serving as degraded when there is none (or it is
+    /// pinned). Returns the entry as recorded.
+    async fn finish(&mut self, mut entry: Entry, v: Verdict, took: Duration) -> Entry {
+        {
+            let mut s = self.lock();
+            s.status.verifying = None;
+            s.window = None;
+        }
+        entry.timings.verify_ms = ms(took);
+        entry.finished_at = now_ms();
+        let Some(serving) = self.serving.clone() else {
+            return entry;
+        };
+        if v.passed() {
+            entry.outcome = Outcome::Applied;
+            entry.reason = None;
+            self.verified = Some(serving.clone());
+            self.pending.clear();
+            self.final_reject = None;
+            if self
+                .retry
+                .as_ref()
+                .is_some_and(|r| r.revision == serving.id)
+            {
+                self.retry = None;
+                self.show_retry();
+            }
+            let source = self.source.clone();
+            let r2 = serving.rev.clone();
+            match tokio::task::spawn_blocking(move || source.remember(&r2)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot remember the applied revision"),
+                Err(e) => tracing::warn!(error = %e, "cannot remember the applied revision"),
+            }
+            tracing::info!(revision = %entry.revision, verdict = %v.summary, "verified");
+            entry.verdict = Some(v);
+            self.lock().status.verified = Some(serving.id.clone());
+        } else if let Some(failed) = self.set_aside(&v) {
+            // Kubernetes: only the failing objects go, other teams' objects stay as they are.
+            entry.outcome = Outcome::Degraded;
+            entry.reason = Some(format!(
+                "set aside {} (VerificationFailed); a revision without them follows: {}",
+                failed.join(", "),
+                v.summary
+            ));
+            tracing::warn!(revision = %entry.revision, reason = %v.summary, "failing objects set aside");
+            entry.verdict = Some(v);
+        } else {
+            let target = self
+                .verified
+                .clone()
+                .filter(|t| t.id != serving.id && self.pinned.is_none());
+            match target {
+                Some(t) => {
+                    self.generation += 1;
+                    self.sink
+                        .serve(t.graph.clone(), &t.id, Evidence::new(t.graph.len()));
+                    self.serving = Some(t.clone());
+                    self.pending.clear();
+                    {
+                        let mut s = self.lock();
+                        s.status.applied = Some(t.id.clone());
+                        s.status.graph = Some(short(&t.graph.hash));
+                    }
+                    self.set_outcome(&t.id, &[Outcome::Superseded], Outcome::Applied);
+                    entry.outcome = Outcome::RolledBack;
+                    entry.reason = Some(format!("rolled back to {}: {}", short(&t.id), v.summary));
+                    self.final_reject = Some(serving.id.clone());
+                    tracing::warn!(revision = %entry.revision, reason = %v.summary, "rolled back");
+                    self.schedule_retry(&serving.id, &v, false);
+                }
+                None => {
+                    entry.outcome = Outcome::Degraded;
+                    let why = if self.pinned.is_some() {
+                        "pinned: kept serving"
+                    } else {
+                        "no verified revision to go back to: kept serving"
+                    };
+                    entry.reason = Some(format!("{why}: {}", v.summary));
+                    tracing::warn!(revision = %entry.revision, reason = %v.summary, "degraded");
+                    self.schedule_retry(&serving.id, &v, true);
+                }
+            }
+            entry.verdict = Some(v);
+        }
+        self.upsert(entry.clone());
+        self.persist();
+        entry
+    }
+
+    /// Ask the source to set aside the Mappings whose routes failed (Kubernetes mode); the
+    /// Mappings when it did.
+    fn set_aside(&self, v: &Verdict) -> Option<Vec<String>> {
+        if self.pinned.is_some() {
+            return None;
+        }
+        let failed: Vec<String> = v
+            .routes
+            .iter()
+            .filter(|r| r.failed)
+            .map(|r| r.mapping.clone())
+            .collect();
+        (!failed.is_empty() && self.source.set_aside(&failed, &v.summary)).then_some(failed)
+    }
+
+    fn schedule_retry(&mut self, id: &str, v: &Verdict, reverify: bool) {
+        let s = &self.settings.verify;
+        let prev = self
+            .retry
+            .as_ref()
+            .filter(|r| r.revision == id)
+            .map(|r| (r.attempts, r.delay));
+        let (attempts, delay) = next_retry(prev, s.retry_initial, s.retry_max);
+        self.retry = Some(Retry {
+            revision: id.to_string(),
+            attempts,
+            delay,
+            next_at: Instant::now() + delay,
+            next_at_ms: now_ms() + ms(delay),
+            upstreams: v.failed_upstreams.clone(),
+            reverify,
+            last_probe_error: None,
+        });
+        self.show_retry();
+    }
+
+    fn show_retry(&self) {
+        let view = self.retry.as_ref().map(|r| RetryView {
+            revision: r.revision.clone(),
+            attempts: r.attempts,
+            delay_ms: ms(r.delay),
+            next_at: r.next_at_ms,
+            upstreams: r.upstreams.clone(),
+            kind: if r.reverify { "reverify" } else { "rollback" },
+            last_probe_error: r.last_probe_error.clone(),
+        });
+        self.lock().status.retry = view;
+    }
+
+    /// The retry is due: probe the upstreams that failed it (they accept a connection); if
+    /// they do, watch the
+    /// degraded revision again, or (returns true) make a pass that swaps the rolled-back one
+    /// in again if it is still the head. Else back off.
+    async fn retry_due(&mut self) -> bool {
+        let Some(r) = self.retry.as_ref() else {
+            return false;
+        };
+        // A TCP connect, whatever the upstream's scheme: the window that follows judges the
+        // rest (and runs the --health-path probes).
+        let timeout = self.settings.verify.probe_timeout;
+        let mut failed = None;
+        for up in &r.upstreams {
+            let res = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(up)).await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("connect: {e}")),
+                Err(_) => Err(format!("no connection within {} ms", timeout.as_millis())),
+            };
+            if let Err(e) = res {
+                failed = Some(format!("{up}: {e}"));
+                break;
+            }
+        }
+        let id = r.revision.clone();
+        let reverify = r.reverify;
+        if let Some(why) = failed {
+            let max = self.settings.verify.retry_max;
+            if let Some(r) = self.retry.as_mut() {
+                r.delay = next_retry(Some((r.attempts, r.delay)), r.delay, max).1;
+                r.next_at = Instant::now() + r.delay;
+                r.next_at_ms = now_ms() + ms(r.delay);
+                r.last_probe_error = Some(why.clone());
+            }
+            tracing::info!(revision = %id, error = %why, "retry postponed: an upstream still fails its probe");
+            self.show_retry();
+            self.persist();
+            return false;
+        }
+        if reverify {
+            // Still serving: a new generation with fresh counters, judged as before.
+            let Some(s) = self.serving.clone().filter(|s| s.id == id) else {
+                self.retry = None;
+                self.show_retry();
+                return false;
+            };
+            let mut entry = self.new_entry(&s.rev, now_ms());
+            entry.retry = self.retry.as_ref().map(|r| r.attempts);
+            entry.reason = Some("retry: its failed upstreams answer again; verifying again".into());
+            // Park the retry far away while the window runs; the verdict reschedules it.
+            if let Some(r) = self.retry.as_mut() {
+                r.next_at = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+            }
+            self.go_live(s.rev.clone(), s.graph.clone(), entry).await;
+            false
+        } else {
+            if let Some(r) = self.retry.as_mut() {
+                r.next_at = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+            }
+            self.final_reject = None;
+            true
         }
     }
 
@@ -823,10 +1500,26 @@ impl Reconciler {
             self.final_reject = Some(entry.revision.clone());
         }
         tracing::warn!(revision = %entry.revision, reason = entry.reason.as_deref().unwrap_or(""), "rejected");
-        self.record(entry.clone());
+        self.upsert(entry.clone());
         PassResult::Recorded {
             entry: Box::new(entry),
         }
+    }
+}
+
+/// The attempt number and delay of the next retry of a failed revision: `initial` first, then
+/// doubling up to `max`.
+fn next_retry(prev: Option<(u32, Duration)>, initial: Duration, max: Duration) -> (u32, Duration) {
+    match prev {
+        Some((attempts, delay)) => (attempts + 1, (delay * 2).min(max)),
+        None => (1, initial.min(max)),
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -852,7 +1545,7 @@ pub fn launch(
     spec: SourceSpec,
     sink: Arc<dyn GraphSink>,
     settings: Settings,
-    errors: Option<Arc<dyn ErrorCounter>>,
+    health: Option<Arc<dyn UpstreamHealth>>,
 ) -> Result<Running, String> {
     const QUIET: Duration = Duration::from_millis(200);
     let mut watch_dirs = Vec::new();
@@ -874,7 +1567,7 @@ pub fn launch(
             watch_dirs.push(s.clone());
         }
     }
-    let handle = start(source, sink, settings, errors);
+    let handle = start(source, sink, settings, health);
     let mut watches = Vec::new();
     for d in watch_dirs {
         watches.push(crate::source::dir::watch(
@@ -887,4 +1580,34 @@ pub fn launch(
         handle,
         _watches: watches,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_from_one_minute_doubling_to_fifteen() {
+        let (i, m) = (Duration::from_secs(60), Duration::from_secs(900));
+        let mut prev = None;
+        let mut delays = Vec::new();
+        for _ in 0..6 {
+            let next = next_retry(prev, i, m);
+            delays.push(next.1.as_secs());
+            prev = Some(next);
+        }
+        assert_eq!(delays, vec![60, 120, 240, 480, 900, 900]);
+        assert_eq!(prev.unwrap().0, 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_wakes_the_loop_at_its_time_and_not_before() {
+        let at = Instant::now() + Duration::from_secs(60);
+        let t = Instant::now();
+        sleep_until_opt(Some(at)).await;
+        assert_eq!(t.elapsed(), Duration::from_secs(60));
+        // No retry: never wakes (the select's other branches do).
+        let never = tokio::time::timeout(Duration::from_secs(3600), sleep_until_opt(None)).await;
+        assert!(never.is_err());
+    }
 }

@@ -6,8 +6,10 @@
 //! `legate routes`, `legate diff` and route tests.
 //!
 //! Lookup structure: a request first selects a *table*: the Host whose hostname best matches
-//! its authority (exact name, then the longest wildcard), or the fallback table of Mappings
-//! that carry their own hostname when no Host matches. Each table indexes its groups by path:
+//! its authority (exact name, then the longest wildcard; the port is part of the authority), or,
+//! only when no Host is defined at all, the default Host's table (`*`: the Mappings that carry a
+//! hostname), as in Emissary. With Hosts defined, an authority that matches none is not routed.
+//! Each table indexes its groups by path:
 //! a byte trie of literal prefixes (one for case-sensitive, one for lowercase case-insensitive
 //! prefixes), a hash map for exact paths, and a `RegexSet` for regex prefixes. Walking the trie
 //! along the path yields only the groups whose prefix is a prefix of the path, so a lookup
@@ -20,11 +22,14 @@ mod host;
 mod index;
 pub mod path;
 mod policy;
+pub mod settings;
 mod types;
 
+pub(crate) use host::split_port;
 pub use host::HostPattern;
 pub use index::Table;
 pub use policy::*;
+pub use settings::Settings;
 pub use types::*;
 
 use std::sync::Arc;
@@ -32,7 +37,8 @@ use std::sync::Arc;
 /// The request facts routing looks at.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestHead<'a> {
-    /// Host name from `:authority`/`Host`, without port, lowercase.
+    /// The authority from `:authority`/`Host` as routing sees it (see [`route_authority`]):
+    /// lowercase, with its port unless the graph strips a matching one.
     pub host: &'a str,
     pub method: &'a str,
     /// Normalized path, without the query string.
@@ -42,10 +48,88 @@ pub struct RequestHead<'a> {
     pub headers: &'a http::HeaderMap,
 }
 
+/// Options that change how a graph routes: set by `config::compile` (from flags, and from the
+/// Emissary Module once it is read).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoutingOptions {
+    /// Emissary Module's `strip_matching_host_port`: a port in the authority equal to the
+    /// listener's own port is removed before Host matching (`foo:8080` on port 8080 matches a
+    /// Host `foo`). Off by default, as in Emissary: the port is part of the match.
+    pub strip_matching_host_port: bool,
+    /// Emissary's `DISABLE_STRICT_LABEL_SELECTORS`: a Host attaches a Mapping when its hostname
+    /// OR its labels match, and one matching label is enough. Read by compile only.
+    pub loose_label_selectors: bool,
+}
+
+/// The authority a request is routed by: without user info and a trailing dot on the name,
+/// lowercase, and without the port when `strip_port` names it (the listener's port, when
+/// [`RoutingOptions::strip_matching_host_port`] is on).
+pub fn route_authority(authority: &str, strip_port: Option<u16>) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let a = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let (name, port) = host::split_port(a);
+    let port = port.filter(|p| strip_port.is_none_or(|s| p.parse::<u16>().ok() != Some(s)));
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let lower = a.bytes().any(|b| b.is_ascii_uppercase());
+    match port {
+        None if !lower => Cow::Borrowed(name),
+        Some(_) if !lower && name.len() + 1 + port.map_or(0, str::len) == a.len() => {
+            Cow::Borrowed(a)
+        }
+        _ => {
+            let mut s = name.to_ascii_lowercase();
+            if let Some(p) = port {
+                s.push(':');
+                s.push_str(p);
+            }
+            Cow::Owned(s)
+        }
+    }
+}
+
+/// How a request arrived, for choosing its Host and applying the insecure action.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Arrival<'a> {
+    /// TLS, or `X-Forwarded-Proto: https` from trusted hops: the insecure action is skipped.
+    pub secure: bool,
+    /// Over TLS: `Some`, holding the SNI the client sent (if any). Cleartext: `None`.
+    pub tls_sni: Option<Option<&'a str>>,
+}
+
+impl Arrival<'_> {
+    /// A cleartext request (`secure` false) or one whose TLS is not modelled (`secure` true).
+    pub fn plain(secure: bool) -> Arrival<'static> {
+        Arrival {
+            secure,
+            tls_sni: None,
+        }
+    }
+}
+
+/// What a request gets once its Host's `requestPolicy.insecure` is applied.
+#[derive(Debug, Clone, Copy)]
+pub enum Routed<'g> {
+    Route(Matched<'g>),
+    /// A cleartext request on a Host whose insecure action is `Redirect`: to `https://`.
+    RedirectToHttps,
+    /// A cleartext request on a Host whose insecure action is `Reject`: Emissary leaves the
+    /// route out, so the answer is 404.
+    Rejected,
+    /// No Host or no route matches (404).
+    NoRoute,
+}
+
+/// The title listings give the default Host's table (used only when no Host is defined).
+pub const DEFAULT_HOST_TITLE: &str = "Default Host * (no Host is defined)";
+
+/// Emissary routes ACME HTTP-01 challenges whatever the Host's insecure action.
+const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
+
 /// The outcome of a lookup.
 #[derive(Debug, Clone, Copy)]
 pub struct Matched<'g> {
-    /// The Host resource whose table served the lookup (None: the hostname fallback table).
+    /// The Host resource whose table served the lookup (None: the default Host, present only
+    /// when no Host is defined).
     pub host: Option<&'g HostRoute>,
     pub group: &'g Group,
     /// Index of `group` in `Graph::groups` (its match order).
@@ -61,14 +145,31 @@ pub struct Graph {
     pub routes: Vec<Route>,
     /// Canary groups in match order (index = match order).
     pub groups: Vec<Group>,
-    /// One table per entry of `hosts`, then the fallback table.
+    pub options: RoutingOptions,
+    /// One table per entry of `hosts`, then the default Host's table.
     pub(crate) tables: Vec<Table>,
     pub(crate) host_index: host::HostIndex,
-    /// How request paths are normalized before lookup (the Module's settings).
-    pub normalize: path::NormalizeOptions,
+    /// TLS Hosts by name without port: which one a handshake's SNI picked.
+    pub(crate) sni_index: host::HostIndex,
+    /// Emissary's TLS filter chains: per distinct hostname without port, the index of the
+    /// Hosts that carry it (by index in `hosts`); `chain_of[i]` is Host `i`'s chain.
+    chains: Vec<host::HostIndex>,
+    chain_of: Vec<usize>,
+    /// Graph-wide request settings (the `ambassador` Module).
+    pub settings: Settings,
 }
 
 impl Graph {
+    /// How request paths are normalized: the Module's `merge_slashes`; escaped slashes are
+    /// refused unless the matched Mapping sets `allow_escaped_slashes` (the Module's
+    /// `reject_requests_with_escaped_slashes: true` refuses them before routing).
+    pub fn normalize_options(&self) -> path::NormalizeOptions {
+        path::NormalizeOptions {
+            merge_slashes: self.settings.merge_slashes.unwrap_or(false),
+            escaped_slashes: path::EscapedSlashes::Reject,
+        }
+    }
+
     /// A graph that routes nothing.
     pub fn empty() -> Arc<Graph> {
         Arc::new(Graph::build(
@@ -76,6 +177,7 @@ impl Graph {
             Vec::new(),
             Vec::new(),
             String::new(),
+            RoutingOptions::default(),
         ))
     }
 
@@ -84,47 +186,128 @@ impl Graph {
         routes: Vec<Route>,
         groups: Vec<Group>,
         hash: String,
+        options: RoutingOptions,
     ) -> Graph {
         let host_index = host::HostIndex::new(&hosts);
+        let sni_index = host::HostIndex::for_sni(&hosts);
+        let (chains, chain_of) = host::HostIndex::chains(&hosts);
         let mut tables = Vec::with_capacity(hosts.len() + 1);
         for h in &hosts {
             tables.push(Table::new(&routes, &groups, &h.groups));
         }
-        let fallback: Vec<usize> = groups
-            .iter()
-            .enumerate()
-            .filter(|(_, g)| g.serves_without_host)
-            .map(|(i, _)| i)
-            .collect();
+        let fallback: Vec<usize> = if hosts.is_empty() {
+            groups
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| g.serves_without_host)
+                .map(|(i, _)| i)
+                .collect()
+        } else {
+            Vec::new()
+        };
         tables.push(Table::new(&routes, &groups, &fallback));
         Graph {
             hash,
             hosts,
             routes,
             groups,
+            options,
             tables,
             host_index,
-            normalize: path::NormalizeOptions::default(),
+            sni_index,
+            chains,
+            chain_of,
+            settings: Settings::default(),
         }
     }
 
-    /// The Host resource that serves `host` (a lowercase name without port), if any.
+    /// The Host resource that serves `host` (an authority as [`route_authority`] gives it).
     pub fn host_for(&self, host: &str) -> Option<&HostRoute> {
         self.host_index.find(host).map(|i| &self.hosts[i])
     }
 
-    /// The group that serves this request head, if any.
+    /// Index in `hosts` of the TLS Host whose certificate a handshake with this SNI gets: the
+    /// best match by name (without port); no SNI gets a `*` TLS Host. `None`: no TLS Host.
+    pub fn host_for_sni(&self, sni: Option<&str>) -> Option<usize> {
+        self.sni_index.find(sni.unwrap_or(""))
+    }
+
+    /// The Host that serves an authority. Over TLS (`tls_sni` is `Some`, holding the SNI the
+    /// client sent, if any) only the Hosts named like the one the SNI picked are candidates:
+    /// Emissary builds one filter chain per TLS Host name, holding only the virtual hosts of
+    /// that name, so a known SNI with another authority is not routed. Without a TLS Host for
+    /// the SNI (the `--default-cert` case) every Host is a candidate.
+    fn host_index_for(&self, authority: &str, tls_sni: Option<Option<&str>>) -> Option<usize> {
+        let Some(t) = tls_sni.and_then(|sni| self.host_for_sni(sni)) else {
+            return self.host_index.find(authority);
+        };
+        self.chains[self.chain_of[t]].find(authority)
+    }
+
+    /// The group that serves this request head, if any (the insecure action not applied).
     pub fn lookup<'g>(&'g self, req: &RequestHead<'_>) -> Option<Matched<'g>> {
-        let host_idx = self.host_index.find(req.host);
+        self.lookup_via(req, None)
+    }
+
+    fn lookup_via<'g>(
+        &'g self,
+        req: &RequestHead<'_>,
+        tls_sni: Option<Option<&str>>,
+    ) -> Option<Matched<'g>> {
+        let host_idx = self.host_index_for(req.host, tls_sni);
         let table = match host_idx {
             Some(i) => &self.tables[i],
-            None => &self.tables[self.hosts.len()],
+            None if self.hosts.is_empty() => &self.tables[self.hosts.len()],
+            None => return None,
         };
         let group = table.find(self, req)?;
         Some(Matched {
             host: host_idx.map(|i| &self.hosts[i]),
             group: &self.groups[group],
             group_index: group,
+        })
+    }
+
+    /// Route a request, applying its Host's insecure action when it is not `secure` (TLS, or
+    /// `X-Forwarded-Proto: https` from trusted hops). As in Emissary the action is part of
+    /// each route: a request no route matches is 404 either way, and a route for
+    /// `/.well-known/acme-challenge/` is served even under `Redirect` or `Reject`.
+    pub fn route_request<'g>(&'g self, req: &RequestHead<'_>, via: Arrival<'_>) -> Routed<'g> {
+        let Some(m) = self.lookup_via(req, via.tls_sni) else {
+            return Routed::NoRoute;
+        };
+        let secure = via.secure;
+        let action = match m.host {
+            Some(h) if !secure => h.insecure,
+            _ => InsecureAction::Route,
+        };
+        match action {
+            InsecureAction::Route => Routed::Route(m),
+            _ if is_acme(m.group) => Routed::Route(m),
+            InsecureAction::Redirect => Routed::RedirectToHttps,
+            InsecureAction::Reject => match self.acme_lookup(req, m.host) {
+                Some(m) => Routed::Route(m),
+                None => Routed::Rejected,
+            },
+        }
+    }
+
+    /// Under `Reject` only the ACME challenge routes exist: the first one that matches.
+    fn acme_lookup<'g>(
+        &'g self,
+        req: &RequestHead<'_>,
+        host: Option<&HostRoute>,
+    ) -> Option<Matched<'g>> {
+        let host = host?;
+        let hi = self.hosts.iter().position(|h| std::ptr::eq(h, host))?;
+        let gi = self.tables[hi].groups.iter().copied().find(|&gi| {
+            let g = &self.groups[gi];
+            is_acme(g) && req.path.starts_with(ACME_PREFIX) && g.matcher.matches_rest(req)
+        })?;
+        Some(Matched {
+            host: Some(&self.hosts[hi]),
+            group: &self.groups[gi],
+            group_index: gi,
         })
     }
 
@@ -140,5 +323,40 @@ impl Graph {
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+}
+
+fn is_acme(g: &Group) -> bool {
+    matches!(&g.matcher.path, PathMatch::Prefix(p) if p == ACME_PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_authority;
+
+    #[test]
+    fn authority_keeps_its_port_unless_stripped() {
+        assert_eq!(
+            route_authority("Example.COM:8080", None),
+            "example.com:8080"
+        );
+        assert_eq!(
+            route_authority("example.com:8080", None),
+            "example.com:8080"
+        );
+        assert_eq!(
+            route_authority("example.com:8080", Some(8080)),
+            "example.com"
+        );
+        assert_eq!(
+            route_authority("example.com:8081", Some(8080)),
+            "example.com:8081"
+        );
+        assert_eq!(route_authority("example.com", Some(8080)), "example.com");
+        assert_eq!(route_authority("[::1]:80", Some(80)), "[::1]");
+        assert_eq!(route_authority("[::1]:80", None), "[::1]:80");
+        assert_eq!(route_authority("u@h.test:1", None), "h.test:1");
+        assert_eq!(route_authority("h.test.", None), "h.test");
+        assert_eq!(route_authority("H.test.:9", None), "h.test:9");
     }
 }

@@ -21,6 +21,7 @@ pub struct HostRoute {
     pub hostname: HostPattern,
     /// `namespace/name` of the TLS secret, when the Host terminates TLS.
     pub tls_secret: Option<SecretRef>,
+    /// What a cleartext request gets (Emissary's default: `Redirect`).
     pub insecure: InsecureAction,
     /// An extra cleartext port the insecure action applies to (`-1`: none).
     pub insecure_additional_port: Option<u16>,
@@ -54,7 +55,8 @@ pub struct Group {
     /// The match every member shares.
     pub matcher: RouteMatch,
     pub precedence: i64,
-    /// Served by the hostname fallback table (the members carry their own hostname).
+    /// Served by the default Host (`*`, present only when no Host is defined): the group has a
+    /// hostname, a host regex or a redirect target to attach by, as Emissary requires.
     pub serves_without_host: bool,
 }
 
@@ -122,6 +124,13 @@ impl RouteMatch {
             }
         }
         for h in &self.headers {
+            if h.name == AUTHORITY {
+                // Not in the header map: the authority routing uses (Envoy's `:authority`).
+                if !h.test.matches(req.host) || req.host.is_empty() {
+                    return false;
+                }
+                continue;
+            }
             let mut ok = false;
             for v in req.headers.get_all(h.name.as_str()) {
                 if let Ok(v) = v.to_str() {
@@ -156,6 +165,9 @@ fn query_has(query: &str, name: &str, test: &ValueTest) -> bool {
     }
     false
 }
+
+/// The pseudo-header a Mapping's `headers`/`regex_headers` may test, as in Envoy.
+pub const AUTHORITY: &str = ":authority";
 
 /// How the path is matched.
 #[derive(Debug, Clone)]
@@ -258,6 +270,9 @@ pub struct Forward {
     pub timeout: Option<Duration>,
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    /// `cluster_idle_timeout_ms`: how long an upstream connection may sit idle in the pool
+    /// (else `idle_timeout`, else 60 s).
+    pub cluster_idle_timeout: Option<Duration>,
     /// Upgrade protocols allowed (lowercase), e.g. `websocket`.
     pub allow_upgrade: Vec<String>,
     /// Speak HTTP/2 to the upstream (gRPC).

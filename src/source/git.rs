@@ -406,8 +406,21 @@ impl Source for GitSource {
     }
 }
 
-/// Merge the packs of `repo` into one holding everything reachable from its refs, once there
-/// are `max` or more. Objects no ref reaches (commits a force push left behind) are dropped.
+/// The packs this cache wrote itself (merges), and the ref tips they hold everything under.
+const PACKED_FILE: &str = "legate-packed";
+
+/// Merges since the last full repack after which the next merge is a full one.
+const MAX_MERGED: usize = 32;
+
+/// Keep the cache's pack count bounded, with memory that does not grow with the history.
+///
+/// Each fetch that brings objects adds a pack. Once there are `max` or more, the packs fetches
+/// wrote are merged into one holding only what is new since the last merge: a walk from the
+/// refs that hides the tips recorded then, so its memory is proportional to the new objects,
+/// not to the whole history (a full walk grew the process by about 4 KiB per revision: the
+/// allocator keeps the peak of the largest merge). Every [`MAX_MERGED`] merges, one full
+/// repack puts everything reachable into one pack and drops what no ref reaches (commits a
+/// force push left behind). Returns the pack count afterwards.
 pub fn compact(repo: &Repository, max: usize) -> Result<usize, git2::Error> {
     let pack_dir = repo.path().join("objects/pack");
     let packs = |dir: &Path| -> Vec<PathBuf> {
@@ -424,8 +437,14 @@ pub fn compact(repo: &Repository, max: usize) -> Result<usize, git2::Error> {
     if old.len() < max {
         return Ok(old.len());
     }
+    let state_path = pack_dir.join(PACKED_FILE);
+    let (mut ours, tips) = read_packed(&state_path);
+    // Merged packs still present; a missing one (or none yet) means a full repack.
+    ours.retain(|n| old.iter().any(|p| stem(p) == Some(n.as_str())));
+    let full = ours.is_empty() || ours.len() >= MAX_MERGED;
     let mut pb = repo.packbuilder()?;
     let mut walk = repo.revwalk()?;
+    let mut new_tips = Vec::new();
     for r in repo.references()? {
         let r = r?;
         let Some(target) = r.target() else { continue };
@@ -434,6 +453,15 @@ pub fn compact(repo: &Repository, max: usize) -> Result<usize, git2::Error> {
         }
         if let Ok(c) = r.peel_to_commit() {
             walk.push(c.id())?;
+            new_tips.push(c.id());
+        }
+    }
+    if !full {
+        for t in &tips {
+            // A tip a force push left behind may be gone: nothing to hide then.
+            if repo.find_commit(*t).is_ok() {
+                walk.hide(*t)?;
+            }
         }
     }
     pb.insert_walk(&mut walk)?;
@@ -442,8 +470,18 @@ pub fn compact(repo: &Repository, max: usize) -> Result<usize, git2::Error> {
         .name()?
         .map(|n| format!("pack-{n}"))
         .ok_or_else(|| git2::Error::from_str("the merged pack has no name"))?;
+    let mut all_tips = if full { Vec::new() } else { tips };
+    all_tips.extend(new_tips);
+    all_tips.sort();
+    all_tips.dedup();
+    if full {
+        ours.clear();
+    }
+    ours.push(keep.clone());
+    write_packed(&state_path, &ours, &all_tips);
     for p in old {
-        if p.file_stem().and_then(|s| s.to_str()) == Some(keep.as_str()) {
+        let name = stem(&p);
+        if name == Some(keep.as_str()) || ours.iter().any(|o| Some(o.as_str()) == name) {
             continue;
         }
         for ext in ["pack", "idx", "rev"] {
@@ -451,6 +489,38 @@ pub fn compact(repo: &Repository, max: usize) -> Result<usize, git2::Error> {
         }
     }
     Ok(packs(&pack_dir).len())
+}
+
+fn stem(p: &Path) -> Option<&str> {
+    p.file_stem().and_then(|s| s.to_str())
+}
+
+/// `pack <name>` and `tip <oid>` lines.
+fn read_packed(path: &Path) -> (Vec<String>, Vec<Oid>) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut packs = Vec::new();
+    let mut tips = Vec::new();
+    for line in text.lines() {
+        match line.split_once(' ') {
+            Some(("pack", n)) => packs.push(n.to_string()),
+            Some(("tip", t)) => tips.extend(Oid::from_str(t).ok()),
+            _ => {}
+        }
+    }
+    (packs, tips)
+}
+
+fn write_packed(path: &Path, packs: &[String], tips: &[Oid]) {
+    let mut text = String::new();
+    for p in packs {
+        text.push_str(&format!("pack {p}\n"));
+    }
+    for t in tips {
+        text.push_str(&format!("tip {t}\n"));
+    }
+    if let Err(e) = super::dir::write_atomic(path, text.as_bytes()) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot record the merged packs");
+    }
 }
 
 fn is_full_commit(r: &str) -> bool {

@@ -304,11 +304,39 @@ pub struct Judged {
 /// Judge a store: compile every object, set aside the ones with errors (and Hosts whose TLS
 /// Secret is missing), compile the rest again until what is left is clean.
 pub fn judge(store: &Store, opts: &config::Options) -> Judged {
+    judge_with(store, opts, &BTreeMap::new())
+}
+
+/// [`judge`], with Mappings a verification window failed (`(namespace, name)` and why) set
+/// aside first, with reason `VerificationFailed`.
+pub fn judge_with(
+    store: &Store,
+    opts: &config::Options,
+    aside: &BTreeMap<(String, String), String>,
+) -> Judged {
     let mut files: BTreeMap<String, (ObjectRef, String)> = BTreeMap::new();
     for (obj, stored) in &store.objects {
         files.insert(obj.file(), (obj.clone(), object_yaml(obj, stored)));
     }
     let mut rejected: BTreeMap<String, (String, Vec<Diagnostic>)> = BTreeMap::new();
+    for (file, (obj, _)) in &files {
+        let key = (obj.namespace.clone(), obj.name.clone());
+        if let Some(why) = aside.get(&key).filter(|_| obj.kind.kind == "Mapping") {
+            let loc = config::Location {
+                file: file.clone(),
+                line: 1,
+                column: 1,
+                pointer: String::new(),
+            };
+            let d = Diagnostic::error(
+                "verification-failed",
+                &loc,
+                format!("set aside: its route failed the gateway's verification window: {why}"),
+            )
+            .with_help("fix the Mapping or its upstream; a changed object is tried again");
+            rejected.insert(file.clone(), ("VerificationFailed".into(), vec![d]));
+        }
+    }
     let mut last = None;
     for _ in 0..MAX_ROUNDS {
         let tree = tree_of(&files, &rejected);
@@ -556,7 +584,15 @@ struct Shared {
     recent: Mutex<VecDeque<(String, Arc<MemTree>)>>,
     latest: watch::Sender<Option<Arc<Snapshot>>>,
     describe: String,
+    /// Mappings a verification window failed, set aside until their generation changes.
+    aside: Mutex<Aside>,
+    /// Judge the objects again (something was set aside).
+    rejudge: Notify,
 }
+
+/// `(namespace, name)` of set-aside Mappings: the reason, and the generation that failed
+/// (learnt at the next judgement; a newer one ends the set-aside).
+type Aside = BTreeMap<(String, String), (String, Option<Option<i64>>)>;
 
 /// The revisions of the watched objects, as a [`Source`].
 #[derive(Clone)]
@@ -603,6 +639,21 @@ impl Source for KubeSource {
     fn remember(&self, _rev: &Revision) -> Result<(), SourceError> {
         // The cluster keeps the objects; after a restart the watches list them again.
         Ok(())
+    }
+
+    fn set_aside(&self, mappings: &[String], reason: &str) -> bool {
+        let mut aside = self.shared.aside.lock().unwrap_or_else(|e| e.into_inner());
+        for m in mappings {
+            if let Some((ns, name)) = m.split_once('/') {
+                aside.insert(
+                    (ns.to_string(), name.to_string()),
+                    (reason.to_string(), None),
+                );
+            }
+        }
+        drop(aside);
+        self.shared.rejudge.notify_one();
+        true
     }
 }
 
@@ -722,6 +773,8 @@ pub async fn start(
         recent: Mutex::new(VecDeque::new()),
         latest,
         describe,
+        aside: Mutex::new(BTreeMap::new()),
+        rejudge: Notify::new(),
     });
     tasks.push(tokio::spawn(aggregate(
         rx,
@@ -912,8 +965,16 @@ async fn aggregate(
     loop {
         // Wait for a change, then for `debounce` of quiet.
         let mut dirty = false;
-        let Some(first) = rx.recv().await else { return };
-        let mut next = Some(first);
+        let mut next = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => Some(m),
+                None => return,
+            },
+            _ = shared.rejudge.notified() => {
+                dirty = true;
+                None
+            }
+        };
         loop {
             if let Some(msg) = next.take() {
                 match msg {
@@ -959,9 +1020,10 @@ async fn aggregate(
                 );
             }
         }
+        let aside = current_aside(&shared, &store);
         let cfg = opts.config.clone();
         let dir = opts.secrets_dir.clone();
-        let built = tokio::task::spawn_blocking(move || build(&store, &cfg, &dir)).await;
+        let built = tokio::task::spawn_blocking(move || build(&store, &cfg, &dir, &aside)).await;
         let (snapshot, tree) = match built {
             Ok(b) => b,
             Err(e) => {
@@ -1002,12 +1064,44 @@ async fn aggregate(
     }
 }
 
-fn build(store: &Store, cfg: &config::Options, dir: &Path) -> (Snapshot, Arc<MemTree>) {
+/// The set-aside Mappings still at the generation that failed (a changed object is judged
+/// afresh, as an invalid one is once fixed), with their reasons.
+fn current_aside(shared: &Shared, store: &Store) -> BTreeMap<(String, String), String> {
+    let mut aside = shared.aside.lock().unwrap_or_else(|e| e.into_inner());
+    let generation = |ns: &str, name: &str| {
+        store
+            .objects
+            .iter()
+            .find(|(o, _)| o.kind.kind == "Mapping" && o.namespace == ns && o.name == name)
+            .map(|(_, s)| s.generation)
+    };
+    aside.retain(
+        |(ns, name), (_, failed)| match (generation(ns, name), *failed) {
+            (None, _) => false,
+            (Some(g), None) => {
+                *failed = Some(g);
+                true
+            }
+            (Some(g), Some(f)) => g == f,
+        },
+    );
+    aside
+        .iter()
+        .map(|(k, (reason, _))| (k.clone(), reason.clone()))
+        .collect()
+}
+
+fn build(
+    store: &Store,
+    cfg: &config::Options,
+    dir: &Path,
+    aside: &BTreeMap<(String, String), String>,
+) -> (Snapshot, Arc<MemTree>) {
     let Judged {
         tree,
         verdicts,
         tls,
-    } = judge(store, cfg);
+    } = judge_with(store, cfg, aside);
     let wanted = wanted_secrets(store, &tls);
     for (name, pair) in &wanted {
         if let Err(e) = materialize(dir, name, pair) {

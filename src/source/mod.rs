@@ -94,6 +94,15 @@ pub trait Source: Send + Sync + 'static {
     fn at(&self, id: &str) -> Result<Revision, SourceError>;
     /// Keep what is needed to serve `rev` again after a restart.
     fn remember(&self, rev: &Revision) -> Result<(), SourceError>;
+
+    /// Set aside the objects behind `mappings` (`namespace/name`) whose routes failed a
+    /// verification window, as invalid objects are, until they change; a revision without them
+    /// follows. Returns false when the source cannot (a git commit or a directory is one
+    /// revision: it is rolled back whole instead).
+    fn set_aside(&self, mappings: &[String], reason: &str) -> bool {
+        let _ = (mappings, reason);
+        false
+    }
 }
 
 /// A tree already read into memory: what a directory revision is once hashed.

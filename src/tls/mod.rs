@@ -197,23 +197,21 @@ impl CertTable {
         CertTable { by_host, default }
     }
 
-    /// The certificate for a handshake with this SNI (`None`: the client sent none).
+    /// The certificate for a handshake with this SNI (`None`: the client sent none): the TLS
+    /// Host whose hostname (without port) best matches it, else a `*` TLS Host, else the
+    /// `--default-cert`; with none of them the handshake fails, as in Emissary.
     pub fn resolve(&self, graph: &Graph, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        if let Some(name) = sni {
-            let lower;
-            let name = if name.bytes().any(|b| b.is_ascii_uppercase()) {
-                lower = name.to_ascii_lowercase();
-                &lower
-            } else {
-                name
-            };
-            if let Some(host) = graph.host_for(name) {
-                // `host_for` returns a reference into `graph.hosts`: recover its index.
-                let idx = (host as *const _ as usize - graph.hosts.as_ptr() as usize)
-                    / std::mem::size_of::<crate::routes::HostRoute>().max(1);
-                if let Some(Some(k)) = self.by_host.get(idx) {
-                    return Some(k.clone());
-                }
+        let lower;
+        let sni = match sni {
+            Some(n) if n.bytes().any(|b| b.is_ascii_uppercase()) => {
+                lower = n.to_ascii_lowercase();
+                Some(lower.as_str())
+            }
+            other => other,
+        };
+        if let Some(i) = graph.host_for_sni(sni) {
+            if let Some(Some(k)) = self.by_host.get(i) {
+                return Some(k.clone());
             }
         }
         self.default.clone()

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use legate::config::{self, Diagnostic, Options, Outcome, Severity};
-use legate::routes::{Action, Graph, RequestHead, Rewrite, RouteId};
+use legate::routes::{Action, Graph, RequestHead, Rewrite, RouteId, Routed};
 
 fn fixture(name: &str) -> String {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/emissary-compat");
@@ -427,4 +427,236 @@ fn f22_prefix_regex() {
     assert_eq!(get(&g, "h", "/v1/qotm/x", &[]), Some("qotm"));
     assert_eq!(get(&g, "h", "/v2/qotm/x", &[]), Some("qotm"));
     assert_eq!(get(&g, "h", "/v3/qotm/x", &[]), None);
+}
+
+/// Every member of the group a request reaches, with its share, once the Host's insecure
+/// action is applied (`secure`: the request came over TLS); or how it was turned away.
+fn served(g: &Graph, host: &str, path: &str, secure: bool) -> Result<Vec<(String, u32)>, String> {
+    let map = http::HeaderMap::new();
+    let head = RequestHead {
+        host,
+        method: "GET",
+        path,
+        query: None,
+        headers: &map,
+    };
+    match g.route_request(&head, legate::routes::Arrival::plain(secure)) {
+        Routed::Route(m) => Ok(m
+            .group
+            .shares()
+            .into_iter()
+            .map(|(id, s)| (g.route(id).name.clone(), s))
+            .collect()),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+fn only(name: &str) -> Result<Vec<(String, u32)>, String> {
+    Ok(vec![(name.to_string(), 100)])
+}
+
+fn doc(kind: &str, name: &str, labels: &str, spec: &str) -> String {
+    let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+    format!("---\napiVersion: getambassador.io/v3alpha1\nkind: {kind}\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\nspec:\n{spec}")
+}
+
+#[test]
+fn rule10_canary_groups_follow_group_id() {
+    // File 05's Hosts select `host: foo` / `host: bar`; two hostless canaries on one prefix.
+    let text = fixture("05-")
+        + &doc(
+            "Mapping",
+            "api-foo",
+            "host: foo",
+            "prefix: /api/\nservice: a",
+        )
+        + &doc(
+            "Mapping",
+            "api-bar",
+            "host: bar",
+            "prefix: /api/\nservice: b",
+        )
+        + &doc(
+            "Mapping",
+            "api-star",
+            "",
+            "hostname: '*'\nprefix: /api/\nservice: c",
+        )
+        + &doc("Mapping", "api-lost", "", "prefix: /api/\nservice: d");
+    let o = load_text(&text, &Options::default());
+    let g = o.graph.as_ref().expect("valid");
+    // Each Host serves only its own hostless Mapping: two groups, not a 50/50 split. (The
+    // unlabelled `*` Mapping is attached to no Host: both Hosts have selectors.)
+    assert_eq!(
+        served(g, "foo.example.com", "/api/x", true),
+        only("api-foo")
+    );
+    assert_eq!(
+        served(g, "bar.example.com", "/api/x", true),
+        only("api-bar")
+    );
+    // The hostless, unselected Mapping joins no group and serves nothing.
+    assert!(with_code(&o, "unreachable-mapping")
+        .iter()
+        .any(|d| d.message.contains("`api-lost`")));
+    assert!(with_code(&o, "accidental-split").is_empty());
+    // Same hostname and prefix, selected by different Hosts: still one group.
+    assert_eq!(
+        served(g, "foo.example.com", "/test/", true),
+        only("star-backend-foo")
+    );
+}
+
+#[test]
+fn rule11_default_host_only_without_hosts() {
+    // File 17 has no Host: the default Host serves its Mappings with a host.
+    let o = load("17-");
+    let g = o.graph.expect("valid");
+    assert_eq!(
+        served(&g, "quote.datawire.io", "/backend/", false),
+        only("quote-backend-2")
+    );
+    // With a Host, an authority that matches none is not routed, whatever the Mappings' hosts.
+    let text = fixture("17-")
+        + &doc(
+            "Host",
+            "other",
+            "",
+            "hostname: other.example.com\nrequestPolicy: {insecure: {action: Route}}",
+        );
+    let o = load_text(&text, &Options::default());
+    let g = o.graph.expect("valid");
+    assert_eq!(
+        served(&g, "quote.datawire.io", "/backend/", false),
+        Err("NoRoute".into())
+    );
+}
+
+#[test]
+fn rule12_strict_selectors() {
+    let text = fixture("05-")
+        + &doc(
+            "Mapping",
+            "star-foo",
+            "host: foo",
+            "hostname: '*'\nprefix: /s/\nservice: a",
+        );
+    let o = load_text(&text, &Options::default());
+    let g = o.graph.as_ref().expect("valid");
+    assert_eq!(served(g, "foo.example.com", "/s/", true), only("star-foo"));
+    // `*` overlaps bar's hostname, but bar's selector does not take the label.
+    assert_eq!(
+        served(g, "bar.example.com", "/s/", true),
+        Err("NoRoute".into())
+    );
+    // Emissary's DISABLE_STRICT_LABEL_SELECTORS: the hostname alone is enough.
+    let loose = Options {
+        routing: legate::routes::RoutingOptions {
+            loose_label_selectors: true,
+            ..Default::default()
+        },
+        ..Options::default()
+    };
+    let g = load_text(&text, &loose).graph.expect("valid");
+    assert_eq!(served(&g, "bar.example.com", "/s/", true), only("star-foo"));
+}
+
+#[test]
+fn rule13_authority_header_and_star_host() {
+    // File 17 with its exact `host` written as an exact `:authority` header routes the same.
+    let text = fixture("17-").replace(
+        "  host: quote.datawire.io\n",
+        "  headers:\n    \":authority\": quote.datawire.io\n",
+    );
+    assert!(text.contains(":authority"));
+    let g = load_text(&text, &Options::default()).graph.expect("valid");
+    assert_eq!(
+        get(&g, "quote.datawire.io", "/backend/", &[]),
+        Some("quote-backend-2")
+    );
+    assert_eq!(get(&g, "quote1.datawire.io", "/backend/", &[]), None);
+    // `host` is exact in v3alpha1: a `*` in it is an error.
+    let text = fixture("17-").replace("host: quote.datawire.io", "host: '*.datawire.io'");
+    let o = load_text(&text, &Options::default());
+    let e = with_code(&o, "host-glob");
+    assert_eq!(e.len(), 1);
+    assert!(e[0]
+        .message
+        .contains("contains *, which cannot match anything"));
+    assert!(!o.is_ok());
+}
+
+#[test]
+fn rule14_insecure_default_redirect_and_reject() {
+    // File 05's Hosts have no TLS and no requestPolicy: Redirect, warned.
+    let o = load("05-");
+    assert_eq!(with_code(&o, "insecure-default-redirect").len(), 2);
+    let g = o.graph.expect("valid");
+    assert_eq!(
+        served(&g, "foo.example.com", "/test/", false),
+        Err("RedirectToHttps".into())
+    );
+    // The Host comes before the Mapping with the same hostname line.
+    let text = fixture("05-").replacen(
+        "  hostname: bar.example.com\n",
+        "  hostname: bar.example.com\n  requestPolicy:\n    insecure:\n      action: Reject\n",
+        1,
+    );
+    let g = load_text(&text, &Options::default()).graph.expect("valid");
+    assert_eq!(
+        served(&g, "bar.example.com", "/test/", false),
+        Err("Rejected".into())
+    );
+    assert_eq!(
+        served(&g, "bar.example.com", "/test/", true),
+        only("star-backend-bar")
+    );
+}
+
+#[test]
+fn rule15_unacted_fields_and_kinds_say_what_is_lost_and_v2_is_converted() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/emissary-compat");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    for f in files {
+        let o = load_text(&std::fs::read_to_string(&f).unwrap(), &Options::default());
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        for d in &o.diagnostics {
+            // Only the documented typo (`hosname`) is an unknown field.
+            if d.code == "unknown-field" {
+                assert!(name.starts_with("16-"), "{name}: {d}");
+            }
+            if matches!(d.code, "not-implemented" | "kind-not-implemented") {
+                assert_eq!(d.severity, Severity::Warning, "{name}: {d}");
+                assert!(
+                    d.help.is_some(),
+                    "{name}: says nothing of what is lost: {d}"
+                );
+            }
+        }
+    }
+    // The canary example as getambassador.io/v2: converted with a note, and v2's missing
+    // `host` is `hostname: "*"`, so it routes without the hostname rule 9 adds.
+    let v2 = fixture("09-").replace("getambassador.io/v3alpha1", "getambassador.io/v2");
+    let o = load_text(&v2, &Options::default());
+    assert_eq!(with_code(&o, "converted").len(), 1, "{:?}", o.diagnostics);
+    assert!(with_code(&o, "unreachable-mapping").is_empty());
+    let g = o.graph.expect("valid");
+    let m = g
+        .lookup(&RequestHead {
+            host: "x",
+            method: "GET",
+            path: "/backend/",
+            query: None,
+            headers: &http::HeaderMap::new(),
+        })
+        .unwrap();
+    let v2_share = (0..100)
+        .filter(|&roll| g.route(m.group.pick(roll).unwrap()).name == "quote-backend2")
+        .count();
+    assert_eq!(v2_share, 10);
 }

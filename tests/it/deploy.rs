@@ -29,7 +29,10 @@ fn render(overlay: &str) -> Option<String> {
     } else if on_path("kustomize") {
         Command::new("kustomize").arg("build").arg(&dir).output()
     } else {
-        eprintln!("SKIPPED: neither kubectl nor kustomize is installed; deploy/ was not rendered");
+        crate::support::tool_missing(
+            "deploy rendering",
+            "neither kubectl nor kustomize is installed; deploy/ was not rendered",
+        );
         return None;
     }
     .unwrap();
@@ -97,7 +100,8 @@ fn check_common(objs: &[Value], mode: &str) {
     let args = strs(&c["args"]);
     assert_eq!(args[0], "run");
     assert!(
-        args.contains(&"--admin-listen=$(POD_IP):8877".to_string()),
+        // Loopback included, so `kubectl port-forward` reaches `legate status`.
+        args.contains(&"--admin-listen=0.0.0.0:8877".to_string()),
         "{args:?}"
     );
     let env = c["env"].as_array().unwrap();
@@ -153,6 +157,50 @@ fn deploy_git_mode_renders_with_no_api_access() {
     let args = strs(&pod["containers"][0]["args"]);
     assert!(args.iter().any(|a| a.starts_with("--repo=")), "{args:?}");
     assert!(!args.iter().any(|a| a == "--kubernetes"));
+    // TLS Secrets are mounted where --secrets-dir reads them: <dir>/<secret>/tls.{crt,key}.
+    let dir = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--secrets-dir="))
+        .expect("--secrets-dir");
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == dir)
+        .expect("a volume at --secrets-dir");
+    let vol = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let sources = vol["projected"]["sources"]
+        .as_array()
+        .expect("projected Secrets");
+    for s in sources {
+        let name = s["secret"]["name"].as_str().unwrap();
+        let paths: Vec<&str> = s["secret"]["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["path"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            [format!("{name}/tls.crt"), format!("{name}/tls.key")],
+            "{s}"
+        );
+    }
+    // The cache lives on the pod's volume, not the read-only root filesystem.
+    let cache = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--cache-dir="))
+        .expect("--cache-dir");
+    assert!(pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| cache.starts_with(m["mountPath"].as_str().unwrap())));
 }
 
 #[test]
@@ -233,9 +281,10 @@ fn validator() -> Option<PathBuf> {
     if on_path("kubernetes-validate") {
         return Some(PathBuf::from("kubernetes-validate"));
     }
-    eprintln!(
-        "SKIPPED: kubernetes-validate is not installed (pip install kubernetes-validate); \
-         the rendered manifests were not schema-checked"
+    crate::support::tool_missing(
+        "kubernetes-validate",
+        "kubernetes-validate is not installed (pip install kubernetes-validate); \
+         the rendered manifests were not schema-checked",
     );
     None
 }
@@ -296,4 +345,153 @@ fn deploy_dockerfile_is_multi_stage_and_non_root() {
         "{user}"
     );
     assert!(text.contains("ENTRYPOINT"));
+}
+
+/// `promtool` (Debian package `prometheus`), or `None` after saying why (a failure under CI).
+fn promtool() -> Option<&'static str> {
+    if Command::new("promtool").arg("--version").output().is_ok() {
+        return Some("promtool");
+    }
+    crate::support::tool_missing(
+        "deploy/monitoring",
+        "promtool is not installed (Debian package `prometheus`)",
+    );
+    None
+}
+
+fn monitoring() -> PathBuf {
+    root().join("deploy/monitoring")
+}
+
+/// The alerting rules hold against synthetic series (`legate-rules.test.yaml`).
+#[test]
+fn deploy_alert_rules_pass_promtool_tests() {
+    let Some(p) = promtool() else { return };
+    for args in [
+        vec!["check", "rules", "legate-rules.yaml"],
+        vec!["test", "rules", "legate-rules.test.yaml"],
+    ] {
+        let o = Command::new(p)
+            .args(&args)
+            .current_dir(monitoring())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// Every `legate_*` name in `text`, with a histogram's `_bucket`/`_sum`/`_count` kept.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let re = regex::Regex::new(r"\blegate_[a-z0-9_]+").unwrap();
+    re.find_iter(text).map(|m| m.as_str().to_string()).collect()
+}
+
+/// The dashboard's queries are valid PromQL (checked by promtool as recording rules, with
+/// Grafana's variables filled in) and, like the alerting rules, use only metrics a running
+/// gateway exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_dashboard_and_rules_use_only_exported_metrics() {
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(monitoring().join("grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            exprs.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    for v in dash["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["query"]["query"].as_str() {
+            exprs.push(q.to_string());
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let rules = std::fs::read_to_string(monitoring().join("legate-rules.yaml")).unwrap();
+
+    // A real gateway, one request through it, then its exposition.
+    let (echo, http, admin) = (
+        crate::support::free_addr(),
+        crate::support::free_addr(),
+        crate::support::free_addr(),
+    );
+    let tree = crate::support::Tree::new(&crate::support::mapping(
+        "echo",
+        &format!("hostname: '*'\nprefix: /echo/\nservice: {echo}\nrewrite: /"),
+    ));
+    let _gw = crate::support::Killed(
+        Command::new(env!("CARGO_BIN_EXE_legate"))
+            .arg("run")
+            .args(["--dir", tree.path().to_str().unwrap()])
+            .args(["--demo-echo", &echo.to_string()])
+            .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--verify-window", "0", "--access-log", "off"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(admin).await.is_ok()
+            && crate::support::get(&format!("http://{admin}/readyz"), &[])
+                .await
+                .status
+                == 200
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let r = crate::support::get(&format!("http://{http}/echo/x"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let m = crate::support::get(&format!("http://{admin}/metrics"), &[]).await;
+    assert_eq!(m.status, 200);
+    let exported = m.body;
+    let exported = metric_names(&exported);
+    for (what, text) in [("dashboard", exprs.join("\n")), ("rules", rules)] {
+        let unknown: Vec<_> = metric_names(&text)
+            .into_iter()
+            .filter(|n| !exported.contains(n))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "the {what} query metrics the gateway does not export: {unknown:?}\nexported: {exported:?}"
+        );
+    }
+
+    // PromQL syntax: the queries as recording rules, variables filled in.
+    let Some(p) = promtool() else { return };
+    let mut file = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, e) in exprs.iter().enumerate() {
+        if e.starts_with("label_values(") {
+            continue; // a Grafana function, not PromQL
+        }
+        let e = e
+            .replace("$__rate_interval", "5m")
+            .replace("$instance", ".*")
+            .replace("$route", ".*");
+        file.push_str(&format!(
+            "      - record: dashboard:query_{i}\n        expr: {}\n",
+            serde_json::to_string(&e).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dash.yaml"), file).unwrap();
+    let o = Command::new(p)
+        .args(["check", "rules", "dash.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "a dashboard query is not valid PromQL:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

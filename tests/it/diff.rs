@@ -215,3 +215,59 @@ fn git_revisions_with_path() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// `A...B` compares B with the merge base of A and B (what a pull request changes): a change
+/// that landed on A after B branched off is not shown as B undoing it. `A B` and `A..B` still
+/// compare the two tips.
+#[test]
+fn three_dot_range_compares_against_the_merge_base() {
+    let repo = tempfile::tempdir().unwrap();
+    let r = repo.path();
+    git(r, &["init", "-q", "-b", "main"]);
+    std::fs::copy(fixtures().join("canary/base/m.yaml"), r.join("m.yaml")).unwrap();
+    git(r, &["add", "."]);
+    git(r, &["commit", "-qm", "base"]);
+    // The pull-request branch shifts the canary.
+    git(r, &["checkout", "-qb", "feature"]);
+    std::fs::copy(fixtures().join("canary/head/m.yaml"), r.join("m.yaml")).unwrap();
+    git(r, &["commit", "-qam", "shift the canary"]);
+    // Meanwhile main gains an unrelated route.
+    git(r, &["checkout", "-q", "main"]);
+    std::fs::write(
+        r.join("other.yaml"),
+        "apiVersion: getambassador.io/v3alpha1\nkind: Mapping\nmetadata: {name: other}\nspec: {hostname: \"*\", prefix: /other/, service: other:80}\n",
+    )
+    .unwrap();
+    git(r, &["add", "."]);
+    git(r, &["commit", "-qm", "unrelated route on main"]);
+
+    let text = |args: &[&str]| {
+        let o = legate(args, Some(r));
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let pr = text(&["diff", "main...feature"]);
+    assert!(pr.contains("now takes 50% of its traffic, was 10%"), "{pr}");
+    assert!(
+        !pr.contains("default/other"),
+        "the merge base has no `other`: {pr}"
+    );
+    for tips in [
+        text(&["diff", "main", "feature"]),
+        text(&["diff", "main..feature"]),
+    ] {
+        assert!(
+            tips.contains("default/other"),
+            "tips differ by `other`: {tips}"
+        );
+    }
+    // A range and a second revision together is a usage error.
+    let o = legate(&["diff", "main...feature", "HEAD"], Some(r));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already a range"));
+}

@@ -43,7 +43,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 /// A work repository under `<tmp>/repo`.
 pub(crate) struct Repo {
     _tmp: tempfile::TempDir,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 impl Repo {
@@ -95,9 +95,9 @@ impl Repo {
 }
 
 /// `git daemon` serving the parent of a repository; killed on drop.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Drop for Daemon {
@@ -107,7 +107,7 @@ impl Drop for Daemon {
     }
 }
 
-async fn daemon(base: &Path) -> Daemon {
+pub(crate) async fn daemon(base: &Path) -> Daemon {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -506,10 +506,15 @@ async fn a_tag_and_a_subdirectory_are_followed() {
 // assert nothing about time).
 
 fn rss_kib() -> u64 {
+    status_kib("VmRSS:")
+}
+
+/// A `/proc/self/status` field in KiB (`VmRSS:`, `RssAnon:`, `RssFile:`).
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
@@ -675,7 +680,11 @@ async fn bench_memory_over_1000_revisions() {
     let (h, _live) = start_git(&repo.url(), "main", cache.path(), settings(None));
     h.sync().await;
     let mut samples = Vec::new();
-    for i in 0..1000 {
+    let n: usize = std::env::var("LEGATE_BENCH_REVISIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    for i in 0..n {
         repo.commit(
             &[(
                 "v.yaml",
@@ -686,10 +695,15 @@ async fn bench_memory_over_1000_revisions() {
         let r = h.sync().await;
         assert_eq!(outcome(&r), Some(Outcome::Applied), "{r:?}");
         if i % 100 == 99 {
-            samples.push((i + 1, rss_kib()));
+            samples.push((
+                i + 1,
+                rss_kib(),
+                status_kib("RssAnon:"),
+                status_kib("RssFile:"),
+            ));
         }
     }
-    println!("BENCH RSS (KiB) after N applied revisions: {samples:?}");
+    println!("BENCH RSS, RssAnon, RssFile (KiB) after N applied revisions: {samples:?}");
 }
 
 /// `git http-backend` run as CGI behind a small hyper server that demands basic auth.
@@ -939,7 +953,8 @@ async fn the_cache_repository_merges_its_packs() {
     let (h, live) = start_git(&repo.url(), "main", cache.path(), settings(None));
     h.sync().await;
     let mut last = first.clone();
-    for i in 0..70 {
+    let mut middle = String::new();
+    for i in 0..140 {
         last = repo.commit(
             &[(
                 "v.yaml",
@@ -948,15 +963,42 @@ async fn the_cache_repository_merges_its_packs() {
             "rev",
         );
         assert_eq!(outcome(&h.sync().await), Some(Outcome::Applied));
+        if i == 90 {
+            middle = last.clone();
+        }
     }
     assert_eq!(h.status().applied.as_deref(), Some(last.as_str()));
     let packs = walk_packs(cache.path());
-    // 72 fetches, each leaving a pack; merged into one at 64, then a few more.
-    assert!((1..64).contains(&packs), "{packs} packs in the cache");
-    // Everything reachable survived the merge: an early commit can still be pinned.
-    let r = h.pin(&first).await;
-    assert_eq!(outcome(&r), Some(Outcome::Applied), "{r:?}");
+    // 142 fetches, each leaving a pack: a full merge at 64, an incremental one (only what is
+    // new since) at 64 more, then a few more.
+    assert!((2..64).contains(&packs), "{packs} packs in the cache");
+    let merged = find_file(cache.path(), "legate-packed").expect("the merge record");
+    let record = std::fs::read_to_string(merged).unwrap();
+    assert_eq!(
+        record.lines().filter(|l| l.starts_with("pack ")).count(),
+        2,
+        "{record}"
+    );
+    // Everything reachable survived the merges: early and middle commits can still be pinned.
+    for c in [&middle, &first] {
+        let r = h.pin(c).await;
+        assert_eq!(outcome(&r), Some(Outcome::Applied), "{r:?}");
+    }
     assert_eq!(live.load().len(), 1);
+}
+
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
 }
 
 fn walk_packs(dir: &Path) -> usize {
@@ -1089,7 +1131,10 @@ async fn sshd() -> Option<Sshd> {
 #[tokio::test]
 async fn ssh_with_known_unknown_and_changed_host_keys() {
     let Some(server) = sshd().await else {
-        eprintln!("SKIPPED ssh_with_known_unknown_and_changed_host_keys: no sshd on this machine");
+        crate::support::tool_missing(
+            "ssh_with_known_unknown_and_changed_host_keys",
+            "no sshd on this machine (Debian package openssh-server)",
+        );
         return;
     };
     let repo = Repo::new();

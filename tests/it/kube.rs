@@ -805,9 +805,9 @@ async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
         bad.message
     );
 
-    let (served_tx, served) = watch::channel(None);
+    let (served_tx, served) = watch::channel(None::<legate::kube::Served>);
     let _status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
-    served_tx.send_replace(Some(s.revision.id.clone()));
+    served_tx.send_replace(Some(s.revision.id.clone().into()));
     let rev = s.revision.id.clone();
     wait_until("status of good with its revision", || {
         fake.patches_for("good")
@@ -841,7 +841,7 @@ async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
         ),
     );
     let s2 = wait_snapshot(&mut run.rx, "both", has_routes(&["bad", "good"])).await;
-    served_tx.send_replace(Some(s2.revision.id.clone()));
+    served_tx.send_replace(Some(s2.revision.id.clone().into()));
     let rev2 = s2.revision.id.clone();
     wait_until("bad accepted at generation 2", || {
         fake.patches_for("bad").last().is_some_and(|p| {
@@ -868,19 +868,20 @@ async fn kube_status_is_written_only_when_it_changes() {
     }
     let mut run = start_source(&fake, Some("default")).await;
     let s = wait_snapshot(&mut run.rx, "three", has_routes(&["m1", "m2", "m3"])).await;
-    let (served_tx, served) = watch::channel(Some(s.revision.id.clone()));
+    let (served_tx, served) =
+        watch::channel(Some(legate::kube::Served::from(s.revision.id.clone())));
     let _status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
     wait_until("three statuses", || fake.patches().len() >= 3).await;
     // Our own writes come back through the watch as MODIFIED events; a watch restart replays
     // everything; the served revision is re-announced. None of it is a change of status.
     tokio::time::sleep(Duration::from_millis(500)).await;
     fake.drop_watches();
-    served_tx.send_replace(Some(s.revision.id.clone()));
+    served_tx.send_replace(Some(s.revision.id.clone().into()));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(fake.patches().len(), 3, "{:#?}", fake.patches());
 
     // A restarted writer (a new leader) reads the statuses back and writes nothing either.
-    let (_tx2, served2) = watch::channel(Some(s.revision.id.clone()));
+    let (_tx2, served2) = watch::channel(Some(legate::kube::Served::from(s.revision.id.clone())));
     let other = spawn_status(fake.client(), run.rx.clone(), served2, always_leader());
     tokio::time::sleep(Duration::from_millis(800)).await;
     other.abort();
@@ -1081,7 +1082,7 @@ async fn kube_only_the_lease_holder_writes_status() {
     let mut cfg = LeaseConfig::new("default", "me");
     cfg.duration = Duration::from_secs(2);
     cfg.retry = Duration::from_millis(100);
-    let (_tx, served) = watch::channel(Some(s.revision.id.clone()));
+    let (_tx, served) = watch::channel(Some(legate::kube::Served::from(s.revision.id.clone())));
     let status = start_status(fake.client(), run.rx.clone(), served, cfg);
     let leader = status.is_leader();
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -1496,4 +1497,148 @@ async fn kube_authservice_jwtpolicy_and_ratelimit_are_watched_and_judged() {
     let mut run = start_source(&old, Some("default")).await;
     assert_eq!(run.watch.kinds().len(), 3);
     wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_a_mapping_failing_its_window_is_set_aside_and_the_others_stay() {
+    let fake = FakeApiServer::start().await;
+    let free = crate::support::free_addr;
+    let (echo, http, admin, dead) = (free(), free(), free(), free());
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "echo",
+            json!({"hostname": "*", "prefix": "/k/", "service": echo.to_string(), "rewrite": "/"}),
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            fake.addr
+        ),
+    )
+    .unwrap();
+    let _gw = crate::support::Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+            .args(["run", "--kubernetes", "--namespace", "default"])
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--secrets-dir")
+            .arg(dir.path().join("secrets"))
+            .args(["--demo-echo", &echo.to_string()])
+            .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--verify-window", "1s", "--verify-min-requests", "3"])
+            .args(["--access-log", "off"])
+            .env("POD_NAMESPACE", "default")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let status = || async {
+        crate::support::get(&format!("http://{admin}/api/status"), &[])
+            .await
+            .json()
+    };
+    for _ in 0..1000 {
+        if tokio::net::TcpStream::connect(admin).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut verified = false;
+    for _ in 0..500 {
+        if let Ok(st) = tokio::time::timeout(Duration::from_secs(2), status()).await {
+            if st["live"]["outcome"] == "Applied" {
+                verified = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(verified, "the first snapshot is verified");
+    wait_until("echo's status says verified", || {
+        fake.patches_for("echo")
+            .last()
+            .is_some_and(|p| p["status"]["rollout"] == "verified-unobserved")
+    })
+    .await;
+    let first = status().await["applied"].as_str().unwrap().to_string();
+
+    // Another team's Mapping whose upstream is down.
+    fake.apply(
+        MAPPINGS,
+        mapping(
+            "default",
+            "dead",
+            json!({"hostname": "*", "prefix": "/d/", "service": dead.to_string()}),
+        ),
+    );
+    let url = format!("http://{http}/d/x");
+    let mut failures = 0;
+    for _ in 0..500 {
+        if crate::support::get(&url, &[]).await.status == 502 {
+            failures += 1;
+            if failures >= 5 {
+                break;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert_eq!(failures, 5);
+    wait_until("dead set aside with VerificationFailed", || {
+        fake.patches_for("dead").last().is_some_and(|p| {
+            p["status"]["conditions"][0]["status"] == "False"
+                && p["status"]["conditions"][0]["reason"] == "VerificationFailed"
+        })
+    })
+    .await;
+    let p = fake.patches_for("dead").last().unwrap().clone();
+    assert!(
+        p["status"]["conditions"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Mapping default/dead"),
+        "{p}"
+    );
+    // The snapshot without it serves: the other team's route was never reverted.
+    for _ in 0..500 {
+        if crate::support::get(&url, &[]).await.status == 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(crate::support::get(&url, &[]).await.status, 404);
+    assert_eq!(
+        crate::support::get(&format!("http://{http}/k/x"), &[])
+            .await
+            .status,
+        200
+    );
+    let st = status().await;
+    assert_eq!(
+        st["applied"],
+        first.as_str(),
+        "the same objects, the same content id: {st}"
+    );
+    let h = crate::support::get(&format!("http://{admin}/api/revisions"), &[])
+        .await
+        .json();
+    assert!(
+        h.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["outcome"] == "Degraded"
+                && e["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("set aside default/dead")),
+        "{h}"
+    );
 }

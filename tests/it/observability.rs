@@ -188,7 +188,10 @@ fn promtool_check(text: &str) {
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("SKIPPED promtool check: promtool not runnable ({e}); install the Debian package `prometheus`");
+            crate::support::tool_missing(
+                "promtool check",
+                &format!("promtool not runnable ({e}); install the Debian package `prometheus`"),
+            );
             return;
         }
     };

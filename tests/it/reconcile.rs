@@ -2,16 +2,13 @@
 //! restart from the cache, webhooks, and the directory watch under a burst of writes.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use legate::admin::{self, AdminState, HookSecret};
-use legate::reconcile::{
-    self, ErrorCounter, Handle, Live, Outcome, PassResult, RejectKind, Settings,
-};
+use legate::reconcile::{self, Handle, Live, Outcome, PassResult, RejectKind, Settings};
 use legate::source::dir::DirSource;
 use legate::source::Source;
 
@@ -151,55 +148,279 @@ async fn missing_secret_is_retried_and_applies_once_present() {
     assert_eq!(h.history().len(), 2);
 }
 
-/// Gateway errors: constant until `broken`, then one more at every look.
-struct Counting {
-    n: AtomicU64,
-    broken: std::sync::atomic::AtomicBool,
+/// The newest history entry once it is no longer verifying.
+pub async fn verdict_of(h: &Handle, rev: &str) -> reconcile::Entry {
+    let mut last = None;
+    eventually(&format!("a verdict for {rev}"), || {
+        last = h
+            .history()
+            .into_iter()
+            .find(|e| e.revision == rev)
+            .filter(|e| e.outcome != Outcome::Verifying);
+        last.is_some()
+    })
+    .await;
+    last.unwrap()
 }
-impl ErrorCounter for Counting {
-    fn gateway_errors(&self) -> u64 {
-        if self.broken.load(Ordering::SeqCst) {
-            self.n.fetch_add(1, Ordering::SeqCst) + 1
-        } else {
-            self.n.load(Ordering::SeqCst)
-        }
+
+fn route_index(live: &Live, name: &str) -> usize {
+    live.load()
+        .routes
+        .iter()
+        .position(|r| r.name == name)
+        .unwrap()
+}
+
+pub fn swapped(r: &PassResult) -> reconcile::Entry {
+    match r {
+        PassResult::Recorded { entry } => (**entry).clone(),
+        other => panic!("{other:?}"),
     }
 }
 
+/// The entry of the first revision (the loop's own first pass swaps it in).
+pub async fn first(h: &Handle) -> reconcile::Entry {
+    h.sync().await;
+    h.history().last().cloned().expect("a first entry")
+}
+
+fn window_settings(window_ms: u64) -> Settings {
+    let mut s = settings(None);
+    s.verify.window = Duration::from_millis(window_ms);
+    s.verify.probe_interval = Duration::from_millis(20);
+    s.verify.min_requests = 5;
+    s
+}
+
 #[tokio::test]
-async fn verification_failure_rolls_back_to_the_previous_graph() {
+async fn verification_failure_rolls_back_to_the_last_verified_graph() {
     let d = tempfile::tempdir().unwrap();
     write(d.path(), "a.yaml", &mapping("a", "/a/", "127.0.0.1:9001"));
-    let live = Live::new();
-    let src = Arc::new(DirSource::new(d.path(), Default::default(), None));
-    let mut s = settings(None);
-    s.verify.window = Duration::from_millis(200);
-    s.verify.probe_interval = Duration::from_millis(20);
-    let counter = Arc::new(Counting {
-        n: AtomicU64::new(0),
-        broken: Default::default(),
-    });
-    let h = reconcile::start(src, live.clone(), s, Some(counter.clone()));
-    h.sync().await;
-    assert_eq!(h.history()[0].outcome, Outcome::Applied);
-    let first = live.load();
-    let first_rev = h.status().applied.unwrap();
-
-    counter.broken.store(true, Ordering::SeqCst);
-    write(d.path(), "b.yaml", &mapping("b", "/b/", "127.0.0.1:9002"));
-    let r = h.sync().await;
-    let PassResult::Recorded { entry } = &r else {
-        panic!("{r:?}")
-    };
-    assert_eq!(entry.outcome, Outcome::RolledBack);
-    assert!(
-        entry.reason.as_deref().unwrap().contains("gateway error"),
-        "{:?}",
-        entry.reason
+    let (h, live) = start_dir(d.path(), None, window_settings(300));
+    let first = first(&h).await;
+    assert_eq!(first.outcome, Outcome::Verifying);
+    // No traffic: verified, unobserved, and a rollback target.
+    let v = verdict_of(&h, &first.revision).await;
+    assert_eq!(v.outcome, Outcome::Applied, "{v:?}");
+    assert_eq!(
+        v.verdict.as_ref().unwrap().judgement,
+        reconcile::Judgement::VerifiedUnobserved
     );
-    assert!(Arc::ptr_eq(&live.load(), &first));
-    assert_eq!(h.status().applied, Some(first_rev));
-    assert_eq!(h.history()[1].outcome, Outcome::Applied);
+    let good = live.load();
+
+    write(d.path(), "b.yaml", &mapping("b", "/b/", "127.0.0.1:9002"));
+    let e = swapped(&h.sync().await);
+    // The answer comes at swap time: the new revision serves and its window runs.
+    assert_eq!(e.outcome, Outcome::Verifying);
+    assert_eq!(h.status().applied.as_deref(), Some(e.revision.as_str()));
+    assert_eq!(h.status().state, Some(reconcile::LiveState::Verifying));
+    let (rev, ev) = live.served();
+    assert_eq!(rev, e.revision);
+    // The unchanged route failing does not count; the new one failing does.
+    for _ in 0..20 {
+        ev.record(
+            route_index(&live, "a"),
+            reconcile::Observed::UpstreamFailure,
+        );
+    }
+    for _ in 0..10 {
+        ev.record(
+            route_index(&live, "b"),
+            reconcile::Observed::UpstreamFailure,
+        );
+    }
+    let v = verdict_of(&h, &e.revision).await;
+    assert_eq!(v.outcome, Outcome::RolledBack, "{v:?}");
+    let reason = v.reason.unwrap();
+    assert!(reason.contains("Mapping default/b"), "{reason}");
+    assert!(!reason.contains("default/a"), "{reason}");
+    assert!(reason.contains("10 of 10"), "{reason}");
+    assert!(Arc::ptr_eq(&live.load(), &good));
+    assert_eq!(h.status().applied, Some(first.revision.clone()));
+    assert_eq!(
+        h.status().state,
+        Some(reconcile::LiveState::VerifiedUnobserved)
+    );
+    let retry = h.status().retry.expect("a retry is scheduled");
+    assert_eq!(retry.revision, e.revision);
+    assert_eq!(retry.upstreams, vec!["127.0.0.1:9002".to_string()]);
+    // A new head cancels the retry.
+    write(d.path(), "b.yaml", &mapping("b", "/b/", "127.0.0.1:9003"));
+    let next = swapped(&h.sync().await);
+    assert_eq!(next.outcome, Outcome::Verifying);
+    assert!(h.status().retry.is_none());
+}
+
+#[tokio::test]
+async fn a_pinned_revision_that_fails_is_degraded_and_never_swapped_back() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "a.yaml", &mapping("a", "/a/", "127.0.0.1:9001"));
+    let (h, live) = start_dir(d.path(), None, window_settings(300));
+    let a = first(&h).await;
+    assert_eq!(verdict_of(&h, &a.revision).await.outcome, Outcome::Applied);
+    write(d.path(), "b.yaml", &mapping("b", "/b/", "127.0.0.1:9002"));
+    let b = swapped(&h.sync().await);
+    assert_eq!(verdict_of(&h, &b.revision).await.outcome, Outcome::Applied);
+    // Pinning a removes only b's route, which nothing else may catch: verified at once.
+    let p = swapped(&h.pin(&a.revision).await);
+    assert_eq!(p.outcome, Outcome::Applied, "{p:?}");
+    assert_eq!(live.load().len(), 1);
+    // Pinning b again: its route is new against a, the last verified revision, and fails.
+    let p = swapped(&h.pin(&b.revision).await);
+    assert_eq!(p.outcome, Outcome::Verifying);
+    let dd = b.clone();
+    let (_, ev) = live.served();
+    for _ in 0..10 {
+        ev.record(
+            route_index(&live, "b"),
+            reconcile::Observed::UpstreamFailure,
+        );
+    }
+    let v = verdict_of(&h, &dd.revision).await;
+    assert_eq!(v.outcome, Outcome::Degraded, "{v:?}");
+    assert!(v.reason.unwrap().starts_with("pinned"));
+    // Still the pinned revision, still pinned.
+    let st = h.status();
+    assert_eq!(st.applied.as_deref(), Some(dd.revision.as_str()));
+    assert_eq!(st.pinned.as_deref(), Some(dd.revision.as_str()));
+    assert_eq!(st.state, Some(reconcile::LiveState::Degraded));
+    assert_eq!(live.load().len(), 2);
+}
+
+#[tokio::test]
+async fn a_restart_serves_a_verified_revision_without_a_window_and_rewatches_an_unverified_one() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    write(d.path(), "a.yaml", &mapping("a", "/a/", "127.0.0.1:9001"));
+    let mut s = window_settings(300);
+    s.cache_dir = Some(cache.path().to_path_buf());
+    let (h, _live) = start_dir(d.path(), Some(cache.path()), s.clone());
+    let a = first(&h).await;
+    let v = verdict_of(&h, &a.revision).await;
+    assert_eq!(v.outcome, Outcome::Applied);
+    drop(h);
+    // Restart with the directory broken: the verified revision serves at once, as verified.
+    write(d.path(), "z.yaml", &bad_mapping("z"));
+    let mut long = s.clone();
+    long.verify.window = Duration::from_secs(3600);
+    let (h, live) = start_dir(d.path(), Some(cache.path()), long.clone());
+    eventually("the cached revision serves", || {
+        h.status().applied.is_some()
+    })
+    .await;
+    let st = h.status();
+    assert_eq!(st.applied.as_deref(), Some(a.revision.as_str()));
+    assert_eq!(st.state, Some(reconcile::LiveState::FromCache));
+    assert!(st.verifying.is_none());
+    assert_eq!(live.load().len(), 1);
+    assert_eq!(
+        st.live.unwrap().verdict.unwrap().judgement,
+        reconcile::Judgement::VerifiedUnobserved
+    );
+    // A new revision is swapped in and its window (an hour) runs; restart in the middle.
+    std::fs::remove_file(d.path().join("z.yaml")).unwrap();
+    write(d.path(), "b.yaml", &mapping("b", "/b/", "127.0.0.1:9002"));
+    let b = swapped(&h.sync().await);
+    assert_eq!(b.outcome, Outcome::Verifying);
+    drop(h);
+    let (h, live) = start_dir(d.path(), Some(cache.path()), long);
+    eventually("b serves again", || {
+        h.status().verifying.as_deref() == Some(b.revision.as_str())
+    })
+    .await;
+    let st = h.status();
+    assert_eq!(st.applied.as_deref(), Some(b.revision.as_str()));
+    // Judged against the verified revision a, restored beside it.
+    assert_eq!(st.verified.as_deref(), Some(a.revision.as_str()));
+    assert_eq!(live.load().len(), 2);
+    let (_, ev) = live.served();
+    for _ in 0..10 {
+        ev.record(
+            route_index(&live, "b"),
+            reconcile::Observed::UpstreamFailure,
+        );
+    }
+    let v = verdict_of(&h, &b.revision).await;
+    assert_eq!(v.outcome, Outcome::RolledBack, "{v:?}");
+    assert_eq!(live.load().len(), 1);
+    let retry = h.status().retry.expect("a retry");
+    drop(h);
+    // The retry survives a restart (the head is still b: it stays scheduled).
+    let (h, _live) = start_dir(d.path(), Some(cache.path()), s);
+    eventually("the retry restored", || h.status().retry.is_some()).await;
+    let again = h.status().retry.unwrap();
+    assert_eq!(again.revision, b.revision);
+    assert_eq!(again.next_at, retry.next_at);
+    assert_eq!(h.status().applied.as_deref(), Some(a.revision.as_str()));
+}
+
+#[tokio::test]
+async fn a_failing_first_revision_keeps_serving_as_degraded() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "a.yaml", &mapping("a", "/a/", "127.0.0.1:9001"));
+    let (h, live) = start_dir(d.path(), None, window_settings(5000));
+    let e = first(&h).await;
+    assert_eq!(e.outcome, Outcome::Verifying);
+    let (_, ev) = live.served();
+    for _ in 0..10 {
+        ev.record(0, reconcile::Observed::UpstreamFailure);
+    }
+    let v = verdict_of(&h, &e.revision).await;
+    assert_eq!(v.outcome, Outcome::Degraded, "{v:?}");
+    assert!(v.reason.unwrap().contains("no verified revision"));
+    // Still served: never rolled back to nothing.
+    assert_eq!(live.load().len(), 1);
+    let st = h.status();
+    assert_eq!(st.applied.as_deref(), Some(e.revision.as_str()));
+    assert_eq!(st.state, Some(reconcile::LiveState::Degraded));
+    assert_eq!(st.retry.unwrap().kind, "reverify");
+}
+
+#[tokio::test]
+async fn newer_revisions_interrupt_the_window_and_are_judged_against_the_verified_one() {
+    let d = tempfile::tempdir().unwrap();
+    write(d.path(), "a.yaml", &mapping("a", "/a/", "127.0.0.1:9001"));
+    let (h, live) = start_dir(d.path(), None, window_settings(1500));
+    let a = first(&h).await;
+    assert_eq!(verdict_of(&h, &a.revision).await.outcome, Outcome::Applied);
+
+    // b adds a route; c, right behind it, adds another. Neither pass waits for a window.
+    write(d.path(), "b.yaml", &mapping("b", "/b/", "127.0.0.1:9002"));
+    let b = swapped(&h.sync().await);
+    assert_eq!(b.outcome, Outcome::Verifying);
+    let (_, ev_b) = live.served();
+    for _ in 0..3 {
+        ev_b.record(
+            route_index(&live, "b"),
+            reconcile::Observed::UpstreamFailure,
+        );
+    }
+    // An invalid revision is rejected at once while b's window runs on.
+    write(d.path(), "z.yaml", &bad_mapping("z"));
+    let z = swapped(&h.sync().await);
+    assert_eq!(z.outcome, Outcome::Rejected);
+    assert_eq!(h.status().verifying.as_deref(), Some(b.revision.as_str()));
+    std::fs::remove_file(d.path().join("z.yaml")).unwrap();
+
+    write(d.path(), "c.yaml", &mapping("c", "/c/", "127.0.0.1:9003"));
+    let c = swapped(&h.sync().await);
+    assert_eq!(c.outcome, Outcome::Verifying);
+    let hist = h.history();
+    let old_b = hist.iter().find(|e| e.revision == b.revision).unwrap();
+    assert_eq!(old_b.outcome, Outcome::Interrupted);
+    // c is judged against a, so b's route is judged too, with the evidence b's window saw.
+    let (_, ev_c) = live.served();
+    for _ in 0..2 {
+        ev_c.record(
+            route_index(&live, "b"),
+            reconcile::Observed::UpstreamFailure,
+        );
+    }
+    let v = verdict_of(&h, &c.revision).await;
+    assert_eq!(v.outcome, Outcome::RolledBack, "{v:?}");
+    assert!(v.reason.as_deref().unwrap().contains("5 of 5"), "{v:?}");
+    assert_eq!(h.status().applied, Some(a.revision.clone()));
+    assert_eq!(live.load().len(), 1);
 }
 
 #[tokio::test]
@@ -236,15 +457,13 @@ async fn health_probe_to_a_down_upstream_rolls_back() {
     s.verify.probe_failures = 2;
     s.verify.probe_path = Some("/healthz".into());
     let (h, live) = start_dir(d.path(), None, s);
-    h.sync().await;
-    assert_eq!(h.history()[0].outcome, Outcome::Applied);
+    let a = first(&h).await;
+    assert_eq!(verdict_of(&h, &a.revision).await.outcome, Outcome::Applied);
     let good = live.load();
 
     write(d.path(), "b.yaml", &mapping("b", "/b/", &dead.to_string()));
-    let r = h.sync().await;
-    let PassResult::Recorded { entry } = &r else {
-        panic!("{r:?}")
-    };
+    let b = swapped(&h.sync().await);
+    let entry = verdict_of(&h, &b.revision).await;
     assert_eq!(entry.outcome, Outcome::RolledBack, "{entry:?}");
     assert!(entry.reason.as_deref().unwrap().contains("health probe"));
     assert!(Arc::ptr_eq(&live.load(), &good));
@@ -487,43 +706,6 @@ async fn webhooks_check_signatures_and_trigger_a_pass() {
     )
     .await;
     assert_eq!(r.status(), 200);
-}
-
-#[tokio::test(start_paused = true)]
-async fn verification_window_passes_when_quiet_and_fails_on_errors() {
-    use legate::reconcile::verify::{verify, VerifySettings};
-    struct Fixed(AtomicU64);
-    impl ErrorCounter for Fixed {
-        fn gateway_errors(&self) -> u64 {
-            self.0.load(Ordering::SeqCst)
-        }
-    }
-    let g = legate::routes::Graph::empty();
-    let s = VerifySettings {
-        window: Duration::from_secs(10),
-        ..VerifySettings::default()
-    };
-    let c = Arc::new(Fixed(AtomicU64::new(5)));
-    let t = tokio::time::Instant::now();
-    assert!(verify(&g, &s, Some(c.as_ref())).await.is_ok());
-    assert!(t.elapsed() >= Duration::from_secs(10));
-
-    let c2 = c.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        c2.0.fetch_add(1, Ordering::SeqCst);
-    });
-    let t = tokio::time::Instant::now();
-    let err = verify(&g, &s, Some(c.as_ref())).await.unwrap_err();
-    assert!(err.contains("1 gateway error"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(10));
-    // Zero disables the window.
-    let off = VerifySettings {
-        window: Duration::ZERO,
-        ..s
-    };
-    c.0.fetch_add(100, Ordering::SeqCst);
-    assert!(verify(&g, &off, Some(c.as_ref())).await.is_ok());
 }
 
 #[tokio::test]

@@ -428,6 +428,45 @@ fn full(b: &[u8]) -> TestBody {
         .boxed()
 }
 
+/// Emissary's other AuthService fields: `add_auth_headers` reach the auth service,
+/// `allow_request_body` sends the first 4096 bytes (partial allowed), and `timeout_ms: 0` waits
+/// as long as the auth service takes (Envoy's "no timeout").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_auth_emissary_fields_add_headers_allow_body_and_zero_timeout() {
+    let up = Upstream::start("app").await;
+    let auth = AuthServer::start().await;
+    let routes = mapping(
+        "secure",
+        &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
+    );
+    let spec = auth_service(&format!(
+        "auth_service: {}\ntimeout_ms: 0\nallow_request_body: true\nadd_auth_headers:\n  x-from: gateway",
+        auth.addr
+    ));
+    let gw = Gateway::start(&(spec + &routes)).await;
+    let body = pattern(5000);
+    let r = send(
+        "POST",
+        &gw.url("/secure/up"),
+        &[("authorization", "Bearer good")],
+        full(&body),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["body_sha256"],
+        sha256_hex(&body),
+        "the upstream gets it all"
+    );
+    let seen = auth.asked().pop().unwrap();
+    assert_eq!(seen.headers["x-from"], "gateway");
+    assert_eq!(seen.body.as_ref(), &body[..4096]);
+    assert_eq!(seen.headers["x-envoy-auth-partial-body"], "true");
+    // The auth service answers after 2 s: still within "no timeout".
+    let r = get(&gw.url("/secure/slow"), &[("authorization", "Bearer slow")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 #[test]
 fn authservice_problems_are_diagnosed() {
     let check = |yaml: &str| {
@@ -843,7 +882,12 @@ async fn jwt_keys_from_a_url_are_cached_refreshed_and_kept_on_failure() {
             "jwks:\n  url: http://{}/jwks.json\n  refresh_seconds: 1\nhosts: [api]",
             jwks.addr
         )),
-        host("api", "api.test", ""),
+        // Plain HTTP in this test: a Host's default insecure action is Redirect.
+        host(
+            "api",
+            "api.test",
+            "requestPolicy:\n  insecure:\n    action: Route",
+        ),
         mapping(
             "secure",
             &format!("prefix: /secure/\nservice: {}", up.service()),

@@ -302,8 +302,20 @@ impl Tree {
 
 /// Compile YAML into a graph with the real config pipeline; panics with the diagnostics.
 pub fn compile(yaml: &str) -> Arc<legate::routes::Graph> {
+    compile_with(yaml, legate::routes::RoutingOptions::default())
+}
+
+/// `compile` with routing options (strict selectors off, host-port stripping).
+pub fn compile_with(
+    yaml: &str,
+    routing: legate::routes::RoutingOptions,
+) -> Arc<legate::routes::Graph> {
     let tree = Tree::new(yaml);
-    let out = legate::config::check_dir(tree.path(), &legate::config::Options::default());
+    let opts = legate::config::Options {
+        routing,
+        ..legate::config::Options::default()
+    };
+    let out = legate::config::check_dir(tree.path(), &opts);
     match out.graph {
         Some(g) => g,
         None => panic!(
@@ -351,9 +363,13 @@ impl Gateway {
     }
 
     pub async fn with(yaml: &str, settings: Settings) -> Gateway {
+        Gateway::with_graph(compile(yaml), settings).await
+    }
+
+    pub async fn with_graph(graph: Arc<legate::routes::Graph>, settings: Settings) -> Gateway {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let proxy = Proxy::new(settings).unwrap();
-        proxy.swap(compile(yaml));
+        proxy.swap(graph);
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let https = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tls = Arc::new(legate::tls::server_config(proxy.cert_source()).unwrap());
@@ -566,4 +582,15 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A test's tool is missing: under CI (`CI` set, as `.ci/run` runs) that is a failure, never a
+/// pass; on a developer's machine the test says what it skipped and how to install the tool.
+#[track_caller]
+pub fn tool_missing(test: &str, what: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: {what} (required under CI: .ci/run installs it)"
+    );
+    eprintln!("SKIPPED {test}: {what}");
 }
