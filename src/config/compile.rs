@@ -18,9 +18,10 @@ use super::diag::Diagnostic;
 use super::model::{AddedHeader, HostSpec, MappingSpec, MatchValue, RegexSubst, Resource, Spec};
 use super::tlscontext::{self, TlsFields};
 use crate::routes::{
-    Action, AddHeader, Forward, Graph, Group, HostMatch, HostPattern, HostRoute, InsecureAction,
-    MethodMatch, OriginTls, PathMatch, Redirect, RedirectPath, Rewrite, Route, RouteId, RouteMatch,
-    RoutingOptions, Scheme, SecretRef, Upstream, ValueMatch, ValueTest, AUTHORITY,
+    AcmeSpec, Action, AddHeader, Forward, Graph, Group, HostMatch, HostPattern, HostRoute,
+    InsecureAction, MethodMatch, OriginTls, PathMatch, Redirect, RedirectPath, Rewrite, Route,
+    RouteId, RouteMatch, RoutingOptions, Scheme, SecretRef, Upstream, ValueMatch, ValueTest,
+    AUTHORITY,
 };
 use crate::tls::context::TlsPolicy;
 
@@ -1463,12 +1464,14 @@ fn compile_host(
             .with_help("add a `tlsSecret`; or, when TLS ends in front of the gateway, let `--xff-trusted-hops` trust its `X-Forwarded-Proto` or set `requestPolicy.insecure.action: Route`"),
         );
     }
+    let acme = host_acme(r, h, tls_secret.is_some(), diags);
     Some(HostRoute {
         name: r.name.clone(),
         namespace: r.namespace.clone(),
         hostname,
         tls_secret,
         tls,
+        acme,
         insecure,
         insecure_additional_port: h
             .request_policy
@@ -1576,6 +1579,57 @@ impl<'r> TlsContexts<'r> {
             .find(|(_, f)| f.hosts.iter().any(|h| h == hostname || h == host_name))
             .copied()
     }
+}
+
+/// A Host's `acmeProvider` when ACME is on: an authority other than `none`, a `tlsSecret` to
+/// store the certificate in and a `privateKeySecret` for the account key; else an error.
+fn host_acme(
+    r: &Resource,
+    h: &HostSpec,
+    has_secret: bool,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<AcmeSpec> {
+    let p = h.acme_provider.as_ref()?;
+    let authority = p.authority.as_deref().unwrap_or("none");
+    if authority.eq_ignore_ascii_case("none") {
+        return None;
+    }
+    let mut bad = |what: &str, help: &str| {
+        diags.push(
+            Diagnostic::error(
+                "acme-incomplete",
+                &r.at("/spec/acmeProvider"),
+                format!("Host `{}`: `acmeProvider` {what}", r.name),
+            )
+            .with_help(help.to_string()),
+        );
+    };
+    if !(authority.starts_with("https://") || authority.starts_with("http://")) {
+        bad(
+            &format!("authority `{authority}` is not a URL"),
+            "give the ACME directory URL (e.g. https://acme-v02.api.letsencrypt.org/directory) or `none`",
+        );
+        return None;
+    }
+    if !has_secret {
+        bad(
+            "has no `tlsSecret` to store the certificate in",
+            "add `tlsSecret: {name: ...}` to the Host",
+        );
+        return None;
+    }
+    let Some(key) = &p.private_key_secret else {
+        bad(
+            "has no `privateKeySecret` for the account key",
+            "add `privateKeySecret: {name: ...}`; Legate creates its `tls.key` when missing",
+        );
+        return None;
+    };
+    Some(AcmeSpec {
+        authority: authority.to_string(),
+        email: p.email.clone(),
+        account_secret: key.name.clone(),
+    })
 }
 
 /// The TLS settings of a Host: its `tls` block, its `tlsContext`, or the TLSContext whose

@@ -261,6 +261,18 @@ pub struct HostSpec {
     pub mapping_selector: Option<LabelSelector>,
     /// Deprecated name of `mappingSelector`.
     pub selector: Option<LabelSelector>,
+    #[serde(rename = "acmeProvider")]
+    pub acme_provider: Option<AcmeProvider>,
+}
+
+/// A Host's `acmeProvider`: where to order its certificate from.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct AcmeProvider {
+    pub authority: Option<String>,
+    pub email: Option<String>,
+    #[serde(rename = "privateKeySecret")]
+    pub private_key_secret: Option<SecretName>,
 }
 
 /// What the loader produced from a tree.

@@ -58,6 +58,9 @@ impl Proxy {
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Response<RespBody> {
+        if let Some(answer) = self.acme.get().and_then(|a| a.answer(req.uri().path())) {
+            return answer.map(full);
+        }
         if let Some((prefix, svc)) = self.local.get() {
             if req.uri().path().starts_with(prefix.as_str()) {
                 return svc.call(req).await.map(full);
