@@ -124,7 +124,11 @@ impl Acme {
     /// unreadable or past two thirds of their lifetime (unless backing off). Returns whether a
     /// certificate was written.
     pub async fn pass(self: &Arc<Self>, graph: &Graph) -> bool {
-        let now = SystemTime::now();
+        self.pass_at(graph, SystemTime::now()).await
+    }
+
+    /// [`Acme::pass`] as if the time were `now` (renewal and backoff are decided against it).
+    pub async fn pass_at(self: &Arc<Self>, graph: &Graph, now: SystemTime) -> bool {
         let mut due = Vec::new();
         let mut live = Vec::new();
         for h in &graph.hosts {
@@ -161,14 +165,14 @@ impl Acme {
                     Ok(r) => r,
                     Err(_) => Err(format!("the order took longer than {ORDER_TIMEOUT:?}")),
                 };
-                me.finish(&host, &secret, r)
+                me.finish(&host, &secret, r, now)
             }
         });
         futures::future::join_all(runs).await.into_iter().any(|b| b)
     }
 
     /// Record an order's outcome; returns whether a certificate was written.
-    fn finish(&self, host: &str, secret: &str, r: Result<bool, Failure>) -> bool {
+    fn finish(&self, host: &str, secret: &str, r: Result<bool, Failure>, now: SystemTime) -> bool {
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         let st = hosts.entry(host.to_string()).or_default();
         match r {
@@ -183,7 +187,7 @@ impl Acme {
             }
             Err(reason) => {
                 st.failures += 1;
-                let next = SystemTime::now() + backoff(self.first_backoff, st.failures);
+                let next = now + backoff(self.first_backoff, st.failures);
                 st.next_attempt = Some(next);
                 tracing::error!(host, error = %reason, "ACME order failed");
                 self.set_status(host, AcmeStatus::failed(reason, unix(next), st.failures));
