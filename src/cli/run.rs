@@ -533,8 +533,9 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         tracing::info!(addr = %a, "admin listener ready");
         tokio::spawn(crate::admin::serve(l, admin_state));
     }
-    if let Some(dir) = &secrets_dir {
+    if let Some(dir) = secrets_dir.as_ref().filter(|_| !args.kubernetes) {
         // ACME Hosts: checked at the secrets poll interval; tokens answered on the listeners.
+        // Not in Kubernetes mode: the secrets directory there mirrors Kubernetes Secrets.
         let acme = crate::tls::acme::Acme::new(
             dir.clone(),
             args.upstream_ca.clone(),

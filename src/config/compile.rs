@@ -2038,6 +2038,34 @@ mod tests {
     }
 
     #[test]
+    fn acme_provider_needs_a_url_a_tls_secret_and_an_account_key() {
+        let host = |acme: &str| {
+            doc(
+                "Host",
+                "h",
+                "",
+                &format!("hostname: a.test\ntlsSecret: {{name: a-tls}}\nacmeProvider: {acme}"),
+            )
+        };
+        let o = compile_text(&host(
+            "{authority: 'https://acme.test/dir', email: o@a.test, privateKeySecret: {name: acct}}",
+        ));
+        let g = o.graph.as_ref().expect("valid config");
+        let acme = g.hosts[0].acme.as_ref().expect("ACME on");
+        assert_eq!(acme.authority, "https://acme.test/dir");
+        assert_eq!(acme.account_secret, "acct");
+        let o = compile_text(&host("{authority: none}"));
+        assert!(o.graph.as_ref().unwrap().hosts[0].acme.is_none());
+        for bad in [
+            "{authority: letsencrypt, privateKeySecret: {name: acct}}",
+            "{authority: 'https://acme.test/dir'}",
+        ] {
+            let o = compile_text(&host(bad));
+            assert_eq!(codes(&o), ["acme-incomplete"], "{bad}: {:?}", o.diagnostics);
+        }
+    }
+
+    #[test]
     fn star_in_an_exact_host_is_an_error() {
         for spec in [
             "host: '*.example.com'\nprefix: /x/\nservice: a",
