@@ -208,9 +208,18 @@ async fn acme_hosts_get_certificates_from_pebble_through_the_gateway() {
     else {
         return;
     };
+    // A Mapping on the challenge prefix: tokens that are not Legate's still reach it.
+    let up = crate::support::Upstream::start("wk").await;
     let yaml = [
         acme_host("good", "good.acme.test", &pebble.directory),
         acme_host("bad", "bad.acme.test", &pebble.directory),
+        crate::support::mapping(
+            "wk",
+            &format!(
+                "hostname: '*'\nprefix: /.well-known/acme-challenge/\nservice: {}",
+                up.service()
+            ),
+        ),
     ]
     .concat();
     gw.proxy.swap(crate::support::compile(&yaml));
@@ -224,6 +233,17 @@ async fn acme_hosts_get_certificates_from_pebble_through_the_gateway() {
     gw.proxy.set_acme(acme.clone());
     let graph = gw.proxy.graph();
     assert!(acme.pass(&graph).await, "a certificate was written");
+    let other = crate::support::get(
+        &gw.url("/.well-known/acme-challenge/not-ours"),
+        &[("host", "good.acme.test")],
+    )
+    .await;
+    assert_eq!(other.status, 200, "{}", other.body);
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "pebble's validation was answered by Legate, the other token by the Mapping"
+    );
     gw.proxy.reload_certs();
 
     // good: issued, valid, served by SNI with pebble's issuer.
