@@ -159,16 +159,18 @@ pub struct RunArgs {
     pub admin_listen: String,
     /// Directory of mounted Secrets: `<name>/tls.crt` and `<name>/tls.key` per Host `tlsSecret`
     /// (and TLSContext `secret`); `<name>/ca.crt` per `ca_secret`, `<name>/crl.pem` per
-    /// `crl_secret`.
+    /// `crl_secret`. Hosts with an `acmeProvider` get their certificate written here by ACME.
     #[arg(long, env = "LEGATE_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
     /// Secret served to TLS clients whose SNI matches no Host (default: handshake failure).
     #[arg(long, env = "LEGATE_DEFAULT_CERT", value_name = "SECRET")]
     pub default_cert: Option<String>,
-    /// How often the secrets directory is checked for rotated certificates, in seconds.
+    /// How often the secrets directory is checked for rotated certificates (and ACME Hosts for
+    /// certificates to order or renew), in seconds.
     #[arg(long, env = "LEGATE_SECRETS_POLL_SECS", default_value_t = 5)]
     pub secrets_poll_secs: u64,
-    /// PEM CA bundle trusted for `https://` upstreams, in addition to the webpki roots.
+    /// PEM CA bundle trusted for `https://` upstreams, in addition to the webpki roots; also the
+    /// only root trusted for an ACME directory when given (its first certificate).
     #[arg(long, env = "LEGATE_UPSTREAM_CA")]
     pub upstream_ca: Option<PathBuf>,
     /// Seconds resolved upstream addresses are used before the name is looked up again.
@@ -547,6 +549,18 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         let l = bind(a, "admin-listen").await?;
         tracing::info!(addr = %a, "admin listener ready");
         tokio::spawn(crate::admin::serve(l, admin_state));
+    }
+    if let Some(dir) = secrets_dir.as_ref().filter(|_| !args.kubernetes) {
+        // ACME Hosts: checked at the secrets poll interval; tokens answered on the listeners.
+        // Not in Kubernetes mode: the secrets directory there mirrors Kubernetes Secrets.
+        let acme = crate::tls::acme::Acme::new(
+            dir.clone(),
+            args.upstream_ca.clone(),
+            proxy.metrics().clone(),
+        );
+        proxy.set_acme(acme.clone());
+        let every = Duration::from_secs(args.secrets_poll_secs.max(1));
+        tokio::spawn(acme.run(proxy.clone(), every));
     }
     if secrets_dir.is_some() {
         let proxy = proxy.clone();

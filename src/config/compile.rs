@@ -18,9 +18,10 @@ use super::diag::Diagnostic;
 use super::model::{AddedHeader, HostSpec, MappingSpec, MatchValue, RegexSubst, Resource, Spec};
 use super::tlscontext::{self, TlsFields};
 use crate::routes::{
-    Action, AddHeader, Forward, Graph, Group, HostMatch, HostPattern, HostRoute, InsecureAction,
-    MethodMatch, OriginTls, PathMatch, Redirect, RedirectPath, Rewrite, Route, RouteId, RouteMatch,
-    RoutingOptions, Scheme, SecretRef, Upstream, ValueMatch, ValueTest, AUTHORITY,
+    AcmeSpec, Action, AddHeader, Forward, Graph, Group, HostMatch, HostPattern, HostRoute,
+    InsecureAction, MethodMatch, OriginTls, PathMatch, Redirect, RedirectPath, Rewrite, Route,
+    RouteId, RouteMatch, RoutingOptions, Scheme, SecretRef, Upstream, ValueMatch, ValueTest,
+    AUTHORITY,
 };
 use crate::tls::context::TlsPolicy;
 
@@ -1489,12 +1490,14 @@ fn compile_host(
             .with_help("add a `tlsSecret`; or, when TLS ends in front of the gateway, let `--xff-trusted-hops` trust its `X-Forwarded-Proto` or set `requestPolicy.insecure.action: Route`"),
         );
     }
+    let acme = host_acme(r, h, tls_secret.is_some(), diags);
     Some(HostRoute {
         name: r.name.clone(),
         namespace: r.namespace.clone(),
         hostname,
         tls_secret,
         tls,
+        acme,
         insecure,
         insecure_additional_port: h
             .request_policy
@@ -1602,6 +1605,57 @@ impl<'r> TlsContexts<'r> {
             .find(|(_, f)| f.hosts.iter().any(|h| h == hostname || h == host_name))
             .copied()
     }
+}
+
+/// A Host's `acmeProvider` when ACME is on: an authority other than `none`, a `tlsSecret` to
+/// store the certificate in and a `privateKeySecret` for the account key; else an error.
+fn host_acme(
+    r: &Resource,
+    h: &HostSpec,
+    has_secret: bool,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<AcmeSpec> {
+    let p = h.acme_provider.as_ref()?;
+    let authority = p.authority.as_deref().unwrap_or("none");
+    if authority.eq_ignore_ascii_case("none") {
+        return None;
+    }
+    let mut bad = |what: &str, help: &str| {
+        diags.push(
+            Diagnostic::error(
+                "acme-incomplete",
+                &r.at("/spec/acmeProvider"),
+                format!("Host `{}`: `acmeProvider` {what}", r.name),
+            )
+            .with_help(help.to_string()),
+        );
+    };
+    if !(authority.starts_with("https://") || authority.starts_with("http://")) {
+        bad(
+            &format!("authority `{authority}` is not a URL"),
+            "give the ACME directory URL (e.g. https://acme-v02.api.letsencrypt.org/directory) or `none`",
+        );
+        return None;
+    }
+    if !has_secret {
+        bad(
+            "has no `tlsSecret` to store the certificate in",
+            "add `tlsSecret: {name: ...}` to the Host",
+        );
+        return None;
+    }
+    let Some(key) = &p.private_key_secret else {
+        bad(
+            "has no `privateKeySecret` for the account key",
+            "add `privateKeySecret: {name: ...}`; Legate creates its `tls.key` when missing",
+        );
+        return None;
+    };
+    Some(AcmeSpec {
+        authority: authority.to_string(),
+        email: p.email.clone(),
+        account_secret: key.name.clone(),
+    })
 }
 
 /// The TLS settings of a Host: its `tls` block, its `tlsContext`, or the TLSContext whose
@@ -2007,6 +2061,34 @@ mod tests {
             .map(|d| d.message.split('`').nth(1).unwrap())
             .collect();
         assert_eq!(unreachable, ["present", "regex"]);
+    }
+
+    #[test]
+    fn acme_provider_needs_a_url_a_tls_secret_and_an_account_key() {
+        let host = |acme: &str| {
+            doc(
+                "Host",
+                "h",
+                "",
+                &format!("hostname: a.test\ntlsSecret: {{name: a-tls}}\nacmeProvider: {acme}"),
+            )
+        };
+        let o = compile_text(&host(
+            "{authority: 'https://acme.test/dir', email: o@a.test, privateKeySecret: {name: acct}}",
+        ));
+        let g = o.graph.as_ref().expect("valid config");
+        let acme = g.hosts[0].acme.as_ref().expect("ACME on");
+        assert_eq!(acme.authority, "https://acme.test/dir");
+        assert_eq!(acme.account_secret, "acct");
+        let o = compile_text(&host("{authority: none}"));
+        assert!(o.graph.as_ref().unwrap().hosts[0].acme.is_none());
+        for bad in [
+            "{authority: letsencrypt, privateKeySecret: {name: acct}}",
+            "{authority: 'https://acme.test/dir'}",
+        ] {
+            let o = compile_text(&host(bad));
+            assert_eq!(codes(&o), ["acme-incomplete"], "{bad}: {:?}", o.diagnostics);
+        }
     }
 
     #[test]

@@ -263,6 +263,18 @@ pub struct HostSpec {
     pub mapping_selector: Option<LabelSelector>,
     /// Deprecated name of `mappingSelector`.
     pub selector: Option<LabelSelector>,
+    #[serde(rename = "acmeProvider")]
+    pub acme_provider: Option<AcmeProvider>,
+}
+
+/// A Host's `acmeProvider`: where to order its certificate from.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct AcmeProvider {
+    pub authority: Option<String>,
+    pub email: Option<String>,
+    #[serde(rename = "privateKeySecret")]
+    pub private_key_secret: Option<SecretName>,
 }
 
 /// What the loader produced from a tree.
@@ -566,11 +578,8 @@ fn load_document(
         out.diagnostics.extend(errors);
         return;
     }
-    out.diagnostics.extend(
-        schema::status_warnings(kind, &doc, file)
-            .into_iter()
-            .filter(|d| !acme_disabled(kind, &doc.value, d)),
-    );
+    out.diagnostics
+        .extend(schema::status_warnings(kind, &doc, file));
     let meta = &obj["metadata"];
     let name = meta["name"].as_str().unwrap_or_default().to_string();
     let namespace = meta
@@ -666,17 +675,6 @@ fn load_document(
         spec,
         doc,
     });
-}
-
-/// `acmeProvider: {authority: none}` turns ACME off, which is all Legate does anyway: no
-/// warning for it.
-fn acme_disabled(kind: Kind, doc: &Value, d: &Diagnostic) -> bool {
-    kind == Kind::Host
-        && d.pointer == "/spec/acmeProvider"
-        && doc
-            .pointer("/spec/acmeProvider/authority")
-            .and_then(Value::as_str)
-            .is_some_and(|a| a.eq_ignore_ascii_case("none"))
 }
 
 fn near_miss_group(group: &str) -> Option<&'static str> {

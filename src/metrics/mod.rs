@@ -131,6 +131,8 @@ pub struct Metrics {
     fetch: source::FetchStats,
     /// Each TLS Host's certificate, as last loaded.
     certificates: Mutex<Vec<CertState>>,
+    /// ACME state by Host hostname ([`crate::tls::acme`]).
+    acme: Mutex<std::collections::HashMap<String, AcmeStatus>>,
 }
 
 impl Default for Metrics {
@@ -147,6 +149,7 @@ impl Default for Metrics {
             outcomes: Default::default(),
             shadow: Default::default(),
             certificates: Mutex::new(Vec::new()),
+            acme: Mutex::new(std::collections::HashMap::new()),
             fetch: Default::default(),
         }
     }
@@ -374,6 +377,7 @@ impl Metrics {
 
         self.render_upstreams(&mut out);
         self.render_cert_expiry(&mut out);
+        self.render_acme(&mut out);
 
         head(
             &mut out,
@@ -482,6 +486,58 @@ pub struct CertState {
     pub secret: String,
     pub state: &'static str,
     pub not_after: Option<i64>,
+    /// The ACME order state, for a Host with an `acmeProvider`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeStatus>,
+}
+
+/// Where a Host's ACME certificate stands: `ordering`, `valid` (with `not_after` and
+/// `renew_at`) or `failed` (with `reason`, `failures` in a row and `next_attempt`); times in
+/// Unix seconds.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct AcmeStatus {
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renew_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt: Option<i64>,
+    pub failures: u32,
+}
+
+impl AcmeStatus {
+    pub fn ordering() -> AcmeStatus {
+        AcmeStatus {
+            state: "ordering",
+            not_after: None,
+            renew_at: None,
+            reason: None,
+            next_attempt: None,
+            failures: 0,
+        }
+    }
+
+    pub fn valid(not_after: i64, renew_at: i64) -> AcmeStatus {
+        AcmeStatus {
+            state: "valid",
+            not_after: Some(not_after),
+            renew_at: Some(renew_at),
+            ..AcmeStatus::ordering()
+        }
+    }
+
+    pub fn failed(reason: String, next_attempt: i64, failures: u32) -> AcmeStatus {
+        AcmeStatus {
+            state: "failed",
+            reason: Some(reason),
+            next_attempt: Some(next_attempt),
+            failures,
+            ..AcmeStatus::ordering()
+        }
+    }
 }
 
 /// One upstream's address health, as the dashboard shows it.
@@ -500,12 +556,74 @@ impl Metrics {
         *self.certificates.lock().unwrap_or_else(|e| e.into_inner()) = certs;
     }
 
-    /// Each TLS Host's certificate, for `GET /api/certificates`.
+    /// Each TLS Host's certificate, for `GET /api/certificates`, with its ACME state.
     pub fn certificates(&self) -> Vec<CertState> {
-        self.certificates
+        let mut certs = self
+            .certificates
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        let acme = self.acme.lock().unwrap_or_else(|e| e.into_inner());
+        for c in &mut certs {
+            c.acme = acme.get(&c.host).cloned();
+        }
+        certs
+    }
+
+    /// Record the ACME state of a Host (by hostname).
+    pub fn set_acme(&self, host: &str, status: AcmeStatus) {
+        self.acme
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(host.to_string(), status);
+    }
+
+    /// Forget the ACME state of Hosts no longer in the config.
+    pub fn retain_acme(&self, hosts: &[String]) {
+        self.acme
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|h, _| hosts.contains(h));
+    }
+
+    fn render_acme(&self, out: &mut String) {
+        let acme: Vec<(String, AcmeStatus)> = self
+            .acme
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(h, s)| (h.clone(), s.clone()))
+            .collect();
+        head(
+            out,
+            "legate_acme_certificate_state",
+            "gauge",
+            "ACME state of a Host's certificate (1 for the current state: ordering, valid, failed), by Host hostname.",
+        );
+        for (h, s) in &acme {
+            for st in ["ordering", "valid", "failed"] {
+                let _ = writeln!(
+                    out,
+                    "legate_acme_certificate_state{{host=\"{}\",state=\"{st}\"}} {}",
+                    escape(h),
+                    u8::from(s.state == st)
+                );
+            }
+        }
+        head(
+            out,
+            "legate_acme_failures",
+            "gauge",
+            "Failed ACME orders in a row for a Host's certificate (0 after a success), by Host hostname.",
+        );
+        for (h, s) in &acme {
+            let _ = writeln!(
+                out,
+                "legate_acme_failures{{host=\"{}\"}} {}",
+                escape(h),
+                s.failures
+            );
+        }
     }
 
     fn render_cert_expiry(&self, out: &mut String) {

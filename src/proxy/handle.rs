@@ -72,6 +72,10 @@ impl Proxy {
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Response<RespBody> {
+        // ACME HTTP-01 answers for orders in flight, before anything else looks at the request.
+        if let Some(answer) = self.acme.get().and_then(|a| a.answer(req.uri().path())) {
+            return answer.map(full);
+        }
         let snap = self.shared.load_full();
         let grpc = hdr::is_grpc(req.headers());
         let mut ex = Exchange::start(&req, &snap, self.settings.access_log.is_some(), conn.remote);

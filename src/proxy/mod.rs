@@ -264,6 +264,8 @@ pub struct Proxy {
     /// Requests under a reserved path prefix answered in-process (webhooks on the proxy
     /// listeners), set once at startup.
     local: std::sync::OnceLock<(String, Arc<dyn LocalService>)>,
+    /// The ACME manager whose HTTP-01 tokens this listener answers, set once at startup.
+    acme: std::sync::OnceLock<Arc<crate::tls::acme::Acme>>,
     breakers: breaker::Breakers,
     health: health::Registry,
     /// The health-check supervisors of the live graph's upstreams, by health state.
@@ -321,6 +323,7 @@ impl Proxy {
             loaded: std::sync::atomic::AtomicBool::new(false),
             gateway_errors: std::sync::atomic::AtomicU64::new(0),
             local: std::sync::OnceLock::new(),
+            acme: std::sync::OnceLock::new(),
             breakers: breaker::Breakers::default(),
             health: health::Registry::default(),
             checkers: Mutex::new(Vec::new()),
@@ -466,6 +469,12 @@ impl Proxy {
         if !self.secrets.changed() {
             return false;
         }
+        self.reload_certs();
+        true
+    }
+
+    /// Reload every Host's certificate now (a Secret that was missing may exist now).
+    pub fn reload_certs(&self) {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let cur = self.shared.load_full();
         let certs = CertTable::build(
@@ -484,7 +493,11 @@ impl Proxy {
         };
         self.shared.store(Arc::new(snap));
         tracing::info!("reloaded TLS certificates after a change under the secrets directory");
-        true
+    }
+
+    /// Answer ACME HTTP-01 challenges of this manager's orders in flight.
+    pub fn set_acme(&self, acme: Arc<crate::tls::acme::Acme>) {
+        let _ = self.acme.set(acme);
     }
 
     /// The server config of the Host a ClientHello's SNI picks, when it has its own TLS

@@ -23,6 +23,8 @@ pub struct HostRoute {
     pub tls_secret: Option<SecretRef>,
     /// Its own TLS settings (a `tls` block or a TLSContext); `None`: the listener's.
     pub tls: Option<crate::tls::context::TlsPolicy>,
+    /// Its `acmeProvider`, when ACME is on (authority other than `none`).
+    pub acme: Option<AcmeSpec>,
     /// What a cleartext request gets (Emissary's default: `Redirect`).
     pub insecure: InsecureAction,
     /// An extra cleartext port the insecure action applies to (`-1`: none).
@@ -30,6 +32,16 @@ pub struct HostRoute {
     /// Groups associated with this Host, in match order.
     pub groups: Vec<usize>,
     pub source: String,
+}
+
+/// Where a Host's certificate is ordered by ACME ([`crate::tls::acme`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct AcmeSpec {
+    /// The ACME directory URL.
+    pub authority: String,
+    pub email: Option<String>,
+    /// The Secret holding the account key (`<name>/tls.key`).
+    pub account_secret: String,
 }
 
 /// A reference to a Kubernetes-style TLS secret (`<secrets-dir>/<name>/tls.{crt,key}`).

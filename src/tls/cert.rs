@@ -51,3 +51,12 @@ pub fn xfcc(der: &[u8]) -> String {
 fn quote(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }
+
+/// `notBefore` and `notAfter` of a DER certificate, in seconds since the Unix epoch.
+pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    let c = Certificate::from_der(der).ok()?;
+    let v = &c.tbs_certificate.validity;
+    let nb = i64::try_from(v.not_before.to_unix_duration().as_secs()).ok()?;
+    let na = i64::try_from(v.not_after.to_unix_duration().as_secs()).ok()?;
+    Some((nb, na))
+}

@@ -8,6 +8,7 @@
 //! A Host with its own TLS settings (`context`) gets its own `ServerConfig`, chosen per
 //! ClientHello by SNI ([`CertTable::config_for`]).
 
+pub mod acme;
 pub mod cert;
 pub mod context;
 
@@ -345,6 +346,7 @@ impl CertTable {
                     secret: secret.name.clone(),
                     state: if k.is_some() { "loaded" } else { "unavailable" },
                     not_after,
+                    acme: None,
                 })
             })
             .collect()

@@ -1,5 +1,6 @@
 //! The integration-test binary: real binaries, sockets, files, git servers and clients.
 
+mod acme;
 mod ci_recipes;
 mod compat;
 mod config_cli;
