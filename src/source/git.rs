@@ -202,18 +202,31 @@ impl GitSource {
             .remote_anonymous(&self.opts.url)
             .map_err(|e| self.fetch_err(e))?;
         let refused = Arc::new(std::sync::Mutex::new(None));
-        let mut fo = FetchOptions::new();
-        fo.remote_callbacks(self.callbacks(refused.clone()));
-        fo.download_tags(AutotagOption::None);
-        remote.fetch(&refspecs, Some(&mut fo), None).map_err(|e| {
-            match refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        // Two fetches may overlap (a pinned gateway reads the head in the background while a
+        // pass fetches): the later one finds the remote-tracking ref locked for a moment.
+        // Wait for the other to write it rather than failing the pass.
+        let mut attempt = 0;
+        let fetched = loop {
+            let mut fo = FetchOptions::new();
+            fo.remote_callbacks(self.callbacks(refused.clone()));
+            fo.download_tags(AutotagOption::None);
+            match remote.fetch(&refspecs, Some(&mut fo), None) {
+                Err(e) if e.code() == git2::ErrorCode::Locked && attempt < 20 => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                other => break other,
+            }
+        };
+        fetched.map_err(
+            |e| match refused.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 Some(why) => SourceError::Fetch {
                     url: redact(&self.opts.url),
                     message: why,
                 },
                 None => self.fetch_err(e),
-            }
-        })?;
+            },
+        )?;
         // Only when no other fetch runs, so no pack is being written beside the merge.
         if self.fetching.load(Ordering::SeqCst) == 1 {
             if let Err(e) = compact(repo, MAX_PACKS) {
