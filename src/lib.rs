@@ -8,11 +8,11 @@
 
 pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod diff;
-pub mod kube;
 pub mod metrics;
-pub mod notify;
+pub mod notifications;
 pub mod policy;
 pub mod proxy;
 pub mod reconcile;

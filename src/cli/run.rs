@@ -340,7 +340,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     let (events, _) = tokio::sync::broadcast::channel(64);
     let served_events = events.subscribe();
     let notify_events = events.subscribe();
-    proxy.metrics().follow(events.subscribe());
+    crate::reconcile::count_outcomes(proxy.metrics(), events.subscribe());
     let rsettings = RSettings {
         events: Some(events),
         metrics: Some(proxy.metrics().clone()),
@@ -392,7 +392,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
             }
         });
         // The served revision goes to the objects' status, written by the Lease holder only.
-        let (served_tx, served_rx) = tokio::sync::watch::channel(None::<crate::kube::Served>);
+        let (served_tx, served_rx) = tokio::sync::watch::channel(None::<crate::cluster::Served>);
         let mut events = served_events;
         tokio::spawn(async move {
             use reconcile::Outcome;
@@ -406,18 +406,18 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
                     },
                     _ => continue,
                 };
-                served_tx.send_replace(Some(crate::kube::Served {
+                served_tx.send_replace(Some(crate::cluster::Served {
                     revision: e.revision,
                     state: state.into(),
                 }));
             }
         });
         let lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| cfg.namespace.clone());
-        let status = crate::kube::start_status(
+        let status = crate::cluster::start_status(
             client,
             kwatch.snapshots(),
             served_rx,
-            crate::kube::LeaseConfig::new(lease_ns, crate::kube::default_identity()),
+            crate::cluster::LeaseConfig::new(lease_ns, crate::cluster::default_identity()),
         );
         _keep.push(Box::new(kwatch));
         _keep.push(Box::new(status));
@@ -461,7 +461,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     };
 
     if let Some(url) = &args.notify_url {
-        let n = crate::notify::Notifier::new(url).map_err(anyhow::Error::msg)?;
+        let n = crate::notifications::Notifier::new(url).map_err(anyhow::Error::msg)?;
         n.spawn(notify_events, source_name.clone());
     }
     // The dashboard's recent traffic: a snapshot of the per-route counters every 5 s, kept for
