@@ -177,7 +177,7 @@ impl Proxy {
                 }
                 let origin = cors.and_then(|c| c.origin(req.headers()));
                 let mut req = req;
-                let passed = crate::policy::enforce(f, &mut req, conn.remote)
+                let passed = crate::guard::enforce(f, &prep.guard, &mut req, conn.remote)
                     .await
                     .map_err(ProxyError::Denied)?;
                 let mut resp = self
@@ -357,7 +357,7 @@ impl Proxy {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let body = match parts.extensions.remove::<crate::policy::ReadAhead>() {
+        let body = match parts.extensions.remove::<crate::guard::ReadAhead>() {
             Some(ahead) => super::body::ReqBody::read_ahead(ahead, body, limit)
                 .map_err(|_| ProxyError::BodyTooLarge)?,
             None => super::retry::request_body(body, replayable, limit).await?,

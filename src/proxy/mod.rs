@@ -193,6 +193,8 @@ pub(crate) struct Prepared {
     pub label: HeaderValue,
     pub retry: Option<crate::routes::RetryPolicy>,
     pub breaker: Arc<breaker::Breaker>,
+    /// The route's share of the edge-policy state (JWKS keys, token buckets, Redis).
+    pub guard: crate::guard::RouteState,
     /// The route label's counters, for retries and circuit-breaker refusals.
     pub stats: Arc<crate::metrics::RouteStats>,
     pub cors: Option<Arc<cors::Policy>>,
@@ -260,6 +262,8 @@ pub struct Proxy {
     /// listeners), set once at startup.
     local: std::sync::OnceLock<(String, Arc<dyn LocalService>)>,
     breakers: breaker::Breakers,
+    /// JWKS key sets, token buckets and Redis clients of the routes' edge policies.
+    guards: crate::guard::Registry,
     health: health::Registry,
     /// The health-check supervisors of the live graph's upstreams, by health state.
     checkers: Mutex<Vec<Checker>>,
@@ -317,6 +321,7 @@ impl Proxy {
             gateway_errors: std::sync::atomic::AtomicU64::new(0),
             local: std::sync::OnceLock::new(),
             breakers: breaker::Breakers::default(),
+            guards: crate::guard::Registry::default(),
             health: health::Registry::default(),
             checkers: Mutex::new(Vec::new()),
             shadows: shadow::Shadows::new(metrics.clone()),
@@ -342,13 +347,14 @@ impl Proxy {
         evidence: Arc<crate::reconcile::Evidence>,
     ) {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        // Local rate-limit buckets and JWKS keys outlive a revision that leaves them as they were.
-        crate::policy::carry_over(&self.shared.load().graph, &graph);
         let mut snap = self.build(graph);
         snap.revision = HeaderValue::from_str(revision).unwrap_or(HeaderValue::from_static(""));
         snap.evidence = evidence;
         self.run_checkers(&snap);
         self.shared.store(Arc::new(snap));
+        // Local rate-limit buckets and JWKS keys outlive a revision that leaves them as they
+        // were (the new graph was prepared while the old one still held them); the rest go.
+        self.guards.prune();
         self.loaded
             .store(true, std::sync::atomic::Ordering::Release);
     }
@@ -619,6 +625,7 @@ impl Proxy {
                 format!("{:?}://{authority_str}/{}", f.upstream.scheme, f.http2),
                 f.breaker,
             ),
+            guard: self.guards.route(f),
         }
     }
 }
@@ -645,6 +652,7 @@ impl Clone for Prepared {
             cors: self.cors.clone(),
             balancer: self.balancer.clone(),
             checked: self.checked.clone(),
+            guard: self.guard.clone(),
         }
     }
 }

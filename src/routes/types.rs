@@ -280,11 +280,11 @@ pub struct Forward {
     /// Active health checks of every address.
     pub health_checks: Vec<super::HealthCheck>,
     /// The AuthService to ask first, unless the Mapping has `bypass_auth`.
-    pub ext_auth: Option<std::sync::Arc<crate::policy::ExtAuth>>,
+    pub ext_auth: Option<std::sync::Arc<super::guard::ExtAuth>>,
     /// The JWTPolicy whose token the request must carry.
-    pub jwt: Option<std::sync::Arc<crate::policy::JwtPolicy>>,
+    pub jwt: Option<std::sync::Arc<super::guard::JwtPolicy>>,
     /// The RateLimit limits counting this route's requests.
-    pub rate_limits: Vec<crate::policy::RouteLimit>,
+    pub rate_limits: Vec<super::guard::RouteLimit>,
 }
 
 /// A header to add. `append: false` replaces existing values.

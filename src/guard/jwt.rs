@@ -9,7 +9,7 @@
 //! cold start with no keys at all waits, at most [`COLD_WAIT`]. A token naming a key id the set
 //! does not hold triggers an early refresh, at most once per [`UNKNOWN_KID_INTERVAL`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -19,12 +19,11 @@ use base64::Engine;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ring::signature::{self, UnparsedPublicKey};
-use serde::Deserialize;
 use serde_json::Value;
 use sha2::Digest;
 
 use super::Denial;
-use crate::config::model::LabelSelector;
+use crate::routes::guard::{Alg, JwksSource, JwtPolicy};
 
 /// Largest token considered (a header line is capped anyway; this bounds the decode work).
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -50,67 +49,8 @@ pub struct Verified {
     pub claims: Arc<Claims>,
 }
 
-/// The JWTPolicy spec.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(default)]
-pub struct JwtPolicySpec {
-    pub issuer: Option<String>,
-    pub audiences: Vec<String>,
-    pub jwks: JwksSource,
-    pub algorithms: Vec<String>,
-    pub clock_skew_seconds: Option<u64>,
-    pub required_claims: Vec<String>,
-    pub forward_claims: BTreeMap<String, String>,
-    pub mappings: Vec<String>,
-    #[serde(rename = "mappingSelector")]
-    pub mapping_selector: Option<LabelSelector>,
-    pub hosts: Vec<String>,
-}
-
-/// Where the keys are.
-#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
-#[serde(default)]
-pub struct JwksSource {
-    pub file: Option<String>,
-    pub url: Option<String>,
-    pub refresh_seconds: Option<u64>,
-}
-
-/// An accepted signature algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Alg {
-    Rs256,
-    Es256,
-    EdDsa,
-}
-
-impl Alg {
-    pub fn parse(s: &str) -> Option<Alg> {
-        match s {
-            "RS256" => Some(Alg::Rs256),
-            "ES256" => Some(Alg::Es256),
-            "EdDSA" => Some(Alg::EdDsa),
-            _ => None,
-        }
-    }
-}
-
-/// A compiled JWTPolicy.
-pub struct JwtPolicy {
-    /// `namespace/name`, for logs.
-    pub name: String,
-    pub issuer: Option<String>,
-    pub audiences: Vec<String>,
-    pub algorithms: Vec<Alg>,
-    pub skew: u64,
-    pub required: Vec<String>,
-    pub forward: Vec<(String, HeaderName)>,
-    pub source: JwksSource,
-    keys: Arc<KeyState>,
-}
-
 /// The key set of one policy and its refreshing; shared with the background refresh task.
-struct KeyState {
+pub(crate) struct KeyState {
     name: String,
     source: JwksSource,
     refresh: Duration,
@@ -125,22 +65,6 @@ struct KeyState {
     /// When an unknown key id last triggered a refresh.
     last_unknown_kid: Mutex<Option<Instant>>,
     verified: Mutex<HashMap<[u8; 32], Arc<Claims>>>,
-}
-
-// Debug feeds the graph hash: the configuration, never the cache.
-impl std::fmt::Debug for JwtPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtPolicy")
-            .field("name", &self.name)
-            .field("issuer", &self.issuer)
-            .field("audiences", &self.audiences)
-            .field("algorithms", &self.algorithms)
-            .field("skew", &self.skew)
-            .field("required", &self.required)
-            .field("forward", &self.forward)
-            .field("source", &self.source)
-            .finish()
-    }
 }
 
 /// One usable key of a JWKS.
@@ -158,101 +82,17 @@ enum KeyMaterial {
     Raw(Vec<u8>),
 }
 
-/// A compile problem: JSON pointer, message, help.
-type CompileError = (&'static str, String, String);
-
 impl JwtPolicy {
-    pub fn compile(name: String, spec: &JwtPolicySpec) -> Result<JwtPolicy, CompileError> {
-        let algorithms = if spec.algorithms.is_empty() {
-            vec![Alg::Rs256, Alg::Es256, Alg::EdDsa]
-        } else {
-            spec.algorithms
-                .iter()
-                .map(|a| {
-                    Alg::parse(a).ok_or_else(|| {
-                        (
-                            "/spec/algorithms",
-                            format!("algorithm `{a}` is not accepted"),
-                            "use RS256, ES256 or EdDSA (symmetric HS* and `none` are refused)"
-                                .to_string(),
-                        )
-                    })
-                })
-                .collect::<Result<_, _>>()?
-        };
-        match (&spec.jwks.file, &spec.jwks.url) {
-            (Some(_), Some(_)) | (None, None) => {
-                return Err((
-                    "/spec/jwks",
-                    "jwks needs exactly one of `file` or `url`".into(),
-                    "set `file: /path/jwks.json` or `url: https://issuer/.well-known/jwks.json`"
-                        .into(),
-                ))
-            }
-            (None, Some(u)) => {
-                let ok = u.starts_with("https://")
-                    || u.starts_with("http://127.0.0.1")
-                    || u.starts_with("http://localhost")
-                    || u.starts_with("http://[::1]");
-                if !ok || u.parse::<http::Uri>().is_err() {
-                    return Err((
-                        "/spec/jwks/url",
-                        format!("jwks url `{u}` is not an https:// URL"),
-                        "keys must be fetched over HTTPS (plain http only for loopback)".into(),
-                    ));
-                }
-            }
-            (Some(_), None) => {}
-        }
-        let forward = spec
-            .forward_claims
-            .iter()
-            .map(|(claim, h)| {
-                HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
-                    .map(|n| (claim.clone(), n))
-                    .map_err(|_| {
-                        (
-                            "/spec/forward_claims",
-                            format!("`{h}` is not a valid header name"),
-                            "use letters, digits and `-`".to_string(),
-                        )
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(JwtPolicy {
-            name: name.clone(),
-            issuer: spec.issuer.clone(),
-            audiences: spec.audiences.clone(),
-            algorithms,
-            skew: spec.clock_skew_seconds.unwrap_or(60),
-            required: spec.required_claims.clone(),
-            forward,
-            source: spec.jwks.clone(),
-            keys: Arc::new(KeyState {
-                name,
-                source: spec.jwks.clone(),
-                refresh: Duration::from_secs(
-                    spec.jwks
-                        .refresh_seconds
-                        .unwrap_or(DEFAULT_REFRESH_SECS)
-                        .max(1),
-                ),
-                current: Mutex::new(Arc::new(Vec::new())),
-                checked: Mutex::new(None),
-                refreshing: AtomicBool::new(false),
-                done: tokio::sync::Notify::new(),
-                last_unknown_kid: Mutex::new(None),
-                verified: Mutex::new(HashMap::new()),
-            }),
-        })
-    }
-
     /// Validate the request's bearer token: the headers to set on the request and the claims.
-    pub async fn check(&self, headers: &HeaderMap) -> Result<Verified, Box<Denial>> {
+    pub(crate) async fn check(
+        &self,
+        keys: &Arc<KeyState>,
+        headers: &HeaderMap,
+    ) -> Result<Verified, Box<Denial>> {
         let Some(token) = bearer(headers) else {
             return Err(unauthorized(None));
         };
-        let keys = self.keys.keys().await;
+        let key_set = keys.keys().await;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -263,20 +103,20 @@ impl JwtPolicy {
         // Signature, issuer, audience and claims of a token do not change while the keys do
         // not: a token seen before costs a hash and its time check, not a signature check.
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-        let claims = match self.keys.remembered(&digest) {
+        let claims = match keys.remembered(&digest) {
             Some(c) => {
                 self.check_times(&c, now).map_err(refuse)?;
                 c
             }
-            None => match self.validate(token, &keys, now) {
+            None => match self.validate(token, &key_set, now) {
                 Ok(c) => {
                     let c = Arc::new(c);
-                    self.keys.remember(digest, c.clone());
+                    keys.remember(digest, c.clone());
                     c
                 }
                 Err(why) => {
                     if why == UNKNOWN_KID {
-                        self.keys.unknown_kid();
+                        keys.unknown_kid();
                     }
                     return Err(refuse(why));
                 }
@@ -384,27 +224,6 @@ impl JwtPolicy {
     }
 }
 
-/// Give each policy of `new` that has no keys yet the keys of a policy of `old` reading the same
-/// source, so a new revision does not start cold (a first request waiting for a fetch, or
-/// refused while the JWKS endpoint is down). The verified-token memory is not carried: the
-/// new policy may judge tokens differently.
-pub fn carry_over(old: &[Arc<JwtPolicy>], new: &[Arc<JwtPolicy>]) {
-    for p in new {
-        if !p.keys.current().is_empty() {
-            continue;
-        }
-        let Some(prev) = old
-            .iter()
-            .find(|o| o.source == p.source && !o.keys.current().is_empty())
-        else {
-            continue;
-        };
-        *p.keys.current.lock().unwrap_or_else(|e| e.into_inner()) = prev.keys.current();
-        *p.keys.checked.lock().unwrap_or_else(|e| e.into_inner()) =
-            *prev.keys.checked.lock().unwrap_or_else(|e| e.into_inner());
-    }
-}
-
 /// Why a token naming a key id the key set does not hold is refused.
 const UNKNOWN_KID: &str = "unknown key id";
 
@@ -419,6 +238,40 @@ impl Drop for RefreshDone {
 }
 
 impl KeyState {
+    /// The key set of `policy`, starting with the keys of `seed` (a policy reading the same
+    /// source) when there is one.
+    pub(crate) fn new(policy: &JwtPolicy, seed: Option<&KeyState>) -> KeyState {
+        let (current, checked) = match seed {
+            Some(s) => (
+                s.current(),
+                *s.checked.lock().unwrap_or_else(|e| e.into_inner()),
+            ),
+            None => (Arc::new(Vec::new()), None),
+        };
+        KeyState {
+            name: policy.name.clone(),
+            source: policy.source.clone(),
+            refresh: Duration::from_secs(
+                policy
+                    .source
+                    .refresh_seconds
+                    .unwrap_or(DEFAULT_REFRESH_SECS)
+                    .max(1),
+            ),
+            current: Mutex::new(current),
+            checked: Mutex::new(checked),
+            refreshing: AtomicBool::new(false),
+            done: tokio::sync::Notify::new(),
+            last_unknown_kid: Mutex::new(None),
+            verified: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether any keys are held.
+    pub(crate) fn has_keys(&self) -> bool {
+        !self.current().is_empty()
+    }
+
     /// Claims of a token verified before with the current keys (only its times can change).
     fn remembered(&self, digest: &[u8; 32]) -> Option<Arc<Claims>> {
         self.verified

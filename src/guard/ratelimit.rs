@@ -12,240 +12,38 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
-use serde::Deserialize;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use super::Denial;
+use crate::routes::guard::{Entry, LimitBackend, RouteLimit};
 
 /// Local buckets kept per limit before idle ones are dropped.
 const MAX_LOCAL_KEYS: usize = 100_000;
 /// Largest descriptor value used in a key (a header could be long).
 const MAX_VALUE_BYTES: usize = 256;
 
-/// The RateLimit spec.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(default)]
-pub struct RateLimitSpec {
-    pub backend: Option<String>,
-    pub redis: Option<RedisSpec>,
-    pub failure_mode: Option<String>,
-    pub response_headers: Option<bool>,
-    pub limits: Vec<LimitSpec>,
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(default)]
-pub struct RedisSpec {
-    pub address: String,
-    pub timeout_ms: Option<u64>,
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(default)]
-pub struct LimitSpec {
-    pub name: String,
-    pub domain: Option<String>,
-    pub group: String,
-    pub requests: u64,
-    pub per: String,
-    pub burst: Option<u64>,
-}
-
-/// One limit of a RateLimit, with its bucket store.
-pub struct Limit {
-    /// `namespace/name/limit`, the key prefix.
-    pub id: String,
-    pub domain: String,
-    pub group: String,
-    pub requests: u64,
-    /// Tokens per second.
-    pub rate: f64,
-    pub burst: u64,
-    /// Whether allowed responses carry `RateLimit-*` headers.
-    pub response_headers: bool,
-    backend: Backend,
-}
-
 /// The token buckets of one local limit, by descriptor key.
-type Buckets = Mutex<HashMap<String, Bucket>>;
+pub(crate) type Buckets = Mutex<HashMap<String, Bucket>>;
 
-enum Backend {
-    /// Set when the graph is swapped in: the previous revision's buckets when the limit is the
-    /// same, else new ones (see [`carry_over`]).
-    Local(OnceLock<Arc<Buckets>>),
-    Redis(Redis),
-}
-
-// Debug feeds the graph hash: the configuration, never the counters.
-impl std::fmt::Debug for Limit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let backend = match &self.backend {
-            Backend::Local(_) => "local".to_string(),
-            Backend::Redis(r) => {
-                format!("redis {} {:?} open={}", r.address, r.timeout, r.fail_open)
-            }
-        };
-        f.debug_struct("Limit")
-            .field("id", &self.id)
-            .field("domain", &self.domain)
-            .field("group", &self.group)
-            .field("rate", &self.rate)
-            .field("burst", &self.burst)
-            .field("response_headers", &self.response_headers)
-            .field("backend", &backend)
-            .finish()
-    }
-}
-
-/// One entry of a descriptor group on a Mapping.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Entry {
-    RemoteAddress,
-    Header {
-        key: String,
-        name: HeaderName,
-        omit_if_not_present: bool,
-    },
-    Generic {
-        key: String,
-        value: String,
-    },
-    /// A claim of the validated JWT (Legate's extension).
-    Claim {
-        key: String,
-        claim: String,
-    },
-}
-
-/// A limit applied to a route, with the entries that make its key.
-#[derive(Debug, Clone)]
-pub struct RouteLimit {
-    pub limit: std::sync::Arc<Limit>,
-    pub entries: Vec<Entry>,
+/// Where one route limit counts: its local buckets or its Redis client.
+#[derive(Clone)]
+pub(crate) enum Counter {
+    Local(Arc<Buckets>),
+    Redis(Arc<Redis>),
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
+pub(crate) struct Bucket {
     tokens: f64,
     at: Instant,
-}
-
-/// A compile problem: JSON pointer, message, help.
-type CompileError = (String, String, String);
-
-/// Compile the limits of one RateLimit resource.
-pub fn compile(id: &str, spec: &RateLimitSpec) -> Result<Vec<Limit>, CompileError> {
-    let fail_open = spec.failure_mode.as_deref() != Some("closed");
-    let mut out = Vec::new();
-    for (i, l) in spec.limits.iter().enumerate() {
-        let secs = match l.per.as_str() {
-            "second" => 1.0,
-            "minute" => 60.0,
-            "hour" => 3600.0,
-            other => {
-                return Err((
-                    format!("/spec/limits/{i}/per"),
-                    format!("`per: {other}` is not a period"),
-                    "use second, minute or hour".into(),
-                ))
-            }
-        };
-        let backend = match spec.backend.as_deref().unwrap_or("local") {
-            "redis" => {
-                let Some(r) = &spec.redis else {
-                    return Err((
-                        "/spec".into(),
-                        "`backend: redis` needs `redis.address`".into(),
-                        "add `redis: {address: redis:6379}`".into(),
-                    ));
-                };
-                Backend::Redis(Redis {
-                    address: r.address.clone(),
-                    timeout: Duration::from_millis(r.timeout_ms.unwrap_or(50).max(1)),
-                    fail_open,
-                    pool: Mutex::new(Vec::new()),
-                })
-            }
-            _ => Backend::Local(OnceLock::new()),
-        };
-        out.push(Limit {
-            id: format!("{id}/{}", l.name),
-            domain: l.domain.clone().unwrap_or_else(|| "ambassador".into()),
-            group: l.group.clone(),
-            requests: l.requests,
-            rate: l.requests as f64 / secs,
-            burst: l.burst.unwrap_or(l.requests).max(1),
-            response_headers: spec.response_headers.unwrap_or(true),
-            backend,
-        });
-    }
-    Ok(out)
-}
-
-/// One descriptor group of a Mapping: domain, group name, entries.
-pub type DescriptorGroup = (String, String, Vec<Entry>);
-
-/// The descriptor groups of a Mapping's `labels`, and the entries Legate cannot evaluate
-/// (reported by the caller).
-pub fn descriptor_groups(labels: &Value) -> (Vec<DescriptorGroup>, Vec<String>) {
-    let mut out = Vec::new();
-    let mut unsupported = Vec::new();
-    let Some(domains) = labels.as_object() else {
-        return (out, unsupported);
-    };
-    for (domain, groups) in domains {
-        for group in groups.as_array().into_iter().flatten() {
-            for (name, entries) in group.as_object().into_iter().flatten() {
-                let mut list = Vec::new();
-                for e in entries.as_array().into_iter().flatten() {
-                    let Some((kind, body)) = e.as_object().and_then(|o| o.iter().next()) else {
-                        continue;
-                    };
-                    let s = |f: &str| body.get(f).and_then(Value::as_str).map(str::to_string);
-                    match kind.as_str() {
-                        "remote_address" => list.push(Entry::RemoteAddress),
-                        "jwt_claim" => {
-                            let Some(claim) = s("claim") else { continue };
-                            list.push(Entry::Claim {
-                                key: s("key").unwrap_or_else(|| claim.clone()),
-                                claim,
-                            });
-                        }
-                        "generic_key" => list.push(Entry::Generic {
-                            key: s("key").unwrap_or_else(|| "generic_key".into()),
-                            value: s("value").unwrap_or_default(),
-                        }),
-                        "request_headers" => {
-                            let Some(name) = s("header_name").and_then(|h| {
-                                HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()
-                            }) else {
-                                continue;
-                            };
-                            list.push(Entry::Header {
-                                key: s("key").unwrap_or_else(|| name.to_string()),
-                                name,
-                                omit_if_not_present: body
-                                    .get("omit_if_not_present")
-                                    .and_then(Value::as_bool)
-                                    .unwrap_or(false),
-                            });
-                        }
-                        other => unsupported.push(format!("{domain}.{name}: {other}")),
-                    }
-                }
-                out.push((domain.clone(), name.clone(), list));
-            }
-        }
-    }
-    (out, unsupported)
 }
 
 /// Outcome of one check.
@@ -343,8 +141,9 @@ impl RouteLimit {
 
     /// Count the request; `Ok` carries where it stands when the limit applied and reports
     /// `RateLimit-*` headers, `Err` is the answer to a refused request.
-    pub async fn check(
+    pub(crate) async fn check(
         &self,
+        counter: &Counter,
         headers: &HeaderMap,
         peer: SocketAddr,
         claims: Option<&super::jwt::Claims>,
@@ -353,16 +152,18 @@ impl RouteLimit {
             return Ok(None);
         };
         let l = &*self.limit;
-        let verdict = match &l.backend {
-            Backend::Local(buckets) => local_take(
-                buckets.get_or_init(Arc::default),
-                &key,
-                l.rate,
-                l.burst as f64,
-            ),
-            Backend::Redis(r) => match r.take(&key, l.rate, l.burst).await {
+        let fail_open = matches!(
+            l.backend,
+            LimitBackend::Redis {
+                fail_open: true,
+                ..
+            }
+        );
+        let verdict = match counter {
+            Counter::Local(buckets) => local_take(buckets, &key, l.rate, l.burst as f64),
+            Counter::Redis(r) => match r.take(&key, l.rate, l.burst).await {
                 Ok(v) => v,
-                Err(e) if r.fail_open => {
+                Err(e) if fail_open => {
                     tracing::warn!(limit = %l.id, error = %e, "Redis unavailable; failure_mode open lets the request through");
                     return Ok(None);
                 }
@@ -399,31 +200,6 @@ impl RouteLimit {
             headers: h,
             body: Bytes::from_static(b"too many requests\n"),
         }))
-    }
-}
-
-/// Give each local limit of `new` the buckets of the same limit in `old`, so a new revision
-/// does not hand every client a full bucket again. "The same" is the whole definition: id,
-/// rate and burst (the descriptor entries are part of each bucket's key already). Limits
-/// without a match get new buckets.
-pub fn carry_over<'a>(
-    old: impl IntoIterator<Item = &'a Limit>,
-    new: impl IntoIterator<Item = &'a Limit>,
-) {
-    let mut kept: HashMap<(&str, u64, u64), &Arc<Buckets>> = HashMap::new();
-    for l in old {
-        if let Backend::Local(cell) = &l.backend {
-            if let Some(b) = cell.get() {
-                kept.insert((l.id.as_str(), l.rate.to_bits(), l.burst), b);
-            }
-        }
-    }
-    for l in new {
-        if let Backend::Local(cell) = &l.backend {
-            let prev = kept.get(&(l.id.as_str(), l.rate.to_bits(), l.burst));
-            // Already set when the same graph is swapped in again.
-            let _ = cell.set(prev.map_or_else(Arc::default, |b| Arc::clone(b)));
-        }
     }
 }
 
@@ -478,14 +254,21 @@ return {allowed, tostring(tokens)}
 "#;
 
 /// A minimal Redis client: RESP over TCP, a few idle connections kept.
-struct Redis {
+pub(crate) struct Redis {
     address: String,
     timeout: Duration,
-    fail_open: bool,
     pool: Mutex<Vec<BufReader<TcpStream>>>,
 }
 
 impl Redis {
+    pub(crate) fn new(address: &str, timeout: Duration) -> Redis {
+        Redis {
+            address: address.to_string(),
+            timeout,
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
     async fn take(&self, key: &str, rate: f64, burst: u64) -> Result<Verdict, String> {
         let work = async {
             let conn = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
