@@ -560,3 +560,86 @@ async fn get(url: &str) -> Result<Vec<u8>, String> {
         exchange(TokioIo::new(tcp), req).await
     }
 }
+
+#[cfg(test)]
+mod registry_tests {
+    use super::super::Registry;
+    use super::*;
+    use crate::routes::guard::{Limit, LimitBackend};
+
+    fn policy(name: &str, issuer: &str) -> JwtPolicy {
+        JwtPolicy {
+            name: name.into(),
+            issuer: Some(issuer.into()),
+            audiences: vec![],
+            algorithms: vec![Alg::Rs256],
+            skew: 60,
+            required: vec![],
+            forward: vec![],
+            source: JwksSource {
+                file: Some("/keys/jwks.json".into()),
+                url: None,
+                refresh_seconds: None,
+            },
+        }
+    }
+
+    fn key() -> Jwk {
+        Jwk {
+            kid: Some("k1".into()),
+            alg: Alg::EdDsa,
+            material: KeyMaterial::Raw(vec![7; 32]),
+        }
+    }
+
+    #[test]
+    fn an_unchanged_policy_keeps_its_key_set_and_a_changed_one_starts_with_its_keys() {
+        let reg = Registry::default();
+        let old = reg.keys(&policy("ns/p", "https://a"));
+        *old.current.lock().unwrap() = Arc::new(vec![key()]);
+        // The same policy in a new revision: the same state (keys and verified memory).
+        let same = reg.keys(&policy("ns/p", "https://a"));
+        assert!(Arc::ptr_eq(&old, &same));
+        // A changed policy reading the same source: its own state, seeded with the keys.
+        let changed = reg.keys(&policy("ns/p", "https://b"));
+        assert!(!Arc::ptr_eq(&old, &changed));
+        assert_eq!(changed.current().len(), 1);
+        assert!(changed.verified.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn prune_drops_state_no_prepared_route_holds() {
+        let reg = Registry::default();
+        let limit = |rate: f64| Limit {
+            id: "ns/rl/l".into(),
+            domain: "ambassador".into(),
+            group: "g".into(),
+            requests: 10,
+            rate,
+            burst: 10,
+            response_headers: true,
+            backend: LimitBackend::Local,
+        };
+        let held_keys = reg.keys(&policy("ns/p", "https://a"));
+        let held = reg.counter(&limit(10.0));
+        drop(reg.keys(&policy("ns/q", "https://a")));
+        drop(reg.counter(&limit(1.0)));
+        assert_eq!(reg.sizes(), (2, 2, 0));
+        reg.prune();
+        assert_eq!(reg.sizes(), (1, 1, 0));
+        // What is still held is what the next lookup finds.
+        assert!(Arc::ptr_eq(
+            &held_keys,
+            &reg.keys(&policy("ns/p", "https://a"))
+        ));
+        match (held, reg.counter(&limit(10.0))) {
+            (
+                super::super::ratelimit::Counter::Local(a),
+                super::super::ratelimit::Counter::Local(b),
+            ) => {
+                assert!(Arc::ptr_eq(&a, &b))
+            }
+            _ => panic!("a local limit counts locally"),
+        }
+    }
+}
