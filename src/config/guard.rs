@@ -610,8 +610,22 @@ pub fn compile_limits(
                         "add `redis: {address: redis:6379}`".into(),
                     ));
                 };
+                // `host:port`, or a URL: `redis://[user:password@]host:port[/db]`, `rediss://`
+                // for TLS.
+                let address = if r.address.contains("://") {
+                    r.address.clone()
+                } else {
+                    format!("redis://{}", r.address)
+                };
+                if let Err(e) = redis::Client::open(address.as_str()) {
+                    return Err((
+                        "/spec/redis/address".into(),
+                        format!("`{}` is not a Redis address: {e}", r.address),
+                        "write host:port, redis://[user:password@]host:port[/db] or rediss:// for TLS".into(),
+                    ));
+                }
                 LimitBackend::Redis {
-                    address: r.address.clone(),
+                    address,
                     timeout: Duration::from_millis(r.timeout_ms.unwrap_or(50).max(1)),
                     fail_open,
                 }

@@ -19,8 +19,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
 use super::Denial;
 use crate::routes::guard::{Entry, LimitBackend, RouteLimit};
@@ -253,133 +251,83 @@ redis.call('PEXPIRE', KEYS[1], math.ceil((cap - tokens) * 1000 / rate) + 1000)
 return {allowed, tostring(tokens)}
 "#;
 
-/// A minimal Redis client: RESP over TCP, a few idle connections kept.
+/// The Redis client of one address: the `redis` crate's multiplexed connection (opened on first
+/// use, opened again after an error), the script sent by its SHA-1 (`EVALSHA`, loaded once
+/// when the server does not know it), AUTH and database from the URL, TLS for `rediss://`.
 pub(crate) struct Redis {
+    /// As configured, for messages (a password in it is not shown).
     address: String,
     timeout: Duration,
-    pool: Mutex<Vec<BufReader<TcpStream>>>,
+    client: Result<redis::Client, String>,
+    conn: Mutex<Option<redis::aio::MultiplexedConnection>>,
+}
+
+/// `address` without a password, for logs and errors.
+fn redact(address: &str) -> String {
+    match (address.find("://"), address.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}{}", &address[..s + 3], &address[at + 1..]),
+        _ => address.to_string(),
+    }
 }
 
 impl Redis {
     pub(crate) fn new(address: &str, timeout: Duration) -> Redis {
         Redis {
-            address: address.to_string(),
+            address: redact(address),
             timeout,
-            pool: Mutex::new(Vec::new()),
+            client: redis::Client::open(address).map_err(|e| e.to_string()),
+            conn: Mutex::new(None),
         }
+    }
+
+    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, String> {
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(c);
+        }
+        let client = self.client.as_ref().map_err(Clone::clone)?;
+        let c = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.address))?;
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+        Ok(c)
     }
 
     async fn take(&self, key: &str, rate: f64, burst: u64) -> Result<Verdict, String> {
+        static BUCKET: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(SCRIPT));
         let work = async {
-            let conn = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let mut conn = match conn {
-                Some(c) => c,
-                None => {
-                    let s = TcpStream::connect(&self.address)
-                        .await
-                        .map_err(|e| format!("connect {}: {e}", self.address))?;
-                    let _ = s.set_nodelay(true);
-                    BufReader::new(s)
+            let mut conn = self.connection().await?;
+            let reply: Result<(i64, String), _> = BUCKET
+                .key(format!("legate:rl:{key}"))
+                .arg(rate.to_string())
+                .arg(burst.to_string())
+                .invoke_async(&mut conn)
+                .await;
+            match reply {
+                Ok((allowed, tokens)) => Ok(Verdict {
+                    allowed: allowed == 1,
+                    remaining: tokens.parse().unwrap_or(0.0),
+                }),
+                Err(e) => {
+                    if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                        // Open a new connection next time.
+                        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    }
+                    Err(format!("redis {}: {e}", self.address))
                 }
-            };
-            let cmd = resp_command(&[
-                "EVAL",
-                SCRIPT,
-                "1",
-                &format!("legate:rl:{key}"),
-                &rate.to_string(),
-                &burst.to_string(),
-            ]);
-            conn.get_mut()
-                .write_all(&cmd)
-                .await
-                .map_err(|e| e.to_string())?;
-            let reply = read_reply(&mut conn).await?;
-            let verdict = match reply {
-                Reply::Array(items) => match items.as_slice() {
-                    [Reply::Int(a), Reply::Bulk(t)] => Verdict {
-                        allowed: *a == 1,
-                        remaining: String::from_utf8_lossy(t).parse().unwrap_or(0.0),
-                    },
-                    _ => return Err("unexpected script reply".to_string()),
-                },
-                Reply::Error(e) => return Err(format!("redis: {e}")),
-                _ => return Err("unexpected script reply".to_string()),
-            };
-            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-            if pool.len() < 16 {
-                pool.push(conn);
             }
-            Ok(verdict)
         };
-        tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(|_| format!("no answer from {} within {:?}", self.address, self.timeout))?
-    }
-}
-
-fn resp_command(args: &[&str]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
-#[derive(Debug)]
-enum Reply {
-    Int(i64),
-    Bulk(Vec<u8>),
-    Nil,
-    Simple,
-    Error(String),
-    Array(Vec<Reply>),
-}
-
-async fn read_line(r: &mut BufReader<TcpStream>) -> Result<String, String> {
-    let mut line = String::new();
-    let n = r.read_line(&mut line).await.map_err(|e| e.to_string())?;
-    if n == 0 {
-        return Err("connection closed".into());
-    }
-    Ok(line.trim_end_matches(['\r', '\n']).to_string())
-}
-
-fn read_reply(
-    r: &mut BufReader<TcpStream>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reply, String>> + Send + '_>> {
-    Box::pin(async move {
-        let line = read_line(r).await?;
-        let (tag, rest) = line.split_at(line.len().min(1));
-        let num = || {
-            rest.parse::<i64>()
-                .map_err(|_| format!("bad RESP line {line:?}"))
-        };
-        match tag {
-            "+" => Ok(Reply::Simple),
-            "-" => Ok(Reply::Error(rest.to_string())),
-            ":" => Ok(Reply::Int(num()?)),
-            "$" => {
-                let n = num()?;
-                if n < 0 {
-                    return Ok(Reply::Nil);
-                }
-                let mut buf = vec![0; n as usize + 2];
-                r.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-                buf.truncate(n as usize);
-                Ok(Reply::Bulk(buf))
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                // A connection that did not answer in time may be stuck: start afresh.
+                *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                Err(format!(
+                    "no answer from {} within {:?}",
+                    self.address, self.timeout
+                ))
             }
-            "*" => {
-                let n = num()?;
-                let mut items = Vec::new();
-                for _ in 0..n.max(0) {
-                    items.push(read_reply(r).await?);
-                }
-                Ok(Reply::Array(items))
-            }
-            _ => Err(format!("bad RESP line {line:?}")),
         }
-    })
+    }
 }

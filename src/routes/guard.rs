@@ -101,6 +101,7 @@ pub enum LimitBackend {
     Local,
     /// In Redis, shared by every replica.
     Redis {
+        /// `redis://` or `rediss://` URL (AUTH and database from it).
         address: String,
         /// Longest wait for an answer.
         timeout: Duration,

@@ -1062,8 +1062,14 @@ impl Drop for RedisServer {
 
 impl RedisServer {
     async fn start() -> RedisServer {
+        RedisServer::start_with(&[]).await
+    }
+
+    /// With extra `redis-server` arguments (e.g. `--requirepass`).
+    async fn start_with(extra: &[&str]) -> RedisServer {
         let addr = closed_port().await;
         let child = std::process::Command::new("redis-server")
+            .args(extra)
             .args([
                 "--port",
                 &addr.port().to_string(),
@@ -1145,6 +1151,42 @@ async fn redis_limit_is_shared_by_two_gateways_and_fail_modes_hold_when_redis_di
     assert_eq!(get(&b.url("/limited/x"), &[]).await.status, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limit_authenticates_with_the_password_of_its_url() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]).await;
+    let up = Upstream::start("app").await;
+    let svc = up.service();
+    let limit = |name: &str, domain: &str, password: &str| {
+        rate_limit(
+            name,
+            &format!(
+                "backend: redis\nredis:\n  address: redis://:{password}@{}\n  timeout_ms: 1000\nfailure_mode: closed\nlimits:\n  - {{name: client, domain: {domain}, group: per_client, requests: 2, per: hour}}",
+                redis.addr
+            ),
+        )
+    };
+    let yaml = [
+        limit("good", "good", "s3cret"),
+        limit("bad", "bad", "wrong"),
+        mapping(
+            "good",
+            &format!("hostname: '*'\nprefix: /good/\nservice: {svc}\nlabels:\n  good:\n    - per_client:\n      - remote_address:\n          key: remote_address"),
+        ),
+        mapping(
+            "bad",
+            &format!("hostname: '*'\nprefix: /bad/\nservice: {svc}\nlabels:\n  bad:\n    - per_client:\n      - remote_address:\n          key: remote_address"),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    // The right password: the limit counts in Redis (2 allowed, then refused).
+    assert_eq!(get(&gw.url("/good/x"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/good/x"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/good/x"), &[]).await.status, 429);
+    // A wrong password is a Redis that does not answer: `failure_mode: closed` refuses.
+    assert_eq!(get(&gw.url("/bad/x"), &[]).await.status, 503);
+}
+
 #[test]
 fn ratelimit_problems_are_diagnosed() {
     let check = |yaml: &str| {
@@ -1167,6 +1209,13 @@ fn ratelimit_problems_are_diagnosed() {
         ) + &m),
     );
     assert!(out.contains("needs `redis.address`"), "{out}");
+    let out = check(
+        &(rate_limit(
+            "r",
+            "backend: redis\nredis: {address: 'redis://host:notaport'}\nlimits:\n  - {name: a, group: per_client, requests: 1, per: second}",
+        ) + &m),
+    );
+    assert!(out.contains("is not a Redis address"), "{out}");
     let out = check(
         &(rate_limit(
             "r",
