@@ -14,6 +14,7 @@ pub mod diff;
 pub mod guard;
 pub mod metrics;
 pub mod notifications;
+pub mod outbound;
 pub mod proxy;
 pub mod reconcile;
 pub mod routes;

@@ -333,6 +333,8 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         settings.access_log = Some(log);
     }
     let secrets_dir = settings.secrets_dir.clone();
+    // JWKS fetches, notifications and the verification probe trust `--upstream-ca` too.
+    crate::outbound::init(settings.upstream_ca.as_deref())?;
     let proxy = Proxy::new(settings)?;
 
     // Everyone who follows revision outcomes subscribes before the reconciler starts, so the

@@ -498,67 +498,18 @@ async fn fetch(src: &JwksSource) -> Result<Vec<u8>, String> {
         return Ok(body);
     }
     let url = src.url.as_deref().unwrap_or_default();
-    tokio::time::timeout(Duration::from_secs(5), get(url))
-        .await
-        .map_err(|_| format!("{url}: timed out"))?
-}
-
-/// One GET over a fresh connection (JWKS fetches are rare).
-async fn get(url: &str) -> Result<Vec<u8>, String> {
-    use http_body_util::{BodyExt, Empty, Limited};
-    use hyper_util::rt::TokioIo;
-
-    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    let tls = uri.scheme_str() == Some("https");
-    let host = uri.host().ok_or("URL has no host")?.to_string();
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+    let req = http::Request::get(url)
+        .header(header::ACCEPT, "application/json")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .map_err(|e| format!("{url}: {e}"))?;
+    let resp = crate::outbound::global()?
+        .send(req, Duration::from_secs(5), MAX_JWKS_BYTES)
         .await
         .map_err(|e| format!("{url}: {e}"))?;
-    let req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(header::HOST, uri.authority().map_or("", |a| a.as_str()))
-        .header(header::ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    async fn exchange<S>(io: S, req: http::Request<Empty<Bytes>>) -> Result<Vec<u8>, String>
-    where
-        S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    {
-        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("answered {}", resp.status()));
-        }
-        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(body.to_bytes().to_vec())
+    if !resp.status.is_success() {
+        return Err(format!("{url}: answered {}", resp.status));
     }
-    if tls {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let name =
-            rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-                .map_err(|e| e.to_string())?;
-        let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        exchange(TokioIo::new(stream), req).await
-    } else {
-        exchange(TokioIo::new(tcp), req).await
-    }
+    Ok(resp.body.to_vec())
 }
 
 #[cfg(test)]
