@@ -166,7 +166,8 @@ pub struct RunArgs {
     /// How often the secrets directory is checked for rotated certificates, in seconds.
     #[arg(long, env = "LEGATE_SECRETS_POLL_SECS", default_value_t = 5)]
     pub secrets_poll_secs: u64,
-    /// PEM CA bundle trusted for `https://` upstreams, in addition to the webpki roots.
+    /// PEM CA bundle trusted for `https://` upstreams, in addition to the webpki roots; also
+    /// for the gateway's own calls (JWKS URLs, `--notify-url`, verification probes).
     #[arg(long, env = "LEGATE_UPSTREAM_CA")]
     pub upstream_ca: Option<PathBuf>,
     /// Seconds resolved upstream addresses are used before the name is looked up again.
