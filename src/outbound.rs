@@ -47,7 +47,7 @@ static TLS: OnceLock<rustls::ClientConfig> = OnceLock::new();
 /// Set the process-wide client (`legate run`, with `--upstream-ca`). A second call keeps the
 /// first client.
 pub fn init(extra_ca: Option<&Path>) -> Result<(), TlsError> {
-    let tls = crate::tls::client_config(extra_ca, &[b"http/1.1"])?;
+    let tls = crate::tls::client_config(extra_ca, &[])?;
     let _ = TLS.set(tls.clone());
     let _ = GLOBAL.set(Ok(Outbound::with_tls(tls, true)));
     Ok(())
@@ -74,10 +74,11 @@ impl Outbound {
     /// A client trusting the webpki roots plus `extra_ca`; `pooled: false` opens a connection
     /// per request (the verification probe measures a fresh connect every time).
     pub fn new(extra_ca: Option<&Path>, pooled: bool) -> Result<Outbound, TlsError> {
-        let tls = crate::tls::client_config(extra_ca, &[b"http/1.1"])?;
+        let tls = crate::tls::client_config(extra_ca, &[])?;
         Ok(Outbound::with_tls(tls, pooled))
     }
 
+    /// `tls` must name no ALPN protocols (the connector sets them).
     fn with_tls(tls: rustls::ClientConfig, pooled: bool) -> Outbound {
         let mut http = HttpConnector::new();
         http.enforce_http(false);

@@ -65,6 +65,8 @@ pub(crate) struct KeyState {
     /// When an unknown key id last triggered a refresh.
     last_unknown_kid: Mutex<Option<Instant>>,
     verified: Mutex<HashMap<[u8; 32], Arc<Claims>>>,
+    /// Fetches a JWKS URL; `None`: the process-wide client.
+    client: Option<crate::outbound::Outbound>,
 }
 
 /// One usable key of a JWKS.
@@ -240,7 +242,11 @@ impl Drop for RefreshDone {
 impl KeyState {
     /// The key set of `policy`, starting with the keys of `seed` (a policy reading the same
     /// source) when there is one.
-    pub(crate) fn new(policy: &JwtPolicy, seed: Option<&KeyState>) -> KeyState {
+    pub(crate) fn new(
+        policy: &JwtPolicy,
+        seed: Option<&KeyState>,
+        client: Option<crate::outbound::Outbound>,
+    ) -> KeyState {
         let (current, checked) = match seed {
             Some(s) => (
                 s.current(),
@@ -264,6 +270,7 @@ impl KeyState {
             done: tokio::sync::Notify::new(),
             last_unknown_kid: Mutex::new(None),
             verified: Mutex::new(HashMap::new()),
+            client,
         }
     }
 
@@ -361,7 +368,9 @@ impl KeyState {
         let state = RefreshDone(self.clone());
         tokio::spawn(async move {
             let ks = &state.0;
-            let outcome = fetch(&ks.source).await.and_then(|b| parse_jwks(&b));
+            let outcome = fetch(&ks.source, ks.client.as_ref())
+                .await
+                .and_then(|b| parse_jwks(&b));
             let ok = match outcome {
                 Ok(keys) => {
                     *ks.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
@@ -487,7 +496,10 @@ fn unauthorized(why: Option<&str>) -> Box<Denial> {
 }
 
 /// Read the JWKS document from its file or URL.
-async fn fetch(src: &JwksSource) -> Result<Vec<u8>, String> {
+async fn fetch(
+    src: &JwksSource,
+    client: Option<&crate::outbound::Outbound>,
+) -> Result<Vec<u8>, String> {
     if let Some(path) = &src.file {
         let body = tokio::fs::read(path)
             .await
@@ -502,7 +514,11 @@ async fn fetch(src: &JwksSource) -> Result<Vec<u8>, String> {
         .header(header::ACCEPT, "application/json")
         .body(http_body_util::Full::new(Bytes::new()))
         .map_err(|e| format!("{url}: {e}"))?;
-    let resp = crate::outbound::global()?
+    let client = match client {
+        Some(c) => c,
+        None => crate::outbound::global()?,
+    };
+    let resp = client
         .send(req, Duration::from_secs(5), MAX_JWKS_BYTES)
         .await
         .map_err(|e| format!("{url}: {e}"))?;

@@ -35,6 +35,9 @@ use crate::routes::guard::{JwtPolicy, Limit, LimitBackend};
 /// The live state of the edge policies, shared across revisions (see the module docs).
 #[derive(Default)]
 pub struct Registry {
+    /// JWKS URLs are fetched with it (the proxy's: it trusts `--upstream-ca`); `None`: the
+    /// process-wide [`crate::outbound::global`].
+    client: Option<crate::outbound::Outbound>,
     jwt: Mutex<HashMap<JwtPolicy, Arc<jwt::KeyState>>>,
     /// By limit id, rate and burst: a revision that changes none of them keeps the buckets (the
     /// descriptor entries are part of each bucket's key already).
@@ -65,6 +68,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Registry {
+    /// A registry whose JWKS fetches go through `client`.
+    pub fn new(client: crate::outbound::Outbound) -> Registry {
+        Registry {
+            client: Some(client),
+            ..Registry::default()
+        }
+    }
+
     /// The state `route`'s policies use.
     pub fn route(&self, route: &crate::routes::Forward) -> RouteState {
         RouteState {
@@ -90,7 +101,11 @@ impl Registry {
             .iter()
             .find(|(p, k)| p.source == policy.source && k.has_keys())
             .map(|(_, k)| k.clone());
-        let k = Arc::new(jwt::KeyState::new(policy, seed.as_deref()));
+        let k = Arc::new(jwt::KeyState::new(
+            policy,
+            seed.as_deref(),
+            self.client.clone(),
+        ));
         map.insert(policy.clone(), k.clone());
         k
     }

@@ -294,6 +294,11 @@ impl Proxy {
     pub fn new(settings: Settings) -> Result<Arc<Proxy>, SetupError> {
         let resolver = client::Resolver::new(settings.lookup.clone(), settings.dns_ttl);
         let clients = client::Clients::new(settings.upstream_ca.as_deref(), resolver)?;
+        // JWKS fetches trust `--upstream-ca` as the upstreams do.
+        let guards = crate::guard::Registry::new(crate::outbound::Outbound::new(
+            settings.upstream_ca.as_deref(),
+            true,
+        )?);
         let secrets = SecretStore::new(settings.secrets_dir.clone());
         let builder = server::http_builder(&settings.limits);
         let metrics = crate::metrics::Metrics::new();
@@ -321,7 +326,7 @@ impl Proxy {
             gateway_errors: std::sync::atomic::AtomicU64::new(0),
             local: std::sync::OnceLock::new(),
             breakers: breaker::Breakers::default(),
-            guards: crate::guard::Registry::default(),
+            guards,
             health: health::Registry::default(),
             checkers: Mutex::new(Vec::new()),
             shadows: shadow::Shadows::new(metrics.clone()),

@@ -785,6 +785,16 @@ impl Drop for JwksServer {
 
 impl JwksServer {
     async fn start(doc: String) -> JwksServer {
+        JwksServer::start_with(doc, None).await
+    }
+
+    /// Over HTTPS with the certificate in `cert_dir` (`make_secret`).
+    async fn start_tls(doc: String, cert_dir: &std::path::Path) -> JwksServer {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(cert_dir)));
+        JwksServer::start_with(doc, Some(acceptor)).await
+    }
+
+    async fn start_with(doc: String, tls: Option<tokio_rustls::TlsAcceptor>) -> JwksServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let doc = Arc::new(Mutex::new(Some(doc)));
@@ -797,6 +807,7 @@ impl JwksServer {
                     continue;
                 };
                 let (d, f, h) = (d.clone(), f.clone(), h.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |_req: Request<Incoming>| {
                         f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -815,9 +826,17 @@ impl JwksServer {
                             })
                         }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let b = auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                let _ = b.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -829,6 +848,42 @@ impl JwksServer {
             task,
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_keys_from_an_https_url_are_fetched_trusting_the_upstream_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_secret(certs.path(), "jwks", &["localhost"]);
+    let k1 = ed25519();
+    let jwks = JwksServer::start_tls(ed_jwk("k1", &k1), &certs.path().join("jwks")).await;
+    let up = Upstream::start("app").await;
+    let yaml = jwt_policy(&format!(
+        "jwks:\n  url: https://localhost:{}/jwks.json\nmappings: [secure]",
+        jwks.addr.port()
+    )) + &mapping(
+        "secure",
+        &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
+    );
+    let t = bearer(&token(
+        serde_json::json!({"alg": "EdDSA", "kid": "k1"}),
+        claims(serde_json::json!({})),
+        Signer::Ed(&k1),
+    ));
+    let settings = legate::proxy::Settings {
+        upstream_ca: Some(ca),
+        ..Default::default()
+    };
+    let gw = Gateway::with(&yaml, settings).await;
+    let r = get(&gw.url("/secure/x"), &[("authorization", t.as_str())]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Without `--upstream-ca` the JWKS server's certificate is not trusted: no keys, refused.
+    let untrusted = Gateway::start(&yaml).await;
+    let r = get(
+        &untrusted.url("/secure/x"),
+        &[("authorization", t.as_str())],
+    )
+    .await;
+    assert_eq!(r.status, 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
