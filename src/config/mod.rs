@@ -15,6 +15,7 @@ pub mod model;
 pub mod module;
 pub mod routetest;
 pub mod schema;
+pub mod tlscontext;
 pub mod traffic;
 pub mod tree;
 pub mod yaml;
