@@ -21,6 +21,7 @@ pub mod describe;
 pub mod guard;
 mod host;
 mod index;
+pub mod path;
 pub mod settings;
 pub mod tls;
 mod traffic;
@@ -161,6 +162,16 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// How request paths are normalized: the Module's `merge_slashes`; escaped slashes are
+    /// refused unless the matched Mapping sets `allow_escaped_slashes` (the Module's
+    /// `reject_requests_with_escaped_slashes: true` refuses them before routing).
+    pub fn normalize_options(&self) -> path::NormalizeOptions {
+        path::NormalizeOptions {
+            merge_slashes: self.settings.merge_slashes.unwrap_or(false),
+            escaped_slashes: path::EscapedSlashes::Reject,
+        }
+    }
+
     /// A graph that routes nothing.
     pub fn empty() -> Arc<Graph> {
         Arc::new(Graph::build(

@@ -74,12 +74,19 @@ async fn path_is_normalized_once_and_forwarded_normalized() {
     let gw = Gateway::start(&yaml).await;
     let resp = raw(
         gw.http,
-        b"GET /x/../app//a/./b%2F..%2Fc HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        b"GET /x/../app//a/./b%2e%2e/%2e%2E/c HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    // Dot segments and duplicate slashes removed; the encoded slashes stay encoded.
-    assert!(resp.contains(r#""path":"/app/a/b%2F..%2Fc""#), "{resp}");
+    // Dot segments (encoded too) removed; duplicate slashes kept (no `merge_slashes`).
+    assert!(resp.contains(r#""path":"/app//a/c""#), "{resp}");
+    // Encoded slashes are refused unless the Mapping opts in (tests/it/edge.rs has the table).
+    let resp = raw(
+        gw.http,
+        b"GET /app/b%2F..%2Fc HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
