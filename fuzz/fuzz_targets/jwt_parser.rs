@@ -4,7 +4,9 @@
 
 use std::sync::OnceLock;
 
-use legate::policy::jwt::{parse_jwks, JwtPolicy, JwtPolicySpec};
+use legate::config::guard::JwtPolicySpec;
+use legate::guard::jwt::parse_jwks;
+use legate::routes::guard::JwtPolicy;
 use libfuzzer_sys::fuzz_target;
 
 fn policy() -> &'static JwtPolicy {

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::Args;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::Full;
 use serde_json::Value;
 
 /// Where the gateway's admin API is, and the token for mutating calls.
@@ -201,27 +200,21 @@ fn request(r: &Remote, method: &str, path: &str) -> anyhow::Result<(u16, Bytes)>
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{authority}{path}"));
+    if let Some(t) = &token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req.body(Full::new(Bytes::new()))?;
     rt.block_on(async {
-        let tcp = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            tokio::net::TcpStream::connect(&authority),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("{authority}: connection timed out"))?
-        .with_context(|| format!("cannot reach the admin API at {authority}"))?;
-        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(http::header::HOST, &authority);
-        if let Some(t) = &token {
-            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let resp = tx.send_request(req.body(Full::new(Bytes::new()))?).await?;
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await?.to_bytes();
-        anyhow::Ok((status, body))
+        // The admin API is plain HTTP: no TLS config to read.
+        let client = crate::outbound::Outbound::new(None, true)?;
+        let resp = client
+            .send(req, std::time::Duration::from_secs(600), 64 * 1024 * 1024)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the admin API at {authority}: {e}"))?;
+        anyhow::Ok((resp.status.as_u16(), resp.body))
     })
 }
 

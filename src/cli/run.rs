@@ -169,7 +169,8 @@ pub struct RunArgs {
     /// certificates to order or renew), in seconds.
     #[arg(long, env = "LEGATE_SECRETS_POLL_SECS", default_value_t = 5)]
     pub secrets_poll_secs: u64,
-    /// PEM CA bundle trusted for `https://` upstreams, in addition to the webpki roots; also the
+    /// PEM CA bundle trusted for `https://` upstreams, in addition to the webpki roots; also
+    /// for the gateway's own calls (JWKS URLs, `--notify-url`, verification probes), and the
     /// only root trusted for an ACME directory when given (its first certificate).
     #[arg(long, env = "LEGATE_UPSTREAM_CA")]
     pub upstream_ca: Option<PathBuf>,
@@ -354,6 +355,8 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         settings.access_log = Some(log);
     }
     let secrets_dir = settings.secrets_dir.clone();
+    // JWKS fetches, notifications and the verification probe trust `--upstream-ca` too.
+    crate::outbound::init(settings.upstream_ca.as_deref())?;
     let proxy = Proxy::new(settings)?;
 
     // Everyone who follows revision outcomes subscribes before the reconciler starts, so the
@@ -361,7 +364,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     let (events, _) = tokio::sync::broadcast::channel(64);
     let served_events = events.subscribe();
     let notify_events = events.subscribe();
-    proxy.metrics().follow(events.subscribe());
+    crate::reconcile::count_outcomes(proxy.metrics(), events.subscribe());
     let rsettings = RSettings {
         events: Some(events),
         metrics: Some(proxy.metrics().clone()),
@@ -413,7 +416,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
             }
         });
         // The served revision goes to the objects' status, written by the Lease holder only.
-        let (served_tx, served_rx) = tokio::sync::watch::channel(None::<crate::kube::Served>);
+        let (served_tx, served_rx) = tokio::sync::watch::channel(None::<crate::cluster::Served>);
         let mut events = served_events;
         tokio::spawn(async move {
             use reconcile::Outcome;
@@ -427,18 +430,18 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
                     },
                     _ => continue,
                 };
-                served_tx.send_replace(Some(crate::kube::Served {
+                served_tx.send_replace(Some(crate::cluster::Served {
                     revision: e.revision,
                     state: state.into(),
                 }));
             }
         });
         let lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| cfg.namespace.clone());
-        let status = crate::kube::start_status(
+        let status = crate::cluster::start_status(
             client,
             kwatch.snapshots(),
             served_rx,
-            crate::kube::LeaseConfig::new(lease_ns, crate::kube::default_identity()),
+            crate::cluster::LeaseConfig::new(lease_ns, crate::cluster::default_identity()),
         );
         _keep.push(Box::new(kwatch));
         _keep.push(Box::new(status));
@@ -482,7 +485,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     };
 
     if let Some(url) = &args.notify_url {
-        let n = crate::notify::Notifier::new(url).map_err(anyhow::Error::msg)?;
+        let n = crate::notifications::Notifier::new(url).map_err(anyhow::Error::msg)?;
         n.spawn(notify_events, source_name.clone());
     }
     // The dashboard's recent traffic: a snapshot of the per-route counters every 5 s, kept for
@@ -560,7 +563,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         );
         proxy.set_acme(acme.clone());
         let every = Duration::from_secs(args.secrets_poll_secs.max(1));
-        tokio::spawn(acme.run(proxy.clone(), every));
+        tokio::spawn(proxy.clone().run_acme(acme, every));
     }
     if secrets_dir.is_some() {
         let proxy = proxy.clone();

@@ -170,7 +170,7 @@ pub fn compile_refs_with(
 
     let host_routes = associate(hosts, &mappings, &group_members, loose, &mut diags);
 
-    crate::policy::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
+    super::guard::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
     // The Module's `strip_matching_host_port` turns the routing option on (the flag can too).
     let mut options = *options;
     options.strip_matching_host_port |=
@@ -1249,15 +1249,15 @@ fn compile_forward(
             .map(Duration::from_millis),
         allow_upgrade,
         http2: spec.grpc || h2c,
-        retry: super::policy::retry(res, spec.retry_policy.as_ref(), diags),
-        breaker: super::policy::breaker(&spec.circuit_breakers),
-        cors: super::policy::cors(res, spec.cors.as_ref(), diags).map(std::sync::Arc::new),
+        retry: super::traffic::retry(res, spec.retry_policy.as_ref(), diags),
+        breaker: super::traffic::breaker(&spec.circuit_breakers),
+        cors: super::traffic::cors(res, spec.cors.as_ref(), diags).map(std::sync::Arc::new),
         load_balancer: spec
             .load_balancer
             .as_ref()
-            .map(super::policy::load_balancer),
-        outlier: super::policy::outlier(res, spec.outlier_detection.as_ref(), diags),
-        health_checks: super::policy::health_checks(res, &spec.health_checks, diags),
+            .map(super::traffic::load_balancer),
+        outlier: super::traffic::outlier(res, spec.outlier_detection.as_ref(), diags),
+        health_checks: super::traffic::health_checks(res, &spec.health_checks, diags),
         ext_auth: None,
         jwt: None,
         rate_limits: Vec::new(),

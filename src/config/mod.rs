@@ -10,12 +10,13 @@ pub mod compile;
 pub mod convert;
 pub mod crd;
 pub mod diag;
+pub mod guard;
 pub mod model;
 pub mod module;
-pub mod policy;
 pub mod routetest;
 pub mod schema;
 pub mod tlscontext;
+pub mod traffic;
 pub mod tree;
 pub mod yaml;
 

@@ -72,9 +72,9 @@ pub enum Spec {
     Mapping(Box<MappingSpec>),
     Host(Box<HostSpec>),
     RouteTest(Box<super::routetest::RouteTestSpec>),
-    AuthService(Box<crate::policy::AuthServiceSpec>),
-    JwtPolicy(Box<crate::policy::JwtPolicySpec>),
-    RateLimit(Box<crate::policy::RateLimitSpec>),
+    AuthService(Box<super::guard::AuthServiceSpec>),
+    JwtPolicy(Box<super::guard::JwtPolicySpec>),
+    RateLimit(Box<super::guard::RateLimitSpec>),
     Module(Box<super::module::ModuleSpec>),
     TlsContext(Box<super::tlscontext::TlsFields>),
 }
@@ -170,19 +170,19 @@ pub struct MappingSpec {
     pub grpc: bool,
     pub tls: Option<Value>,
     pub stats_name: Option<String>,
-    pub retry_policy: Option<super::policy::RetryPolicySpec>,
-    pub circuit_breakers: Vec<super::policy::BreakerSpec>,
-    pub cors: Option<super::policy::CorsSpec>,
-    pub load_balancer: Option<super::policy::LoadBalancerSpec>,
+    pub retry_policy: Option<super::traffic::RetryPolicySpec>,
+    pub circuit_breakers: Vec<super::traffic::BreakerSpec>,
+    pub cors: Option<super::traffic::CorsSpec>,
+    pub load_balancer: Option<super::traffic::LoadBalancerSpec>,
     /// An object, or (Emissary's CRD type) a string holding one.
     pub outlier_detection: Option<Value>,
-    pub health_checks: Vec<super::policy::HealthCheckSpec>,
+    pub health_checks: Vec<super::traffic::HealthCheckSpec>,
     pub bypass_auth: bool,
     /// Legate's own: route paths with `%2F`/`%5C` here instead of refusing them.
     pub allow_escaped_slashes: bool,
     /// Add `l5d-dst-override` (Linkerd) with the service's authority.
     pub add_linkerd_headers: bool,
-    /// Rate-limit descriptor groups, read by `policy::ratelimit`.
+    /// Rate-limit descriptor groups, read by `config::guard` (RateLimit descriptors).
     pub labels: Option<Value>,
 }
 
@@ -601,11 +601,11 @@ fn load_document(
         }
         Kind::RouteTest => serde_json::from_value::<super::routetest::RouteTestSpec>(spec_value)
             .map(|s| Spec::RouteTest(Box::new(s))),
-        Kind::AuthService => serde_json::from_value::<crate::policy::AuthServiceSpec>(spec_value)
+        Kind::AuthService => serde_json::from_value::<super::guard::AuthServiceSpec>(spec_value)
             .map(|s| Spec::AuthService(Box::new(s))),
-        Kind::JwtPolicy => serde_json::from_value::<crate::policy::JwtPolicySpec>(spec_value)
+        Kind::JwtPolicy => serde_json::from_value::<super::guard::JwtPolicySpec>(spec_value)
             .map(|s| Spec::JwtPolicy(Box::new(s))),
-        Kind::RateLimit => serde_json::from_value::<crate::policy::RateLimitSpec>(spec_value)
+        Kind::RateLimit => serde_json::from_value::<super::guard::RateLimitSpec>(spec_value)
             .map(|s| Spec::RateLimit(Box::new(s))),
         Kind::TlsContext => serde_json::from_value::<super::tlscontext::TlsFields>(spec_value)
             .map(|s| Spec::TlsContext(Box::new(s))),

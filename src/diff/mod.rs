@@ -200,7 +200,7 @@ fn fields_of(g: &Graph, r: &Route) -> BTreeMap<&'static str, String> {
             if f.http2 {
                 m.insert("grpc", "true".into());
             }
-            m.extend(crate::policy::describe(f));
+            m.extend(crate::guard::describe(f));
         }
         Action::Redirect(_) => {
             m.insert("redirect", describe_action(&r.action));

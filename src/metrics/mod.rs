@@ -126,7 +126,7 @@ pub struct Metrics {
     connections: AtomicI64,
     access_log_dropped: AtomicU64,
     /// Recorded revisions by outcome: applied, rejected, rolled back, superseded.
-    outcomes: [AtomicU64; 7],
+    outcomes: [AtomicU64; REVISION_OUTCOMES.len()],
     shadow: upstream::ShadowCounts,
     fetch: source::FetchStats,
     /// Each TLS Host's certificate, as last loaded.
@@ -155,7 +155,19 @@ impl Default for Metrics {
     }
 }
 
-/// The reconciler facts `render` shows, read at scrape time.
+/// The `outcome` label values of `legate_reconcile_revisions_total`, in the order they are shown.
+pub const REVISION_OUTCOMES: [&str; 7] = [
+    "applied",
+    "rejected",
+    "rolled_back",
+    "superseded",
+    "verifying",
+    "degraded",
+    "interrupted",
+];
+
+/// The reconciler facts `render` shows, read at scrape time (the reconciler fills it in:
+/// metrics depends on nothing above it).
 #[derive(Debug, Default, Clone)]
 pub struct ReconcileView {
     pub revision: Option<String>,
@@ -168,20 +180,6 @@ pub struct ReconcileView {
     /// The source's head is known and is not the serving revision (rejected, rolled back,
     /// not applied yet, or pinned).
     pub out_of_sync: bool,
-}
-
-impl From<&crate::reconcile::Status> for ReconcileView {
-    fn from(s: &crate::reconcile::Status) -> Self {
-        ReconcileView {
-            revision: s.applied.clone(),
-            passes: s.passes,
-            fetch_failures: s.fetch_failures,
-            consecutive_failures: s.consecutive_failures,
-            last_pass_at: s.last_pass_at,
-            last_fetch_ok_at: s.last_fetch_ok_at,
-            out_of_sync: s.head.is_some() && s.applied.is_some() && s.head != s.applied,
-        }
-    }
 }
 
 /// Decrements the open-connection gauge when dropped.
@@ -249,37 +247,12 @@ impl Metrics {
         ConnGuard(self.clone())
     }
 
-    /// Count one recorded history entry.
-    pub fn revision_outcome(&self, o: crate::reconcile::Outcome) {
-        use crate::reconcile::Outcome::*;
-        let i = match o {
-            Applied => 0,
-            Rejected => 1,
-            RolledBack => 2,
-            Superseded => 3,
-            Verifying => 4,
-            Degraded => 5,
-            Interrupted => 6,
-        };
-        self.outcomes[i].fetch_add(1, Relaxed);
-    }
-
-    /// Count every history entry the reconciler records from now on.
-    pub fn follow(
-        self: &Arc<Self>,
-        mut rx: tokio::sync::broadcast::Receiver<crate::reconcile::Entry>,
-    ) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            use tokio::sync::broadcast::error::RecvError;
-            loop {
-                match rx.recv().await {
-                    Ok(e) => me.revision_outcome(e.outcome),
-                    Err(RecvError::Lagged(_)) => continue,
-                    Err(RecvError::Closed) => return,
-                }
-            }
-        });
+    /// Count one recorded history entry; `outcome` is one of [`REVISION_OUTCOMES`] (the
+    /// reconciler's outcome names), anything else is ignored.
+    pub fn revision_outcome(&self, outcome: &str) {
+        if let Some(i) = REVISION_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.outcomes[i].fetch_add(1, Relaxed);
+        }
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -385,18 +358,7 @@ impl Metrics {
             "counter",
             "Revisions recorded by the reconciler, by outcome.",
         );
-        for (i, o) in [
-            "applied",
-            "rejected",
-            "rolled_back",
-            "superseded",
-            "verifying",
-            "degraded",
-            "interrupted",
-        ]
-        .iter()
-        .enumerate()
-        {
+        for (i, o) in REVISION_OUTCOMES.iter().enumerate() {
             let _ = writeln!(
                 out,
                 "legate_reconcile_revisions_total{{outcome=\"{o}\"}} {}",

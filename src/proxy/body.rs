@@ -257,7 +257,7 @@ impl ReqBody {
     /// The body whose start was read ahead (for the auth service) and whose rest, if any,
     /// is still in `rest`; the read bytes count against the limit.
     pub fn read_ahead(
-        ahead: crate::policy::ReadAhead,
+        ahead: crate::guard::ReadAhead,
         rest: Incoming,
         limit: Option<u64>,
     ) -> Result<ReqBody, TooLarge> {

@@ -50,7 +50,7 @@ pub enum ProxyError {
     #[error("internal error: {0}")]
     Internal(String),
     #[error("refused by a security policy ({})", .0.status)]
-    Denied(Box<crate::policy::Denial>),
+    Denied(Box<crate::guard::Denial>),
     #[error("client address refused by the Module's ip_allow/ip_deny")]
     AddressDenied,
 }
@@ -256,7 +256,7 @@ mod tests {
         assert!(!ProxyError::BodyTooLarge.counts_against_revision());
         assert!(!ProxyError::NoRoute.counts_against_revision());
         assert!(!ProxyError::Internal("bug".into()).counts_against_revision());
-        let relayed = crate::policy::Denial {
+        let relayed = crate::guard::Denial {
             status: StatusCode::BAD_GATEWAY,
             headers: http::HeaderMap::new(),
             body: Bytes::new(),

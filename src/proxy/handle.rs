@@ -223,7 +223,7 @@ impl Proxy {
                     upgrade: upgrade.as_ref(),
                 };
                 self.forwarding_headers(&mut req, prep, fwd, ex);
-                let passed = crate::policy::enforce(f, &mut req, conn.remote)
+                let passed = crate::guard::enforce(f, &prep.guard, &mut req, conn.remote)
                     .await
                     .map_err(ProxyError::Denied)?;
                 let mut resp = self
@@ -423,7 +423,7 @@ impl Proxy {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let body = match parts.extensions.remove::<crate::policy::ReadAhead>() {
+        let body = match parts.extensions.remove::<crate::guard::ReadAhead>() {
             Some(ahead) => super::body::ReqBody::read_ahead(ahead, body, limit)
                 .map_err(|_| ProxyError::BodyTooLarge)?,
             None => super::retry::request_body(body, replayable, limit).await?,

@@ -198,6 +198,8 @@ pub(crate) struct Prepared {
     pub label: HeaderValue,
     pub retry: Option<crate::routes::RetryPolicy>,
     pub breaker: Arc<breaker::Breaker>,
+    /// The route's share of the edge-policy state (JWKS keys, token buckets, Redis).
+    pub guard: crate::guard::RouteState,
     /// The route label's counters, for retries and circuit-breaker refusals.
     pub stats: Arc<crate::metrics::RouteStats>,
     pub cors: Option<Arc<cors::Policy>>,
@@ -267,6 +269,8 @@ pub struct Proxy {
     /// The ACME manager whose HTTP-01 tokens this listener answers, set once at startup.
     acme: std::sync::OnceLock<Arc<crate::tls::acme::Acme>>,
     breakers: breaker::Breakers,
+    /// JWKS key sets, token buckets and Redis clients of the routes' edge policies.
+    guards: crate::guard::Registry,
     health: health::Registry,
     /// The health-check supervisors of the live graph's upstreams, by health state.
     checkers: Mutex<Vec<Checker>>,
@@ -297,6 +301,11 @@ impl Proxy {
     pub fn new(settings: Settings) -> Result<Arc<Proxy>, SetupError> {
         let resolver = client::Resolver::new(settings.lookup.clone(), settings.dns_ttl);
         let clients = client::Clients::new(settings.upstream_ca.as_deref(), resolver)?;
+        // JWKS fetches trust `--upstream-ca` as the upstreams do.
+        let guards = crate::guard::Registry::new(crate::outbound::Outbound::new(
+            settings.upstream_ca.as_deref(),
+            true,
+        )?);
         let secrets = SecretStore::new(settings.secrets_dir.clone());
         let builder = server::http_builder(&settings.limits);
         let metrics = crate::metrics::Metrics::new();
@@ -325,6 +334,7 @@ impl Proxy {
             local: std::sync::OnceLock::new(),
             acme: std::sync::OnceLock::new(),
             breakers: breaker::Breakers::default(),
+            guards,
             health: health::Registry::default(),
             checkers: Mutex::new(Vec::new()),
             shadows: shadow::Shadows::new(metrics.clone()),
@@ -350,13 +360,14 @@ impl Proxy {
         evidence: Arc<crate::reconcile::Evidence>,
     ) {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        // Local rate-limit buckets and JWKS keys outlive a revision that leaves them as they were.
-        crate::policy::carry_over(&self.shared.load().graph, &graph);
         let mut snap = self.build(graph);
         snap.revision = HeaderValue::from_str(revision).unwrap_or(HeaderValue::from_static(""));
         snap.evidence = evidence;
         self.run_checkers(&snap);
         self.shared.store(Arc::new(snap));
+        // Local rate-limit buckets and JWKS keys outlive a revision that leaves them as they
+        // were (the new graph was prepared while the old one still held them); the rest go.
+        self.guards.prune();
         self.loaded
             .store(true, std::sync::atomic::Ordering::Release);
     }
@@ -498,6 +509,20 @@ impl Proxy {
     /// Answer ACME HTTP-01 challenges of this manager's orders in flight.
     pub fn set_acme(&self, acme: Arc<crate::tls::acme::Acme>) {
         let _ = self.acme.set(acme);
+    }
+
+    /// Run the ACME [`pass`](crate::tls::acme::Acme::pass) every `every` against the current
+    /// graph, reloading the certificates after one was written. (Here, not in `tls`: tls must
+    /// not depend on the proxy.)
+    pub async fn run_acme(self: Arc<Self>, acme: Arc<crate::tls::acme::Acme>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if acme.pass(&self.graph()).await {
+                let p = self.clone();
+                let _ = tokio::task::spawn_blocking(move || p.reload_certs()).await;
+            }
+        }
     }
 
     /// The server config of the Host a ClientHello's SNI picks, when it has its own TLS
@@ -676,6 +701,7 @@ impl Proxy {
                 format!("{:?}://{authority_str}/{}", f.upstream.scheme, f.http2),
                 f.breaker,
             ),
+            guard: self.guards.route(f),
         }
     }
 }
@@ -702,6 +728,7 @@ impl Clone for Prepared {
             cors: self.cors.clone(),
             balancer: self.balancer.clone(),
             checked: self.checked.clone(),
+            guard: self.guard.clone(),
         }
     }
 }

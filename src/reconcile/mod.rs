@@ -145,6 +145,39 @@ impl Default for Settings {
     }
 }
 
+impl From<&Status> for crate::metrics::ReconcileView {
+    fn from(s: &Status) -> Self {
+        crate::metrics::ReconcileView {
+            revision: s.applied.clone(),
+            passes: s.passes,
+            fetch_failures: s.fetch_failures,
+            consecutive_failures: s.consecutive_failures,
+            last_pass_at: s.last_pass_at,
+            last_fetch_ok_at: s.last_fetch_ok_at,
+            out_of_sync: s.head.is_some() && s.applied.is_some() && s.head != s.applied,
+        }
+    }
+}
+
+/// Count every history entry the reconciler records from now on in `metrics`
+/// (`legate_reconcile_revisions_total`).
+pub fn count_outcomes(
+    metrics: &Arc<crate::metrics::Metrics>,
+    mut rx: tokio::sync::broadcast::Receiver<Entry>,
+) {
+    let metrics = metrics.clone();
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match rx.recv().await {
+                Ok(e) => metrics.revision_outcome(e.outcome.metric_label()),
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
 /// What became of a revision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
@@ -164,6 +197,21 @@ pub enum Outcome {
     Interrupted,
     /// Was verified and serving, then replaced by a newer revision.
     Superseded,
+}
+
+impl Outcome {
+    /// The `outcome` label of `legate_reconcile_revisions_total`.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Rejected => "rejected",
+            Outcome::RolledBack => "rolled_back",
+            Outcome::Superseded => "superseded",
+            Outcome::Verifying => "verifying",
+            Outcome::Degraded => "degraded",
+            Outcome::Interrupted => "interrupted",
+        }
+    }
 }
 
 /// Why a revision was rejected, which decides whether it is retried.

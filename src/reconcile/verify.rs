@@ -367,10 +367,7 @@ pub fn probe_targets(graph: &Graph, indexes: impl Iterator<Item = usize>) -> Vec
 /// Health probes over hyper's client (no pooled connection: each probe dials, so a restarted
 /// upstream is seen as it is now).
 pub struct Prober {
-    client: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Empty<bytes::Bytes>,
-    >,
+    client: Result<crate::outbound::Outbound, String>,
 }
 
 impl Default for Prober {
@@ -381,11 +378,10 @@ impl Default for Prober {
 
 impl Prober {
     pub fn new() -> Prober {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_max_idle_per_host(0)
-                .build_http();
-        Prober { client }
+        // A fresh connection per probe; `legate run`'s `--upstream-ca` is trusted as well.
+        Prober {
+            client: crate::outbound::unpooled(),
+        }
     }
 
     /// `GET path` on `addr`; a 2xx or 3xx answer is healthy.
@@ -405,25 +401,13 @@ impl Prober {
             .map_err(|e| format!("bad probe URL: {e}"))?;
         let req = http::Request::get(uri)
             .header(http::header::USER_AGENT, "legate-verify")
-            .body(http_body_util::Empty::new())
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
             .map_err(|e| format!("bad probe request: {e}"))?;
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-            Ok(Err(e)) => Err(error_chain(&e)),
-            Ok(Ok(resp)) => Ok(resp.status().as_u16()),
+        match &self.client {
+            Ok(c) => c.status(req, timeout).await,
+            Err(e) => Err(format!("no HTTP client: {e}")),
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -18,18 +18,20 @@
 
 mod action;
 pub mod describe;
+pub mod guard;
 mod host;
 mod index;
 pub mod path;
-mod policy;
 pub mod settings;
+pub mod tls;
+mod traffic;
 mod types;
 
 pub(crate) use host::split_port;
 pub use host::HostPattern;
 pub use index::Table;
-pub use policy::*;
 pub use settings::Settings;
+pub use traffic::*;
 pub use types::*;
 
 use std::sync::Arc;

@@ -22,7 +22,7 @@ pub struct HostRoute {
     /// `namespace/name` of the TLS secret, when the Host terminates TLS.
     pub tls_secret: Option<SecretRef>,
     /// Its own TLS settings (a `tls` block or a TLSContext); `None`: the listener's.
-    pub tls: Option<crate::tls::context::TlsPolicy>,
+    pub tls: Option<super::tls::TlsPolicy>,
     /// Its `acmeProvider`, when ACME is on (authority other than `none`).
     pub acme: Option<AcmeSpec>,
     /// What a cleartext request gets (Emissary's default: `Redirect`).
@@ -294,11 +294,11 @@ pub struct Forward {
     /// Active health checks of every address.
     pub health_checks: Vec<super::HealthCheck>,
     /// The AuthService to ask first, unless the Mapping has `bypass_auth`.
-    pub ext_auth: Option<std::sync::Arc<crate::policy::ExtAuth>>,
+    pub ext_auth: Option<std::sync::Arc<super::guard::ExtAuth>>,
     /// The JWTPolicy whose token the request must carry.
-    pub jwt: Option<std::sync::Arc<crate::policy::JwtPolicy>>,
+    pub jwt: Option<std::sync::Arc<super::guard::JwtPolicy>>,
     /// The RateLimit limits counting this route's requests.
-    pub rate_limits: Vec<crate::policy::RouteLimit>,
+    pub rate_limits: Vec<super::guard::RouteLimit>,
     /// TLS origination settings from the TLSContext named by `tls: NAME`.
     pub origin_tls: Option<OriginTls>,
     /// Serve paths holding `%2F`/`%5C` even when the graph refuses them (GitLab's

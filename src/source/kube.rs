@@ -7,7 +7,7 @@
 //! diagnostic's `file` names its object), setting invalid objects aside one by one, and
 //! materializing the TLS Secrets named by Hosts into a private secrets directory. Like every
 //! source it only produces revisions: it never swaps a graph (that is `reconcile`) and never
-//! writes status (that is `crate::kube`, which reads the [`Snapshot`]s published here).
+//! writes status (that is `crate::cluster`, which reads the [`Snapshot`]s published here).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};

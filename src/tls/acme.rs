@@ -344,20 +344,6 @@ impl Acme {
         write_atomic(&path, pem.as_bytes())?;
         Ok(der.secret_pkcs8_der().to_vec())
     }
-
-    /// Run [`Acme::pass`] every `every` against the proxy's current graph, reloading the
-    /// certificates after one was written.
-    pub async fn run(self: Arc<Self>, proxy: Arc<crate::proxy::Proxy>, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tick.tick().await;
-            let graph = proxy.graph();
-            if self.pass(&graph).await {
-                let p = proxy.clone();
-                let _ = tokio::task::spawn_blocking(move || p.reload_certs()).await;
-            }
-        }
-    }
 }
 
 /// Write `bytes` to `path` through a temporary file and a rename, so a reader never sees half.

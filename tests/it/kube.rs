@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use legate::kube::{spawn_status, start_status, Leader, LeaseConfig};
+use legate::cluster::{spawn_status, start_status, Leader, LeaseConfig};
 use legate::source::kube::{self as ksrc, KubeOptions, Snapshot};
 use legate::source::Source;
 use serde_json::{json, Value};
@@ -805,7 +805,7 @@ async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
         bad.message
     );
 
-    let (served_tx, served) = watch::channel(None::<legate::kube::Served>);
+    let (served_tx, served) = watch::channel(None::<legate::cluster::Served>);
     let _status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
     served_tx.send_replace(Some(s.revision.id.clone().into()));
     let rev = s.revision.id.clone();
@@ -869,7 +869,7 @@ async fn kube_status_is_written_only_when_it_changes() {
     let mut run = start_source(&fake, Some("default")).await;
     let s = wait_snapshot(&mut run.rx, "three", has_routes(&["m1", "m2", "m3"])).await;
     let (served_tx, served) =
-        watch::channel(Some(legate::kube::Served::from(s.revision.id.clone())));
+        watch::channel(Some(legate::cluster::Served::from(s.revision.id.clone())));
     let _status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
     wait_until("three statuses", || fake.patches().len() >= 3).await;
     // Our own writes come back through the watch as MODIFIED events; a watch restart replays
@@ -881,7 +881,8 @@ async fn kube_status_is_written_only_when_it_changes() {
     assert_eq!(fake.patches().len(), 3, "{:#?}", fake.patches());
 
     // A restarted writer (a new leader) reads the statuses back and writes nothing either.
-    let (_tx2, served2) = watch::channel(Some(legate::kube::Served::from(s.revision.id.clone())));
+    let (_tx2, served2) =
+        watch::channel(Some(legate::cluster::Served::from(s.revision.id.clone())));
     let other = spawn_status(fake.client(), run.rx.clone(), served2, always_leader());
     tokio::time::sleep(Duration::from_millis(800)).await;
     other.abort();
@@ -1082,7 +1083,7 @@ async fn kube_only_the_lease_holder_writes_status() {
     let mut cfg = LeaseConfig::new("default", "me");
     cfg.duration = Duration::from_secs(2);
     cfg.retry = Duration::from_millis(100);
-    let (_tx, served) = watch::channel(Some(legate::kube::Served::from(s.revision.id.clone())));
+    let (_tx, served) = watch::channel(Some(legate::cluster::Served::from(s.revision.id.clone())));
     let status = start_status(fake.client(), run.rx.clone(), served, cfg);
     let leader = status.is_leader();
     tokio::time::sleep(Duration::from_millis(800)).await;

@@ -66,7 +66,7 @@ async fn metrics_count_known_traffic_and_pass_promtool() {
     ));
     let h = reconcile::start(src, gw.proxy.clone(), settings(None), None);
     // Subscribed before the first pass can run (the test runtime is single-threaded).
-    gw.proxy.metrics().follow(h.subscribe());
+    reconcile::count_outcomes(gw.proxy.metrics(), h.subscribe());
     let first = h.sync().await;
     assert!(matches!(outcome(&first), Some(Outcome::Applied) | None));
     assert!(h.status().applied.is_some(), "{first:?}");

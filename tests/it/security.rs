@@ -826,6 +826,16 @@ impl Drop for JwksServer {
 
 impl JwksServer {
     async fn start(doc: String) -> JwksServer {
+        JwksServer::start_with(doc, None).await
+    }
+
+    /// Over HTTPS with the certificate in `cert_dir` (`make_secret`).
+    async fn start_tls(doc: String, cert_dir: &std::path::Path) -> JwksServer {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(cert_dir)));
+        JwksServer::start_with(doc, Some(acceptor)).await
+    }
+
+    async fn start_with(doc: String, tls: Option<tokio_rustls::TlsAcceptor>) -> JwksServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let doc = Arc::new(Mutex::new(Some(doc)));
@@ -838,6 +848,7 @@ impl JwksServer {
                     continue;
                 };
                 let (d, f, h) = (d.clone(), f.clone(), h.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |_req: Request<Incoming>| {
                         f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -856,9 +867,17 @@ impl JwksServer {
                             })
                         }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let b = auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(stream).await {
+                                let _ = b.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                    }
                 });
             }
         });
@@ -870,6 +889,42 @@ impl JwksServer {
             task,
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_keys_from_an_https_url_are_fetched_trusting_the_upstream_ca() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = make_secret(certs.path(), "jwks", &["localhost"]);
+    let k1 = ed25519();
+    let jwks = JwksServer::start_tls(ed_jwk("k1", &k1), &certs.path().join("jwks")).await;
+    let up = Upstream::start("app").await;
+    let yaml = jwt_policy(&format!(
+        "jwks:\n  url: https://localhost:{}/jwks.json\nmappings: [secure]",
+        jwks.addr.port()
+    )) + &mapping(
+        "secure",
+        &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
+    );
+    let t = bearer(&token(
+        serde_json::json!({"alg": "EdDSA", "kid": "k1"}),
+        claims(serde_json::json!({})),
+        Signer::Ed(&k1),
+    ));
+    let settings = legate::proxy::Settings {
+        upstream_ca: Some(ca),
+        ..Default::default()
+    };
+    let gw = Gateway::with(&yaml, settings).await;
+    let r = get(&gw.url("/secure/x"), &[("authorization", t.as_str())]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Without `--upstream-ca` the JWKS server's certificate is not trusted: no keys, refused.
+    let untrusted = Gateway::start(&yaml).await;
+    let r = get(
+        &untrusted.url("/secure/x"),
+        &[("authorization", t.as_str())],
+    )
+    .await;
+    assert_eq!(r.status, 401);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1103,8 +1158,14 @@ impl Drop for RedisServer {
 
 impl RedisServer {
     async fn start() -> RedisServer {
+        RedisServer::start_with(&[]).await
+    }
+
+    /// With extra `redis-server` arguments (e.g. `--requirepass`).
+    async fn start_with(extra: &[&str]) -> RedisServer {
         let addr = closed_port().await;
         let child = std::process::Command::new("redis-server")
+            .args(extra)
             .args([
                 "--port",
                 &addr.port().to_string(),
@@ -1186,6 +1247,42 @@ async fn redis_limit_is_shared_by_two_gateways_and_fail_modes_hold_when_redis_di
     assert_eq!(get(&b.url("/limited/x"), &[]).await.status, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limit_authenticates_with_the_password_of_its_url() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]).await;
+    let up = Upstream::start("app").await;
+    let svc = up.service();
+    let limit = |name: &str, domain: &str, password: &str| {
+        rate_limit(
+            name,
+            &format!(
+                "backend: redis\nredis:\n  address: redis://:{password}@{}\n  timeout_ms: 1000\nfailure_mode: closed\nlimits:\n  - {{name: client, domain: {domain}, group: per_client, requests: 2, per: hour}}",
+                redis.addr
+            ),
+        )
+    };
+    let yaml = [
+        limit("good", "good", "s3cret"),
+        limit("bad", "bad", "wrong"),
+        mapping(
+            "good",
+            &format!("hostname: '*'\nprefix: /good/\nservice: {svc}\nlabels:\n  good:\n    - per_client:\n      - remote_address:\n          key: remote_address"),
+        ),
+        mapping(
+            "bad",
+            &format!("hostname: '*'\nprefix: /bad/\nservice: {svc}\nlabels:\n  bad:\n    - per_client:\n      - remote_address:\n          key: remote_address"),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    // The right password: the limit counts in Redis (2 allowed, then refused).
+    assert_eq!(get(&gw.url("/good/x"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/good/x"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/good/x"), &[]).await.status, 429);
+    // A wrong password is a Redis that does not answer: `failure_mode: closed` refuses.
+    assert_eq!(get(&gw.url("/bad/x"), &[]).await.status, 503);
+}
+
 #[test]
 fn ratelimit_problems_are_diagnosed() {
     let check = |yaml: &str| {
@@ -1208,6 +1305,13 @@ fn ratelimit_problems_are_diagnosed() {
         ) + &m),
     );
     assert!(out.contains("needs `redis.address`"), "{out}");
+    let out = check(
+        &(rate_limit(
+            "r",
+            "backend: redis\nredis: {address: 'redis://host:notaport'}\nlimits:\n  - {name: a, group: per_client, requests: 1, per: second}",
+        ) + &m),
+    );
+    assert!(out.contains("is not a Redis address"), "{out}");
     let out = check(
         &(rate_limit(
             "r",

@@ -59,20 +59,7 @@ impl Upstream {
 
     /// A TLS upstream on a chosen address (e.g. another loopback IP, same port).
     pub async fn start_tls_on(name: &str, cert_dir: &Path, addr: SocketAddr) -> Upstream {
-        use rustls_pki_types::pem::PemObject;
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(cert_dir.join("tls.crt"))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(cert_dir.join("tls.key")).unwrap();
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
+        let mut cfg = server_tls(cert_dir);
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         Upstream::listen(name, TcpListener::bind(addr).await.unwrap(), Some(acceptor))
@@ -497,6 +484,22 @@ pub async fn curl(args: &[String]) -> (bool, String, String) {
     })
     .await
     .unwrap()
+}
+
+/// A TLS server config serving the certificate `make_secret` wrote to `cert_dir`.
+pub fn server_tls(cert_dir: &Path) -> rustls::ServerConfig {
+    use rustls_pki_types::pem::PemObject;
+    let certs = rustls_pki_types::CertificateDer::pem_file_iter(cert_dir.join("tls.crt"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(cert_dir.join("tls.key")).unwrap();
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap()
 }
 
 /// A self-signed certificate for `names`, written as a mounted Secret `<dir>/<secret>/tls.*`.

@@ -22,64 +22,16 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::Deserialize;
 
 use super::Denial;
-use crate::routes::{Scheme, Upstream};
-
-/// Headers always sent to the auth service (Emissary's fixed list).
-const ALWAYS_SENT: [&str; 9] = [
-    "authorization",
-    "cookie",
-    "from",
-    "proxy-authorization",
-    "user-agent",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-request-id",
-];
+use crate::routes::guard::{ExtAuth, IncludeBody};
 
 /// Largest auth-service answer body relayed to a client.
 const MAX_DENIAL_BODY: usize = 64 * 1024;
 
-const DEFAULT_TIMEOUT_MS: u64 = 5000;
 /// Longest wait for the next piece of a body read for `include_body`: a client that stalls is
 /// answered 408 instead of holding a buffer (Envoy's stream idle timeout plays this part).
 pub(crate) const BODY_STALL: Duration = Duration::from_secs(10);
-
-/// The AuthService spec fields Legate reads (the schema admits the rest).
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(default)]
-pub struct AuthServiceSpec {
-    pub auth_service: String,
-    pub path_prefix: Option<String>,
-    pub proto: Option<String>,
-    pub timeout_ms: Option<u64>,
-    pub allowed_request_headers: Vec<String>,
-    pub allowed_authorization_headers: Vec<String>,
-    pub status_on_error: Option<StatusOnError>,
-    pub failure_mode_allow: bool,
-    pub include_body: Option<IncludeBodySpec>,
-    pub add_auth_headers: std::collections::BTreeMap<String, String>,
-    pub allow_request_body: bool,
-}
-
-/// `include_body: {max_bytes, allow_partial}`.
-#[derive(Debug, Clone, Deserialize, Default)]
-pub struct IncludeBodySpec {
-    pub max_bytes: u64,
-    #[serde(default)]
-    pub allow_partial: bool,
-}
-
-/// How much of the request body the auth service is sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IncludeBody {
-    pub max_bytes: usize,
-    /// Send the first `max_bytes` of a larger body instead of answering 413.
-    pub allow_partial: bool,
-}
 
 /// The start of a request body, read to send it to the auth service; the proxy sends it
 /// upstream ahead of what the client has not sent yet.
@@ -91,152 +43,7 @@ pub struct ReadAhead {
     pub complete: bool,
 }
 
-/// `status_on_error: {code}`.
-#[derive(Debug, Clone, Deserialize, Default)]
-pub struct StatusOnError {
-    pub code: Option<u16>,
-}
-
-/// A compiled AuthService: every header name and the target parsed once.
-#[derive(Debug)]
-pub struct ExtAuth {
-    /// `host:port` of the auth service.
-    pub authority: String,
-    pub path_prefix: String,
-    /// `None`: `timeout_ms: 0`, no limit (Envoy's reading of a zero timeout).
-    pub timeout: Option<Duration>,
-    /// `add_auth_headers`: set on every auth request.
-    pub add_headers: Vec<(HeaderName, HeaderValue)>,
-    pub request_headers: Vec<HeaderName>,
-    pub authorization_headers: Vec<HeaderName>,
-    pub status_on_error: StatusCode,
-    pub failure_mode_allow: bool,
-    pub include_body: Option<IncludeBody>,
-}
-
-/// A compile problem: JSON pointer, message, help.
-type CompileError = (&'static str, String, String);
-
 impl ExtAuth {
-    pub fn compile(spec: &AuthServiceSpec) -> Result<ExtAuth, CompileError> {
-        if spec.proto.as_deref() == Some("grpc") {
-            return Err((
-                "/spec/proto",
-                "`proto: grpc` is not supported by Legate".into(),
-                "run the auth service's HTTP variant and set `proto: http`".into(),
-            ));
-        }
-        let up: Upstream = spec.auth_service.parse().map_err(|e| {
-            (
-                "/spec/auth_service",
-                format!(
-                    "auth_service `{}` is not a usable address: {e}",
-                    spec.auth_service
-                ),
-                "write `host:port` or `http://host:port`".to_string(),
-            )
-        })?;
-        if up.scheme != Scheme::Http {
-            return Err((
-                "/spec/auth_service",
-                format!("auth_service `{}` must be plain HTTP", spec.auth_service),
-                "write `host:port` or `http://host:port`; TLS to the auth service is not supported"
-                    .into(),
-            ));
-        }
-        let prefix = spec.path_prefix.clone().unwrap_or_default();
-        if !prefix.is_empty() && !prefix.starts_with('/') {
-            return Err((
-                "/spec/path_prefix",
-                format!("path_prefix `{prefix}` does not start with `/`"),
-                "write it as `/extauth`".into(),
-            ));
-        }
-        let names =
-            |pointer: &'static str, list: &[String]| -> Result<Vec<HeaderName>, CompileError> {
-                list.iter()
-                    .map(|n| {
-                        HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).map_err(|_| {
-                            (
-                                pointer,
-                                format!("`{n}` is not a valid header name"),
-                                "use letters, digits and `-`".to_string(),
-                            )
-                        })
-                    })
-                    .collect()
-            };
-        let mut request_headers = names(
-            "/spec/allowed_request_headers",
-            &spec.allowed_request_headers,
-        )?;
-        for n in ALWAYS_SENT {
-            let n = HeaderName::from_static(n);
-            if !request_headers.contains(&n) {
-                request_headers.push(n);
-            }
-        }
-        let mut authorization_headers = names(
-            "/spec/allowed_authorization_headers",
-            &spec.allowed_authorization_headers,
-        )?;
-        if !authorization_headers.contains(&header::AUTHORIZATION) {
-            authorization_headers.push(header::AUTHORIZATION);
-        }
-        let code = spec
-            .status_on_error
-            .as_ref()
-            .and_then(|s| s.code)
-            .unwrap_or(403);
-        let status_on_error = StatusCode::from_u16(code).map_err(|_| {
-            (
-                "/spec/status_on_error/code",
-                format!("{code} is not an HTTP status"),
-                "use a status between 100 and 599".to_string(),
-            )
-        })?;
-        let mut add_headers = Vec::new();
-        for (name, value) in &spec.add_auth_headers {
-            let pair = HeaderName::from_bytes(name.as_bytes())
-                .ok()
-                .zip(HeaderValue::from_str(value).ok());
-            let Some(pair) = pair else {
-                return Err((
-                    "/spec/add_auth_headers",
-                    format!("`{name}: {value}` is not a valid header"),
-                    "use a header name and a value without control characters".to_string(),
-                ));
-            };
-            add_headers.push(pair);
-        }
-        Ok(ExtAuth {
-            authority: up.authority(),
-            path_prefix: prefix.trim_end_matches('/').to_string(),
-            timeout: match spec.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS) {
-                0 => None,
-                ms => Some(Duration::from_millis(ms)),
-            },
-            add_headers,
-            request_headers,
-            authorization_headers,
-            status_on_error,
-            failure_mode_allow: spec.failure_mode_allow,
-            include_body: spec
-                .include_body
-                .as_ref()
-                .map(|b| IncludeBody {
-                    max_bytes: usize::try_from(b.max_bytes).unwrap_or(usize::MAX),
-                    allow_partial: b.allow_partial,
-                })
-                // Emissary's older switch, used only without `include_body` (v3httpfilter.py).
-                .or(spec.allow_request_body.then_some(IncludeBody {
-                    max_bytes: 4096,
-                    allow_partial: true,
-                }))
-                .filter(|b| b.max_bytes > 0),
-        })
-    }
-
     /// Read the start of `body` for the auth service: what was read (to go upstream first),
     /// the bytes to send the auth service, and whether they are only part of the body.
     pub async fn read_body(

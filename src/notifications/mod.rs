@@ -6,13 +6,11 @@
 //! attempt, fed by the reconciler's event channel. Must not slow or block the reconciler: a
 //! receiver that falls behind skips events (and says so) rather than queueing them forever.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Uri};
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::sync::broadcast;
 
@@ -149,26 +147,12 @@ pub fn payload(entry: &Entry, source: &str) -> Option<serde_json::Value> {
     }))
 }
 
-/// One POST of a JSON body; returns the response status.
+/// Inner bound of one POST; the notifier's own `timeout` is the one that counts.
+const POST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One POST of a JSON body through the outbound client; returns the response status.
 async fn post(url: &Uri, body: Bytes) -> Result<http::StatusCode, String> {
-    let host = url
-        .host()
-        .ok_or("no host")?
-        .trim_matches(['[', ']'])
-        .to_string();
-    let tls = url.scheme_str() == Some("https");
-    let port = url.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| format!("connect {host}:{port}: {e}"))?;
-    let path = url.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let authority = url
-        .authority()
-        .map(|a| a.as_str())
-        .unwrap_or(&host)
-        .to_string();
-    let req = Request::post(path)
-        .header(http::header::HOST, authority)
+    let req = Request::post(url.clone())
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(
             http::header::USER_AGENT,
@@ -176,28 +160,8 @@ async fn post(url: &Uri, body: Bytes) -> Result<http::StatusCode, String> {
         )
         .body(Full::new(body))
         .map_err(|e| e.to_string())?;
-    if tls {
-        let cfg = crate::tls::client_config(None, &[b"http/1.1"]).map_err(|e| e.to_string())?;
-        let name =
-            rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS to {host}: {e}"))?;
-        send(TokioIo::new(stream), req).await
-    } else {
-        send(TokioIo::new(tcp), req).await
-    }
-}
-
-async fn send<T>(io: T, req: Request<Full<Bytes>>) -> Result<http::StatusCode, String>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let resp = tx.send_request(req).await.map_err(|e| e.to_string())?;
-    Ok(resp.status())
+    let resp = crate::outbound::global()?
+        .send(req, POST_TIMEOUT, 64 * 1024)
+        .await?;
+    Ok(resp.status)
 }

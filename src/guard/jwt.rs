@@ -9,7 +9,7 @@
 //! cold start with no keys at all waits, at most [`COLD_WAIT`]. A token naming a key id the set
 //! does not hold triggers an early refresh, at most once per [`UNKNOWN_KID_INTERVAL`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -19,12 +19,11 @@ use base64::Engine;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ring::signature::{self, UnparsedPublicKey};
-use serde::Deserialize;
 use serde_json::Value;
 use sha2::Digest;
 
 use super::Denial;
-use crate::config::model::LabelSelector;
+use crate::routes::guard::{Alg, JwksSource, JwtPolicy};
 
 /// Largest token considered (a header line is capped anyway; this bounds the decode work).
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -50,67 +49,8 @@ pub struct Verified {
     pub claims: Arc<Claims>,
 }
 
-/// The JWTPolicy spec.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(default)]
-pub struct JwtPolicySpec {
-    pub issuer: Option<String>,
-    pub audiences: Vec<String>,
-    pub jwks: JwksSource,
-    pub algorithms: Vec<String>,
-    pub clock_skew_seconds: Option<u64>,
-    pub required_claims: Vec<String>,
-    pub forward_claims: BTreeMap<String, String>,
-    pub mappings: Vec<String>,
-    #[serde(rename = "mappingSelector")]
-    pub mapping_selector: Option<LabelSelector>,
-    pub hosts: Vec<String>,
-}
-
-/// Where the keys are.
-#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
-#[serde(default)]
-pub struct JwksSource {
-    pub file: Option<String>,
-    pub url: Option<String>,
-    pub refresh_seconds: Option<u64>,
-}
-
-/// An accepted signature algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Alg {
-    Rs256,
-    Es256,
-    EdDsa,
-}
-
-impl Alg {
-    pub fn parse(s: &str) -> Option<Alg> {
-        match s {
-            "RS256" => Some(Alg::Rs256),
-            "ES256" => Some(Alg::Es256),
-            "EdDSA" => Some(Alg::EdDsa),
-            _ => None,
-        }
-    }
-}
-
-/// A compiled JWTPolicy.
-pub struct JwtPolicy {
-    /// `namespace/name`, for logs.
-    pub name: String,
-    pub issuer: Option<String>,
-    pub audiences: Vec<String>,
-    pub algorithms: Vec<Alg>,
-    pub skew: u64,
-    pub required: Vec<String>,
-    pub forward: Vec<(String, HeaderName)>,
-    pub source: JwksSource,
-    keys: Arc<KeyState>,
-}
-
 /// The key set of one policy and its refreshing; shared with the background refresh task.
-struct KeyState {
+pub(crate) struct KeyState {
     name: String,
     source: JwksSource,
     refresh: Duration,
@@ -125,22 +65,8 @@ struct KeyState {
     /// When an unknown key id last triggered a refresh.
     last_unknown_kid: Mutex<Option<Instant>>,
     verified: Mutex<HashMap<[u8; 32], Arc<Claims>>>,
-}
-
-// Debug feeds the graph hash: the configuration, never the cache.
-impl std::fmt::Debug for JwtPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtPolicy")
-            .field("name", &self.name)
-            .field("issuer", &self.issuer)
-            .field("audiences", &self.audiences)
-            .field("algorithms", &self.algorithms)
-            .field("skew", &self.skew)
-            .field("required", &self.required)
-            .field("forward", &self.forward)
-            .field("source", &self.source)
-            .finish()
-    }
+    /// Fetches a JWKS URL; `None`: the process-wide client.
+    client: Option<crate::outbound::Outbound>,
 }
 
 /// One usable key of a JWKS.
@@ -158,101 +84,17 @@ enum KeyMaterial {
     Raw(Vec<u8>),
 }
 
-/// A compile problem: JSON pointer, message, help.
-type CompileError = (&'static str, String, String);
-
 impl JwtPolicy {
-    pub fn compile(name: String, spec: &JwtPolicySpec) -> Result<JwtPolicy, CompileError> {
-        let algorithms = if spec.algorithms.is_empty() {
-            vec![Alg::Rs256, Alg::Es256, Alg::EdDsa]
-        } else {
-            spec.algorithms
-                .iter()
-                .map(|a| {
-                    Alg::parse(a).ok_or_else(|| {
-                        (
-                            "/spec/algorithms",
-                            format!("algorithm `{a}` is not accepted"),
-                            "use RS256, ES256 or EdDSA (symmetric HS* and `none` are refused)"
-                                .to_string(),
-                        )
-                    })
-                })
-                .collect::<Result<_, _>>()?
-        };
-        match (&spec.jwks.file, &spec.jwks.url) {
-            (Some(_), Some(_)) | (None, None) => {
-                return Err((
-                    "/spec/jwks",
-                    "jwks needs exactly one of `file` or `url`".into(),
-                    "set `file: /path/jwks.json` or `url: https://issuer/.well-known/jwks.json`"
-                        .into(),
-                ))
-            }
-            (None, Some(u)) => {
-                let ok = u.starts_with("https://")
-                    || u.starts_with("http://127.0.0.1")
-                    || u.starts_with("http://localhost")
-                    || u.starts_with("http://[::1]");
-                if !ok || u.parse::<http::Uri>().is_err() {
-                    return Err((
-                        "/spec/jwks/url",
-                        format!("jwks url `{u}` is not an https:// URL"),
-                        "keys must be fetched over HTTPS (plain http only for loopback)".into(),
-                    ));
-                }
-            }
-            (Some(_), None) => {}
-        }
-        let forward = spec
-            .forward_claims
-            .iter()
-            .map(|(claim, h)| {
-                HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
-                    .map(|n| (claim.clone(), n))
-                    .map_err(|_| {
-                        (
-                            "/spec/forward_claims",
-                            format!("`{h}` is not a valid header name"),
-                            "use letters, digits and `-`".to_string(),
-                        )
-                    })
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(JwtPolicy {
-            name: name.clone(),
-            issuer: spec.issuer.clone(),
-            audiences: spec.audiences.clone(),
-            algorithms,
-            skew: spec.clock_skew_seconds.unwrap_or(60),
-            required: spec.required_claims.clone(),
-            forward,
-            source: spec.jwks.clone(),
-            keys: Arc::new(KeyState {
-                name,
-                source: spec.jwks.clone(),
-                refresh: Duration::from_secs(
-                    spec.jwks
-                        .refresh_seconds
-                        .unwrap_or(DEFAULT_REFRESH_SECS)
-                        .max(1),
-                ),
-                current: Mutex::new(Arc::new(Vec::new())),
-                checked: Mutex::new(None),
-                refreshing: AtomicBool::new(false),
-                done: tokio::sync::Notify::new(),
-                last_unknown_kid: Mutex::new(None),
-                verified: Mutex::new(HashMap::new()),
-            }),
-        })
-    }
-
     /// Validate the request's bearer token: the headers to set on the request and the claims.
-    pub async fn check(&self, headers: &HeaderMap) -> Result<Verified, Box<Denial>> {
+    pub(crate) async fn check(
+        &self,
+        keys: &Arc<KeyState>,
+        headers: &HeaderMap,
+    ) -> Result<Verified, Box<Denial>> {
         let Some(token) = bearer(headers) else {
             return Err(unauthorized(None));
         };
-        let keys = self.keys.keys().await;
+        let key_set = keys.keys().await;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -263,20 +105,20 @@ impl JwtPolicy {
         // Signature, issuer, audience and claims of a token do not change while the keys do
         // not: a token seen before costs a hash and its time check, not a signature check.
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-        let claims = match self.keys.remembered(&digest) {
+        let claims = match keys.remembered(&digest) {
             Some(c) => {
                 self.check_times(&c, now).map_err(refuse)?;
                 c
             }
-            None => match self.validate(token, &keys, now) {
+            None => match self.validate(token, &key_set, now) {
                 Ok(c) => {
                     let c = Arc::new(c);
-                    self.keys.remember(digest, c.clone());
+                    keys.remember(digest, c.clone());
                     c
                 }
                 Err(why) => {
                     if why == UNKNOWN_KID {
-                        self.keys.unknown_kid();
+                        keys.unknown_kid();
                     }
                     return Err(refuse(why));
                 }
@@ -384,27 +226,6 @@ impl JwtPolicy {
     }
 }
 
-/// Give each policy of `new` that has no keys yet the keys of a policy of `old` reading the same
-/// source, so a new revision does not start cold (a first request waiting for a fetch, or
-/// refused while the JWKS endpoint is down). The verified-token memory is not carried: the
-/// new policy may judge tokens differently.
-pub fn carry_over(old: &[Arc<JwtPolicy>], new: &[Arc<JwtPolicy>]) {
-    for p in new {
-        if !p.keys.current().is_empty() {
-            continue;
-        }
-        let Some(prev) = old
-            .iter()
-            .find(|o| o.source == p.source && !o.keys.current().is_empty())
-        else {
-            continue;
-        };
-        *p.keys.current.lock().unwrap_or_else(|e| e.into_inner()) = prev.keys.current();
-        *p.keys.checked.lock().unwrap_or_else(|e| e.into_inner()) =
-            *prev.keys.checked.lock().unwrap_or_else(|e| e.into_inner());
-    }
-}
-
 /// Why a token naming a key id the key set does not hold is refused.
 const UNKNOWN_KID: &str = "unknown key id";
 
@@ -419,6 +240,45 @@ impl Drop for RefreshDone {
 }
 
 impl KeyState {
+    /// The key set of `policy`, starting with the keys of `seed` (a policy reading the same
+    /// source) when there is one.
+    pub(crate) fn new(
+        policy: &JwtPolicy,
+        seed: Option<&KeyState>,
+        client: Option<crate::outbound::Outbound>,
+    ) -> KeyState {
+        let (current, checked) = match seed {
+            Some(s) => (
+                s.current(),
+                *s.checked.lock().unwrap_or_else(|e| e.into_inner()),
+            ),
+            None => (Arc::new(Vec::new()), None),
+        };
+        KeyState {
+            name: policy.name.clone(),
+            source: policy.source.clone(),
+            refresh: Duration::from_secs(
+                policy
+                    .source
+                    .refresh_seconds
+                    .unwrap_or(DEFAULT_REFRESH_SECS)
+                    .max(1),
+            ),
+            current: Mutex::new(current),
+            checked: Mutex::new(checked),
+            refreshing: AtomicBool::new(false),
+            done: tokio::sync::Notify::new(),
+            last_unknown_kid: Mutex::new(None),
+            verified: Mutex::new(HashMap::new()),
+            client,
+        }
+    }
+
+    /// Whether any keys are held.
+    pub(crate) fn has_keys(&self) -> bool {
+        !self.current().is_empty()
+    }
+
     /// Claims of a token verified before with the current keys (only its times can change).
     fn remembered(&self, digest: &[u8; 32]) -> Option<Arc<Claims>> {
         self.verified
@@ -508,7 +368,9 @@ impl KeyState {
         let state = RefreshDone(self.clone());
         tokio::spawn(async move {
             let ks = &state.0;
-            let outcome = fetch(&ks.source).await.and_then(|b| parse_jwks(&b));
+            let outcome = fetch(&ks.source, ks.client.as_ref())
+                .await
+                .and_then(|b| parse_jwks(&b));
             let ok = match outcome {
                 Ok(keys) => {
                     *ks.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
@@ -634,7 +496,10 @@ fn unauthorized(why: Option<&str>) -> Box<Denial> {
 }
 
 /// Read the JWKS document from its file or URL.
-async fn fetch(src: &JwksSource) -> Result<Vec<u8>, String> {
+async fn fetch(
+    src: &JwksSource,
+    client: Option<&crate::outbound::Outbound>,
+) -> Result<Vec<u8>, String> {
     if let Some(path) = &src.file {
         let body = tokio::fs::read(path)
             .await
@@ -645,65 +510,103 @@ async fn fetch(src: &JwksSource) -> Result<Vec<u8>, String> {
         return Ok(body);
     }
     let url = src.url.as_deref().unwrap_or_default();
-    tokio::time::timeout(Duration::from_secs(5), get(url))
-        .await
-        .map_err(|_| format!("{url}: timed out"))?
-}
-
-/// One GET over a fresh connection (JWKS fetches are rare).
-async fn get(url: &str) -> Result<Vec<u8>, String> {
-    use http_body_util::{BodyExt, Empty, Limited};
-    use hyper_util::rt::TokioIo;
-
-    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    let tls = uri.scheme_str() == Some("https");
-    let host = uri.host().ok_or("URL has no host")?.to_string();
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+    let req = http::Request::get(url)
+        .header(header::ACCEPT, "application/json")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .map_err(|e| format!("{url}: {e}"))?;
+    let client = match client {
+        Some(c) => c,
+        None => crate::outbound::global()?,
+    };
+    let resp = client
+        .send(req, Duration::from_secs(5), MAX_JWKS_BYTES)
         .await
         .map_err(|e| format!("{url}: {e}"))?;
-    let req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(header::HOST, uri.authority().map_or("", |a| a.as_str()))
-        .header(header::ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    async fn exchange<S>(io: S, req: http::Request<Empty<Bytes>>) -> Result<Vec<u8>, String>
-    where
-        S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    {
-        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-        if !resp.status().is_success() {
-            return Err(format!("answered {}", resp.status()));
-        }
-        let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(body.to_bytes().to_vec())
+    if !resp.status.is_success() {
+        return Err(format!("{url}: answered {}", resp.status));
     }
-    if tls {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let name =
-            rustls_pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_string())
-                .map_err(|e| e.to_string())?;
-        let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        exchange(TokioIo::new(stream), req).await
-    } else {
-        exchange(TokioIo::new(tcp), req).await
+    Ok(resp.body.to_vec())
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::super::Registry;
+    use super::*;
+    use crate::routes::guard::{Limit, LimitBackend};
+
+    fn policy(name: &str, issuer: &str) -> JwtPolicy {
+        JwtPolicy {
+            name: name.into(),
+            issuer: Some(issuer.into()),
+            audiences: vec![],
+            algorithms: vec![Alg::Rs256],
+            skew: 60,
+            required: vec![],
+            forward: vec![],
+            source: JwksSource {
+                file: Some("/keys/jwks.json".into()),
+                url: None,
+                refresh_seconds: None,
+            },
+        }
+    }
+
+    fn key() -> Jwk {
+        Jwk {
+            kid: Some("k1".into()),
+            alg: Alg::EdDsa,
+            material: KeyMaterial::Raw(vec![7; 32]),
+        }
+    }
+
+    #[test]
+    fn an_unchanged_policy_keeps_its_key_set_and_a_changed_one_starts_with_its_keys() {
+        let reg = Registry::default();
+        let old = reg.keys(&policy("ns/p", "https://a"));
+        *old.current.lock().unwrap() = Arc::new(vec![key()]);
+        // The same policy in a new revision: the same state (keys and verified memory).
+        let same = reg.keys(&policy("ns/p", "https://a"));
+        assert!(Arc::ptr_eq(&old, &same));
+        // A changed policy reading the same source: its own state, seeded with the keys.
+        let changed = reg.keys(&policy("ns/p", "https://b"));
+        assert!(!Arc::ptr_eq(&old, &changed));
+        assert_eq!(changed.current().len(), 1);
+        assert!(changed.verified.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn prune_drops_state_no_prepared_route_holds() {
+        let reg = Registry::default();
+        let limit = |rate: f64| Limit {
+            id: "ns/rl/l".into(),
+            domain: "ambassador".into(),
+            group: "g".into(),
+            requests: 10,
+            rate,
+            burst: 10,
+            response_headers: true,
+            backend: LimitBackend::Local,
+        };
+        let held_keys = reg.keys(&policy("ns/p", "https://a"));
+        let held = reg.counter(&limit(10.0));
+        drop(reg.keys(&policy("ns/q", "https://a")));
+        drop(reg.counter(&limit(1.0)));
+        assert_eq!(reg.sizes(), (2, 2, 0));
+        reg.prune();
+        assert_eq!(reg.sizes(), (1, 1, 0));
+        // What is still held is what the next lookup finds.
+        assert!(Arc::ptr_eq(
+            &held_keys,
+            &reg.keys(&policy("ns/p", "https://a"))
+        ));
+        match (held, reg.counter(&limit(10.0))) {
+            (
+                super::super::ratelimit::Counter::Local(a),
+                super::super::ratelimit::Counter::Local(b),
+            ) => {
+                assert!(Arc::ptr_eq(&a, &b))
+            }
+            _ => panic!("a local limit counts locally"),
+        }
     }
 }
