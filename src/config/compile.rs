@@ -37,7 +37,9 @@ struct Compiled<'r> {
     action: Action,
     /// Canonical text of the match: members of one group share it (Emissary's `group_id`).
     group_key: String,
-    /// Emissary's route weight: (precedence, prefix length, header length, query length).
+    /// Emissary's route weight: (precedence, prefix length, header-match length, query-match
+    /// length, then the prefix text and the method (`GET` when unset) as tie-breakers). Groups
+    /// sort by it descending.
     order: (i64, usize, usize, usize, String, String),
     /// The host glob used for Host association, if the Mapping names one (`hostname`, `host`
     /// or an exact `:authority` header).

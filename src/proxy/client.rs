@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};

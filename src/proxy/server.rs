@@ -9,7 +9,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use http::Request;
 use hyper::body::Incoming;
@@ -99,12 +100,7 @@ impl Proxy {
         let conns = Arc::new(Semaphore::new(max_conns as usize));
         let (stop, stop_rx) = watch::channel(false);
         let mut accepts = Vec::new();
-        let local = |l: &TcpListener| {
-            l.local_addr().map_err(|source| SetupError::Bind {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
-            })
-        };
+        let local = |l: &TcpListener| l.local_addr().map_err(SetupError::LocalAddr);
         let mut http_addr = None;
         let mut https_addr = None;
         if let Some(l) = listeners.http {
@@ -269,7 +265,7 @@ impl Proxy {
                             closing = true;
                             conn.as_mut().graceful_shutdown();
                         }
-                        Some(at) => idle_timer.as_mut().reset(at.into()),
+                        Some(at) => idle_timer.as_mut().reset(at),
                     }
                 }
             }

@@ -46,7 +46,9 @@ pub trait GraphSink: Send + Sync + 'static {
     }
 }
 
-/// A graph holder for the proxy to read per request (`load`) and for tasks to watch.
+/// A [`GraphSink`] that only holds the graph: the current one (`load`), a watch of every swap
+/// (`subscribe`), and the revision id and evidence counters it serves under (`served`). Tests
+/// use it where no proxy runs; the proxy is a `GraphSink` of its own.
 pub struct Live {
     graph: ArcSwap<Graph>,
     tx: watch::Sender<Arc<Graph>>,
