@@ -250,13 +250,20 @@ impl JwtPolicy {
 
     /// Validate the request's bearer token: the headers to set on the request and the claims.
     pub async fn check(&self, headers: &HeaderMap) -> Result<Verified, Box<Denial>> {
+        // `exp` and `nbf` are wall-clock times set by the issuer: judged on the wall clock.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.check_at(headers, now).await
+    }
+
+    /// [`JwtPolicy::check`] at `now` (seconds since the Unix epoch), the time `exp` and `nbf`
+    /// are judged against, for a fresh token and a remembered one alike.
+    pub async fn check_at(&self, headers: &HeaderMap, now: u64) -> Result<Verified, Box<Denial>> {
         let Some(token) = bearer(headers) else {
             return Err(unauthorized(None));
         };
         let keys = self.keys.keys().await;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let refuse = |why: &'static str| {
             tracing::debug!(policy = %self.name, reason = why, "JWT refused");
             unauthorized(Some(why))
@@ -706,5 +713,57 @@ async fn get(url: &str) -> Result<Vec<u8>, String> {
         exchange(TokioIo::new(stream), req).await
     } else {
         exchange(TokioIo::new(tcp), req).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    fn b64(b: impl AsRef<[u8]>) -> String {
+        URL_SAFE_NO_PAD.encode(b)
+    }
+
+    /// A policy reading an Ed25519 key from a file, and a token it accepts until `exp`.
+    fn policy_and_token(dir: &std::path::Path, exp: u64) -> (JwtPolicy, HeaderMap) {
+        let doc = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        let key = Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap();
+        let jwks = dir.join("jwks.json");
+        let set = serde_json::json!({"keys": [
+            {"kty": "OKP", "kid": "k", "crv": "Ed25519", "x": b64(key.public_key())},
+        ]});
+        std::fs::write(&jwks, set.to_string()).unwrap();
+        let spec: JwtPolicySpec = serde_json::from_value(serde_json::json!({
+            "jwks": {"file": jwks.display().to_string()},
+            "clock_skew_seconds": 0,
+            "mappings": ["secure"],
+        }))
+        .unwrap();
+        let policy = JwtPolicy::compile("p".into(), &spec).unwrap();
+        let input = format!(
+            "{}.{}",
+            b64(r#"{"alg":"EdDSA","kid":"k"}"#),
+            b64(serde_json::json!({"sub": "alice", "nbf": 1000, "exp": exp}).to_string())
+        );
+        let token = format!("{input}.{}", b64(key.sign(input.as_bytes())));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        (policy, h)
+    }
+
+    #[tokio::test]
+    async fn exp_and_nbf_are_judged_at_the_given_time_for_a_remembered_token_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, h) = policy_and_token(dir.path(), 2000);
+        assert!(p.check_at(&h, 999).await.is_err(), "before nbf");
+        // Verified once, then served from the verified-token memory, whose times still apply.
+        assert!(p.check_at(&h, 1500).await.is_ok());
+        assert!(p.check_at(&h, 2000).await.is_ok());
+        assert!(p.check_at(&h, 2001).await.is_err(), "after exp");
+        assert!(p.check_at(&h, 999).await.is_err(), "remembered, before nbf");
     }
 }

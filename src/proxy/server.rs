@@ -342,3 +342,29 @@ impl Drop for Busy {
         self.0.end();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_after_the_idle_timeout_since_its_last_request() {
+        let idle = Duration::from_secs(30);
+        let a = Arc::new(Activity::new());
+        // A request in flight keeps the connection busy however long it takes.
+        let busy = a.begin();
+        tokio::time::advance(Duration::from_secs(120)).await;
+        assert!(a.idle_deadline(idle).is_some());
+        drop(busy);
+        // The idle time runs from the end of the last request.
+        let at = a.idle_deadline(idle).expect("just ended");
+        assert_eq!(at, Instant::now() + idle);
+        tokio::time::advance(idle - Duration::from_millis(1)).await;
+        assert!(a.idle_deadline(idle).is_some());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(
+            a.idle_deadline(idle).is_none(),
+            "idle for the whole timeout"
+        );
+    }
+}
