@@ -349,6 +349,7 @@ impl Proxy {
         snap.evidence = evidence;
         self.run_checkers(&snap);
         self.shared.store(Arc::new(snap));
+        self.clients.prune();
         self.loaded
             .store(true, std::sync::atomic::Ordering::Release);
     }
@@ -414,6 +415,11 @@ impl Proxy {
                 })
             })
             .collect()
+    }
+
+    /// Upstream connection pools held now (tests: none leak across swaps).
+    pub fn upstream_pools(&self) -> usize {
+        self.clients.pool_count()
     }
 
     /// Health-check supervisors running now (tests: none leak across swaps).
