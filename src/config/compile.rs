@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::diag::Diagnostic;
 use super::model::{AddedHeader, HostSpec, MappingSpec, MatchValue, RegexSubst, Resource, Spec};
+use super::schema::Kind;
 use crate::routes::{
     Action, AddHeader, Forward, Graph, Group, HostMatch, HostPattern, HostRoute, InsecureAction,
     MethodMatch, PathMatch, Redirect, RedirectPath, Rewrite, Route, RouteId, RouteMatch,
@@ -172,7 +173,7 @@ pub fn compile_refs_with(
     let mut options = *options;
     options.strip_matching_host_port |=
         super::module::settings(resources).is_some_and(|s| s.strip_matching_host_port);
-    let hash = graph_hash(&host_routes, &routes, &groups, &options);
+    let hash = graph_hash(resources, &options);
     let mut graph = Graph::build(host_routes, routes, groups, hash, options);
     super::module::attach(&mut graph, resources, &mut diags);
     (graph, diags)
@@ -1437,40 +1438,76 @@ fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Opti
     })
 }
 
-fn graph_hash(
-    hosts: &[HostRoute],
-    routes: &[Route],
-    groups: &[Group],
-    options: &RoutingOptions,
-) -> String {
-    let mut h = Sha256::new();
-    h.update(format!("O{options:?}\n"));
-    for host in hosts {
-        h.update(format!(
-            "H{}/{}|{}|{:?}|{:?}|{:?}|{:?}\n",
-            host.namespace,
-            host.name,
-            host.hostname,
-            host.tls_secret,
-            host.insecure,
-            host.insecure_additional_port,
-            host.groups
-        ));
-    }
-    for r in routes {
-        h.update(format!(
-            "R{}/{}|{:?}|{}|{:?}|{}|{}\n",
-            r.namespace, r.name, r.matcher, r.precedence, r.action, r.group, r.stats_name
-        ));
-    }
-    for g in groups {
-        h.update(format!(
-            "G{:?}|{:?}|{}\n",
-            g.members, g.shadow, g.serves_without_host
-        ));
-    }
-    let digest = h.finalize();
+/// The revision identity of a graph: SHA-256 over a canonical JSON form of what it is compiled
+/// from (the routing options and every resource but RouteTests: kind, apiVersion, namespace,
+/// name, labels and spec, keys sorted, resources in (kind, namespace, name) order). Never over
+/// `Debug` text, so reformatting a type's `Debug` cannot change which revision is which; YAML
+/// layout, key order, comments and file names do not count either.
+fn graph_hash(resources: &[&Resource], options: &RoutingOptions) -> String {
+    let digest = Sha256::digest(canonical_input(resources, options).as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The canonical text [`graph_hash`] digests.
+fn canonical_input(resources: &[&Resource], options: &RoutingOptions) -> String {
+    #[derive(serde::Serialize)]
+    struct Input<'a> {
+        options: Options,
+        resources: Vec<Res<'a>>,
+    }
+    #[derive(serde::Serialize)]
+    struct Options {
+        strip_matching_host_port: bool,
+        loose_label_selectors: bool,
+    }
+    #[derive(serde::Serialize)]
+    struct Res<'a> {
+        kind: &'static str,
+        api_version: &'a str,
+        namespace: &'a str,
+        name: &'a str,
+        labels: &'a BTreeMap<String, String>,
+        spec: serde_json::Value,
+    }
+    let mut res: Vec<Res<'_>> = resources
+        .iter()
+        .filter(|r| r.kind != Kind::RouteTest)
+        .map(|r| Res {
+            kind: r.kind.name(),
+            api_version: &r.api_version,
+            namespace: &r.namespace,
+            name: &r.name,
+            labels: &r.labels,
+            spec: sorted_keys(r.doc.value.get("spec").unwrap_or(&serde_json::Value::Null)),
+        })
+        .collect();
+    res.sort_by(|a, b| (a.kind, a.namespace, a.name).cmp(&(b.kind, b.namespace, b.name)));
+    let input = Input {
+        options: Options {
+            strip_matching_host_port: options.strip_matching_host_port,
+            loose_label_selectors: options.loose_label_selectors,
+        },
+        resources: res,
+    };
+    serde_json::to_string(&input).unwrap_or_default()
+}
+
+/// `v` with every object's keys in sorted order, whatever order the map type keeps.
+fn sorted_keys(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut kv: Vec<_> = m.iter().collect();
+            kv.sort_by(|a, b| a.0.cmp(b.0));
+            Value::Object(
+                kv.into_iter()
+                    .map(|(k, v)| (k.clone(), sorted_keys(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(sorted_keys).collect()),
+        other => other.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -2144,6 +2181,34 @@ mod tests {
         assert_eq!(h(&ha), h(&hb));
         assert_ne!(h(&ha), h(&hc));
         assert_eq!(h(&ha).len(), 64);
+    }
+
+    #[test]
+    fn hash_is_over_a_canonical_json_of_the_input_not_debug_text() {
+        let h = |t: &str| compile_text(t).graph.unwrap().hash.clone();
+        let text = mapping("x", "service: a\nprefix: /x/\nhostname: '*'");
+        let canonical = concat!(
+            r#"{"options":{"strip_matching_host_port":false,"loose_label_selectors":false},"#,
+            r#""resources":[{"kind":"Mapping","api_version":"legate.dev/v1alpha1","#,
+            r#""namespace":"default","name":"x","labels":{},"#,
+            r#""spec":{"hostname":"*","prefix":"/x/","service":"a"}}]}"#
+        );
+        let want: String = Sha256::digest(canonical.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(h(&text), want);
+        // Key order, quoting and comments are layout, not content.
+        let relaid = mapping(
+            "x",
+            "# the x route\nhostname: \"*\"\nprefix: /x/\nservice: a",
+        );
+        assert_eq!(h(&relaid), want);
+        // A RouteTest checks the graph; it is not part of it.
+        let with_test = text.clone()
+            + "---\napiVersion: legate.dev/v1alpha1\nkind: RouteTest\nmetadata:\n  name: t\nspec:\n  cases:\n    - request: {path: /x/}\n      expect: {mapping: x}\n";
+        let o = compile_text(&with_test);
+        assert_eq!(o.graph.as_ref().unwrap().hash, want, "{:?}", o.diagnostics);
     }
 
     #[test]
