@@ -70,17 +70,50 @@ pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
 }
 
 /// `compile_refs` with routing options (flags; later the Emissary Module).
+///
+/// Passes, in order: compile each Mapping and Host on its own, associate Host selectors,
+/// group Mappings by match and order the groups, number the routes, build each group (weights,
+/// shadows), attach groups to Hosts, attach policies, then the Module's settings.
 pub fn compile_refs_with(
     resources: &[&Resource],
     options: &RoutingOptions,
 ) -> (Graph, Vec<Diagnostic>) {
     let mut diags = Vec::new();
-    let mut mappings: Vec<Compiled<'_>> = Vec::new();
+    let (mut mappings, hosts) = compile_each(resources, &mut diags);
+    warn_duplicate_hostnames(&hosts, &mut diags);
+    let loose = options.loose_label_selectors;
+    for m in &mut mappings {
+        add_selector_labels(m, &hosts, loose);
+    }
+    let group_list = group_by_match(&mappings);
+    let (mut routes, route_of) = number_routes(&mappings);
+    let (groups, group_members) =
+        build_groups(&mappings, group_list, &mut routes, &route_of, &mut diags);
+    let host_routes = associate(hosts, &mappings, &group_members, loose, &mut diags);
+
+    crate::policy::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
+    // The Module's `strip_matching_host_port` turns the routing option on (the flag can too).
+    let mut options = *options;
+    options.strip_matching_host_port |=
+        super::module::settings(resources).is_some_and(|s| s.strip_matching_host_port);
+    let hash = graph_hash(resources, &options);
+    let mut graph = Graph::build(host_routes, routes, groups, hash, options);
+    super::module::attach(&mut graph, resources, &mut diags);
+    (graph, diags)
+}
+
+/// Compile every Mapping and Host on its own, each list in namespace/name order (stable route
+/// ids). Other kinds are read by later passes.
+fn compile_each<'r>(
+    resources: &[&'r Resource],
+    diags: &mut Vec<Diagnostic>,
+) -> (Vec<Compiled<'r>>, Vec<HostEntry<'r>>) {
+    let mut mappings: Vec<Compiled<'r>> = Vec::new();
     let mut host_specs: Vec<(&Resource, &HostSpec)> = Vec::new();
     for &r in resources {
         match &r.spec {
             Spec::Mapping(m) => {
-                if let Some(c) = compile_mapping(r, m, &mut diags) {
+                if let Some(c) = compile_mapping(r, m, diags) {
                     mappings.push(c);
                 }
             }
@@ -92,40 +125,41 @@ pub fn compile_refs_with(
             | Spec::Module(_) => {}
         }
     }
-    // Stable route ids: by namespace/name.
     mappings.sort_by(|a, b| (&a.res.namespace, &a.res.name).cmp(&(&b.res.namespace, &b.res.name)));
     host_specs.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
-    let hosts: Vec<HostEntry<'_>> = host_specs
+    let hosts = host_specs
         .into_iter()
         .filter_map(|(r, h)| {
-            let route = compile_host(r, h, &mut diags)?;
+            let route = compile_host(r, h, diags)?;
             Some(HostEntry {
                 res: r,
                 route,
-                selector: host_selector(r, h, &mut diags),
+                selector: host_selector(r, h, diags),
             })
         })
         .collect();
-    warn_duplicate_hostnames(&hosts, &mut diags);
-    let loose = options.loose_label_selectors;
-    for m in &mut mappings {
-        add_selector_labels(m, &hosts, loose);
-    }
+    (mappings, hosts)
+}
 
-    // Group by match.
+/// Mappings with the same match form one group (indexes into `mappings`), in match order:
+/// Emissary's route weight, descending; then the canonical match text.
+fn group_by_match(mappings: &[Compiled<'_>]) -> Vec<Vec<usize>> {
     let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, m) in mappings.iter().enumerate() {
         by_key.entry(m.group_key.as_str()).or_default().push(i);
     }
     let mut group_list: Vec<Vec<usize>> = by_key.into_values().collect();
-    // Match order: Emissary's route weight, descending; then the first member's name.
     group_list.sort_by(|a, b| {
         let (x, y) = (&mappings[a[0]], &mappings[b[0]]);
         y.order
             .cmp(&x.order)
             .then_with(|| x.group_key.cmp(&y.group_key))
     });
+    group_list
+}
 
+/// One route per Mapping, in Mapping order; `route_of[i]` is the route of Mapping `i`.
+fn number_routes(mappings: &[Compiled<'_>]) -> (Vec<Route>, Vec<usize>) {
     let mut routes: Vec<Route> = Vec::with_capacity(mappings.len());
     let mut route_of: Vec<usize> = vec![0; mappings.len()];
     for (i, m) in mappings.iter().enumerate() {
@@ -146,7 +180,18 @@ pub fn compile_refs_with(
             group: 0,
         });
     }
+    (routes, route_of)
+}
 
+/// Build each group (weights, shadow) in match order and point its routes at it; also returns
+/// each group's Mapping indexes, for Host association.
+fn build_groups(
+    mappings: &[Compiled<'_>],
+    group_list: Vec<Vec<usize>>,
+    routes: &mut [Route],
+    route_of: &[usize],
+    diags: &mut Vec<Diagnostic>,
+) -> (Vec<Group>, Vec<Vec<usize>>) {
     let mut groups: Vec<Group> = Vec::with_capacity(group_list.len());
     let mut group_members: Vec<Vec<usize>> = Vec::with_capacity(group_list.len());
     for members in group_list {
@@ -155,28 +200,17 @@ pub fn compile_refs_with(
             routes[route_of[m]].group = gi;
         }
         let first = &mappings[members[0]];
-        let group = build_group(&mappings, &members, &route_of, &mut diags);
+        let group = build_group(mappings, &members, route_of, diags);
         groups.push(Group {
             members: group.0,
             shadow: group.1,
             matcher: first.matcher.clone(),
             precedence: first.spec.precedence,
-            serves_without_host: GroupAssoc::of(&mappings, &members).has_hostname(),
+            serves_without_host: GroupAssoc::of(mappings, &members).has_hostname(),
         });
         group_members.push(members);
     }
-
-    let host_routes = associate(hosts, &mappings, &group_members, loose, &mut diags);
-
-    crate::policy::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
-    // The Module's `strip_matching_host_port` turns the routing option on (the flag can too).
-    let mut options = *options;
-    options.strip_matching_host_port |=
-        super::module::settings(resources).is_some_and(|s| s.strip_matching_host_port);
-    let hash = graph_hash(resources, &options);
-    let mut graph = Graph::build(host_routes, routes, groups, hash, options);
-    super::module::attach(&mut graph, resources, &mut diags);
-    (graph, diags)
+    (groups, group_members)
 }
 
 /// What Host association reads of a group (Emissary's `IRHTTPMappingGroup`): its host glob or
