@@ -600,28 +600,100 @@ fn build_group(
     (out, shadow)
 }
 
+/// Compile one Mapping on its own (no grouping, no Hosts): its match, its action, its weight.
+/// `None` when it has an error (every error is in `diags`).
 fn compile_mapping<'r>(
     res: &'r Resource,
     spec: &'r MappingSpec,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Compiled<'r>> {
-    let before = diags
+    let before = error_count(diags);
+    let case_sensitive = spec.case_sensitive.unwrap_or(true);
+    let path = compile_path(res, spec, case_sensitive, diags);
+    let RouteHost {
+        host,
+        assoc_glob,
+        host_regex,
+    } = compile_route_host(res, spec, diags);
+    let redirect_assoc = redirect_assoc(spec, assoc_glob.as_ref(), host_regex);
+    let method = compile_method(res, spec, diags);
+    let headers = value_matches(
+        res,
+        "headers",
+        &spec.headers,
+        &spec.regex_headers,
+        true,
+        diags,
+    );
+    let query = value_matches(
+        res,
+        "query_parameters",
+        &spec.query_parameters,
+        &spec.regex_query_parameters,
+        false,
+        diags,
+    );
+    let action = compile_action(res, spec, diags);
+    let (path, action) = match (path, action) {
+        (Some(p), Some(a)) if error_count(diags) == before => (p, a),
+        _ => return None,
+    };
+    let order = route_weight(spec, &host, &headers, &query);
+    let matcher = RouteMatch {
+        path,
+        case_sensitive,
+        host,
+        method,
+        headers,
+        query,
+    };
+    let group_key = match_key(&matcher, spec, assoc_glob.as_ref());
+    Some(Compiled {
+        res,
+        spec,
+        matcher,
+        action,
+        group_key,
+        order,
+        assoc_glob,
+        redirect_assoc,
+        host_regex,
+    })
+}
+
+fn error_count(diags: &[Diagnostic]) -> usize {
+    diags
         .iter()
         .filter(|d| d.severity == super::Severity::Error)
-        .count();
-    let case_sensitive = spec.case_sensitive.unwrap_or(true);
-    let err =
-        |diags: &mut Vec<Diagnostic>, ptr: &str, code: &'static str, msg: String, help: &str| {
-            diags.push(Diagnostic::error(code, &res.at(ptr), msg).with_help(help.to_string()));
-        };
+        .count()
+}
 
-    // Path.
-    let path = if spec.prefix_regex {
+/// Push an error at `ptr` of `res` with its help text.
+fn push_error(
+    diags: &mut Vec<Diagnostic>,
+    res: &Resource,
+    ptr: &str,
+    code: &'static str,
+    msg: String,
+    help: &str,
+) {
+    diags.push(Diagnostic::error(code, &res.at(ptr), msg).with_help(help.to_string()));
+}
+
+/// The path match: a prefix (exact or not) or a regex. `None` when the regex is bad.
+fn compile_path(
+    res: &Resource,
+    spec: &MappingSpec,
+    case_sensitive: bool,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<PathMatch> {
+    if spec.prefix_regex {
         match build_regex(&spec.prefix, !case_sensitive, true) {
             Ok(r) => Some(PathMatch::Regex(r)),
             Err(e) => {
-                err(
+                push_error(
                     diags,
+                    res,
                     "/spec/prefix",
                     "bad-regex",
                     format!("prefix regex does not compile: {}", regex_error(&e)),
@@ -632,8 +704,9 @@ fn compile_mapping<'r>(
         }
     } else {
         if !spec.prefix.starts_with('/') {
-            err(
+            push_error(
                 diags,
+                res,
                 "/spec/prefix",
                 "bad-prefix",
                 format!("prefix `{}` does not start with `/`", spec.prefix),
@@ -645,11 +718,25 @@ fn compile_mapping<'r>(
         } else {
             PathMatch::Prefix(spec.prefix.clone())
         })
-    };
+    }
+}
 
-    // Host at the route level, and the glob used for Host association (Emissary's
-    // `IRHTTPMapping.__init__`: an exact `:authority` header acts as `host`, `host` overrides
-    // it, `hostname` overrides both).
+/// The host a route matches and the glob Host association reads.
+struct RouteHost {
+    host: HostMatch,
+    /// The host glob used for Host association, if the Mapping names one.
+    assoc_glob: Option<HostPattern>,
+    host_regex: bool,
+}
+
+/// Host at the route level, and the glob used for Host association (Emissary's
+/// `IRHTTPMapping.__init__`: an exact `:authority` header acts as `host`, `host` overrides it,
+/// `hostname` overrides both).
+fn compile_route_host(
+    res: &Resource,
+    spec: &MappingSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> RouteHost {
     let mut assoc_glob = None;
     let mut host_regex = false;
     let authority_header = spec.headers.iter().find_map(|(k, v)| match v {
@@ -677,7 +764,7 @@ fn compile_mapping<'r>(
                 }
             }
             Err(e) => {
-                err(diags, "/spec/hostname", "bad-hostname", format!("hostname is not a valid host glob: {e}"), "use a host name, `*`, or a glob with one `*` at the start (`*.example.com`) or end");
+                push_error(diags, res, "/spec/hostname", "bad-hostname", format!("hostname is not a valid host glob: {e}"), "use a host name, `*`, or a glob with one `*` at the start (`*.example.com`) or end");
                 HostMatch::Any
             }
         }
@@ -687,8 +774,9 @@ fn compile_mapping<'r>(
             match build_regex(h, true, true) {
                 Ok(r) => HostMatch::Regex(r),
                 Err(e) => {
-                    err(
+                    push_error(
                         diags,
+                        res,
                         "/spec/host",
                         "bad-regex",
                         format!("host regex does not compile: {}", regex_error(&e)),
@@ -712,9 +800,21 @@ fn compile_mapping<'r>(
     } else {
         HostMatch::Any
     };
-    // Emissary associates a host_redirect Mapping with Hosts through its target host too; that
-    // glob is used for association only, the route still matches any authority.
-    let redirect_assoc = if assoc_glob.is_none() && !host_regex && spec.host_redirect {
+    RouteHost {
+        host,
+        assoc_glob,
+        host_regex,
+    }
+}
+
+/// Emissary associates a host_redirect Mapping with Hosts through its target host too; that
+/// glob is used for association only, the route still matches any authority.
+fn redirect_assoc(
+    spec: &MappingSpec,
+    assoc_glob: Option<&HostPattern>,
+    host_regex: bool,
+) -> Option<HostPattern> {
+    if assoc_glob.is_none() && !host_regex && spec.host_redirect {
         redirect_target(&spec.service).ok().and_then(|t| {
             t.split(':')
                 .next()
@@ -722,15 +822,22 @@ fn compile_mapping<'r>(
         })
     } else {
         None
-    };
+    }
+}
 
-    let method = match &spec.method {
+fn compile_method(
+    res: &Resource,
+    spec: &MappingSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<MethodMatch> {
+    match &spec.method {
         None => None,
         Some(m) if spec.method_regex => match build_regex(m, false, true) {
             Ok(r) => Some(MethodMatch::Regex(r)),
             Err(e) => {
-                err(
+                push_error(
                     diags,
+                    res,
                     "/spec/method",
                     "bad-regex",
                     format!("method regex does not compile: {}", regex_error(&e)),
@@ -740,127 +847,124 @@ fn compile_mapping<'r>(
             }
         },
         Some(m) => Some(MethodMatch::Exact(m.to_ascii_uppercase())),
-    };
+    }
+}
 
-    let headers = value_matches(
-        res,
-        "headers",
-        &spec.headers,
-        &spec.regex_headers,
-        true,
-        diags,
-    );
-    let query = value_matches(
-        res,
-        "query_parameters",
-        &spec.query_parameters,
-        &spec.regex_query_parameters,
-        false,
-        diags,
-    );
-
-    // Action.
+/// A redirect (`host_redirect: true`) or a forward; redirect fields without `host_redirect`
+/// are warned.
+fn compile_action(
+    res: &Resource,
+    spec: &MappingSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Action> {
+    if spec.host_redirect {
+        return compile_redirect(res, spec, diags);
+    }
     let redirect_fields = spec.path_redirect.is_some()
         || spec.prefix_redirect.is_some()
         || spec.regex_redirect.is_some();
-    let action = if spec.host_redirect {
-        let target = match redirect_target(&spec.service) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                err(
-                    diags,
-                    "/spec/service",
-                    "bad-service",
-                    format!("redirect target `{}` is not a host: {e}", spec.service),
-                    "with host_redirect, `service` is the host (and port) to redirect to",
-                );
-                None
-            }
-        };
-        let mut n = 0;
-        let path = if let Some(p) = &spec.path_redirect {
-            n += 1;
-            RedirectPath::Replace(p.clone())
-        } else {
-            RedirectPath::Keep
-        };
-        let path = if let Some(p) = &spec.prefix_redirect {
-            n += 1;
-            RedirectPath::Prefix(p.clone())
-        } else {
-            path
-        };
-        let path = if let Some(rs) = &spec.regex_redirect {
-            n += 1;
-            match regex_subst(rs) {
-                Ok((pattern, substitution)) => RedirectPath::Regex {
-                    pattern,
-                    substitution,
-                },
-                Err(e) => {
-                    err(
-                        diags,
-                        "/spec/regex_redirect/pattern",
-                        "bad-regex",
-                        format!(
-                            "regex_redirect pattern does not compile: {}",
-                            regex_error(&e)
-                        ),
-                        "fix the regular expression",
-                    );
-                    path
-                }
-            }
-        } else {
-            path
-        };
-        if n > 1 {
-            err(
+    if redirect_fields || spec.redirect_response_code.is_some() {
+        diags.push(
+            Diagnostic::warning(
+                "redirect-without-host-redirect",
+                &res.at("/spec"),
+                "redirect fields are ignored because `host_redirect` is not true",
+            )
+            .with_help("set `host_redirect: true` (and `service` to the target host) to redirect"),
+        );
+    }
+    compile_forward(res, spec, diags).map(|f| Action::Forward(Box::new(f)))
+}
+
+/// `host_redirect: true`: `service` is the target host; at most one path rewrite.
+fn compile_redirect(
+    res: &Resource,
+    spec: &MappingSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Action> {
+    let target = match redirect_target(&spec.service) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            push_error(
                 diags,
-                "/spec/host_redirect",
-                "conflicting-redirect",
-                "more than one of path_redirect, prefix_redirect and regex_redirect is set".into(),
-                "keep one of them",
+                res,
+                "/spec/service",
+                "bad-service",
+                format!("redirect target `{}` is not a host: {e}", spec.service),
+                "with host_redirect, `service` is the host (and port) to redirect to",
             );
+            None
         }
-        target.map(|host| {
-            Action::Redirect(Redirect {
-                host: Some(host),
-                path,
-                status: spec.redirect_response_code.unwrap_or(301),
-            })
-        })
+    };
+    let mut n = 0;
+    let path = if let Some(p) = &spec.path_redirect {
+        n += 1;
+        RedirectPath::Replace(p.clone())
     } else {
-        if redirect_fields || spec.redirect_response_code.is_some() {
-            diags.push(
-                Diagnostic::warning(
-                    "redirect-without-host-redirect",
-                    &res.at("/spec"),
-                    "redirect fields are ignored because `host_redirect` is not true",
-                )
-                .with_help(
-                    "set `host_redirect: true` (and `service` to the target host) to redirect",
-                ),
-            );
+        RedirectPath::Keep
+    };
+    let path = if let Some(p) = &spec.prefix_redirect {
+        n += 1;
+        RedirectPath::Prefix(p.clone())
+    } else {
+        path
+    };
+    let path = if let Some(rs) = &spec.regex_redirect {
+        n += 1;
+        match regex_subst(rs) {
+            Ok((pattern, substitution)) => RedirectPath::Regex {
+                pattern,
+                substitution,
+            },
+            Err(e) => {
+                push_error(
+                    diags,
+                    res,
+                    "/spec/regex_redirect/pattern",
+                    "bad-regex",
+                    format!(
+                        "regex_redirect pattern does not compile: {}",
+                        regex_error(&e)
+                    ),
+                    "fix the regular expression",
+                );
+                path
+            }
         }
-        compile_forward(res, spec, diags).map(|f| Action::Forward(Box::new(f)))
+    } else {
+        path
     };
+    if n > 1 {
+        push_error(
+            diags,
+            res,
+            "/spec/host_redirect",
+            "conflicting-redirect",
+            "more than one of path_redirect, prefix_redirect and regex_redirect is set".into(),
+            "keep one of them",
+        );
+    }
+    target.map(|host| {
+        Action::Redirect(Redirect {
+            host: Some(host),
+            path,
+            status: spec.redirect_response_code.unwrap_or(301),
+        })
+    })
+}
 
-    let errors_now = diags
-        .iter()
-        .filter(|d| d.severity == super::Severity::Error)
-        .count();
-    let (path, action) = match (path, action) {
-        (Some(p), Some(a)) if errors_now == before => (p, a),
-        _ => return None,
-    };
-
-    // Emissary's route weight (irhttpmapping.py `_route_weight`).
+/// Emissary's route weight (irhttpmapping.py `_route_weight`): see [`Compiled::order`].
+fn route_weight(
+    spec: &MappingSpec,
+    host: &HostMatch,
+    headers: &[ValueMatch],
+    query: &[ValueMatch],
+) -> (i64, usize, usize, usize, String, String) {
     let mut hdr_len = 0usize;
-    for h in &headers {
+    for h in headers {
         hdr_len += h.name.len() + test_len(&h.test);
     }
-    match &host {
+    match host {
         HostMatch::Any => {}
         HostMatch::Glob(p) => hdr_len += ":authority".len() + p.to_string().len(),
         HostMatch::Regex(r) => hdr_len += ":authority".len() + r.as_str().len() + 1,
@@ -869,34 +973,14 @@ fn compile_mapping<'r>(
         hdr_len += ":method".len() + m.len() + usize::from(spec.method_regex);
     }
     let q_len: usize = query.iter().map(|q| q.name.len() + test_len(&q.test)).sum();
-    let order = (
+    (
         spec.precedence,
         spec.prefix.len(),
         hdr_len,
         q_len,
         spec.prefix.clone(),
         spec.method.clone().unwrap_or_else(|| "GET".into()),
-    );
-    let matcher = RouteMatch {
-        path,
-        case_sensitive,
-        host,
-        method,
-        headers,
-        query,
-    };
-    let group_key = match_key(&matcher, spec, assoc_glob.as_ref());
-    Some(Compiled {
-        res,
-        spec,
-        matcher,
-        action,
-        group_key,
-        order,
-        assoc_glob,
-        redirect_assoc,
-        host_regex,
-    })
+    )
 }
 
 /// An exact host (`host` without `host_regex`, or an exact `:authority` header): a `*` in it
