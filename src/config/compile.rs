@@ -1172,135 +1172,9 @@ fn compile_forward(
     spec: &MappingSpec,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Forward> {
-    let mut upstream: Upstream = match spec.service.parse() {
-        Ok(u) => u,
-        Err(e) => {
-            diags.push(
-                Diagnostic::error(
-                    "bad-service",
-                    &res.at("/spec/service"),
-                    format!("service `{}` is not a usable address: {e}", spec.service),
-                )
-                .with_help("write `host`, `host:port`, `http://host:port` or `https://host:port`"),
-            );
-            return None;
-        }
-    };
-    let tls_wanted = match &spec.tls {
-        Some(serde_json::Value::Bool(b)) => *b,
-        Some(serde_json::Value::String(s)) => !s.is_empty(),
-        _ => false,
-    };
-    if tls_wanted && upstream.scheme == Scheme::Http {
-        if spec.service.starts_with("http://") {
-            diags.push(
-                Diagnostic::warning(
-                    "tls-and-http",
-                    &res.at("/spec/tls"),
-                    "`tls` is set but the service says http://; TLS is used",
-                )
-                .with_help("write the service as https://... to make this explicit"),
-            );
-        }
-        upstream.scheme = Scheme::Https;
-        if !spec.service.contains(':') {
-            upstream.port = 443;
-        }
-    }
-    let rewrite = match (&spec.regex_rewrite, &spec.rewrite) {
-        (Some(rs), r) => {
-            if r.is_some() {
-                diags.push(
-                    Diagnostic::warning(
-                        "rewrite-ignored",
-                        &res.at("/spec/rewrite"),
-                        "`rewrite` is ignored because `regex_rewrite` is set",
-                    )
-                    .with_help("remove one of them"),
-                );
-            }
-            match regex_subst(rs) {
-                Ok((pattern, substitution)) => Rewrite::Regex {
-                    pattern,
-                    substitution,
-                },
-                Err(e) => {
-                    diags.push(
-                        Diagnostic::error(
-                            "bad-regex",
-                            &res.at("/spec/regex_rewrite/pattern"),
-                            format!(
-                                "regex_rewrite pattern does not compile: {}",
-                                regex_error(&e)
-                            ),
-                        )
-                        .with_help("fix the regular expression (RE2 syntax)"),
-                    );
-                    return None;
-                }
-            }
-        }
-        (None, Some(r)) if r.is_empty() => Rewrite::Keep,
-        (None, Some(r)) => Rewrite::Prefix(r.clone()),
-        (None, None) => {
-            if spec.prefix_regex {
-                diags.push(Diagnostic::warning("regex-default-rewrite", &res.at("/spec/prefix"), "with `prefix_regex`, the default `rewrite: /` replaces the whole path with `/` (as in Emissary)").with_help("set `rewrite: \"\"` to forward the path unchanged"));
-            }
-            Rewrite::Prefix("/".into())
-        }
-    };
-    let mut allow_upgrade: Vec<String> = spec
-        .allow_upgrade
-        .iter()
-        .map(|s| s.to_ascii_lowercase())
-        .collect();
-    if spec.use_websocket && !allow_upgrade.iter().any(|u| u == "websocket") {
-        allow_upgrade.push("websocket".into());
-    }
-    let headers = |map: &BTreeMap<String, AddedHeader>,
-                   field: &str,
-                   diags: &mut Vec<Diagnostic>|
-     -> Vec<AddHeader> {
-        let mut out = Vec::new();
-        for (name, v) in map {
-            let ptr = format!("/spec/{field}/{}", super::yaml::escape_pointer(name));
-            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                diags.push(bad_header_name(res, &ptr, name));
-                continue;
-            }
-            let (value, append) = match v {
-                AddedHeader::Full { value, append } => (value.clone(), append.unwrap_or(true)),
-                AddedHeader::Text(s) => (s.clone(), true),
-                AddedHeader::Other(o) => (
-                    match o {
-                        serde_json::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    },
-                    true,
-                ),
-            };
-            if http::HeaderValue::from_str(&value).is_err() {
-                diags.push(
-                    Diagnostic::error(
-                        "bad-header-value",
-                        &res.at(&ptr),
-                        format!("the value of `{name}` has characters a header cannot carry"),
-                    )
-                    .with_help("remove control characters and line breaks"),
-                );
-                continue;
-            }
-            for var in unsupported_vars(&value) {
-                diags.push(Diagnostic::warning("header-variable", &res.at(&ptr), format!("`%{var}%` is not substituted by Legate; it is sent as written")).with_help("supported: %DOWNSTREAM_REMOTE_ADDRESS%, %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%, %PROTOCOL%, %REQ(header)%"));
-            }
-            out.push(AddHeader {
-                name: name.to_ascii_lowercase(),
-                value,
-                append,
-            });
-        }
-        out
-    };
+    let upstream = compile_upstream(res, spec, diags)?;
+    let rewrite = compile_rewrite(res, spec, diags)?;
+    let allow_upgrade = allow_upgrade(spec);
     let h2c = upstream.scheme == Scheme::H2c;
     if spec.grpc || h2c {
         // One multiplexed HTTP/2 connection per upstream: no per-request address choice yet.
@@ -1323,8 +1197,14 @@ fn compile_forward(
             }
         }
     }
-    let add_request_headers = headers(&spec.add_request_headers, "add_request_headers", diags);
-    let add_response_headers = headers(&spec.add_response_headers, "add_response_headers", diags);
+    let add_request_headers =
+        added_headers(res, &spec.add_request_headers, "add_request_headers", diags);
+    let add_response_headers = added_headers(
+        res,
+        &spec.add_response_headers,
+        "add_response_headers",
+        diags,
+    );
     let lower = |v: Vec<String>| {
         v.into_iter()
             .map(|s| s.to_ascii_lowercase())
@@ -1371,6 +1251,162 @@ fn compile_forward(
         jwt: None,
         rate_limits: Vec::new(),
     })
+}
+
+/// The upstream address of `service`, switched to TLS by `tls`.
+fn compile_upstream(
+    res: &Resource,
+    spec: &MappingSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Upstream> {
+    let mut upstream: Upstream = match spec.service.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            diags.push(
+                Diagnostic::error(
+                    "bad-service",
+                    &res.at("/spec/service"),
+                    format!("service `{}` is not a usable address: {e}", spec.service),
+                )
+                .with_help("write `host`, `host:port`, `http://host:port` or `https://host:port`"),
+            );
+            return None;
+        }
+    };
+    let tls_wanted = match &spec.tls {
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(serde_json::Value::String(s)) => !s.is_empty(),
+        _ => false,
+    };
+    if tls_wanted && upstream.scheme == Scheme::Http {
+        if spec.service.starts_with("http://") {
+            diags.push(
+                Diagnostic::warning(
+                    "tls-and-http",
+                    &res.at("/spec/tls"),
+                    "`tls` is set but the service says http://; TLS is used",
+                )
+                .with_help("write the service as https://... to make this explicit"),
+            );
+        }
+        upstream.scheme = Scheme::Https;
+        if !spec.service.contains(':') {
+            upstream.port = 443;
+        }
+    }
+    Some(upstream)
+}
+
+/// `regex_rewrite`, else `rewrite` (Emissary's default: `/`). `None` when the regex is bad.
+fn compile_rewrite(
+    res: &Resource,
+    spec: &MappingSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Rewrite> {
+    Some(match (&spec.regex_rewrite, &spec.rewrite) {
+        (Some(rs), r) => {
+            if r.is_some() {
+                diags.push(
+                    Diagnostic::warning(
+                        "rewrite-ignored",
+                        &res.at("/spec/rewrite"),
+                        "`rewrite` is ignored because `regex_rewrite` is set",
+                    )
+                    .with_help("remove one of them"),
+                );
+            }
+            match regex_subst(rs) {
+                Ok((pattern, substitution)) => Rewrite::Regex {
+                    pattern,
+                    substitution,
+                },
+                Err(e) => {
+                    diags.push(
+                        Diagnostic::error(
+                            "bad-regex",
+                            &res.at("/spec/regex_rewrite/pattern"),
+                            format!(
+                                "regex_rewrite pattern does not compile: {}",
+                                regex_error(&e)
+                            ),
+                        )
+                        .with_help("fix the regular expression (RE2 syntax)"),
+                    );
+                    return None;
+                }
+            }
+        }
+        (None, Some(r)) if r.is_empty() => Rewrite::Keep,
+        (None, Some(r)) => Rewrite::Prefix(r.clone()),
+        (None, None) => {
+            if spec.prefix_regex {
+                diags.push(Diagnostic::warning("regex-default-rewrite", &res.at("/spec/prefix"), "with `prefix_regex`, the default `rewrite: /` replaces the whole path with `/` (as in Emissary)").with_help("set `rewrite: \"\"` to forward the path unchanged"));
+            }
+            Rewrite::Prefix("/".into())
+        }
+    })
+}
+
+/// Upgrade protocols allowed (lowercase); `use_websocket` adds `websocket`.
+fn allow_upgrade(spec: &MappingSpec) -> Vec<String> {
+    let mut allow_upgrade: Vec<String> = spec
+        .allow_upgrade
+        .iter()
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    if spec.use_websocket && !allow_upgrade.iter().any(|u| u == "websocket") {
+        allow_upgrade.push("websocket".into());
+    }
+    allow_upgrade
+}
+
+/// `add_request_headers` / `add_response_headers`: invalid names and values are errors and
+/// left out; unsupported `%VAR%`s are warned.
+fn added_headers(
+    res: &Resource,
+    map: &BTreeMap<String, AddedHeader>,
+    field: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<AddHeader> {
+    let mut out = Vec::new();
+    for (name, v) in map {
+        let ptr = format!("/spec/{field}/{}", super::yaml::escape_pointer(name));
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            diags.push(bad_header_name(res, &ptr, name));
+            continue;
+        }
+        let (value, append) = match v {
+            AddedHeader::Full { value, append } => (value.clone(), append.unwrap_or(true)),
+            AddedHeader::Text(s) => (s.clone(), true),
+            AddedHeader::Other(o) => (
+                match o {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                },
+                true,
+            ),
+        };
+        if http::HeaderValue::from_str(&value).is_err() {
+            diags.push(
+                Diagnostic::error(
+                    "bad-header-value",
+                    &res.at(&ptr),
+                    format!("the value of `{name}` has characters a header cannot carry"),
+                )
+                .with_help("remove control characters and line breaks"),
+            );
+            continue;
+        }
+        for var in unsupported_vars(&value) {
+            diags.push(Diagnostic::warning("header-variable", &res.at(&ptr), format!("`%{var}%` is not substituted by Legate; it is sent as written")).with_help("supported: %DOWNSTREAM_REMOTE_ADDRESS%, %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%, %PROTOCOL%, %REQ(header)%"));
+        }
+        out.push(AddHeader {
+            name: name.to_ascii_lowercase(),
+            value,
+            append,
+        });
+    }
+    out
 }
 
 /// Variables in `%NAME%` form that the proxy does not substitute.
