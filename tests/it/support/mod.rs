@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use legate::proxy::{Listeners, Proxy, Running, Settings};
 
+pub mod git;
 pub mod ws;
 
 pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
