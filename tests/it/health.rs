@@ -668,11 +668,7 @@ async fn pools_of_upstreams_that_leave_the_graph_are_dropped() {
             &format!("hostname: '*'\nprefix: /m/\nservice: {svc}"),
         ))
     };
-    let gw = Gateway::start(&mapping(
-        "m",
-        &format!("hostname: '*'\nprefix: /m/\nservice: {}", a.service()),
-    ))
-    .await;
+    let gw = Gateway::start(&route("m", "/m/", &a.service(), "")).await;
     assert_eq!(get(&gw.url("/m/x"), &[]).await.status, 200);
     assert_eq!(gw.proxy.upstream_pools(), 1);
     // Upstream a leaves the graph: its pool (and the idle connection in it) goes with it.

@@ -339,6 +339,14 @@ pub fn mapping(name: &str, spec: &str) -> String {
     format!("---\napiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata:\n  name: {name}\n  labels:\n    gateway: test\nspec:\n{spec}")
 }
 
+/// A Mapping for any host: `prefix` to `service`, then the `extra` spec lines.
+pub fn route(name: &str, prefix: &str, service: &str, extra: &str) -> String {
+    mapping(
+        name,
+        &format!("hostname: '*'\nprefix: {prefix}\nservice: {service}\n{extra}"),
+    )
+}
+
 /// A Host document selecting Mappings labelled `gateway: test`.
 pub fn host(name: &str, hostname: &str, extra: &str) -> String {
     let extra: String = extra
