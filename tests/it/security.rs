@@ -357,10 +357,7 @@ async fn ext_auth_include_body_does_not_wait_forever_for_a_stalled_body() {
     let yaml = auth_service(&format!(
         "auth_service: {}\ntimeout_ms: 2000\ninclude_body:\n  max_bytes: 4096",
         auth.addr
-    )) + &mapping(
-        "secure",
-        &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
-    );
+    )) + &route("secure", "/secure/", &up.service(), "");
     let gw = Gateway::start(&yaml).await;
     let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
     s.write_all(
@@ -394,10 +391,7 @@ fn full(b: &[u8]) -> TestBody {
 async fn ext_auth_emissary_fields_add_headers_allow_body_and_zero_timeout() {
     let up = Upstream::start("app").await;
     let auth = AuthServer::start().await;
-    let routes = mapping(
-        "secure",
-        &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
-    );
+    let routes = route("secure", "/secure/", &up.service(), "");
     let spec = auth_service(&format!(
         "auth_service: {}\ntimeout_ms: 0\nallow_request_body: true\nadd_auth_headers:\n  x-from: gateway",
         auth.addr
@@ -1352,10 +1346,7 @@ async fn redis_limit_holds_across_two_legate_processes() {
             "hostname: '*'\nprefix: /limited/\nservice: {}\n{LABELS}",
             up.service()
         ),
-    ) + &mapping(
-        "ready",
-        &format!("hostname: '*'\nprefix: /ready/\nservice: {}", up.service()),
-    );
+    ) + &route("ready", "/ready/", &up.service(), "");
     let tree = Tree::new(&yaml);
     let start = || {
         let http = free_addr();
@@ -1418,10 +1409,7 @@ fn jwks_config(jwks: &JwksServer, refresh_seconds: u64, up: &Upstream) -> String
     jwt_policy(&format!(
         "jwks:\n  url: http://{}/jwks.json\n  refresh_seconds: {refresh_seconds}\nmappings: [secure]",
         jwks.addr
-    )) + &mapping(
-        "secure",
-        &format!("hostname: '*'\nprefix: /secure/\nservice: {}", up.service()),
-    )
+    )) + &route("secure", "/secure/", &up.service(), "")
 }
 
 /// `Bearer <token>` signed by `key`, naming `kid`.
@@ -1470,10 +1458,7 @@ async fn jwt_requests_do_not_wait_for_a_hung_jwks_refresh() {
     assert_eq!(fetches(), 2);
 
     // A new revision reading the same JWKS starts with the keys in hand, not cold.
-    let other = mapping(
-        "other",
-        &format!("hostname: '*'\nprefix: /other/\nservice: {}", up.service()),
-    );
+    let other = route("other", "/other/", &up.service(), "");
     gw.proxy
         .swap(compile(&(jwks_config(&jwks, 1, &up) + &other)));
     let r = unhurried()
