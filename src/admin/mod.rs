@@ -246,6 +246,14 @@ where
             None => error(StatusCode::NOT_FOUND, "no route graph on this listener"),
         },
         (Method::GET, "/api/traffic") => traffic(state, req.uri().query().unwrap_or("")),
+        (Method::GET, "/api/certificates") => json(
+            StatusCode::OK,
+            &state
+                .metrics
+                .as_ref()
+                .map(|m| m.certificates())
+                .unwrap_or_default(),
+        ),
         (Method::GET, p) if p.starts_with("/api/revisions/") && p.ends_with("/diff") => {
             let rev = &p["/api/revisions/".len()..p.len() - "/diff".len()];
             revision_diff(state, rev)

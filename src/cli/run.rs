@@ -157,7 +157,9 @@ pub struct RunArgs {
     /// Admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`); `off` disables it.
     #[arg(long, env = "LEGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8877")]
     pub admin_listen: String,
-    /// Directory of mounted Secrets: `<name>/tls.crt` and `<name>/tls.key` per Host `tlsSecret`.
+    /// Directory of mounted Secrets: `<name>/tls.crt` and `<name>/tls.key` per Host `tlsSecret`
+    /// (and TLSContext `secret`); `<name>/ca.crt` per `ca_secret`, `<name>/crl.pem` per
+    /// `crl_secret`.
     #[arg(long, env = "LEGATE_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
     /// Secret served to TLS clients whose SNI matches no Host (default: handshake failure).

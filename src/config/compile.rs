@@ -17,11 +17,13 @@ use sha2::{Digest, Sha256};
 use super::diag::Diagnostic;
 use super::model::{AddedHeader, HostSpec, MappingSpec, MatchValue, RegexSubst, Resource, Spec};
 use super::schema::Kind;
+use super::tlscontext::{self, TlsFields};
 use crate::routes::{
     Action, AddHeader, Forward, Graph, Group, HostMatch, HostPattern, HostRoute, InsecureAction,
-    MethodMatch, PathMatch, Redirect, RedirectPath, Rewrite, Route, RouteId, RouteMatch,
+    MethodMatch, OriginTls, PathMatch, Redirect, RedirectPath, Rewrite, Route, RouteId, RouteMatch,
     RoutingOptions, Scheme, SecretRef, Upstream, ValueMatch, ValueTest, AUTHORITY,
 };
+use crate::tls::context::TlsPolicy;
 
 /// Emissary's default request timeout.
 pub const DEFAULT_TIMEOUT_MS: u64 = 3000;
@@ -110,10 +112,11 @@ fn compile_each<'r>(
 ) -> (Vec<Compiled<'r>>, Vec<HostEntry<'r>>) {
     let mut mappings: Vec<Compiled<'r>> = Vec::new();
     let mut host_specs: Vec<(&Resource, &HostSpec)> = Vec::new();
+    let contexts = TlsContexts::collect(resources, diags);
     for &r in resources {
         match &r.spec {
             Spec::Mapping(m) => {
-                if let Some(c) = compile_mapping(r, m, diags) {
+                if let Some(c) = compile_mapping(r, m, &contexts, diags) {
                     mappings.push(c);
                 }
             }
@@ -122,7 +125,8 @@ fn compile_each<'r>(
             | Spec::AuthService(_)
             | Spec::JwtPolicy(_)
             | Spec::RateLimit(_)
-            | Spec::Module(_) => {}
+            | Spec::Module(_)
+            | Spec::TlsContext(_) => {}
         }
     }
     mappings.sort_by(|a, b| (&a.res.namespace, &a.res.name).cmp(&(&b.res.namespace, &b.res.name)));
@@ -130,7 +134,7 @@ fn compile_each<'r>(
     let hosts = host_specs
         .into_iter()
         .filter_map(|(r, h)| {
-            let route = compile_host(r, h, diags)?;
+            let route = compile_host(r, h, &contexts, diags)?;
             Some(HostEntry {
                 res: r,
                 route,
@@ -605,6 +609,7 @@ fn build_group(
 fn compile_mapping<'r>(
     res: &'r Resource,
     spec: &'r MappingSpec,
+    contexts: &TlsContexts<'_>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Compiled<'r>> {
     let before = error_count(diags);
@@ -633,7 +638,7 @@ fn compile_mapping<'r>(
         false,
         diags,
     );
-    let action = compile_action(res, spec, diags);
+    let action = compile_action(res, spec, contexts, diags);
     let (path, action) = match (path, action) {
         (Some(p), Some(a)) if error_count(diags) == before => (p, a),
         _ => return None,
@@ -855,6 +860,7 @@ fn compile_method(
 fn compile_action(
     res: &Resource,
     spec: &MappingSpec,
+    contexts: &TlsContexts<'_>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Action> {
     if spec.host_redirect {
@@ -873,7 +879,7 @@ fn compile_action(
             .with_help("set `host_redirect: true` (and `service` to the target host) to redirect"),
         );
     }
-    compile_forward(res, spec, diags).map(|f| Action::Forward(Box::new(f)))
+    compile_forward(res, spec, contexts, diags).map(|f| Action::Forward(Box::new(f)))
 }
 
 /// `host_redirect: true`: `service` is the target host; at most one path rewrite.
@@ -1170,9 +1176,10 @@ fn bad_header_name(res: &Resource, ptr: &str, name: &str) -> Diagnostic {
 fn compile_forward(
     res: &Resource,
     spec: &MappingSpec,
+    contexts: &TlsContexts<'_>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Forward> {
-    let upstream = compile_upstream(res, spec, diags)?;
+    let (upstream, origin_tls) = compile_upstream(res, spec, contexts, diags)?;
     let rewrite = compile_rewrite(res, spec, diags)?;
     let allow_upgrade = allow_upgrade(spec);
     let h2c = upstream.scheme == Scheme::H2c;
@@ -1250,15 +1257,18 @@ fn compile_forward(
         ext_auth: None,
         jwt: None,
         rate_limits: Vec::new(),
+        origin_tls,
     })
 }
 
-/// The upstream address of `service`, switched to TLS by `tls`.
+/// The upstream address of `service`, switched to TLS by `tls`, and the TLSContext that
+/// `tls: NAME` originates with.
 fn compile_upstream(
     res: &Resource,
     spec: &MappingSpec,
+    contexts: &TlsContexts<'_>,
     diags: &mut Vec<Diagnostic>,
-) -> Option<Upstream> {
+) -> Option<(Upstream, Option<OriginTls>)> {
     let mut upstream: Upstream = match spec.service.parse() {
         Ok(u) => u,
         Err(e) => {
@@ -1272,6 +1282,10 @@ fn compile_upstream(
             );
             return None;
         }
+    };
+    let origin_tls = match origination(res, spec, contexts, diags) {
+        Ok(o) => o,
+        Err(()) => return None,
     };
     let tls_wanted = match &spec.tls {
         Some(serde_json::Value::Bool(b)) => *b,
@@ -1294,7 +1308,7 @@ fn compile_upstream(
             upstream.port = 443;
         }
     }
-    Some(upstream)
+    Some((upstream, origin_tls))
 }
 
 /// `regex_rewrite`, else `rewrite` (Emissary's default: `/`). `None` when the regex is bad.
@@ -1516,7 +1530,12 @@ fn build_regex(pat: &str, case_insensitive: bool, anchored: bool) -> Result<Rege
         .build()
 }
 
-fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Option<HostRoute> {
+fn compile_host(
+    r: &Resource,
+    h: &HostSpec,
+    contexts: &TlsContexts<'_>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<HostRoute> {
     let hostname = match h.hostname.as_deref().unwrap_or("*").parse::<HostPattern>() {
         Ok(p) => p,
         Err(e) => {
@@ -1541,10 +1560,38 @@ fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Opti
             .with_help("remove `selector` (the deprecated name)"),
         );
     }
-    let tls_secret = h.tls_secret.as_ref().map(|s| SecretRef {
+    let mut tls_secret = h.tls_secret.as_ref().map(|s| SecretRef {
         namespace: s.namespace.clone().unwrap_or_else(|| r.namespace.clone()),
         name: s.name.clone(),
     });
+    let host_name = h.hostname.as_deref().unwrap_or("*");
+    let (tls, redirect_from) = host_tls(r, h, host_name, contexts, &mut tls_secret, diags)?;
+    if tls.is_some() && tls_secret.is_none() {
+        diags.push(
+            Diagnostic::warning(
+                "tls-settings-without-certificate",
+                &r.at("/spec"),
+                format!(
+                    "Host `{}` has TLS settings but no certificate, so it terminates no TLS and the settings do nothing",
+                    r.name
+                ),
+            )
+            .with_help("add a `tlsSecret` (or a `secret` in its TLSContext)"),
+        );
+    }
+    if redirect_from.is_some() && h.request_policy.insecure.action.as_deref() == Some("Route") {
+        diags.push(
+            Diagnostic::warning(
+                "redirect-cleartext-ignored",
+                &r.at("/spec/requestPolicy/insecure/action"),
+                format!(
+                    "Host `{}`: its TLS settings ask to redirect cleartext (`redirect_cleartext_from`) but `requestPolicy.insecure.action` is `Route`, which wins",
+                    r.name
+                ),
+            )
+            .with_help("drop one of them"),
+        );
+    }
     // Emissary's default is Redirect, with or without TLS on the Host.
     let insecure = match h.request_policy.insecure.action.as_deref() {
         Some("Reject") => InsecureAction::Reject,
@@ -1581,6 +1628,7 @@ fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Opti
         namespace: r.namespace.clone(),
         hostname,
         tls_secret,
+        tls,
         insecure,
         insecure_additional_port: h
             .request_policy
@@ -1590,6 +1638,182 @@ fn compile_host(r: &Resource, h: &HostSpec, diags: &mut Vec<Diagnostic>) -> Opti
         groups: Vec::new(),
         source: format!("{}:{}", r.loc.file, r.loc.line),
     })
+}
+
+/// `tls: NAME` on a Mapping: the TLSContext's client certificate, CA and SNI for origination.
+/// Emissary reports an unknown name and then speaks plain HTTP; silently sending plaintext is
+/// worse than refusing, so Legate refuses.
+fn origination(
+    res: &Resource,
+    spec: &MappingSpec,
+    contexts: &TlsContexts<'_>,
+    diags: &mut Vec<Diagnostic>,
+) -> Result<Option<OriginTls>, ()> {
+    let Some(serde_json::Value::String(name)) = &spec.tls else {
+        return Ok(None);
+    };
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let Some((cr, f)) = contexts.get(name) else {
+        diags.push(
+            Diagnostic::error(
+                "unknown-tlscontext",
+                &res.at("/spec/tls"),
+                format!(
+                    "`tls: {name}` names a TLSContext that does not exist (or has errors), so no TLS settings can be found for it (Emissary would report the unknown name and send plain HTTP)"
+                ),
+            )
+            .with_help("add the TLSContext, or to originate TLS with the default settings remove `tls` and write the service as `https://host:port`"),
+        );
+        return Err(());
+    };
+    let secret = |n: &Option<String>| {
+        n.as_ref().filter(|n| !n.is_empty()).map(|n| SecretRef {
+            namespace: cr.namespace.clone(),
+            name: n.clone(),
+        })
+    };
+    Ok(Some(OriginTls {
+        context: cr.name.clone(),
+        client_cert: secret(&f.secret),
+        ca: secret(&f.ca_secret),
+        sni: f.sni.clone().filter(|s| !s.is_empty()),
+    }))
+}
+
+/// The TLSContexts of a revision, by name (Mappings and Hosts name them without a namespace).
+struct TlsContexts<'r> {
+    by_name: BTreeMap<&'r str, (&'r Resource, &'r TlsFields)>,
+}
+
+impl<'r> TlsContexts<'r> {
+    fn collect(resources: &[&'r Resource], diags: &mut Vec<Diagnostic>) -> TlsContexts<'r> {
+        let mut by_name: BTreeMap<&'r str, (&'r Resource, &'r TlsFields)> = BTreeMap::new();
+        let mut sorted: Vec<&'r Resource> = resources
+            .iter()
+            .copied()
+            .filter(|r| matches!(r.spec, Spec::TlsContext(_)))
+            .collect();
+        sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for r in sorted {
+            let Spec::TlsContext(f) = &r.spec else {
+                continue;
+            };
+            if let Some((first, _)) = by_name.get(r.name.as_str()) {
+                diags.push(
+                    Diagnostic::error(
+                        "duplicate-tlscontext",
+                        &r.at("/metadata/name"),
+                        format!(
+                            "TLSContext `{}` is also defined in namespace `{}`; names are used without a namespace, so this one is ignored",
+                            r.name, first.namespace
+                        ),
+                    )
+                    .with_help("rename one of them"),
+                );
+                continue;
+            }
+            // Checked once here, so a bad context is reported even when nothing names it.
+            let mut own = Vec::new();
+            if tlscontext::compile_policy(r, "/spec", f, Some(&r.name), &mut own).is_some() {
+                by_name.insert(&r.name, (r, f.as_ref()));
+            }
+            diags.extend(own);
+        }
+        TlsContexts { by_name }
+    }
+
+    fn get(&self, name: &str) -> Option<(&'r Resource, &'r TlsFields)> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The context whose `hosts` lists this hostname or Host name exactly (Emissary matches
+    /// no globs here).
+    fn for_host(&self, hostname: &str, host_name: &str) -> Option<(&'r Resource, &'r TlsFields)> {
+        self.by_name
+            .values()
+            .find(|(_, f)| f.hosts.iter().any(|h| h == hostname || h == host_name))
+            .copied()
+    }
+}
+
+/// The TLS settings of a Host: its `tls` block, its `tlsContext`, or the TLSContext whose
+/// `hosts` name it; with the `redirect_cleartext_from` port. Fills `tls_secret` from the
+/// context's `secret` when the Host has none. `None`: an error was reported.
+#[allow(clippy::type_complexity)]
+fn host_tls(
+    r: &Resource,
+    h: &HostSpec,
+    hostname: &str,
+    contexts: &TlsContexts<'_>,
+    tls_secret: &mut Option<SecretRef>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<(Option<TlsPolicy>, Option<i64>)> {
+    let named = h.tls_context.as_ref().map(|c| c.name.as_str());
+    if named.is_some() && h.tls.is_some() {
+        diags.push(
+            Diagnostic::error(
+                "tls-and-tlscontext",
+                &r.at("/spec/tlsContext"),
+                format!("Host `{}` sets both `tls` and `tlsContext`", r.name),
+            )
+            .with_help("keep one: the inline `tls` block or the named TLSContext"),
+        );
+        return None;
+    }
+    if let Some(f) = &h.tls {
+        tlscontext::serving_notes(r, "/spec/tls", f, diags);
+        let p = tlscontext::compile_policy(r, "/spec/tls", f, None, diags)?;
+        return Some((Some(p), f.redirect_cleartext_from));
+    }
+    let found = match named {
+        Some(name) => match contexts.get(name) {
+            Some(c) => Some(c),
+            None => {
+                diags.push(
+                    Diagnostic::error(
+                        "unknown-tlscontext",
+                        &r.at("/spec/tlsContext/name"),
+                        format!("Host `{}` names TLSContext `{name}`, which does not exist (or has errors)", r.name),
+                    )
+                    .with_help("add the TLSContext or fix the name"),
+                );
+                return None;
+            }
+        },
+        None => contexts.for_host(hostname, &r.name),
+    };
+    let Some((cr, f)) = found else {
+        return Some((None, None));
+    };
+    if let Some(secret) = f.secret.as_deref().filter(|s| !s.is_empty()) {
+        match tls_secret {
+            Some(own) if own.name != secret => {
+                diags.push(
+                    Diagnostic::error(
+                        "tls-secret-mismatch",
+                        &r.at("/spec/tlsSecret/name"),
+                        format!(
+                            "Host `{}` serves secret `{}` but its TLSContext `{}` names secret `{secret}`",
+                            r.name, own.name, cr.name
+                        ),
+                    )
+                    .with_help("name the same Secret in both, or drop `secret` from the TLSContext"),
+                );
+                return None;
+            }
+            Some(_) => {}
+            None => {
+                *tls_secret = Some(SecretRef {
+                    namespace: cr.namespace.clone(),
+                    name: secret.to_string(),
+                })
+            }
+        }
+    }
+    let p = tlscontext::compile_policy(cr, "/spec", f, Some(&cr.name), &mut Vec::new())?;
+    Some((Some(p), f.redirect_cleartext_from))
 }
 
 /// The revision identity of a graph: SHA-256 over a canonical JSON form of what it is compiled

@@ -21,6 +21,7 @@ pub fn plural(kind: Kind) -> &'static str {
         Kind::JwtPolicy => "jwtpolicies",
         Kind::RateLimit => "ratelimits",
         Kind::Module => "modules",
+        Kind::TlsContext => "tlscontexts",
     }
 }
 
@@ -47,6 +48,7 @@ fn printer_columns(kind: Kind) -> Value {
         Kind::JwtPolicy => vec![col("Issuer", ".spec.issuer"), state, age],
         Kind::RateLimit => vec![col("Backend", ".spec.backend"), state, age],
         Kind::Module => vec![state, age],
+        Kind::TlsContext => vec![col("Secret", ".spec.secret"), state, age],
     })
 }
 

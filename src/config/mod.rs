@@ -15,6 +15,7 @@ pub mod module;
 pub mod policy;
 pub mod routetest;
 pub mod schema;
+pub mod tlscontext;
 pub mod tree;
 pub mod yaml;
 

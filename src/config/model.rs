@@ -18,7 +18,7 @@ pub const API_VERSIONS: [&str; 2] = ["getambassador.io/v3alpha1", "legate.dev/v1
 
 /// getambassador.io kinds (Emissary's and Edge Stack's) that Legate knows of but does not
 /// implement: what a user loses, and the nearest Legate equivalent.
-const EMISSARY_KINDS: [(&str, &str); 16] = [
+const EMISSARY_KINDS: [(&str, &str); 15] = [
     ("ConsulResolver", "services are resolved through DNS, not Consul; point `service` at a name DNS resolves"),
     ("DevPortal", "an Edge Stack developer portal (no effect in Emissary itself); nothing replaces it"),
     ("Filter", "an Edge Stack filter (no effect in Emissary); for JWT checks use a `legate.dev/v1alpha1` JWTPolicy, for external auth an AuthService"),
@@ -30,7 +30,6 @@ const EMISSARY_KINDS: [(&str, &str); 16] = [
     ("RateLimit", "an Edge Stack rate limit (no effect in Emissary): use Legate's own `legate.dev/v1alpha1` RateLimit with the Mappings' `labels`"),
     ("RateLimitService", "no external rate-limit service: use a `legate.dev/v1alpha1` RateLimit (local or Redis) with the same Mapping `labels`"),
     ("TCPMapping", "no TCP proxying: only HTTP Mappings are served"),
-    ("TLSContext", "certificates, TLS versions and ciphers come from each Host's `tlsSecret`/`tls`; origination is `service: https://...`"),
     ("TracingService", "spans are not exported; W3C `traceparent` is propagated and logged"),
     ("WebApplicationFirewall", "an Edge Stack firewall; nothing replaces it"),
     ("WebApplicationFirewallPolicy", "an Edge Stack firewall policy; nothing replaces it"),
@@ -77,6 +76,7 @@ pub enum Spec {
     JwtPolicy(Box<crate::policy::JwtPolicySpec>),
     RateLimit(Box<crate::policy::RateLimitSpec>),
     Module(Box<super::module::ModuleSpec>),
+    TlsContext(Box<super::tlscontext::TlsFields>),
 }
 
 /// A header or query value to match: a string, or `true` for "present".
@@ -252,7 +252,9 @@ pub struct HostSpec {
     pub hostname: Option<String>,
     #[serde(rename = "tlsSecret")]
     pub tls_secret: Option<SecretName>,
-    pub tls: Option<Value>,
+    pub tls: Option<super::tlscontext::TlsFields>,
+    #[serde(rename = "tlsContext")]
+    pub tls_context: Option<SecretName>,
     #[serde(rename = "requestPolicy")]
     pub request_policy: RequestPolicy,
     #[serde(rename = "mappingSelector")]
@@ -498,7 +500,7 @@ fn load_document(
     }
     let kind = Kind::from_name(kind_s)
         .filter(|k| !(group == "getambassador.io" && LEGATE_ONLY.contains(k)))
-        .filter(|k| !(group == "legate.dev" && *k == Kind::Module));
+        .filter(|k| !(group == "legate.dev" && matches!(*k, Kind::Module | Kind::TlsContext)));
     let Some(kind) = kind else {
         let lost = EMISSARY_KINDS.iter().find(|(k, _)| *k == kind_s);
         if let (Some((_, lost)), "getambassador.io") = (lost, group) {
@@ -594,6 +596,8 @@ fn load_document(
             .map(|s| Spec::JwtPolicy(Box::new(s))),
         Kind::RateLimit => serde_json::from_value::<crate::policy::RateLimitSpec>(spec_value)
             .map(|s| Spec::RateLimit(Box::new(s))),
+        Kind::TlsContext => serde_json::from_value::<super::tlscontext::TlsFields>(spec_value)
+            .map(|s| Spec::TlsContext(Box::new(s))),
         Kind::Module => {
             let (m, d) = super::module::read(&doc, file, &name, &spec_value);
             let bad = d.iter().any(|d| d.severity == super::Severity::Error);
@@ -604,12 +608,6 @@ fn load_document(
             Ok(Spec::Module(Box::new(m)))
         }
     };
-    if let Ok(Spec::Mapping(m)) = &spec {
-        if let Some(d) = named_tls(m, &doc, file) {
-            out.diagnostics.push(d);
-            return;
-        }
-    }
     let spec = match spec {
         Ok(s) => s,
         Err(e) => {
@@ -677,28 +675,6 @@ fn acme_disabled(kind: Kind, doc: &Value, d: &Diagnostic) -> bool {
             .pointer("/spec/acmeProvider/authority")
             .and_then(Value::as_str)
             .is_some_and(|a| a.eq_ignore_ascii_case("none"))
-}
-
-/// `tls: NAME` on a Mapping names a TLSContext for origination. Emissary reports an unknown
-/// name and then speaks plain HTTP; Legate has no TLSContext yet, so the name can never be
-/// found, and silently sending plaintext is worse than refusing.
-fn named_tls(spec: &MappingSpec, doc: &Document, file: &str) -> Option<Diagnostic> {
-    let Some(Value::String(name)) = &spec.tls else {
-        return None;
-    };
-    if name.is_empty() {
-        return None;
-    }
-    Some(
-        Diagnostic::error(
-            "unknown-tlscontext",
-            &schema::locate(doc, file, "/spec/tls"),
-            format!(
-                "`tls: {name}` names a TLSContext, which Legate does not implement yet, so no TLS settings can be found for it (Emissary would report the unknown name and send plain HTTP)"
-            ),
-        )
-        .with_help("to originate TLS with the default settings, remove `tls` and write the service as `https://host:port`"),
-    )
 }
 
 fn near_miss_group(group: &str) -> Option<&'static str> {

@@ -23,10 +23,11 @@ pub enum Kind {
     JwtPolicy,
     RateLimit,
     Module,
+    TlsContext,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Mapping,
         Kind::Host,
         Kind::RouteTest,
@@ -34,6 +35,7 @@ impl Kind {
         Kind::JwtPolicy,
         Kind::RateLimit,
         Kind::Module,
+        Kind::TlsContext,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +47,7 @@ impl Kind {
             Kind::JwtPolicy => "JWTPolicy",
             Kind::RateLimit => "RateLimit",
             Kind::Module => "Module",
+            Kind::TlsContext => "TLSContext",
         }
     }
 
@@ -62,6 +65,7 @@ impl Kind {
             Kind::JwtPolicy => include_str!("../../schemas/jwtpolicy.schema.json"),
             Kind::RateLimit => include_str!("../../schemas/ratelimit.schema.json"),
             Kind::Module => include_str!("../../schemas/module.schema.json"),
+            Kind::TlsContext => include_str!("../../schemas/tlscontext.schema.json"),
         }
     }
 
@@ -74,6 +78,7 @@ impl Kind {
             Kind::JwtPolicy => "schemas/jwtpolicy.schema.json",
             Kind::RateLimit => "schemas/ratelimit.schema.json",
             Kind::Module => "schemas/module.schema.json",
+            Kind::TlsContext => "schemas/tlscontext.schema.json",
         }
     }
 
@@ -85,6 +90,7 @@ impl Kind {
         static JWT_POLICY: OnceLock<Compiled> = OnceLock::new();
         static RATE_LIMIT: OnceLock<Compiled> = OnceLock::new();
         static MODULE: OnceLock<Compiled> = OnceLock::new();
+        static TLS_CONTEXT: OnceLock<Compiled> = OnceLock::new();
         let cell = match self {
             Kind::Mapping => &MAPPING,
             Kind::Host => &HOST,
@@ -93,6 +99,7 @@ impl Kind {
             Kind::JwtPolicy => &JWT_POLICY,
             Kind::RateLimit => &RATE_LIMIT,
             Kind::Module => &MODULE,
+            Kind::TlsContext => &TLS_CONTEXT,
         };
         cell.get_or_init(|| Compiled::new(self))
     }

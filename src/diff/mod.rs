@@ -98,6 +98,38 @@ pub enum FindingKind {
     RedirectChanged,
 }
 
+/// A Host's TLS settings in one line, for the Host field diff.
+fn tls_settings(t: &crate::tls::context::TlsPolicy) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = &t.context {
+        parts.push(format!("TLSContext {c}"));
+    }
+    if t.min_version.is_some() || t.max_version.is_some() {
+        parts.push(format!("versions {:?}..{:?}", t.min_version, t.max_version));
+    }
+    if let Some(ca) = &t.client_ca {
+        let how = if t.cert_required {
+            "required"
+        } else {
+            "optional"
+        };
+        parts.push(format!("client certificates {how} (CA {})", ca.name));
+    }
+    if let Some(crl) = &t.crl {
+        parts.push(format!("CRL {}", crl.name));
+    }
+    if !t.cipher_suites.is_empty() {
+        parts.push(format!("ciphers {}", t.cipher_suites.join(",")));
+    }
+    if !t.ecdh_curves.is_empty() {
+        parts.push(format!("curves {}", t.ecdh_curves.join(",")));
+    }
+    if !t.alpn.is_empty() {
+        parts.push(format!("alpn {}", t.alpn.join(",")));
+    }
+    parts.join("; ")
+}
+
 /// Per-route facts compared field by field.
 fn fields_of(g: &Graph, r: &Route) -> BTreeMap<&'static str, String> {
     let mut m = BTreeMap::new();
@@ -302,6 +334,9 @@ fn diff_hosts(d: &mut RouteDiff, base: &Graph, head: &Graph) {
                 .unwrap_or_else(|| "none".into()),
         );
         m.insert("insecure", format!("{:?}", h.insecure));
+        if let Some(t) = &h.tls {
+            m.insert("tls settings", tls_settings(t));
+        }
         m
     };
     for k in bh.keys().chain(hh.keys()).collect::<BTreeSet<_>>() {
@@ -324,6 +359,18 @@ fn diff_hosts(d: &mut RouteDiff, base: &Graph, head: &Graph) {
                 let fh = host_fields(h);
                 let fields = field_changes(&fb, &fh);
                 if !fields.is_empty() {
+                    let requires = |h: &crate::routes::HostRoute| {
+                        h.tls.as_ref().is_some_and(|t| t.cert_required)
+                    };
+                    if requires(b) && !requires(h) {
+                        d.findings.push(Finding {
+                            kind: FindingKind::TlsLost,
+                            message: format!(
+                                "Host `{k}` ({}) no longer requires client certificates",
+                                h.hostname
+                            ),
+                        });
+                    }
                     if b.tls_secret.is_some() && h.tls_secret.is_none() {
                         d.findings.push(Finding {
                             kind: FindingKind::TlsLost,
@@ -746,6 +793,32 @@ mod tests {
 
     fn doc(kind: &str, name: &str, spec: &str) -> String {
         format!("---\napiVersion: getambassador.io/v3alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    }
+
+    /// Dropping `cert_required` from a Host is a finding, and the settings show as a field.
+    #[test]
+    fn a_host_that_stops_requiring_client_certificates_is_a_finding() {
+        let host = |required: bool| {
+            doc(
+                "Host",
+                "a",
+                &format!("{{hostname: a.example.com, tlsSecret: {{name: s}}, tls: {{ca_secret: ca, cert_required: {required}}}}}"),
+            )
+        };
+        let d = diff(&graph(&host(true)), &graph(&host(false)));
+        assert!(
+            d.findings.iter().any(|f| f.kind == FindingKind::TlsLost
+                && f.message.contains("no longer requires client certificates")),
+            "{:?}",
+            d.findings
+        );
+        let fields = &d.hosts[0].fields;
+        assert!(
+            fields.iter().any(|(f, b, h)| f == "tls settings"
+                && b.contains("required (CA ca)")
+                && h.contains("optional (CA ca)")),
+            "{fields:?}"
+        );
     }
 
     /// A route on every Host that a new catch-all shadows is one finding, not one per Host.

@@ -129,6 +129,8 @@ pub struct Metrics {
     outcomes: [AtomicU64; 7],
     shadow: upstream::ShadowCounts,
     fetch: source::FetchStats,
+    /// Each TLS Host's certificate, as last loaded.
+    certificates: Mutex<Vec<CertState>>,
 }
 
 impl Default for Metrics {
@@ -144,6 +146,7 @@ impl Default for Metrics {
             access_log_dropped: AtomicU64::new(0),
             outcomes: Default::default(),
             shadow: Default::default(),
+            certificates: Mutex::new(Vec::new()),
             fetch: Default::default(),
         }
     }
@@ -370,6 +373,7 @@ impl Metrics {
         );
 
         self.render_upstreams(&mut out);
+        self.render_cert_expiry(&mut out);
 
         head(
             &mut out,
@@ -470,6 +474,16 @@ impl Metrics {
     }
 }
 
+/// A TLS Host's certificate: `loaded` (with its `notAfter`, Unix seconds) or `unavailable`
+/// (its Secret could not be read; the logs say why).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CertState {
+    pub host: String,
+    pub secret: String,
+    pub state: &'static str,
+    pub not_after: Option<i64>,
+}
+
 /// One upstream's address health, as the dashboard shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UpstreamView {
@@ -481,6 +495,38 @@ pub struct UpstreamView {
 }
 
 impl Metrics {
+    /// Replace the certificate states (called whenever the certificates are loaded).
+    pub fn set_certificates(&self, certs: Vec<CertState>) {
+        *self.certificates.lock().unwrap_or_else(|e| e.into_inner()) = certs;
+    }
+
+    /// Each TLS Host's certificate, for `GET /api/certificates`.
+    pub fn certificates(&self) -> Vec<CertState> {
+        self.certificates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn render_cert_expiry(&self, out: &mut String) {
+        let certs = self.certificates();
+        head(
+            out,
+            "legate_tls_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When the certificate served for a TLS Host expires (notAfter, Unix seconds), by Host hostname.",
+        );
+        for c in certs {
+            if let Some(t) = c.not_after {
+                let _ = writeln!(
+                    out,
+                    "legate_tls_certificate_expiry_timestamp_seconds{{host=\"{}\"}} {t}",
+                    escape(&c.host)
+                );
+            }
+        }
+    }
+
     /// Address health of every upstream with outlier detection or health checks.
     pub fn upstream_health(&self) -> Vec<UpstreamView> {
         let m = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());

@@ -29,6 +29,7 @@ use tokio_rustls::TlsConnector;
 
 use super::body::ReqBody;
 use super::error::SetupError;
+use crate::routes::OriginTls;
 
 /// The client type every route uses.
 pub type Client = hyper_util::client::legacy::Client<Connector, ReqBody>;
@@ -37,11 +38,20 @@ pub type Client = hyper_util::client::legacy::Client<Connector, ReqBody>;
 const POOL_MAX_IDLE_PER_HOST: usize = 256;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// HTTP/2?, connect timeout, upstream idle timeout.
-type ClientKey = (bool, Duration, Option<Duration>);
+/// HTTP/2?, connect timeout, upstream idle timeout, TLSContext origination.
+type ClientKey = (bool, Duration, Option<Duration>, Option<OriginTls>);
 
-/// Upstream URL, connect timeout, upstream idle timeout.
-type PoolKey = (String, Duration, Option<Duration>);
+/// Upstream URL, connect timeout, upstream idle timeout, TLSContext origination.
+type PoolKey = (String, Duration, Option<Duration>, Option<OriginTls>);
+
+/// TLS settings of a Mapping's `tls: NAME`: the connectors (HTTP/1.1, HTTP/2 ALPN) built from
+/// its TLSContext, and the SNI to send.
+#[derive(Clone)]
+pub struct Origin {
+    pub spec: OriginTls,
+    pub h1: TlsConnector,
+    pub h2: TlsConnector,
+}
 
 /// The client registry.
 pub struct Clients {
@@ -70,19 +80,27 @@ impl Clients {
         &self.resolver
     }
 
-    fn connector(&self, http2: bool, connect_timeout: Duration) -> Connector {
+    fn connector(
+        &self,
+        http2: bool,
+        connect_timeout: Duration,
+        origin: Option<&Origin>,
+    ) -> Connector {
         let mut http = HttpConnector::new_with_resolver(self.resolver.clone());
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect_timeout));
         http.set_keepalive(Some(Duration::from_secs(60)));
+        let tls = match (origin, http2) {
+            (Some(o), true) => o.h2.clone(),
+            (Some(o), false) => o.h1.clone(),
+            (None, true) => self.h2_tls.clone(),
+            (None, false) => self.h1_tls.clone(),
+        };
         Connector {
             http,
-            tls: if http2 {
-                self.h2_tls.clone()
-            } else {
-                self.h1_tls.clone()
-            },
+            tls,
+            sni: origin.and_then(|o| o.spec.sni.clone()),
         }
     }
 
@@ -92,19 +110,25 @@ impl Clients {
         up: &crate::routes::Upstream,
         connect_timeout: Duration,
         idle: Option<Duration>,
+        origin: Option<&Origin>,
     ) -> Arc<super::pool::HostPool> {
         let target = up.to_string();
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         pools
-            .entry((target.clone(), connect_timeout, idle))
+            .entry((
+                target.clone(),
+                connect_timeout,
+                idle,
+                origin.map(|o| o.spec.clone()),
+            ))
             .or_insert_with(|| {
                 let uri: Uri = target
                     .parse()
                     .unwrap_or_else(|_| Uri::from_static("http://invalid.invalid"));
                 Arc::new(super::pool::HostPool::new(
                     uri,
-                    self.connector(false, connect_timeout),
-                    self.connector(true, connect_timeout),
+                    self.connector(false, connect_timeout, origin),
+                    self.connector(true, connect_timeout, origin),
                     idle.unwrap_or(POOL_IDLE_TIMEOUT),
                 ))
             })
@@ -124,11 +148,17 @@ impl Clients {
     }
 
     /// The shared client for this protocol, connect timeout and upstream idle timeout.
-    pub fn get(&self, http2: bool, connect_timeout: Duration, idle: Option<Duration>) -> Client {
+    pub fn get(
+        &self,
+        http2: bool,
+        connect_timeout: Duration,
+        idle: Option<Duration>,
+        origin: Option<&Origin>,
+    ) -> Client {
         let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
-        made.entry((http2, connect_timeout, idle))
+        made.entry((http2, connect_timeout, idle, origin.map(|o| o.spec.clone())))
             .or_insert_with(|| {
-                let connector = self.connector(http2, connect_timeout);
+                let connector = self.connector(http2, connect_timeout, origin);
                 let mut b = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
                 b.pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())
@@ -148,6 +178,8 @@ impl Clients {
 pub struct Connector {
     http: HttpConnector<Resolver>,
     tls: TlsConnector,
+    /// The TLSContext's `sni`, sent and verified instead of the service's name.
+    sni: Option<String>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -175,7 +207,10 @@ impl Connector {
         server_name: Option<&str>,
     ) -> Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>> {
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-        let host = server_name
+        let host = self
+            .sni
+            .as_deref()
+            .or(server_name)
             .or(uri.host())
             .unwrap_or("")
             .trim_matches(['[', ']'])

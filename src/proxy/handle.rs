@@ -44,6 +44,13 @@ pub struct ConnInfo {
 #[derive(Debug, Clone)]
 pub(crate) struct Sni(pub(crate) Arc<str>);
 
+/// The `x-forwarded-client-cert` value of the connection's verified client certificate.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientCert(pub(crate) HeaderValue);
+
+static X_FORWARDED_CLIENT_CERT: http::HeaderName =
+    http::HeaderName::from_static("x-forwarded-client-cert");
+
 impl Proxy {
     /// Serve one request; never fails (failures become responses in `error`).
     pub(crate) async fn handle(
@@ -310,6 +317,14 @@ impl Proxy {
         parts
             .extensions
             .insert(super::balance::ClientIp(conn.remote.ip()));
+        // Envoy's SANITIZE_SET: a client's own XFCC never reaches the upstream; the verified
+        // client certificate of the connection does.
+        parts.headers.remove(&X_FORWARDED_CLIENT_CERT);
+        if let Some(c) = parts.extensions.get::<ClientCert>() {
+            parts
+                .headers
+                .insert(X_FORWARDED_CLIENT_CERT.clone(), c.0.clone());
+        }
         let h = &mut parts.headers;
         hdr::strip_hop_by_hop(h, prep.http2);
         if let Some(u) = &upgrade {

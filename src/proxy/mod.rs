@@ -474,6 +474,7 @@ impl Proxy {
             &self.secrets,
             self.settings.default_cert.as_deref(),
         );
+        self.metrics.set_certificates(certs.states(&cur.graph));
         let snap = Snapshot {
             graph: cur.graph.clone(),
             routes: cur.routes.clone(),
@@ -485,6 +486,34 @@ impl Proxy {
         self.shared.store(Arc::new(snap));
         tracing::info!("reloaded TLS certificates after a change under the secrets directory");
         true
+    }
+
+    /// The server config of the Host a ClientHello's SNI picks, when it has its own TLS
+    /// settings (`Err`: they could not be applied, refuse the handshake).
+    pub(crate) fn tls_config_for(
+        &self,
+        sni: Option<&str>,
+    ) -> Result<Option<Arc<rustls::ServerConfig>>, ()> {
+        let snap = self.shared.load();
+        snap.certs.config_for(&snap.graph, sni)
+    }
+
+    /// The TLS connectors of a Mapping's `tls: NAME`. A Secret that cannot be read gives
+    /// connectors that trust nothing, so the route answers 503 instead of connecting with
+    /// less than the TLSContext asks for (preflight reports the Secret first).
+    fn origin(&self, spec: &crate::routes::OriginTls) -> client::Origin {
+        let make = |alpn: &[u8]| {
+            crate::tls::context::origin_config(spec, &self.secrets, self.settings.upstream_ca.as_deref(), alpn)
+                .unwrap_or_else(|e| {
+                    tracing::error!(context = %spec.context, error = %e, "TLSContext for origination unusable; its routes fail");
+                    crate::tls::context::refusing_client_config()
+                })
+        };
+        client::Origin {
+            spec: spec.clone(),
+            h1: tokio_rustls::TlsConnector::from(Arc::new(make(b"http/1.1"))),
+            h2: tokio_rustls::TlsConnector::from(Arc::new(make(b"h2"))),
+        }
     }
 
     /// The certificate source for the TLS listener's resolver.
@@ -502,6 +531,7 @@ impl Proxy {
             routes.push(prepared);
         }
         let certs = CertTable::build(&graph, &self.secrets, self.settings.default_cert.as_deref());
+        self.metrics.set_certificates(certs.states(&graph));
         Snapshot {
             revision: HeaderValue::from_static(""),
             evidence: Arc::default(),
@@ -552,14 +582,20 @@ impl Proxy {
                 .collect()
         };
         let pool_idle = f.cluster_idle_timeout.or(f.idle_timeout);
+        let origin = f.origin_tls.as_ref().map(|o| self.origin(o));
+        let origin = origin.as_ref();
         let upstream = if f.http2 {
             UpstreamClient::H2(Box::new(self.clients.get(
                 true,
                 f.connect_timeout,
                 pool_idle,
+                origin,
             )))
         } else {
-            UpstreamClient::H1(self.clients.pool(&f.upstream, f.connect_timeout, pool_idle))
+            UpstreamClient::H1(
+                self.clients
+                    .pool(&f.upstream, f.connect_timeout, pool_idle, origin),
+            )
         };
         let wants_health = f.outlier.is_some() || !f.health_checks.is_empty();
         let health = wants_health.then(|| {
@@ -592,7 +628,8 @@ impl Proxy {
             (None, _, _) => None,
             (Some(_), UpstreamClient::H1(pool), Some(b)) => Some((pool.clone(), b.clone())),
             (Some(_), _, _) => Some((
-                self.clients.pool(&f.upstream, f.connect_timeout, pool_idle),
+                self.clients
+                    .pool(&f.upstream, f.connect_timeout, pool_idle, origin),
                 make_balancer(),
             )),
         };

@@ -20,9 +20,9 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 
-use super::handle::{ConnHold, ConnInfo, Sni};
+use super::handle::{ClientCert, ConnHold, ConnInfo, Sni};
 use super::{Limits, Proxy, SetupError};
 
 /// hyper's server builder with the limits applied.
@@ -116,7 +116,7 @@ impl Proxy {
             https_addr = Some(local(&l)?);
             accepts.push(tokio::spawn(self.clone().accept_loop(
                 l,
-                Some(TlsAcceptor::from(cfg)),
+                Some(cfg),
                 conns.clone(),
                 stop_rx.clone(),
             )));
@@ -134,7 +134,7 @@ impl Proxy {
     async fn accept_loop(
         self: Arc<Self>,
         listener: TcpListener,
-        tls: Option<TlsAcceptor>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         conns: Arc<Semaphore>,
         mut stop: watch::Receiver<bool>,
     ) {
@@ -175,7 +175,7 @@ impl Proxy {
         self: Arc<Self>,
         stream: TcpStream,
         remote: SocketAddr,
-        tls: Option<TlsAcceptor>,
+        tls: Option<Arc<rustls::ServerConfig>>,
         stop: watch::Receiver<bool>,
         hold: ConnHold,
     ) {
@@ -186,19 +186,29 @@ impl Proxy {
         };
         match tls {
             None => {
-                self.serve_io(TokioIo::new(stream), info, None, stop, hold)
+                self.serve_io(TokioIo::new(stream), info, (None, None), stop, hold)
                     .await
             }
-            Some(acceptor) => {
+            Some(listener_cfg) => {
                 let hs = tokio::time::timeout(
                     self.settings.limits.header_read_timeout,
-                    acceptor.accept(stream),
+                    self.tls_handshake(stream, listener_cfg),
                 )
                 .await;
                 match hs {
                     Ok(Ok(s)) => {
-                        let sni = s.get_ref().1.server_name().map(|n| Sni(Arc::from(n)));
-                        self.serve_io(TokioIo::new(s), info, sni, stop, hold).await
+                        let tls = s.get_ref().1;
+                        let sni = tls.server_name().map(|n| Sni(Arc::from(n)));
+                        // rustls returns peer certificates only once its verifier accepted them.
+                        let client = tls
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| {
+                                http::HeaderValue::from_str(&crate::tls::cert::xfcc(c)).ok()
+                            })
+                            .map(ClientCert);
+                        self.serve_io(TokioIo::new(s), info, (sni, client), stop, hold)
+                            .await
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
@@ -207,11 +217,26 @@ impl Proxy {
         }
     }
 
+    /// Read the ClientHello, then finish the handshake with the config of the Host its SNI
+    /// picks (a Host with its own TLS settings), else the listener's.
+    async fn tls_handshake(
+        &self,
+        stream: TcpStream,
+        listener_cfg: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+        let cfg = self
+            .tls_config_for(start.client_hello().server_name())
+            .map_err(|()| std::io::Error::other("the Host's TLS settings are unavailable"))?
+            .unwrap_or(listener_cfg);
+        start.into_stream(cfg).await
+    }
+
     async fn serve_io<I>(
         self: Arc<Self>,
         io: I,
         info: ConnInfo,
-        sni: Option<Sni>,
+        (sni, client): (Option<Sni>, Option<ClientCert>),
         mut stop: watch::Receiver<bool>,
         hold: ConnHold,
     ) where
@@ -230,6 +255,9 @@ impl Proxy {
                 }
                 if let Some(sni) = &sni {
                     req.extensions_mut().insert(sni.clone());
+                }
+                if let Some(c) = &client {
+                    req.extensions_mut().insert(c.clone());
                 }
                 async move {
                     // A guard, so a request cancelled by a client reset still counts as ended.

@@ -14,6 +14,15 @@ use crate::config::{Diagnostic, Resource};
 pub fn check_secrets(resources: &[Resource], dir: &Path) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     for r in resources {
+        match &r.spec {
+            Spec::TlsContext(f) => check_tls_fields(r, "/spec", f, dir, &mut out),
+            Spec::Host(h) => {
+                if let Some(f) = &h.tls {
+                    check_tls_fields(r, "/spec/tls", f, dir, &mut out);
+                }
+            }
+            _ => {}
+        }
         let Spec::Host(h) = &r.spec else { continue };
         let Some(secret) = &h.tls_secret else {
             continue;
@@ -67,4 +76,45 @@ pub fn load_pair(base: &Path) -> Result<(), String> {
         }
         other => format!("could not be checked: {other}"),
     })
+}
+
+/// A TLSContext's (or Host `tls` block's) `secret`, `ca_secret` and `crl_secret` must be
+/// readable the way the gateway reads them (see `tls::SecretStore`).
+fn check_tls_fields(
+    r: &Resource,
+    base: &str,
+    f: &crate::config::tlscontext::TlsFields,
+    dir: &Path,
+    out: &mut Vec<Diagnostic>,
+) {
+    let store = crate::tls::SecretStore::new(Some(dir.to_path_buf()));
+    let mut fail = |field: &str, name: &str, msg: String, want: &str| {
+        out.push(
+            Diagnostic::error(
+                "tls-secret",
+                &r.at(&format!("{base}/{field}")),
+                format!("{} `{}`: `{field}: {name}` {msg}", r.kind.name(), r.name),
+            )
+            .with_help(format!(
+                "provide {} (PEM)",
+                dir.join(name).join(want).display()
+            )),
+        )
+    };
+    let named = |v: &Option<String>| v.clone().filter(|n| !n.is_empty());
+    if let Some(name) = named(&f.secret) {
+        if let Err(msg) = load_pair(&dir.join(&name)) {
+            fail("secret", &name, msg, "tls.crt and tls.key");
+        }
+    }
+    if let Some(name) = named(&f.ca_secret) {
+        if let Err(e) = store.load_ca(&name) {
+            fail("ca_secret", &name, format!("is unusable: {e}"), "ca.crt");
+        }
+    }
+    if let Some(name) = named(&f.crl_secret) {
+        if let Err(e) = store.load_crl(&name) {
+            fail("crl_secret", &name, format!("is unusable: {e}"), "crl.pem");
+        }
+    }
 }

@@ -281,6 +281,9 @@ impl Graph {
             _ => InsecureAction::Route,
         };
         match action {
+            InsecureAction::Route if !self.client_cert_checked(m.host, via.tls_sni) => {
+                Routed::Rejected
+            }
             InsecureAction::Route => Routed::Route(m),
             _ if is_acme(m.group) => Routed::Route(m),
             InsecureAction::Redirect => Routed::RedirectToHttps,
@@ -289,6 +292,21 @@ impl Graph {
                 None => Routed::Rejected,
             },
         }
+    }
+
+    /// A Host that requires client certificates is served only on connections whose handshake
+    /// it chose by SNI (so it checked the certificate): not over cleartext, not behind a
+    /// default certificate or another name's connection (HTTP/2 coalescing).
+    fn client_cert_checked(&self, host: Option<&HostRoute>, tls_sni: Option<Option<&str>>) -> bool {
+        let Some(h) = host.filter(|h| h.tls.as_ref().is_some_and(|t| t.cert_required)) else {
+            return true;
+        };
+        let Some(sni) = tls_sni else {
+            return false;
+        };
+        let lower = sni.map(str::to_ascii_lowercase);
+        self.host_for_sni(lower.as_deref())
+            .is_some_and(|i| std::ptr::eq(&self.hosts[i], h))
     }
 
     /// Under `Reject` only the ACME challenge routes exist: the first one that matches.

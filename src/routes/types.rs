@@ -21,6 +21,8 @@ pub struct HostRoute {
     pub hostname: HostPattern,
     /// `namespace/name` of the TLS secret, when the Host terminates TLS.
     pub tls_secret: Option<SecretRef>,
+    /// Its own TLS settings (a `tls` block or a TLSContext); `None`: the listener's.
+    pub tls: Option<crate::tls::context::TlsPolicy>,
     /// What a cleartext request gets (Emissary's default: `Redirect`).
     pub insecure: InsecureAction,
     /// An extra cleartext port the insecure action applies to (`-1`: none).
@@ -285,6 +287,21 @@ pub struct Forward {
     pub jwt: Option<std::sync::Arc<crate::policy::JwtPolicy>>,
     /// The RateLimit limits counting this route's requests.
     pub rate_limits: Vec<crate::policy::RouteLimit>,
+    /// TLS origination settings from the TLSContext named by `tls: NAME`.
+    pub origin_tls: Option<OriginTls>,
+}
+
+/// What a Mapping's `tls: NAME` takes from the TLSContext when connecting upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct OriginTls {
+    pub context: String,
+    /// Client certificate and key (`tls.crt`/`tls.key`) presented to the upstream.
+    pub client_cert: Option<SecretRef>,
+    /// CA (`ca.crt`, else `tls.crt`) the upstream's certificate must chain to, instead of the
+    /// default roots.
+    pub ca: Option<SecretRef>,
+    /// Server name sent and verified, instead of the service's host.
+    pub sni: Option<String>,
 }
 
 /// A header to add. `append: false` replaces existing values.

@@ -5,6 +5,11 @@
 //! is noticed without a commit), the per-graph [`CertTable`] (one certificate per Host, plus the
 //! default), and the rustls `ServerConfig`. Must not bind sockets or rebuild listeners: the
 //! proxy swaps a new table in with its snapshot and the resolver reads whatever is current.
+//! A Host with its own TLS settings (`context`) gets its own `ServerConfig`, chosen per
+//! ClientHello by SNI ([`CertTable::config_for`]).
+
+pub mod cert;
+pub mod context;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -35,6 +40,10 @@ pub enum TlsError {
     NoKey { path: PathBuf },
     #[error("secret `{name}`: {source}")]
     Key { name: String, source: rustls::Error },
+    #[error("{path} holds no PEM certificate revocation list")]
+    NoCrl { path: PathBuf },
+    #[error("CA secret `{name}` cannot verify client certificates: {reason}")]
+    Verifier { name: String, reason: String },
 }
 
 /// Modification times of `tls.crt` and `tls.key`.
@@ -50,6 +59,8 @@ struct Cached {
 pub struct SecretStore {
     dir: Option<PathBuf>,
     cache: Mutex<HashMap<String, Cached>>,
+    /// CA and CRL files read for client-certificate checks, with their modification times.
+    others: Mutex<HashMap<PathBuf, Option<SystemTime>>>,
 }
 
 impl fmt::Debug for SecretStore {
@@ -70,6 +81,7 @@ impl SecretStore {
         SecretStore {
             dir,
             cache: Mutex::new(HashMap::new()),
+            others: Mutex::new(HashMap::new()),
         }
     }
 
@@ -102,8 +114,92 @@ impl SecretStore {
         Ok(loaded)
     }
 
+    /// The CA certificates of secret `name`: its `ca.crt`, else its `tls.crt` (Emissary keeps
+    /// a `ca_secret`'s CA in `tls.crt`).
+    pub fn load_ca(&self, name: &str) -> Result<rustls::RootCertStore, TlsError> {
+        let dir = self.secret_dir(name)?;
+        let ca = dir.join("ca.crt");
+        let path = if ca.exists() { ca } else { dir.join("tls.crt") };
+        let pem = self.read_other(&path)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok) {
+            let _ = roots.add(c);
+        }
+        if roots.is_empty() {
+            return Err(TlsError::NoCert { path });
+        }
+        Ok(roots)
+    }
+
+    /// The revocation lists in `crl.pem` of secret `name`.
+    pub fn load_crl(
+        &self,
+        name: &str,
+    ) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+        let path = self.secret_dir(name)?.join("crl.pem");
+        let pem = self.read_other(&path)?;
+        let crls: Vec<_> = rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(&pem)
+            .filter_map(Result::ok)
+            .collect();
+        if crls.is_empty() {
+            return Err(TlsError::NoCrl { path });
+        }
+        Ok(crls)
+    }
+
+    /// The client certificate and key (`tls.crt`/`tls.key`) of secret `name`, for origination.
+    pub fn load_client_pair(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let (crt, key) = self.paths(name)?;
+        let crt_pem = self.read_other(&crt)?;
+        let key_pem = self.read_other(&key)?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&crt_pem)
+            .filter_map(Result::ok)
+            .collect();
+        if certs.is_empty() {
+            return Err(TlsError::NoCert { path: crt });
+        }
+        let key_der =
+            PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| TlsError::NoKey { path: key })?;
+        Ok((certs, key_der))
+    }
+
+    fn secret_dir(&self, name: &str) -> Result<PathBuf, TlsError> {
+        let dir = self
+            .dir
+            .as_ref()
+            .ok_or_else(|| TlsError::NoSecretsDir(name.to_string()))?;
+        Ok(dir.join(name))
+    }
+
+    /// Read a file and remember its modification time, so [`SecretStore::changed`] sees a
+    /// rotated CA or CRL.
+    fn read_other(&self, path: &Path) -> Result<Vec<u8>, TlsError> {
+        let stamp = mtime(path);
+        let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.others
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf(), stamp);
+        Ok(bytes)
+    }
+
     /// Whether a cached secret's files changed on disk since they were read.
     pub fn changed(&self) -> bool {
+        let others_changed = self
+            .others
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(p, stamp)| mtime(p) != *stamp);
+        if others_changed {
+            return true;
+        }
         let names: Vec<(String, Stamp)> = self
             .lock()
             .iter()
@@ -149,10 +245,22 @@ fn load_pair(name: &str, crt: &Path, key: &Path) -> Result<CertifiedKey, TlsErro
     })
 }
 
+/// The server config a Host's handshakes use.
+#[derive(Clone)]
+enum HostConfig {
+    /// The listener's own config (no TLS settings on the Host).
+    Listener,
+    Own(Arc<rustls::ServerConfig>),
+    /// The Host's settings could not be applied (a CA or CRL Secret is unreadable): its
+    /// handshakes fail rather than skip a client-certificate check.
+    Broken,
+}
+
 /// The certificates of one graph: one per Host (by index in `Graph::hosts`) and the default.
 #[derive(Default, Clone)]
 pub struct CertTable {
     by_host: Vec<Option<Arc<CertifiedKey>>>,
+    configs: Vec<HostConfig>,
     default: Option<Arc<CertifiedKey>>,
 }
 
@@ -194,7 +302,71 @@ impl CertTable {
                 None
             }
         });
-        CertTable { by_host, default }
+        let by_host: Vec<Option<Arc<CertifiedKey>>> = by_host;
+        let configs = graph
+            .hosts
+            .iter()
+            .zip(&by_host)
+            .map(|(h, key)| {
+                let Some(policy) = &h.tls else {
+                    return HostConfig::Listener;
+                };
+                let key = key.clone().or_else(|| default.clone());
+                match context::server_config(policy, key, store) {
+                    Ok(c) => HostConfig::Own(Arc::new(c)),
+                    Err(e) => {
+                        tracing::error!(host = %h.hostname, error = %e, "Host TLS settings unavailable; its handshakes fail");
+                        HostConfig::Broken
+                    }
+                }
+            })
+            .collect();
+        CertTable {
+            by_host,
+            configs,
+            default,
+        }
+    }
+
+    /// The state of each TLS Host's certificate: its `notAfter` (Unix seconds) when loaded.
+    pub fn states(&self, graph: &Graph) -> Vec<crate::metrics::CertState> {
+        graph
+            .hosts
+            .iter()
+            .zip(&self.by_host)
+            .filter_map(|(h, k)| {
+                let secret = h.tls_secret.as_ref()?;
+                let not_after = k
+                    .as_ref()
+                    .and_then(|k| k.cert.first())
+                    .and_then(|leaf| cert::not_after(leaf));
+                Some(crate::metrics::CertState {
+                    host: h.hostname.to_string(),
+                    secret: secret.name.clone(),
+                    state: if k.is_some() { "loaded" } else { "unavailable" },
+                    not_after,
+                })
+            })
+            .collect()
+    }
+
+    /// The server config for a ClientHello with this SNI: `Ok(None)` for the listener's own,
+    /// `Err(())` when the Host's TLS settings could not be applied (refuse the handshake).
+    #[allow(clippy::result_unit_err)]
+    pub fn config_for(
+        &self,
+        graph: &Graph,
+        sni: Option<&str>,
+    ) -> Result<Option<Arc<rustls::ServerConfig>>, ()> {
+        let lower = sni.map(str::to_ascii_lowercase);
+        let Some(i) = graph.host_for_sni(lower.as_deref()) else {
+            return Ok(None);
+        };
+        match self.configs.get(i) {
+            Some(HostConfig::Own(c)) => Ok(Some(c.clone())),
+            Some(HostConfig::Broken) => Err(()),
+            Some(HostConfig::Listener) | None => Ok(None),
+        }
     }
 
     /// The certificate for a handshake with this SNI (`None`: the client sent none): the TLS

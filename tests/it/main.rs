@@ -24,4 +24,5 @@ mod reconcile;
 mod rollout;
 mod security;
 mod support;
+mod tls;
 mod traffic;

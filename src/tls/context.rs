@@ -1,0 +1,292 @@
+//! Per-Host TLS settings (Emissary's TLSContext fields) as plain values, the names they accept,
+//! and the rustls server configs built from them.
+//!
+//! Owns: the table of cipher-suite, curve, version and ALPN names Legate accepts (rustls's ring
+//! set), and turning a [`TlsPolicy`] plus the Secrets it names into a `ServerConfig`. Must not
+//! bind sockets; reading a Secret goes through [`super::SecretStore`].
+
+use std::sync::Arc;
+
+use rustls::crypto::{ring, CryptoProvider, SupportedKxGroup};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{SupportedCipherSuite, SupportedProtocolVersion};
+use rustls_pki_types::pem::PemObject;
+use serde::Serialize;
+
+use super::{SecretStore, TlsError};
+use crate::routes::{OriginTls, SecretRef};
+
+/// A TLS protocol version Emissary's fields name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum TlsVersion {
+    V1_0,
+    V1_1,
+    V1_2,
+    V1_3,
+}
+
+impl TlsVersion {
+    /// `v1.0` .. `v1.3`, Emissary's spelling.
+    pub fn parse(s: &str) -> Option<TlsVersion> {
+        match s {
+            "v1.0" => Some(TlsVersion::V1_0),
+            "v1.1" => Some(TlsVersion::V1_1),
+            "v1.2" => Some(TlsVersion::V1_2),
+            "v1.3" => Some(TlsVersion::V1_3),
+            _ => None,
+        }
+    }
+}
+
+/// The TLS settings of one Host (its `tls` block, its `tlsContext`, or a TLSContext whose
+/// `hosts` name it). Every name in it was checked against the tables below by `compile`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TlsPolicy {
+    /// The TLSContext the settings came from, for messages (`None`: the Host's `tls` block).
+    pub context: Option<String>,
+    pub min_version: Option<TlsVersion>,
+    pub max_version: Option<TlsVersion>,
+    /// OpenSSL-style names (`ECDHE-RSA-AES128-GCM-SHA256`); empty: rustls's defaults.
+    pub cipher_suites: Vec<String>,
+    /// `X25519`, `P-256`, `P-384`; empty: rustls's defaults.
+    pub ecdh_curves: Vec<String>,
+    /// ALPN protocols offered, in order; empty: `h2`, `http/1.1`.
+    pub alpn: Vec<String>,
+    /// CA that verifies client certificates (`ca.crt`, else `tls.crt`, of the Secret).
+    pub client_ca: Option<SecretRef>,
+    /// A client certificate is required (else one is verified when presented).
+    pub cert_required: bool,
+    /// Revocation list (`crl.pem` of the Secret) checked against client certificates.
+    pub crl: Option<SecretRef>,
+}
+
+/// TLS 1.2 suites by their OpenSSL/Envoy names (TLS 1.3 suites are not configurable in Envoy,
+/// and rustls always offers all three of them).
+fn tls12_suites() -> [(&'static str, SupportedCipherSuite); 6] {
+    use ring::cipher_suite as cs;
+    [
+        (
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+        (
+            "ECDHE-RSA-AES128-GCM-SHA256",
+            cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        ),
+        (
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        ),
+        (
+            "ECDHE-RSA-AES256-GCM-SHA384",
+            cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        ),
+        (
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ),
+        (
+            "ECDHE-RSA-CHACHA20-POLY1305",
+            cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        ),
+    ]
+}
+
+fn curves() -> [(&'static str, &'static dyn SupportedKxGroup); 3] {
+    use ring::kx_group as kx;
+    [
+        ("X25519", kx::X25519),
+        ("P-256", kx::SECP256R1),
+        ("P-384", kx::SECP384R1),
+    ]
+}
+
+/// ALPN protocols Legate's listener speaks.
+pub const ALPN: [&str; 2] = ["h2", "http/1.1"];
+
+/// The cipher-suite names accepted in `cipher_suites`.
+pub fn cipher_suite_names() -> Vec<&'static str> {
+    tls12_suites().iter().map(|(n, _)| *n).collect()
+}
+
+/// The curve names accepted in `ecdh_curves`.
+pub fn curve_names() -> Vec<&'static str> {
+    curves().iter().map(|(n, _)| *n).collect()
+}
+
+/// One `cipher_suites` entry in canonical form, or `None` if rustls has no such suite. Envoy's
+/// equal-preference groups (`[A|B]`) are accepted and split by the caller.
+pub fn canonical_suite(name: &str) -> Option<&'static str> {
+    let n = name.trim();
+    tls12_suites()
+        .iter()
+        .find(|(k, s)| k.eq_ignore_ascii_case(n) || format!("{:?}", s.suite()) == n)
+        .map(|(k, _)| *k)
+}
+
+/// One `ecdh_curves` entry in canonical form (OpenSSL aliases accepted).
+pub fn canonical_curve(name: &str) -> Option<&'static str> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "x25519" => Some("X25519"),
+        "p-256" | "secp256r1" | "prime256v1" => Some("P-256"),
+        "p-384" | "secp384r1" => Some("P-384"),
+        _ => None,
+    }
+}
+
+/// The server config of a Host with its own TLS settings, serving `key` (the Host's certificate,
+/// or the default one).
+pub fn server_config(
+    policy: &TlsPolicy,
+    key: Option<Arc<CertifiedKey>>,
+    store: &SecretStore,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let base = ring::default_provider();
+    let mut provider = CryptoProvider {
+        cipher_suites: base.cipher_suites.clone(),
+        kx_groups: base.kx_groups.clone(),
+        ..base
+    };
+    if !policy.cipher_suites.is_empty() {
+        let wanted: Vec<SupportedCipherSuite> = tls12_suites()
+            .into_iter()
+            .filter(|(n, _)| policy.cipher_suites.iter().any(|w| w == n))
+            .map(|(_, s)| s)
+            .collect();
+        provider.cipher_suites.retain(|s| match s {
+            SupportedCipherSuite::Tls13(_) => true,
+            SupportedCipherSuite::Tls12(_) => wanted.contains(s),
+        });
+    }
+    if !policy.ecdh_curves.is_empty() {
+        provider.kx_groups = curves()
+            .into_iter()
+            .filter(|(n, _)| policy.ecdh_curves.iter().any(|w| w == n))
+            .map(|(_, g)| g)
+            .collect();
+    }
+    let versions = versions(policy);
+    let provider = Arc::new(provider);
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&versions)
+        .map_err(|source| TlsError::Key {
+            name: policy.context.clone().unwrap_or_else(|| "tls".into()),
+            source,
+        })?;
+    let builder = match &policy.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let roots = store.load_ca(&ca.name)?;
+            let crls = match &policy.crl {
+                Some(c) => store.load_crl(&c.name)?,
+                None => Vec::new(),
+            };
+            let mut v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .with_crls(crls);
+            if !policy.cert_required {
+                v = v.allow_unauthenticated();
+            }
+            let verifier = v.build().map_err(|e| TlsError::Verifier {
+                name: ca.name.clone(),
+                reason: e.to_string(),
+            })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder.with_cert_resolver(Arc::new(Fixed(key)));
+    cfg.alpn_protocols = if policy.alpn.is_empty() {
+        ALPN.iter().map(|p| p.as_bytes().to_vec()).collect()
+    } else {
+        policy.alpn.iter().map(|p| p.as_bytes().to_vec()).collect()
+    };
+    Ok(cfg)
+}
+
+/// rustls speaks TLS 1.2 and 1.3; `compile` has already refused a range with neither.
+fn versions(policy: &TlsPolicy) -> Vec<&'static SupportedProtocolVersion> {
+    let min = policy.min_version.unwrap_or(TlsVersion::V1_2);
+    let max = policy.max_version.unwrap_or(TlsVersion::V1_3);
+    let mut out = Vec::new();
+    if min <= TlsVersion::V1_3 && max >= TlsVersion::V1_3 {
+        out.push(&rustls::version::TLS13);
+    }
+    if min <= TlsVersion::V1_2 && max >= TlsVersion::V1_2 {
+        out.push(&rustls::version::TLS12);
+    }
+    out
+}
+
+/// Serves one certificate, whatever the SNI (the SNI already chose this config).
+#[derive(Debug)]
+struct Fixed(Option<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.clone()
+    }
+}
+
+/// The client config of a Mapping's `tls: NAME`: the context's `secret` as the client
+/// certificate, its `ca_secret` as the only trusted CA (else the default roots and
+/// `--upstream-ca`).
+pub fn origin_config(
+    spec: &OriginTls,
+    store: &SecretStore,
+    extra_ca: Option<&std::path::Path>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = Arc::new(ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Key {
+            name: spec.context.clone(),
+            source,
+        })?;
+    let builder = match &spec.ca {
+        Some(ca) => builder.with_root_certificates(store.load_ca(&ca.name)?),
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            if let Some(path) = extra_ca {
+                let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem).flatten() {
+                    let _ = roots.add(c);
+                }
+            }
+            builder.with_root_certificates(roots)
+        }
+    };
+    let mut cfg = match &spec.client_cert {
+        Some(secret) => {
+            let (certs, key) = store.load_client_pair(&secret.name)?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|source| TlsError::Key {
+                    name: secret.name.clone(),
+                    source,
+                })?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
+}
+
+/// A client config that trusts no server: connections through it always fail.
+pub fn refusing_client_config() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map(|b| {
+            b.with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+}
