@@ -17,8 +17,56 @@ use super::{error, json, AdminState};
 /// Largest webhook body accepted.
 pub const MAX_HOOK_BODY: usize = 1 << 20;
 
-/// The shared webhook secret. `Debug` never shows it.
-pub struct HookSecret(Vec<u8>);
+/// Fetches triggered by webhooks start at most this often. A delivery inside the gap
+/// schedules one fetch at its end (later ones join it), so the last push is always fetched
+/// while a replayed or redelivered delivery storm costs one pass per gap, not one per request
+/// (de-duplicating on the delivery id would swallow deliberate redeliveries).
+pub const MIN_FETCH_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The shared webhook secret, and the throttle of the fetches its hooks trigger. `Debug`
+/// never shows the secret.
+pub struct HookSecret(Vec<u8>, std::sync::Mutex<Throttle>);
+
+/// When webhook-triggered fetches last started, and whether one is scheduled.
+#[derive(Debug, Default)]
+struct Throttle {
+    last: Option<tokio::time::Instant>,
+    scheduled: bool,
+}
+
+/// What a valid delivery does.
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    /// Trigger a fetch now.
+    Now,
+    /// Trigger one at this time.
+    At(tokio::time::Instant),
+    /// One is scheduled already: it will see this push too.
+    Joined,
+}
+
+impl Throttle {
+    fn admit(&mut self, now: tokio::time::Instant) -> Admit {
+        if self.scheduled {
+            return Admit::Joined;
+        }
+        match self.last {
+            Some(last) if now < last + MIN_FETCH_GAP => {
+                self.scheduled = true;
+                Admit::At(last + MIN_FETCH_GAP)
+            }
+            _ => {
+                self.last = Some(now);
+                Admit::Now
+            }
+        }
+    }
+
+    fn fired(&mut self, at: tokio::time::Instant) {
+        self.last = Some(at);
+        self.scheduled = false;
+    }
+}
 
 impl std::fmt::Debug for HookSecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -32,7 +80,29 @@ impl HookSecret {
         if s.is_empty() {
             return Err("the webhook secret is empty".into());
         }
-        Ok(HookSecret(s))
+        Ok(HookSecret(s, std::sync::Mutex::new(Throttle::default())))
+    }
+
+    /// Ask for a fetch, within [`MIN_FETCH_GAP`]; returns whether it starts now.
+    fn trigger(self: &std::sync::Arc<Self>, reconciler: &crate::reconcile::Handle) -> bool {
+        let now = tokio::time::Instant::now();
+        let admit = self.1.lock().unwrap_or_else(|e| e.into_inner()).admit(now);
+        match admit {
+            Admit::Now => {
+                reconciler.trigger();
+                true
+            }
+            Admit::At(at) => {
+                let (me, reconciler) = (self.clone(), reconciler.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    me.1.lock().unwrap_or_else(|e| e.into_inner()).fired(at);
+                    reconciler.trigger();
+                });
+                false
+            }
+            Admit::Joined => false,
+        }
     }
 
     /// Read the secret from a file (trailing newline trimmed).
@@ -138,10 +208,10 @@ where
     if !ok {
         return error(StatusCode::UNAUTHORIZED, "bad or missing signature");
     }
-    state.reconciler.trigger();
+    let now = secret.trigger(&state.reconciler);
     json(
         StatusCode::ACCEPTED,
-        &serde_json::json!({ "triggered": true }),
+        &serde_json::json!({ "triggered": true, "deferred": !now }),
     )
 }
 
@@ -168,4 +238,25 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
         "sha256={}",
         crate::source::hex(&mac.finalize().into_bytes())
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn deliveries_inside_the_gap_join_one_scheduled_fetch() {
+        let mut t = Throttle::default();
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(t.admit(t0), Admit::Now);
+        let at = t0 + MIN_FETCH_GAP;
+        assert_eq!(t.admit(t0), Admit::At(at));
+        for _ in 0..100 {
+            assert_eq!(t.admit(t0), Admit::Joined);
+        }
+        t.fired(at);
+        assert_eq!(t.admit(at), Admit::At(at + MIN_FETCH_GAP));
+        t.fired(at + MIN_FETCH_GAP);
+        assert_eq!(t.admit(at + MIN_FETCH_GAP * 3), Admit::Now);
+    }
 }

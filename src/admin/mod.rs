@@ -72,6 +72,17 @@ fn explain(g: &crate::routes::Graph, query: &str) -> serde_json::Value {
     }
     // The port is part of the match, as in the proxy (which may strip the listener's own).
     let host_name = crate::routes::route_authority(&host, None).into_owned();
+    // The proxy's normalizer: explain routes what the gateway would route.
+    let normalized = match crate::routes::path::normalize(&path, g.normalize_options()) {
+        Ok(n) => n.path.into_owned(),
+        Err(crate::routes::path::PathError::NotAbsolute) => {
+            return serde_json::json!({"matched": false, "answer": "404 no route (the path does not start with /)"})
+        }
+        Err(e) => {
+            return serde_json::json!({"matched": false, "answer": format!("400 bad request: {e}")})
+        }
+    };
+    let path = normalized;
     let head = crate::routes::RequestHead {
         host: &host_name,
         method: &method,
@@ -117,6 +128,7 @@ fn explain(g: &crate::routes::Graph, query: &str) -> serde_json::Value {
         }
         Some(m) => serde_json::json!({
             "matched": true,
+            "path": path,
             "table": via,
             "match": describe_match(g, m.group_index),
             "position": position,
@@ -229,7 +241,18 @@ where
         }
     }
     match (method, path.as_str()) {
-        (Method::GET, "/api/status") => json(StatusCode::OK, &state.reconciler.status()),
+        (Method::GET, "/api/status") => {
+            let mut st = serde_json::to_value(state.reconciler.status()).unwrap_or_default();
+            if let Some(o) = st.as_object_mut() {
+                // Writes under --cache-dir failing (a full disk): restarts would serve an older
+                // revision until this clears.
+                o.insert(
+                    "cache_error".into(),
+                    crate::source::dir::cache_failure().into(),
+                );
+            }
+            json(StatusCode::OK, &st)
+        }
         (Method::GET, "/api/revisions") => json(StatusCode::OK, &state.reconciler.history()),
         (Method::GET, "/api/routes") => match &state.graph {
             Some(g) => json(
@@ -371,21 +394,67 @@ fn revision_diff(state: &AdminState, rev: &str) -> Response<Full<Bytes>> {
     }
 }
 
+/// Open admin connections at most; more are closed at accept (the proxy's descriptor budget
+/// keeps this many back for them).
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time an admin client has to send a request head, from accept.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Serve [`handle`] on `listener` until the task is dropped (for tests and a bare admin port).
+/// An accept error (EMFILE, say) is logged and retried after a pause, never the end of the
+/// listener: probes, metrics and the API must come back with the descriptors.
 pub async fn serve(listener: tokio::net::TcpListener, state: AdminState) -> std::io::Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = std::time::Duration::from_millis(10);
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((s, _)) => {
+                backoff = std::time::Duration::from_millis(10);
+                s
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "admin accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin connection refused: {MAX_CONNECTIONS} open");
+            continue;
+        };
+        tokio::spawn(serve_one(stream, state.clone(), slot));
+    }
+}
+
+/// One admin connection: one request (no keep-alive), whose head must arrive within
+/// [`HEADER_TIMEOUT`] from accept.
+async fn serve_one(
+    stream: tokio::net::TcpStream,
+    state: AdminState,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = started.clone();
+    let svc = hyper::service::service_fn(move |req| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state).await) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
+        seen.store(true, std::sync::atomic::Ordering::Relaxed);
+        async move { Ok::<_, Infallible>(handle(req, &state).await) }
+    });
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(false);
+    let conn = b.serve_connection(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = tokio::time::sleep(HEADER_TIMEOUT) => {
+            // A request in progress finishes; a connection that never sent one is dropped.
+            if started.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = conn.await;
+            }
+        }
     }
 }
 
@@ -395,7 +464,13 @@ fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
         return text(StatusCode::NOT_FOUND, "no metrics on this listener\n");
     };
     let view = crate::metrics::ReconcileView::from(&state.reconciler.status());
-    let mut r = Response::new(Full::new(Bytes::from(m.render(Some(&view)))));
+    let mut text = m.render(Some(&view));
+    let failing = u8::from(crate::source::dir::cache_failure().is_some());
+    text.push_str(&format!(
+        "# HELP legate_cache_write_failing 1 while writes under --cache-dir fail (a full disk).\n\
+         # TYPE legate_cache_write_failing gauge\nlegate_cache_write_failing {failing}\n"
+    ));
+    let mut r = Response::new(Full::new(Bytes::from(text)));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -389,6 +389,27 @@ fn diff_side(
     Ok((label, config::load_and_compile(&tree, opts)))
 }
 
+/// The route timeout covers whole responses: point out the head side's stream-looking Mappings
+/// that keep one and did not in the base (on stderr, so the diff itself stays as it is).
+fn warn_new_stream_timeouts(base: &config::Outcome, head: &config::Outcome) {
+    let key = |d: &config::Diagnostic| (d.file.clone(), d.pointer.clone(), d.message.clone());
+    let old: std::collections::HashSet<_> = base
+        .diagnostics
+        .iter()
+        .filter(|d| d.code == "stream-timeout")
+        .map(key)
+        .collect();
+    for d in head
+        .diagnostics
+        .iter()
+        .filter(|d| d.code == "stream-timeout")
+    {
+        if !old.contains(&key(d)) {
+            eprintln!("{d}");
+        }
+    }
+}
+
 /// The two sides of `legate diff`: `A B`, `A..B` (the tips), or `A...B` (the merge base of
 /// A and B, and B: what a pull request from B into A changes).
 fn diff_specs(a: &DiffArgs) -> anyhow::Result<(String, String)> {
@@ -462,6 +483,7 @@ fn diff(a: DiffArgs) -> anyhow::Result<i32> {
         return Ok(2);
     };
     let d = crate::diff::diff(bg, hg);
+    warn_new_stream_timeouts(&base, &head);
     let out = match a.format {
         DiffFormat::Text => crate::diff::render::text(&d),
         DiffFormat::Markdown => crate::diff::render::markdown(&d),

@@ -187,8 +187,9 @@ pub struct RunArgs {
     /// Add `x-legate-route` (namespace/name of the Mapping) and `x-legate-revision` to responses.
     #[arg(long, env = "LEGATE_DEBUG_HEADERS")]
     pub debug_headers: bool,
-    /// Request timeout of Mappings without timeout_ms, in milliseconds. A Module's
-    /// `cluster_request_timeout_ms` wins: it becomes those Mappings' timeout_ms.
+    /// Not read: a Mapping without `timeout_ms` gets 3000 ms (Emissary's default; a Module's
+    /// `cluster_request_timeout_ms` becomes those Mappings' timeout_ms) and `timeout_ms: 0`
+    /// turns the route timeout off; kept so existing command lines run.
     #[arg(long, env = "LEGATE_DEFAULT_TIMEOUT_MS", default_value_t = 3000)]
     pub default_timeout_ms: u64,
     /// Also serve the built-in demo echo upstream on this address (for the quickstart).
@@ -209,7 +210,8 @@ pub struct RunArgs {
     /// `buffer.max_request_bytes` the smaller of the two applies.
     #[arg(long, env = "LEGATE_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<u64>,
-    /// Time allowed for a TLS handshake and a complete request head, in milliseconds.
+    /// Time from accept to a complete first request head (TLS handshake included, HTTP/1.1 and
+    /// HTTP/2 alike), in milliseconds; later heads on a keep-alive connection get the same.
     #[arg(long, env = "LEGATE_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
     /// A downstream connection idle this long is closed, in milliseconds.
@@ -218,7 +220,9 @@ pub struct RunArgs {
     /// Concurrent streams per HTTP/2 connection.
     #[arg(long, env = "LEGATE_MAX_H2_STREAMS", default_value_t = 100)]
     pub max_h2_streams: u32,
-    /// Open downstream connections; new ones beyond it are closed at accept.
+    /// Open downstream connections; new ones beyond it are closed at accept. Lowered at start
+    /// to what the open-file limit allows (two descriptors per connection, some kept back for
+    /// the admin listener); the soft limit is raised to the hard one first.
     #[arg(long, env = "LEGATE_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish, in seconds.
@@ -325,6 +329,19 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
 
     // In Kubernetes mode the TLS Secrets are written to a private directory the proxy reads.
     let mut settings = args.settings();
+    // With the common soft limit of 1024 the default 10,000 connections would end in EMFILE:
+    // raise the limit, then size the connection cap to it (admin descriptors kept back).
+    let soft = crate::proxy::fds::raise_nofile_limit();
+    let budget = crate::proxy::fds::connection_budget(settings.limits.max_connections, soft);
+    if budget < settings.limits.max_connections {
+        tracing::warn!(
+            requested = settings.limits.max_connections,
+            allowed = budget,
+            open_files_limit = soft.unwrap_or(0),
+            "--max-connections lowered to what the open-file limit allows (raise `ulimit -n`)"
+        );
+        settings.limits.max_connections = budget;
+    }
     if args.kubernetes && settings.secrets_dir.is_none() {
         settings.secrets_dir =
             Some(std::env::temp_dir().join(format!("legate-kube-secrets-{}", std::process::id())));
@@ -602,10 +619,22 @@ impl crate::proxy::LocalService for Hooks {
     }
 }
 
+/// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`): room
+/// for bursts, where the usual 128 drops SYNs under load.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (--{flag})"))
+    let listen = || -> std::io::Result<tokio::net::TcpListener> {
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        sock.bind(addr)?;
+        sock.listen(LISTEN_BACKLOG)
+    };
+    listen().with_context(|| format!("cannot listen on {addr} (--{flag})"))
 }
 
 async fn wait_for_signal() {

@@ -1204,6 +1204,7 @@ fn compile_forward(
             }
         }
     }
+    warn_stream_timeout(res, spec, diags);
     let add_request_headers =
         added_headers(res, &spec.add_request_headers, "add_request_headers", diags);
     let add_response_headers = added_headers(
@@ -1258,6 +1259,7 @@ fn compile_forward(
         jwt: None,
         rate_limits: Vec::new(),
         origin_tls,
+        allow_escaped_slashes: spec.allow_escaped_slashes,
     })
 }
 
@@ -1421,6 +1423,30 @@ fn added_headers(
         });
     }
     out
+}
+
+/// The route timeout covers the whole response: point it out on gRPC Mappings, whose streams
+/// may rightly outlast it. Upgrade Mappings are left alone: the timeout stops at the 101, and a
+/// tunnel has its own idle limit.
+fn warn_stream_timeout(res: &Resource, spec: &MappingSpec, diags: &mut Vec<Diagnostic>) {
+    let streams = spec.grpc;
+    let ms = spec.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if !streams || ms == 0 {
+        return;
+    }
+    diags.push(
+        Diagnostic::warning(
+            "stream-timeout",
+            &res.at("/spec/timeout_ms"),
+            format!(
+                "the route timeout ({ms} ms) covers the whole response: a gRPC stream, long poll \
+                 or slow download on this Mapping is cut off after it"
+            ),
+        )
+        .with_help(
+            "set `timeout_ms: 0` for streaming routes (upgraded tunnels use idle_timeout_ms)",
+        ),
+    );
 }
 
 /// Variables in `%NAME%` form that the proxy does not substitute.

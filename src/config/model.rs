@@ -178,6 +178,8 @@ pub struct MappingSpec {
     pub outlier_detection: Option<Value>,
     pub health_checks: Vec<super::policy::HealthCheckSpec>,
     pub bypass_auth: bool,
+    /// Legate's own: route paths with `%2F`/`%5C` here instead of refusing them.
+    pub allow_escaped_slashes: bool,
     /// Add `l5d-dst-override` (Linkerd) with the service's authority.
     pub add_linkerd_headers: bool,
     /// Rate-limit descriptor groups, read by `policy::ratelimit`.

@@ -290,14 +290,6 @@ pub fn read(
 /// Warnings for settings that load but are not fully applied.
 fn acted_warning(key: &str, value: &Value, loc: &super::diag::Location) -> Option<Diagnostic> {
     match (key, value) {
-        ("merge_slashes", Value::Bool(false)) => Some(
-            Diagnostic::warning(
-                "module-not-implemented",
-                loc,
-                "Module `merge_slashes: false` is not applied: Legate always merges duplicate slashes",
-            )
-            .with_help("the path that is matched is also the one forwarded, so `//` cannot reach an upstream unmatched"),
-        ),
         ("use_remote_address", Value::Bool(false)) => Some(
             Diagnostic::note(
                 "module-xff",

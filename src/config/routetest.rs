@@ -57,6 +57,8 @@ pub struct Expect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     NoRoute,
+    /// The request is refused with 400 (a malformed path, an escaped slash).
+    BadRequest(&'static str),
     InsecureRejected,
     Redirect {
         status: u16,
@@ -129,6 +131,17 @@ pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
             headers.append(n, v);
         }
     }
+    // The proxy's normalizer, so a case sees the path the gateway routes on.
+    let normalized = match crate::routes::path::normalize(&req.path, graph.normalize_options()) {
+        Ok(n) => n,
+        Err(crate::routes::path::PathError::NotAbsolute) => return vec![Verdict::NoRoute],
+        Err(crate::routes::path::PathError::BadEscape) => {
+            return vec![Verdict::BadRequest(
+                "malformed percent-encoding in the path",
+            )]
+        }
+    };
+    let path: &str = &normalized.path;
     let host_route = graph.host_for(&host);
     // By default a request arrives the way its Host serves it: over TLS when the Host has TLS.
     let tls = req
@@ -137,7 +150,7 @@ pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
     let head = RequestHead {
         host: &host,
         method: &method,
-        path: &req.path,
+        path,
         query: query.as_deref(),
         headers: &headers,
     };
@@ -153,7 +166,7 @@ pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
         Routed::Rejected => return vec![Verdict::InsecureRejected],
         Routed::RedirectToHttps => {
             let name = crate::routes::split_port(&host).0;
-            let mut loc = format!("https://{name}{}", req.path);
+            let mut loc = format!("https://{name}{path}");
             if let Some(q) = &query {
                 loc.push('?');
                 loc.push_str(q);
@@ -166,11 +179,20 @@ pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
         }
     };
     let scheme = if tls { "https" } else { "http" };
+    let refuse_slash = normalized.escaped_slash
+        && graph.normalize_options().escaped_slashes == crate::routes::path::EscapedSlashes::Reject;
     m.group
         .shares()
         .into_iter()
         .filter(|(_, share)| *share > 0)
-        .map(|(id, _)| verdict_for(graph, id, scheme, &host, &req.path, query.as_deref()))
+        .map(|(id, _)| {
+            let allowed =
+                matches!(&graph.route(id).action, Action::Forward(f) if f.allow_escaped_slashes);
+            if refuse_slash && !allowed {
+                return Verdict::BadRequest("escaped slash in the path (allow_escaped_slashes)");
+            }
+            verdict_for(graph, id, scheme, &host, path, query.as_deref())
+        })
         .collect()
 }
 
@@ -219,6 +241,7 @@ fn same_upstream(want: &str, got: &str) -> bool {
 fn show(v: &Verdict) -> String {
     match v {
         Verdict::NoRoute => "no route (404)".into(),
+        Verdict::BadRequest(why) => format!("bad request (400): {why}"),
         Verdict::InsecureRejected => {
             "no route (404): the Host rejects cleartext (`insecure.action: Reject`)".into()
         }
@@ -310,7 +333,7 @@ fn check_case(graph: &Graph, case: &Case) -> Vec<String> {
                     bad.push("expected the request to be forwarded".into());
                 }
             }
-            Verdict::NoRoute | Verdict::InsecureRejected => {
+            Verdict::NoRoute | Verdict::InsecureRejected | Verdict::BadRequest(_) => {
                 bad.push("expected the request to be served".into());
             }
         }

@@ -4,8 +4,10 @@
 //! AuthService's `include_body` reads the start of one ahead (`ReqBody::read_ahead` sends it
 //! first, then streams the rest).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -23,6 +25,107 @@ pub enum RespBody {
     Held(Box<RespBody>, Box<dyn std::any::Any + Send + Sync>),
     /// Any of the above, counted for the access log.
     Counted(Box<super::accesslog::Counted>),
+    /// An upstream body under the route timeout and the idle limit between chunks.
+    Limited(Box<Deadline>),
+}
+
+/// Errors a response body can end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The route timeout or the idle limit ended a response body mid-way.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyTimeout {
+    #[error("the route timeout passed while the response body was streaming")]
+    Route,
+    #[error("no response body data for the route's idle_timeout_ms")]
+    Idle,
+}
+
+/// A response body that ends when the route's deadline passes, or when no frame arrives for
+/// `idle`: with an error (HTTP/2: the stream is reset; HTTP/1.1: the connection closes without
+/// the final chunk), or for gRPC with `grpc-status: 4` (DEADLINE_EXCEEDED) in trailers.
+pub struct Deadline {
+    inner: RespBody,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: Duration,
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    grpc: bool,
+    done: bool,
+}
+
+impl Deadline {
+    pub fn new(
+        inner: RespBody,
+        deadline: Option<tokio::time::Instant>,
+        idle: Duration,
+        grpc: bool,
+    ) -> Deadline {
+        Deadline {
+            inner,
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            idle,
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            grpc,
+            done: false,
+        }
+    }
+
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<BodyTimeout> {
+        if let Some(d) = self.deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                return Some(BodyTimeout::Route);
+            }
+        }
+        if self.idle_timer.as_mut().poll(cx).is_ready() {
+            return Some(BodyTimeout::Idle);
+        }
+        None
+    }
+}
+
+impl Body for Deadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_frame(cx) {
+            if matches!(r, Some(Ok(_))) {
+                let next = tokio::time::Instant::now() + this.idle;
+                this.idle_timer.as_mut().reset(next);
+            }
+            return Poll::Ready(r);
+        }
+        let Some(why) = this.expired(cx) else {
+            return Poll::Pending;
+        };
+        this.done = true;
+        tracing::info!(reason = %why, "response body cut off");
+        if this.grpc {
+            let mut t = http::HeaderMap::new();
+            t.insert("grpc-status", http::HeaderValue::from_static("4"));
+            t.insert(
+                "grpc-message",
+                http::HeaderValue::from_static("upstream timeout"),
+            );
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        Poll::Ready(Some(Err(Box::new(why))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A local response body.
@@ -32,18 +135,22 @@ pub fn full(b: Bytes) -> RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let boxed = |r: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>| {
+            r.map(|o| o.map(|f| f.map_err(BoxError::from)))
+        };
         match self.get_mut() {
-            RespBody::Pooled(b) => Pin::new(b).poll_frame(cx),
-            RespBody::Streamed(b) => Pin::new(b).poll_frame(cx),
+            RespBody::Pooled(b) => boxed(Pin::new(b).poll_frame(cx)),
+            RespBody::Streamed(b) => boxed(Pin::new(b).poll_frame(cx)),
             RespBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             RespBody::Held(b, _) => Pin::new(&mut **b).poll_frame(cx),
             RespBody::Counted(b) => Pin::new(&mut **b).poll_frame(cx),
+            RespBody::Limited(b) => Pin::new(&mut **b).poll_frame(cx),
         }
     }
 
@@ -54,6 +161,7 @@ impl Body for RespBody {
             RespBody::Local(b) => b.is_none(),
             RespBody::Held(b, _) => b.is_end_stream(),
             RespBody::Counted(b) => b.is_end_stream(),
+            RespBody::Limited(b) => b.is_end_stream(),
         }
     }
 
@@ -64,6 +172,7 @@ impl Body for RespBody {
             RespBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
             RespBody::Held(b, _) => b.size_hint(),
             RespBody::Counted(b) => b.size_hint(),
+            RespBody::Limited(b) => b.size_hint(),
         }
     }
 }
@@ -72,6 +181,40 @@ impl Body for RespBody {
 #[derive(Debug, thiserror::Error)]
 #[error("request body larger than the limit")]
 pub struct TooLarge;
+
+/// Reading the downstream request body failed: the client's fault, never the upstream's.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBody {
+    /// The client went away mid-body (logged as 499).
+    #[error("the client aborted the request body: {0}")]
+    Aborted(String),
+    /// The body's framing is broken (a bad chunk size line, say).
+    #[error("malformed request body: {0}")]
+    Malformed(String),
+}
+
+impl ClientBody {
+    /// Classify a failure reading the downstream body.
+    pub fn of(e: hyper::Error) -> ClientBody {
+        use std::io::ErrorKind::*;
+        let mut aborted = e.is_incomplete_message() || e.is_canceled() || e.is_closed();
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = src {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                aborted |= matches!(
+                    io.kind(),
+                    UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+                );
+            }
+            src = s.source();
+        }
+        if aborted {
+            ClientBody::Aborted(e.to_string())
+        } else {
+            ClientBody::Malformed(e.to_string())
+        }
+    }
+}
 
 /// The downstream request body on its way upstream, counting bytes against the limit; or a
 /// small body read whole beforehand (retries and shadow copies replay it).
@@ -184,7 +327,7 @@ impl Body for ReqBody {
                 }
                 Some(Ok(f))
             }
-            Some(Err(e)) => Some(Err(Box::new(e))),
+            Some(Err(e)) => Some(Err(Box::new(ClientBody::of(e)))),
             None => None,
         })
     }

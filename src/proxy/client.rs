@@ -38,8 +38,15 @@ pub type Client = hyper_util::client::legacy::Client<Connector, ReqBody>;
 const POOL_MAX_IDLE_PER_HOST: usize = 256;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// HTTP/2?, connect timeout, upstream idle timeout, TLSContext origination.
-type ClientKey = (bool, Duration, Option<Duration>, Option<OriginTls>);
+/// HTTP/2?, connect timeout, upstream idle timeout, TLSContext origination, the upstream every
+/// request dials.
+type ClientKey = (
+    bool,
+    Duration,
+    Option<Duration>,
+    Option<OriginTls>,
+    Option<String>,
+);
 
 /// Upstream URL, connect timeout, upstream idle timeout, TLSContext origination.
 type PoolKey = (String, Duration, Option<Duration>, Option<OriginTls>);
@@ -86,6 +93,16 @@ impl Clients {
         connect_timeout: Duration,
         origin: Option<&Origin>,
     ) -> Connector {
+        self.connector_to(http2, connect_timeout, origin, None)
+    }
+
+    fn connector_to(
+        &self,
+        http2: bool,
+        connect_timeout: Duration,
+        origin: Option<&Origin>,
+        target: Option<Uri>,
+    ) -> Connector {
         let mut http = HttpConnector::new_with_resolver(self.resolver.clone());
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -99,6 +116,7 @@ impl Clients {
         };
         Connector {
             http,
+            target,
             tls,
             sni: origin.and_then(|o| o.spec.sni.clone()),
         }
@@ -147,29 +165,40 @@ impl Clients {
         self.pools.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// The shared client for this protocol, connect timeout and upstream idle timeout.
+    /// The shared client for this protocol, connect timeout and upstream idle timeout; with
+    /// `upstream`, every request dials it whatever authority its URI carries (an HTTP/2
+    /// upstream receives the client's authority as `:authority`).
     pub fn get(
         &self,
         http2: bool,
         connect_timeout: Duration,
         idle: Option<Duration>,
         origin: Option<&Origin>,
+        upstream: Option<&crate::routes::Upstream>,
     ) -> Client {
+        let target = upstream.map(|u| u.to_string());
         let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
-        made.entry((http2, connect_timeout, idle, origin.map(|o| o.spec.clone())))
-            .or_insert_with(|| {
-                let connector = self.connector(http2, connect_timeout, origin);
-                let mut b = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
-                b.pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .pool_idle_timeout(idle.unwrap_or(POOL_IDLE_TIMEOUT))
-                    .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-                    // The Host header is set by the proxy (client's, or rewritten).
-                    .set_host(false)
-                    .http2_only(http2);
-                b.build(connector)
-            })
-            .clone()
+        made.entry((
+            http2,
+            connect_timeout,
+            idle,
+            origin.map(|o| o.spec.clone()),
+            target.clone(),
+        ))
+        .or_insert_with(|| {
+            let fixed = target.and_then(|t| t.parse::<Uri>().ok());
+            let connector = self.connector_to(http2, connect_timeout, origin, fixed);
+            let mut b = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+            b.pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(idle.unwrap_or(POOL_IDLE_TIMEOUT))
+                .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+                // The Host header is set by the proxy (client's, or rewritten).
+                .set_host(false)
+                .http2_only(http2);
+            b.build(connector)
+        })
+        .clone()
     }
 }
 
@@ -177,6 +206,8 @@ impl Clients {
 #[derive(Clone)]
 pub struct Connector {
     http: HttpConnector<Resolver>,
+    /// Dial this instead of the request's URI (scheme and authority).
+    target: Option<Uri>,
     tls: TlsConnector,
     /// The TLSContext's `sni`, sent and verified instead of the service's name.
     sni: Option<String>,
@@ -194,6 +225,7 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        let uri = self.target.clone().unwrap_or(uri);
         self.dial(uri, None)
     }
 }

@@ -8,11 +8,12 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::{full, RespBody};
 
-/// Which side failed (pingora's `ErrorSource`): decides the status code and the log level.
+/// Which side failed (pingora's `ErrorSource`): decides the status code, the log level, and
+/// whether the failure counts against a revision (only `Upstream` does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The client sent something we refuse.
-    Downstream,
+pub enum ErrorSource {
+    /// The client sent something we refuse, or went away.
+    Client,
     /// The upstream could not be reached or misbehaved.
     Upstream,
     /// A bug or a resource problem in the gateway itself.
@@ -32,6 +33,8 @@ pub enum ProxyError {
     BodyTooLarge,
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    #[error("{0}")]
+    ClientBody(#[from] super::body::ClientBody),
     #[error("WebSocket upgrade asked of a route that does not allow it")]
     UpgradeRefused,
     #[error("route group has no member taking traffic")]
@@ -53,24 +56,26 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    pub fn side(&self) -> Side {
+    pub fn error_source(&self) -> ErrorSource {
         use ProxyError::*;
         match self {
             NoRoute | UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_)
-            | UpgradeRefused | Denied(_) | AddressDenied => Side::Downstream,
-            NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout | Overloaded => Side::Upstream,
-            Internal(_) => Side::Internal,
+            | ClientBody(_) | UpgradeRefused | Denied(_) | AddressDenied => ErrorSource::Client,
+            NoHealthyUpstream | Connect(_) | Upstream(_) | Timeout | Overloaded => {
+                ErrorSource::Upstream
+            }
+            Internal(_) => ErrorSource::Internal,
         }
     }
 
     /// Whether this failure counts against the serving revision in its verification window: a
     /// failure on the upstream side that the gateway itself saw (connect error, reset, timeout,
-    /// no healthy member). Never a client-side kind (anything [`Side::Downstream`]: malformed
+    /// no healthy member). Never a client-side kind (anything [`ErrorSource::Client`]: malformed
     /// or aborted requests, limits, policy answers including an AuthService's relayed 5xx), so
     /// a new client-error kind is excluded by its side. An open circuit breaker is load the
     /// operator chose to shed, and the failures that opened it were counted already.
     pub fn counts_against_revision(&self) -> bool {
-        self.side() == Side::Upstream && !matches!(self, ProxyError::Overloaded)
+        self.error_source() == ErrorSource::Upstream && !matches!(self, ProxyError::Overloaded)
     }
 
     pub fn status(&self) -> StatusCode {
@@ -82,7 +87,13 @@ impl ProxyError {
             UriTooLong => StatusCode::URI_TOO_LONG,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            BadRequest(_) => StatusCode::BAD_REQUEST,
+            BadRequest(_) | ClientBody(super::body::ClientBody::Malformed(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            // nginx's "client closed request": what the access log shows for an abort.
+            ClientBody(super::body::ClientBody::Aborted(_)) => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
             NoHealthyUpstream | Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Connect(_) | Upstream(_) => StatusCode::BAD_GATEWAY,
             Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -98,7 +109,7 @@ impl ProxyError {
             UriTooLong => "uri too long\n",
             HeadersTooLarge => "request headers too large\n",
             BodyTooLarge => "request body too large\n",
-            BadRequest(_) => "bad request\n",
+            BadRequest(_) | ClientBody(_) => "bad request\n",
             UpgradeRefused => "websocket upgrade not allowed on this route (allow_upgrade)\n",
             NoHealthyUpstream => "no healthy upstream\n",
             Connect(_) | Upstream(_) => "upstream unavailable\n",
@@ -113,10 +124,10 @@ impl ProxyError {
 
     /// The response the client gets; logs the detail the client does not.
     pub fn into_response(self) -> Response<RespBody> {
-        match self.side() {
-            Side::Downstream => tracing::debug!(error = %self, "request refused"),
-            Side::Upstream => tracing::warn!(error = %self, "upstream failure"),
-            Side::Internal => tracing::error!(error = %self, "internal failure"),
+        match self.error_source() {
+            ErrorSource::Client => tracing::debug!(error = %self, "request refused"),
+            ErrorSource::Upstream => tracing::warn!(error = %self, "upstream failure"),
+            ErrorSource::Internal => tracing::error!(error = %self, "internal failure"),
         }
         if let ProxyError::Denied(d) = self {
             // The policy wrote the answer (an auth service's own denial, a 401, a 429).
@@ -137,7 +148,10 @@ impl ProxyError {
                 HeaderValue::from_static("circuit-breaker"),
             );
         }
-        if matches!(self, ProxyError::BodyTooLarge | ProxyError::BadRequest(_)) {
+        if matches!(
+            self,
+            ProxyError::BodyTooLarge | ProxyError::BadRequest(_) | ProxyError::ClientBody(_)
+        ) {
             // The unread rest of the body makes the connection unusable for another request.
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -155,6 +169,7 @@ impl ProxyError {
             NoRoute => "12",
             UpgradeRefused | AddressDenied => "7",
             UriTooLong | HeadersTooLarge | BodyTooLarge | BadRequest(_) => "13",
+            ClientBody(_) => "1",
             NoHealthyUpstream | Connect(_) | Upstream(_) | Overloaded => "14",
             Internal(_) => "13",
             // Policy refusals: UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED.
@@ -184,8 +199,8 @@ impl ProxyError {
     pub fn from_client(e: hyper_util::client::legacy::Error) -> ProxyError {
         let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = src {
-            if s.is::<super::body::TooLarge>() {
-                return ProxyError::BodyTooLarge;
+            if let Some(c) = client_side(s) {
+                return c;
             }
             src = s.source();
         }
@@ -202,13 +217,28 @@ impl ProxyError {
     pub fn from_hyper(e: hyper::Error) -> ProxyError {
         let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = src {
-            if s.is::<super::body::TooLarge>() {
-                return ProxyError::BodyTooLarge;
+            if let Some(c) = client_side(s) {
+                return c;
             }
             src = s.source();
         }
         ProxyError::Upstream(chain(&e))
     }
+}
+
+/// The client's failure hidden in an upstream exchange's error: the request body it sent was
+/// too large, broken or cut off.
+fn client_side(e: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
+    use super::body::ClientBody;
+    if e.is::<super::body::TooLarge>() {
+        return Some(ProxyError::BodyTooLarge);
+    }
+    Some(ProxyError::ClientBody(
+        match e.downcast_ref::<ClientBody>()? {
+            ClientBody::Aborted(m) => ClientBody::Aborted(m.clone()),
+            ClientBody::Malformed(m) => ClientBody::Malformed(m.clone()),
+        },
+    ))
 }
 
 #[cfg(test)]

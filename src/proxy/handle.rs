@@ -16,11 +16,13 @@ use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use super::body::{full, RespBody};
+use super::error::ErrorSource;
 use super::error::ProxyError;
+use super::head;
 use super::headers::{self as hdr, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use super::observe::{self, Exchange};
-use super::path::normalize;
 use super::{Prepared, Proxy, Snapshot};
+use crate::routes::path::{normalize, EscapedSlashes, PathError};
 use crate::routes::{Action, Arrival, RequestHead, Route, Routed};
 
 /// What keeps a downstream connection counted (its `--max-connections` slot and its place in
@@ -30,6 +32,18 @@ use crate::routes::{Action, Arrival, RequestHead, Route, Routed};
 pub(crate) struct ConnHold(
     pub(crate) Arc<(tokio::sync::OwnedSemaphorePermit, crate::metrics::ConnGuard)>,
 );
+
+/// What the forwarding headers are made from.
+#[derive(Clone, Copy)]
+struct Forwarding<'a> {
+    /// The Module's settings (`use_remote_address`, `preserve_external_request_id`).
+    module: &'a crate::routes::Settings,
+    conn: ConnInfo,
+    /// The checked authority.
+    authority: &'a HeaderValue,
+    /// The `Upgrade` the route lets through.
+    upgrade: Option<&'a HeaderValue>,
+}
 
 /// Facts about the downstream connection a request arrived on.
 #[derive(Debug, Clone, Copy)]
@@ -58,18 +72,13 @@ impl Proxy {
         req: Request<Incoming>,
         conn: ConnInfo,
     ) -> Response<RespBody> {
-        if let Some((prefix, svc)) = self.local.get() {
-            if req.uri().path().starts_with(prefix.as_str()) {
-                return svc.call(req).await.map(full);
-            }
-        }
         let snap = self.shared.load_full();
         let grpc = hdr::is_grpc(req.headers());
         let mut ex = Exchange::start(&req, &snap, self.settings.access_log.is_some(), conn.remote);
         let mut resp = match self.serve(&snap, req, conn, &mut ex).await {
             Ok(r) => r,
             Err(e) => {
-                if matches!(e.status().as_u16(), 502..=504) {
+                if e.error_source() == ErrorSource::Upstream {
                     self.gateway_errors
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -89,11 +98,12 @@ impl Proxy {
     async fn serve(
         &self,
         snap: &Arc<Snapshot>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: ConnInfo,
         ex: &mut Exchange,
     ) -> Result<Response<RespBody>, ProxyError> {
         self.check_limits(&req)?;
+        head::check_headers(req.headers())?;
         let graph = &*snap.graph;
         super::module::admit(
             &graph.settings,
@@ -102,28 +112,42 @@ impl Proxy {
             conn.remote.ip(),
             self.settings.xff_trusted_hops,
         )?;
-        let uri = req.uri();
-        let authority: &str = match uri.authority() {
-            Some(a) => a.as_str(),
-            None => match req.headers().get(header::HOST) {
-                Some(h) => h.to_str().map_err(|_| ProxyError::BadRequest("host"))?,
-                None => "",
-            },
-        };
-        let host = host_name(authority);
+        let authority = head::authority(&req)?;
+        let authority_str = authority.to_str().unwrap_or("");
+        let host = host_name(authority_str);
         let strip = graph
             .options
             .strip_matching_host_port
             .then_some(conn.local_port);
-        let route_host = crate::routes::route_authority(authority, strip);
-        let raw_path = uri.path();
-        if !raw_path.starts_with('/') {
+        let route_host = crate::routes::route_authority(authority_str, strip);
+        let norm = match normalize(req.uri().path(), graph.normalize_options()) {
+            Ok(n) => n,
             // `OPTIONS *` and friends: nothing to route.
-            return Err(ProxyError::NoRoute);
+            Err(PathError::NotAbsolute) => return Err(ProxyError::NoRoute),
+            Err(PathError::BadEscape) => return Err(ProxyError::BadRequest("path escape")),
+        };
+        let escaped_slash = norm.escaped_slash;
+        if let Cow::Owned(p) = norm.path {
+            // From here on (policies, the AuthService, the upstream) the request carries the
+            // normalized path in origin form.
+            let pq = match req.uri().query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            };
+            *req.uri_mut() = PathAndQuery::from_maybe_shared(Bytes::from(pq))
+                .map_err(|_| ProxyError::BadRequest("path"))?
+                .into();
         }
-        let path = normalize(raw_path);
+        let uri = req.uri().clone();
+        let path = uri.path();
         let query = uri.query();
-        if let Some(r) = super::module::reserved(&graph.settings, &path) {
+
+        if let Some((prefix, svc)) = self.local.get() {
+            if path.starts_with(prefix.as_str()) {
+                return Ok(svc.call(req).await.map(full));
+            }
+        }
+        if let Some(r) = super::module::reserved(&graph.settings, path) {
             return r;
         }
 
@@ -136,7 +160,7 @@ impl Proxy {
         let head = RequestHead {
             host: &route_host,
             method: req.method().as_str(),
-            path: &path,
+            path,
             query,
             headers: req.headers(),
         };
@@ -144,7 +168,7 @@ impl Proxy {
         // routes turn ext_authz off.
         let matched = match graph.route_request(&head, via) {
             Routed::Route(m) => m,
-            Routed::RedirectToHttps => return Ok(self.https_redirect(&host, &path, query)),
+            Routed::RedirectToHttps => return Ok(self.https_redirect(&host, path, query)),
             Routed::Rejected | Routed::NoRoute => return Err(ProxyError::NoRoute),
         };
         let members = &matched.group.members;
@@ -158,10 +182,16 @@ impl Proxy {
         };
         let route = graph.route(id);
         ex.route = Some(id.0);
+        if escaped_slash && graph.normalize_options().escaped_slashes == EscapedSlashes::Reject {
+            let allowed = matches!(&route.action, Action::Forward(f) if f.allow_escaped_slashes);
+            if !allowed {
+                return Err(ProxyError::BadRequest("escaped slash in the path"));
+            }
+        }
         let shadow = super::shadow::pick(snap, matched.group);
         match &route.action {
             Action::Redirect(_) => {
-                let (status, loc) = redirect_location(route, &path, query, authority, conn.tls)?;
+                let (status, loc) = redirect_location(route, path, query, authority_str, conn.tls)?;
                 let mut resp = local(status, Bytes::new());
                 resp.headers_mut().insert(header::LOCATION, loc);
                 Ok(resp)
@@ -170,12 +200,7 @@ impl Proxy {
                 let prep = snap.routes[id.0]
                     .as_ref()
                     .ok_or_else(|| ProxyError::Internal("forward route not prepared".into()))?;
-                let upstream_pq = rewrite_path(route, &path, query)?;
-                let original_host = match req.headers().get(header::HOST) {
-                    Some(h) => h.clone(),
-                    None => HeaderValue::from_str(authority)
-                        .map_err(|_| ProxyError::BadRequest("authority"))?,
-                };
+                let upstream_pq = rewrite_path(route, path, query)?;
                 // A CORS preflight is answered before any security policy runs (browsers send
                 // it without credentials).
                 let cors = prep.cors.as_ref();
@@ -183,21 +208,22 @@ impl Proxy {
                     return Ok(r);
                 }
                 let origin = cors.and_then(|c| c.origin(req.headers()));
-                let mut req = req;
+                let upgrade = Self::upgrade(prep, req.headers())?;
+                // Hop-by-hop headers go and the forwarding headers are set before any policy
+                // adds a header: a client's `Connection: x-granted` cannot remove what the
+                // AuthService grants, and the AuthService sees the real peer and authority.
+                let fwd = Forwarding {
+                    module: &graph.settings,
+                    conn,
+                    authority: &authority,
+                    upgrade: upgrade.as_ref(),
+                };
+                self.forwarding_headers(&mut req, prep, fwd, ex);
                 let passed = crate::policy::enforce(f, &mut req, conn.remote)
                     .await
                     .map_err(ProxyError::Denied)?;
                 let mut resp = self
-                    .forward(
-                        snap,
-                        prep,
-                        req,
-                        conn,
-                        upstream_pq,
-                        original_host,
-                        ex,
-                        shadow,
-                    )
+                    .forward(snap, prep, req, conn, upstream_pq, upgrade, ex, shadow)
                     .await?;
                 passed.decorate(resp.headers_mut());
                 if let (Some(c), Some(o)) = (cors, origin) {
@@ -206,6 +232,70 @@ impl Proxy {
                 Ok(resp)
             }
         }
+    }
+
+    /// The `Upgrade` value to pass on when the route allows what the request asks for; a
+    /// WebSocket the route does not allow is refused (403, as Envoy answers), not quietly
+    /// proxied as a plain GET. Other upgrades (h2c, TLS) are ignored, as RFC 9110 lets a server
+    /// do.
+    fn upgrade(prep: &Prepared, h: &http::HeaderMap) -> Result<Option<HeaderValue>, ProxyError> {
+        let upgrade = if prep.allow_upgrade.is_empty() || prep.http2 {
+            None
+        } else {
+            hdr::allowed_upgrade(h, &prep.allow_upgrade)
+        };
+        if upgrade.is_none()
+            && hdr::requested_upgrade(h).is_some_and(|p| p.eq_ignore_ascii_case("websocket"))
+            && !prep
+                .allow_upgrade
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case("websocket"))
+        {
+            return Err(ProxyError::UpgradeRefused);
+        }
+        Ok(upgrade)
+    }
+
+    /// Strip hop-by-hop headers and set `X-Forwarded-*`, `X-Request-Id`, the trace context and
+    /// `Host` (the checked authority).
+    fn forwarding_headers(
+        &self,
+        req: &mut Request<Incoming>,
+        prep: &Prepared,
+        fwd: Forwarding<'_>,
+        ex: &mut Exchange,
+    ) {
+        let Forwarding {
+            module,
+            conn,
+            authority,
+            upgrade,
+        } = fwd;
+        let h = req.headers_mut();
+        hdr::strip_hop_by_hop(h, prep.http2);
+        if let Some(u) = upgrade {
+            h.insert(header::UPGRADE, u.clone());
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        if module.use_remote_address {
+            hdr::set_forwarded_for(h, conn.remote.ip(), self.settings.xff_trusted_hops);
+        }
+        if self.settings.xff_trusted_hops == 0 || !h.contains_key(&X_FORWARDED_PROTO) {
+            h.insert(
+                X_FORWARDED_PROTO.clone(),
+                HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+            );
+        }
+        h.insert(X_FORWARDED_HOST.clone(), authority.clone());
+        if module.preserve_external_request_id == Some(false) || !h.contains_key(&X_REQUEST_ID) {
+            let id = hdr::new_request_id();
+            if self.settings.access_log.is_some() {
+                ex.request_id = Some(id.clone());
+            }
+            h.insert(X_REQUEST_ID.clone(), id);
+        }
+        ex.trace_id = Some(super::trace::propagate(h, self.settings.trace_sample_ratio));
+        h.insert(header::HOST, authority.clone());
     }
 
     /// Whether a request counts as secure for its Host's insecure action: the connection's own
@@ -284,29 +374,10 @@ impl Proxy {
         mut req: Request<Incoming>,
         conn: ConnInfo,
         upstream_pq: PathAndQuery,
-        original_host: HeaderValue,
+        upgrade: Option<HeaderValue>,
         ex: &mut Exchange,
         shadow: Option<&Prepared>,
     ) -> Result<Response<RespBody>, ProxyError> {
-        // An Upgrade the route allows (e.g. websocket) survives hop-by-hop stripping.
-        let upgrade = if prep.allow_upgrade.is_empty() || prep.http2 {
-            None
-        } else {
-            hdr::allowed_upgrade(req.headers(), &prep.allow_upgrade)
-        };
-        if upgrade.is_none()
-            && hdr::requested_upgrade(req.headers())
-                .is_some_and(|p| p.eq_ignore_ascii_case("websocket"))
-            && !prep
-                .allow_upgrade
-                .iter()
-                .any(|a| a.eq_ignore_ascii_case("websocket"))
-        {
-            // A WebSocket the route does not allow is refused (403, as Envoy answers), not
-            // quietly proxied as a plain GET. Other upgrades (h2c, TLS) are ignored, as RFC 9110
-            // lets a server do.
-            return Err(ProxyError::UpgradeRefused);
-        }
         let client_upgrade = upgrade.as_ref().map(|_| {
             (
                 hyper::upgrade::on(&mut req),
@@ -326,34 +397,10 @@ impl Proxy {
                 .insert(X_FORWARDED_CLIENT_CERT.clone(), c.0.clone());
         }
         let h = &mut parts.headers;
-        hdr::strip_hop_by_hop(h, prep.http2);
-        if let Some(u) = &upgrade {
-            h.insert(header::UPGRADE, u.clone());
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(rewritten) = &prep.host_header {
+            // HTTP/2 upstreams get it as `:authority` (see `retry::send_once`).
+            h.insert(header::HOST, rewritten.clone());
         }
-        let module = &snap.graph.settings;
-        if module.use_remote_address {
-            hdr::set_forwarded_for(h, conn.remote.ip(), self.settings.xff_trusted_hops);
-        }
-        if self.settings.xff_trusted_hops == 0 || !h.contains_key(&X_FORWARDED_PROTO) {
-            h.insert(
-                X_FORWARDED_PROTO.clone(),
-                HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
-            );
-        }
-        h.insert(X_FORWARDED_HOST.clone(), original_host.clone());
-        if module.preserve_external_request_id == Some(false) || !h.contains_key(&X_REQUEST_ID) {
-            let id = hdr::new_request_id();
-            if self.settings.access_log.is_some() {
-                ex.request_id = Some(id.clone());
-            }
-            h.insert(X_REQUEST_ID.clone(), id);
-        }
-        ex.trace_id = Some(super::trace::propagate(h, self.settings.trace_sample_ratio));
-        h.insert(
-            header::HOST,
-            prep.host_header.clone().unwrap_or(original_host),
-        );
         let ctx = hdr::VarContext {
             peer: conn.remote,
             protocol: if parts.version == Version::HTTP_2 {
@@ -390,7 +437,18 @@ impl Proxy {
             }
             _ => None,
         };
+        if switched.is_none() && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // A switch nobody asked for would leave the client reading a foreign protocol.
+            return Err(ProxyError::Upstream(
+                "unsolicited 101 Switching Protocols".into(),
+            ));
+        }
         let (mut parts, body) = resp.into_parts();
+        if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+            // Both framings: the body was read by Transfer-Encoding (RFC 9112 §6.3), so the
+            // length is stale; passed on, it would make the client wait for bytes never sent.
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         hdr::strip_hop_by_hop(&mut parts.headers, false);
         if let Some(u) = switched {
             parts.headers.insert(header::UPGRADE, u);

@@ -16,12 +16,13 @@ mod client;
 mod cors;
 pub mod echo;
 mod error;
+pub mod fds;
 mod handle;
+mod head;
 mod headers;
 mod health;
 mod module;
 mod observe;
-mod path;
 mod pool;
 mod retry;
 mod server;
@@ -41,6 +42,7 @@ use crate::tls::{CertSource, CertTable, SecretStore};
 
 pub use client::{Lookup, SystemLookup};
 pub use error::{ProxyError, SetupError};
+pub use head::valid_authority;
 pub use server::{Listeners, Running};
 pub use shadow::ShadowStats;
 
@@ -88,7 +90,8 @@ pub struct Settings {
     pub xff_trusted_hops: usize,
     /// Add `x-legate-route` and `x-legate-revision` to responses.
     pub debug_headers: bool,
-    /// Request timeout of Mappings without `timeout_ms` (Emissary's default: 3000 ms).
+    /// Not read any more: compiled Mappings carry their timeout (3000 ms unless `timeout_ms`
+    /// says otherwise; `timeout_ms: 0` is none). Kept for `--default-timeout-ms`.
     pub default_timeout: Duration,
     /// Port written in insecure-redirect `Location`s (443 is omitted).
     pub https_redirect_port: u16,
@@ -184,10 +187,12 @@ pub(crate) struct Prepared {
     pub remove_request: Vec<HeaderName>,
     pub add_response: Vec<HeaderOp>,
     pub remove_response: Vec<HeaderName>,
-    pub timeout: Duration,
+    /// Route timeout over the whole response (Envoy's route timeout); `None`: `timeout_ms: 0`.
+    pub timeout: Option<Duration>,
     /// Upgrade protocols allowed (lowercase), e.g. `websocket`.
     pub allow_upgrade: Vec<String>,
-    /// How long an upgraded tunnel may pass no bytes either way before it is closed.
+    /// How long an upgraded tunnel may pass no bytes either way, and a response body may send
+    /// no data, before it is closed (the Mapping's `idle_timeout_ms`).
     pub tunnel_idle: Duration,
     /// `namespace/name`, for `x-legate-route`.
     pub label: HeaderValue,
@@ -590,6 +595,7 @@ impl Proxy {
                 f.connect_timeout,
                 pool_idle,
                 origin,
+                Some(&f.upstream),
             )))
         } else {
             UpstreamClient::H1(
@@ -648,7 +654,8 @@ impl Proxy {
             remove_request: names(&f.remove_request_headers),
             add_response: ops(&f.add_response_headers),
             remove_response: names(&f.remove_response_headers),
-            timeout: f.timeout.unwrap_or(self.settings.default_timeout),
+            // `timeout_ms: 0` turns the route timeout off, as in Envoy.
+            timeout: f.timeout,
             allow_upgrade: f.allow_upgrade.clone(),
             // The Mapping's `idle_timeout_ms` (Emissary: the route's stream idle timeout), else
             // Envoy's default stream idle timeout.

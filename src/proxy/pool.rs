@@ -48,7 +48,13 @@ pub struct HostPool {
     idle: Mutex<Vec<Idle>>,
     /// Woken when a connection goes back to `idle` (requests waiting for a breaker slot).
     returned: Notify,
+    /// Dials in progress at most ([`MAX_DIALS`]).
+    dials: Arc<tokio::sync::Semaphore>,
 }
+
+/// Concurrent dials per upstream: a burst of requests (or of client resets) waits for these
+/// connections instead of opening one each.
+const MAX_DIALS: usize = 32;
 
 type Idle = (Conn, Instant, Option<IpAddr>);
 
@@ -72,6 +78,7 @@ impl HostPool {
             idle_timeout,
             idle: Mutex::new(Vec::new()),
             returned: Notify::new(),
+            dials: Arc::new(tokio::sync::Semaphore::new(MAX_DIALS)),
         }
     }
 
@@ -124,9 +131,10 @@ impl HostPool {
         Ok((uri, https.then(|| self.host())))
     }
 
-    /// An idle connection to `addr`, or a new one within the breaker's `max_connections`.
+    /// An idle connection to `addr`, or a new one within the breaker's `max_connections` and
+    /// [`MAX_DIALS`].
     async fn sender(
-        &self,
+        self: &Arc<Self>,
         addr: Option<IpAddr>,
         breaker: &Breaker,
     ) -> Result<(Conn, bool), ProxyError> {
@@ -138,19 +146,49 @@ impl HostPool {
             if let Some(s) = self.checkout(addr) {
                 return Ok((s, true));
             }
-            if let Some(slot) = breaker.try_connection() {
-                return Ok((self.connect(addr, Some(slot)).await?, false));
-            }
-            // At the limit: an idle connection to another address gives its slot back.
-            self.evict_idle();
-            let _pending = breaker.pending()?;
-            tokio::select! {
-                slot = breaker.wait_connection() => {
-                    return Ok((self.connect(addr, Some(slot?)).await?, false));
+            let slot = match breaker.try_connection() {
+                Some(slot) => slot,
+                None => {
+                    // At the limit: an idle connection to another address gives its slot back.
+                    self.evict_idle();
+                    let _pending = breaker.pending()?;
+                    tokio::select! {
+                        slot = breaker.wait_connection() => slot?,
+                        _ = &mut returned => continue,
+                    }
+                }
+            };
+            // A dial slot, unless a connection comes back first.
+            let dialing = tokio::select! {
+                p = self.dials.clone().acquire_owned() => {
+                    p.map_err(|_| ProxyError::Internal("dial limiter closed".into()))?
                 }
                 _ = &mut returned => continue,
-            }
+            };
+            return Ok((self.dial(addr, slot, dialing).await?, false));
         }
+    }
+
+    /// Dial in a task of its own: when the request that asked is cancelled (a client reset),
+    /// the connection still goes to the idle pool for the next request instead of being
+    /// thrown away, so resets cannot make a dial each.
+    async fn dial(
+        self: &Arc<Self>,
+        addr: Option<IpAddr>,
+        slot: OwnedSemaphorePermit,
+        dialing: OwnedSemaphorePermit,
+    ) -> Result<Conn, ProxyError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let made = pool.connect(addr, Some(slot)).await;
+            drop(dialing);
+            if let Err(Ok(conn)) = tx.send(made) {
+                pool.checkin(conn, addr);
+            }
+        });
+        rx.await
+            .unwrap_or_else(|_| Err(ProxyError::Internal("dial task ended".into())))
     }
 
     async fn connect(

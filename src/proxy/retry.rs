@@ -17,7 +17,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::body::{ReqBody, RespBody};
+use super::body::{Deadline, ReqBody, RespBody};
 use super::error::ProxyError;
 use super::health::Outcome;
 use super::observe::Attempts;
@@ -68,12 +68,29 @@ pub(super) async fn send_upstream(
         .breaker
         .request()
         .inspect_err(|_| prep.stats.upstream.refused(BreakerLimit::Requests))?;
-    let (resp, conn) =
-        match tokio::time::timeout(prep.timeout, attempts(prep, parts, body, pq, seen)).await {
+    // The route timeout covers the whole response, up to its last byte (Envoy's route
+    // timeout), except after a 101: a tunnel has its own idle limit.
+    let deadline = prep.timeout.map(|t| tokio::time::Instant::now() + t);
+    let grpc = super::headers::is_grpc(&parts.headers);
+    let sent = attempts(prep, parts, body, pq, seen);
+    let (resp, conn) = match deadline {
+        Some(at) => match tokio::time::timeout_at(at, sent).await {
             Err(_) => return Err(ProxyError::Timeout),
             Ok(r) => r?,
-        };
+        },
+        None => sent.await?,
+    };
     let (parts, body) = resp.into_parts();
+    let body = if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        body
+    } else {
+        RespBody::Limited(Box::new(Deadline::new(
+            body,
+            deadline,
+            prep.tunnel_idle,
+            grpc,
+        )))
+    };
     Ok(Response::from_parts(
         parts,
         RespBody::Held(Box::new(body), Box::new((active, conn))),
@@ -212,9 +229,16 @@ pub(super) async fn send_once(
             })
         }
         UpstreamClient::H2(client) => {
+            // The client's authority (or `host_rewrite`) travels as `:authority` only; the
+            // client dials this route's upstream whatever the URI names.
+            let authority = parts
+                .headers
+                .remove(header::HOST)
+                .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+                .unwrap_or_else(|| prep.authority.clone());
             let mut up = http::uri::Parts::default();
             up.scheme = Some(prep.scheme.clone());
-            up.authority = Some(prep.authority.clone());
+            up.authority = Some(authority);
             up.path_and_query = Some(pq);
             parts.uri = Uri::from_parts(up)
                 .map_err(|e| ProxyError::Internal(format!("upstream uri: {e}")))?;

@@ -161,12 +161,17 @@ impl Proxy {
             let proxy = self.clone();
             let tls = tls.clone();
             let stop = stop.clone();
+            // A client must complete a request head (and a TLS handshake) within the header
+            // timeout from accept, whatever the protocol: the clock starts here.
+            let head_by = tokio::time::Instant::now() + self.settings.limits.header_read_timeout;
             tokio::spawn(async move {
                 // Held by the connection task and by a tunnel it hands an upgrade to, so an
                 // upgraded connection still counts against --max-connections, in the gauge and
                 // for the drain on shutdown.
                 let hold = ConnHold(Arc::new((permit, proxy.metrics.connection())));
-                proxy.serve_conn(stream, remote, tls, stop, hold).await;
+                proxy
+                    .serve_conn(stream, remote, tls, stop, hold, head_by)
+                    .await;
             });
         }
     }
@@ -178,6 +183,7 @@ impl Proxy {
         tls: Option<Arc<rustls::ServerConfig>>,
         stop: watch::Receiver<bool>,
         hold: ConnHold,
+        head_by: tokio::time::Instant,
     ) {
         let info = ConnInfo {
             remote,
@@ -186,15 +192,19 @@ impl Proxy {
         };
         match tls {
             None => {
-                self.serve_io(TokioIo::new(stream), info, (None, None), stop, hold)
-                    .await
+                self.serve_io(
+                    TokioIo::new(stream),
+                    info,
+                    (None, None),
+                    stop,
+                    hold,
+                    head_by,
+                )
+                .await
             }
             Some(listener_cfg) => {
-                let hs = tokio::time::timeout(
-                    self.settings.limits.header_read_timeout,
-                    self.tls_handshake(stream, listener_cfg),
-                )
-                .await;
+                let hs = tokio::time::timeout_at(head_by, self.tls_handshake(stream, listener_cfg))
+                    .await;
                 match hs {
                     Ok(Ok(s)) => {
                         let tls = s.get_ref().1;
@@ -207,7 +217,7 @@ impl Proxy {
                                 http::HeaderValue::from_str(&crate::tls::cert::xfcc(c)).ok()
                             })
                             .map(ClientCert);
-                        self.serve_io(TokioIo::new(s), info, (sni, client), stop, hold)
+                        self.serve_io(TokioIo::new(s), info, (sni, client), stop, hold, head_by)
                             .await
                     }
                     Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
@@ -239,6 +249,7 @@ impl Proxy {
         (sni, client): (Option<Sni>, Option<ClientCert>),
         mut stop: watch::Receiver<bool>,
         hold: ConnHold,
+        head_by: tokio::time::Instant,
     ) where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -271,6 +282,12 @@ impl Proxy {
         let idle = self.settings.limits.idle_timeout;
         let idle_timer = tokio::time::sleep(idle);
         tokio::pin!(idle_timer);
+        // hyper's HTTP/1.1 header timer starts only with the first byte, and HTTP/2 (and the
+        // protocol sniffing of the plain listener) has none: a connection whose first request
+        // has not started by `head_by` is dropped.
+        let first_head = tokio::time::sleep_until(head_by);
+        tokio::pin!(first_head);
+        let mut head_seen = false;
         let mut closing = *stop.borrow();
         if closing {
             conn.as_mut().graceful_shutdown();
@@ -282,6 +299,15 @@ impl Proxy {
                         tracing::debug!(remote = %info.remote, error = %e, "connection ended with an error");
                     }
                     return;
+                }
+                _ = &mut first_head, if !head_seen => {
+                    // Looked at when the timer fires: the first request may have started after
+                    // this wait began.
+                    head_seen = activity.started();
+                    if !head_seen {
+                        tracing::debug!(remote = %info.remote, "no request head within the header timeout: closed");
+                        return;
+                    }
                 }
                 _ = stop.changed(), if !closing => {
                     closing = true;
@@ -305,6 +331,8 @@ impl Proxy {
 struct Activity {
     inflight: AtomicUsize,
     seen: LastSeen,
+    /// A request head has been read on this connection.
+    started: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -312,12 +340,18 @@ impl Activity {
         Activity {
             inflight: AtomicUsize::new(0),
             seen: LastSeen::new(),
+            started: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     fn begin(self: &Arc<Self>) -> Busy {
+        self.started.store(true, Ordering::Relaxed);
         self.inflight.fetch_add(1, Ordering::Relaxed);
         Busy(self.clone())
+    }
+
+    fn started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
     }
 
     fn end(&self) {

@@ -95,7 +95,7 @@ impl Shadows {
                 }
                 Ok::<_, super::error::ProxyError>(())
             };
-            match tokio::time::timeout(prep.timeout, exchange).await {
+            match tokio::time::timeout(prep.timeout.unwrap_or(prep.tunnel_idle), exchange).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "shadow request failed"),
                 Err(_) => tracing::debug!("shadow request timed out"),

@@ -20,6 +20,7 @@ mod action;
 pub mod describe;
 mod host;
 mod index;
+pub mod path;
 mod policy;
 pub mod settings;
 mod types;
@@ -159,6 +160,16 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// How request paths are normalized: the Module's `merge_slashes`; escaped slashes are
+    /// refused unless the matched Mapping sets `allow_escaped_slashes` (the Module's
+    /// `reject_requests_with_escaped_slashes: true` refuses them before routing).
+    pub fn normalize_options(&self) -> path::NormalizeOptions {
+        path::NormalizeOptions {
+            merge_slashes: self.settings.merge_slashes.unwrap_or(false),
+            escaped_slashes: path::EscapedSlashes::Reject,
+        }
+    }
+
     /// A graph that routes nothing.
     pub fn empty() -> Arc<Graph> {
         Arc::new(Graph::build(

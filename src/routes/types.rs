@@ -289,6 +289,9 @@ pub struct Forward {
     pub rate_limits: Vec<crate::policy::RouteLimit>,
     /// TLS origination settings from the TLSContext named by `tls: NAME`.
     pub origin_tls: Option<OriginTls>,
+    /// Serve paths holding `%2F`/`%5C` even when the graph refuses them (GitLab's
+    /// `group%2Fname`, npm's `@scope%2fpkg`).
+    pub allow_escaped_slashes: bool,
 }
 
 /// What a Mapping's `tls: NAME` takes from the TLSContext when connecting upstream.

@@ -27,6 +27,9 @@ pub struct DirSource {
     opts: TreeOptions,
     cache_dir: Option<PathBuf>,
     recent: Mutex<VecDeque<(String, Arc<MemTree>)>>,
+    /// An applied revision whose snapshot could not be written (a full disk): written again on
+    /// every pass until it is, so the cache catches up once space returns.
+    unsaved: Mutex<Option<Revision>>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -45,6 +48,7 @@ impl DirSource {
             opts,
             cache_dir,
             recent: Mutex::new(VecDeque::new()),
+            unsaved: Mutex::new(None),
         }
     }
 
@@ -74,6 +78,16 @@ impl Source for DirSource {
     }
 
     fn current(&self, _applied: Option<&str>) -> Result<Revision, SourceError> {
+        let unsaved = self
+            .unsaved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(rev) = unsaved {
+            if let Err(e) = self.remember(&rev) {
+                tracing::warn!(error = %e, "the cache still cannot take the applied revision");
+            }
+        }
         let read = DirTree::new(&self.root)
             .read(&self.opts)
             .map_err(SourceError::Local)?;
@@ -135,19 +149,55 @@ impl Source for DirSource {
             tree: MemTree::from_read(read),
         };
         let bytes = serde_json::to_vec(&snap).map_err(|e| SourceError::Local(e.to_string()))?;
-        write_atomic(&dir.join(SNAPSHOT), &bytes)
-            .map_err(|e| SourceError::Local(format!("cannot write {}: {e}", dir.display())))
+        let written = write_atomic(&dir.join(SNAPSHOT), &bytes)
+            .map_err(|e| SourceError::Local(format!("cannot write {}: {e}", dir.display())));
+        if written.is_err() {
+            *self.unsaved.lock().unwrap_or_else(|e| e.into_inner()) = Some(rev.clone());
+        }
+        written
     }
 }
 
-/// Write through a temporary file and a rename, so a crash leaves the old or the new file.
+/// The last failure to write under `--cache-dir` (a full disk, say), until a write succeeds
+/// again; `/api/status` and `/metrics` report it.
+static CACHE_FAILURE: Mutex<std::collections::BTreeMap<PathBuf, String>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
+/// Why the cache directory cannot be written now, if it cannot.
+pub fn cache_failure() -> Option<String> {
+    CACHE_FAILURE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .next()
+        .cloned()
+}
+
+/// Write through a temporary file and a rename, so a crash leaves the old or the new file. A
+/// failed write removes its temporary file (a full disk must not keep filling with them).
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    let written = (|| {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, path)
+    })();
+    let mut failure = CACHE_FAILURE.lock().unwrap_or_else(|e| e.into_inner());
+    match &written {
+        Ok(()) => {
+            failure.remove(path);
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            failure.insert(
+                path.to_path_buf(),
+                format!("cannot write {}: {e}", path.display()),
+            );
+        }
+    }
+    written
 }
 
 /// A running directory watch. Dropping it stops the watch.

@@ -10,6 +10,7 @@ mod config_cli;
 mod dashboard;
 mod deploy;
 mod diff;
+mod edge;
 mod emissary;
 mod gateway;
 mod git_source;

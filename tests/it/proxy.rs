@@ -68,12 +68,19 @@ async fn path_is_normalized_once_and_forwarded_normalized() {
     let gw = Gateway::start(&yaml).await;
     let resp = raw(
         gw.http,
-        b"GET /x/../app//a/./b%2F..%2Fc HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        b"GET /x/../app//a/./b%2e%2e/%2e%2E/c HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    // Dot segments and duplicate slashes removed; the encoded slashes stay encoded.
-    assert!(resp.contains(r#""path":"/app/a/b%2F..%2Fc""#), "{resp}");
+    // Dot segments (encoded too) removed; duplicate slashes kept (no `merge_slashes`).
+    assert!(resp.contains(r#""path":"/app//a/c""#), "{resp}");
+    // Encoded slashes are refused unless the Mapping opts in (tests/it/edge.rs has the table).
+    let resp = raw(
+        gw.http,
+        b"GET /app/b%2F..%2Fc HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1064,4 +1071,25 @@ async fn dns_names_use_every_address_and_survive_lookup_failures() {
     let gw = Gateway::with(&yaml, settings_with(|s| s.lookup = lookup)).await;
     assert_eq!(get(&gw.url("/n/"), &[]).await.status, 502);
     drop(b);
+}
+
+/// `timeout_ms: 0` turns the route timeout off (as documented), whatever
+/// `--default-timeout-ms` says: it used to fall back to the flag's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_ms_zero_disables_the_route_timeout() {
+    let up = Upstream::start("a").await;
+    let svc = up.service();
+    let yaml = route("off", "/off/", &svc, "timeout_ms: 0")
+        + &route("short", "/short/", &svc, "timeout_ms: 50");
+    let gw = Gateway::with(
+        &yaml,
+        legate::proxy::Settings {
+            default_timeout: Duration::from_millis(50),
+            ..Default::default()
+        },
+    )
+    .await;
+    // The upstream answers after 400 ms: past the flag's 50 ms, and past the other route's.
+    assert_eq!(get(&gw.url("/off/?sleep_ms=400"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/short/?sleep_ms=400"), &[]).await.status, 504);
 }

@@ -212,6 +212,47 @@ async fn ext_auth_allows_denies_copies_headers_and_bypasses() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_auth_sees_the_normalized_path_the_real_peer_and_its_grants_survive() {
+    let up = Upstream::start("app").await;
+    let auth = AuthServer::start().await;
+    let svc = up.service();
+    let yaml = [
+        auth_service(&format!(
+            "auth_service: {}\npath_prefix: /extauth\nallowed_authorization_headers: [x-user]",
+            auth.addr
+        )),
+        mapping(
+            "secure",
+            &format!("hostname: '*'\nprefix: /secure/\nservice: {svc}"),
+        ),
+        mapping(
+            "public",
+            &format!("hostname: '*'\nprefix: /public/\nservice: {svc}\nbypass_auth: true"),
+        ),
+    ]
+    .concat();
+    let gw = Gateway::start(&yaml).await;
+    let resp = raw(
+        gw.http,
+        b"GET /public/%2e%2e/secure/a?q=1 HTTP/1.1\r\nHost: app.example\r\nAuthorization: Bearer good\r\n\
+          X-Forwarded-For: 6.6.6.6\r\nConnection: close, x-user\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // The grant is added after hop-by-hop stripping: `Connection: x-user` cannot remove it.
+    assert!(resp.contains(r#""x-user":["alice"]"#), "{resp}");
+    assert!(resp.contains(r#""path":"/a""#), "{resp}");
+    let asked = auth.asked();
+    assert_eq!(asked.len(), 1);
+    // The normalized client path, before the Mapping's prefix rewrite.
+    assert_eq!(asked[0].path, "/extauth/secure/a?q=1");
+    // The real peer, not the client's claim; the checked authority.
+    assert_eq!(asked[0].headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(asked[0].headers["host"], "app.example");
+    assert_eq!(asked[0].headers["x-forwarded-host"], "app.example");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ext_auth_down_refuses_or_fails_open() {
     let up = Upstream::start("app").await;
     let svc = up.service();

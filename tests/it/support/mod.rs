@@ -203,6 +203,7 @@ async fn upstream_answer(
         "upstream": name,
         "method": parts.method.as_str(),
         "path": parts.uri.path(),
+        "authority": parts.uri.authority().map(|a| a.as_str()),
         "query": q,
         "version": format!("{:?}", parts.version),
         "headers": headers,
