@@ -10,6 +10,9 @@
 //!   ws-rtt ADDR PATH N   N sequential text round trips: median and p99 in microseconds
 //!   grpc-echo ADDR   h2c gRPC unary echo: answers the request message, trailer grpc-status 0
 
+// Measurements are wall-clock figures by definition.
+#![allow(clippy::disallowed_methods)]
+
 #[path = "../tests/it/support/mod.rs"]
 mod support;
 

@@ -51,6 +51,10 @@ pub struct WaitArgs {
 
 /// Sync, pin or unpin; with `wait`, then poll the history until the swapped-in revision's
 /// window has a verdict.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a blocking CLI loop outside any runtime waits on the wall clock"
+)]
 pub fn run_waiting(call: Call<'_>, r: &Remote, wait: bool) -> anyhow::Result<i32> {
     let code = run(call, r)?;
     if !wait || code != 0 {

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::diag::Diagnostic;
 use super::model::{AddedHeader, HostSpec, MappingSpec, MatchValue, RegexSubst, Resource, Spec};
+use super::schema::Kind;
 use super::tlscontext::{self, TlsFields};
 use crate::routes::{
     AcmeSpec, Action, AddHeader, Forward, Graph, Group, HostMatch, HostPattern, HostRoute,
@@ -40,7 +41,9 @@ struct Compiled<'r> {
     action: Action,
     /// Canonical text of the match: members of one group share it (Emissary's `group_id`).
     group_key: String,
-    /// Emissary's route weight: (precedence, prefix length, header length, query length).
+    /// Emissary's route weight: (precedence, prefix length, header-match length, query-match
+    /// length, then the prefix text and the method (`GET` when unset) as tie-breakers). Groups
+    /// sort by it descending.
     order: (i64, usize, usize, usize, String, String),
     /// The host glob used for Host association, if the Mapping names one (`hostname`, `host`
     /// or an exact `:authority` header).
@@ -70,18 +73,51 @@ pub fn compile_refs(resources: &[&Resource]) -> (Graph, Vec<Diagnostic>) {
 }
 
 /// `compile_refs` with routing options (flags; later the Emissary Module).
+///
+/// Passes, in order: compile each Mapping and Host on its own, associate Host selectors,
+/// group Mappings by match and order the groups, number the routes, build each group (weights,
+/// shadows), attach groups to Hosts, attach policies, then the Module's settings.
 pub fn compile_refs_with(
     resources: &[&Resource],
     options: &RoutingOptions,
 ) -> (Graph, Vec<Diagnostic>) {
     let mut diags = Vec::new();
-    let mut mappings: Vec<Compiled<'_>> = Vec::new();
+    let (mut mappings, hosts) = compile_each(resources, &mut diags);
+    warn_duplicate_hostnames(&hosts, &mut diags);
+    let loose = options.loose_label_selectors;
+    for m in &mut mappings {
+        add_selector_labels(m, &hosts, loose);
+    }
+    let group_list = group_by_match(&mappings);
+    let (mut routes, route_of) = number_routes(&mappings);
+    let (groups, group_members) =
+        build_groups(&mappings, group_list, &mut routes, &route_of, &mut diags);
+    let host_routes = associate(hosts, &mappings, &group_members, loose, &mut diags);
+
+    super::guard::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
+    // The Module's `strip_matching_host_port` turns the routing option on (the flag can too).
+    let mut options = *options;
+    options.strip_matching_host_port |=
+        super::module::settings(resources).is_some_and(|s| s.strip_matching_host_port);
+    let hash = graph_hash(resources, &options);
+    let mut graph = Graph::build(host_routes, routes, groups, hash, options);
+    super::module::attach(&mut graph, resources, &mut diags);
+    (graph, diags)
+}
+
+/// Compile every Mapping and Host on its own, each list in namespace/name order (stable route
+/// ids). Other kinds are read by later passes.
+fn compile_each<'r>(
+    resources: &[&'r Resource],
+    diags: &mut Vec<Diagnostic>,
+) -> (Vec<Compiled<'r>>, Vec<HostEntry<'r>>) {
+    let mut mappings: Vec<Compiled<'r>> = Vec::new();
     let mut host_specs: Vec<(&Resource, &HostSpec)> = Vec::new();
-    let contexts = TlsContexts::collect(resources, &mut diags);
+    let contexts = TlsContexts::collect(resources, diags);
     for &r in resources {
         match &r.spec {
             Spec::Mapping(m) => {
-                if let Some(c) = compile_mapping(r, m, &contexts, &mut diags) {
+                if let Some(c) = compile_mapping(r, m, &contexts, diags) {
                     mappings.push(c);
                 }
             }
@@ -94,40 +130,41 @@ pub fn compile_refs_with(
             | Spec::TlsContext(_) => {}
         }
     }
-    // Stable route ids: by namespace/name.
     mappings.sort_by(|a, b| (&a.res.namespace, &a.res.name).cmp(&(&b.res.namespace, &b.res.name)));
     host_specs.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
-    let hosts: Vec<HostEntry<'_>> = host_specs
+    let hosts = host_specs
         .into_iter()
         .filter_map(|(r, h)| {
-            let route = compile_host(r, h, &contexts, &mut diags)?;
+            let route = compile_host(r, h, &contexts, diags)?;
             Some(HostEntry {
                 res: r,
                 route,
-                selector: host_selector(r, h, &mut diags),
+                selector: host_selector(r, h, diags),
             })
         })
         .collect();
-    warn_duplicate_hostnames(&hosts, &mut diags);
-    let loose = options.loose_label_selectors;
-    for m in &mut mappings {
-        add_selector_labels(m, &hosts, loose);
-    }
+    (mappings, hosts)
+}
 
-    // Group by match.
+/// Mappings with the same match form one group (indexes into `mappings`), in match order:
+/// Emissary's route weight, descending; then the canonical match text.
+fn group_by_match(mappings: &[Compiled<'_>]) -> Vec<Vec<usize>> {
     let mut by_key: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, m) in mappings.iter().enumerate() {
         by_key.entry(m.group_key.as_str()).or_default().push(i);
     }
     let mut group_list: Vec<Vec<usize>> = by_key.into_values().collect();
-    // Match order: Emissary's route weight, descending; then the first member's name.
     group_list.sort_by(|a, b| {
         let (x, y) = (&mappings[a[0]], &mappings[b[0]]);
         y.order
             .cmp(&x.order)
             .then_with(|| x.group_key.cmp(&y.group_key))
     });
+    group_list
+}
 
+/// One route per Mapping, in Mapping order; `route_of[i]` is the route of Mapping `i`.
+fn number_routes(mappings: &[Compiled<'_>]) -> (Vec<Route>, Vec<usize>) {
     let mut routes: Vec<Route> = Vec::with_capacity(mappings.len());
     let mut route_of: Vec<usize> = vec![0; mappings.len()];
     for (i, m) in mappings.iter().enumerate() {
@@ -148,7 +185,18 @@ pub fn compile_refs_with(
             group: 0,
         });
     }
+    (routes, route_of)
+}
 
+/// Build each group (weights, shadow) in match order and point its routes at it; also returns
+/// each group's Mapping indexes, for Host association.
+fn build_groups(
+    mappings: &[Compiled<'_>],
+    group_list: Vec<Vec<usize>>,
+    routes: &mut [Route],
+    route_of: &[usize],
+    diags: &mut Vec<Diagnostic>,
+) -> (Vec<Group>, Vec<Vec<usize>>) {
     let mut groups: Vec<Group> = Vec::with_capacity(group_list.len());
     let mut group_members: Vec<Vec<usize>> = Vec::with_capacity(group_list.len());
     for members in group_list {
@@ -157,28 +205,17 @@ pub fn compile_refs_with(
             routes[route_of[m]].group = gi;
         }
         let first = &mappings[members[0]];
-        let group = build_group(&mappings, &members, &route_of, &mut diags);
+        let group = build_group(mappings, &members, route_of, diags);
         groups.push(Group {
             members: group.0,
             shadow: group.1,
             matcher: first.matcher.clone(),
             precedence: first.spec.precedence,
-            serves_without_host: GroupAssoc::of(&mappings, &members).has_hostname(),
+            serves_without_host: GroupAssoc::of(mappings, &members).has_hostname(),
         });
         group_members.push(members);
     }
-
-    let host_routes = associate(hosts, &mappings, &group_members, loose, &mut diags);
-
-    super::guard::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
-    // The Module's `strip_matching_host_port` turns the routing option on (the flag can too).
-    let mut options = *options;
-    options.strip_matching_host_port |=
-        super::module::settings(resources).is_some_and(|s| s.strip_matching_host_port);
-    let hash = graph_hash(&host_routes, &routes, &groups, &options);
-    let mut graph = Graph::build(host_routes, routes, groups, hash, options);
-    super::module::attach(&mut graph, resources, &mut diags);
-    (graph, diags)
+    (groups, group_members)
 }
 
 /// What Host association reads of a group (Emissary's `IRHTTPMappingGroup`): its host glob or
@@ -568,29 +605,101 @@ fn build_group(
     (out, shadow)
 }
 
+/// Compile one Mapping on its own (no grouping, no Hosts): its match, its action, its weight.
+/// `None` when it has an error (every error is in `diags`).
 fn compile_mapping<'r>(
     res: &'r Resource,
     spec: &'r MappingSpec,
     contexts: &TlsContexts<'_>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Compiled<'r>> {
-    let before = diags
+    let before = error_count(diags);
+    let case_sensitive = spec.case_sensitive.unwrap_or(true);
+    let path = compile_path(res, spec, case_sensitive, diags);
+    let RouteHost {
+        host,
+        assoc_glob,
+        host_regex,
+    } = compile_route_host(res, spec, diags);
+    let redirect_assoc = redirect_assoc(spec, assoc_glob.as_ref(), host_regex);
+    let method = compile_method(res, spec, diags);
+    let headers = value_matches(
+        res,
+        "headers",
+        &spec.headers,
+        &spec.regex_headers,
+        true,
+        diags,
+    );
+    let query = value_matches(
+        res,
+        "query_parameters",
+        &spec.query_parameters,
+        &spec.regex_query_parameters,
+        false,
+        diags,
+    );
+    let action = compile_action(res, spec, contexts, diags);
+    let (path, action) = match (path, action) {
+        (Some(p), Some(a)) if error_count(diags) == before => (p, a),
+        _ => return None,
+    };
+    let order = route_weight(spec, &host, &headers, &query);
+    let matcher = RouteMatch {
+        path,
+        case_sensitive,
+        host,
+        method,
+        headers,
+        query,
+    };
+    let group_key = match_key(&matcher, spec, assoc_glob.as_ref());
+    Some(Compiled {
+        res,
+        spec,
+        matcher,
+        action,
+        group_key,
+        order,
+        assoc_glob,
+        redirect_assoc,
+        host_regex,
+    })
+}
+
+fn error_count(diags: &[Diagnostic]) -> usize {
+    diags
         .iter()
         .filter(|d| d.severity == super::Severity::Error)
-        .count();
-    let case_sensitive = spec.case_sensitive.unwrap_or(true);
-    let err =
-        |diags: &mut Vec<Diagnostic>, ptr: &str, code: &'static str, msg: String, help: &str| {
-            diags.push(Diagnostic::error(code, &res.at(ptr), msg).with_help(help.to_string()));
-        };
+        .count()
+}
 
-    // Path.
-    let path = if spec.prefix_regex {
+/// Push an error at `ptr` of `res` with its help text.
+fn push_error(
+    diags: &mut Vec<Diagnostic>,
+    res: &Resource,
+    ptr: &str,
+    code: &'static str,
+    msg: String,
+    help: &str,
+) {
+    diags.push(Diagnostic::error(code, &res.at(ptr), msg).with_help(help.to_string()));
+}
+
+/// The path match: a prefix (exact or not) or a regex. `None` when the regex is bad.
+fn compile_path(
+    res: &Resource,
+    spec: &MappingSpec,
+    case_sensitive: bool,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<PathMatch> {
+    if spec.prefix_regex {
         match build_regex(&spec.prefix, !case_sensitive, true) {
             Ok(r) => Some(PathMatch::Regex(r)),
             Err(e) => {
-                err(
+                push_error(
                     diags,
+                    res,
                     "/spec/prefix",
                     "bad-regex",
                     format!("prefix regex does not compile: {}", regex_error(&e)),
@@ -601,8 +710,9 @@ fn compile_mapping<'r>(
         }
     } else {
         if !spec.prefix.starts_with('/') {
-            err(
+            push_error(
                 diags,
+                res,
                 "/spec/prefix",
                 "bad-prefix",
                 format!("prefix `{}` does not start with `/`", spec.prefix),
@@ -614,11 +724,25 @@ fn compile_mapping<'r>(
         } else {
             PathMatch::Prefix(spec.prefix.clone())
         })
-    };
+    }
+}
 
-    // Host at the route level, and the glob used for Host association (Emissary's
-    // `IRHTTPMapping.__init__`: an exact `:authority` header acts as `host`, `host` overrides
-    // it, `hostname` overrides both).
+/// The host a route matches and the glob Host association reads.
+struct RouteHost {
+    host: HostMatch,
+    /// The host glob used for Host association, if the Mapping names one.
+    assoc_glob: Option<HostPattern>,
+    host_regex: bool,
+}
+
+/// Host at the route level, and the glob used for Host association (Emissary's
+/// `IRHTTPMapping.__init__`: an exact `:authority` header acts as `host`, `host` overrides it,
+/// `hostname` overrides both).
+fn compile_route_host(
+    res: &Resource,
+    spec: &MappingSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> RouteHost {
     let mut assoc_glob = None;
     let mut host_regex = false;
     let authority_header = spec.headers.iter().find_map(|(k, v)| match v {
@@ -646,7 +770,7 @@ fn compile_mapping<'r>(
                 }
             }
             Err(e) => {
-                err(diags, "/spec/hostname", "bad-hostname", format!("hostname is not a valid host glob: {e}"), "use a host name, `*`, or a glob with one `*` at the start (`*.example.com`) or end");
+                push_error(diags, res, "/spec/hostname", "bad-hostname", format!("hostname is not a valid host glob: {e}"), "use a host name, `*`, or a glob with one `*` at the start (`*.example.com`) or end");
                 HostMatch::Any
             }
         }
@@ -656,8 +780,9 @@ fn compile_mapping<'r>(
             match build_regex(h, true, true) {
                 Ok(r) => HostMatch::Regex(r),
                 Err(e) => {
-                    err(
+                    push_error(
                         diags,
+                        res,
                         "/spec/host",
                         "bad-regex",
                         format!("host regex does not compile: {}", regex_error(&e)),
@@ -681,9 +806,21 @@ fn compile_mapping<'r>(
     } else {
         HostMatch::Any
     };
-    // Emissary associates a host_redirect Mapping with Hosts through its target host too; that
-    // glob is used for association only, the route still matches any authority.
-    let redirect_assoc = if assoc_glob.is_none() && !host_regex && spec.host_redirect {
+    RouteHost {
+        host,
+        assoc_glob,
+        host_regex,
+    }
+}
+
+/// Emissary associates a host_redirect Mapping with Hosts through its target host too; that
+/// glob is used for association only, the route still matches any authority.
+fn redirect_assoc(
+    spec: &MappingSpec,
+    assoc_glob: Option<&HostPattern>,
+    host_regex: bool,
+) -> Option<HostPattern> {
+    if assoc_glob.is_none() && !host_regex && spec.host_redirect {
         redirect_target(&spec.service).ok().and_then(|t| {
             t.split(':')
                 .next()
@@ -691,15 +828,22 @@ fn compile_mapping<'r>(
         })
     } else {
         None
-    };
+    }
+}
 
-    let method = match &spec.method {
+fn compile_method(
+    res: &Resource,
+    spec: &MappingSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<MethodMatch> {
+    match &spec.method {
         None => None,
         Some(m) if spec.method_regex => match build_regex(m, false, true) {
             Ok(r) => Some(MethodMatch::Regex(r)),
             Err(e) => {
-                err(
+                push_error(
                     diags,
+                    res,
                     "/spec/method",
                     "bad-regex",
                     format!("method regex does not compile: {}", regex_error(&e)),
@@ -709,127 +853,125 @@ fn compile_mapping<'r>(
             }
         },
         Some(m) => Some(MethodMatch::Exact(m.to_ascii_uppercase())),
-    };
+    }
+}
 
-    let headers = value_matches(
-        res,
-        "headers",
-        &spec.headers,
-        &spec.regex_headers,
-        true,
-        diags,
-    );
-    let query = value_matches(
-        res,
-        "query_parameters",
-        &spec.query_parameters,
-        &spec.regex_query_parameters,
-        false,
-        diags,
-    );
-
-    // Action.
+/// A redirect (`host_redirect: true`) or a forward; redirect fields without `host_redirect`
+/// are warned.
+fn compile_action(
+    res: &Resource,
+    spec: &MappingSpec,
+    contexts: &TlsContexts<'_>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Action> {
+    if spec.host_redirect {
+        return compile_redirect(res, spec, diags);
+    }
     let redirect_fields = spec.path_redirect.is_some()
         || spec.prefix_redirect.is_some()
         || spec.regex_redirect.is_some();
-    let action = if spec.host_redirect {
-        let target = match redirect_target(&spec.service) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                err(
-                    diags,
-                    "/spec/service",
-                    "bad-service",
-                    format!("redirect target `{}` is not a host: {e}", spec.service),
-                    "with host_redirect, `service` is the host (and port) to redirect to",
-                );
-                None
-            }
-        };
-        let mut n = 0;
-        let path = if let Some(p) = &spec.path_redirect {
-            n += 1;
-            RedirectPath::Replace(p.clone())
-        } else {
-            RedirectPath::Keep
-        };
-        let path = if let Some(p) = &spec.prefix_redirect {
-            n += 1;
-            RedirectPath::Prefix(p.clone())
-        } else {
-            path
-        };
-        let path = if let Some(rs) = &spec.regex_redirect {
-            n += 1;
-            match regex_subst(rs) {
-                Ok((pattern, substitution)) => RedirectPath::Regex {
-                    pattern,
-                    substitution,
-                },
-                Err(e) => {
-                    err(
-                        diags,
-                        "/spec/regex_redirect/pattern",
-                        "bad-regex",
-                        format!(
-                            "regex_redirect pattern does not compile: {}",
-                            regex_error(&e)
-                        ),
-                        "fix the regular expression",
-                    );
-                    path
-                }
-            }
-        } else {
-            path
-        };
-        if n > 1 {
-            err(
+    if redirect_fields || spec.redirect_response_code.is_some() {
+        diags.push(
+            Diagnostic::warning(
+                "redirect-without-host-redirect",
+                &res.at("/spec"),
+                "redirect fields are ignored because `host_redirect` is not true",
+            )
+            .with_help("set `host_redirect: true` (and `service` to the target host) to redirect"),
+        );
+    }
+    compile_forward(res, spec, contexts, diags).map(|f| Action::Forward(Box::new(f)))
+}
+
+/// `host_redirect: true`: `service` is the target host; at most one path rewrite.
+fn compile_redirect(
+    res: &Resource,
+    spec: &MappingSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Action> {
+    let target = match redirect_target(&spec.service) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            push_error(
                 diags,
-                "/spec/host_redirect",
-                "conflicting-redirect",
-                "more than one of path_redirect, prefix_redirect and regex_redirect is set".into(),
-                "keep one of them",
+                res,
+                "/spec/service",
+                "bad-service",
+                format!("redirect target `{}` is not a host: {e}", spec.service),
+                "with host_redirect, `service` is the host (and port) to redirect to",
             );
+            None
         }
-        target.map(|host| {
-            Action::Redirect(Redirect {
-                host: Some(host),
-                path,
-                status: spec.redirect_response_code.unwrap_or(301),
-            })
-        })
+    };
+    let mut n = 0;
+    let path = if let Some(p) = &spec.path_redirect {
+        n += 1;
+        RedirectPath::Replace(p.clone())
     } else {
-        if redirect_fields || spec.redirect_response_code.is_some() {
-            diags.push(
-                Diagnostic::warning(
-                    "redirect-without-host-redirect",
-                    &res.at("/spec"),
-                    "redirect fields are ignored because `host_redirect` is not true",
-                )
-                .with_help(
-                    "set `host_redirect: true` (and `service` to the target host) to redirect",
-                ),
-            );
+        RedirectPath::Keep
+    };
+    let path = if let Some(p) = &spec.prefix_redirect {
+        n += 1;
+        RedirectPath::Prefix(p.clone())
+    } else {
+        path
+    };
+    let path = if let Some(rs) = &spec.regex_redirect {
+        n += 1;
+        match regex_subst(rs) {
+            Ok((pattern, substitution)) => RedirectPath::Regex {
+                pattern,
+                substitution,
+            },
+            Err(e) => {
+                push_error(
+                    diags,
+                    res,
+                    "/spec/regex_redirect/pattern",
+                    "bad-regex",
+                    format!(
+                        "regex_redirect pattern does not compile: {}",
+                        regex_error(&e)
+                    ),
+                    "fix the regular expression",
+                );
+                path
+            }
         }
-        compile_forward(res, spec, contexts, diags).map(|f| Action::Forward(Box::new(f)))
+    } else {
+        path
     };
+    if n > 1 {
+        push_error(
+            diags,
+            res,
+            "/spec/host_redirect",
+            "conflicting-redirect",
+            "more than one of path_redirect, prefix_redirect and regex_redirect is set".into(),
+            "keep one of them",
+        );
+    }
+    target.map(|host| {
+        Action::Redirect(Redirect {
+            host: Some(host),
+            path,
+            status: spec.redirect_response_code.unwrap_or(301),
+        })
+    })
+}
 
-    let errors_now = diags
-        .iter()
-        .filter(|d| d.severity == super::Severity::Error)
-        .count();
-    let (path, action) = match (path, action) {
-        (Some(p), Some(a)) if errors_now == before => (p, a),
-        _ => return None,
-    };
-
-    // Emissary's route weight (irhttpmapping.py `_route_weight`).
+/// Emissary's route weight (irhttpmapping.py `_route_weight`): see [`Compiled::order`].
+fn route_weight(
+    spec: &MappingSpec,
+    host: &HostMatch,
+    headers: &[ValueMatch],
+    query: &[ValueMatch],
+) -> (i64, usize, usize, usize, String, String) {
     let mut hdr_len = 0usize;
-    for h in &headers {
+    for h in headers {
         hdr_len += h.name.len() + test_len(&h.test);
     }
-    match &host {
+    match host {
         HostMatch::Any => {}
         HostMatch::Glob(p) => hdr_len += ":authority".len() + p.to_string().len(),
         HostMatch::Regex(r) => hdr_len += ":authority".len() + r.as_str().len() + 1,
@@ -838,34 +980,14 @@ fn compile_mapping<'r>(
         hdr_len += ":method".len() + m.len() + usize::from(spec.method_regex);
     }
     let q_len: usize = query.iter().map(|q| q.name.len() + test_len(&q.test)).sum();
-    let order = (
+    (
         spec.precedence,
         spec.prefix.len(),
         hdr_len,
         q_len,
         spec.prefix.clone(),
         spec.method.clone().unwrap_or_else(|| "GET".into()),
-    );
-    let matcher = RouteMatch {
-        path,
-        case_sensitive,
-        host,
-        method,
-        headers,
-        query,
-    };
-    let group_key = match_key(&matcher, spec, assoc_glob.as_ref());
-    Some(Compiled {
-        res,
-        spec,
-        matcher,
-        action,
-        group_key,
-        order,
-        assoc_glob,
-        redirect_assoc,
-        host_regex,
-    })
+    )
 }
 
 /// An exact host (`host` without `host_regex`, or an exact `:authority` header): a `*` in it
@@ -1058,139 +1180,9 @@ fn compile_forward(
     contexts: &TlsContexts<'_>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Forward> {
-    let mut upstream: Upstream = match spec.service.parse() {
-        Ok(u) => u,
-        Err(e) => {
-            diags.push(
-                Diagnostic::error(
-                    "bad-service",
-                    &res.at("/spec/service"),
-                    format!("service `{}` is not a usable address: {e}", spec.service),
-                )
-                .with_help("write `host`, `host:port`, `http://host:port` or `https://host:port`"),
-            );
-            return None;
-        }
-    };
-    let origin_tls = match origination(res, spec, contexts, diags) {
-        Ok(o) => o,
-        Err(()) => return None,
-    };
-    let tls_wanted = match &spec.tls {
-        Some(serde_json::Value::Bool(b)) => *b,
-        Some(serde_json::Value::String(s)) => !s.is_empty(),
-        _ => false,
-    };
-    if tls_wanted && upstream.scheme == Scheme::Http {
-        if spec.service.starts_with("http://") {
-            diags.push(
-                Diagnostic::warning(
-                    "tls-and-http",
-                    &res.at("/spec/tls"),
-                    "`tls` is set but the service says http://; TLS is used",
-                )
-                .with_help("write the service as https://... to make this explicit"),
-            );
-        }
-        upstream.scheme = Scheme::Https;
-        if !spec.service.contains(':') {
-            upstream.port = 443;
-        }
-    }
-    let rewrite = match (&spec.regex_rewrite, &spec.rewrite) {
-        (Some(rs), r) => {
-            if r.is_some() {
-                diags.push(
-                    Diagnostic::warning(
-                        "rewrite-ignored",
-                        &res.at("/spec/rewrite"),
-                        "`rewrite` is ignored because `regex_rewrite` is set",
-                    )
-                    .with_help("remove one of them"),
-                );
-            }
-            match regex_subst(rs) {
-                Ok((pattern, substitution)) => Rewrite::Regex {
-                    pattern,
-                    substitution,
-                },
-                Err(e) => {
-                    diags.push(
-                        Diagnostic::error(
-                            "bad-regex",
-                            &res.at("/spec/regex_rewrite/pattern"),
-                            format!(
-                                "regex_rewrite pattern does not compile: {}",
-                                regex_error(&e)
-                            ),
-                        )
-                        .with_help("fix the regular expression (RE2 syntax)"),
-                    );
-                    return None;
-                }
-            }
-        }
-        (None, Some(r)) if r.is_empty() => Rewrite::Keep,
-        (None, Some(r)) => Rewrite::Prefix(r.clone()),
-        (None, None) => {
-            if spec.prefix_regex {
-                diags.push(Diagnostic::warning("regex-default-rewrite", &res.at("/spec/prefix"), "with `prefix_regex`, the default `rewrite: /` replaces the whole path with `/` (as in Emissary)").with_help("set `rewrite: \"\"` to forward the path unchanged"));
-            }
-            Rewrite::Prefix("/".into())
-        }
-    };
-    let mut allow_upgrade: Vec<String> = spec
-        .allow_upgrade
-        .iter()
-        .map(|s| s.to_ascii_lowercase())
-        .collect();
-    if spec.use_websocket && !allow_upgrade.iter().any(|u| u == "websocket") {
-        allow_upgrade.push("websocket".into());
-    }
-    let headers = |map: &BTreeMap<String, AddedHeader>,
-                   field: &str,
-                   diags: &mut Vec<Diagnostic>|
-     -> Vec<AddHeader> {
-        let mut out = Vec::new();
-        for (name, v) in map {
-            let ptr = format!("/spec/{field}/{}", super::yaml::escape_pointer(name));
-            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                diags.push(bad_header_name(res, &ptr, name));
-                continue;
-            }
-            let (value, append) = match v {
-                AddedHeader::Full { value, append } => (value.clone(), append.unwrap_or(true)),
-                AddedHeader::Text(s) => (s.clone(), true),
-                AddedHeader::Other(o) => (
-                    match o {
-                        serde_json::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    },
-                    true,
-                ),
-            };
-            if http::HeaderValue::from_str(&value).is_err() {
-                diags.push(
-                    Diagnostic::error(
-                        "bad-header-value",
-                        &res.at(&ptr),
-                        format!("the value of `{name}` has characters a header cannot carry"),
-                    )
-                    .with_help("remove control characters and line breaks"),
-                );
-                continue;
-            }
-            for var in unsupported_vars(&value) {
-                diags.push(Diagnostic::warning("header-variable", &res.at(&ptr), format!("`%{var}%` is not substituted by Legate; it is sent as written")).with_help("supported: %DOWNSTREAM_REMOTE_ADDRESS%, %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%, %PROTOCOL%, %REQ(header)%"));
-            }
-            out.push(AddHeader {
-                name: name.to_ascii_lowercase(),
-                value,
-                append,
-            });
-        }
-        out
-    };
+    let (upstream, origin_tls) = compile_upstream(res, spec, contexts, diags)?;
+    let rewrite = compile_rewrite(res, spec, diags)?;
+    let allow_upgrade = allow_upgrade(spec);
     let h2c = upstream.scheme == Scheme::H2c;
     if spec.grpc || h2c {
         // One multiplexed HTTP/2 connection per upstream: no per-request address choice yet.
@@ -1214,8 +1206,14 @@ fn compile_forward(
         }
     }
     warn_stream_timeout(res, spec, diags);
-    let add_request_headers = headers(&spec.add_request_headers, "add_request_headers", diags);
-    let add_response_headers = headers(&spec.add_response_headers, "add_response_headers", diags);
+    let add_request_headers =
+        added_headers(res, &spec.add_request_headers, "add_request_headers", diags);
+    let add_response_headers = added_headers(
+        res,
+        &spec.add_response_headers,
+        "add_response_headers",
+        diags,
+    );
     let lower = |v: Vec<String>| {
         v.into_iter()
             .map(|s| s.to_ascii_lowercase())
@@ -1264,6 +1262,168 @@ fn compile_forward(
         origin_tls,
         allow_escaped_slashes: spec.allow_escaped_slashes,
     })
+}
+
+/// The upstream address of `service`, switched to TLS by `tls`, and the TLSContext that
+/// `tls: NAME` originates with.
+fn compile_upstream(
+    res: &Resource,
+    spec: &MappingSpec,
+    contexts: &TlsContexts<'_>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<(Upstream, Option<OriginTls>)> {
+    let mut upstream: Upstream = match spec.service.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            diags.push(
+                Diagnostic::error(
+                    "bad-service",
+                    &res.at("/spec/service"),
+                    format!("service `{}` is not a usable address: {e}", spec.service),
+                )
+                .with_help("write `host`, `host:port`, `http://host:port` or `https://host:port`"),
+            );
+            return None;
+        }
+    };
+    let origin_tls = match origination(res, spec, contexts, diags) {
+        Ok(o) => o,
+        Err(()) => return None,
+    };
+    let tls_wanted = match &spec.tls {
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(serde_json::Value::String(s)) => !s.is_empty(),
+        _ => false,
+    };
+    if tls_wanted && upstream.scheme == Scheme::Http {
+        if spec.service.starts_with("http://") {
+            diags.push(
+                Diagnostic::warning(
+                    "tls-and-http",
+                    &res.at("/spec/tls"),
+                    "`tls` is set but the service says http://; TLS is used",
+                )
+                .with_help("write the service as https://... to make this explicit"),
+            );
+        }
+        upstream.scheme = Scheme::Https;
+        if !spec.service.contains(':') {
+            upstream.port = 443;
+        }
+    }
+    Some((upstream, origin_tls))
+}
+
+/// `regex_rewrite`, else `rewrite` (Emissary's default: `/`). `None` when the regex is bad.
+fn compile_rewrite(
+    res: &Resource,
+    spec: &MappingSpec,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Rewrite> {
+    Some(match (&spec.regex_rewrite, &spec.rewrite) {
+        (Some(rs), r) => {
+            if r.is_some() {
+                diags.push(
+                    Diagnostic::warning(
+                        "rewrite-ignored",
+                        &res.at("/spec/rewrite"),
+                        "`rewrite` is ignored because `regex_rewrite` is set",
+                    )
+                    .with_help("remove one of them"),
+                );
+            }
+            match regex_subst(rs) {
+                Ok((pattern, substitution)) => Rewrite::Regex {
+                    pattern,
+                    substitution,
+                },
+                Err(e) => {
+                    diags.push(
+                        Diagnostic::error(
+                            "bad-regex",
+                            &res.at("/spec/regex_rewrite/pattern"),
+                            format!(
+                                "regex_rewrite pattern does not compile: {}",
+                                regex_error(&e)
+                            ),
+                        )
+                        .with_help("fix the regular expression (RE2 syntax)"),
+                    );
+                    return None;
+                }
+            }
+        }
+        (None, Some(r)) if r.is_empty() => Rewrite::Keep,
+        (None, Some(r)) => Rewrite::Prefix(r.clone()),
+        (None, None) => {
+            if spec.prefix_regex {
+                diags.push(Diagnostic::warning("regex-default-rewrite", &res.at("/spec/prefix"), "with `prefix_regex`, the default `rewrite: /` replaces the whole path with `/` (as in Emissary)").with_help("set `rewrite: \"\"` to forward the path unchanged"));
+            }
+            Rewrite::Prefix("/".into())
+        }
+    })
+}
+
+/// Upgrade protocols allowed (lowercase); `use_websocket` adds `websocket`.
+fn allow_upgrade(spec: &MappingSpec) -> Vec<String> {
+    let mut allow_upgrade: Vec<String> = spec
+        .allow_upgrade
+        .iter()
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    if spec.use_websocket && !allow_upgrade.iter().any(|u| u == "websocket") {
+        allow_upgrade.push("websocket".into());
+    }
+    allow_upgrade
+}
+
+/// `add_request_headers` / `add_response_headers`: invalid names and values are errors and
+/// left out; unsupported `%VAR%`s are warned.
+fn added_headers(
+    res: &Resource,
+    map: &BTreeMap<String, AddedHeader>,
+    field: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<AddHeader> {
+    let mut out = Vec::new();
+    for (name, v) in map {
+        let ptr = format!("/spec/{field}/{}", super::yaml::escape_pointer(name));
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            diags.push(bad_header_name(res, &ptr, name));
+            continue;
+        }
+        let (value, append) = match v {
+            AddedHeader::Full { value, append } => (value.clone(), append.unwrap_or(true)),
+            AddedHeader::Text(s) => (s.clone(), true),
+            AddedHeader::Other(o) => (
+                match o {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                },
+                true,
+            ),
+        };
+        if http::HeaderValue::from_str(&value).is_err() {
+            diags.push(
+                Diagnostic::error(
+                    "bad-header-value",
+                    &res.at(&ptr),
+                    format!("the value of `{name}` has characters a header cannot carry"),
+                )
+                .with_help("remove control characters and line breaks"),
+            );
+            continue;
+        }
+        for var in unsupported_vars(&value) {
+            diags.push(Diagnostic::warning("header-variable", &res.at(&ptr), format!("`%{var}%` is not substituted by Legate; it is sent as written")).with_help("supported: %DOWNSTREAM_REMOTE_ADDRESS%, %DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%, %PROTOCOL%, %REQ(header)%"));
+        }
+        out.push(AddHeader {
+            name: name.to_ascii_lowercase(),
+            value,
+            append,
+        });
+    }
+    out
 }
 
 /// The route timeout covers the whole response: point it out on gRPC Mappings, whose streams
@@ -1736,41 +1896,76 @@ fn host_tls(
     Some((Some(p), f.redirect_cleartext_from))
 }
 
-fn graph_hash(
-    hosts: &[HostRoute],
-    routes: &[Route],
-    groups: &[Group],
-    options: &RoutingOptions,
-) -> String {
-    let mut h = Sha256::new();
-    h.update(format!("O{options:?}\n"));
-    for host in hosts {
-        h.update(format!(
-            "H{}/{}|{}|{:?}|{:?}|{:?}|{:?}|{:?}\n",
-            host.namespace,
-            host.name,
-            host.hostname,
-            host.tls_secret,
-            host.tls,
-            host.insecure,
-            host.insecure_additional_port,
-            host.groups
-        ));
-    }
-    for r in routes {
-        h.update(format!(
-            "R{}/{}|{:?}|{}|{:?}|{}|{}\n",
-            r.namespace, r.name, r.matcher, r.precedence, r.action, r.group, r.stats_name
-        ));
-    }
-    for g in groups {
-        h.update(format!(
-            "G{:?}|{:?}|{}\n",
-            g.members, g.shadow, g.serves_without_host
-        ));
-    }
-    let digest = h.finalize();
+/// The revision identity of a graph: SHA-256 over a canonical JSON form of what it is compiled
+/// from (the routing options and every resource but RouteTests: kind, apiVersion, namespace,
+/// name, labels and spec, keys sorted, resources in (kind, namespace, name) order). Never over
+/// `Debug` text, so reformatting a type's `Debug` cannot change which revision is which; YAML
+/// layout, key order, comments and file names do not count either.
+fn graph_hash(resources: &[&Resource], options: &RoutingOptions) -> String {
+    let digest = Sha256::digest(canonical_input(resources, options).as_bytes());
     digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The canonical text [`graph_hash`] digests.
+fn canonical_input(resources: &[&Resource], options: &RoutingOptions) -> String {
+    #[derive(serde::Serialize)]
+    struct Input<'a> {
+        options: Options,
+        resources: Vec<Res<'a>>,
+    }
+    #[derive(serde::Serialize)]
+    struct Options {
+        strip_matching_host_port: bool,
+        loose_label_selectors: bool,
+    }
+    #[derive(serde::Serialize)]
+    struct Res<'a> {
+        kind: &'static str,
+        api_version: &'a str,
+        namespace: &'a str,
+        name: &'a str,
+        labels: &'a BTreeMap<String, String>,
+        spec: serde_json::Value,
+    }
+    let mut res: Vec<Res<'_>> = resources
+        .iter()
+        .filter(|r| r.kind != Kind::RouteTest)
+        .map(|r| Res {
+            kind: r.kind.name(),
+            api_version: &r.api_version,
+            namespace: &r.namespace,
+            name: &r.name,
+            labels: &r.labels,
+            spec: sorted_keys(r.doc.value.get("spec").unwrap_or(&serde_json::Value::Null)),
+        })
+        .collect();
+    res.sort_by(|a, b| (a.kind, a.namespace, a.name).cmp(&(b.kind, b.namespace, b.name)));
+    let input = Input {
+        options: Options {
+            strip_matching_host_port: options.strip_matching_host_port,
+            loose_label_selectors: options.loose_label_selectors,
+        },
+        resources: res,
+    };
+    serde_json::to_string(&input).unwrap_or_default()
+}
+
+/// `v` with every object's keys in sorted order, whatever order the map type keeps.
+fn sorted_keys(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut kv: Vec<_> = m.iter().collect();
+            kv.sort_by(|a, b| a.0.cmp(b.0));
+            Value::Object(
+                kv.into_iter()
+                    .map(|(k, v)| (k.clone(), sorted_keys(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(sorted_keys).collect()),
+        other => other.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -2472,6 +2667,34 @@ mod tests {
         assert_eq!(h(&ha), h(&hb));
         assert_ne!(h(&ha), h(&hc));
         assert_eq!(h(&ha).len(), 64);
+    }
+
+    #[test]
+    fn hash_is_over_a_canonical_json_of_the_input_not_debug_text() {
+        let h = |t: &str| compile_text(t).graph.unwrap().hash.clone();
+        let text = mapping("x", "service: a\nprefix: /x/\nhostname: '*'");
+        let canonical = concat!(
+            r#"{"options":{"strip_matching_host_port":false,"loose_label_selectors":false},"#,
+            r#""resources":[{"kind":"Mapping","api_version":"legate.dev/v1alpha1","#,
+            r#""namespace":"default","name":"x","labels":{},"#,
+            r#""spec":{"hostname":"*","prefix":"/x/","service":"a"}}]}"#
+        );
+        let want: String = Sha256::digest(canonical.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(h(&text), want);
+        // Key order, quoting and comments are layout, not content.
+        let relaid = mapping(
+            "x",
+            "# the x route\nhostname: \"*\"\nprefix: /x/\nservice: a",
+        );
+        assert_eq!(h(&relaid), want);
+        // A RouteTest checks the graph; it is not part of it.
+        let with_test = text.clone()
+            + "---\napiVersion: legate.dev/v1alpha1\nkind: RouteTest\nmetadata:\n  name: t\nspec:\n  cases:\n    - request: {path: /x/}\n      expect: {mapping: x}\n";
+        let o = compile_text(&with_test);
+        assert_eq!(o.graph.as_ref().unwrap().hash, want, "{:?}", o.diagnostics);
     }
 
     #[test]

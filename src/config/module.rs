@@ -560,13 +560,7 @@ pub fn attach(graph: &mut Graph, resources: &[&Resource], diags: &mut Vec<Diagno
             }
         }
     }
-    if graph.settings != Settings::default() {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(graph.hash.as_bytes());
-        h.update(format!("{:?}", graph.settings).as_bytes());
-        graph.hash = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    }
+    // The Module's spec is part of the graph hash already (compile::graph_hash).
 }
 
 #[cfg(test)]

@@ -261,10 +261,39 @@ fn ordered<'g>(g: &'g Graph, groups: &[usize]) -> Vec<(String, usize, &'g Route)
 }
 
 /// Compare two graphs.
+///
+/// Passes: count Mappings, compare Hosts, compare each route table, then the findings a
+/// reviewer must not miss (per-Mapping shifts, traffic that moves, routes that become
+/// unreachable), once each.
 pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
     let mut d = RouteDiff::default();
-    let base_routes: BTreeMap<String, &Route> = base.routes.iter().map(|r| (key(r), r)).collect();
-    let head_routes: BTreeMap<String, &Route> = head.routes.iter().map(|r| (key(r), r)).collect();
+    let base_routes: Routes<'_> = base.routes.iter().map(|r| (key(r), r)).collect();
+    let head_routes: Routes<'_> = head.routes.iter().map(|r| (key(r), r)).collect();
+    count_mappings(&mut d, base, head, &base_routes, &head_routes);
+    diff_hosts(&mut d, base, head);
+    let bt = tables(base);
+    let ht = tables(head);
+    diff_tables(&mut d, base, head, &bt, &ht);
+    per_mapping_findings(&mut d, base, head, &base_routes, &head_routes);
+    moved_traffic_findings(&mut d, base, head, &bt, &head_routes);
+    unreachable_findings(&mut d, base, head, &ht, &base_routes);
+    dedup_findings(&mut d);
+    d
+}
+
+/// Routes by `namespace/name`.
+type Routes<'g> = BTreeMap<String, &'g Route>;
+
+/// Route tables: (key, title, group indexes in match order).
+type Tables<'g> = [(String, String, &'g [usize])];
+
+fn count_mappings(
+    d: &mut RouteDiff,
+    base: &Graph,
+    head: &Graph,
+    base_routes: &Routes<'_>,
+    head_routes: &Routes<'_>,
+) {
     d.added_mappings = head_routes
         .keys()
         .filter(|k| !base_routes.contains_key(*k))
@@ -281,8 +310,9 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
                 .is_some_and(|b| fields_of(base, b) != fields_of(head, r))
         })
         .count();
+}
 
-    // Hosts.
+fn diff_hosts(d: &mut RouteDiff, base: &Graph, head: &Graph) {
     let bh: BTreeMap<String, &crate::routes::HostRoute> = base
         .hosts
         .iter()
@@ -360,10 +390,10 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
             (None, None) => {}
         }
     }
+}
 
-    // Tables.
-    let bt = tables(base);
-    let ht = tables(head);
+/// Each table present on either side, in head order, then the base's own.
+fn diff_tables(d: &mut RouteDiff, base: &Graph, head: &Graph, bt: &Tables<'_>, ht: &Tables<'_>) {
     let mut keys: Vec<&String> = Vec::new();
     for (k, _, _) in ht.iter().chain(bt.iter()) {
         if !keys.contains(&k) {
@@ -371,84 +401,104 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
         }
     }
     for tk in keys {
-        let b = bt.iter().find(|(k, _, _)| k == tk);
-        let h = ht.iter().find(|(k, _, _)| k == tk);
-        let title = h.or(b).map(|t| t.1.clone()).unwrap_or_default();
-        let bo = b.map(|(_, _, g)| ordered(base, g)).unwrap_or_default();
-        let ho = h.map(|(_, _, g)| ordered(head, g)).unwrap_or_default();
-        let b_index: HashMap<&str, usize> = bo
-            .iter()
+        let t = diff_table(base, head, bt, ht, tk);
+        d.tables.push(t);
+    }
+}
+
+/// Added, changed (fields, relative position) and removed routes of table `tk`.
+fn diff_table(
+    base: &Graph,
+    head: &Graph,
+    bt: &Tables<'_>,
+    ht: &Tables<'_>,
+    tk: &String,
+) -> TableDiff {
+    let b = bt.iter().find(|(k, _, _)| k == tk);
+    let h = ht.iter().find(|(k, _, _)| k == tk);
+    let title = h.or(b).map(|t| t.1.clone()).unwrap_or_default();
+    let bo = b.map(|(_, _, g)| ordered(base, g)).unwrap_or_default();
+    let ho = h.map(|(_, _, g)| ordered(head, g)).unwrap_or_default();
+    let b_index: HashMap<&str, usize> = bo
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (x.0.as_str(), i))
+        .collect();
+    let h_keys: HashSet<&str> = ho.iter().map(|x| x.0.as_str()).collect();
+    // Rank among the routes present on both sides: a route whose rank changes moved
+    // relative to the others (it is matched before or after different routes now).
+    let rank = |list: &[(String, usize, &Route)],
+                other: &dyn Fn(&str) -> bool|
+     -> HashMap<String, usize> {
+        list.iter()
+            .filter(|x| other(&x.0))
             .enumerate()
-            .map(|(i, x)| (x.0.as_str(), i))
-            .collect();
-        let h_keys: HashSet<&str> = ho.iter().map(|x| x.0.as_str()).collect();
-        // Rank among the routes present on both sides: a route whose rank changes moved
-        // relative to the others (it is matched before or after different routes now).
-        let rank = |list: &[(String, usize, &Route)],
-                    other: &dyn Fn(&str) -> bool|
-         -> HashMap<String, usize> {
-            list.iter()
-                .filter(|x| other(&x.0))
-                .enumerate()
-                .map(|(i, x)| (x.0.clone(), i))
-                .collect()
-        };
-        let b_rank = rank(&bo, &|k| h_keys.contains(k));
-        let h_rank = rank(&ho, &|k| b_index.contains_key(k));
-        let mut entries = Vec::new();
-        for (k, pos, r) in &ho {
-            match b_index.get(k.as_str()).map(|&i| &bo[i]) {
-                None => entries.push(Entry {
-                    kind: ChangeKind::Added,
-                    mapping: k.clone(),
-                    before: None,
-                    after: Some(*pos),
-                    matches: describe_match(head, r.group),
-                    fields: fields_of(head, r)
-                        .into_iter()
-                        .map(|(f, v)| (f.to_string(), String::new(), v))
-                        .collect(),
-                }),
-                Some((_, bpos, br)) => {
-                    let mut fields = field_changes(&fields_of(base, br), &fields_of(head, r));
-                    if b_rank.get(k) != h_rank.get(k) {
-                        fields.push(("position".into(), format!("#{bpos}"), format!("#{pos}")));
-                    }
-                    if !fields.is_empty() {
-                        entries.push(Entry {
-                            kind: ChangeKind::Changed,
-                            mapping: k.clone(),
-                            before: Some(*bpos),
-                            after: Some(*pos),
-                            matches: describe_match(head, r.group),
-                            fields,
-                        });
-                    }
+            .map(|(i, x)| (x.0.clone(), i))
+            .collect()
+    };
+    let b_rank = rank(&bo, &|k| h_keys.contains(k));
+    let h_rank = rank(&ho, &|k| b_index.contains_key(k));
+    let mut entries = Vec::new();
+    for (k, pos, r) in &ho {
+        match b_index.get(k.as_str()).map(|&i| &bo[i]) {
+            None => entries.push(Entry {
+                kind: ChangeKind::Added,
+                mapping: k.clone(),
+                before: None,
+                after: Some(*pos),
+                matches: describe_match(head, r.group),
+                fields: fields_of(head, r)
+                    .into_iter()
+                    .map(|(f, v)| (f.to_string(), String::new(), v))
+                    .collect(),
+            }),
+            Some((_, bpos, br)) => {
+                let mut fields = field_changes(&fields_of(base, br), &fields_of(head, r));
+                if b_rank.get(k) != h_rank.get(k) {
+                    fields.push(("position".into(), format!("#{bpos}"), format!("#{pos}")));
+                }
+                if !fields.is_empty() {
+                    entries.push(Entry {
+                        kind: ChangeKind::Changed,
+                        mapping: k.clone(),
+                        before: Some(*bpos),
+                        after: Some(*pos),
+                        matches: describe_match(head, r.group),
+                        fields,
+                    });
                 }
             }
         }
-        for (k, pos, r) in &bo {
-            if !h_keys.contains(k.as_str()) {
-                entries.push(Entry {
-                    kind: ChangeKind::Removed,
-                    mapping: k.clone(),
-                    before: Some(*pos),
-                    after: None,
-                    matches: describe_match(base, r.group),
-                    fields: vec![],
-                });
-            }
-        }
-        entries.sort_by_key(|e| (e.after.or(e.before).unwrap_or(0), e.kind as u8));
-        d.tables.push(TableDiff {
-            title,
-            entries,
-            routes_after: ho.len(),
-        });
     }
+    for (k, pos, r) in &bo {
+        if !h_keys.contains(k.as_str()) {
+            entries.push(Entry {
+                kind: ChangeKind::Removed,
+                mapping: k.clone(),
+                before: Some(*pos),
+                after: None,
+                matches: describe_match(base, r.group),
+                fields: vec![],
+            });
+        }
+    }
+    entries.sort_by_key(|e| (e.after.or(e.before).unwrap_or(0), e.kind as u8));
+    TableDiff {
+        title,
+        entries,
+        routes_after: ho.len(),
+    }
+}
 
-    // Canary shares and redirects, per Mapping.
-    for (k, r) in &head_routes {
+/// Canary shares and redirects, per Mapping.
+fn per_mapping_findings(
+    d: &mut RouteDiff,
+    base: &Graph,
+    head: &Graph,
+    base_routes: &Routes<'_>,
+    head_routes: &Routes<'_>,
+) {
+    for (k, r) in head_routes {
         let Some(b) = base_routes.get(k) else {
             continue;
         };
@@ -486,10 +536,18 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
             });
         }
     }
+}
 
-    // Witness requests: who serves each route's own traffic, before and after.
+/// Witness requests: who serves each route's own traffic, before and after.
+fn moved_traffic_findings(
+    d: &mut RouteDiff,
+    base: &Graph,
+    head: &Graph,
+    bt: &Tables<'_>,
+    head_routes: &Routes<'_>,
+) {
     let head_keys: BTreeSet<&String> = head_routes.keys().collect();
-    for (tk, _, groups) in &bt {
+    for (tk, _, groups) in bt {
         let host = tk_host(base, tk);
         for &gi in groups.iter() {
             let grp = &base.groups[gi];
@@ -538,8 +596,17 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
             }
         }
     }
-    // Routes that cannot be reached after the change (and could before, or are new).
-    for (tk, _, groups) in &ht {
+}
+
+/// Routes that cannot be reached after the change (and could before, or are new).
+fn unreachable_findings(
+    d: &mut RouteDiff,
+    base: &Graph,
+    head: &Graph,
+    ht: &Tables<'_>,
+    base_routes: &Routes<'_>,
+) {
+    for (tk, _, groups) in ht {
         let host = tk_host(head, tk);
         for &gi in groups.iter() {
             let grp = &head.groups[gi];
@@ -569,8 +636,11 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
             }
         }
     }
-    // Once per change: a route attached to several Hosts yields the same finding in each
-    // Host's table, differing only in the example request. Keep the first example.
+}
+
+/// Once per change: a route attached to several Hosts yields the same finding in each Host's
+/// table, differing only in the example request. Keep the first example.
+fn dedup_findings(d: &mut RouteDiff) {
     let mut seen = HashSet::new();
     d.findings.retain(|f| {
         let subject = f.message.split(" (e.g. ").next().unwrap_or(&f.message);
@@ -578,7 +648,6 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
     });
     d.findings.sort();
     d.findings.dedup();
-    d
 }
 
 fn list(names: &[String]) -> String {

@@ -12,7 +12,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -91,13 +92,25 @@ impl JwtPolicy {
         keys: &Arc<KeyState>,
         headers: &HeaderMap,
     ) -> Result<Verified, Box<Denial>> {
+        // `exp` and `nbf` are wall-clock times set by the issuer: judged on the wall clock.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.check_at(keys, headers, now).await
+    }
+
+    /// [`JwtPolicy::check`] at `now` (seconds since the Unix epoch), the time `exp` and `nbf`
+    /// are judged against, for a fresh token and a remembered one alike.
+    pub(crate) async fn check_at(
+        &self,
+        keys: &Arc<KeyState>,
+        headers: &HeaderMap,
+        now: u64,
+    ) -> Result<Verified, Box<Denial>> {
         let Some(token) = bearer(headers) else {
             return Err(unauthorized(None));
         };
         let key_set = keys.keys().await;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let refuse = |why: &'static str| {
             tracing::debug!(policy = %self.name, reason = why, "JWT refused");
             unauthorized(Some(why))
@@ -608,5 +621,64 @@ mod registry_tests {
             }
             _ => panic!("a local limit counts locally"),
         }
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::super::Registry;
+    use super::*;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    fn b64(b: impl AsRef<[u8]>) -> String {
+        URL_SAFE_NO_PAD.encode(b)
+    }
+
+    #[tokio::test]
+    async fn exp_and_nbf_are_judged_at_the_given_time_for_a_remembered_token_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let doc = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        let key = Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap();
+        let jwks = dir.path().join("jwks.json");
+        let set = serde_json::json!({"keys": [
+            {"kty": "OKP", "kid": "k", "crv": "Ed25519", "x": b64(key.public_key())},
+        ]});
+        std::fs::write(&jwks, set.to_string()).unwrap();
+        let policy = JwtPolicy {
+            name: "p".into(),
+            issuer: None,
+            audiences: vec![],
+            algorithms: vec![Alg::EdDsa],
+            skew: 0,
+            required: vec![],
+            forward: vec![],
+            source: JwksSource {
+                file: Some(jwks.display().to_string()),
+                url: None,
+                refresh_seconds: None,
+            },
+        };
+        let input = format!(
+            "{}.{}",
+            b64(r#"{"alg":"EdDSA","kid":"k"}"#),
+            b64(serde_json::json!({"sub": "alice", "nbf": 1000, "exp": 2000}).to_string())
+        );
+        let token = format!("{input}.{}", b64(key.sign(input.as_bytes())));
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        let reg = Registry::default();
+        let keys = reg.keys(&policy);
+        assert!(policy.check_at(&keys, &h, 999).await.is_err(), "before nbf");
+        // Verified once, then served from the verified-token memory, whose times still apply.
+        assert!(policy.check_at(&keys, &h, 1500).await.is_ok());
+        assert!(policy.check_at(&keys, &h, 2000).await.is_ok());
+        assert!(policy.check_at(&keys, &h, 2001).await.is_err(), "after exp");
+        assert!(
+            policy.check_at(&keys, &h, 999).await.is_err(),
+            "remembered, before nbf"
+        );
     }
 }

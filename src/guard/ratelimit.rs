@@ -13,7 +13,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -329,5 +330,33 @@ impl Redis {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_local_bucket_refills_at_its_rate_on_the_tokio_clock() {
+        let buckets = Buckets::default();
+        // 1 per second, burst 2.
+        let take = || local_take(&buckets, "tenant-a", 1.0, 2.0).allowed;
+        assert!(take());
+        assert!(take());
+        assert!(!take());
+        // Not a whole token yet.
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(!take());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(take());
+        assert!(!take());
+        // Another key has its own bucket.
+        assert!(local_take(&buckets, "tenant-b", 1.0, 2.0).allowed);
+        // A long pause refills to the burst, never past it.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(take());
+        assert!(take());
+        assert!(!take());
     }
 }

@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
@@ -151,6 +151,18 @@ impl Clients {
                 ))
             })
             .clone()
+    }
+
+    /// Drop the pools no prepared route holds any more (their idle sockets close with them).
+    /// A pool an older snapshot still holds (a request in flight) goes at a later swap.
+    pub fn prune(&self) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.retain(|_, p| Arc::strong_count(p) > 1);
+    }
+
+    /// Upstream pools held now (tests: none outlive the graphs that use them).
+    pub fn pool_count(&self) -> usize {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// The shared client for this protocol, connect timeout and upstream idle timeout; with

@@ -283,9 +283,7 @@ pub enum SetupError {
     UpstreamTls(#[from] crate::tls::TlsError),
     #[error("TLS listener: {0}")]
     ServerTls(#[from] rustls::Error),
-    #[error("cannot bind {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
+    /// A listener handed in has no local address (it was never bound, or its socket failed).
+    #[error("listener has no local address: {0}")]
+    LocalAddr(std::io::Error),
 }

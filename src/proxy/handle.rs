@@ -513,7 +513,7 @@ async fn tunnel(
                     tracing::debug!(idle_ms = idle.as_millis() as u64, "upgraded connection idle: closed");
                     return;
                 }
-                Some(at) => check.as_mut().reset(at.into()),
+                Some(at) => check.as_mut().reset(at),
             }
         }
     }

@@ -368,6 +368,7 @@ impl Proxy {
         // Local rate-limit buckets and JWKS keys outlive a revision that leaves them as they
         // were (the new graph was prepared while the old one still held them); the rest go.
         self.guards.prune();
+        self.clients.prune();
         self.loaded
             .store(true, std::sync::atomic::Ordering::Release);
     }
@@ -433,6 +434,11 @@ impl Proxy {
                 })
             })
             .collect()
+    }
+
+    /// Upstream connection pools held now (tests: none leak across swaps).
+    pub fn upstream_pools(&self) -> usize {
+        self.clients.pool_count()
     }
 
     /// Health-check supervisors running now (tests: none leak across swaps).

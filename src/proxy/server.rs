@@ -9,7 +9,8 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use http::Request;
 use hyper::body::Incoming;
@@ -99,12 +100,7 @@ impl Proxy {
         let conns = Arc::new(Semaphore::new(max_conns as usize));
         let (stop, stop_rx) = watch::channel(false);
         let mut accepts = Vec::new();
-        let local = |l: &TcpListener| {
-            l.local_addr().map_err(|source| SetupError::Bind {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
-            })
-        };
+        let local = |l: &TcpListener| l.local_addr().map_err(SetupError::LocalAddr);
         let mut http_addr = None;
         let mut https_addr = None;
         if let Some(l) = listeners.http {
@@ -323,7 +319,7 @@ impl Proxy {
                             closing = true;
                             conn.as_mut().graceful_shutdown();
                         }
-                        Some(at) => idle_timer.as_mut().reset(at.into()),
+                        Some(at) => idle_timer.as_mut().reset(at),
                     }
                 }
             }
@@ -406,5 +402,31 @@ struct Busy(Arc<Activity>);
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_after_the_idle_timeout_since_its_last_request() {
+        let idle = Duration::from_secs(30);
+        let a = Arc::new(Activity::new());
+        // A request in flight keeps the connection busy however long it takes.
+        let busy = a.begin();
+        tokio::time::advance(Duration::from_secs(120)).await;
+        assert!(a.idle_deadline(idle).is_some());
+        drop(busy);
+        // The idle time runs from the end of the last request.
+        let at = a.idle_deadline(idle).expect("just ended");
+        assert_eq!(at, Instant::now() + idle);
+        tokio::time::advance(idle - Duration::from_millis(1)).await;
+        assert!(a.idle_deadline(idle).is_some());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(
+            a.idle_deadline(idle).is_none(),
+            "idle for the whole timeout"
+        );
     }
 }

@@ -46,7 +46,9 @@ pub trait GraphSink: Send + Sync + 'static {
     }
 }
 
-/// A graph holder for the proxy to read per request (`load`) and for tasks to watch.
+/// A [`GraphSink`] that only holds the graph: the current one (`load`), a watch of every swap
+/// (`subscribe`), and the revision id and evidence counters it serves under (`served`). Tests
+/// use it where no proxy runs; the proxy is a `GraphSink` of its own.
 pub struct Live {
     graph: ArcSwap<Graph>,
     tx: watch::Sender<Arc<Graph>>,
@@ -1157,10 +1159,40 @@ impl Reconciler {
 
     async fn pass(&mut self, force: bool) -> PassResult {
         let started = now_ms();
+        let (rev, fetch_ms) = match self.fetch_recorded().await {
+            Ok(fetched) => fetched,
+            Err(failed) => return failed,
+        };
+        self.cancel_stale_retry(&rev);
+        if let Some(unchanged) = self.unchanged(&rev, force) {
+            return unchanged;
+        }
+        let mut entry = self.new_entry(&rev, started);
+        entry.timings.fetch_ms = fetch_ms;
+        if let Some((kind, reason)) = self.refusal(&rev) {
+            entry.reject = Some(kind);
+            entry.reason = Some(reason);
+            return self.reject(entry, true);
+        }
+        let graph = match self.compile_checked(&rev, &mut entry).await {
+            Ok(graph) => graph,
+            Err(is_final) => return self.reject(entry, is_final),
+        };
+        if let Some(r) = self.retry.as_ref().filter(|r| r.revision == rev.id) {
+            entry.retry = Some(r.attempts);
+        }
+        let entry = self.go_live(rev, graph, entry).await;
+        PassResult::Recorded {
+            entry: Box::new(entry),
+        }
+    }
+
+    /// Fetch the desired revision and record the attempt in the status and metrics; on a
+    /// failure, the pass's result. Also returns how long the fetch took (ms).
+    async fn fetch_recorded(&mut self) -> Result<(Revision, u64), PassResult> {
         let t_fetch = Instant::now();
         let fetched = self.fetch().await;
         let took = t_fetch.elapsed();
-        let fetch_ms = ms(took);
         // A pinned pass reads the local copy only: not a fetch (the head is read beside it).
         if let (Some(m), None) = (&self.settings.metrics, &self.pinned) {
             m.source_fetch(self.source.kind(), fetched.is_ok(), took);
@@ -1179,54 +1211,75 @@ impl Reconciler {
                 s.status.passes += 1;
                 s.status.fetch_failures += 1;
                 tracing::warn!(error = %e, failures = self.failures, "source failed");
-                return PassResult::SourceFailed {
+                return Err(PassResult::SourceFailed {
                     error: e.to_string(),
-                };
+                });
             }
         };
         self.failures = 0;
-        {
-            let mut s = self.lock();
-            s.status.source_error = None;
-            s.status.consecutive_failures = 0;
-            s.status.attempted = Some(rev.id.clone());
-            s.status.last_pass_at = Some(now_ms());
-            s.status.last_fetch_ok_at = s.status.last_pass_at;
-            s.status.passes += 1;
-        }
-        // A new head cancels the retry of an older revision.
+        let mut s = self.lock();
+        s.status.source_error = None;
+        s.status.consecutive_failures = 0;
+        s.status.attempted = Some(rev.id.clone());
+        s.status.last_pass_at = Some(now_ms());
+        s.status.last_fetch_ok_at = s.status.last_pass_at;
+        s.status.passes += 1;
+        drop(s);
+        Ok((rev, ms(took)))
+    }
+
+    /// A new head cancels the retry of an older revision.
+    fn cancel_stale_retry(&mut self, rev: &Revision) {
         if self.retry.as_ref().is_some_and(|r| r.revision != rev.id) {
             tracing::info!(revision = %rev.id, "a new revision cancels the pending retry");
             self.retry = None;
             self.show_retry();
             self.persist();
         }
+    }
+
+    /// `Unchanged` when `rev` is already serving, or was finally rejected and not forced.
+    fn unchanged(&mut self, rev: &Revision, force: bool) -> Option<PassResult> {
         let is_serving = self.serving.as_ref().map(|a| a.id == rev.id) == Some(true);
         if is_serving {
             // The source confirms what the cache served.
             self.lock().status.serving_cached = false;
-            return PassResult::Unchanged { revision: rev.id };
+            return Some(PassResult::Unchanged {
+                revision: rev.id.clone(),
+            });
         }
         if self.final_reject.as_deref() == Some(rev.id.as_str()) && !force {
-            return PassResult::Unchanged { revision: rev.id };
+            return Some(PassResult::Unchanged {
+                revision: rev.id.clone(),
+            });
         }
-        let pinned = self.pinned.is_some();
-        let mut entry = self.new_entry(&rev, started);
-        entry.timings.fetch_ms = fetch_ms;
-        if rev.forced && !pinned && !self.settings.allow_force_push {
-            entry.reject = Some(RejectKind::ForcePush);
-            entry.reason = Some(format!(
-                "{} does not descend from the applied revision (force push); start with --allow-force-push or pin it to apply it",
-                rev.id
+        None
+    }
+
+    /// Why the source's history refuses `rev` before it is compiled: a force push (unless
+    /// allowed or pinned) or a failed signature check.
+    fn refusal(&self, rev: &Revision) -> Option<(RejectKind, String)> {
+        if rev.forced && self.pinned.is_none() && !self.settings.allow_force_push {
+            return Some((
+                RejectKind::ForcePush,
+                format!(
+                    "{} does not descend from the applied revision (force push); start with --allow-force-push or pin it to apply it",
+                    rev.id
+                ),
             ));
-            return self.reject(entry, true);
         }
-        if let Some(why) = &rev.signature_error {
-            entry.reject = Some(RejectKind::Signature);
-            entry.reason = Some(format!("signature check failed: {why}"));
-            return self.reject(entry, true);
-        }
-        let (outcome, compile_ms) = self.compile(&rev).await;
+        rev.signature_error.as_ref().map(|why| {
+            (
+                RejectKind::Signature,
+                format!("signature check failed: {why}"),
+            )
+        })
+    }
+
+    /// Compile `rev` and preflight its TLS secrets, filling `entry`; on a rejection, whether it
+    /// is final (`false`: a preflight error, retried on the next resync).
+    async fn compile_checked(&self, rev: &Revision, entry: &mut Entry) -> Result<Arc<Graph>, bool> {
+        let (outcome, compile_ms) = self.compile(rev).await;
         entry.timings.compile_ms = compile_ms;
         entry.diagnostics = outcome.diagnostics;
         let Some(graph) = outcome.graph else {
@@ -1237,7 +1290,7 @@ impl Reconciler {
                 .count();
             entry.reject = Some(RejectKind::Config);
             entry.reason = Some(format!("{errors} error(s) in the revision"));
-            return self.reject(entry, true);
+            return Err(true);
         };
         entry.routes = graph.len();
         entry.graph = short(&graph.hash);
@@ -1257,16 +1310,10 @@ impl Reconciler {
                     found.len()
                 ));
                 entry.diagnostics.extend(found);
-                return self.reject(entry, false);
+                return Err(false);
             }
         }
-        if let Some(r) = self.retry.as_ref().filter(|r| r.revision == rev.id) {
-            entry.retry = Some(r.attempts);
-        }
-        let entry = self.go_live(rev, graph, entry).await;
-        PassResult::Recorded {
-            entry: Box::new(entry),
-        }
+        Ok(graph)
     }
 
     /// Swap `graph` in as revision `rev` and start its window, judged against the last

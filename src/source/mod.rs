@@ -1,7 +1,10 @@
-//! Sources: where revisions come from (a git repository, a local directory).
+//! Sources: where revisions come from (a git repository, a local directory, a Kubernetes
+//! cluster's Mappings and Hosts).
 //!
 //! Owns: fetching, resolving the desired revision and the "something changed" signal. A source
-//! only produces revisions: it never compiles, judges or swaps a graph (that is `reconcile`).
+//! never judges or swaps a graph (that is `reconcile`). The git and dir sources do not compile
+//! either; the Kubernetes source compiles its snapshot to set invalid objects aside (a cluster
+//! has no commit to reject whole), and `reconcile` compiles what it hands over once more.
 //! Every method of [`Source`] may block (git2, file system); callers run them on
 //! `spawn_blocking`.
 

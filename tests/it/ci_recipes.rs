@@ -178,26 +178,7 @@ fn gitlab_note_is_posted_then_edited() {
 // install root, so the install step's own shell still runs); the comment goes to the fake API.
 
 fn git_in(dir: &Path, args: &[&str]) {
-    let o = Command::new("git")
-        .args([
-            "-c",
-            "user.name=T",
-            "-c",
-            "user.email=t@example.test",
-            "-c",
-            "commit.gpgsign=false",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git");
-    assert!(
-        o.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    crate::support::git::git(dir, args);
 }
 
 /// `origin` (bare) with `main`, `feature` (canary 10% -> 50%) and `broken` (a Mapping without

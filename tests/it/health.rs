@@ -657,3 +657,26 @@ fn outlier_detection_compiles_from_an_object_or_a_string_and_bad_values_are_erro
         assert!(out.graph.is_none(), "{bad}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_of_upstreams_that_leave_the_graph_are_dropped() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let to = |svc: String| {
+        compile(&mapping(
+            "m",
+            &format!("hostname: '*'\nprefix: /m/\nservice: {svc}"),
+        ))
+    };
+    let gw = Gateway::start(&route("m", "/m/", &a.service(), "")).await;
+    assert_eq!(get(&gw.url("/m/x"), &[]).await.status, 200);
+    assert_eq!(gw.proxy.upstream_pools(), 1);
+    // Upstream a leaves the graph: its pool (and the idle connection in it) goes with it.
+    gw.proxy.swap(to(b.service()));
+    assert_eq!(get(&gw.url("/m/x"), &[]).await.status, 200);
+    assert_eq!(gw.proxy.upstream_pools(), 1);
+    // Back and forth: never more pools than upstreams in use.
+    gw.proxy.swap(to(a.service()));
+    gw.proxy.swap(to(b.service()));
+    assert_eq!(gw.proxy.upstream_pools(), 1);
+}

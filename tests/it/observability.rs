@@ -9,7 +9,7 @@ use legate::reconcile::{self, Outcome};
 use legate::source::dir::DirSource;
 
 use crate::reconcile::{outcome, settings};
-use crate::support::{get, mapping, send, Gateway, Tree, Upstream};
+use crate::support::{get, mapping, route, send, Gateway, Tree, Upstream};
 use crate::traffic::{flaky, gate, gated, spawn_gets, Scripted};
 
 fn config(up: &Upstream) -> String {
@@ -391,33 +391,15 @@ async fn traceparent_is_forwarded_with_a_new_parent_or_started() {
 /// `max_requests` breaker, and a breaker that allows no retry.
 fn policies(flaky: &Scripted, gated: &Scripted, refused: &Scripted, dead: &str) -> String {
     [
-        mapping(
-            "r",
-            &format!(
-                "hostname: '*'\nprefix: /r/\nservice: {}\nstats_name: retried\nretry_policy:\n  retry_on: 5xx\n  num_retries: 3",
-                flaky.service()
-            ),
-        ),
+        route("r", "/r/", &flaky.service(), "stats_name: retried\nretry_policy:\n  retry_on: 5xx\n  num_retries: 3"),
         mapping(
             "c",
             &format!(
                 "hostname: '*'\nprefix: /c/\nservice: {dead}\nretry_policy:\n  retry_on: connect-failure\n  num_retries: 2"
             ),
         ),
-        mapping(
-            "b",
-            &format!(
-                "hostname: '*'\nprefix: /b/\nservice: {}\ntimeout_ms: 60000\ncircuit_breakers:\n  - max_requests: 2",
-                gated.service()
-            ),
-        ),
-        mapping(
-            "n",
-            &format!(
-                "hostname: '*'\nprefix: /n/\nservice: {}\nretry_policy:\n  retry_on: 5xx\n  num_retries: 3\ncircuit_breakers:\n  - max_retries: 0",
-                refused.service()
-            ),
-        ),
+        route("b", "/b/", &gated.service(), "timeout_ms: 60000\ncircuit_breakers:\n  - max_requests: 2"),
+        route("n", "/n/", &refused.service(), "retry_policy:\n  retry_on: 5xx\n  num_retries: 3\ncircuit_breakers:\n  - max_retries: 0"),
     ]
     .concat()
 }
@@ -512,12 +494,11 @@ async fn access_log_shows_retries_trace_id_and_upstream_address() {
     let up = Upstream::start("u").await;
     let dir = tempfile::tempdir().unwrap();
     let (path, settings) = logging_to(dir.path());
-    let yaml = mapping(
+    let yaml = route(
         "r",
-        &format!(
-            "hostname: '*'\nprefix: /r/\nservice: {}\nretry_policy:\n  retry_on: 5xx\n  num_retries: 3",
-            flaky_up.service()
-        ),
+        "/r/",
+        &flaky_up.service(),
+        "retry_policy:\n  retry_on: 5xx\n  num_retries: 3",
     ) + &config(&up);
     let gw = Gateway::with(&yaml, settings).await;
 

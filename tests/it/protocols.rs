@@ -151,10 +151,7 @@ fn ws_route(name: &str, service: &str, extra: &str) -> String {
 }
 
 fn other_route(up: &Upstream) -> String {
-    mapping(
-        "other",
-        &format!("hostname: '*'\nprefix: /other/\nservice: {}", up.service()),
-    )
+    route("other", "/other/", &up.service(), "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,16 +195,8 @@ async fn websocket_stays_open_across_graph_swaps() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_needs_allow_upgrade_or_use_websocket() {
     let up = EchoServer::start("e").await;
-    let yaml = mapping(
-        "uw",
-        &format!(
-            "hostname: '*'\nprefix: /uw/\nservice: {}\nuse_websocket: true",
-            up.service()
-        ),
-    ) + &mapping(
-        "plain",
-        &format!("hostname: '*'\nprefix: /plain/\nservice: {}", up.service()),
-    );
+    let yaml = route("uw", "/uw/", &up.service(), "use_websocket: true")
+        + &route("plain", "/plain/", &up.service(), "");
     let gw = Gateway::start(&yaml).await;
     let mut c = ws::Client::connect(gw.http, "t", "/uw/").await.unwrap();
     assert_eq!(c.echo("hi").await, "e:hi");

@@ -64,13 +64,7 @@ async fn prefix_exact_regex_and_no_route() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_is_normalized_once_and_forwarded_normalized() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "keep",
-        &format!(
-            "hostname: '*'\nprefix: /app/\nservice: {}\nrewrite: ''",
-            up.service()
-        ),
-    );
+    let yaml = route("keep", "/app/", &up.service(), "rewrite: ''");
     let gw = Gateway::start(&yaml).await;
     let resp = raw(
         gw.http,
@@ -267,13 +261,7 @@ async fn redirects() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_add_and_remove_both_ways() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "h",
-        &format!(
-            "hostname: '*'\nprefix: /h/\nservice: {}\nadd_request_headers:\n  x-added: one\n  x-replaced:\n    value: mine\n    append: false\n  x-appended:\n    value: two\n    append: true\nremove_request_headers:\n- cookie\nadd_response_headers:\n  x-resp: yes\nremove_response_headers:\n- server",
-            up.service()
-        ),
-    );
+    let yaml = route("h", "/h/", &up.service(), "add_request_headers:\n  x-added: one\n  x-replaced:\n    value: mine\n    append: false\n  x-appended:\n    value: two\n    append: true\nremove_request_headers:\n- cookie\nadd_response_headers:\n  x-resp: yes\nremove_response_headers:\n- server");
     let gw = Gateway::start(&yaml).await;
     let r = get(
         &gw.url("/h/"),
@@ -301,10 +289,7 @@ async fn header_add_and_remove_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_headers_stripped_both_ways() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "h",
-        &format!("hostname: '*'\nprefix: /h/\nservice: {}", up.service()),
-    );
+    let yaml = route("h", "/h/", &up.service(), "");
     let gw = Gateway::start(&yaml).await;
     let resp = raw(
         gw.http,
@@ -350,10 +335,7 @@ async fn hop_by_hop_headers_stripped_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_headers_and_request_id() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "h",
-        &format!("hostname: '*'\nprefix: /h/\nservice: {}", up.service()),
-    );
+    let yaml = route("h", "/h/", &up.service(), "");
     let gw = Gateway::start(&yaml).await;
     // A client-sent X-Forwarded-For is replaced when no hop is trusted.
     let r = get(
@@ -392,10 +374,7 @@ async fn forwarded_headers_and_request_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debug_headers_name_route_and_revision() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "dbg",
-        &format!("hostname: '*'\nprefix: /d/\nservice: {}", up.service()),
-    );
+    let yaml = route("dbg", "/d/", &up.service(), "");
     let gw = Gateway::start(&yaml).await;
     assert_eq!(
         get(&gw.url("/d/"), &[]).await.header("x-legate-route"),
@@ -418,31 +397,13 @@ async fn timeout_504_dead_upstream_502_and_weights() {
         l.local_addr().unwrap()
     };
     let yaml = [
-        mapping(
-            "slow",
-            &format!(
-                "hostname: '*'\nprefix: /slow/\nservice: {}\ntimeout_ms: 200",
-                up.service()
-            ),
-        ),
+        route("slow", "/slow/", &up.service(), "timeout_ms: 200"),
         mapping(
             "dead",
             &format!("hostname: '*'\nprefix: /dead/\nservice: {dead}"),
         ),
-        mapping(
-            "w1",
-            &format!(
-                "hostname: '*'\nprefix: /w/\nservice: {}\nweight: 50",
-                up.service()
-            ),
-        ),
-        mapping(
-            "w2",
-            &format!(
-                "hostname: '*'\nprefix: /w/\nservice: {}\nweight: 50",
-                b.service()
-            ),
-        ),
+        route("w1", "/w/", &up.service(), "weight: 50"),
+        route("w2", "/w/", &b.service(), "weight: 50"),
     ]
     .concat();
     let gw = Gateway::start(&yaml).await;
@@ -567,10 +528,7 @@ async fn tls_sni_http2_insecure_policy_and_rotation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_prior_knowledge_and_upgrade_attempt() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "m",
-        &format!("hostname: '*'\nprefix: /s/\nservice: {}", up.service()),
-    );
+    let yaml = route("m", "/s/", &up.service(), "");
     let gw = Gateway::start(&yaml).await;
     let (ok, out, err) = curl(&[
         "-i".into(),
@@ -592,13 +550,7 @@ async fn h2c_prior_knowledge_and_upgrade_attempt() {
 async fn large_bodies_stream_both_ways() {
     const N: u64 = 200 * 1024 * 1024;
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "big",
-        &format!(
-            "hostname: '*'\nprefix: /big/\nservice: {}\ntimeout_ms: 600000",
-            up.service()
-        ),
-    );
+    let yaml = route("big", "/big/", &up.service(), "timeout_ms: 600000");
     let gw = Gateway::start(&yaml).await;
     let before = peak_rss();
     // Upload: generated on the fly, chunked; the upstream counts what arrives.
@@ -639,10 +591,7 @@ fn limits(f: impl FnOnce(&mut Limits)) -> Settings {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_uri_length() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "m",
-        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
-    );
+    let yaml = route("m", "/", &up.service(), "");
     let gw = Gateway::with(&yaml, limits(|l| l.max_uri_bytes = 100)).await;
     let at = format!("/{}", "a".repeat(99));
     assert_eq!(get(&gw.url(&at), &[]).await.status, 200);
@@ -654,10 +603,7 @@ async fn limit_uri_length() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_header_count_and_size() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "m",
-        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
-    );
+    let yaml = route("m", "/", &up.service(), "");
     let gw = Gateway::with(
         &yaml,
         limits(|l| {
@@ -684,10 +630,7 @@ async fn limit_header_count_and_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_body_size() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "m",
-        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
-    );
+    let yaml = route("m", "/", &up.service(), "");
     let gw = Gateway::with(&yaml, limits(|l| l.max_body_bytes = Some(1000))).await;
     let full = |n: usize| {
         http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
@@ -721,10 +664,7 @@ async fn limit_body_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_header_read_timeout_and_idle_timeout() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "m",
-        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
-    );
+    let yaml = route("m", "/", &up.service(), "");
     let gw = Gateway::with(
         &yaml,
         limits(|l| {
@@ -765,10 +705,7 @@ async fn limit_header_read_timeout_and_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_max_connections() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "m",
-        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
-    );
+    let yaml = route("m", "/", &up.service(), "");
     let gw = Gateway::with(&yaml, limits(|l| l.max_connections = 3)).await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     async fn request_on(s: &mut tokio::net::TcpStream) -> bool {
@@ -813,10 +750,7 @@ async fn limit_max_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_h2_concurrent_streams_advertised() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "m",
-        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
-    );
+    let yaml = route("m", "/", &up.service(), "");
     let gw = Gateway::with(&yaml, limits(|l| l.max_h2_streams = 7)).await;
     let tcp = tokio::net::TcpStream::connect(gw.http).await.unwrap();
     let (mut h2, mut conn) = h2::client::handshake(tcp).await.unwrap();
@@ -854,17 +788,8 @@ async fn limit_h2_concurrent_streams_advertised() {
 async fn reload_under_load_loses_nothing() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let ya = mapping(
-        "r",
-        &format!("hostname: '*'\nprefix: /r/\nservice: {}", a.service()),
-    );
-    let yb = mapping(
-        "r",
-        &format!("hostname: '*'\nprefix: /r/\nservice: {}", b.service()),
-    ) + &mapping(
-        "extra",
-        &format!("hostname: '*'\nprefix: /x/\nservice: {}", b.service()),
-    );
+    let ya = route("r", "/r/", &a.service(), "");
+    let yb = route("r", "/r/", &b.service(), "") + &route("extra", "/x/", &b.service(), "");
     let (ga, gb) = (compile(&ya), compile(&yb));
     let gw = Gateway::start(&ya).await;
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -917,10 +842,7 @@ async fn reload_under_load_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_drains_in_flight() {
     let up = Upstream::start("a").await;
-    let yaml = mapping(
-        "m",
-        &format!("hostname: '*'\nprefix: /\nservice: {}", up.service()),
-    );
+    let yaml = route("m", "/", &up.service(), "");
     let mut gw = Gateway::start(&yaml).await;
     let url = gw.url("/?sleep_ms=300");
     let inflight = tokio::spawn(async move { get(&url, &[]).await });
@@ -1016,13 +938,7 @@ async fn https_and_http2_upstreams() {
                 tls_up.addr.port()
             ),
         ),
-        mapping(
-            "grpc",
-            &format!(
-                "hostname: '*'\nprefix: /g/\nservice: {}\ngrpc: true",
-                h2_up.service()
-            ),
-        ),
+        route("grpc", "/g/", &h2_up.service(), "grpc: true"),
         mapping(
             "h2c",
             &format!(
@@ -1058,17 +974,8 @@ async fn upgrade_only_when_allowed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = Upstream::start("a").await;
     let yaml = [
-        mapping(
-            "ws",
-            &format!(
-                "hostname: '*'\nprefix: /ws/\nservice: {}\nallow_upgrade:\n- websocket",
-                up.service()
-            ),
-        ),
-        mapping(
-            "plain",
-            &format!("hostname: '*'\nprefix: /plain/\nservice: {}", up.service()),
-        ),
+        route("ws", "/ws/", &up.service(), "allow_upgrade:\n- websocket"),
+        route("plain", "/plain/", &up.service(), ""),
     ]
     .concat();
     let gw = Gateway::start(&yaml).await;
@@ -1164,4 +1071,25 @@ async fn dns_names_use_every_address_and_survive_lookup_failures() {
     let gw = Gateway::with(&yaml, settings_with(|s| s.lookup = lookup)).await;
     assert_eq!(get(&gw.url("/n/"), &[]).await.status, 502);
     drop(b);
+}
+
+/// `timeout_ms: 0` turns the route timeout off (as documented), whatever
+/// `--default-timeout-ms` says: it used to fall back to the flag's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_ms_zero_disables_the_route_timeout() {
+    let up = Upstream::start("a").await;
+    let svc = up.service();
+    let yaml = route("off", "/off/", &svc, "timeout_ms: 0")
+        + &route("short", "/short/", &svc, "timeout_ms: 50");
+    let gw = Gateway::with(
+        &yaml,
+        legate::proxy::Settings {
+            default_timeout: Duration::from_millis(50),
+            ..Default::default()
+        },
+    )
+    .await;
+    // The upstream answers after 400 ms: past the flag's 50 ms, and past the other route's.
+    assert_eq!(get(&gw.url("/off/?sleep_ms=400"), &[]).await.status, 200);
+    assert_eq!(get(&gw.url("/short/?sleep_ms=400"), &[]).await.status, 504);
 }

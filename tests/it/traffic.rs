@@ -391,11 +391,7 @@ async fn retries_until_success_within_num_retries() {
 
     // No policy: no retry.
     let up = flaky(1, 503).await;
-    let gw = Gateway::start(&mapping(
-        "r",
-        &format!("hostname: '*'\nprefix: /r/\nservice: {}", up.service()),
-    ))
-    .await;
+    let gw = Gateway::start(&route("r", "/r/", &up.service(), "")).await;
     assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 503);
     assert_eq!(up.hits(), 1);
 }
@@ -549,14 +545,7 @@ async fn default_breaker_admits_concurrent_clients() {
     // Envoy's defaults (1024 requests) do not get in the way of 50 concurrent clients.
     let (open, rx) = gate();
     let up = gated(rx).await;
-    let gw = Gateway::start(&mapping(
-        "b",
-        &format!(
-            "hostname: '*'\nprefix: /b/\nservice: {}\ntimeout_ms: 60000",
-            up.service()
-        ),
-    ))
-    .await;
+    let gw = Gateway::start(&route("b", "/b/", &up.service(), "timeout_ms: 60000")).await;
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..50 {
         let u = gw.url("/b/x");
@@ -572,12 +561,11 @@ async fn default_breaker_admits_concurrent_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_retries_breaker_stops_retries() {
     let up = flaky(1, 503).await;
-    let yaml = mapping(
+    let yaml = route(
         "r",
-        &format!(
-            "hostname: '*'\nprefix: /r/\nservice: {}\nretry_policy:\n  retry_on: 5xx\n  num_retries: 3\ncircuit_breakers:\n  - max_retries: 0",
-            up.service()
-        ),
+        "/r/",
+        &up.service(),
+        "retry_policy:\n  retry_on: 5xx\n  num_retries: 3\ncircuit_breakers:\n  - max_retries: 0",
     );
     let gw = Gateway::start(&yaml).await;
     assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 503);
@@ -587,19 +575,7 @@ async fn max_retries_breaker_stops_retries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_answered_and_headers_on_responses() {
     let up = Upstream::start("app").await;
-    let yaml = mapping(
-        "api",
-        &format!(
-            "hostname: '*'\nprefix: /api/\nservice: {}\ncors:\n  origins: https://app.example.com, https://.*\\.example\\.org\n  methods: [GET, PUT]\n  headers: x-custom,content-type\n  exposed_headers: [x-upstream]\n  credentials: true\n  max_age: '600'",
-            up.service()
-        ),
-    ) + &mapping(
-        "open",
-        &format!(
-            "hostname: '*'\nprefix: /open/\nservice: {}\ncors:\n  origins: ['*']",
-            up.service()
-        ),
-    );
+    let yaml = route("api", "/api/", &up.service(), "cors:\n  origins: https://app.example.com, https://.*\\.example\\.org\n  methods: [GET, PUT]\n  headers: x-custom,content-type\n  exposed_headers: [x-upstream]\n  credentials: true\n  max_age: '600'") + &route("open", "/open/", &up.service(), "cors:\n  origins: ['*']");
     let gw = Gateway::start(&yaml).await;
     let preflight = |origin: &'static str, path: &'static str| {
         let url = gw.url(path);
@@ -709,12 +685,11 @@ async fn grpc_requests_get_grpc_status_errors() {
     let yaml = mapping(
         "dead",
         &format!("hostname: '*'\nprefix: /dead.Svc/\nservice: {dead_addr}\ngrpc: true"),
-    ) + &mapping(
+    ) + &route(
         "slow",
-        &format!(
-            "hostname: '*'\nprefix: /slow.Svc/\nservice: {}\ngrpc: true\ntimeout_ms: 200",
-            slow.service()
-        ),
+        "/slow.Svc/",
+        &slow.service(),
+        "grpc: true\ntimeout_ms: 200",
     );
     let gw = Gateway::start(&yaml).await;
 
@@ -881,19 +856,8 @@ async fn least_request_avoids_the_busy_address() {
 async fn upgrades_are_not_shadowed() {
     let real = Upstream::start("real").await;
     let shadow = Upstream::start("shadow").await;
-    let yaml = mapping(
-        "real",
-        &format!(
-            "hostname: '*'\nprefix: /s/\nservice: {}\nallow_upgrade: [websocket]",
-            real.service()
-        ),
-    ) + &mapping(
-        "shadow",
-        &format!(
-            "hostname: '*'\nprefix: /s/\nservice: {}\nshadow: true",
-            shadow.service()
-        ),
-    );
+    let yaml = route("real", "/s/", &real.service(), "allow_upgrade: [websocket]")
+        + &route("shadow", "/s/", &shadow.service(), "shadow: true");
     let gw = Gateway::start(&yaml).await;
     let r = get(
         &gw.url("/s/ws"),

@@ -26,6 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use legate::proxy::{Listeners, Proxy, Running, Settings};
 
+pub mod git;
 pub mod ws;
 
 pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -324,6 +325,14 @@ pub fn mapping(name: &str, spec: &str) -> String {
         .map(|l| format!("  {l}\n"))
         .collect();
     format!("---\napiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata:\n  name: {name}\n  labels:\n    gateway: test\nspec:\n{spec}")
+}
+
+/// A Mapping for any host: `prefix` to `service`, then the `extra` spec lines.
+pub fn route(name: &str, prefix: &str, service: &str, extra: &str) -> String {
+    mapping(
+        name,
+        &format!("hostname: '*'\nprefix: {prefix}\nservice: {service}\n{extra}"),
+    )
 }
 
 /// A Host document selecting Mappings labelled `gateway: test`.
