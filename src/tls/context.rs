@@ -11,7 +11,6 @@ use rustls::crypto::{ring, CryptoProvider, SupportedKxGroup};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{SupportedCipherSuite, SupportedProtocolVersion};
-use rustls_pki_types::pem::PemObject;
 
 use super::{SecretStore, TlsError};
 pub use crate::routes::tls::{TlsPolicy, TlsVersion};
@@ -201,20 +200,7 @@ pub fn origin_config(
         })?;
     let builder = match &spec.ca {
         Some(ca) => builder.with_root_certificates(store.load_ca(&ca.name)?),
-        None => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            if let Some(path) = extra_ca {
-                let pem = std::fs::read(path).map_err(|source| TlsError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
-                for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem).flatten() {
-                    let _ = roots.add(c);
-                }
-            }
-            builder.with_root_certificates(roots)
-        }
+        None => builder.with_root_certificates(super::default_roots(extra_ca)?),
     };
     let mut cfg = match &spec.client_cert {
         Some(secret) => {

@@ -418,11 +418,9 @@ pub fn server_config(source: Arc<dyn CertSource>) -> Result<rustls::ServerConfig
     Ok(cfg)
 }
 
-/// The client config for `https://` upstreams: webpki roots plus an optional extra CA bundle.
-pub fn client_config(
-    extra_ca: Option<&Path>,
-    alpn: &[&[u8]],
-) -> Result<rustls::ClientConfig, TlsError> {
+/// The roots an upstream's certificate may chain to: the webpki roots plus an optional extra CA
+/// bundle (`--upstream-ca`), which must hold at least one certificate.
+pub fn default_roots(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
@@ -442,6 +440,15 @@ pub fn client_config(
             });
         }
     }
+    Ok(roots)
+}
+
+/// The client config for `https://` upstreams: webpki roots plus an optional extra CA bundle.
+pub fn client_config(
+    extra_ca: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let roots = default_roots(extra_ca)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
