@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn legate(args: &[&str]) -> Output {
+pub(crate) fn legate(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_legate"))
         .args(args)
         .output()
@@ -21,7 +21,8 @@ fn repo_root() -> PathBuf {
 
 const GOOD: &str = "apiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata:\n  name: good\nspec:\n  hostname: '*'\n  prefix: /good/\n  service: good:8080\n";
 
-fn tree(files: &[(&str, &[u8])]) -> tempfile::TempDir {
+/// A config directory holding these files (subdirectories made as needed).
+pub(crate) fn tree(files: &[(&str, &[u8])]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for (name, body) in files {
         let p = dir.path().join(name);
@@ -31,7 +32,14 @@ fn tree(files: &[(&str, &[u8])]) -> tempfile::TempDir {
     dir
 }
 
-fn check(dir: &Path, extra: &[&str]) -> Output {
+/// [`tree`] of text files.
+pub(crate) fn text_tree(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let bytes: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_bytes())).collect();
+    tree(&bytes)
+}
+
+/// `legate check DIR EXTRA...`.
+pub(crate) fn check(dir: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["check", dir.to_str().unwrap()];
     args.extend_from_slice(extra);
     legate(&args)

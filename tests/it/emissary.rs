@@ -7,14 +7,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::config_cli::{check, legate, text_tree as tree};
 use crate::support::{free_addr, get, send, Gateway, Killed, Upstream};
-
-fn legate(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_legate"))
-        .args(args)
-        .output()
-        .expect("run legate")
-}
 
 fn text(o: &Output) -> String {
     format!(
@@ -22,22 +16,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, body) in files {
-        let p = dir.path().join(name);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, body).unwrap();
-    }
-    dir
-}
-
-fn check(dir: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["check", dir.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    legate(&args)
 }
 
 fn routes(dir: &Path) -> String {
