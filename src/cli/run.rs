@@ -232,8 +232,15 @@ pub struct RunArgs {
     #[arg(long, env = "LEGATE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
     /// Runtime worker threads (default: one per CPU; 1 runs a single-threaded runtime).
-    #[arg(long, env = "LEGATE_WORKER_THREADS")]
+    #[arg(long, env = "LEGATE_WORKER_THREADS", conflicts_with = "workers")]
     pub worker_threads: Option<usize>,
+    /// Proxy workers, each a thread with a single-threaded runtime and its own `SO_REUSEPORT`
+    /// socket per listener (the kernel spreads connections over them): no work stealing or
+    /// cross-thread wake-ups per request. One per core the gateway may use is the usual choice;
+    /// the control plane (reconciler, admin, health checks) shares the first worker's thread.
+    /// Instead of `--worker-threads`.
+    #[arg(long, env = "LEGATE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
     /// Access log (one JSON line per request): `stdout` (or `-`), a file appended to, or `off`.
     #[arg(long, env = "LEGATE_ACCESS_LOG", default_value = "stdout")]
     pub access_log: String,
@@ -298,6 +305,7 @@ pub fn run(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result<i32> {
     // One worker: a current-thread runtime, with no cross-thread wake-ups or work stealing
     // (what a gateway pinned to one core wants). More: the work-stealing scheduler.
     let mut rt = match args.worker_threads {
+        _ if args.workers.is_some() => tokio::runtime::Builder::new_current_thread(),
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -527,21 +535,29 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         tokio::spawn(crate::proxy::echo::serve(l));
     }
 
+    let workers = usize::from(args.workers.unwrap_or(1));
     let http_l = match http {
-        Some(a) => Some(bind(a, "http-listen").await?),
+        Some(a) => bind_n(a, "http-listen", workers)?,
+        None => Vec::new(),
+    };
+    let https_cfg = match https {
+        Some(_) => Some(Arc::new(crate::tls::server_config(proxy.cert_source())?)),
         None => None,
     };
     let https_l = match https {
-        Some(a) => {
-            let cfg = crate::tls::server_config(proxy.cert_source())?;
-            Some((bind(a, "https-listen").await?, Arc::new(cfg)))
-        }
-        None => None,
+        Some(a) => bind_n(a, "https-listen", workers)?,
+        None => Vec::new(),
     };
-    let running = proxy.start(Listeners {
-        http: http_l,
-        https: https_l,
-    })?;
+    let (mut http_l, mut https_l) = (http_l.into_iter(), https_l.into_iter());
+    let mut sets = (0..workers).map(|_| Listeners {
+        http: http_l.next(),
+        https: https_l.next().zip(https_cfg.clone()),
+    });
+    let first = sets.next().unwrap_or(Listeners {
+        http: None,
+        https: None,
+    });
+    let running = proxy.start_workers(first, sets.collect())?;
     if let Some(a) = running.http_addr {
         tracing::info!(addr = %a, "HTTP listener ready");
     }
@@ -641,17 +657,35 @@ impl crate::proxy::LocalService for Hooks {
 const LISTEN_BACKLOG: u32 = 4096;
 
 async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    let listen = || -> std::io::Result<tokio::net::TcpListener> {
-        let sock = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        sock.set_reuseaddr(true)?;
-        sock.bind(addr)?;
-        sock.listen(LISTEN_BACKLOG)
+    listen(addr, false).with_context(|| format!("cannot listen on {addr} (--{flag})"))
+}
+
+/// `n` sockets on one address, one per worker: with `SO_REUSEPORT` when there are several (the
+/// kernel then balances new connections over them). Port 0 is resolved by the first.
+fn bind_n(addr: SocketAddr, flag: &str, n: usize) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+    let mut at = addr;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let l = listen(at, n > 1).with_context(|| format!("cannot listen on {at} (--{flag})"))?;
+        at = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
     };
-    listen().with_context(|| format!("cannot listen on {addr} (--{flag})"))
+    sock.set_reuseaddr(true)?;
+    if reuse_port {
+        #[cfg(unix)]
+        sock.set_reuseport(true)?;
+    }
+    sock.bind(addr)?;
+    sock.listen(LISTEN_BACKLOG)
 }
 
 async fn wait_for_signal() {

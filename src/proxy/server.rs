@@ -64,6 +64,9 @@ pub struct Running {
     accepts: Vec<JoinHandle<()>>,
     conns: Arc<Semaphore>,
     max_conns: u32,
+    /// The other workers' threads (see [`Proxy::start_workers`]) and the signal that ends them.
+    workers: Vec<std::thread::JoinHandle<()>>,
+    exit: watch::Sender<bool>,
 }
 
 impl Running {
@@ -80,6 +83,11 @@ impl Running {
         if !drained {
             tracing::warn!("drain deadline passed with connections still open");
         }
+        // The other workers' runtimes end here: connections still open on them are dropped.
+        let _ = self.exit.send(true);
+        for w in self.workers {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
         drained
     }
 
@@ -90,8 +98,21 @@ impl Running {
 }
 
 impl Proxy {
-    /// Serve the given listeners until [`Running::shutdown`].
+    /// Serve the given listeners until [`Running::shutdown`], on the current runtime.
     pub fn start(self: &Arc<Self>, listeners: Listeners) -> Result<Running, SetupError> {
+        self.start_workers(listeners, Vec::new())
+    }
+
+    /// Serve `first` on the current runtime and each set in `more` on a worker thread of its
+    /// own, with a single-threaded runtime: no work stealing and no cross-thread wake-ups on
+    /// the request path. The sets are the same addresses bound again with `SO_REUSEPORT`, so
+    /// the kernel spreads new connections over the workers. `--max-connections` and the drain
+    /// on shutdown count the connections of all workers together.
+    pub fn start_workers(
+        self: &Arc<Self>,
+        first: Listeners,
+        more: Vec<Listeners>,
+    ) -> Result<Running, SetupError> {
         let max_conns = self
             .settings
             .limits
@@ -99,27 +120,14 @@ impl Proxy {
             .clamp(1, u32::MAX as usize >> 4) as u32;
         let conns = Arc::new(Semaphore::new(max_conns as usize));
         let (stop, stop_rx) = watch::channel(false);
-        let mut accepts = Vec::new();
+        let (exit, exit_rx) = watch::channel(false);
         let local = |l: &TcpListener| l.local_addr().map_err(SetupError::LocalAddr);
-        let mut http_addr = None;
-        let mut https_addr = None;
-        if let Some(l) = listeners.http {
-            http_addr = Some(local(&l)?);
-            accepts.push(tokio::spawn(self.clone().accept_loop(
-                l,
-                None,
-                conns.clone(),
-                stop_rx.clone(),
-            )));
-        }
-        if let Some((l, cfg)) = listeners.https {
-            https_addr = Some(local(&l)?);
-            accepts.push(tokio::spawn(self.clone().accept_loop(
-                l,
-                Some(cfg),
-                conns.clone(),
-                stop_rx.clone(),
-            )));
+        let http_addr = first.http.as_ref().map(local).transpose()?;
+        let https_addr = first.https.as_ref().map(|(l, _)| local(l)).transpose()?;
+        let accepts = self.spawn_accepts(first, &conns, &stop_rx);
+        let mut workers = Vec::new();
+        for (i, set) in more.into_iter().enumerate() {
+            workers.push(self.spawn_worker(i + 1, set, &conns, &stop_rx, exit_rx.clone())?);
         }
         Ok(Running {
             http_addr,
@@ -128,7 +136,97 @@ impl Proxy {
             accepts,
             conns,
             max_conns,
+            workers,
+            exit,
         })
+    }
+
+    /// One accept loop per listener of the set, on the current runtime.
+    fn spawn_accepts(
+        self: &Arc<Self>,
+        set: Listeners,
+        conns: &Arc<Semaphore>,
+        stop: &watch::Receiver<bool>,
+    ) -> Vec<JoinHandle<()>> {
+        let mut accepts = Vec::new();
+        if let Some(l) = set.http {
+            accepts.push(tokio::spawn(self.clone().accept_loop(
+                l,
+                None,
+                conns.clone(),
+                stop.clone(),
+            )));
+        }
+        if let Some((l, cfg)) = set.https {
+            accepts.push(tokio::spawn(self.clone().accept_loop(
+                l,
+                Some(cfg),
+                conns.clone(),
+                stop.clone(),
+            )));
+        }
+        accepts
+    }
+
+    /// A thread with a single-threaded runtime serving `set` until `exit`.
+    fn spawn_worker(
+        self: &Arc<Self>,
+        n: usize,
+        set: Listeners,
+        conns: &Arc<Semaphore>,
+        stop: &watch::Receiver<bool>,
+        mut exit: watch::Receiver<bool>,
+    ) -> Result<std::thread::JoinHandle<()>, SetupError> {
+        // The sockets leave this runtime's reactor here and join the worker's on its thread
+        // (a runtime must not be dropped inside another one, so it is built there too).
+        let http = set.http.map(|l| l.into_std()).transpose();
+        let http = http.map_err(SetupError::Worker)?;
+        let https = match set.https {
+            Some((l, cfg)) => Some((l.into_std().map_err(SetupError::Worker)?, cfg)),
+            None => None,
+        };
+        let setup = move || -> std::io::Result<(tokio::runtime::Runtime, Listeners)> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let _in = rt.enter();
+            let set = Listeners {
+                http: http.map(TcpListener::from_std).transpose()?,
+                https: match https {
+                    Some((l, cfg)) => Some((TcpListener::from_std(l)?, cfg)),
+                    None => None,
+                },
+            };
+            drop(_in);
+            Ok((rt, set))
+        };
+        let proxy = self.clone();
+        let (conns, stop) = (conns.clone(), stop.clone());
+        let (ready, started) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("legate-worker-{n}"))
+            .spawn(move || {
+                let (rt, set) = match setup() {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready.send(Ok(()));
+                rt.block_on(async move {
+                    let _accepts = proxy.spawn_accepts(set, &conns, &stop);
+                    let _ = exit.wait_for(|e| *e).await;
+                })
+            })
+            .map_err(SetupError::Worker)?;
+        match started.recv() {
+            Ok(Ok(())) => Ok(thread),
+            Ok(Err(e)) => Err(SetupError::Worker(e)),
+            Err(_) => Err(SetupError::Worker(std::io::Error::other(
+                "the worker thread ended while starting",
+            ))),
+        }
     }
 
     async fn accept_loop(
