@@ -35,7 +35,7 @@ BASE=/work/shared/perf-baseline
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
 
-for tool in wrk h2load nginx haproxy openssl taskset; do
+for tool in wrk h2load nginx haproxy openssl taskset curl; do
     command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 2; }
 done
 
@@ -133,7 +133,7 @@ start_all() { # workers
         LEGATE_LOG=warn taskset -c "$cpus" "$LEGATE" run --dir "$dir" \
             --http-listen "127.0.0.1:$port" --https-listen "$https" --admin-listen off \
             --secrets-dir "$WORK/secrets" --workers "$w" \
-            --max-connections 100000 --idle-timeout-ms 600000 "$@" &
+            --max-connections 8000 --idle-timeout-ms 600000 "$@" &
         PIDS+=($!); PID[$name]=$!
     }
     legate legate "$WORK/one" 8084 127.0.0.1:8094 --access-log off
@@ -142,6 +142,13 @@ start_all() { # workers
     legate legate-grpc "$WORK/grpc" 8090 off --access-log off
     for p in 8081 8089 8082 8086 8092 8083 8087 8093 8095 8084 8094 8085 8088 8090; do
         wait_port "$p"
+    done
+    # Legate listens before its first revision is applied: wait until each one routes.
+    for u in 8084/ 8085/api/r5000/x 8088/; do
+        for _ in $(seq 1 300); do
+            [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$u")" = 200 ] && break
+            sleep 0.1
+        done
     done
 }
 stop_all() {
@@ -179,8 +186,10 @@ h2() { # workers proto target url [h2load args...]
     t1=$(ticks "${PID[$name]}")
     reqs=$(echo "$out" | awk '/^requests:/ {print $8}')
     ok=$(echo "$out" | awk '/^status codes:/ {print $3}')
-    [ "$ok" = "$reqs" ] || echo "WARNING: $proto $name: $ok of $reqs 2xx" >&2
-    if ! echo "$out" | grep -q "h2"; then echo "WARNING: $proto $name: not HTTP/2" >&2; fi
+    if [ "$ok" != "$reqs" ] || ! echo "$out" | grep -q "^Application protocol: h2"; then
+        echo "WARNING: $proto $name: $ok of $reqs 2xx, or not HTTP/2:" >&2
+        echo "$out" | grep -E "^(Application|requests|status|finished)" >&2
+    fi
     rps=$(echo "$out" | awk '/^finished in/ {print $4}')
     echo "$w $proto $name $rps - $(cpu_per_req "$t0" "$t1" "$reqs")" >> "$WORK/results"
 }

@@ -206,6 +206,7 @@ impl Proxy {
         let thread = std::thread::Builder::new()
             .name(format!("legate-worker-{n}"))
             .spawn(move || {
+                super::pool::set_worker(u16::try_from(n).unwrap_or(u16::MAX));
                 let (rt, set) = match setup() {
                     Ok(x) => x,
                     Err(e) => {
