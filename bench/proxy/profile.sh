@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Profile Legate under load: hello upstream and Legate (one route, access log off unless
 # ACCESS_LOG is a path) pinned to core 1, wrk -t1 -c64 (or h2load -c64 -m10 with H2=1) on core 0,
-# `perf record -g` on the Legate process for DURATION seconds, then a flamegraph SVG
+# `perf record --call-graph dwarf` (frame pointers are absent in glibc and the release build) on the Legate process for DURATION seconds, then a flamegraph SVG
 # (inferno: `cargo install inferno`) and the top self-time symbols.
 #
 # Usage: OUT=bench/proxy/flame-h1.svg bench/proxy/profile.sh [extra legate run args...]
@@ -47,10 +47,33 @@ load() { # seconds
 load 3
 load $((DURATION + 2)) & LOAD=$!
 sleep 1
-perf record -F 999 -g -p "$PID" -o "$WORK/perf.data" -- sleep "$DURATION" 2>/dev/null
+perf record -F 999 --call-graph dwarf,32768 -p "$PID" -o "$WORK/perf.data" -- sleep "$DURATION" 2>/dev/null
 wait "$LOAD"
-perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf > "$WORK/folded"
+perf script -i "$WORK/perf.data" 2>/dev/null | "$ROOT/bench/proxy/symbolize.py" "$LEGATE" \
+    | inferno-collapse-perf --all > "$WORK/folded"
 inferno-flamegraph --title "legate $* (H2=$H2)" < "$WORK/folded" > "$OUT"
+echo "folded stacks: $WORK/folded" >&2
 echo "flamegraph: $OUT" >&2
-perf report -i "$WORK/perf.data" --no-children --sort symbol --stdio 2>/dev/null \
-    | grep -E '^ +[0-9.]+%' | head -30
+# Self time by function (the leaf of each stack), then inclusive time of a few known costs.
+python3 - "$WORK/folded" <<'PY'
+import collections, sys
+self_t, total = collections.Counter(), 0
+for line in open(sys.argv[1]):
+    stack, n = line.rsplit(" ", 1)
+    n = int(n)
+    total += n
+    frames = stack.split(";")
+    self_t[frames[-1]] += n
+print("share of the process's CPU samples; self time:")
+for f, n in self_t.most_common(25):
+    print(f"  {100 * n / total:5.1f}%  {f[:110]}")
+print("inclusive:")
+keys = ["malloc", "free", "memmove", "memcpy", "clock_gettime", "writev", "sendto", "recvfrom",
+        "epoll_wait", "HeaderMap", "accesslog", "Metrics", "route_request", "schedule_[k]", "Sleep",
+        "TimerEntry", "mpsc", "h2::", "rustls"]
+stacks = [line.rsplit(" ", 1) for line in open(sys.argv[1])]
+for k in keys:
+    # Each stack counted once per key, however many of its frames match.
+    n = sum(int(c) for stack, c in stacks if k in stack)
+    print(f"  {100 * n / total:5.1f}%  {k}")
+PY
