@@ -372,7 +372,11 @@ impl Proxy {
                 async move {
                     // A guard, so a request cancelled by a client reset still counts as ended.
                     let _busy = activity.begin();
-                    Ok::<_, Infallible>(proxy.handle(req, info).await)
+                    // Boxed: the handler's future is kilobytes, and hyper moves the service
+                    // future several times (into an HTTP/2 stream's spawned task, into the
+                    // HTTP/1.1 dispatcher), each move a memcpy of all of it (12% of an h2c
+                    // profile). Boxed here, only the pointer moves.
+                    Ok::<_, Infallible>(Box::pin(proxy.handle(req, info)).await)
                 }
             })
         };
