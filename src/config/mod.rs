@@ -20,6 +20,7 @@ pub mod traffic;
 pub mod tree;
 pub mod yaml;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use compile::compile;
@@ -126,71 +127,154 @@ fn owner(resources: &[&Resource], d: &Diagnostic) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
-/// Leave out the resources that compile errors or failing route tests point at, and compile
-/// the rest, until it compiles cleanly. Schema-invalid documents never became resources.
-fn skip_invalid(loaded: Loaded, opts: &Options) -> Outcome {
-    let all: Vec<&Resource> = loaded.resources.iter().collect();
-    let mut keep = vec![true; all.len()];
-    let mut diagnostics = loaded.diagnostics.clone();
+/// A resource left out of a revision, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetAside {
+    /// Short CamelCase reason: `Invalid` for compile errors and failing route tests, else the
+    /// reason the caller's own check or preset gave.
+    pub reason: String,
+    /// The errors that set it aside.
+    pub errors: Vec<Diagnostic>,
+}
+
+/// What [`compile_setting_aside`] made of a set of resources.
+#[derive(Debug)]
+pub struct Screened {
+    /// The graph of the resources kept; `None` when errors remain that no resource can be
+    /// blamed for.
+    pub graph: Option<Graph>,
+    /// The resources left out, by index into the input.
+    pub aside: BTreeMap<usize, SetAside>,
+    /// Every finding of every round, once each, unsorted (warnings already errors under
+    /// `--strict`).
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Compile `resources`, set aside the ones that errors point at (compile errors, failing route
+/// tests, and what `check` rejects in a resource that compiled), and compile the rest again,
+/// until what is left compiles cleanly. `aside` holds resources left out from the start.
+/// `--on-invalid=skip-resource` and the Kubernetes source both judge a revision this way.
+pub fn compile_setting_aside(
+    resources: &[Resource],
+    opts: &Options,
+    mut aside: BTreeMap<usize, SetAside>,
+    check: &dyn Fn(&Resource) -> Option<(String, Diagnostic)>,
+) -> Screened {
+    let all: Vec<&Resource> = resources.iter().collect();
     let is_err = |d: &Diagnostic| {
         d.severity == Severity::Error || (opts.strict && d.severity == Severity::Warning)
     };
-    let graph = loop {
+    let mut diagnostics: Vec<Diagnostic> = Vec::new();
+    loop {
         let current: Vec<&Resource> = all
             .iter()
-            .zip(&keep)
-            .filter(|(_, k)| **k)
-            .map(|(r, _)| *r)
+            .enumerate()
+            .filter(|(i, _)| !aside.contains_key(i))
+            .map(|(_, r)| *r)
             .collect();
         let (graph, mut found) = compile::compile_refs_with(&current, &opts.routing);
         if !found.iter().any(is_err) {
             found.extend(routetest::run(&graph, current.iter().copied()));
         }
-        let bad: Vec<usize> = found
-            .iter()
-            .filter(|d| is_err(d))
-            .filter_map(|d| owner(&all, d))
-            .collect();
+        if opts.strict {
+            promote_warnings(&mut found);
+        }
+        let mut newly: BTreeMap<usize, SetAside> = BTreeMap::new();
+        let mut unblamed = false;
+        for d in found.iter().filter(|d| is_err(d)) {
+            match owner(&all, d).filter(|i| !aside.contains_key(i)) {
+                Some(i) => newly
+                    .entry(i)
+                    .or_insert_with(|| SetAside {
+                        reason: "Invalid".into(),
+                        errors: Vec::new(),
+                    })
+                    .errors
+                    .push(d.clone()),
+                None => unblamed = true,
+            }
+        }
+        for (i, r) in all.iter().enumerate() {
+            if aside.contains_key(&i) {
+                continue;
+            }
+            if let Some((reason, d)) = check(r) {
+                found.push(d.clone());
+                newly
+                    .entry(i)
+                    .or_insert_with(|| SetAside {
+                        reason,
+                        errors: Vec::new(),
+                    })
+                    .errors
+                    .push(d);
+            }
+        }
         for d in found {
             if !diagnostics.contains(&d) {
                 diagnostics.push(d);
             }
         }
-        let newly: Vec<usize> = bad.into_iter().filter(|&i| keep[i]).collect();
         if newly.is_empty() {
-            break graph;
+            return Screened {
+                graph: (!unblamed).then_some(graph),
+                aside,
+                diagnostics,
+            };
         }
-        for i in newly {
-            keep[i] = false;
-        }
-    };
-    finish(&mut diagnostics, opts);
-    let resources = loaded
-        .resources
-        .iter()
-        .zip(&keep)
-        .filter(|(_, k)| **k)
-        .map(|(r, _)| r.clone())
-        .collect();
-    Outcome {
-        graph: Some(Arc::new(graph)),
-        diagnostics,
-        files: loaded.files,
-        resources,
+        aside.extend(newly);
     }
+}
+
+impl Screened {
+    /// The revision's outcome: `loaded`'s own findings with the rounds', and the resources
+    /// kept.
+    pub fn into_outcome(self, loaded: Loaded, opts: &Options) -> Outcome {
+        let mut diagnostics = loaded.diagnostics;
+        for d in self.diagnostics {
+            if !diagnostics.contains(&d) {
+                diagnostics.push(d);
+            }
+        }
+        finish(&mut diagnostics, opts);
+        let resources = loaded
+            .resources
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !self.aside.contains_key(i))
+            .map(|(_, r)| r)
+            .collect();
+        Outcome {
+            graph: self.graph.map(Arc::new),
+            diagnostics,
+            files: loaded.files,
+            resources,
+        }
+    }
+}
+
+/// `--on-invalid=skip-resource`: the resources errors point at are left out and reported;
+/// schema-invalid documents never became resources.
+fn skip_invalid(loaded: Loaded, opts: &Options) -> Outcome {
+    compile_setting_aside(&loaded.resources, opts, BTreeMap::new(), &|_| None)
+        .into_outcome(loaded, opts)
 }
 
 /// `--strict` (warnings become errors), then file-and-position order, duplicates removed.
 fn finish(diagnostics: &mut Vec<Diagnostic>, opts: &Options) {
     if opts.strict {
-        for d in diagnostics.iter_mut() {
-            if d.severity == Severity::Warning {
-                d.severity = Severity::Error;
-            }
-        }
+        promote_warnings(diagnostics);
     }
     diagnostics.sort_by(|a, b| {
         (&a.file, a.line, a.column, &a.pointer).cmp(&(&b.file, b.line, b.column, &b.pointer))
     });
     diagnostics.dedup();
+}
+
+fn promote_warnings(diagnostics: &mut [Diagnostic]) {
+    for d in diagnostics.iter_mut() {
+        if d.severity == Severity::Warning {
+            d.severity = Severity::Error;
+        }
+    }
 }
