@@ -447,7 +447,8 @@ struct StartedSource {
     _keep: Vec<Box<dyn std::any::Any + Send>>,
 }
 
-/// Start the reconciler on the source the flags name (`--dir`, `--repo` or `--kubernetes`).
+/// Start the reconciler on the source the flags name (`--dir`, `--repo` or `--kubernetes`);
+/// in Kubernetes mode also the status writer.
 async fn start_source(
     args: &RunArgs,
     cfg: &crate::config::Options,
@@ -458,22 +459,29 @@ async fn start_source(
     // Subscribed before the reconciler starts, for the Kubernetes status writer.
     let served_events = events.subscribe();
     let rsettings = reconcile_settings(args, cfg, proxy, events);
+    let (spec, client) = if args.kubernetes {
+        let (spec, client) = kube_spec(args, cfg, &rsettings).await?;
+        (spec, Some(client))
+    } else {
+        (source_spec(args, cfg)?, None)
+    };
+    let name = spec.name();
     let sink: Arc<dyn reconcile::GraphSink> = proxy.clone();
     let errors: Arc<dyn reconcile::UpstreamHealth> = proxy.clone();
-    if args.kubernetes {
-        return start_kube_source(args, cfg, rsettings, sink, errors, served_events).await;
+    let running = reconcile::launch(spec, sink, rsettings, Some(errors))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let handle = running.handle.clone();
+    let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    if let (Some(client), Some(kube)) = (client, running.kube()) {
+        let status = start_cluster_status(client, kube.snapshots(), served_events, cfg);
+        keep.push(Box::new(status));
     }
-    let spec = source_spec(args, cfg)?;
-    let name = match &spec {
-        reconcile::SourceSpec::Dir(d) => d.display().to_string(),
-        reconcile::SourceSpec::Git(g) => crate::source::git::redact(&g.url),
-    };
-    let running =
-        reconcile::launch(spec, sink, rsettings, Some(errors)).map_err(anyhow::Error::msg)?;
+    keep.push(Box::new(running));
     Ok(StartedSource {
-        handle: running.handle.clone(),
+        handle,
         name,
-        _keep: vec![Box::new(running)],
+        _keep: keep,
     })
 }
 
@@ -511,45 +519,29 @@ fn source_spec(
     }
 }
 
-/// `--kubernetes`: watch the cluster, reconcile its snapshots, and write status.
-async fn start_kube_source(
+/// `--kubernetes` and its flags; the client is also the status writer's.
+async fn kube_spec(
     args: &RunArgs,
     cfg: &crate::config::Options,
-    rsettings: crate::reconcile::Settings,
-    sink: Arc<dyn crate::reconcile::GraphSink>,
-    errors: Arc<dyn crate::reconcile::UpstreamHealth>,
-    served_events: tokio::sync::broadcast::Receiver<crate::reconcile::Entry>,
-) -> anyhow::Result<StartedSource> {
+    rsettings: &crate::reconcile::Settings,
+) -> anyhow::Result<(crate::reconcile::SourceSpec, ::kube::Client)> {
     let client = crate::source::kube::client(args.kubeconfig.as_deref()).await?;
     let dir = rsettings
         .secrets_dir
         .clone()
         .context("kubernetes mode needs a secrets directory")?;
-    let mut k = crate::source::kube::KubeOptions::new(&dir);
-    k.namespace = (!args.all_namespaces).then(|| cfg.namespace.clone());
-    k.selector = args.selector.clone();
-    k.config = crate::config::Options {
+    let mut options = crate::source::kube::KubeOptions::new(&dir);
+    options.namespace = (!args.all_namespaces).then(|| cfg.namespace.clone());
+    options.selector = args.selector.clone();
+    options.config = crate::config::Options {
         skip_invalid: true,
         ..cfg.clone()
     };
-    let kwatch = crate::source::kube::start(client.clone(), k, None).await?;
-    let source = Arc::new(kwatch.source());
-    let handle = crate::reconcile::start(source, sink, rsettings, Some(errors));
-    // Each new snapshot asks for a pass at once (a set-aside object's replacement too),
-    // instead of waiting for the poll.
-    let mut snaps = kwatch.snapshots();
-    let h = handle.clone();
-    tokio::spawn(async move {
-        while snaps.changed().await.is_ok() {
-            h.trigger();
-        }
-    });
-    let status = start_cluster_status(client, kwatch.snapshots(), served_events, cfg);
-    Ok(StartedSource {
-        handle,
-        name: "kubernetes".into(),
-        _keep: vec![Box::new(kwatch), Box::new(status)],
-    })
+    let spec = crate::reconcile::SourceSpec::Kubernetes(Box::new(crate::reconcile::KubeSpec {
+        client: client.clone(),
+        options,
+    }));
+    Ok((spec, client))
 }
 
 /// The served revision goes to the objects' status, written by the Lease holder only.

@@ -539,6 +539,7 @@ async fn directory_watch_ends_on_the_final_content_after_100_writes() {
         settings(None),
         None,
     )
+    .await
     .unwrap();
     let h = running.handle.clone();
     h.sync().await;
@@ -745,6 +746,7 @@ async fn directory_watch_follows_a_root_replaced_by_rename() {
         settings(None),
         None,
     )
+    .await
     .unwrap();
     let h = running.handle.clone();
     h.sync().await;
