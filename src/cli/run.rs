@@ -190,11 +190,6 @@ pub struct RunArgs {
     /// Add `x-legate-route` (namespace/name of the Mapping) and `x-legate-revision` to responses.
     #[arg(long, env = "LEGATE_DEBUG_HEADERS")]
     pub debug_headers: bool,
-    /// Not read: a Mapping without `timeout_ms` gets 3000 ms (Emissary's default; a Module's
-    /// `cluster_request_timeout_ms` becomes those Mappings' timeout_ms) and `timeout_ms: 0`
-    /// turns the route timeout off; kept so existing command lines run.
-    #[arg(long, env = "LEGATE_DEFAULT_TIMEOUT_MS", default_value_t = 3000)]
-    pub default_timeout_ms: u64,
     /// Also serve the built-in demo echo upstream on this address (for the quickstart).
     #[arg(long, env = "LEGATE_DEMO_ECHO", value_name = "ADDR")]
     pub demo_echo: Option<SocketAddr>,
@@ -259,7 +254,7 @@ impl RunArgs {
         Settings {
             xff_trusted_hops: self.xff_trusted_hops,
             debug_headers: self.debug_headers,
-            default_timeout: Duration::from_millis(self.default_timeout_ms),
+            default_timeout: Duration::from_millis(self.config.default_timeout_ms),
             https_redirect_port: self.https_redirect_port,
             limits: Limits {
                 max_header_bytes: self.max_header_bytes,

@@ -43,6 +43,9 @@ pub struct Options {
     /// Compile the valid resources even when others are invalid (`--on-invalid=skip-resource`;
     /// Kubernetes mode). The invalid ones are still reported as errors and left out.
     pub skip_invalid: bool,
+    /// `--default-timeout-ms`: the `timeout_ms` of Mappings that set none and get none from
+    /// the Module's `cluster_request_timeout_ms` (0: no route timeout).
+    pub default_timeout_ms: u64,
     /// How the compiled graph routes (label-selector strictness, host-port stripping).
     pub routing: crate::routes::RoutingOptions,
 }
@@ -55,6 +58,7 @@ impl Default for Options {
             ambassador_id: "default".into(),
             strict: false,
             skip_invalid: false,
+            default_timeout_ms: compile::DEFAULT_TIMEOUT_MS,
             routing: crate::routes::RoutingOptions::default(),
         }
     }
