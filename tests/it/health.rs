@@ -379,10 +379,22 @@ async fn checkers_stop_when_the_upstream_leaves_the_graph() {
         &format!("hostname: '*'\nprefix: /h/\nservice: svc.test:{port}"),
     )));
     assert_eq!(gw.proxy.health_checkers(), 0);
-    // Give an in-flight check time to land, then no more come.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The clock for "no more checks": a checker on another upstream, same 30 ms interval,
+    // started by the next graph. Once it has run twice an in-flight check on `a` has landed;
+    // while it runs five more, a checker still alive on `a` would have run too.
+    let (b, _hb, _sb) = checked(at("127.0.0.1", 0), "b").await;
+    gw.proxy.swap(compile(&mapping(
+        "h",
+        &format!(
+            "hostname: '*'\nprefix: /h/\nservice: svc.test:{}\n{CHECKS}",
+            b.addr.port()
+        ),
+    )));
+    assert_eq!(gw.proxy.health_checkers(), 1);
+    eventually("b's checks run", || b.hits() >= 2).await;
     let after = a.hits();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = b.hits();
+    eventually("b's checks go on", || b.hits() >= seen + 5).await;
     assert_eq!(
         a.hits(),
         after,

@@ -870,23 +870,43 @@ async fn kube_status_is_written_only_when_it_changes() {
     let s = wait_snapshot(&mut run.rx, "three", has_routes(&["m1", "m2", "m3"])).await;
     let (served_tx, served) =
         watch::channel(Some(legate::cluster::Served::from(s.revision.id.clone())));
-    let _status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
+    let status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
     wait_until("three statuses", || fake.patches().len() >= 3).await;
+    let once_each = |names: &[&str]| {
+        for n in names {
+            assert_eq!(fake.patches_for(n).len(), 1, "{n}: {:#?}", fake.patches());
+        }
+    };
     // Our own writes come back through the watch as MODIFIED events; a watch restart replays
     // everything; the served revision is re-announced. None of it is a change of status.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     fake.drop_watches();
     served_tx.send_replace(Some(s.revision.id.clone().into()));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(fake.patches().len(), 3, "{:#?}", fake.patches());
+    // Then a change that is one: an invalid object (the revision stays the same). The writer
+    // handles changes in order, so once its status is written the ones before were handled.
+    let invalid = |n: &str| {
+        mapping(
+            "default",
+            n,
+            json!({"hostname": "*", "prefix": "/x/", "servce": "x:80"}),
+        )
+    };
+    fake.apply(MAPPINGS, invalid("bad1"));
+    wait_until("bad1's status", || !fake.patches_for("bad1").is_empty()).await;
+    once_each(&["m1", "m2", "m3"]);
 
-    // A restarted writer (a new leader) reads the statuses back and writes nothing either.
+    // A restarted writer (a new leader) reads the statuses back and writes only what changed.
+    wait_snapshot(&mut run.rx, "every status seen", |s| {
+        s.verdicts.len() == 4 && s.verdicts.iter().all(|v| v.status.is_some())
+    })
+    .await;
+    status.abort();
     let (_tx2, served2) =
         watch::channel(Some(legate::cluster::Served::from(s.revision.id.clone())));
     let other = spawn_status(fake.client(), run.rx.clone(), served2, always_leader());
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    fake.apply(MAPPINGS, invalid("bad2"));
+    wait_until("bad2's status", || !fake.patches_for("bad2").is_empty()).await;
     other.abort();
-    assert_eq!(fake.patches().len(), 3, "{:#?}", fake.patches());
+    once_each(&["m1", "m2", "m3", "bad1"]);
 }
 
 #[tokio::test]
@@ -1086,7 +1106,11 @@ async fn kube_only_the_lease_holder_writes_status() {
     let (_tx, served) = watch::channel(Some(legate::cluster::Served::from(s.revision.id.clone())));
     let status = start_status(fake.client(), run.rx.clone(), served, cfg);
     let leader = status.is_leader();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // A follower retries the Lease every 100 ms: after three looks it has had every chance.
+    wait_until("three looks at the Lease", || {
+        fake.lock().lease_calls.len() >= 3
+    })
+    .await;
     assert!(fake.patches().is_empty(), "a follower wrote status");
     assert!(!*leader.borrow());
     assert!(fake.lock().lease_calls.iter().all(|m| m == "GET"));
