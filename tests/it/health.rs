@@ -13,8 +13,9 @@ use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
+use crate::support::eventually;
 use crate::support::*;
-use crate::traffic::{answer, eventually, Scripted};
+use crate::traffic::{answer, Scripted};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()

@@ -17,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
+use crate::support::eventually;
+
 const MAPPINGS: &str = "legate.dev/v1alpha1/mappings";
 const HOSTS: &str = "legate.dev/v1alpha1/hosts";
 const SECRETS: &str = "v1/secrets";
@@ -642,17 +644,6 @@ async fn wait_snapshot(
     }
 }
 
-async fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn files(s: &Snapshot) -> Vec<String> {
     s.revision
         .tree
@@ -809,13 +800,13 @@ async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
     let _status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
     served_tx.send_replace(Some(s.revision.id.clone().into()));
     let rev = s.revision.id.clone();
-    wait_until("status of good with its revision", || {
+    eventually("status of good with its revision", || {
         fake.patches_for("good")
             .last()
             .is_some_and(|p| p["status"]["revision"] == json!(rev))
     })
     .await;
-    wait_until("status of bad", || !fake.patches_for("bad").is_empty()).await;
+    eventually("status of bad", || !fake.patches_for("bad").is_empty()).await;
     let p = fake.patches_for("bad").last().unwrap().clone();
     let cond = &p["status"]["conditions"][0];
     assert_eq!(cond["type"], "Accepted");
@@ -843,7 +834,7 @@ async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
     let s2 = wait_snapshot(&mut run.rx, "both", has_routes(&["bad", "good"])).await;
     served_tx.send_replace(Some(s2.revision.id.clone().into()));
     let rev2 = s2.revision.id.clone();
-    wait_until("bad accepted at generation 2", || {
+    eventually("bad accepted at generation 2", || {
         fake.patches_for("bad").last().is_some_and(|p| {
             p["status"]["conditions"][0]["status"] == "True"
                 && p["status"]["observedGeneration"] == 2
@@ -871,7 +862,7 @@ async fn kube_status_is_written_only_when_it_changes() {
     let (served_tx, served) =
         watch::channel(Some(legate::cluster::Served::from(s.revision.id.clone())));
     let status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
-    wait_until("three statuses", || fake.patches().len() >= 3).await;
+    eventually("three statuses", || fake.patches().len() >= 3).await;
     let once_each = |names: &[&str]| {
         for n in names {
             assert_eq!(fake.patches_for(n).len(), 1, "{n}: {:#?}", fake.patches());
@@ -891,7 +882,7 @@ async fn kube_status_is_written_only_when_it_changes() {
         )
     };
     fake.apply(MAPPINGS, invalid("bad1"));
-    wait_until("bad1's status", || !fake.patches_for("bad1").is_empty()).await;
+    eventually("bad1's status", || !fake.patches_for("bad1").is_empty()).await;
     once_each(&["m1", "m2", "m3"]);
 
     // A restarted writer (a new leader) reads the statuses back and writes only what changed.
@@ -904,7 +895,7 @@ async fn kube_status_is_written_only_when_it_changes() {
         watch::channel(Some(legate::cluster::Served::from(s.revision.id.clone())));
     let other = spawn_status(fake.client(), run.rx.clone(), served2, always_leader());
     fake.apply(MAPPINGS, invalid("bad2"));
-    wait_until("bad2's status", || !fake.patches_for("bad2").is_empty()).await;
+    eventually("bad2's status", || !fake.patches_for("bad2").is_empty()).await;
     other.abort();
     once_each(&["m1", "m2", "m3", "bad1"]);
 }
@@ -922,7 +913,7 @@ async fn kube_watch_restarts_after_the_server_drops_the_connection() {
     );
     let mut run = start_source(&fake, Some("default")).await;
     wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
-    wait_until("watches open", || fake.lock().watches >= 3).await;
+    eventually("watches open", || fake.lock().watches >= 3).await;
     let watches = fake.lock().watches;
     let lists = fake.lock().lists;
     fake.drop_watches();
@@ -1107,7 +1098,7 @@ async fn kube_only_the_lease_holder_writes_status() {
     let status = start_status(fake.client(), run.rx.clone(), served, cfg);
     let leader = status.is_leader();
     // A follower retries the Lease every 100 ms: after three looks it has had every chance.
-    wait_until("three looks at the Lease", || {
+    eventually("three looks at the Lease", || {
         fake.lock().lease_calls.len() >= 3
     })
     .await;
@@ -1125,7 +1116,7 @@ async fn kube_only_the_lease_holder_writes_status() {
             false,
         );
     }
-    wait_until("status written by the new leader", || {
+    eventually("status written by the new leader", || {
         !fake.patches().is_empty()
     })
     .await;
@@ -1142,7 +1133,7 @@ async fn kube_only_the_lease_holder_writes_status() {
         .iter()
         .filter(|m| *m == "PUT")
         .count();
-    wait_until("renewals", || {
+    eventually("renewals", || {
         fake.lock()
             .lease_calls
             .iter()
@@ -1382,7 +1373,7 @@ async fn kube_legate_run_serves_from_the_api_and_writes_status() {
             json!({"hostname": "*", "prefix": "/t/", "servce": "t.default:80"}),
         ),
     );
-    wait_until("Accepted=False on the invalid object", || {
+    eventually("Accepted=False on the invalid object", || {
         fake.patches_for("typo")
             .last()
             .is_some_and(|p| p["status"]["conditions"][0]["status"] == "False")
@@ -1405,7 +1396,7 @@ async fn kube_legate_run_serves_from_the_api_and_writes_status() {
         .as_str()
         .expect("a revision applied")
         .to_string();
-    wait_until("status of echo with the served revision", || {
+    eventually("status of echo with the served revision", || {
         fake.patches_for("echo")
             .last()
             .is_some_and(|p| p["status"]["revision"] == json!(applied))
@@ -1587,7 +1578,7 @@ async fn kube_a_mapping_failing_its_window_is_set_aside_and_the_others_stay() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(verified, "the first snapshot is verified");
-    wait_until("echo's status says verified", || {
+    eventually("echo's status says verified", || {
         fake.patches_for("echo")
             .last()
             .is_some_and(|p| p["status"]["rollout"] == "verified-unobserved")
@@ -1605,19 +1596,21 @@ async fn kube_a_mapping_failing_its_window_is_set_aside_and_the_others_stay() {
         ),
     );
     let url = format!("http://{http}/d/x");
+    // Five requests fail at the gateway once `dead` serves (30 s at most: a hang, not timing).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut failures = 0;
-    for _ in 0..500 {
+    while failures < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dead never answered 502 five times ({failures})"
+        );
         if crate::support::get(&url, &[]).await.status == 502 {
             failures += 1;
-            if failures >= 5 {
-                break;
-            }
         } else {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    assert_eq!(failures, 5);
-    wait_until("dead set aside with VerificationFailed", || {
+    eventually("dead set aside with VerificationFailed", || {
         fake.patches_for("dead").last().is_some_and(|p| {
             p["status"]["conditions"][0]["status"] == "False"
                 && p["status"]["conditions"][0]["reason"] == "VerificationFailed"

@@ -315,7 +315,7 @@ async fn log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     };
-    crate::reconcile::eventually("the access log lines", || read().len() == n).await;
+    crate::support::eventually("the access log lines", || read().len() == n).await;
     read()
 }
 
@@ -434,7 +434,7 @@ async fn retry_and_circuit_breaker_counters_match_the_traffic() {
     // Two requests hold the max_requests: 2 breaker; the next ones are refused at once.
     let url = gw.url("/b/x");
     let held = spawn_gets(&url, 2);
-    crate::reconcile::eventually("two requests held", || held_up.hits() == 2).await;
+    crate::support::eventually("two requests held", || held_up.hits() == 2).await;
     let mut breaker_503s = 0;
     for _ in 0..3 {
         let r = get(&url, &[]).await;

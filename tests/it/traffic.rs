@@ -7,7 +7,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -103,17 +102,6 @@ pub(crate) fn gate() -> (
     tokio::sync::watch::Receiver<bool>,
 ) {
     tokio::sync::watch::channel(false)
-}
-
-/// Wait (polling, bounded) until `f` holds; the readiness check for background work.
-pub(crate) async fn eventually(what: &str, f: impl Fn() -> bool) {
-    for _ in 0..1000 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting until {what}");
 }
 
 fn body(b: &'static str) -> TestBody {
