@@ -13,7 +13,6 @@ use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-use crate::support::eventually;
 use crate::support::*;
 use crate::traffic::{answer, Scripted};
 
@@ -38,10 +37,7 @@ async fn gateway_with(addrs: &[&str], service: &str, extra: &str, base: Settings
         .lock()
         .unwrap()
         .insert("svc.test".into(), addrs.iter().map(|a| ip(a)).collect());
-    let yaml = mapping(
-        "h",
-        &format!("hostname: '*'\nprefix: /h/\nservice: {service}\n{extra}"),
-    );
+    let yaml = route("h", "/h/", &service, &format!("{extra}"));
     Gateway::with(
         &yaml,
         Settings {
@@ -675,12 +671,7 @@ fn outlier_detection_compiles_from_an_object_or_a_string_and_bad_values_are_erro
 async fn pools_of_upstreams_that_leave_the_graph_are_dropped() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let to = |svc: String| {
-        compile(&mapping(
-            "m",
-            &format!("hostname: '*'\nprefix: /m/\nservice: {svc}"),
-        ))
-    };
+    let to = |svc: String| compile(&route("m", "/m/", &svc, ""));
     let gw = Gateway::start(&route("m", "/m/", &a.service(), "")).await;
     assert_eq!(get(&gw.url("/m/x"), &[]).await.status, 200);
     assert_eq!(gw.proxy.upstream_pools(), 1);

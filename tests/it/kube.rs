@@ -101,6 +101,12 @@ impl FakeApiServer {
         self.changed.notify_waiters();
     }
 
+    /// Apply a Mapping for any host: `prefix` to `service`.
+    fn apply_route(&self, ns: &str, name: &str, prefix: &str, service: &str) {
+        let spec = json!({"hostname": "*", "prefix": prefix, "service": service});
+        self.apply(MAPPINGS, mapping(ns, name, spec));
+    }
+
     fn delete(&self, collection: &str, ns: &str, name: &str) {
         let mut st = self.lock();
         delete_in(&mut st, collection, ns, name, true);
@@ -701,28 +707,14 @@ fn always_leader() -> watch::Receiver<bool> {
 #[tokio::test]
 async fn kube_objects_added_changed_and_deleted_reach_the_graph() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "a",
-            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "a", "/a/", "a.default:80");
     let mut run = start_source(&fake, Some("default")).await;
     let s = wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
     assert_eq!(files(&s), ["kube/default/Mapping/a.yaml"]);
     assert_eq!(run.watch.source().current(None).unwrap().id, s.revision.id);
 
     // Changed: the new prefix is what the graph holds.
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "a",
-            json!({"hostname": "*", "prefix": "/a2/", "service": "a.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "a", "/a2/", "a.default:80");
     let s = wait_snapshot(&mut run.rx, "a changed", |s| {
         text_of(s, "kube/default/Mapping/a.yaml").contains("/a2/")
     })
@@ -730,14 +722,7 @@ async fn kube_objects_added_changed_and_deleted_reach_the_graph() {
     assert!(text_of(&s, "kube/default/Mapping/a.yaml").contains("generation: 2"));
 
     // Added and deleted.
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "b",
-            json!({"hostname": "*", "prefix": "/b/", "service": "b.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "b", "/b/", "b.default:80");
     wait_snapshot(&mut run.rx, "a and b", has_routes(&["a", "b"])).await;
     fake.delete(MAPPINGS, "default", "a");
     let s = wait_snapshot(&mut run.rx, "only b", has_routes(&["b"])).await;
@@ -748,36 +733,15 @@ async fn kube_objects_added_changed_and_deleted_reach_the_graph() {
     );
 
     // Objects in another namespace are not watched in namespace mode.
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "other",
-            "c",
-            json!({"hostname": "*", "prefix": "/c/", "service": "c.other:80"}),
-        ),
-    );
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "d",
-            json!({"hostname": "*", "prefix": "/d/", "service": "d.default:80"}),
-        ),
-    );
+    fake.apply_route("other", "c", "/c/", "c.other:80");
+    fake.apply_route("default", "d", "/d/", "d.default:80");
     wait_snapshot(&mut run.rx, "b and d, not c", has_routes(&["b", "d"])).await;
 }
 
 #[tokio::test]
 async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "good",
-            json!({"hostname": "*", "prefix": "/good/", "service": "good.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "good", "/good/", "good.default:80");
     fake.apply(
         MAPPINGS,
         mapping(
@@ -823,14 +787,7 @@ async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
     assert_eq!(g["status"]["conditions"][0]["status"], "True");
 
     // Fixing the object accepts it, and both serve from the new revision.
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "bad",
-            json!({"hostname": "*", "prefix": "/bad/", "service": "bad.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "bad", "/bad/", "bad.default:80");
     let s2 = wait_snapshot(&mut run.rx, "both", has_routes(&["bad", "good"])).await;
     served_tx.send_replace(Some(s2.revision.id.clone().into()));
     let rev2 = s2.revision.id.clone();
@@ -848,14 +805,7 @@ async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
 async fn kube_status_is_written_only_when_it_changes() {
     let fake = FakeApiServer::start().await;
     for n in ["m1", "m2", "m3"] {
-        fake.apply(
-            MAPPINGS,
-            mapping(
-                "default",
-                n,
-                json!({"hostname": "*", "prefix": format!("/{n}/"), "service": "x.default:80"}),
-            ),
-        );
+        fake.apply_route("default", n, &format!("/{n}/"), "x.default:80");
     }
     let mut run = start_source(&fake, Some("default")).await;
     let s = wait_snapshot(&mut run.rx, "three", has_routes(&["m1", "m2", "m3"])).await;
@@ -903,28 +853,14 @@ async fn kube_status_is_written_only_when_it_changes() {
 #[tokio::test]
 async fn kube_watch_restarts_after_the_server_drops_the_connection() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "a",
-            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "a", "/a/", "a.default:80");
     let mut run = start_source(&fake, Some("default")).await;
     wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
     eventually("watches open", || fake.lock().watches >= 3).await;
     let watches = fake.lock().watches;
     let lists = fake.lock().lists;
     fake.drop_watches();
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "b",
-            json!({"hostname": "*", "prefix": "/b/", "service": "b.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "b", "/b/", "b.default:80");
     wait_snapshot(&mut run.rx, "b after the drop", has_routes(&["a", "b"])).await;
     let st = fake.lock();
     assert!(st.watches > watches, "the watch was not restarted");
@@ -935,14 +871,7 @@ async fn kube_watch_restarts_after_the_server_drops_the_connection() {
 #[tokio::test]
 async fn kube_a_relist_after_410_gone_heals() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "a",
-            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "a", "/a/", "a.default:80");
     let mut run = start_source(&fake, Some("default")).await;
     wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
     let lists = fake.lock().lists;
@@ -967,22 +896,8 @@ async fn kube_a_relist_after_410_gone_heals() {
 #[tokio::test]
 async fn kube_a_bare_service_means_the_mapping_namespace() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "shop",
-            "quote",
-            json!({"hostname": "*", "prefix": "/q/", "service": "quote"}),
-        ),
-    );
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "web",
-            "other",
-            json!({"hostname": "*", "prefix": "/o/", "service": "other.elsewhere:8080"}),
-        ),
-    );
+    fake.apply_route("shop", "quote", "/q/", "quote");
+    fake.apply_route("web", "other", "/o/", "other.elsewhere:8080");
     // All namespaces.
     let mut run = start_source(&fake, None).await;
     let s = wait_snapshot(&mut run.rx, "both", has_routes(&["other", "quote"])).await;
@@ -1064,14 +979,7 @@ async fn kube_tls_secrets_named_by_hosts_are_written_to_the_secrets_dir() {
 #[tokio::test]
 async fn kube_only_the_lease_holder_writes_status() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "a",
-            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "a", "/a/", "a.default:80");
     // Another replica holds a fresh Lease.
     let now = k8s_openapi::chrono::Utc::now();
     let lease = |holder: &str, renewed: k8s_openapi::chrono::DateTime<k8s_openapi::chrono::Utc>| {
@@ -1180,14 +1088,7 @@ async fn kube_emissary_kinds_are_watched_when_installed_and_ambassador_id_is_hon
         AMB,
         amb("theirs", json!({"hostname": "*", "prefix": "/theirs/", "service": "t", "ambassador_id": ["other"]})),
     );
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "native",
-            json!({"hostname": "*", "prefix": "/n/", "service": "n.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "native", "/n/", "n.default:80");
     let mut run = start_source(&fake, Some("default")).await;
     // Legate's six kinds, and the two Emissary kinds the group serves (not its AuthService).
     assert_eq!(run.watch.kinds().len(), 8);
@@ -1211,14 +1112,7 @@ async fn kube_emissary_kinds_are_watched_when_installed_and_ambassador_id_is_hon
 #[tokio::test]
 async fn kube_the_label_selector_limits_what_is_watched() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "labelled",
-            json!({"hostname": "*", "prefix": "/l/", "service": "l.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "labelled", "/l/", "l.default:80");
     let mut other = mapping(
         "default",
         "unlabelled",
@@ -1502,14 +1396,7 @@ async fn kube_authservice_jwtpolicy_and_ratelimit_are_watched_and_judged() {
     // A cluster whose CRDs predate these kinds: they are not watched, the rest serves.
     let old = FakeApiServer::start().await;
     old.lock().old_crds = true;
-    old.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "a",
-            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
-        ),
-    );
+    old.apply_route("default", "a", "/a/", "a.default:80");
     let mut run = start_source(&old, Some("default")).await;
     assert_eq!(run.watch.kinds().len(), 3);
     wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;

@@ -15,18 +15,9 @@ use crate::traffic::{flaky, gate, gated, spawn_gets, Scripted};
 fn config(up: &Upstream) -> String {
     let svc = up.service();
     [
-        mapping(
-            "api",
-            &format!("hostname: '*'\nprefix: /api/\nservice: {svc}\nstats_name: api-stats"),
-        ),
-        mapping(
-            "web",
-            &format!("hostname: '*'\nprefix: /web/\nservice: {svc}"),
-        ),
-        mapping(
-            "slow",
-            &format!("hostname: '*'\nprefix: /slow/\nservice: {svc}\ntimeout_ms: 50"),
-        ),
+        route("api", "/api/", &svc, "stats_name: api-stats"),
+        route("web", "/web/", &svc, ""),
+        route("slow", "/slow/", &svc, "timeout_ms: 50"),
         // Nothing listens on port 1: every request is a connect failure.
         mapping(
             "dead",
@@ -392,12 +383,7 @@ async fn traceparent_is_forwarded_with_a_new_parent_or_started() {
 fn policies(flaky: &Scripted, gated: &Scripted, refused: &Scripted, dead: &str) -> String {
     [
         route("r", "/r/", &flaky.service(), "stats_name: retried\nretry_policy:\n  retry_on: 5xx\n  num_retries: 3"),
-        mapping(
-            "c",
-            &format!(
-                "hostname: '*'\nprefix: /c/\nservice: {dead}\nretry_policy:\n  retry_on: connect-failure\n  num_retries: 2"
-            ),
-        ),
+        route("c", "/c/", &dead, "retry_policy:\n  retry_on: connect-failure\n  num_retries: 2"),
         route("b", "/b/", &gated.service(), "timeout_ms: 60000\ncircuit_breakers:\n  - max_requests: 2"),
         route("n", "/n/", &refused.service(), "retry_policy:\n  retry_on: 5xx\n  num_retries: 3\ncircuit_breakers:\n  - max_retries: 0"),
     ]

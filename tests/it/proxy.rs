@@ -392,10 +392,7 @@ async fn timeout_504_dead_upstream_502_and_weights() {
     };
     let yaml = [
         route("slow", "/slow/", &up.service(), "timeout_ms: 200"),
-        mapping(
-            "dead",
-            &format!("hostname: '*'\nprefix: /dead/\nservice: {dead}"),
-        ),
+        route("dead", "/dead/", &dead.to_string(), ""),
         route("w1", "/w/", &up.service(), "weight: 50"),
         route("w2", "/w/", &b.service(), "weight: 50"),
     ]
@@ -866,10 +863,7 @@ async fn binary_runs_quickstart_and_exits_zero_on_sigterm() {
             .unwrap()
     };
     let (echo, http, admin) = (free(), free(), free());
-    let tree = Tree::new(&mapping(
-        "echo",
-        &format!("hostname: '*'\nprefix: /echo/\nservice: {echo}\nrewrite: /"),
-    ));
+    let tree = Tree::new(&route("echo", "/echo/", &echo.to_string(), "rewrite: /"));
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
         .arg("run")
         .arg("--dir")

@@ -191,13 +191,13 @@ async fn canary_weights_change_on_the_next_request_after_a_swap() {
 }
 
 fn shadowed(real: &str, shadow: &str, extra: &str) -> String {
-    mapping(
-        "real",
-        &format!("hostname: '*'\nprefix: /s/\nservice: {real}"),
-    ) + &mapping(
-        "shadow",
-        &format!("hostname: '*'\nprefix: /s/\nservice: {shadow}\nshadow: true\ntimeout_ms: 60000\n{extra}"),
-    )
+    route("real", "/s/", &real, "")
+        + &route(
+            "shadow",
+            "/s/",
+            &shadow,
+            &format!("shadow: true\ntimeout_ms: 60000\n{extra}"),
+        )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -438,11 +438,11 @@ async fn per_try_timeout_retries_a_stalled_attempt() {
     let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = dead.local_addr().unwrap();
     drop(dead);
-    let yaml = mapping(
+    let yaml = route(
         "r",
-        &format!(
-            "hostname: '*'\nprefix: /r/\nservice: {addr}\nretry_policy:\n  retry_on: connect-failure\n  num_retries: 2"
-        ),
+        "/r/",
+        &addr.to_string(),
+        "retry_policy:\n  retry_on: connect-failure\n  num_retries: 2",
     );
     let gw = Gateway::start(&yaml).await;
     assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 502);
@@ -670,15 +670,13 @@ async fn grpc_requests_get_grpc_status_errors() {
     drop(dead);
     let (_open, rx) = gate();
     let slow = gated(rx).await;
-    let yaml = mapping(
-        "dead",
-        &format!("hostname: '*'\nprefix: /dead.Svc/\nservice: {dead_addr}\ngrpc: true"),
-    ) + &route(
-        "slow",
-        "/slow.Svc/",
-        &slow.service(),
-        "grpc: true\ntimeout_ms: 200",
-    );
+    let yaml = route("dead", "/dead.Svc/", &dead_addr.to_string(), "grpc: true")
+        + &route(
+            "slow",
+            "/slow.Svc/",
+            &slow.service(),
+            "grpc: true\ntimeout_ms: 200",
+        );
     let gw = Gateway::start(&yaml).await;
 
     let (status, h) = grpc_call(&gw, "/dead.Svc/Call").await;
