@@ -37,7 +37,7 @@ async fn gateway_with(addrs: &[&str], service: &str, extra: &str, base: Settings
         .lock()
         .unwrap()
         .insert("svc.test".into(), addrs.iter().map(|a| ip(a)).collect());
-    let yaml = route("h", "/h/", &service, &format!("{extra}"));
+    let yaml = route("h", "/h/", service, extra);
     Gateway::with(
         &yaml,
         Settings {

@@ -383,7 +383,7 @@ async fn traceparent_is_forwarded_with_a_new_parent_or_started() {
 fn policies(flaky: &Scripted, gated: &Scripted, refused: &Scripted, dead: &str) -> String {
     [
         route("r", "/r/", &flaky.service(), "stats_name: retried\nretry_policy:\n  retry_on: 5xx\n  num_retries: 3"),
-        route("c", "/c/", &dead, "retry_policy:\n  retry_on: connect-failure\n  num_retries: 2"),
+        route("c", "/c/", dead, "retry_policy:\n  retry_on: connect-failure\n  num_retries: 2"),
         route("b", "/b/", &gated.service(), "timeout_ms: 60000\ncircuit_breakers:\n  - max_requests: 2"),
         route("n", "/n/", &refused.service(), "retry_policy:\n  retry_on: 5xx\n  num_retries: 3\ncircuit_breakers:\n  - max_retries: 0"),
     ]

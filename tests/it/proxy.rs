@@ -112,7 +112,8 @@ async fn headers_query_method_case_and_precedence() {
     let gw = Gateway::start(&yaml).await;
 
     // (method, path, headers, the upstream that answers; None: no route, 404)
-    let cases: [(&str, &str, &[(&str, &str)], Option<&str>); 15] = [
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Option<&'a str>);
+    let cases: [Case; 15] = [
         ("GET", "/r/x", &[], Some("a")),
         ("GET", "/r/x", &[("x-v", "two")], Some("b")),
         ("GET", "/r/x", &[("x-v", "three")], Some("a")),

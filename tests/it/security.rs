@@ -1054,7 +1054,7 @@ async fn local_rate_limits_by_client_and_header_with_headers_on_429() {
     requests: 2
     per: hour",
         ),
-        route("limited", "/limited/", &svc, &format!("{LABELS}")),
+        route("limited", "/limited/", &svc, LABELS),
         route("free", "/free/", &svc, ""),
     ]
     .concat();
@@ -1091,7 +1091,7 @@ async fn local_rate_limit_per_header_value() {
     per: second
     burst: 2",
         ),
-        route("limited", "/limited/", &svc, &format!("{LABELS}")),
+        route("limited", "/limited/", &svc, LABELS),
     ]
     .concat();
     let gw = Gateway::start(&yaml).await;
@@ -1177,7 +1177,7 @@ async fn redis_limit_is_shared_by_two_gateways_and_fail_modes_hold_when_redis_di
                 redis.addr
             ),
         ),
-        route("limited", "/limited/", &svc, &format!("{LABELS}")),
+        route("limited", "/limited/", &svc, LABELS),
         route("strict", "/strict/", &svc, "labels:\n  strict:\n    - per_client:\n      - remote_address:\n          key: remote_address"),
     ]
     .concat();
@@ -1335,8 +1335,8 @@ async fn jwt_claims_key_rate_limits_and_allowed_responses_report_the_tightest_li
             "quiet",
             "response_headers: false\nlimits:\n  - {name: q, domain: quiet, group: per_user, requests: 100, per: minute}",
         ),
-        route("users", "/users/", &svc, &format!("{labels}")),
-        route("quiet", "/quiet/", &svc, &format!("labels:\n  quiet:\n    - per_user:\n      - jwt_claim: {{claim: sub}}")),
+        route("users", "/users/", &svc, labels),
+        route("quiet", "/quiet/", &svc, "labels:\n  quiet:\n    - per_user:\n      - jwt_claim: {claim: sub}"),
     ]
     .concat();
     let gw = Gateway::start(&yaml).await;
@@ -1400,7 +1400,7 @@ async fn jwt_claims_key_rate_limits_and_allowed_responses_report_the_tightest_li
 async fn local_buckets_survive_a_new_revision_that_keeps_their_limit() {
     let up = Upstream::start("app").await;
     let svc = up.service();
-    let limited = route("limited", "/limited/", &svc, &format!("{LABELS}"));
+    let limited = route("limited", "/limited/", &svc, LABELS);
     let limit = |n: u32| {
         rate_limit(
             "local",

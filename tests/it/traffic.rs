@@ -191,11 +191,11 @@ async fn canary_weights_change_on_the_next_request_after_a_swap() {
 }
 
 fn shadowed(real: &str, shadow: &str, extra: &str) -> String {
-    route("real", "/s/", &real, "")
+    route("real", "/s/", real, "")
         + &route(
             "shadow",
             "/s/",
-            &shadow,
+            shadow,
             &format!("shadow: true\ntimeout_ms: 60000\n{extra}"),
         )
 }
