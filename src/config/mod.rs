@@ -282,3 +282,61 @@ fn promote_warnings(diagnostics: &mut [Diagnostic]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one set-aside loop: compile errors (`Invalid`), the caller's check on what compiled,
+    /// and a preset, each left out with its reason; the rest compiles.
+    #[test]
+    fn compile_setting_aside_leaves_out_invalid_checked_and_preset_resources() {
+        let doc = |name: &str, spec: &str| {
+            format!("---\napiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata:\n  name: {name}\nspec:\n  hostname: '*'\n{spec}")
+        };
+        let text = doc("good", "  prefix: /good/\n  service: good\n")
+            + &doc(
+                "bad",
+                "  prefix: '/(x'\n  prefix_regex: true\n  service: x\n",
+            )
+            + &doc("vetoed", "  prefix: /v/\n  service: v\n")
+            + &doc("preset", "  prefix: /p/\n  service: p\n");
+        let opts = Options::default();
+        let loaded = load(&MemTree::new().with("m.yaml", text), &opts);
+        let index = |name: &str| {
+            loaded
+                .resources
+                .iter()
+                .position(|r| r.name == name)
+                .unwrap()
+        };
+        let preset = SetAside {
+            reason: "Preset".into(),
+            errors: Vec::new(),
+        };
+        let veto = |r: &Resource| {
+            (r.name == "vetoed").then(|| {
+                let d = Diagnostic::error("veto", &r.at("/spec/service"), "not this one");
+                ("Vetoed".to_string(), d)
+            })
+        };
+        let s = compile_setting_aside(
+            &loaded.resources,
+            &opts,
+            BTreeMap::from([(index("preset"), preset.clone())]),
+            &veto,
+        );
+        let graph = s.graph.expect("what is left compiles");
+        let names: Vec<&str> = graph.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["good"]);
+        let bad = &s.aside[&index("bad")];
+        assert_eq!(bad.reason, "Invalid");
+        assert!(bad.errors.iter().any(|d| d.code == "bad-regex"), "{bad:?}");
+        let vetoed = &s.aside[&index("vetoed")];
+        assert_eq!(vetoed.reason, "Vetoed");
+        assert_eq!(vetoed.errors[0].code, "veto");
+        assert_eq!(s.aside[&index("preset")], preset);
+        assert!(!s.aside.contains_key(&index("good")));
+        assert!(s.diagnostics.iter().any(|d| d.code == "veto"));
+    }
+}
