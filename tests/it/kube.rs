@@ -1192,6 +1192,55 @@ async fn kube_timings() {
     );
 }
 
+/// `legate run --kubernetes` against `fake` (namespace `default`), with the demo echo upstream
+/// on `echo`, plain HTTP and admin listeners on free ports, and `args`.
+struct KubeRun {
+    http: SocketAddr,
+    admin: SocketAddr,
+    _gw: crate::support::Killed,
+    _dir: tempfile::TempDir,
+}
+
+impl KubeRun {
+    fn start(fake: &FakeApiServer, echo: SocketAddr, args: &[&str]) -> KubeRun {
+        let (http, admin) = (crate::support::free_addr(), crate::support::free_addr());
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+                fake.addr
+            ),
+        )
+        .unwrap();
+        let gw = crate::support::Killed(
+            std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+                .args(["run", "--kubernetes", "--namespace", "default"])
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .arg("--secrets-dir")
+                .arg(dir.path().join("secrets"))
+                .args(["--demo-echo", &echo.to_string()])
+                .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+                .args(["--admin-listen", &admin.to_string()])
+                .args(["--access-log", "off"])
+                .args(args)
+                .env("POD_NAMESPACE", "default")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        KubeRun {
+            http,
+            admin,
+            _gw: gw,
+            _dir: dir,
+        }
+    }
+}
+
 /// The whole `legate run --kubernetes` process against the fake API server: the gateway serves
 /// what the API holds, keeps serving it when an invalid object arrives, and the Lease holder
 /// writes both objects' status.
@@ -1199,7 +1248,7 @@ async fn kube_timings() {
 async fn kube_legate_run_serves_from_the_api_and_writes_status() {
     let fake = FakeApiServer::start().await;
     let free = crate::support::free_addr;
-    let (echo, http, admin) = (free(), free(), free());
+    let echo = free();
     fake.apply(
         MAPPINGS,
         mapping(
@@ -1208,33 +1257,8 @@ async fn kube_legate_run_serves_from_the_api_and_writes_status() {
             json!({"hostname": "*", "prefix": "/k/", "service": echo.to_string(), "rewrite": "/"}),
         ),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
-            fake.addr
-        ),
-    )
-    .unwrap();
-    let _gw = crate::support::Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
-            .args(["run", "--kubernetes", "--namespace", "default"])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--secrets-dir")
-            .arg(dir.path().join("secrets"))
-            .args(["--demo-echo", &echo.to_string()])
-            .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
-            .args(["--admin-listen", &admin.to_string(), "--verify-window", "0"])
-            .args(["--access-log", "off"])
-            .env("POD_NAMESPACE", "default")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let gw = KubeRun::start(&fake, echo, &["--verify-window", "0"]);
+    let (http, admin) = (gw.http, gw.admin);
     let url = format!("http://{http}/k/x");
     let mut served = None;
     for _ in 0..300 {
@@ -1406,7 +1430,7 @@ async fn kube_authservice_jwtpolicy_and_ratelimit_are_watched_and_judged() {
 async fn kube_a_mapping_failing_its_window_is_set_aside_and_the_others_stay() {
     let fake = FakeApiServer::start().await;
     let free = crate::support::free_addr;
-    let (echo, http, admin, dead) = (free(), free(), free(), free());
+    let (echo, dead) = (free(), free());
     fake.apply(
         MAPPINGS,
         mapping(
@@ -1415,34 +1439,12 @@ async fn kube_a_mapping_failing_its_window_is_set_aside_and_the_others_stay() {
             json!({"hostname": "*", "prefix": "/k/", "service": echo.to_string(), "rewrite": "/"}),
         ),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
-            fake.addr
-        ),
-    )
-    .unwrap();
-    let _gw = crate::support::Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
-            .args(["run", "--kubernetes", "--namespace", "default"])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--secrets-dir")
-            .arg(dir.path().join("secrets"))
-            .args(["--demo-echo", &echo.to_string()])
-            .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
-            .args(["--admin-listen", &admin.to_string()])
-            .args(["--verify-window", "1s", "--verify-min-requests", "3"])
-            .args(["--access-log", "off"])
-            .env("POD_NAMESPACE", "default")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+    let gw = KubeRun::start(
+        &fake,
+        echo,
+        &["--verify-window", "1s", "--verify-min-requests", "3"],
     );
+    let (http, admin) = (gw.http, gw.admin);
     let status = || async {
         crate::support::get(&format!("http://{admin}/api/status"), &[])
             .await
