@@ -1,5 +1,5 @@
 //! Turns a compiled graph into the [`Snapshot`] requests read: each forwarding route's header
-//! edits parsed, its upstream reachable (pool or HTTP/2 client, balancer, health, breaker) and
+//! edits parsed, its upstream reachable (HTTP/1.1 or HTTP/2 pool, balancer, health, breaker) and
 //! its edge-policy state looked up in the registries the proxy owns.
 //!
 //! Runs on every swap, never per request. Nothing imports this module: the proxy's `swap`

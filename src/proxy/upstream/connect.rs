@@ -1,5 +1,5 @@
 //! The one place that dials upstreams: TCP, then TLS origination for `https://` upstreams.
-//! Knows nothing of pools: `pool` and the HTTP/2 client dial through a [`Connector`].
+//! Knows nothing of pools: `pool` (HTTP/1.1) and `h2` dial through a [`Connector`].
 //! `https://` upstreams get TLS origination with rustls (webpki roots plus `--upstream-ca`),
 //! certificate verified. DNS names go through [`Resolver`]: every address is used (the start
 //! rotates per connection), names are re-resolved after a TTL, and the last good addresses are

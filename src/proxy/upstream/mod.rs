@@ -8,7 +8,7 @@
 //! - `breaker`: circuit-breaker slots (`max_connections`, pending, requests, retries);
 //! - `retry`: the attempts of one request, with the route timeout.
 //!
-//! [`Clients`] keeps the pools and HTTP/2 clients across graph swaps, so a swap never drops warm
+//! [`Clients`] keeps the HTTP/1.1 and HTTP/2 pools across graph swaps, so a swap never drops warm
 //! connections; [`Target`] is what a prepared route knows of its upstream. Must not know the
 //! request layer (routes, policies, header edits) nor the listener.
 
