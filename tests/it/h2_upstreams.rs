@@ -167,7 +167,7 @@ async fn round_robin_alternates_per_request_over_one_connection_per_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_hash_by_header_is_sticky_and_spreads_keys() {
-    let (a, _b, gw) = pair("load_balancer:\n  policy: ring_hash\n  header: x-user").await;
+    let (_a, _b, gw) = pair("load_balancer:\n  policy: ring_hash\n  header: x-user").await;
     let mut on_a = 0;
     for k in 0..60 {
         let user = format!("user-{k}");
