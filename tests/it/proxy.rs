@@ -930,18 +930,21 @@ async fn binary_with_two_workers_serves_every_connection_and_exits_zero_on_sigte
         "echo",
         &format!("hostname: '*'\nprefix: /echo/\nservice: {echo}\nrewrite: /"),
     ));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
-        .arg("run")
-        .arg("--dir")
-        .arg(tree.path())
-        .args(["--demo-echo", &echo.to_string()])
-        .args(["--http-listen", &http.to_string()])
-        .args(["--https-listen", "off", "--admin-listen", "off"])
-        .args(["--workers", "2", "--access-log", "off"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
+    // Killed: a failed assertion must not leave the gateway running.
+    let mut child = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+            .arg("run")
+            .arg("--dir")
+            .arg(tree.path())
+            .args(["--demo-echo", &echo.to_string()])
+            .args(["--http-listen", &http.to_string()])
+            .args(["--https-listen", "off", "--admin-listen", "off"])
+            .args(["--workers", "2", "--access-log", "off"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id();
     let threads = || -> Vec<String> {
         std::fs::read_dir(format!("/proc/{pid}/task"))
             .map(|d| {
@@ -991,10 +994,19 @@ async fn binary_with_two_workers_serves_every_connection_and_exits_zero_on_sigte
         .status()
         .unwrap()
         .success());
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    let mut status = None;
+    for _ in 0..300 {
+        status = child.0.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "exited 0 after SIGTERM"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
