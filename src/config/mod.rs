@@ -13,6 +13,7 @@ pub mod diag;
 pub mod guard;
 pub mod model;
 pub mod module;
+pub mod oidc;
 pub mod routetest;
 pub mod schema;
 pub mod tlscontext;
