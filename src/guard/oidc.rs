@@ -132,6 +132,17 @@ struct Tokens {
     expires_in: Option<u64>,
 }
 
+/// Why the token endpoint gave no tokens.
+#[derive(Debug, thiserror::Error)]
+enum TokenError {
+    /// It answered 4xx: the grant (code, refresh token) is spent, expired or not this client's.
+    #[error("{0}")]
+    Refused(String),
+    /// It could not be reached or answered something else.
+    #[error("{0}")]
+    Failed(String),
+}
+
 fn now() -> u64 {
     // `exp` is a wall-clock time set by the provider: judged on the wall clock.
     SystemTime::now()
@@ -206,7 +217,7 @@ impl Login {
                     }
                 }
             }
-            if now <= s.exp {
+            if now < s.exp {
                 strip_cookies(req.headers_mut(), &p.cookie);
                 return Ok(Admitted {
                     headers: forwarded(p, &s.claims),
@@ -356,10 +367,14 @@ impl Login {
             .await
             .map_err(|e| {
                 tracing::warn!(login = %p.name, error = %e, "code exchange failed");
-                failure(
-                    StatusCode::BAD_GATEWAY,
-                    "login failed: the identity provider did not accept the code",
-                )
+                match e {
+                    // A spent, expired or replayed code: the browser's, not the gateway's.
+                    TokenError::Refused(_) => bad("the identity provider refused the code"),
+                    TokenError::Failed(_) => failure(
+                        StatusCode::BAD_GATEWAY,
+                        "login failed: the identity provider could not be asked",
+                    ),
+                }
             })?;
         let claims = self
             .id_claims(&provider, tokens.id_token.as_deref())
@@ -425,7 +440,8 @@ impl Login {
                 secrets,
                 &[("grant_type", "refresh_token"), ("refresh_token", rt)],
             )
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
         let claims = match tokens.id_token.as_deref() {
             Some(t) => self
                 .id_claims(&provider, Some(t))
@@ -456,7 +472,7 @@ impl Login {
         p: &OidcLogin,
         secrets: &Secrets,
         form: &[(&str, &str)],
-    ) -> Result<Tokens, String> {
+    ) -> Result<Tokens, TokenError> {
         let body = form_urlencoded::Serializer::new(String::new())
             .extend_pairs(form)
             .finish();
@@ -473,20 +489,28 @@ impl Login {
             .header(header::ACCEPT, "application/json")
             .header(header::AUTHORIZATION, format!("Basic {basic}"))
             .body(http_body_util::Full::new(Bytes::from(body)))
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(|e| TokenError::Failed(format!("{url}: {e}")))?;
         let resp = self
-            .outbound()?
+            .outbound()
+            .map_err(TokenError::Failed)?
             .send(req, PROVIDER_TIMEOUT, MAX_PROVIDER_BYTES)
-            .await?;
+            .await
+            .map_err(TokenError::Failed)?;
         if !resp.status.is_success() {
             // The provider's error code (never the request, which holds the secret).
             let code = serde_json::from_slice::<Value>(&resp.body)
                 .ok()
                 .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
                 .unwrap_or_default();
-            return Err(format!("{url}: answered {} {code}", resp.status));
+            let msg = format!("{url}: answered {} {code}", resp.status);
+            return Err(if resp.status.is_client_error() {
+                TokenError::Refused(msg)
+            } else {
+                TokenError::Failed(msg)
+            });
         }
-        serde_json::from_slice(&resp.body).map_err(|e| format!("{url}: not a token answer: {e}"))
+        serde_json::from_slice(&resp.body)
+            .map_err(|e| TokenError::Failed(format!("{url}: not a token answer: {e}")))
     }
 
     fn outbound(&self) -> Result<&crate::outbound::Outbound, String> {

@@ -19,6 +19,7 @@ mod golden;
 mod health;
 mod kube;
 mod observability;
+mod oidc;
 mod parity;
 mod protocols;
 mod proxy;
