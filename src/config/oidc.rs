@@ -12,7 +12,7 @@ use super::guard::Coverage;
 use super::model::{LabelSelector, Resource, Spec};
 use super::Diagnostic;
 use crate::routes::guard::OidcLogin;
-use crate::routes::{Action, Group, HostRoute, Route};
+use crate::routes::{Action, Group, HostRoute, PathMatch, Route};
 
 /// The OIDCLogin spec.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -199,6 +199,7 @@ pub fn attach(
             hosts: &spec.hosts,
         }
         .targets(res, resources, routes, hosts, groups, diags);
+        warn_unrouted_callback(res, &login, routes, &targets, diags);
         for (route, _) in routes.iter_mut().zip(targets).filter(|(_, t)| *t) {
             let Action::Forward(f) = &mut route.action else {
                 continue;
@@ -225,6 +226,40 @@ pub fn attach(
             }
             f.oidc = Some(login.clone());
         }
+    }
+}
+
+/// The provider sends the browser back to `<prefix>/callback`: a covered route must route that
+/// path, or the login can never complete.
+fn warn_unrouted_callback(
+    res: &Resource,
+    login: &OidcLogin,
+    routes: &[Route],
+    targets: &[bool],
+    diags: &mut Vec<Diagnostic>,
+) {
+    let callback = format!("{}/callback", login.prefix);
+    let routed = routes.iter().zip(targets).any(|(r, t)| {
+        *t && match &r.matcher.path {
+            PathMatch::Prefix(p) => callback.starts_with(p.as_str()),
+            PathMatch::Exact(p) => *p == callback,
+            PathMatch::Regex(re) => re.is_match(&callback),
+        }
+    });
+    if targets.contains(&true) && !routed {
+        diags.push(
+            Diagnostic::warning(
+                "oidc-callback-unrouted",
+                &res.at("/spec"),
+                format!(
+                    "OIDCLogin `{}` covers no Mapping that routes `{callback}`, where the provider sends the browser back",
+                    res.name
+                ),
+            )
+            .with_help(format!(
+                "cover a Mapping whose prefix matches `{callback}` (e.g. `prefix: /`), or set `path_prefix` under a covered Mapping's prefix"
+            )),
+        );
     }
 }
 

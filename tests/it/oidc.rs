@@ -492,3 +492,39 @@ async fn oidc_session_is_renewed_by_refresh_token_and_ends_when_it_cannot_be() {
     assert_eq!(r.status, 302, "{r:?}");
     assert!(r.header("location").unwrap().contains("/auth?"), "{r:?}");
 }
+
+#[test]
+fn oidclogin_secrets_are_checked_before_a_revision_is_applied() {
+    // `legate check --secrets-dir` runs the reconciler's preflight: a revision naming a
+    // missing or unusable OIDC secret is refused, and the gateway keeps serving the last one.
+    let yaml = config("https://idp.example.com", "app:8080", "");
+    let tree = crate::config_cli::text_tree(&[("login.yaml", yaml.as_str())]);
+    let run = |dir: &Path| {
+        let o = crate::config_cli::check(tree.path(), &["--secrets-dir", dir.to_str().unwrap()]);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let good = secrets(K1);
+    let (code, out) = run(good.path());
+    assert_eq!(code, Some(0), "{out}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let (code, out) = run(empty.path());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("error[oidc-secret]: OIDCLogin `app-login`"),
+        "{out}"
+    );
+    assert!(out.contains("client-secret"), "{out}");
+
+    let short = secrets("c2hvcnQ=\n");
+    let (code, out) = run(short.path());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("session-keys: line 1"), "{out}");
+    assert!(
+        !out.contains("test-secret"),
+        "the client secret is never printed: {out}"
+    );
+}
