@@ -107,6 +107,9 @@ struct Session {
     claims: Claims,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     refresh_token: Option<String>,
+    /// The last ID token, sent back as `id_token_hint` at logout (Okta requires it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id_token: Option<String>,
 }
 
 /// The login cookie's sealed content: the login in flight.
@@ -199,9 +202,7 @@ impl Login {
             });
         }
         let secrets = self.secrets(p)?;
-        let session = cookie(req.headers(), &p.cookie)
-            .and_then(|v| open(&secrets.keys, &aad(p, "session"), v))
-            .and_then(|b| serde_json::from_slice::<Session>(&b).ok());
+        let session = read_session(p, &secrets, req.headers());
         if let Some(s) = session {
             let now = now();
             let mut set_cookie = None;
@@ -409,10 +410,18 @@ impl Login {
             .await
             .ok()
             .and_then(|pr| pr.doc.end_session_endpoint.clone());
+        let hint = self
+            .secrets(p)
+            .ok()
+            .and_then(|secrets| read_session(p, &secrets, headers))
+            .and_then(|s| s.id_token);
         let location = match end {
             Some(end) => {
                 let mut q = form_urlencoded::Serializer::new(String::new());
                 q.append_pair("client_id", &p.client_id);
+                if let Some(h) = &hint {
+                    q.append_pair("id_token_hint", h);
+                }
                 if let Some(u) = &p.post_logout_redirect {
                     q.append_pair("post_logout_redirect_uri", u);
                 }
@@ -449,7 +458,7 @@ impl Login {
                 .map_err(str::to_string)?,
             None => s.claims.clone(),
         };
-        Ok(new_session(p, &claims, &tokens, s.refresh_token.clone()))
+        Ok(new_session(p, &claims, &tokens, Some(s)))
     }
 
     /// Validate an ID token with the provider's keys.
@@ -722,7 +731,7 @@ fn open(keys: &[LessSafeKey], aad: &[u8], value: &str) -> Option<Vec<u8>> {
 }
 
 /// A session from an ID token's claims (`sub` and the forwarded ones) and the token answer.
-fn new_session(p: &OidcLogin, claims: &Claims, t: &Tokens, old_rt: Option<String>) -> Session {
+fn new_session(p: &OidcLogin, claims: &Claims, t: &Tokens, old: Option<&Session>) -> Session {
     let keep: Claims = claims
         .iter()
         .filter(|(k, _)| *k == "sub" || p.forward.iter().any(|(c, _)| c == *k))
@@ -736,8 +745,22 @@ fn new_session(p: &OidcLogin, claims: &Claims, t: &Tokens, old_rt: Option<String
     Session {
         exp,
         claims: keep,
-        refresh_token: t.refresh_token.clone().or(old_rt),
+        refresh_token: t
+            .refresh_token
+            .clone()
+            .or_else(|| old.and_then(|o| o.refresh_token.clone())),
+        id_token: t
+            .id_token
+            .clone()
+            .or_else(|| old.and_then(|o| o.id_token.clone())),
     }
+}
+
+/// The request's session, if its cookie opens with one of the keys.
+fn read_session(p: &OidcLogin, secrets: &Secrets, headers: &HeaderMap) -> Option<Session> {
+    let sealed = cookie(headers, &p.cookie)?;
+    let plain = open(&secrets.keys, &aad(p, "session"), sealed)?;
+    serde_json::from_slice(&plain).ok()
 }
 
 fn session_cookie(

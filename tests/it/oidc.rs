@@ -349,6 +349,7 @@ async fn oidc_login_session_bearer_replicas_rotation_and_logout() {
         loc.contains("post_logout_redirect_uri=http%3A%2F%2Fapp.test%2Fbye"),
         "{loc}"
     );
+    assert!(loc.contains("&id_token_hint=ey"), "{loc}");
     assert!(r.header("set-cookie").unwrap().contains("Max-Age=0"));
     assert_eq!(alice.cookie("legate_session").unwrap_or_default(), "");
     assert_eq!(alice.call(&a, "http://app.test/api", &[]).await.status, 401);
