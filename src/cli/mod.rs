@@ -172,7 +172,8 @@ pub struct CheckArgs {
     pub path: PathBuf,
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Also check that the TLS secrets Hosts name exist here (`<dir>/<name>/tls.crt|tls.key`).
+    /// Also check that the TLS secrets Hosts name exist here (`<dir>/<name>/tls.crt|tls.key`), and
+    /// the secrets OIDCLogins name (`<dir>/<name>/client-secret|session-keys`).
     #[arg(long, env = "LEGATE_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "text")]
