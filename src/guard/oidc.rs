@@ -380,7 +380,7 @@ impl Login {
         let claims = self
             .id_claims(&provider, tokens.id_token.as_deref())
             .await
-            .map_err(|why| bad(why))?;
+            .map_err(&bad)?;
         if claims.get("nonce").and_then(Value::as_str) != Some(pending.nonce.as_str()) {
             return Err(bad("nonce does not match"));
         }
