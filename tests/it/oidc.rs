@@ -40,7 +40,10 @@ impl Idp {
             .arg("provider.js")
             .current_dir(&dir)
             .env("PORT", port.to_string())
-            .env("REDIRECT_URIS", "http://app.test/.legate/callback")
+            .env(
+                "REDIRECT_URIS",
+                "http://app.test/.legate/callback,https://app.test/.legate/callback",
+            )
             .env("POST_LOGOUT_URIS", "http://app.test/bye")
             .env("ID_TOKEN_TTL", id_ttl.to_string())
             .stdout(Stdio::piped())
@@ -123,6 +126,8 @@ async fn gateway(yaml: &str, secrets: &Path) -> Gateway {
 /// curl as a browser: one cookie jar, `app.test` pointed at a gateway.
 struct Browser {
     jar: PathBuf,
+    /// The CA to trust for `https://app.test`.
+    ca: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -156,6 +161,7 @@ impl Browser {
         let dir = tempfile::tempdir().unwrap();
         Browser {
             jar: dir.path().join("jar"),
+            ca: None,
             _dir: dir,
         }
     }
@@ -171,6 +177,8 @@ impl Browser {
             self.jar.display().to_string(),
             "--connect-to".into(),
             format!("app.test:80:{}", gw.http),
+            "--connect-to".into(),
+            format!("app.test:443:{}", gw.https),
             "-D".into(),
             hdrs.display().to_string(),
             "-w".into(),
@@ -178,6 +186,10 @@ impl Browser {
         ];
         if follow {
             args.push("-L".into());
+        }
+        if let Some(ca) = &self.ca {
+            args.push("--cacert".into());
+            args.push(ca.display().to_string());
         }
         for h in headers {
             args.push("-H".into());
@@ -420,6 +432,37 @@ async fn oidc_callback_refuses_tampered_cookies_and_states() {
     assert!(r.body.contains("no valid login cookie"), "{}", r.body);
     let r = Browser::new().get(&gw, &callback, &[], false).await;
     assert_eq!(r.status, 400, "{r:?}");
+    // The provider's own refusal is passed on as 403 with its error code.
+    let r = b
+        .get(
+            &gw,
+            "http://app.test/.legate/callback?error=access_denied&error_description=%3Cb%3E",
+            &[],
+            false,
+        )
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(
+        r.body.contains("(access_denied)") && !r.body.contains('<'),
+        "{}",
+        r.body
+    );
+    // A browser's POST without a session is refused, not redirected (its body would be lost).
+    let (ok, out, err) = curl(&[
+        "-o".into(),
+        "/dev/null".into(),
+        "-w".into(),
+        "%{http_code}".into(),
+        "-X".into(),
+        "POST".into(),
+        "-H".into(),
+        "Accept: text/html".into(),
+        "--connect-to".into(),
+        format!("app.test:80:{}", gw.http),
+        "http://app.test/form".into(),
+    ])
+    .await;
+    assert!(ok && out == "401", "{out} {err}");
 
     // The untouched cookie and state complete the login (the code was never spent above).
     b.set_cookie("legate_session_login", &login);
@@ -528,4 +571,32 @@ fn oidclogin_secrets_are_checked_before_a_revision_is_applied() {
         !out.contains("test-secret"),
         "the client secret is never printed: {out}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_cookies_are_secure_over_tls() {
+    let test = "oidc_cookies_are_secure_over_tls";
+    let Some(idp) = Idp::start(test, 300) else {
+        return;
+    };
+    let up = Upstream::start("app").await;
+    let keys = secrets(K1);
+    let ca = crate::support::make_secret(keys.path(), "app-tls", &["app.test"]);
+    let yaml = config(&idp.issuer, &up.service(), "")
+        + &crate::support::host("app", "app.test", "tlsSecret:\n  name: app-tls");
+    let gw = gateway(&yaml, keys.path()).await;
+    let mut b = Browser::new();
+    b.ca = Some(ca);
+    // The redirect URI the provider gets is https (it knows only that one and the http one).
+    let r = b.browse(&gw, "https://app.test/page").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.url, "https://app.test/page");
+    assert_eq!(r.seen("x-user").as_deref(), Some("alice"));
+    let jar = std::fs::read_to_string(&b.jar).unwrap();
+    let line = jar
+        .lines()
+        .find(|l| l.contains("\tlegate_session\t"))
+        .unwrap();
+    // Netscape jar fields: domain, subdomains, path, secure, ...
+    assert_eq!(line.split('\t').nth(3), Some("TRUE"), "Secure: {line}");
 }
