@@ -259,19 +259,19 @@ fn attach_rate_limits(resources: &[&Resource], routes: &mut [Route], diags: &mut
         let has_claims = groups
             .iter()
             .any(|(_, _, entries)| entries.iter().any(|e| matches!(e, Entry::Claim { .. })));
-        if has_claims && f.jwt.is_none() {
+        if has_claims && f.jwt.is_none() && f.oidc.is_none() {
             // Without a validated token there is never a claim, so the limit would never apply.
             diags.push(
                 Diagnostic::error(
                     "ratelimit-claim-without-jwt",
                     &res.at("/spec/labels"),
                     format!(
-                        "Mapping `{}` keys a rate limit on a JWT claim but no JWTPolicy covers it",
+                        "Mapping `{}` keys a rate limit on a JWT claim but no JWTPolicy or OIDCLogin covers it",
                         res.name
                     ),
                 )
                 .with_help(
-                    "cover the Mapping with a JWTPolicy (mappings, mappingSelector or hosts)",
+                    "cover the Mapping with a JWTPolicy or an OIDCLogin (mappings, mappingSelector or hosts)",
                 ),
             );
         }

@@ -338,6 +338,10 @@ impl Login {
                 &format!("the identity provider refused the login ({code})"),
             ));
         }
+        // RFC 9207: a provider that names itself in the answer must be this one (mix-up).
+        if param("iss").is_some_and(|iss| iss != p.issuer) {
+            return Err(bad("the answer comes from another issuer"));
+        }
         let secrets = self.secrets(p)?;
         let pending = cookie(headers, &format!("{}_login", p.cookie))
             .and_then(|v| open(&secrets.keys, &aad(p, "login"), v))

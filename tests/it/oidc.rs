@@ -425,6 +425,20 @@ async fn oidc_callback_refuses_tampered_cookies_and_states() {
     let r = b.get(&gw, &format!("{head}x=1{rest}"), &[], false).await;
     assert_eq!(r.status, 400, "{r:?}");
 
+    // An answer naming another issuer (RFC 9207 mix-up defence).
+    assert!(callback.contains("&iss="), "{callback}");
+    let (before, _) = callback.split_once("&iss=").unwrap();
+    let r = b
+        .get(
+            &gw,
+            &format!("{before}&iss=https%3A%2F%2Fevil.test"),
+            &[],
+            false,
+        )
+        .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(r.body.contains("another issuer"), "{}", r.body);
+
     // A tampered login cookie, then none (another browser).
     b.set_cookie("legate_session_login", &tamper(&login));
     let r = b.get(&gw, &callback, &[], false).await;
