@@ -24,10 +24,12 @@ pub enum Kind {
     RateLimit,
     Module,
     TlsContext,
+    Listener,
+    TcpMapping,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Mapping,
         Kind::Host,
         Kind::RouteTest,
@@ -36,6 +38,8 @@ impl Kind {
         Kind::RateLimit,
         Kind::Module,
         Kind::TlsContext,
+        Kind::Listener,
+        Kind::TcpMapping,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,7 +52,18 @@ impl Kind {
             Kind::RateLimit => "RateLimit",
             Kind::Module => "Module",
             Kind::TlsContext => "TLSContext",
+            Kind::Listener => "Listener",
+            Kind::TcpMapping => "TCPMapping",
         }
+    }
+
+    /// Kinds that exist only in Emissary's group (`getambassador.io`): never read under
+    /// `legate.dev`, and Legate installs no CRD for them.
+    pub fn emissary_only(self) -> bool {
+        matches!(
+            self,
+            Kind::Module | Kind::TlsContext | Kind::Listener | Kind::TcpMapping
+        )
     }
 
     pub fn from_name(s: &str) -> Option<Kind> {
@@ -66,6 +81,8 @@ impl Kind {
             Kind::RateLimit => include_str!("../../schemas/ratelimit.schema.json"),
             Kind::Module => include_str!("../../schemas/module.schema.json"),
             Kind::TlsContext => include_str!("../../schemas/tlscontext.schema.json"),
+            Kind::Listener => include_str!("../../schemas/listener.schema.json"),
+            Kind::TcpMapping => include_str!("../../schemas/tcpmapping.schema.json"),
         }
     }
 
@@ -79,6 +96,8 @@ impl Kind {
             Kind::RateLimit => "schemas/ratelimit.schema.json",
             Kind::Module => "schemas/module.schema.json",
             Kind::TlsContext => "schemas/tlscontext.schema.json",
+            Kind::Listener => "schemas/listener.schema.json",
+            Kind::TcpMapping => "schemas/tcpmapping.schema.json",
         }
     }
 
@@ -91,6 +110,8 @@ impl Kind {
         static RATE_LIMIT: OnceLock<Compiled> = OnceLock::new();
         static MODULE: OnceLock<Compiled> = OnceLock::new();
         static TLS_CONTEXT: OnceLock<Compiled> = OnceLock::new();
+        static LISTENER: OnceLock<Compiled> = OnceLock::new();
+        static TCP_MAPPING: OnceLock<Compiled> = OnceLock::new();
         let cell = match self {
             Kind::Mapping => &MAPPING,
             Kind::Host => &HOST,
@@ -100,6 +121,8 @@ impl Kind {
             Kind::RateLimit => &RATE_LIMIT,
             Kind::Module => &MODULE,
             Kind::TlsContext => &TLS_CONTEXT,
+            Kind::Listener => &LISTENER,
+            Kind::TcpMapping => &TCP_MAPPING,
         };
         cell.get_or_init(|| Compiled::new(self))
     }

@@ -52,6 +52,9 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The listener's own port (what `strip_matching_host_port` compares with).
     pub local_port: u16,
+    /// Trusted `X-Forwarded-For` hops: `--xff-trusted-hops` on the flags' listeners, the
+    /// Listener's `l7Depth` on a revision's own (set per request from the live graph).
+    pub xff_hops: usize,
 }
 
 /// The SNI a TLS client sent, carried in each request's extensions.
@@ -109,12 +112,22 @@ impl Proxy {
         self.check_limits(&req)?;
         head::check_headers(req.headers())?;
         let graph = &*snap.graph;
+        // The revision's Listener on this port, if it has its own: its Hosts, security model
+        // and l7Depth apply.
+        let listener = graph
+            .listener_on(conn.local_port)
+            .filter(|&i| graph.listeners[i].protocol.is_http());
+        let listener_route = listener.map(|i| &graph.listeners[i]);
+        let conn = ConnInfo {
+            xff_hops: listener_route.map_or(conn.xff_hops, |l| l.l7_depth),
+            ..conn
+        };
         super::module::admit(
             &graph.settings,
             req.uri().path(),
             req.headers(),
             conn.remote.ip(),
-            self.settings.xff_trusted_hops,
+            conn.xff_hops,
         )?;
         let authority = head::authority(&req)?;
         let authority_str = authority.to_str().unwrap_or("");
@@ -156,10 +169,11 @@ impl Proxy {
         }
 
         let via = Arrival {
-            secure: self.is_secure(&req, conn),
+            secure: is_secure(&req, conn, listener_route),
             tls_sni: conn
                 .tls
                 .then(|| req.extensions().get::<Sni>().map(|s| &*s.0)),
+            listener,
         };
         let head = RequestHead {
             host: &route_host,
@@ -282,9 +296,9 @@ impl Proxy {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
         if module.use_remote_address {
-            hdr::set_forwarded_for(h, conn.remote.ip(), self.settings.xff_trusted_hops);
+            hdr::set_forwarded_for(h, conn.remote.ip(), conn.xff_hops);
         }
-        if self.settings.xff_trusted_hops == 0 || !h.contains_key(&X_FORWARDED_PROTO) {
+        if conn.xff_hops == 0 || !h.contains_key(&X_FORWARDED_PROTO) {
             h.insert(
                 X_FORWARDED_PROTO.clone(),
                 HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
@@ -300,18 +314,6 @@ impl Proxy {
         }
         ex.trace_id = Some(super::trace::propagate(h, self.settings.trace_sample_ratio));
         h.insert(header::HOST, authority.clone());
-    }
-
-    /// Whether a request counts as secure for its Host's insecure action: the connection's own
-    /// scheme, unless hops in front are trusted (`--xff-trusted-hops` >= 1) and one of them sent
-    /// `X-Forwarded-Proto` (Envoy's rule under Emissary's default XFP security model).
-    fn is_secure(&self, req: &Request<Incoming>, conn: ConnInfo) -> bool {
-        if self.settings.xff_trusted_hops > 0 {
-            if let Some(v) = req.headers().get(&X_FORWARDED_PROTO) {
-                return v.as_bytes().eq_ignore_ascii_case(b"https");
-            }
-        }
-        conn.tls
     }
 
     fn check_limits(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
@@ -494,9 +496,24 @@ async fn tunnel(
             return;
         }
     };
+    pipe(
+        hyper_util::rt::TokioIo::new(d),
+        hyper_util::rt::TokioIo::new(u),
+        idle,
+    )
+    .await
+}
+
+/// Copy bytes both ways between two connections until either side closes or no byte has
+/// passed either way for `idle` (upgraded tunnels, TCPMappings).
+pub(super) async fn pipe<D, U>(d: D, u: U, idle: Duration)
+where
+    D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let seen = Arc::new(super::server::LastSeen::new());
-    let mut d = Watched(hyper_util::rt::TokioIo::new(d), seen.clone());
-    let mut u = Watched(hyper_util::rt::TokioIo::new(u), seen.clone());
+    let mut d = Watched(d, seen.clone());
+    let mut u = Watched(u, seen.clone());
     let copy = tokio::io::copy_bidirectional(&mut d, &mut u);
     tokio::pin!(copy);
     let mut check = Box::pin(tokio::time::sleep(idle));
@@ -504,13 +521,13 @@ async fn tunnel(
         tokio::select! {
             r = &mut copy => {
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                    tracing::debug!(error = %e, "tunnel ended with an error");
                 }
                 return;
             }
             _ = &mut check => match seen.idle_deadline(idle) {
                 None => {
-                    tracing::debug!(idle_ms = idle.as_millis() as u64, "upgraded connection idle: closed");
+                    tracing::debug!(idle_ms = idle.as_millis() as u64, "tunnel idle: closed");
                     return;
                 }
                 Some(at) => check.as_mut().reset(at),
@@ -615,6 +632,23 @@ fn redirect_location(
     let loc = HeaderValue::from_str(&loc)
         .map_err(|_| ProxyError::Internal("redirect location".into()))?;
     Ok((status, loc))
+}
+
+/// Whether a request counts as secure for its Host's insecure action. On a Listener of the
+/// revision, its security model decides. On the flags' listeners: the connection's own scheme,
+/// unless hops in front are trusted (`--xff-trusted-hops` >= 1) and one of them sent
+/// `X-Forwarded-Proto` (Envoy's rule under Emissary's default XFP security model).
+fn is_secure(
+    req: &Request<Incoming>,
+    conn: ConnInfo,
+    listener: Option<&crate::routes::ListenerRoute>,
+) -> bool {
+    let proto = req.headers().get(&X_FORWARDED_PROTO).map(|v| v.as_bytes());
+    match listener {
+        Some(l) => l.secure(conn.tls, proto),
+        None if conn.xff_hops > 0 => proto.map_or(conn.tls, |p| p.eq_ignore_ascii_case(b"https")),
+        None => conn.tls,
+    }
 }
 
 #[cfg(test)]

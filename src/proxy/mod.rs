@@ -21,12 +21,14 @@ mod handle;
 mod head;
 mod headers;
 mod health;
+mod listeners;
 mod module;
 mod observe;
 mod pool;
 mod retry;
 mod server;
 mod shadow;
+mod tcp;
 pub mod trace;
 
 use std::path::PathBuf;
@@ -43,6 +45,7 @@ use crate::tls::{CertSource, CertTable, SecretStore};
 pub use client::{Lookup, SystemLookup};
 pub use error::{ProxyError, SetupError};
 pub use head::valid_authority;
+pub use listeners::bind;
 pub use server::{Listeners, Running};
 pub use shadow::ShadowStats;
 
@@ -112,6 +115,9 @@ pub struct Settings {
     pub trace_sample_ratio: f64,
     /// Count every request in the per-route metrics (off: only rare events are counted).
     pub metrics: bool,
+    /// The address a revision's Listener ports are opened on; `None`: the address of the
+    /// flags' listeners, else 0.0.0.0.
+    pub listener_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for Settings {
@@ -130,6 +136,7 @@ impl Default for Settings {
             access_log: None,
             trace_sample_ratio: 0.0,
             metrics: true,
+            listener_ip: None,
         }
     }
 }
@@ -141,6 +148,10 @@ impl crate::reconcile::GraphSink for Proxy {
 
     fn serve(&self, graph: Arc<Graph>, revision: &str, evidence: Arc<crate::reconcile::Evidence>) {
         Proxy::swap_revision(self, graph, revision, evidence)
+    }
+
+    fn prepare(&self, graph: &Graph) -> Result<(), String> {
+        self.prepare_listeners(graph)
     }
 }
 
@@ -278,6 +289,12 @@ pub struct Proxy {
     metrics: Arc<crate::metrics::Metrics>,
     /// The access log with the metrics, when the log is on.
     logger: Option<Arc<accesslog::Logger>>,
+    /// The sockets served: the flags' and each revision's own ports.
+    listeners: Mutex<listeners::ListenerSet>,
+    /// Itself, for the accept loops a swap starts.
+    me: std::sync::Weak<Proxy>,
+    /// Connections accepted on TCP ports, for the weighted split of TCPMappings.
+    tcp_seq: std::sync::atomic::AtomicU64,
 }
 
 /// An in-process handler for a reserved path prefix on the proxy listeners.
@@ -315,7 +332,7 @@ impl Proxy {
                 metrics: metrics.clone(),
             })
         });
-        let proxy = Proxy {
+        Ok(Arc::new_cyclic(|me| Proxy {
             shared: Arc::new(ArcSwap::from_pointee(Snapshot {
                 graph: Graph::empty(),
                 routes: Vec::new(),
@@ -340,8 +357,10 @@ impl Proxy {
             shadows: shadow::Shadows::new(metrics.clone()),
             metrics,
             logger,
-        };
-        Ok(Arc::new(proxy))
+            listeners: Mutex::default(),
+            me: me.clone(),
+            tcp_seq: std::sync::atomic::AtomicU64::new(0),
+        }))
     }
 
     /// Make `graph` the one that new requests see. In-flight requests finish on their graph.
@@ -364,7 +383,11 @@ impl Proxy {
         snap.revision = HeaderValue::from_str(revision).unwrap_or(HeaderValue::from_static(""));
         snap.evidence = evidence;
         self.run_checkers(&snap);
+        let graph = snap.graph.clone();
         self.shared.store(Arc::new(snap));
+        if let Some(me) = self.me.upgrade() {
+            me.apply_listeners(&graph);
+        }
         // Local rate-limit buckets and JWKS keys outlive a revision that leaves them as they
         // were (the new graph was prepared while the old one still held them); the rest go.
         self.guards.prune();
