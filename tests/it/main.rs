@@ -18,6 +18,7 @@ mod git_source;
 mod golden;
 mod health;
 mod kube;
+mod listeners;
 mod observability;
 mod parity;
 mod protocols;
