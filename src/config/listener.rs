@@ -58,6 +58,8 @@ pub struct TcpMappingSpec {
     pub host: Option<String>,
     pub weight: Option<u32>,
     pub idle_timeout_ms: Option<Value>,
+    /// TLS to the upstream: refused (not implemented), never silently sent in cleartext.
+    pub tls: Option<Value>,
 }
 
 /// Envoy's TCP proxy idle timeout when a TCPMapping sets none (as a WebSocket tunnel's).
@@ -101,6 +103,7 @@ pub fn compile(
     }
     place_tcp(&mut listeners, &tcp, resources, diags);
     disable_idle(&mut listeners, hosts.is_empty(), &tcp, resources, diags);
+    listeners.sort_by_key(|l| l.port);
     (listeners, tcp)
 }
 
@@ -283,6 +286,25 @@ fn compile_tcp(
     resources: &[&Resource],
     diags: &mut Vec<Diagnostic>,
 ) -> Option<TcpRoute> {
+    let tls_wanted = match &t.tls {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => !s.is_empty() && s != "false",
+        _ => false,
+    } || t.service.starts_with("https://");
+    if tls_wanted {
+        diags.push(
+            Diagnostic::error(
+                "tcp-upstream-tls",
+                &r.at(if t.tls.is_some() { "/spec/tls" } else { "/spec/service" }),
+                format!(
+                    "TCPMapping `{}` asks for TLS to its upstream, which Legate does not do yet; it would go in cleartext",
+                    r.name
+                ),
+            )
+            .with_help("remove `tls` (and the https:// scheme) if the upstream takes cleartext, or keep this TCPMapping out of Legate's config"),
+        );
+        return None;
+    }
     let service = match tcp_service(&t.service) {
         Ok(s) => s,
         Err(why) => {
@@ -481,4 +503,129 @@ fn disable_idle(
         );
         false
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{load_and_compile, MemTree, Options, Outcome, Severity};
+    use crate::routes::ListenerProtocol;
+
+    fn run(text: &str) -> Outcome {
+        load_and_compile(&MemTree::new().with("t.yaml", text), &Options::default())
+    }
+
+    fn doc(kind: &str, name: &str, spec: &str) -> String {
+        let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+        format!("---\napiVersion: getambassador.io/v3alpha1\nkind: {kind}\nmetadata:\n  name: {name}\nspec:\n{spec}")
+    }
+
+    fn codes(o: &Outcome, severity: Severity) -> Vec<&'static str> {
+        o.diagnostics
+            .iter()
+            .filter(|d| d.severity == severity)
+            .map(|d| d.code)
+            .collect()
+    }
+
+    const ALL: &str = "securityModel: XFP\nhostBinding: {namespace: {from: ALL}}";
+
+    #[test]
+    fn protocols_are_read_and_the_ones_legate_cannot_serve_are_errors() {
+        let host = doc("Host", "h", "hostname: a.test");
+        let ok = [
+            doc(
+                "Listener",
+                "a",
+                &format!("port: 8080\nprotocol: HTTP\n{ALL}"),
+            ),
+            doc(
+                "Listener",
+                "b",
+                &format!("port: 8443\nprotocolStack: [TLS, HTTP, TCP]\n{ALL}"),
+            ),
+        ]
+        .concat();
+        let o = run(&[host.as_str(), &ok].concat());
+        let g = o.graph.expect("valid");
+        let got: Vec<_> = g.listeners.iter().map(|l| (l.port, l.protocol)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (8080, ListenerProtocol::Http),
+                (8443, ListenerProtocol::Https)
+            ]
+        );
+        for bad in [
+            "protocol: HTTPPROXY",
+            "protocol: UDP",
+            "protocolStack: [HTTP]",
+            "protocol: HTTP\nprotocolStack: [HTTP, TCP]",
+        ] {
+            let o = run(&doc("Listener", "x", &format!("port: 1\n{bad}\n{ALL}")));
+            assert_eq!(
+                codes(&o, Severity::Error),
+                vec!["listener-protocol"],
+                "{bad}"
+            );
+        }
+        let dup = [
+            doc("Listener", "a", &format!("port: 1\nprotocol: HTTP\n{ALL}")),
+            doc("Listener", "b", &format!("port: 1\nprotocol: HTTPS\n{ALL}")),
+        ]
+        .concat();
+        assert_eq!(
+            codes(&run(&dup), Severity::Error),
+            vec!["duplicate-listener-port"]
+        );
+    }
+
+    #[test]
+    fn a_listener_serving_nothing_is_disabled_and_tcp_ports_get_their_own() {
+        let yaml = [
+            doc("Host", "h", "hostname: a.test"),
+            doc(
+                "Listener",
+                "nobody",
+                "port: 1\nprotocol: HTTP\nsecurityModel: XFP\nhostBinding: {selector: {matchLabels: {x: y}}}",
+            ),
+            doc("TCPMapping", "t", "port: 2\nservice: db:5432"),
+            doc("TCPMapping", "s", "port: 3\nservice: db:5432\nhost: a.test"),
+        ]
+        .concat();
+        let o = run(&yaml);
+        assert!(codes(&o, Severity::Warning).contains(&"listener-without-hosts"));
+        let g = o.graph.expect("valid");
+        let got: Vec<_> = g
+            .listeners
+            .iter()
+            .map(|l| (l.port, l.protocol, l.synthesized))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, ListenerProtocol::Tcp, true),
+                (3, ListenerProtocol::Tls, true)
+            ]
+        );
+        // The flags still serve HTTP: no Listener resource is left.
+        assert!(!g.has_own_listeners());
+    }
+
+    #[test]
+    fn bad_tcp_mappings_are_errors() {
+        let http = doc("Listener", "l", &format!("port: 1\nprotocol: HTTP\n{ALL}"));
+        for (spec, code) in [
+            ("port: 2\nservice: db", "bad-service"),
+            ("port: 2\nservice: db:1\ntls: true", "tcp-upstream-tls"),
+            ("port: 2\nservice: https://db:1", "tcp-upstream-tls"),
+            ("port: 1\nservice: db:1", "tcp-on-http-listener"),
+        ] {
+            let o = run(&[http.as_str(), &doc("TCPMapping", "t", spec)].concat());
+            assert!(
+                codes(&o, Severity::Error).contains(&code),
+                "{spec}: {:?}",
+                o.diagnostics
+            );
+        }
+    }
 }

@@ -91,8 +91,8 @@ impl Running {
 enum Mode {
     Plain,
     Tls(Arc<rustls::ServerConfig>),
-    /// A TCPMapping port; the config terminates TLS for mappings that do.
-    Tcp(Arc<rustls::ServerConfig>),
+    /// A TCPMapping port.
+    Tcp,
 }
 
 impl Proxy {
@@ -144,7 +144,7 @@ impl Proxy {
                 Some(match g.listeners[g.listener_on(port)?].protocol {
                     P::Http => Mode::Plain,
                     P::Https => Mode::Tls(tls.clone()),
-                    P::Tcp | P::Tls => Mode::Tcp(tls.clone()),
+                    P::Tcp | P::Tls => Mode::Tcp,
                 })
             }
         }
@@ -193,9 +193,7 @@ impl Proxy {
                 // for the drain on shutdown.
                 let hold = ConnHold(Arc::new((permit, proxy.metrics.connection())));
                 let tls = match mode {
-                    Mode::Tcp(cfg) => {
-                        return proxy.serve_tcp(stream, remote, port, cfg, hold).await
-                    }
+                    Mode::Tcp => return proxy.serve_tcp(stream, remote, port, hold).await,
                     Mode::Plain => None,
                     Mode::Tls(cfg) => Some(cfg),
                 };

@@ -26,7 +26,6 @@ impl Proxy {
         stream: TcpStream,
         remote: SocketAddr,
         port: u16,
-        tls: Arc<rustls::ServerConfig>,
         hold: ConnHold,
     ) {
         let graph = self.shared.load().graph.clone();
@@ -61,28 +60,38 @@ impl Proxy {
         };
         let _ = up.set_nodelay(true);
         let idle = route.idle_timeout;
-        let terminate = route.terminate.is_some();
+        let tls = match &route.terminate {
+            None => None,
+            Some(secret) => match self
+                .secrets
+                .load(&secret.name)
+                .map_err(|e| e.to_string())
+                .and_then(|k| crate::tls::single_cert_config(k).map_err(|e| e.to_string()))
+            {
+                Ok(cfg) => Some(cfg),
+                Err(e) => {
+                    tracing::warn!(%remote, secret = %secret.name, error = %e, "TCPMapping: certificate unavailable");
+                    return;
+                }
+            },
+        };
         drop(graph);
-        if terminate {
-            serve_terminated(stream, up, tls, idle, remote).await;
-        } else {
-            pipe(stream, up, idle).await;
+        match tls {
+            Some(cfg) => serve_terminated(stream, up, cfg, idle, remote).await,
+            None => pipe(stream, up, idle).await,
         }
         drop(hold);
     }
 }
 
-/// TLS ends here (the certificate the Hosts' resolver picks for the SNI, no ALPN); the
-/// cleartext goes upstream.
+/// TLS ends here (with the mapping's certificate); the cleartext goes upstream.
 async fn serve_terminated(
     stream: TcpStream,
     up: TcpStream,
-    tls: Arc<rustls::ServerConfig>,
+    cfg: rustls::ServerConfig,
     idle: Duration,
     remote: SocketAddr,
 ) {
-    let mut cfg = (*tls).clone();
-    cfg.alpn_protocols.clear();
     match tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
         .accept(stream)
         .await

@@ -418,6 +418,26 @@ pub fn server_config(source: Arc<dyn CertSource>) -> Result<rustls::ServerConfig
     Ok(cfg)
 }
 
+/// A server config that presents one certificate whatever the SNI, with no ALPN: TLS
+/// terminated for a TCPMapping.
+pub fn single_cert_config(key: Arc<CertifiedKey>) -> Result<rustls::ServerConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Fixed(key))))
+}
+
+/// Always the same certificate.
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
 /// The roots an upstream's certificate may chain to: the webpki roots plus an optional extra CA
 /// bundle (`--upstream-ca`), which must hold at least one certificate.
 pub fn default_roots(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore, TlsError> {
