@@ -86,7 +86,7 @@ impl SecretStore {
         }
     }
 
-    fn paths(&self, name: &str) -> Result<(PathBuf, PathBuf), TlsError> {
+    pub(crate) fn paths(&self, name: &str) -> Result<(PathBuf, PathBuf), TlsError> {
         let dir = self
             .dir
             .as_ref()
