@@ -305,6 +305,48 @@ async fn host_binding_by_namespace_and_selector() {
     assert!(TcpStream::connect(("127.0.0.1", none)).await.is_err());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_listener_serves_the_hosts_certificates() {
+    let up = Upstream::start("up").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let ca = make_secret(secrets.path(), "a-tls", &["a.test"]);
+    let p = port();
+    let yaml = [
+        host("a", "a.test", "tlsSecret:\n  name: a-tls"),
+        route("r", "/", &up.service(), ""),
+        listener(
+            "tls",
+            "default",
+            p,
+            "protocol: HTTPS\nsecurityModel: XFP\nhostBinding:\n  namespace:\n    from: ALL",
+        ),
+    ]
+    .concat();
+    let settings = Settings {
+        secrets_dir: Some(secrets.path().to_path_buf()),
+        ..Settings::default()
+    };
+    let _gw = Gateway::with_graph(compile(&yaml), settings).await;
+    // The Host's certificate by SNI, and the request is secure (TLS), so it routes.
+    let (ok, out, err) = crate::support::curl(&[
+        "-s".into(),
+        "-o".into(),
+        "/dev/null".into(),
+        "-w".into(),
+        "%{http_code}".into(),
+        "--cacert".into(),
+        ca.display().to_string(),
+        "--resolve".into(),
+        format!("a.test:{p}:127.0.0.1"),
+        "-H".into(),
+        "host: a.test".into(),
+        format!("https://a.test:{p}/x"),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "200", "{err}");
+}
+
 /// A TCP echo server: every connection gets back what it sends.
 async fn echo() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
