@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::handle::{pipe, ConnHold};
-use super::Proxy;
+use crate::proxy::conn::ConnHold;
+use crate::proxy::tunnel::pipe;
+use crate::proxy::Proxy;
 use crate::routes::listener::pick_tcp;
 
 /// Largest ClientHello read for its SNI (rustls accepts none larger either).

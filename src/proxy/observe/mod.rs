@@ -1,8 +1,15 @@
 //! What the request path tells metrics and the access log about one exchange.
 //!
-//! `serve` fills an [`Exchange`] as it learns things (the route, the trace id, the attempts);
-//! `handle` hands it to the counters once the response head is known. Nothing here allocates for
-//! metrics: the route's counters were resolved when the snapshot was built.
+//! The request layer fills an [`Exchange`] as it learns things (the route, the trace id, the
+//! attempts) and hands it to the [`Observer`] once the response head is known. Nothing here
+//! allocates for metrics: the route's counters were resolved when the snapshot was built.
+//!
+//! A leaf below the request layer: it reads the snapshot a request was served on through
+//! [`View`], never the request layer's types. `accesslog` writes the JSON lines; `trace` reads
+//! and writes W3C trace context.
+
+pub mod accesslog;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,13 +17,36 @@ use tokio::time::Instant;
 
 use http::{Request, Response};
 
-use super::accesslog::{Counted, Line};
-use super::body::RespBody;
-use super::error::ProxyError;
-use super::trace::TraceId;
-use super::{Proxy, Snapshot};
-use crate::metrics::{method_class, Metrics};
-use crate::reconcile::Observed;
+use accesslog::{Counted, Line, Logger};
+use trace::TraceId;
+
+use crate::metrics::{method_class, Metrics, RouteStats};
+use crate::proxy::body::RespBody;
+use crate::proxy::respond::ProxyError;
+use crate::reconcile::{Evidence, Observed};
+
+/// What observing reads of the revision a request was served on (the request layer's snapshot).
+pub(crate) trait View: Send + Sync + 'static {
+    /// The `x-legate-revision` value.
+    fn revision(&self) -> &http::HeaderValue;
+    /// The upstream authority of route `route`, when it forwards.
+    fn upstream(&self, route: usize) -> Option<&str>;
+    /// `(namespace, name)` of route `route`.
+    fn route_name(&self, route: usize) -> Option<(&str, &str)>;
+    /// The request counters of route `route`.
+    fn stats(&self, route: usize) -> Option<&Arc<RouteStats>>;
+    /// Where answered requests are counted for the revision's verification window.
+    fn evidence(&self) -> &Evidence;
+}
+
+/// Where answered requests go: the per-route metrics and the access log.
+pub(crate) struct Observer {
+    pub metrics: Arc<Metrics>,
+    /// The access log with the metrics, when the log is on.
+    pub logger: Option<Arc<Logger>>,
+    /// Count every request in the per-route metrics (`Settings::metrics`).
+    pub count: bool,
+}
 
 /// Facts about one request, filled in along the request path.
 pub(crate) struct Exchange {
@@ -47,9 +77,9 @@ pub(crate) struct Attempts {
 
 impl Exchange {
     /// Begin observing a request (before it is consumed).
-    pub fn start<B>(
+    pub fn start<B, V: View>(
         req: &Request<B>,
-        snap: &Arc<Snapshot>,
+        snap: &Arc<V>,
         log: bool,
         client: SocketAddr,
     ) -> Exchange {
@@ -86,22 +116,22 @@ impl Exchange {
     }
 }
 
-impl Proxy {
+impl Observer {
     /// Count the answered request and, with the access log on, wrap the body so the line is
     /// written when the body ends.
-    pub(crate) fn observed(
+    pub(crate) fn finish(
         &self,
-        snap: &Snapshot,
+        snap: &dyn View,
         ex: Exchange,
         mut resp: Response<RespBody>,
     ) -> Response<RespBody> {
         if let Some(route) = ex.route {
-            snap.evidence.record(route, ex.evidence(resp.status()));
+            snap.evidence().record(route, ex.evidence(resp.status()));
         }
-        if self.settings.metrics {
+        if self.count {
             let stats = ex
                 .route
-                .and_then(|i| snap.stats.get(i))
+                .and_then(|i| snap.stats(i))
                 .unwrap_or(self.metrics.no_route());
             stats.record(ex.method, resp.status(), ex.start.elapsed());
         }
@@ -113,18 +143,16 @@ impl Proxy {
                 if line.request_id.is_none() && !line.has_client_id() {
                     // Not forwarded (404, a policy's refusal, an early failure): the line still
                     // gets an id, and the client sees it to quote.
-                    let id = super::headers::new_request_id();
+                    let id = crate::proxy::headers::new_request_id();
                     resp.headers_mut()
-                        .insert(super::headers::X_REQUEST_ID.clone(), id.clone());
+                        .insert(crate::proxy::headers::X_REQUEST_ID.clone(), id.clone());
                     line.request_id = Some(id);
                 }
                 if ex.trace_id.is_some() {
                     line.trace_id = ex.trace_id;
                 }
                 let status = resp.status().as_u16();
-                resp.map(|b| {
-                    RespBody::Counted(Box::new(Counted::new(b, line, status, logger.clone())))
-                })
+                resp.map(|b| RespBody::Dyn(Box::new(Counted::new(b, line, status, logger.clone()))))
             }
             _ => resp,
         }
@@ -133,10 +161,8 @@ impl Proxy {
 
 /// Count a failure the gateway answered itself, on the route it was for (`none` before one
 /// matched).
-pub(crate) fn count_error(m: &Metrics, snap: &Snapshot, route: Option<usize>, e: &ProxyError) {
-    let stats = route
-        .and_then(|i| snap.stats.get(i))
-        .unwrap_or(m.no_route());
+pub(crate) fn count_error(m: &Metrics, snap: &dyn View, route: Option<usize>, e: &ProxyError) {
+    let stats = route.and_then(|i| snap.stats(i)).unwrap_or(m.no_route());
     match e {
         ProxyError::Connect(_) => stats.connect_failure(),
         ProxyError::Timeout => stats.timeout(),

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::Proxy;
+use crate::proxy::Proxy;
 use crate::routes::Graph;
 
 /// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`): room
@@ -138,7 +138,7 @@ impl Proxy {
     /// Open and close sockets so that the ones `graph` wants are served (called on every swap
     /// and at start). A socket that cannot be bound here (a swap that skipped
     /// `prepare_listeners`) is logged; the rest go on.
-    pub(super) fn apply_listeners(self: &Arc<Self>, graph: &Graph) {
+    pub(crate) fn apply_listeners(self: &Arc<Self>, graph: &Graph) {
         let mut set = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         if set.closed || set.started.is_none() {
             return;
@@ -214,12 +214,14 @@ impl Proxy {
         flags: Vec<(TcpListener, Role)>,
         tls: Arc<rustls::ServerConfig>,
         conns: Arc<Semaphore>,
-    ) -> Result<(), super::SetupError> {
+    ) -> Result<(), crate::proxy::SetupError> {
         {
             let mut set = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
             set.started = Some(Started { conns, tls });
             for (l, role) in flags {
-                let addr = l.local_addr().map_err(super::SetupError::LocalAddr)?;
+                let addr = l
+                    .local_addr()
+                    .map_err(crate::proxy::SetupError::LocalAddr)?;
                 set.flags.push((addr, role));
                 set.staged.push((addr, l));
             }

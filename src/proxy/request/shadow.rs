@@ -15,9 +15,10 @@ use http::uri::PathAndQuery;
 use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 
-use super::body::ReqBody;
-use super::{Prepared, Proxy, Snapshot};
+use super::snapshot::{Prepared, Snapshot};
 use crate::metrics::Metrics;
+use crate::proxy::body::ReqBody;
+use crate::proxy::upstream::{retry, Target};
 use crate::routes::Group;
 
 /// Shadow copies in flight at once, over all routes.
@@ -44,13 +45,18 @@ impl Shadows {
             metrics,
         }
     }
+
+    /// Shadow copies in flight now.
+    pub fn in_flight(&self) -> usize {
+        MAX_IN_FLIGHT - self.slots.available_permits()
+    }
 }
 
 /// The shadow route of `group` if this request is to be copied (its weight is the percentage).
-pub(super) fn pick<'s>(snap: &'s Snapshot, group: &Group) -> Option<&'s Prepared> {
+pub(crate) fn pick<'s>(snap: &'s Snapshot, group: &Group) -> Option<&'s Prepared> {
     let (id, pct) = group.shadow?;
     // Independent of the canary roll, so shadowed requests are not tied to one member.
-    let roll = (((super::headers::rand_u64() >> 32) * 100) >> 32) as u32;
+    let roll = (((crate::proxy::headers::rand_u64() >> 32) * 100) >> 32) as u32;
     if roll >= pct {
         return None;
     }
@@ -59,7 +65,7 @@ pub(super) fn pick<'s>(snap: &'s Snapshot, group: &Group) -> Option<&'s Prepared
 
 impl Shadows {
     /// Start a copy of the request about to go upstream (`parts` after header edits).
-    pub(super) fn copy(&self, prep: &Prepared, parts: &Parts, body: &ReqBody, pq: &PathAndQuery) {
+    pub(crate) fn copy(&self, target: &Target, parts: &Parts, body: &ReqBody, pq: &PathAndQuery) {
         // An upgrade belongs to one connection and cannot be copied.
         let body = body
             .replay()
@@ -69,8 +75,8 @@ impl Shadows {
         let Some((body, slot)) = slot else {
             return;
         };
-        let mut head = super::retry::clone_head(parts);
-        let host = prep
+        let mut head = retry::clone_head(parts);
+        let host = target
             .host_header
             .clone()
             .or_else(|| head.headers.get(header::HOST).cloned());
@@ -81,11 +87,11 @@ impl Shadows {
                 head.headers.insert(header::HOST, v);
             }
         }
-        let (prep, pq) = (prep.clone(), pq.clone());
+        let (target, pq) = (target.clone(), pq.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let exchange = async {
-                let resp = super::retry::send_once(&prep, head, body, pq, &mut None).await?;
+                let resp = retry::send_once(&target, head, body, pq, &mut None).await?;
                 // Read to the end so the connection goes back to the pool; nothing is kept.
                 let mut b = resp.into_body();
                 while let Some(f) = b.frame().await {
@@ -93,26 +99,14 @@ impl Shadows {
                         break;
                     }
                 }
-                Ok::<_, super::error::ProxyError>(())
+                Ok::<_, crate::proxy::respond::ProxyError>(())
             };
-            match tokio::time::timeout(prep.timeout.unwrap_or(prep.tunnel_idle), exchange).await {
+            match tokio::time::timeout(target.timeout.unwrap_or(target.tunnel_idle), exchange).await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "shadow request failed"),
                 Err(_) => tracing::debug!("shadow request timed out"),
             }
         });
-    }
-}
-
-impl Proxy {
-    /// Shadow copies made and dropped so far.
-    pub fn shadow_stats(&self) -> ShadowStats {
-        let (sent, dropped) = self.metrics.shadow_counts();
-        ShadowStats { sent, dropped }
-    }
-
-    /// Shadow copies in flight now.
-    pub fn shadow_in_flight(&self) -> usize {
-        MAX_IN_FLIGHT - self.shadows.slots.available_permits()
     }
 }
