@@ -347,6 +347,56 @@ async fn an_https_listener_serves_the_hosts_certificates() {
     assert_eq!(out, "200", "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_on_the_flags_ports_reuse_their_sockets_in_the_real_binary() {
+    use crate::support::Killed;
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (http, https, admin) = (free_addr(), free_addr(), free_addr());
+    // Emissary's usual pair: the same ports as the listen flags.
+    let yaml = [
+        open_host("h", "x.test"),
+        route("r", "/", &up.service(), ""),
+        http_listener("http", http.port(), "XFP"),
+        listener(
+            "https",
+            "default",
+            https.port(),
+            "protocol: HTTPS\nsecurityModel: XFP\nhostBinding:\n  namespace:\n    from: ALL",
+        ),
+    ]
+    .concat();
+    std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+    let _gw = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+            .arg("run")
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--verify-window", "0", "--access-log", "off"])
+            .args(["--http-listen", &http.to_string()])
+            .args(["--https-listen", &https.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut status = 0;
+    for _ in 0..400 {
+        if TcpStream::connect(http).await.is_ok() {
+            status = get(&format!("http://{http}/a"), &[("host", "x.test")])
+                .await
+                .status
+                .as_u16();
+            if status == 200 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(status, 200, "the Listener on the --http-listen port serves");
+}
+
 /// A TCP echo server: every connection gets back what it sends.
 async fn echo() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -114,7 +114,9 @@ impl Proxy {
     /// for a busy port. `Err` says which port and why; nothing is kept bound then.
     pub fn prepare_listeners(&self, graph: &Graph) -> Result<(), String> {
         let mut set = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        if set.closed {
+        // Before `start` the flags' sockets are not known yet (a Listener may name the same
+        // port, as Emissary's usual 8080/8443 do): `start` binds what the graph wants.
+        if set.closed || set.started.is_none() {
             return Ok(());
         }
         let wanted = set.wanted(graph, self.settings.listener_ip)?;
