@@ -302,6 +302,14 @@ async fn host_binding_by_namespace_and_selector() {
         404
     );
     assert!(graph.listener_on(none).is_none());
+    // `legate routes` shows which Hosts each port serves.
+    let table = legate::cli::output::route_table(&graph);
+    assert!(
+        table.contains(&format!(
+            "port {own:<6} Http   Xfp       l7Depth=0 default/own"
+        )),
+        "{table}"
+    );
     assert!(TcpStream::connect(("127.0.0.1", none)).await.is_err());
 }
 
