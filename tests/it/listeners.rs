@@ -252,6 +252,18 @@ async fn security_models_decide_whether_a_request_is_secure() {
     // SECURE always routes, INSECURE always redirects.
     assert_eq!(get(&at(secure, "/"), &plain).await.status, 200);
     assert_eq!(get(&at(insecure, "/"), &https).await.status, 301);
+
+    // l7Depth is also the trusted X-Forwarded-For depth: the hop's entry is kept on xfp1 and
+    // dropped on the SECURE listener (l7Depth 0).
+    let xff = [
+        ("host", "x.test"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-for", "203.0.113.9"),
+    ];
+    let seen = get(&at(xfp1, "/"), &xff).await.seen("x-forwarded-for");
+    assert_eq!(seen.as_deref(), Some("203.0.113.9, 127.0.0.1"));
+    let seen = get(&at(secure, "/"), &xff).await.seen("x-forwarded-for");
+    assert_eq!(seen.as_deref(), Some("127.0.0.1"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,6 +459,23 @@ async fn a_tcp_mapping_proxies_its_port_and_its_connections_survive_the_reload_t
     gw.proxy.swap(compile(&http));
     until_refused(p).await;
     echoes(&mut s, b"still here").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_mapping_closes_a_connection_idle_for_its_idle_timeout() {
+    let echo = echo().await;
+    let p = port();
+    let yaml = tcp_mapping("echo", p, &echo.to_string(), "idle_timeout_ms: 200");
+    let _gw = Gateway::with_graph(compile(&yaml), Settings::default()).await;
+    let mut s = TcpStream::connect(("127.0.0.1", p)).await.unwrap();
+    echoes(&mut s, b"hello").await;
+    // Nothing more is sent: the gateway closes the connection (the read sees its end).
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+        .await
+        .expect("closed by the idle timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
 }
 
 /// A TLS client trusting `ca`, connecting to `port` with SNI `name`.
