@@ -72,7 +72,7 @@ async fn call(gw: &Gateway) -> (u16, String) {
     (r.status.as_u16(), r.body)
 }
 
-fn metric(gw: &Gateway, line_start: &str) -> Option<u64> {
+pub(crate) fn metric(gw: &Gateway, line_start: &str) -> Option<u64> {
     gw.proxy
         .metrics()
         .render(None)
