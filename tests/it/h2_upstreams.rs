@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::health::metric;
 use crate::support::*;
-use crate::traffic::{eventually, gate};
+use crate::traffic::gate;
 
 /// `mode` value: answer a trailers-only gRPC `UNAVAILABLE` (HTTP 200, `grpc-status: 14`).
 const GRPC_UNAVAILABLE: u16 = 1014;
