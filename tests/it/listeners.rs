@@ -130,6 +130,7 @@ async fn gateway_on_dir(
         crate::reconcile::settings(None),
         None,
     )
+    .await
     .unwrap();
     (gw, running)
 }
