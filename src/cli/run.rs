@@ -148,10 +148,13 @@ pub struct RunArgs {
     #[command(flatten)]
     pub config: super::ConfigArgs,
 
-    /// Plain HTTP listener (HTTP/1.1 and h2c by prior knowledge); `off` disables it.
+    /// Plain HTTP listener (HTTP/1.1 and h2c by prior knowledge); `off` disables it. Used
+    /// while the revision has no `Listener`; a revision's Listener ports (and TCPMapping
+    /// ports) open on this address (else on --https-listen's).
     #[arg(long, env = "LEGATE_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     pub http_listen: String,
-    /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN); `off` disables it.
+    /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN); `off` disables it. Used while the
+    /// revision has no `Listener`.
     #[arg(long, env = "LEGATE_HTTPS_LISTEN", default_value = "0.0.0.0:8443")]
     pub https_listen: String,
     /// Admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`); `off` disables it.
@@ -312,7 +315,7 @@ pub fn run(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result<i32> {
 async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result<i32> {
     let addrs = Addrs::from_args(&args)?;
     let hook_secret = hook_secret(&args)?;
-    let proxy = build_proxy(&args)?;
+    let proxy = build_proxy(&args, &addrs)?;
     // Everyone who follows revision outcomes subscribes before the reconciler starts, so the
     // first revision is seen too.
     let (events, _) = tokio::sync::broadcast::channel(64);
@@ -376,8 +379,17 @@ fn hook_secret(args: &RunArgs) -> anyhow::Result<Option<Arc<crate::admin::hooks:
 
 /// The proxy, not yet listening: settings from the flags, the connection cap fitted to the
 /// open-file limit, the access log opened, and the outbound client's trust roots set.
-fn build_proxy(args: &RunArgs) -> anyhow::Result<Arc<Proxy>> {
+fn build_proxy(args: &RunArgs, addrs: &Addrs) -> anyhow::Result<Arc<Proxy>> {
     let mut settings = args.settings();
+    // A revision's Listener ports open on the address of the listen flags.
+    settings.listener_ip = Some(
+        addrs
+            .http
+            .or(addrs.https)
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| {
+                a.ip()
+            }),
+    );
     // With the common soft limit of 1024 the default 10,000 connections would end in EMFILE:
     // raise the limit, then size the connection cap to it (admin descriptors kept back).
     let soft = crate::proxy::fds::raise_nofile_limit();
@@ -757,22 +769,8 @@ impl crate::proxy::LocalService for Hooks {
     }
 }
 
-/// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`): room
-/// for bursts, where the usual 128 drops SYNs under load.
-const LISTEN_BACKLOG: u32 = 4096;
-
 async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    let listen = || -> std::io::Result<tokio::net::TcpListener> {
-        let sock = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        sock.set_reuseaddr(true)?;
-        sock.bind(addr)?;
-        sock.listen(LISTEN_BACKLOG)
-    };
-    listen().with_context(|| format!("cannot listen on {addr} (--{flag})"))
+    crate::proxy::bind(addr).with_context(|| format!("cannot listen on {addr} (--{flag})"))
 }
 
 async fn wait_for_signal() {

@@ -23,6 +23,8 @@ pub fn plural(kind: Kind) -> &'static str {
         Kind::RateLimit => "ratelimits",
         Kind::Module => "modules",
         Kind::TlsContext => "tlscontexts",
+        Kind::Listener => "listeners",
+        Kind::TcpMapping => "tcpmappings",
     }
 }
 
@@ -51,6 +53,13 @@ fn printer_columns(kind: Kind) -> Value {
         Kind::RateLimit => vec![col("Backend", ".spec.backend"), state, age],
         Kind::Module => vec![state, age],
         Kind::TlsContext => vec![col("Secret", ".spec.secret"), state, age],
+        Kind::Listener => vec![col("Port", ".spec.port"), state, age],
+        Kind::TcpMapping => vec![
+            col("Port", ".spec.port"),
+            col("Service", ".spec.service"),
+            state,
+            age,
+        ],
     })
 }
 

@@ -11,6 +11,7 @@ pub mod convert;
 pub mod crd;
 pub mod diag;
 pub mod guard;
+pub mod listener;
 pub mod model;
 pub mod module;
 pub mod oidc;

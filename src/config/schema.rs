@@ -25,10 +25,12 @@ pub enum Kind {
     RateLimit,
     Module,
     TlsContext,
+    Listener,
+    TcpMapping,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Mapping,
         Kind::Host,
         Kind::RouteTest,
@@ -38,6 +40,8 @@ impl Kind {
         Kind::RateLimit,
         Kind::Module,
         Kind::TlsContext,
+        Kind::Listener,
+        Kind::TcpMapping,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,7 +55,18 @@ impl Kind {
             Kind::RateLimit => "RateLimit",
             Kind::Module => "Module",
             Kind::TlsContext => "TLSContext",
+            Kind::Listener => "Listener",
+            Kind::TcpMapping => "TCPMapping",
         }
+    }
+
+    /// Kinds that exist only in Emissary's group (`getambassador.io`): never read under
+    /// `legate.dev`, and Legate installs no CRD for them.
+    pub fn emissary_only(self) -> bool {
+        matches!(
+            self,
+            Kind::Module | Kind::TlsContext | Kind::Listener | Kind::TcpMapping
+        )
     }
 
     pub fn from_name(s: &str) -> Option<Kind> {
@@ -70,6 +85,8 @@ impl Kind {
             Kind::RateLimit => include_str!("../../schemas/ratelimit.schema.json"),
             Kind::Module => include_str!("../../schemas/module.schema.json"),
             Kind::TlsContext => include_str!("../../schemas/tlscontext.schema.json"),
+            Kind::Listener => include_str!("../../schemas/listener.schema.json"),
+            Kind::TcpMapping => include_str!("../../schemas/tcpmapping.schema.json"),
         }
     }
 
@@ -84,6 +101,8 @@ impl Kind {
             Kind::RateLimit => "schemas/ratelimit.schema.json",
             Kind::Module => "schemas/module.schema.json",
             Kind::TlsContext => "schemas/tlscontext.schema.json",
+            Kind::Listener => "schemas/listener.schema.json",
+            Kind::TcpMapping => "schemas/tcpmapping.schema.json",
         }
     }
 
@@ -97,6 +116,8 @@ impl Kind {
         static RATE_LIMIT: OnceLock<Compiled> = OnceLock::new();
         static MODULE: OnceLock<Compiled> = OnceLock::new();
         static TLS_CONTEXT: OnceLock<Compiled> = OnceLock::new();
+        static LISTENER: OnceLock<Compiled> = OnceLock::new();
+        static TCP_MAPPING: OnceLock<Compiled> = OnceLock::new();
         let cell = match self {
             Kind::Mapping => &MAPPING,
             Kind::Host => &HOST,
@@ -107,6 +128,8 @@ impl Kind {
             Kind::RateLimit => &RATE_LIMIT,
             Kind::Module => &MODULE,
             Kind::TlsContext => &TLS_CONTEXT,
+            Kind::Listener => &LISTENER,
+            Kind::TcpMapping => &TCP_MAPPING,
         };
         cell.get_or_init(|| Compiled::new(self))
     }

@@ -19,6 +19,7 @@ mod golden;
 mod h2_upstreams;
 mod health;
 mod kube;
+mod listeners;
 mod observability;
 mod oidc;
 mod parity;
