@@ -913,9 +913,9 @@ async fn binary_runs_quickstart_and_exits_zero_on_sigterm() {
     assert_eq!(status.code(), Some(0));
 }
 
-/// `--workers 2`: a second single-threaded worker with its own `SO_REUSEPORT` socket. The
-/// kernel hashes each new connection to one of the two sockets, so with a worker that does not
-/// accept, about half of 64 connections would hang; every one is answered, and SIGTERM still
+/// `--workers 2`: a second thread with a single-threaded runtime accepts on the listener too.
+/// Idle, it sleeps in its reactor; it wakes (voluntary context switches) only because it
+/// watches the listener and serves what it accepted. Every connection is answered, and SIGTERM
 /// drains both workers and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_with_two_workers_serves_every_connection_and_exits_zero_on_sigterm() {
@@ -976,6 +976,22 @@ async fn binary_with_two_workers_serves_every_connection_and_exits_zero_on_sigte
         "{:?}",
         threads()
     );
+    let worker_wakeups = || -> u64 {
+        let dir = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        for t in dir.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() == "legate-worker-1" {
+                let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+                let line = status
+                    .lines()
+                    .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+                    .unwrap();
+                return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            }
+        }
+        panic!("no worker thread")
+    };
+    let before = worker_wakeups();
     // Each `get` is a new client, so a new connection.
     let answered = futures::future::join_all(
         (0..64).map(|_| tokio::time::timeout(Duration::from_secs(10), get(&url, &[]))),
@@ -989,6 +1005,8 @@ async fn binary_with_two_workers_serves_every_connection_and_exits_zero_on_sigte
         ok, 64,
         "every connection answered, whichever worker took it"
     );
+    let woke = worker_wakeups() - before;
+    assert!(woke >= 5, "the second worker took part ({woke} wake-ups)");
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()

@@ -6,9 +6,12 @@
 //! header is hop-by-hop and ignored, which RFC 9110 allows.
 //!
 //! The top layer: hands each request to [`Proxy::handle`] (the request layer) with the
-//! connection's facts (`conn`); `fds` sizes the connection limit to the file-descriptor limit.
+//! connection's facts (`conn`); `fds` sizes the connection limit to the file-descriptor limit;
+//! `ports` opens and closes the sockets each revision asks for; `tcp` serves TCPMapping ports.
 
 pub mod fds;
+pub(crate) mod ports;
+mod tcp;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,11 +27,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinHandle;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::{Limits, Proxy, SetupError};
 use crate::proxy::conn::{ClientCert, ConnHold, ConnInfo, Sni};
+use crate::proxy::listen::ports::Role;
 use crate::proxy::tunnel::LastSeen;
 
 /// hyper's server builder with the limits applied.
@@ -66,8 +69,7 @@ pub struct Listeners {
 pub struct Running {
     pub http_addr: Option<SocketAddr>,
     pub https_addr: Option<SocketAddr>,
-    stop: watch::Sender<bool>,
-    accepts: Vec<JoinHandle<()>>,
+    proxy: Arc<Proxy>,
     conns: Arc<Semaphore>,
     max_conns: u32,
     /// The other workers' threads (see [`Proxy::start_workers`]) and the signal that ends them.
@@ -79,8 +81,7 @@ impl Running {
     /// Stop accepting, ask every connection to finish (HTTP/1.1: after the current response;
     /// HTTP/2: GOAWAY), wait for them up to `deadline`. Returns whether all of them finished.
     pub async fn shutdown(self, deadline: Duration) -> bool {
-        let _ = self.stop.send(true);
-        for a in self.accepts {
+        for a in self.proxy.close_listeners() {
             let _ = a.await;
         }
         let drained = tokio::time::timeout(deadline, self.conns.acquire_many(self.max_conns))
@@ -103,143 +104,135 @@ impl Running {
     }
 }
 
+/// A worker thread with a single-threaded runtime, idle until accept loops are spawned on it
+/// (through the returned handle), ending on `exit`.
+fn spawn_worker(
+    n: usize,
+    mut exit: watch::Receiver<bool>,
+) -> Result<(std::thread::JoinHandle<()>, tokio::runtime::Handle), SetupError> {
+    let (ready, started) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("legate-worker-{n}"))
+        .spawn(move || {
+            crate::proxy::upstream::pool::set_worker(u16::try_from(n).unwrap_or(u16::MAX));
+            // Built on its own thread: a runtime must not be dropped inside another one.
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready.send(Ok(rt.handle().clone()));
+            rt.block_on(async move {
+                let _ = exit.wait_for(|e| *e).await;
+            })
+        })
+        .map_err(SetupError::Worker)?;
+    match started.recv() {
+        Ok(Ok(handle)) => Ok((thread, handle)),
+        Ok(Err(e)) => Err(SetupError::Worker(e)),
+        Err(_) => Err(SetupError::Worker(std::io::Error::other(
+            "the worker thread ended while starting",
+        ))),
+    }
+}
+
+/// How one accepted connection is served.
+enum Mode {
+    Plain,
+    Tls(Arc<rustls::ServerConfig>),
+    /// A TCPMapping port.
+    Tcp,
+}
+
 impl Proxy {
-    /// Serve the given listeners until [`Running::shutdown`], on the current runtime.
+    /// Serve the given listeners (and the ports the live graph opens) until
+    /// [`Running::shutdown`].
     pub fn start(self: &Arc<Self>, listeners: Listeners) -> Result<Running, SetupError> {
-        self.start_workers(listeners, Vec::new())
+        self.start_workers(listeners, 1)
     }
 
-    /// Serve `first` on the current runtime and each set in `more` on a worker thread of its
-    /// own, with a single-threaded runtime: no work stealing and no cross-thread wake-ups on
-    /// the request path. The sets are the same addresses bound again with `SO_REUSEPORT`, so
-    /// the kernel spreads new connections over the workers. `--max-connections` and the drain
-    /// on shutdown count the connections of all workers together.
+    /// [`Proxy::start`] with `workers` workers: the current runtime and `workers - 1` threads,
+    /// each with a single-threaded runtime that accepts on every listener (a duplicate of the
+    /// socket in its own reactor) and serves the connections it accepted, so a connection and
+    /// its requests stay on one thread: no work stealing, no cross-thread wake-ups. Listeners
+    /// a revision opens or closes later are served by every worker too. `--max-connections`
+    /// and the drain on shutdown count the connections of all workers together.
     pub fn start_workers(
         self: &Arc<Self>,
-        first: Listeners,
-        more: Vec<Listeners>,
+        listeners: Listeners,
+        workers: usize,
     ) -> Result<Running, SetupError> {
+        let (exit, exit_rx) = watch::channel(false);
+        let mut threads = Vec::new();
+        let mut handles = Vec::new();
+        for n in 1..workers.max(1) {
+            let (thread, handle) = spawn_worker(n, exit_rx.clone())?;
+            threads.push(thread);
+            handles.push(handle);
+        }
         let max_conns = self
             .settings
             .limits
             .max_connections
             .clamp(1, u32::MAX as usize >> 4) as u32;
         let conns = Arc::new(Semaphore::new(max_conns as usize));
-        let (stop, stop_rx) = watch::channel(false);
-        let (exit, exit_rx) = watch::channel(false);
         let local = |l: &TcpListener| l.local_addr().map_err(SetupError::LocalAddr);
-        let http_addr = first.http.as_ref().map(local).transpose()?;
-        let https_addr = first.https.as_ref().map(|(l, _)| local(l)).transpose()?;
-        let accepts = self.spawn_accepts(first, &conns, &stop_rx);
-        let mut workers = Vec::new();
-        for (i, set) in more.into_iter().enumerate() {
-            workers.push(self.spawn_worker(i + 1, set, &conns, &stop_rx, exit_rx.clone())?);
+        let mut flags = Vec::new();
+        let mut http_addr = None;
+        let mut https_addr = None;
+        if let Some(l) = listeners.http {
+            http_addr = Some(local(&l)?);
+            flags.push((l, Role::Http));
         }
+        let tls = match listeners.https {
+            Some((l, cfg)) => {
+                https_addr = Some(local(&l)?);
+                flags.push((l, Role::Https));
+                cfg
+            }
+            None => Arc::new(crate::tls::server_config(self.cert_source())?),
+        };
+        self.start_listeners(flags, tls, conns.clone(), handles)?;
         Ok(Running {
             http_addr,
             https_addr,
-            stop,
-            accepts,
+            proxy: self.clone(),
             conns,
             max_conns,
-            workers,
+            workers: threads,
             exit,
         })
     }
 
-    /// One accept loop per listener of the set, on the current runtime.
-    fn spawn_accepts(
-        self: &Arc<Self>,
-        set: Listeners,
-        conns: &Arc<Semaphore>,
-        stop: &watch::Receiver<bool>,
-    ) -> Vec<JoinHandle<()>> {
-        let mut accepts = Vec::new();
-        if let Some(l) = set.http {
-            accepts.push(tokio::spawn(self.clone().accept_loop(
-                l,
-                None,
-                conns.clone(),
-                stop.clone(),
-            )));
-        }
-        if let Some((l, cfg)) = set.https {
-            accepts.push(tokio::spawn(self.clone().accept_loop(
-                l,
-                Some(cfg),
-                conns.clone(),
-                stop.clone(),
-            )));
-        }
-        accepts
-    }
-
-    /// A thread with a single-threaded runtime serving `set` until `exit`.
-    fn spawn_worker(
-        self: &Arc<Self>,
-        n: usize,
-        set: Listeners,
-        conns: &Arc<Semaphore>,
-        stop: &watch::Receiver<bool>,
-        mut exit: watch::Receiver<bool>,
-    ) -> Result<std::thread::JoinHandle<()>, SetupError> {
-        // The sockets leave this runtime's reactor here and join the worker's on its thread
-        // (a runtime must not be dropped inside another one, so it is built there too).
-        let http = set.http.map(|l| l.into_std()).transpose();
-        let http = http.map_err(SetupError::Worker)?;
-        let https = match set.https {
-            Some((l, cfg)) => Some((l.into_std().map_err(SetupError::Worker)?, cfg)),
-            None => None,
-        };
-        let setup = move || -> std::io::Result<(tokio::runtime::Runtime, Listeners)> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let _in = rt.enter();
-            let set = Listeners {
-                http: http.map(TcpListener::from_std).transpose()?,
-                https: match https {
-                    Some((l, cfg)) => Some((TcpListener::from_std(l)?, cfg)),
-                    None => None,
-                },
-            };
-            drop(_in);
-            Ok((rt, set))
-        };
-        let proxy = self.clone();
-        let (conns, stop) = (conns.clone(), stop.clone());
-        let (ready, started) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("legate-worker-{n}"))
-            .spawn(move || {
-                crate::proxy::upstream::pool::set_worker(u16::try_from(n).unwrap_or(u16::MAX));
-                let (rt, set) = match setup() {
-                    Ok(x) => x,
-                    Err(e) => {
-                        let _ = ready.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready.send(Ok(()));
-                rt.block_on(async move {
-                    let _accepts = proxy.spawn_accepts(set, &conns, &stop);
-                    let _ = exit.wait_for(|e| *e).await;
+    /// What a connection accepted on `port` gets: the flag's role, or what the live graph's
+    /// listener on that port speaks (`None`: the port is being closed).
+    fn mode_for(&self, role: Role, port: u16, tls: &Arc<rustls::ServerConfig>) -> Option<Mode> {
+        use crate::routes::ListenerProtocol as P;
+        match role {
+            Role::Http => Some(Mode::Plain),
+            Role::Https => Some(Mode::Tls(tls.clone())),
+            Role::Port => {
+                let snap = self.shared.load();
+                let g = &snap.graph;
+                Some(match g.listeners[g.listener_on(port)?].protocol {
+                    P::Http => Mode::Plain,
+                    P::Https => Mode::Tls(tls.clone()),
+                    P::Tcp | P::Tls => Mode::Tcp,
                 })
-            })
-            .map_err(SetupError::Worker)?;
-        match started.recv() {
-            Ok(Ok(())) => Ok(thread),
-            Ok(Err(e)) => Err(SetupError::Worker(e)),
-            Err(_) => Err(SetupError::Worker(std::io::Error::other(
-                "the worker thread ended while starting",
-            ))),
+            }
         }
     }
 
-    async fn accept_loop(
+    pub(super) async fn accept_loop(
         self: Arc<Self>,
         listener: TcpListener,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        role: watch::Receiver<Role>,
+        tls: Arc<rustls::ServerConfig>,
         conns: Arc<Semaphore>,
         mut stop: watch::Receiver<bool>,
     ) {
@@ -262,9 +255,12 @@ impl Proxy {
                 drop(stream);
                 continue;
             };
+            let port = stream.local_addr().map_or(0, |a| a.port());
+            let Some(mode) = self.mode_for(*role.borrow(), port, &tls) else {
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let proxy = self.clone();
-            let tls = tls.clone();
             let stop = stop.clone();
             // A client must complete a request head (and a TLS handshake) within the header
             // timeout from accept, whatever the protocol: the clock starts here.
@@ -274,6 +270,11 @@ impl Proxy {
                 // upgraded connection still counts against --max-connections, in the gauge and
                 // for the drain on shutdown.
                 let hold = ConnHold(Arc::new((permit, proxy.metrics.connection())));
+                let tls = match mode {
+                    Mode::Tcp => return proxy.serve_tcp(stream, remote, port, hold).await,
+                    Mode::Plain => None,
+                    Mode::Tls(cfg) => Some(cfg),
+                };
                 proxy
                     .serve_conn(stream, remote, tls, stop, hold, head_by)
                     .await;
@@ -294,6 +295,7 @@ impl Proxy {
             remote,
             tls: tls.is_some(),
             local_port: stream.local_addr().map_or(0, |a| a.port()),
+            xff_hops: self.settings.xff_trusted_hops,
         };
         match tls {
             None => {
