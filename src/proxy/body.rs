@@ -48,42 +48,62 @@ pub enum BodyTimeout {
 /// A response body that ends when the route's deadline passes, or when no frame arrives for
 /// `idle`: with an error (HTTP/2: the stream is reset; HTTP/1.1: the connection closes without
 /// the final chunk), or for gRPC with `grpc-status: 4` (DEADLINE_EXCEEDED) in trailers.
+///
+/// One timer serves both limits (and the head's wait before, see `retry::send_upstream`): it is
+/// set to the earlier of the two, and reset (never re-created) only when the body waits for the
+/// upstream after a frame, which is also the only time the clock is read.
 pub struct Deadline {
     inner: RespBody,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The route's deadline, if it has one.
+    route: Option<tokio::time::Instant>,
     idle: Duration,
-    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    /// The request's timer; made on the first wait when the route has no deadline.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since the timer was last set: the idle limit starts again.
+    stale: bool,
     grpc: bool,
     done: bool,
 }
 
 impl Deadline {
+    /// `timer`, when given, is set to the route's deadline (the request's own timer, reused).
     pub fn new(
         inner: RespBody,
-        deadline: Option<tokio::time::Instant>,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
         idle: Duration,
         grpc: bool,
     ) -> Deadline {
         Deadline {
             inner,
-            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            route: timer.as_ref().map(|t| t.deadline()),
             idle,
-            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            timer,
+            stale: true,
             grpc,
             done: false,
         }
     }
 
+    /// The body waits for the upstream: set the timer to the earlier limit if a frame came
+    /// since it was set, then see whether it passed.
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<BodyTimeout> {
-        if let Some(d) = self.deadline.as_mut() {
-            if d.as_mut().poll(cx).is_ready() {
-                return Some(BodyTimeout::Route);
+        if self.stale {
+            self.stale = false;
+            let idle_at = tokio::time::Instant::now() + self.idle;
+            let at = self.route.map_or(idle_at, |r| r.min(idle_at));
+            match self.timer.as_mut() {
+                Some(t) => t.as_mut().reset(at),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
             }
         }
-        if self.idle_timer.as_mut().poll(cx).is_ready() {
-            return Some(BodyTimeout::Idle);
+        let t = self.timer.as_mut()?;
+        if t.as_mut().poll(cx).is_pending() {
+            return None;
         }
-        None
+        Some(match self.route {
+            Some(r) if t.deadline() >= r => BodyTimeout::Route,
+            _ => BodyTimeout::Idle,
+        })
     }
 }
 
@@ -101,8 +121,7 @@ impl Body for Deadline {
         }
         if let Poll::Ready(r) = Pin::new(&mut this.inner).poll_frame(cx) {
             if matches!(r, Some(Ok(_))) {
-                let next = tokio::time::Instant::now() + this.idle;
-                this.idle_timer.as_mut().reset(next);
+                this.stale = true;
             }
             return Poll::Ready(r);
         }

@@ -7,6 +7,9 @@
 //! first, body streamed) or dropped unread. Backoff is exponential with full jitter (25 ms base,
 //! 250 ms cap); the route timeout bounds all attempts together, `per_try_timeout` each one.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -68,32 +71,40 @@ pub(crate) async fn send_upstream(
         .request()
         .inspect_err(|_| prep.stats.upstream.refused(BreakerLimit::Requests))?;
     // The route timeout covers the whole response, up to its last byte (Envoy's route
-    // timeout), except after a 101: a tunnel has its own idle limit.
-    let deadline = prep.timeout.map(|t| tokio::time::Instant::now() + t);
+    // timeout), except after a 101: a tunnel has its own idle limit. One timer per request:
+    // the response body's `Deadline` takes it over (and resets it for the idle limit).
+    let mut timer = prep.timeout.map(|t| Box::pin(tokio::time::sleep(t)));
     let grpc = crate::proxy::headers::is_grpc(&parts.headers);
     let sent = attempts(prep, parts, body, pq, seen);
-    let resp = match deadline {
-        Some(at) => match tokio::time::timeout_at(at, sent).await {
-            Err(_) => return Err(ProxyError::Timeout),
-            Ok(r) => r?,
-        },
+    let resp = match timer.as_mut() {
+        Some(t) => before(sent, t.as_mut())
+            .await
+            .ok_or(ProxyError::Timeout)??,
         None => sent.await?,
     };
     let (parts, body) = resp.into_parts();
     let body = if parts.status == http::StatusCode::SWITCHING_PROTOCOLS {
         body
     } else {
-        RespBody::Limited(Box::new(Deadline::new(
-            body,
-            deadline,
-            prep.tunnel_idle,
-            grpc,
-        )))
+        RespBody::Limited(Box::new(Deadline::new(body, timer, prep.tunnel_idle, grpc)))
     };
     Ok(Response::from_parts(
         parts,
         RespBody::Held(Box::new(body), Box::new(active)),
     ))
+}
+
+/// `fut`'s output, or `None` when `timer` fires first (`tokio::time::timeout` without a
+/// timer of its own, so the caller can hand its timer on).
+async fn before<F: Future>(fut: F, mut timer: Pin<&mut tokio::time::Sleep>) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(v));
+        }
+        timer.as_mut().poll(cx).map(|()| None)
+    })
+    .await
 }
 
 async fn attempts(
