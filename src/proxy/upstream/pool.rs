@@ -32,8 +32,11 @@ use crate::proxy::body::{BoxError, ReqBody};
 use crate::proxy::respond::ProxyError;
 use crate::routes::Probe;
 
-/// Idle connections kept per upstream.
-const MAX_IDLE: usize = 256;
+/// Idle connections kept per upstream: above the requests one upstream has in flight under load
+/// (64 HTTP/2 clients with 10 streams each need 640 connections), else every burst's surplus is
+/// closed and dialled again (256 cost 5-10% more CPU per request over h2c); the idle timeout
+/// closes what a quieter period leaves.
+const MAX_IDLE: usize = 1024;
 
 /// The pool of one upstream (scheme + authority + connect settings).
 pub struct HostPool {
