@@ -17,6 +17,7 @@ pub mod diff;
 pub mod guard;
 pub mod metrics;
 pub mod notifications;
+pub mod otlp;
 pub mod outbound;
 pub mod proxy;
 pub mod reconcile;

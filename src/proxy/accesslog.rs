@@ -564,6 +564,7 @@ mod tests {
             revision: HeaderValue::from_static("abc"),
             evidence: Arc::default(),
             stats: Vec::new(),
+            sample_ratio: 0.0,
         });
         let req = http::Request::get("http://h.test/p?q=secret")
             .header("user-agent", "curl/8.5")

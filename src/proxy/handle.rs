@@ -78,7 +78,7 @@ impl Proxy {
         }
         let snap = self.shared.load_full();
         let grpc = hdr::is_grpc(req.headers());
-        let mut ex = Exchange::start(&req, &snap, self.settings.access_log.is_some(), conn.remote);
+        let mut ex = Exchange::start(&req, &snap, &self.settings, conn.remote);
         let mut resp = match self.serve(&snap, req, conn, &mut ex).await {
             Ok(r) => r,
             Err(e) => {
@@ -298,7 +298,7 @@ impl Proxy {
             }
             h.insert(X_REQUEST_ID.clone(), id);
         }
-        ex.trace_id = Some(super::trace::propagate(h, self.settings.trace_sample_ratio));
+        ex.trace_id = Some(ex.trace.propagate(h));
         h.insert(header::HOST, authority.clone());
     }
 
@@ -429,7 +429,8 @@ impl Proxy {
             None => super::retry::request_body(body, replayable, limit).await?,
         };
         if let Some(sh) = shadow {
-            self.shadows.copy(sh, &parts, &body, &upstream_pq);
+            self.shadows
+                .copy(sh, &parts, &body, &upstream_pq, ex.attempts.trace.as_deref());
         }
         let mut resp =
             super::retry::send_upstream(prep, parts, body, upstream_pq, &mut ex.attempts).await?;

@@ -27,6 +27,7 @@ mod pool;
 mod retry;
 mod server;
 mod shadow;
+mod spans;
 pub mod trace;
 
 use std::path::PathBuf;
@@ -108,8 +109,12 @@ pub struct Settings {
     pub lookup: Arc<dyn Lookup>,
     /// Where access log lines go; `None`: no access log.
     pub access_log: Option<accesslog::AccessLog>,
-    /// Share of new traces (no incoming `traceparent`) marked sampled, 0.0..=1.0.
-    pub trace_sample_ratio: f64,
+    /// Share of new traces (no incoming `traceparent`) marked sampled, 0.0..=1.0; `None`: the
+    /// TracingService's `sampling.overall`, else 1 while spans are exported and 0 otherwise.
+    pub trace_sample_ratio: Option<f64>,
+    /// The OTLP span exporter (`legate run` always starts one; it records nothing until a
+    /// target is set by `--otlp-endpoint` or a TracingService).
+    pub otlp: Option<crate::otlp::Exporter>,
     /// Count every request in the per-route metrics (off: only rare events are counted).
     pub metrics: bool,
 }
@@ -128,7 +133,8 @@ impl Default for Settings {
             dns_ttl: Duration::from_secs(30),
             lookup: Arc::new(client::SystemLookup),
             access_log: None,
-            trace_sample_ratio: 0.0,
+            trace_sample_ratio: None,
+            otlp: None,
             metrics: true,
         }
     }
@@ -163,6 +169,8 @@ pub(crate) struct Snapshot {
     pub evidence: Arc<crate::reconcile::Evidence>,
     /// Request counters per route, indexed by `RouteId` (resolved here, not per request).
     pub stats: Vec<Arc<crate::metrics::RouteStats>>,
+    /// Share of new traces marked sampled (the flag, else the TracingService, else a default).
+    pub sample_ratio: f64,
 }
 
 /// A header to add, parsed once.
@@ -309,6 +317,9 @@ impl Proxy {
         let secrets = SecretStore::new(settings.secrets_dir.clone());
         let builder = server::http_builder(&settings.limits);
         let metrics = crate::metrics::Metrics::new();
+        if let Some(x) = &settings.otlp {
+            metrics.attach_otlp(x.counts());
+        }
         let logger = settings.access_log.clone().map(|log| {
             Arc::new(accesslog::Logger {
                 log,
@@ -323,6 +334,7 @@ impl Proxy {
                 revision: HeaderValue::from_static(""),
                 evidence: Arc::default(),
                 stats: Vec::new(),
+                sample_ratio: settings.trace_sample_ratio.unwrap_or(0.0),
             })),
             settings,
             secrets,
@@ -506,6 +518,7 @@ impl Proxy {
             certs,
             revision: cur.revision.clone(),
             evidence: cur.evidence.clone(),
+            sample_ratio: cur.sample_ratio,
             stats: cur.stats.clone(),
         };
         self.shared.store(Arc::new(snap));
@@ -576,6 +589,7 @@ impl Proxy {
         let certs = CertTable::build(&graph, &self.secrets, self.settings.default_cert.as_deref());
         self.metrics.set_certificates(certs.states(&graph));
         Snapshot {
+            sample_ratio: self.sample_ratio(&graph),
             revision: HeaderValue::from_static(""),
             evidence: Arc::default(),
             stats: graph
@@ -587,6 +601,23 @@ impl Proxy {
             certs,
             graph,
         }
+    }
+
+    /// Where spans go under `graph` (the flag's target wins), and the sampling ratio of its new
+    /// traces.
+    fn sample_ratio(&self, graph: &Graph) -> f64 {
+        let tracing = graph.settings.tracing.as_ref();
+        if let Some(x) = &self.settings.otlp {
+            x.configure(tracing.map(|t| crate::otlp::Target {
+                url: t.collector.clone(),
+                service_name: t.service_name.clone(),
+            }));
+        }
+        let exporting = self.settings.otlp.as_ref().is_some_and(|x| x.enabled());
+        self.settings
+            .trace_sample_ratio
+            .or(tracing.and_then(|t| t.sampling))
+            .unwrap_or(if exporting { 1.0 } else { 0.0 })
     }
 
     fn prepare(&self, route: &crate::routes::Route, f: &crate::routes::Forward) -> Prepared {

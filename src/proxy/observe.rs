@@ -13,7 +13,8 @@ use http::{Request, Response};
 use super::accesslog::{Counted, Line};
 use super::body::RespBody;
 use super::error::ProxyError;
-use super::trace::TraceId;
+use super::spans::{AttemptTrace, Recording};
+use super::trace::{Context, TraceId};
 use super::{Proxy, Snapshot};
 use crate::metrics::{method_class, Metrics};
 use crate::reconcile::Observed;
@@ -30,6 +31,10 @@ pub(crate) struct Exchange {
     pub request_id: Option<http::HeaderValue>,
     /// The trace id sent upstream (the client's, or a new trace's).
     pub trace_id: Option<TraceId>,
+    /// This hop of the request's trace (continued from the client, or new).
+    pub trace: Context,
+    /// The server span being recorded, when the trace is sampled and spans are exported.
+    recording: Option<Box<Recording>>,
     pub attempts: Attempts,
     /// Set when the gateway answered with an error instead of an upstream response: whether
     /// that error counts against the revision (see [`ProxyError::counts_against_revision`]).
@@ -37,12 +42,14 @@ pub(crate) struct Exchange {
 }
 
 /// What the attempts of one forwarded request came to.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default)]
 pub(crate) struct Attempts {
     /// Retries made (attempts after the first).
     pub retries: u32,
     /// The upstream address the last attempt was sent to, once it had a connection.
     pub peer: Option<SocketAddr>,
+    /// The client spans of the attempts, when the request is being recorded.
+    pub trace: Option<Box<AttemptTrace>>,
 }
 
 impl Exchange {
@@ -50,10 +57,17 @@ impl Exchange {
     pub fn start<B>(
         req: &Request<B>,
         snap: &Arc<Snapshot>,
-        log: bool,
+        settings: &super::Settings,
         client: SocketAddr,
     ) -> Exchange {
         let start = Instant::now();
+        let log = settings.access_log.is_some();
+        let trace = Context::read(req.headers(), snap.sample_ratio);
+        let (recording, attempt_trace) =
+            match super::spans::start(req, snap, &trace, settings.otlp.as_ref(), client) {
+                Some((r, a)) => (Some(r), Some(a)),
+                None => (None, None),
+            };
         Exchange {
             start,
             method: method_class(req.method()),
@@ -61,7 +75,12 @@ impl Exchange {
             route: None,
             request_id: None,
             trace_id: None,
-            attempts: Attempts::default(),
+            trace,
+            recording,
+            attempts: Attempts {
+                trace: attempt_trace,
+                ..Attempts::default()
+            },
             failure: None,
         }
     }
@@ -92,9 +111,12 @@ impl Proxy {
     pub(crate) fn observed(
         &self,
         snap: &Snapshot,
-        ex: Exchange,
+        mut ex: Exchange,
         mut resp: Response<RespBody>,
     ) -> Response<RespBody> {
+        if let (Some(rec), Some(attempts)) = (ex.recording.take(), ex.attempts.trace.take()) {
+            super::spans::finish(snap, rec, attempts, ex.route, resp.status());
+        }
         if let Some(route) = ex.route {
             snap.evidence.record(route, ex.evidence(resp.status()));
         }

@@ -16,6 +16,7 @@ use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 
 use super::body::ReqBody;
+use super::spans::AttemptTrace;
 use super::{Prepared, Proxy, Snapshot};
 use crate::metrics::Metrics;
 use crate::routes::Group;
@@ -59,7 +60,15 @@ pub(super) fn pick<'s>(snap: &'s Snapshot, group: &Group) -> Option<&'s Prepared
 
 impl Shadows {
     /// Start a copy of the request about to go upstream (`parts` after header edits).
-    pub(super) fn copy(&self, prep: &Prepared, parts: &Parts, body: &ReqBody, pq: &PathAndQuery) {
+    /// With `trace` (a sampled trace), the copy gets its own client span.
+    pub(super) fn copy(
+        &self,
+        prep: &Prepared,
+        parts: &Parts,
+        body: &ReqBody,
+        pq: &PathAndQuery,
+        trace: Option<&AttemptTrace>,
+    ) {
         // An upgrade belongs to one connection and cannot be copied.
         let body = body
             .replay()
@@ -81,11 +90,17 @@ impl Shadows {
                 head.headers.insert(header::HOST, v);
             }
         }
+        let span = trace.map(|t| {
+            let begun = t.begin(&mut head.headers);
+            (begun, t.ctx, t.exporter.clone(), head.method.clone())
+        });
         let (prep, pq) = (prep.clone(), pq.clone());
         tokio::spawn(async move {
             let _slot = slot;
+            let mut peer = None;
             let exchange = async {
-                let resp = super::retry::send_once(&prep, head, body, pq, &mut None).await?;
+                let resp = super::retry::send_once(&prep, head, body, pq, &mut peer).await?;
+                let status = resp.status().as_u16();
                 // Read to the end so the connection goes back to the pool; nothing is kept.
                 let mut b = resp.into_body();
                 while let Some(f) = b.frame().await {
@@ -93,12 +108,21 @@ impl Shadows {
                         break;
                     }
                 }
-                Ok::<_, super::error::ProxyError>(())
+                Ok::<_, super::error::ProxyError>(status)
             };
-            match tokio::time::timeout(prep.timeout.unwrap_or(prep.tunnel_idle), exchange).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "shadow request failed"),
-                Err(_) => tracing::debug!("shadow request timed out"),
+            let result =
+                match tokio::time::timeout(prep.timeout.unwrap_or(prep.tunnel_idle), exchange).await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(super::error::ProxyError::Timeout),
+                };
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, "shadow request failed");
+            }
+            if let Some((begun, ctx, exporter, method)) = span {
+                let mut s = begun.finish(&ctx, &method, &prep, peer, 0, result.as_ref().copied());
+                s.str("legate.shadow", "true");
+                exporter.submit(s);
             }
         });
     }

@@ -1,0 +1,225 @@
+//! The exporter: a bounded queue of finished spans, drained by one task that batches them (up
+//! to [`BATCH`] spans, or what came within [`LINGER`] of the first) and posts each batch to the
+//! collector's `/v1/traces` with the outbound client.
+//!
+//! A request only ever `try_send`s: when the queue is full (the collector is slow or down) the
+//! span is dropped and counted, so tracing costs a request a channel push at most. A batch the
+//! collector refuses or that fails to arrive is dropped and counted too, not retried: a retry
+//! would hold memory for a collector that is already behind.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{Method, Request, Uri};
+use http_body_util::Full;
+use tokio::sync::mpsc;
+
+use super::Span;
+use crate::metrics::SpanCounts;
+
+/// Spans waiting to be exported, at most (about 1 MiB of small spans).
+pub const QUEUE_SPANS: usize = 4096;
+/// Spans in one export request, at most.
+const BATCH: usize = 512;
+/// How long the first span of a batch waits for more.
+const LINGER: Duration = Duration::from_secs(1);
+/// One export request, whole.
+const POST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where spans go: the collector's OTLP/HTTP traces URL and the `service.name` they carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub url: Uri,
+    pub service_name: String,
+}
+
+/// How the exporter is set up from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct ExportSettings {
+    /// `--otlp-endpoint`: wins over a TracingService's `service`.
+    pub target: Option<Target>,
+}
+
+/// The exporter handle the request path holds; cheap to clone.
+#[derive(Clone)]
+pub struct Exporter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: mpsc::Sender<Span>,
+    /// The flag's target, if given.
+    fixed: Option<Arc<Target>>,
+    /// The target in force (the flag's, else the live revision's TracingService), shared with
+    /// the export task.
+    target: Arc<ArcSwapOption<Target>>,
+    counts: Arc<SpanCounts>,
+}
+
+impl std::fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exporter")
+            .field("target", &self.inner.target.load())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Exporter {
+    /// Start the export task (on the current runtime). With no target it idles until a
+    /// revision's TracingService names one.
+    pub fn start(settings: ExportSettings) -> Exporter {
+        let (tx, rx) = mpsc::channel(QUEUE_SPANS);
+        let fixed = settings.target.map(Arc::new);
+        let target = Arc::new(ArcSwapOption::new(fixed.clone()));
+        let counts = Arc::new(SpanCounts::default());
+        tokio::spawn(run(rx, target.clone(), counts.clone()));
+        Exporter {
+            inner: Arc::new(Inner {
+                tx,
+                fixed,
+                target,
+                counts,
+            }),
+        }
+    }
+
+    /// Whether spans are recorded at all (a target is set).
+    pub fn enabled(&self) -> bool {
+        self.inner.target.load().is_some()
+    }
+
+    /// The target of a new revision's TracingService (`None`: it has none). The flag's target,
+    /// when given, stays.
+    pub fn configure(&self, from_config: Option<Target>) {
+        if self.inner.fixed.is_some() {
+            return;
+        }
+        let cur = self.inner.target.load();
+        if cur.as_deref() != from_config.as_ref() {
+            self.inner.target.store(from_config.map(Arc::new));
+        }
+    }
+
+    /// Queue a finished span; dropped (and counted) when the queue is full.
+    pub fn submit(&self, span: Span) {
+        if self.inner.tx.try_send(span).is_err() {
+            self.inner.counts.dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The exported, dropped and failed span counts (shown as `legate_otlp_spans_total`).
+    pub fn counts(&self) -> Arc<SpanCounts> {
+        self.inner.counts.clone()
+    }
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<Span>,
+    target: Arc<ArcSwapOption<Target>>,
+    counts: Arc<SpanCounts>,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut failing = false;
+    loop {
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        batch.push(first);
+        let until = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(s)) => batch.push(s),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let n = batch.len() as u64;
+        match target.load_full() {
+            None => {
+                // The TracingService went away while these waited.
+                counts.dropped.fetch_add(n, Relaxed);
+            }
+            Some(t) => match post(&t, &batch).await {
+                Ok(()) => {
+                    counts.exported.fetch_add(n, Relaxed);
+                    failing = false;
+                }
+                Err(e) => {
+                    counts.failed.fetch_add(n, Relaxed);
+                    // Once per outage, not once per batch.
+                    if !failing {
+                        tracing::warn!(endpoint = %t.url, error = %e, spans = n, "OTLP export failed; spans dropped until the collector answers");
+                    }
+                    failing = true;
+                }
+            },
+        }
+        batch.clear();
+    }
+}
+
+async fn post(t: &Target, batch: &[Span]) -> Result<(), String> {
+    let body = super::encode::request(batch, &t.service_name);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(t.url.clone())
+        .header(CONTENT_TYPE, "application/x-protobuf")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let client = crate::outbound::global()?;
+    let resp = client.send(req, POST_TIMEOUT, 64 * 1024).await?;
+    if resp.status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("the collector answered {}", resp.status))
+    }
+}
+
+/// The traces URL of an `--otlp-endpoint` value: a base URL gets `/v1/traces` (as the
+/// OpenTelemetry exporters' `OTEL_EXPORTER_OTLP_ENDPOINT`), a URL with a path is used as is.
+pub fn traces_url(s: &str) -> Result<Uri, String> {
+    let uri: Uri = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(format!("`{s}` is not an http:// or https:// URL")),
+    }
+    if uri.authority().is_none() {
+        return Err(format!("`{s}` names no host"));
+    }
+    let path = uri.path();
+    if path.is_empty() || path == "/" {
+        let base = s.trim_end_matches('/');
+        return format!("{base}/v1/traces")
+            .parse()
+            .map_err(|e| format!("`{s}`: {e}"));
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::traces_url;
+
+    #[test]
+    fn endpoint_urls() {
+        assert_eq!(
+            traces_url("http://jaeger:4318").unwrap().to_string(),
+            "http://jaeger:4318/v1/traces"
+        );
+        assert_eq!(
+            traces_url("https://c.example/").unwrap().to_string(),
+            "https://c.example/v1/traces"
+        );
+        assert_eq!(
+            traces_url("http://c:4318/custom/traces").unwrap().path(),
+            "/custom/traces"
+        );
+        assert!(traces_url("jaeger:4318").is_err());
+        assert!(traces_url("grpc://c:4317").is_err());
+    }
+}
