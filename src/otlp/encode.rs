@@ -47,11 +47,8 @@ fn span(s: &Span) -> proto::Span {
         Kind::Server => SpanKind::Server,
         Kind::Client => SpanKind::Client,
     };
-    let mut attributes: Vec<KeyValue> = s
-        .attributes
-        .iter()
-        .map(|(k, v)| kv(k, v.clone()))
-        .collect();
+    let mut attributes: Vec<KeyValue> =
+        s.attributes.iter().map(|(k, v)| kv(k, v.clone())).collect();
     let status = match &s.error {
         Some(e) => {
             attributes.push(kv("error.type", Value::Str(e.clone())));
@@ -138,7 +135,10 @@ mod tests {
         assert_eq!(spans[0].parent_span_id, vec![3; 8]);
         assert_eq!(spans[0].kind, SpanKind::Server as i32);
         assert_eq!(spans[0].flags, 0x301);
-        assert_eq!(spans[0].end_time_unix_nano - spans[0].start_time_unix_nano, 5_000_000);
+        assert_eq!(
+            spans[0].end_time_unix_nano - spans[0].start_time_unix_nano,
+            5_000_000
+        );
         assert_eq!(spans[1].parent_span_id, spans[0].span_id);
         assert_eq!(spans[1].kind, SpanKind::Client as i32);
         assert_eq!(

@@ -429,8 +429,13 @@ impl Proxy {
             None => super::retry::request_body(body, replayable, limit).await?,
         };
         if let Some(sh) = shadow {
-            self.shadows
-                .copy(sh, &parts, &body, &upstream_pq, ex.attempts.trace.as_deref());
+            self.shadows.copy(
+                sh,
+                &parts,
+                &body,
+                &upstream_pq,
+                ex.attempts.trace.as_deref(),
+            );
         }
         let mut resp =
             super::retry::send_upstream(prep, parts, body, upstream_pq, &mut ex.attempts).await?;

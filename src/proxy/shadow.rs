@@ -110,12 +110,15 @@ impl Shadows {
                 }
                 Ok::<_, super::error::ProxyError>(status)
             };
-            let result =
-                match tokio::time::timeout(prep.timeout.unwrap_or(prep.tunnel_idle), exchange).await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(super::error::ProxyError::Timeout),
-                };
+            let result = match tokio::time::timeout(
+                prep.timeout.unwrap_or(prep.tunnel_idle),
+                exchange,
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(super::error::ProxyError::Timeout),
+            };
             if let Err(e) = &result {
                 tracing::debug!(error = %e, "shadow request failed");
             }

@@ -202,7 +202,9 @@ pub(crate) fn finish(
         name,
         start: rec.start,
         end: rec.start + rec.began.elapsed(),
-        error: status.is_server_error().then(|| status.as_u16().to_string()),
+        error: status
+            .is_server_error()
+            .then(|| status.as_u16().to_string()),
         attributes: Vec::with_capacity(8 + rec.tags.len()),
     };
     s.str("http.request.method", method);

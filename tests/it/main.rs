@@ -19,6 +19,7 @@ mod golden;
 mod health;
 mod kube;
 mod observability;
+mod otlp;
 mod parity;
 mod protocols;
 mod proxy;

@@ -1,0 +1,305 @@
+//! OTLP trace export (issue 20) against a real receiver: `support/otlp_receiver.py` decodes
+//! each export with the `opentelemetry-proto` package. Checks the server span and the client
+//! spans of attempts, retries and shadow copies with their parent-child links and HTTP
+//! attributes, a continued client `traceparent`, and parent-based sampling.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use legate::otlp::{ExportSettings, Exporter, Target};
+use legate::proxy::Settings;
+use serde_json::Value;
+
+use crate::support::*;
+
+const PIP: &str = "python3 -m pip install opentelemetry-proto==1.45.2";
+
+fn receiver_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/support/otlp_receiver.py")
+}
+
+/// The receiver process and every span (or error) it printed so far.
+pub struct Receiver {
+    _child: Killed,
+    pub port: u16,
+    lines: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Receiver {
+    /// Start the receiver; `None` (a failure under CI) when opentelemetry-proto is missing.
+    pub fn start(test: &str) -> Option<Receiver> {
+        let ok = Command::new("python3")
+            .arg(receiver_script())
+            .arg("check")
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            tool_missing(
+                test,
+                &format!("python3 opentelemetry-proto is not installed ({PIP})"),
+            );
+            return None;
+        }
+        let mut child = Command::new("python3")
+            .arg(receiver_script())
+            .arg("serve")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let out = child.stdout.take().unwrap();
+        let child = Killed(child);
+        let mut out = std::io::BufReader::new(out);
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let port = line
+            .strip_prefix("PORT ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("otlp_receiver.py serve printed {line:?}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for l in out.lines() {
+                let Ok(l) = l else { break };
+                let v: Value = serde_json::from_str(&l).expect("the receiver prints JSON");
+                sink.lock().unwrap().push(v);
+            }
+        });
+        Some(Receiver {
+            _child: child,
+            port,
+            lines,
+        })
+    }
+
+    /// The traces URL, as `--otlp-endpoint` makes it.
+    pub fn url(&self) -> http::Uri {
+        format!("http://127.0.0.1:{}/v1/traces", self.port)
+            .parse()
+            .unwrap()
+    }
+
+    /// Everything received, once `done` holds for it (20 s at most, then the test fails).
+    pub async fn wait_for(&self, what: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.lines.lock().unwrap().clone();
+            assert!(
+                got.iter().all(|v| v.get("error").is_none()),
+                "the receiver refused an export: {got:#?}"
+            );
+            if done(&got) {
+                return got;
+            }
+            assert!(
+                Instant::now() < until,
+                "no {what} within 20 s; received: {got:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The spans of trace `trace` (hex).
+pub fn of_trace<'a>(spans: &'a [Value], trace: &str) -> Vec<&'a Value> {
+    spans.iter().filter(|s| s["trace_id"] == trace).collect()
+}
+
+pub fn attr<'a>(span: &'a Value, key: &str) -> &'a Value {
+    &span["attributes"][key]
+}
+
+const SERVER: i64 = 2;
+const CLIENT: i64 = 3;
+
+fn kind(s: &Value) -> i64 {
+    s["kind"].as_i64().unwrap()
+}
+
+fn exporter(rx: &Receiver) -> Exporter {
+    Exporter::start(ExportSettings {
+        target: Some(Target {
+            url: rx.url(),
+            service_name: "edge".into(),
+        }),
+    })
+}
+
+/// The trace id and parent span id of a `traceparent` the upstream saw.
+fn ids(traceparent: &str) -> (String, String, String) {
+    let p: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(p.len(), 4, "{traceparent}");
+    (p[1].to_string(), p[2].to_string(), p[3].to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_exports_server_and_client_spans_linked_with_http_attributes() {
+    let Some(rx) =
+        Receiver::start("otlp_exports_server_and_client_spans_linked_with_http_attributes")
+    else {
+        return;
+    };
+    let up = Upstream::start("u").await;
+    let copy = Upstream::start("copy").await;
+    let yaml = [
+        route("api", "/api/", &up.service(), ""),
+        route(
+            "retried",
+            "/r/",
+            &up.service(),
+            "retry_policy:\n  retry_on: 5xx\n  num_retries: 1",
+        ),
+        route("main", "/s/", &up.service(), ""),
+        route("shadow", "/s/", &copy.service(), "shadow: true"),
+    ]
+    .concat();
+    let settings = Settings {
+        otlp: Some(exporter(&rx)),
+        debug_headers: true,
+        ..Default::default()
+    };
+    let gw = Gateway::with(&yaml, settings).await;
+
+    // A client's sampled trace is continued: same trace id, the client's span as the parent.
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = get(
+        &gw.url("/api/items?q=1"),
+        &[("traceparent", given), ("x-user", "ann")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let revision = r.header("x-legate-revision").unwrap().to_string();
+    let (trace, upstream_parent, flags) = ids(&r.seen("traceparent").unwrap());
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(flags, "01");
+
+    // No traceparent: a new trace (sampled: ratio 1 while exporting); a 503 retried once.
+    let r = get(&gw.url("/r/x?status=503"), &[]).await;
+    assert_eq!(r.status, 503);
+    let (retried_trace, _, _) = ids(&r.seen("traceparent").unwrap());
+
+    // A shadowed request: the copy gets its own client span.
+    let r = get(&gw.url("/s/y"), &[]).await;
+    assert_eq!(r.status, 200);
+    let (shadow_trace, _, _) = ids(&r.seen("traceparent").unwrap());
+
+    let spans = rx
+        .wait_for("spans of the three requests", |s| {
+            of_trace(s, &trace).len() == 2
+                && of_trace(s, &retried_trace).len() == 3
+                && of_trace(s, &shadow_trace).len() == 3
+        })
+        .await;
+
+    // The continued trace: server span under the client's span, client span under it, and the
+    // upstream's traceparent names the client span.
+    let t = of_trace(&spans, &trace);
+    let server = t.iter().find(|s| kind(s) == SERVER).unwrap();
+    let client = t.iter().find(|s| kind(s) == CLIENT).unwrap();
+    assert_eq!(server["parent_span_id"], "00f067aa0ba902b7");
+    assert_eq!(client["parent_span_id"], server["span_id"]);
+    assert_eq!(client["span_id"], upstream_parent.as_str());
+    assert_eq!(server["name"], "GET /api/");
+    assert_eq!(attr(server, "http.request.method"), "GET");
+    assert_eq!(attr(server, "url.path"), "/api/items");
+    assert_eq!(attr(server, "http.route"), "/api/");
+    assert_eq!(attr(server, "legate.mapping"), "default/api");
+    assert_eq!(attr(server, "http.response.status_code"), 200);
+    assert_eq!(attr(server, "legate.revision"), revision.as_str());
+    assert_eq!(attr(server, "client.address"), "127.0.0.1");
+    assert_eq!(server["resource"]["service.name"], "edge");
+    assert_eq!(server["scope"], "legate");
+    assert_eq!(server["status"], 0);
+    assert!(server["end"].as_u64() >= client["end"].as_u64());
+    assert!(server["start"].as_u64() <= client["start"].as_u64());
+    assert_eq!(attr(client, "http.request.method"), "GET");
+    assert_eq!(attr(client, "server.address"), "127.0.0.1");
+    assert_eq!(attr(client, "server.port"), up.addr.port());
+    assert_eq!(attr(client, "network.peer.address"), "127.0.0.1");
+    assert_eq!(attr(client, "network.peer.port"), up.addr.port());
+    assert_eq!(attr(client, "http.response.status_code"), 200);
+
+    // The retried request: a new trace (no parent), two client spans under the server span,
+    // the second one a resend; 503 is an error on both kinds.
+    let t = of_trace(&spans, &retried_trace);
+    let server = t.iter().find(|s| kind(s) == SERVER).unwrap();
+    assert_eq!(server["parent_span_id"], "");
+    assert_eq!(server["status"], 2);
+    assert_eq!(attr(server, "error.type"), "503");
+    let clients: Vec<_> = t.iter().filter(|s| kind(s) == CLIENT).collect();
+    assert_eq!(clients.len(), 2);
+    for c in &clients {
+        assert_eq!(c["parent_span_id"], server["span_id"]);
+        assert_eq!(attr(c, "http.response.status_code"), 503);
+        assert_eq!(c["status"], 2);
+    }
+    assert_ne!(clients[0]["span_id"], clients[1]["span_id"]);
+    let resends: Vec<_> = clients
+        .iter()
+        .map(|c| attr(c, "http.request.resend_count").as_i64())
+        .collect();
+    assert!(
+        resends.contains(&None) && resends.contains(&Some(1)),
+        "{resends:?}"
+    );
+
+    // The shadowed request: the real attempt and the copy, both under the server span.
+    let t = of_trace(&spans, &shadow_trace);
+    let server = t.iter().find(|s| kind(s) == SERVER).unwrap();
+    let copies: Vec<_> = t
+        .iter()
+        .filter(|s| kind(s) == CLIENT && attr(s, "legate.shadow") == "true")
+        .collect();
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0]["parent_span_id"], server["span_id"]);
+    assert_eq!(attr(copies[0], "server.port"), copy.addr.port());
+
+    let text = gw.proxy.metrics().render(None);
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("legate_otlp_spans_total{outcome=\"exported\"} ")
+                && !l.ends_with(" 0")
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_sampling_is_parent_based() {
+    let Some(rx) = Receiver::start("otlp_sampling_is_parent_based") else {
+        return;
+    };
+    let up = Upstream::start("u").await;
+    let settings = Settings {
+        otlp: Some(exporter(&rx)),
+        trace_sample_ratio: Some(0.0),
+        ..Default::default()
+    };
+    let gw = Gateway::with(&route("api", "/api/", &up.service(), ""), settings).await;
+
+    // Ratio 0: a new trace is not sampled, and an unsampled parent stays unsampled.
+    let r = get(&gw.url("/api/new"), &[]).await;
+    let (fresh, _, flags) = ids(&r.seen("traceparent").unwrap());
+    assert_eq!(flags, "00");
+    let unsampled = "00-11111111111111111111111111111111-2222222222222222-00";
+    let r = get(&gw.url("/api/no"), &[("traceparent", unsampled)]).await;
+    assert_eq!(ids(&r.seen("traceparent").unwrap()).2, "00");
+    // A sampled parent is honoured whatever the ratio.
+    let sampled = "00-33333333333333333333333333333333-4444444444444444-01";
+    let r = get(&gw.url("/api/yes"), &[("traceparent", sampled)]).await;
+    assert_eq!(ids(&r.seen("traceparent").unwrap()).2, "01");
+
+    // Spans leave in the order they were finished: once the sampled trace is in, the two
+    // before it would be too had they been recorded.
+    let spans = rx
+        .wait_for("the sampled trace", |s| {
+            of_trace(s, "33333333333333333333333333333333").len() == 2
+        })
+        .await;
+    assert!(of_trace(&spans, &fresh).is_empty(), "{spans:#?}");
+    assert!(of_trace(&spans, "11111111111111111111111111111111").is_empty());
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+}
