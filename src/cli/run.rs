@@ -258,7 +258,7 @@ pub struct RunArgs {
 }
 
 fn parse_otlp_endpoint(s: &str) -> Result<http::Uri, String> {
-    crate::otlp::traces_url(s)
+    crate::config::tracingservice::traces_url(s)
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {

@@ -102,6 +102,7 @@ pub fn compile_refs_with(
     let hash = graph_hash(resources, &options);
     let mut graph = Graph::build(host_routes, routes, groups, hash, options);
     super::module::attach(&mut graph, resources, &mut diags);
+    graph.settings.tracing = super::tracingservice::compile(resources, &mut diags);
     (graph, diags)
 }
 
@@ -127,7 +128,8 @@ fn compile_each<'r>(
             | Spec::JwtPolicy(_)
             | Spec::RateLimit(_)
             | Spec::Module(_)
-            | Spec::TlsContext(_) => {}
+            | Spec::TlsContext(_)
+            | Spec::TracingService(_) => {}
         }
     }
     mappings.sort_by(|a, b| (&a.res.namespace, &a.res.name).cmp(&(&b.res.namespace, &b.res.name)));

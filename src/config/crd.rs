@@ -22,6 +22,7 @@ pub fn plural(kind: Kind) -> &'static str {
         Kind::RateLimit => "ratelimits",
         Kind::Module => "modules",
         Kind::TlsContext => "tlscontexts",
+        Kind::TracingService => "tracingservices",
     }
 }
 
@@ -49,6 +50,7 @@ fn printer_columns(kind: Kind) -> Value {
         Kind::RateLimit => vec![col("Backend", ".spec.backend"), state, age],
         Kind::Module => vec![state, age],
         Kind::TlsContext => vec![col("Secret", ".spec.secret"), state, age],
+        Kind::TracingService => vec![col("Service", ".spec.service"), state, age],
     })
 }
 

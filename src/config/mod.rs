@@ -16,6 +16,7 @@ pub mod module;
 pub mod routetest;
 pub mod schema;
 pub mod tlscontext;
+pub mod tracingservice;
 pub mod traffic;
 pub mod tree;
 pub mod yaml;

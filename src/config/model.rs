@@ -18,7 +18,7 @@ pub const API_VERSIONS: [&str; 2] = ["getambassador.io/v3alpha1", "legate.dev/v1
 
 /// getambassador.io kinds (Emissary's and Edge Stack's) that Legate knows of but does not
 /// implement: what a user loses, and the nearest Legate equivalent.
-const EMISSARY_KINDS: [(&str, &str); 15] = [
+const EMISSARY_KINDS: [(&str, &str); 14] = [
     ("ConsulResolver", "services are resolved through DNS, not Consul; point `service` at a name DNS resolves"),
     ("DevPortal", "an Edge Stack developer portal (no effect in Emissary itself); nothing replaces it"),
     ("Filter", "an Edge Stack filter (no effect in Emissary); for JWT checks use a `legate.dev/v1alpha1` JWTPolicy, for external auth an AuthService"),
@@ -30,7 +30,6 @@ const EMISSARY_KINDS: [(&str, &str); 15] = [
     ("RateLimit", "an Edge Stack rate limit (no effect in Emissary): use Legate's own `legate.dev/v1alpha1` RateLimit with the Mappings' `labels`"),
     ("RateLimitService", "no external rate-limit service: use a `legate.dev/v1alpha1` RateLimit (local or Redis) with the same Mapping `labels`"),
     ("TCPMapping", "no TCP proxying: only HTTP Mappings are served"),
-    ("TracingService", "spans are not exported; W3C `traceparent` is propagated and logged"),
     ("WebApplicationFirewall", "an Edge Stack firewall; nothing replaces it"),
     ("WebApplicationFirewallPolicy", "an Edge Stack firewall policy; nothing replaces it"),
     ("AuthFilter", "an Edge Stack kind; use an AuthService"),
@@ -77,6 +76,7 @@ pub enum Spec {
     RateLimit(Box<super::guard::RateLimitSpec>),
     Module(Box<super::module::ModuleSpec>),
     TlsContext(Box<super::tlscontext::TlsFields>),
+    TracingService(Box<super::tracingservice::TracingServiceSpec>),
 }
 
 /// A header or query value to match: a string, or `true` for "present".
@@ -514,7 +514,10 @@ fn load_document(
     }
     let kind = Kind::from_name(kind_s)
         .filter(|k| !(group == "getambassador.io" && LEGATE_ONLY.contains(k)))
-        .filter(|k| !(group == "legate.dev" && matches!(*k, Kind::Module | Kind::TlsContext)));
+        .filter(|k| {
+            !(group == "legate.dev"
+                && matches!(*k, Kind::Module | Kind::TlsContext | Kind::TracingService))
+        });
     let Some(kind) = kind else {
         let lost = EMISSARY_KINDS.iter().find(|(k, _)| *k == kind_s);
         if let (Some((_, lost)), "getambassador.io") = (lost, group) {
@@ -609,6 +612,10 @@ fn load_document(
             .map(|s| Spec::RateLimit(Box::new(s))),
         Kind::TlsContext => serde_json::from_value::<super::tlscontext::TlsFields>(spec_value)
             .map(|s| Spec::TlsContext(Box::new(s))),
+        Kind::TracingService => {
+            serde_json::from_value::<super::tracingservice::TracingServiceSpec>(spec_value)
+                .map(|s| Spec::TracingService(Box::new(s)))
+        }
         Kind::Module => {
             let (m, d) = super::module::read(&doc, file, &name, &spec_value);
             let bad = d.iter().any(|d| d.severity == super::Severity::Error);

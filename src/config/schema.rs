@@ -24,10 +24,11 @@ pub enum Kind {
     RateLimit,
     Module,
     TlsContext,
+    TracingService,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Mapping,
         Kind::Host,
         Kind::RouteTest,
@@ -36,6 +37,7 @@ impl Kind {
         Kind::RateLimit,
         Kind::Module,
         Kind::TlsContext,
+        Kind::TracingService,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +50,7 @@ impl Kind {
             Kind::RateLimit => "RateLimit",
             Kind::Module => "Module",
             Kind::TlsContext => "TLSContext",
+            Kind::TracingService => "TracingService",
         }
     }
 
@@ -66,6 +69,7 @@ impl Kind {
             Kind::RateLimit => include_str!("../../schemas/ratelimit.schema.json"),
             Kind::Module => include_str!("../../schemas/module.schema.json"),
             Kind::TlsContext => include_str!("../../schemas/tlscontext.schema.json"),
+            Kind::TracingService => include_str!("../../schemas/tracingservice.schema.json"),
         }
     }
 
@@ -79,6 +83,7 @@ impl Kind {
             Kind::RateLimit => "schemas/ratelimit.schema.json",
             Kind::Module => "schemas/module.schema.json",
             Kind::TlsContext => "schemas/tlscontext.schema.json",
+            Kind::TracingService => "schemas/tracingservice.schema.json",
         }
     }
 
@@ -91,6 +96,7 @@ impl Kind {
         static RATE_LIMIT: OnceLock<Compiled> = OnceLock::new();
         static MODULE: OnceLock<Compiled> = OnceLock::new();
         static TLS_CONTEXT: OnceLock<Compiled> = OnceLock::new();
+        static TRACING_SERVICE: OnceLock<Compiled> = OnceLock::new();
         let cell = match self {
             Kind::Mapping => &MAPPING,
             Kind::Host => &HOST,
@@ -100,6 +106,7 @@ impl Kind {
             Kind::RateLimit => &RATE_LIMIT,
             Kind::Module => &MODULE,
             Kind::TlsContext => &TLS_CONTEXT,
+            Kind::TracingService => &TRACING_SERVICE,
         };
         cell.get_or_init(|| Compiled::new(self))
     }

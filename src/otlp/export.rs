@@ -178,27 +178,6 @@ async fn post(t: &Target, batch: &[Span]) -> Result<(), String> {
     }
 }
 
-/// The traces URL of an `--otlp-endpoint` value: a base URL gets `/v1/traces` (as the
-/// OpenTelemetry exporters' `OTEL_EXPORTER_OTLP_ENDPOINT`), a URL with a path is used as is.
-pub fn traces_url(s: &str) -> Result<Uri, String> {
-    let uri: Uri = s.parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http" | "https") => {}
-        _ => return Err(format!("`{s}` is not an http:// or https:// URL")),
-    }
-    if uri.authority().is_none() {
-        return Err(format!("`{s}` names no host"));
-    }
-    let path = uri.path();
-    if path.is_empty() || path == "/" {
-        let base = s.trim_end_matches('/');
-        return format!("{base}/v1/traces")
-            .parse()
-            .map_err(|e| format!("`{s}`: {e}"));
-    }
-    Ok(uri)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +196,52 @@ mod tests {
             error: None,
             attributes: Vec::new(),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        // Nothing listens on port 9: posts would fail, but the export task has not even run
+        // yet (this test never yields), so the queue fills.
+        let x = Exporter::start(ExportSettings {
+            target: Some(Target {
+                url: "http://127.0.0.1:9/v1/traces".parse().unwrap(),
+                service_name: "t".into(),
+            }),
+        });
+        for _ in 0..QUEUE_SPANS + 5 {
+            x.submit(span());
+        }
+        assert_eq!(x.counts().dropped.load(Relaxed), 5);
+        assert_eq!(x.counts().exported.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn the_flag_target_wins_over_the_config() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _g = rt.enter();
+        let t = |u: &str| Target {
+            url: u.parse().unwrap(),
+            service_name: "s".into(),
+        };
+        let idle = Exporter::start(ExportSettings::default());
+        assert!(!idle.enabled());
+        idle.configure(Some(t("http://c:4318/v1/traces")));
+        assert!(idle.enabled());
+        idle.configure(None);
+        assert!(!idle.enabled());
+        let fixed = Exporter::start(ExportSettings {
+            target: Some(t("http://flag:4318/v1/traces")),
+        });
+        fixed.configure(None);
+        assert!(fixed.enabled());
+        fixed.configure(Some(t("http://c:4318/v1/traces")));
+        assert_eq!(
+            fixed.inner.target.load().as_ref().unwrap().url.host(),
+            Some("flag")
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,7 +13,7 @@ mod export;
 use std::borrow::Cow;
 use std::time::SystemTime;
 
-pub use export::{traces_url, ExportSettings, Exporter, Target, QUEUE_SPANS};
+pub use export::{ExportSettings, Exporter, Target, QUEUE_SPANS};
 
 /// A trace id (16 bytes) and a span id (8 bytes), as on the wire.
 pub type TraceId = [u8; 16];

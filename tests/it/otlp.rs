@@ -303,3 +303,138 @@ async fn otlp_sampling_is_parent_based() {
     assert!(of_trace(&spans, "11111111111111111111111111111111").is_empty());
     assert_eq!(spans.len(), 2, "{spans:#?}");
 }
+
+fn tracing_service(name: &str, spec: &str) -> String {
+    let spec: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+    format!("---\napiVersion: getambassador.io/v3alpha1\nkind: TracingService\nmetadata:\n  name: {name}\nspec:\n{spec}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_tracingservice_from_the_config_repo_configures_export() {
+    let Some(rx) = Receiver::start("otlp_tracingservice_from_the_config_repo_configures_export")
+    else {
+        return;
+    };
+    let up = Upstream::start("u").await;
+    let yaml = route("api", "/api/", &up.service(), "")
+        + &tracing_service(
+            "tracing",
+            &format!(
+                "driver: opentelemetry\nservice: 127.0.0.1:{}\nsampling:\n  overall: 0\ntag_headers: [X-User]\nconfig:\n  service_name: from-repo",
+                rx.port
+            ),
+        );
+    // No flag target: the exporter waits for the revision's TracingService.
+    let settings = Settings {
+        otlp: Some(Exporter::start(ExportSettings::default())),
+        ..Default::default()
+    };
+    let gw = Gateway::with(&yaml, settings).await;
+
+    // `sampling.overall: 0`: a new trace is not sampled; a sampled parent still is.
+    let r = get(&gw.url("/api/a"), &[]).await;
+    let (fresh, _, flags) = ids(&r.seen("traceparent").unwrap());
+    assert_eq!(flags, "00");
+    let sampled = "00-55555555555555555555555555555555-6666666666666666-01";
+    let r = get(
+        &gw.url("/api/b"),
+        &[("traceparent", sampled), ("x-user", "ann")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let spans = rx
+        .wait_for("the sampled trace", |s| {
+            of_trace(s, "55555555555555555555555555555555").len() == 2
+        })
+        .await;
+    assert!(of_trace(&spans, &fresh).is_empty());
+    let server = spans.iter().find(|s| kind(s) == SERVER).unwrap();
+    assert_eq!(server["resource"]["service.name"], "from-repo");
+    assert_eq!(attr(server, "http.request.header.x-user"), "ann");
+
+    // A revision without the TracingService stops the export; one with it starts it again.
+    // Spans leave in order, so once the last trace is in, the middle one would be too.
+    gw.proxy
+        .swap(compile(&route("api", "/api/", &up.service(), "")));
+    let off = "00-77777777777777777777777777777777-6666666666666666-01";
+    assert_eq!(
+        get(&gw.url("/api/c"), &[("traceparent", off)]).await.status,
+        200
+    );
+    gw.proxy.swap(compile(&yaml));
+    let on = "00-88888888888888888888888888888888-6666666666666666-01";
+    assert_eq!(
+        get(&gw.url("/api/d"), &[("traceparent", on)]).await.status,
+        200
+    );
+    let spans = rx
+        .wait_for("the trace after the TracingService came back", |s| {
+            of_trace(s, "88888888888888888888888888888888").len() == 2
+        })
+        .await;
+    assert!(of_trace(&spans, "77777777777777777777777777777777").is_empty());
+}
+
+#[test]
+fn otlp_tracingservice_drivers_and_fields_are_checked() {
+    let check = |yaml: &str| {
+        let tree = Tree::new(yaml);
+        legate::config::check_dir(tree.path(), &legate::config::Options::default())
+    };
+    let codes = |out: &legate::config::Outcome| -> Vec<(String, &'static str)> {
+        out.diagnostics
+            .iter()
+            .map(|d| (format!("{:?}", d.severity), d.code))
+            .collect()
+    };
+
+    // zipkin: accepted, nothing exported, a warning saying so.
+    let out = check(&tracing_service(
+        "z",
+        "driver: zipkin\nservice: zipkin:9411",
+    ));
+    let g = out.graph.as_ref().expect("a zipkin TracingService loads");
+    assert!(g.settings.tracing.is_none());
+    assert!(
+        codes(&out).contains(&("Warning".into(), "tracing-not-exported")),
+        "{:?}",
+        codes(&out)
+    );
+
+    // lightstep: refused, as Emissary refuses it.
+    let out = check(&tracing_service("l", "driver: lightstep\nservice: ls:443"));
+    assert!(out.graph.is_none());
+    assert!(codes(&out).contains(&("Error".into(), "tracing-driver")));
+
+    // The gRPC port, Envoy-only sampling and driver settings warn; the rest is read.
+    let out = check(&tracing_service(
+        "o",
+        "driver: opentelemetry\nservice: otel:4317\nsampling:\n  overall: 25\n  random: 50\nconfig:\n  trace_id_128bit: true\ncustom_tags: []",
+    ));
+    let t = out
+        .graph
+        .as_ref()
+        .unwrap()
+        .settings
+        .tracing
+        .clone()
+        .unwrap();
+    assert_eq!(t.collector.to_string(), "http://otel:4317/v1/traces");
+    assert_eq!(t.sampling, Some(0.25));
+    assert_eq!(t.service_name, "legate");
+    let c = codes(&out);
+    for code in [
+        "tracing-grpc-port",
+        "not-implemented",
+        "not-implemented-yet",
+    ] {
+        assert!(c.contains(&("Warning".into(), code)), "{code}: {c:?}");
+    }
+
+    // Two TracingServices: an error on the second.
+    let two = tracing_service("a", "driver: opentelemetry\nservice: c:4318")
+        + &tracing_service("b", "driver: opentelemetry\nservice: c:4318");
+    let out = check(&two);
+    assert!(out.graph.is_none());
+    assert!(codes(&out).contains(&("Error".into(), "duplicate-tracingservice")));
+}
