@@ -6,6 +6,8 @@
 #   - load: wrk -t1 -c64 -d${DURATION}s --latency; a warm-up per target, interleaved rounds
 #   - CPU per request: server utime+stime ticks from /proc/PID/stat, before/after, / requests
 # Optional HTTP/2 (h2c prior knowledge) with h2load when installed: H2=1.
+# Optional OTLP=1: `legate-otlp`, the 1-route Legate exporting every request's spans (sample
+# ratio 1) to the hello upstream standing in for a collector (it answers 200 to each export).
 #
 # Usage: bench/proxy/run.sh            (ROUNDS=3 DURATION=10 WARMUP=3 by default; SKIP_BUILD=1
 #        reuses the binaries from the last build)
@@ -17,6 +19,7 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-3}
 CONNS=${CONNS:-64}
 H2=${H2:-0}
+OTLP=${OTLP:-0}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=$(mktemp -d /tmp/legate-bench.XXXXXX)
 BASE=/work/shared/perf-baseline
@@ -64,15 +67,19 @@ taskset -c 1 haproxy -db -f "$BASE/haproxy.cfg" & PIDS+=($!); HAPROXY_PID=$!
 wait_port 8083
 
 # Access log off, as perf-baseline/nginx.conf has it (bench/proxy/observe.sh measures its cost).
-legate_run() { # dir port
+legate_run() { # dir port [flags]
     LEGATE_LOG=warn taskset -c 1 "$LEGATE" run --dir "$1" --http-listen "127.0.0.1:$2" \
         --https-listen off --admin-listen off --worker-threads 1 \
-        --max-connections 100000 --idle-timeout-ms 600000 --access-log off &
+        --max-connections 100000 --idle-timeout-ms 600000 --access-log off "${@:3}" &
 }
 legate_run "$WORK/one" 8084; PIDS+=($!); LEGATE1_PID=$!
 legate_run "$WORK/many" 8085; PIDS+=($!); LEGATE10K_PID=$!
 wait_port 8084
 wait_port 8085
+if [ "$OTLP" = 1 ]; then
+    legate_run "$WORK/one" 8088 --otlp-endpoint http://127.0.0.1:8081 --otlp-sample-ratio 1
+    PIDS+=($!); LEGATEOTLP_PID=$!; wait_port 8088
+fi
 
 if [ "$H2" = 1 ]; then
     cat > "$WORK/nginx-h2.conf" <<EOF
@@ -126,6 +133,7 @@ for round in $(seq 1 "$ROUNDS"); do
     measure haproxy 8083 "$HAPROXY_PID"
     measure legate 8084 "$LEGATE1_PID"
     measure legate-10k 8085 "$LEGATE10K_PID" /api/r5000/x  # a lookup deep in the table
+    if [ "$OTLP" = 1 ]; then measure legate-otlp 8088 "$LEGATEOTLP_PID"; fi
     if [ "$H2" = 1 ] && command -v h2load >/dev/null; then
         measure_h2 nginx-h2 8086 "$NGINXH2_PID"
         measure_h2 haproxy-h2 8087 "$HAPROXYH2_PID"
@@ -142,7 +150,7 @@ for line in open(sys.argv[1]):
 med = {n: [statistics.median(c) for c in zip(*v)] for n, v in rows.items()}
 d = med["direct"]
 print(f"{'target':<12}{'req/s':>10}{'x direct':>10}{'p50 ms':>9}{'x':>6}{'p99 ms':>9}{'x':>6}{'CPU us/req':>12}")
-for n in ["direct", "nginx", "haproxy", "legate", "legate-10k"]:
+for n in ["direct", "nginx", "haproxy", "legate", "legate-10k", "legate-otlp"]:
     if n not in med:
         continue
     r, p50, p99, cpu = med[n]
