@@ -115,7 +115,7 @@ impl Proxy {
         mut resp: Response<RespBody>,
     ) -> Response<RespBody> {
         if let (Some(rec), Some(attempts)) = (ex.recording.take(), ex.attempts.trace.take()) {
-            super::spans::finish(snap, rec, attempts, ex.route, resp.status());
+            super::spans::finish(snap, *rec, *attempts, ex.route, resp.status());
         }
         if let Some(route) = ex.route {
             snap.evidence.record(route, ex.evidence(resp.status()));

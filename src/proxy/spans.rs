@@ -174,8 +174,8 @@ fn error_type(e: &ProxyError) -> &'static str {
 /// Finish the exchange: its client spans and its server span go to the exporter.
 pub(crate) fn finish(
     snap: &Snapshot,
-    rec: Box<Recording>,
-    attempts: Box<AttemptTrace>,
+    rec: Recording,
+    attempts: AttemptTrace,
     route: Option<usize>,
     status: http::StatusCode,
 ) {
@@ -183,7 +183,7 @@ pub(crate) fn finish(
         ctx,
         exporter,
         spans,
-    } = *attempts;
+    } = attempts;
     for s in spans {
         exporter.submit(s);
     }
