@@ -438,3 +438,81 @@ fn otlp_tracingservice_drivers_and_fields_are_checked() {
     assert!(out.graph.is_none());
     assert!(codes(&out).contains(&("Error".into(), "duplicate-tracingservice")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_legate_run_exports_with_the_flags() {
+    let Some(rx) = Receiver::start("otlp_legate_run_exports_with_the_flags") else {
+        return;
+    };
+    // A bad endpoint is refused before anything starts.
+    let bad = Command::new(env!("CARGO_BIN_EXE_legate"))
+        .args(["run", "--dir", ".", "--otlp-endpoint", "grpc://c:4317"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("--otlp-endpoint") && err.contains("http://"),
+        "{err}"
+    );
+
+    let up = Upstream::start("u").await;
+    let config = tempfile::tempdir().unwrap();
+    std::fs::write(
+        config.path().join("m.yaml"),
+        route("api", "/api/", &up.service(), ""),
+    )
+    .unwrap();
+    let (http, admin) = (free_addr(), free_addr());
+    let _gw = Killed(
+        Command::new(env!("CARGO_BIN_EXE_legate"))
+            .arg("run")
+            .arg("--dir")
+            .arg(config.path())
+            .args(["--otlp-endpoint", &format!("127.0.0.1:{}", rx.port)])
+            .args(["--otlp-service-name", "bin", "--verify-window", "0"])
+            .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+            .args(["--admin-listen", &admin.to_string(), "--access-log", "off"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://{http}/api/x");
+    let until = Instant::now() + Duration::from_secs(20);
+    let trace = loop {
+        if tokio::net::TcpStream::connect(http).await.is_ok() {
+            let r = get(&url, &[]).await;
+            if r.status == 200 {
+                break ids(&r.seen("traceparent").unwrap()).0;
+            }
+        }
+        assert!(Instant::now() < until, "legate run did not serve /api/x");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // No ratio given: 1 while exporting.
+    let spans = rx
+        .wait_for("the request's spans", |s| of_trace(s, &trace).len() == 2)
+        .await;
+    let server = of_trace(&spans, &trace)
+        .into_iter()
+        .find(|s| kind(s) == SERVER)
+        .unwrap();
+    assert_eq!(server["resource"]["service.name"], "bin");
+    assert!(!attr(server, "legate.revision").as_str().unwrap().is_empty());
+    loop {
+        let text = get(&format!("http://{admin}/metrics"), &[]).await.body;
+        let exported = text
+            .lines()
+            .find_map(|l| l.strip_prefix("legate_otlp_spans_total{outcome=\"exported\"} "))
+            .map(|n| n.parse::<u64>().unwrap());
+        if exported.is_some_and(|n| n >= 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "no exported count in /metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
