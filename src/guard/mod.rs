@@ -8,7 +8,7 @@
 //! prepared ([`Registry::route`]), and state no prepared route holds is dropped
 //! ([`Registry::prune`]). `enforce` applies the policies per request (I/O: JWKS fetches, Redis,
 //! the auth service). Nothing here routes or answers a request itself: refusals become a
-//! [`Denial`] that `proxy::error` turns into the response.
+//! [`Denial`] that `proxy::respond` turns into the response.
 //!
 //! Per request the order is JWT, rate limits, AuthService. JWT first: it is local, and its
 //! claims can key rate limits. Rate limits before the AuthService (Emissary runs its ext_authz

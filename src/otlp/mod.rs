@@ -4,8 +4,8 @@
 //! Owns the span record ([`Span`]), its encoding into `opentelemetry-proto`'s prost messages
 //! (`encode`), and the exporter ([`Exporter`]): a bounded queue drained by one background task
 //! that batches and posts with the outbound client. Must not decide sampling (the request path
-//! records only sampled traces, `proxy::trace` decides) nor ever make a request wait: a full
-//! queue drops the span and counts it.
+//! records only sampled traces, `proxy::observe::trace` decides) nor ever make a request wait:
+//! a full queue drops the span and counts it.
 
 mod encode;
 mod export;

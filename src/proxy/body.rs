@@ -3,6 +3,10 @@
 //! small local answer. Only `buffer_small` reads a body whole, and only under a small cap; the
 //! AuthService's `include_body` reads the start of one ahead (`ReqBody::read_ahead` sends it
 //! first, then streams the rest).
+//!
+//! A leaf: knows no other part of the proxy. Bodies other layers define (the pooled HTTP/1.1
+//! body that returns its connection, the access-logged body) travel as [`RespBody::Dyn`], so this
+//! enum does not list every kind of body.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,22 +16,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::pool::PooledBody;
-
 /// What the client receives: an upstream's body, streamed, or a small local one.
 pub enum RespBody {
-    /// From a pooled HTTP/1.1 upstream connection.
-    Pooled(PooledBody),
     /// From an HTTP/2 upstream.
     Streamed(Incoming),
     Local(Option<Bytes>),
     /// A body with something to release when it is dropped (circuit-breaker slots).
     Held(Box<RespBody>, Box<dyn std::any::Any + Send + Sync>),
-    /// Any of the above, counted for the access log.
-    Counted(Box<super::accesslog::Counted>),
     /// An upstream body under the route timeout and the idle limit between chunks.
     Limited(Box<Deadline>),
+    /// A body another layer defines: a pooled HTTP/1.1 upstream body (its connection goes back
+    /// to the pool when it ends), or any of the above counted for the access log.
+    Dyn(DynBody),
 }
+
+/// A body of a kind this module does not know.
+pub type DynBody = Box<dyn Body<Data = Bytes, Error = BoxError> + Send + Sync + Unpin>;
 
 /// Errors a response body can end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -145,33 +149,30 @@ impl Body for RespBody {
             r.map(|o| o.map(|f| f.map_err(BoxError::from)))
         };
         match self.get_mut() {
-            RespBody::Pooled(b) => boxed(Pin::new(b).poll_frame(cx)),
             RespBody::Streamed(b) => boxed(Pin::new(b).poll_frame(cx)),
             RespBody::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
             RespBody::Held(b, _) => Pin::new(&mut **b).poll_frame(cx),
-            RespBody::Counted(b) => Pin::new(&mut **b).poll_frame(cx),
+            RespBody::Dyn(b) => Pin::new(&mut **b).poll_frame(cx),
             RespBody::Limited(b) => Pin::new(&mut **b).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RespBody::Pooled(b) => b.is_end_stream(),
             RespBody::Streamed(b) => b.is_end_stream(),
             RespBody::Local(b) => b.is_none(),
             RespBody::Held(b, _) => b.is_end_stream(),
-            RespBody::Counted(b) => b.is_end_stream(),
+            RespBody::Dyn(b) => b.is_end_stream(),
             RespBody::Limited(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RespBody::Pooled(b) => b.size_hint(),
             RespBody::Streamed(b) => b.size_hint(),
             RespBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
             RespBody::Held(b, _) => b.size_hint(),
-            RespBody::Counted(b) => b.size_hint(),
+            RespBody::Dyn(b) => b.size_hint(),
             RespBody::Limited(b) => b.size_hint(),
         }
     }

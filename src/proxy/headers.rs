@@ -1,12 +1,22 @@
 //! Header handling shared by both directions: hop-by-hop stripping, forwarding headers, request
 //! ids, the configured add/remove lists, and the per-thread RNG used for weights and ids.
+//!
+//! A leaf every layer may use: imports nothing else of the proxy.
 
 use std::cell::Cell;
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use super::HeaderOp;
+/// A header to add, parsed once.
+#[derive(Debug, Clone)]
+pub(crate) struct HeaderOp {
+    pub name: HeaderName,
+    pub value: HeaderValue,
+    pub append: bool,
+    /// The value holds `%VARIABLE%`s substituted per request (see [`substitute`]).
+    pub template: bool,
+}
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");

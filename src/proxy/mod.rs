@@ -4,48 +4,56 @@
 //! Owns: the one pointer to the current [`Snapshot`] (graph + what the request path derives from
 //! it: parsed upstream authorities, header values, TLS certificates), the HTTP server (hyper 1,
 //! HTTP/1.1 and h2/h2c), the pooled upstream clients, limits, and the mapping of every failure to
-//! a response (`error`). Must not parse or compile configuration (that is `config`) nor match
+//! a response (`respond`). Must not parse or compile configuration (that is `config`) nor match
 //! routes itself (that is `routes`): it asks the graph and does what the route says. A request
 //! reads the snapshot once at its start and finishes on it, so a swap never disturbs it.
+//!
+//! This file holds the [`Proxy`] type, its construction, swaps and public API; the layers are:
+//! - `listen`: listeners, accept with the connection limit, TLS handshake, hyper's server, idle
+//!   timeout (`impl Proxy { start }`);
+//! - `request`: the per-request path as named phases over one `RequestCtx`
+//!   (`impl Proxy { handle }`), and the snapshot each request reads;
+//! - `upstream`: endpoints, balancing, health, pools, the one dialer, breakers, retries;
+//! - leaves every layer may use: `respond` (failures to responses), `body`, `headers`, `conn`
+//!   (downstream connection facts), `tunnel` (upgraded connections), `observe` (metrics,
+//!   access log, trace context);
+//! - `prepare`: builds a snapshot from a graph on each swap.
 
-pub mod accesslog;
-mod balance;
+// Layers, in the order a request meets them; arrows point down only (checked by
+// `scripts/check-module-cycles.py`):
+//   listen -> request -> upstream;   conn, tunnel, body, headers, respond, observe: leaves.
+mod listen;
+mod request;
+mod upstream;
+
 mod body;
-mod breaker;
-mod client;
-mod cors;
-pub mod echo;
-mod error;
-pub mod fds;
-mod handle;
-mod head;
+mod conn;
 mod headers;
-mod health;
-mod module;
 mod observe;
-mod pool;
-mod retry;
-mod server;
-mod shadow;
-mod spans;
-pub mod trace;
+mod prepare;
+mod respond;
+mod tunnel;
+
+pub mod echo;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::header::{HeaderName, HeaderValue};
-use http::uri::{Authority, Scheme as UriScheme};
+use http::header::HeaderValue;
 
-use crate::routes::{Action, Graph, Scheme};
+use crate::routes::Graph;
 use crate::tls::{CertSource, CertTable, SecretStore};
+use request::snapshot::Snapshot;
 
-pub use client::{Lookup, SystemLookup};
-pub use error::{ProxyError, SetupError};
-pub use head::valid_authority;
-pub use server::{Listeners, Running};
-pub use shadow::ShadowStats;
+pub use listen::fds;
+pub use listen::{Listeners, Running};
+pub use observe::{accesslog, trace};
+pub use request::head::valid_authority;
+pub use request::shadow::ShadowStats;
+pub use respond::{ProxyError, SetupError};
+pub use upstream::connect::{Lookup, SystemLookup};
 
 /// Limits applied to every downstream connection and request.
 #[derive(Debug, Clone)]
@@ -131,7 +139,7 @@ impl Default for Settings {
             default_cert: None,
             upstream_ca: None,
             dns_ttl: Duration::from_secs(30),
-            lookup: Arc::new(client::SystemLookup),
+            lookup: Arc::new(upstream::connect::SystemLookup),
             access_log: None,
             trace_sample_ratio: None,
             otlp: None,
@@ -156,115 +164,12 @@ impl crate::reconcile::UpstreamHealth for Proxy {
     }
 }
 
-/// Everything a request reads, built once per graph (or per certificate change).
-pub(crate) struct Snapshot {
-    pub graph: Arc<Graph>,
-    /// Indexed by `RouteId`; `None` for redirects.
-    pub routes: Vec<Option<Prepared>>,
-    pub certs: CertTable,
-    /// `x-legate-revision` value and the access log's `revision`: the revision id the
-    /// reconciler shows (commit id, or content id), or the graph hash for a bare swap.
-    pub revision: HeaderValue,
-    /// Where each answered request is counted for the revision's verification window.
-    pub evidence: Arc<crate::reconcile::Evidence>,
-    /// Request counters per route, indexed by `RouteId` (resolved here, not per request).
-    pub stats: Vec<Arc<crate::metrics::RouteStats>>,
-    /// Share of new traces marked sampled (the flag, else the TracingService, else a default).
-    pub sample_ratio: f64,
-}
-
-/// A header to add, parsed once.
-#[derive(Debug, Clone)]
-pub(crate) struct HeaderOp {
-    pub name: HeaderName,
-    pub value: HeaderValue,
-    pub append: bool,
-    /// The value holds `%VARIABLE%`s substituted per request (see `headers::substitute`).
-    pub template: bool,
-}
-
-/// A `Forward` route with its header names, values and upstream address pre-parsed.
-pub(crate) struct Prepared {
-    pub scheme: UriScheme,
-    pub authority: Authority,
-    pub upstream: UpstreamClient,
-    pub http2: bool,
-    /// Host header sent upstream (`host_rewrite`, or the upstream with `auto_host_rewrite`).
-    pub host_header: Option<HeaderValue>,
-    pub add_request: Vec<HeaderOp>,
-    pub remove_request: Vec<HeaderName>,
-    pub add_response: Vec<HeaderOp>,
-    pub remove_response: Vec<HeaderName>,
-    /// Route timeout over the whole response (Envoy's route timeout); `None`: `timeout_ms: 0`.
-    pub timeout: Option<Duration>,
-    /// Upgrade protocols allowed (lowercase), e.g. `websocket`.
-    pub allow_upgrade: Vec<String>,
-    /// How long an upgraded tunnel may pass no bytes either way, and a response body may send
-    /// no data, before it is closed (the Mapping's `idle_timeout_ms`).
-    pub tunnel_idle: Duration,
-    /// `namespace/name`, for `x-legate-route`.
-    pub label: HeaderValue,
-    pub retry: Option<crate::routes::RetryPolicy>,
-    pub breaker: Arc<breaker::Breaker>,
-    /// The route's share of the edge-policy state (JWKS keys, token buckets, Redis).
-    pub guard: crate::guard::RouteState,
-    /// The route label's counters, for retries and circuit-breaker refusals.
-    pub stats: Arc<crate::metrics::RouteStats>,
-    pub cors: Option<Arc<cors::Policy>>,
-    /// Picks the upstream address per request (`load_balancer`, outlier detection, health
-    /// checks), for HTTP/1.1 upstreams.
-    pub balancer: Option<Arc<balance::Balancer>>,
-    /// The pool and balancer health checks of this upstream dial through, when it has checks.
-    pub checked: Option<(Arc<pool::HostPool>, Arc<balance::Balancer>)>,
-}
-
-/// Idle limit of an upgraded tunnel whose Mapping sets no `idle_timeout_ms` (Envoy's default
-/// `stream_idle_timeout`).
-const DEFAULT_TUNNEL_IDLE: Duration = Duration::from_secs(300);
-
-/// `load_balancer` of a route that has outlier detection or health checks but no policy.
-const DEFAULT_LB: crate::routes::LoadBalancer = crate::routes::LoadBalancer {
-    policy: crate::routes::LbPolicy::RoundRobin,
-    key: None,
-};
-
-/// The health-check supervisor of one upstream health state, and the Mappings using it.
-struct Checker {
-    health: Arc<health::Health>,
-    mappings: Vec<String>,
-    pool: Arc<pool::HostPool>,
-    balancer: Arc<balance::Balancer>,
-    task: Option<tokio::task::AbortHandle>,
-    /// The previous graph did not run these checks.
-    new: bool,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let cur = self.checkers.get_mut().unwrap_or_else(|e| e.into_inner());
-        for c in cur.iter() {
-            if let Some(t) = &c.task {
-                t.abort();
-            }
-        }
-    }
-}
-
-/// How a route reaches its upstream.
-#[derive(Clone)]
-pub(crate) enum UpstreamClient {
-    /// HTTP/1.1: Legate's own pool for this upstream.
-    H1(Arc<pool::HostPool>),
-    /// HTTP/2 (`grpc`): hyper-util's client, one multiplexed connection.
-    H2(Box<client::Client>),
-}
-
 /// The gateway's request path and its current snapshot. Cheap to share: `Arc<Proxy>`.
 pub struct Proxy {
     shared: Arc<ArcSwap<Snapshot>>,
     settings: Settings,
     secrets: SecretStore,
-    clients: client::Clients,
+    clients: upstream::Clients,
     /// Serializes snapshot builds (swap and certificate refresh); readers never take it.
     writer: Mutex<()>,
     builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
@@ -276,16 +181,16 @@ pub struct Proxy {
     local: std::sync::OnceLock<(String, Arc<dyn LocalService>)>,
     /// The ACME manager whose HTTP-01 tokens this listener answers, set once at startup.
     acme: std::sync::OnceLock<Arc<crate::tls::acme::Acme>>,
-    breakers: breaker::Breakers,
+    breakers: upstream::breaker::Breakers,
     /// JWKS key sets, token buckets and Redis clients of the routes' edge policies.
     guards: crate::guard::Registry,
-    health: health::Registry,
+    health: upstream::health::Registry,
     /// The health-check supervisors of the live graph's upstreams, by health state.
-    checkers: Mutex<Vec<Checker>>,
-    shadows: shadow::Shadows,
+    checkers: upstream::checks::Checkers,
+    shadows: request::shadow::Shadows,
     metrics: Arc<crate::metrics::Metrics>,
-    /// The access log with the metrics, when the log is on.
-    logger: Option<Arc<accesslog::Logger>>,
+    /// Where answered requests are counted and logged.
+    observer: observe::Observer,
 }
 
 /// An in-process handler for a reserved path prefix on the proxy listeners.
@@ -307,15 +212,17 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// A proxy serving an empty graph until [`Proxy::swap`] is called.
     pub fn new(settings: Settings) -> Result<Arc<Proxy>, SetupError> {
-        let resolver = client::Resolver::new(settings.lookup.clone(), settings.dns_ttl);
-        let clients = client::Clients::new(settings.upstream_ca.as_deref(), resolver)?;
+        let resolver = upstream::connect::Resolver::new(settings.lookup.clone(), settings.dns_ttl);
+        let clients = upstream::Clients::new(settings.upstream_ca.as_deref(), resolver)?;
         // JWKS fetches trust `--upstream-ca` as the upstreams do.
         let guards = crate::guard::Registry::new(crate::outbound::Outbound::new(
             settings.upstream_ca.as_deref(),
             true,
         )?);
         let secrets = SecretStore::new(settings.secrets_dir.clone());
-        let builder = server::http_builder(&settings.limits);
+        let builder = listen::http_builder(&settings.limits);
+        let settings_metrics = settings.metrics;
+        let otlp_exporter = settings.otlp.clone();
         let metrics = crate::metrics::Metrics::new();
         if let Some(x) = &settings.otlp {
             metrics.attach_otlp(x.counts());
@@ -345,13 +252,18 @@ impl Proxy {
             gateway_errors: std::sync::atomic::AtomicU64::new(0),
             local: std::sync::OnceLock::new(),
             acme: std::sync::OnceLock::new(),
-            breakers: breaker::Breakers::default(),
+            breakers: upstream::breaker::Breakers::default(),
             guards,
-            health: health::Registry::default(),
-            checkers: Mutex::new(Vec::new()),
-            shadows: shadow::Shadows::new(metrics.clone()),
+            health: upstream::health::Registry::default(),
+            checkers: upstream::checks::Checkers::default(),
+            shadows: request::shadow::Shadows::new(metrics.clone()),
+            observer: observe::Observer {
+                metrics: metrics.clone(),
+                logger,
+                count: settings_metrics,
+                otlp: otlp_exporter,
+            },
             metrics,
-            logger,
         };
         Ok(Arc::new(proxy))
     }
@@ -375,7 +287,16 @@ impl Proxy {
         let mut snap = self.build(graph);
         snap.revision = HeaderValue::from_str(revision).unwrap_or(HeaderValue::from_static(""));
         snap.evidence = evidence;
-        self.run_checkers(&snap);
+        self.checkers.run(
+            snap.graph
+                .routes
+                .iter()
+                .zip(&snap.routes)
+                .filter_map(|(r, p)| {
+                    let name = format!("Mapping {}/{}", r.namespace, r.name);
+                    Some((name, p.as_ref()?.target.checked.as_ref()?))
+                }),
+        );
         self.shared.store(Arc::new(snap));
         // Local rate-limit buckets and JWKS keys outlive a revision that leaves them as they
         // were (the new graph was prepared while the old one still held them); the rest go.
@@ -385,80 +306,31 @@ impl Proxy {
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// Start the health checkers `snap` needs and stop those no route of it uses any more.
-    fn run_checkers(&self, snap: &Snapshot) {
-        let mut want: Vec<Checker> = Vec::new();
-        for (route, prep) in snap.graph.routes.iter().zip(&snap.routes) {
-            let Some(b) = prep.as_ref().and_then(|p| p.checked.as_ref()) else {
-                continue;
-            };
-            let Some(h) = &b.1.health else { continue };
-            let name = format!("Mapping {}/{}", route.namespace, route.name);
-            match want.iter_mut().find(|c| Arc::ptr_eq(&c.health, h)) {
-                Some(c) => c.mappings.push(name),
-                None => want.push(Checker {
-                    health: h.clone(),
-                    mappings: vec![name],
-                    pool: b.0.clone(),
-                    balancer: b.1.clone(),
-                    task: None,
-                    new: true,
-                }),
-            }
-        }
-        let mut cur = self.checkers.lock().unwrap_or_else(|e| e.into_inner());
-        for c in want.iter_mut() {
-            if let Some(i) = cur.iter().position(|o| Arc::ptr_eq(&o.health, &c.health)) {
-                c.task = cur.swap_remove(i).task.take();
-                c.new = false;
-            }
-            if c.task.is_none() {
-                // No runtime (e.g. a synchronous test): nothing can run the checks.
-                if tokio::runtime::Handle::try_current().is_ok() {
-                    c.task = Some(c.health.spawn_checkers(c.pool.clone(), c.balancer.clone()));
-                }
-            }
-        }
-        // What is left belongs to upstreams the new graph does not check: stop it.
-        for old in cur.drain(..) {
-            if let Some(t) = &old.task {
-                t.abort();
-            }
-        }
-        *cur = want;
+    /// Why upstreams the live graph checks and the previous one did not (a new upstream, or
+    /// new checks) are down: every address fails its health checks.
+    pub fn unhealthy_upstreams(&self) -> Vec<String> {
+        self.checkers.unhealthy()
     }
 
-    /// Why upstreams the live graph checks and the previous one did not (a new upstream, or
-    /// new checks) are down: every address fails its health checks. Checks the previous graph
-    /// already ran are left out: the new revision did not change them, so their failure must
-    /// not block it (e.g. a fix elsewhere while that upstream is down).
-    pub fn unhealthy_upstreams(&self) -> Vec<String> {
-        let cur = self.checkers.lock().unwrap_or_else(|e| e.into_inner());
-        cur.iter()
-            .filter(|c| c.new)
-            .filter_map(|c| {
-                c.health.all_down().map(|why| {
-                    format!(
-                        "{}: upstream {} is unhealthy: {why}",
-                        c.mappings.join(", "),
-                        c.health.label
-                    )
-                })
-            })
-            .collect()
+    /// Health-check supervisors running now (tests: none leak across swaps).
+    pub fn health_checkers(&self) -> usize {
+        self.checkers.running()
+    }
+
+    /// Shadow copies made and dropped so far.
+    pub fn shadow_stats(&self) -> ShadowStats {
+        let (sent, dropped) = self.metrics.shadow_counts();
+        ShadowStats { sent, dropped }
+    }
+
+    /// Shadow copies in flight now.
+    pub fn shadow_in_flight(&self) -> usize {
+        self.shadows.in_flight()
     }
 
     /// Upstream connection pools held now (tests: none leak across swaps).
     pub fn upstream_pools(&self) -> usize {
         self.clients.pool_count()
-    }
-
-    /// Health-check supervisors running now (tests: none leak across swaps).
-    pub fn health_checkers(&self) -> usize {
-        let cur = self.checkers.lock().unwrap_or_else(|e| e.into_inner());
-        cur.iter()
-            .filter(|c| c.task.as_ref().is_some_and(|t| !t.is_finished()))
-            .count()
     }
 
     /// Serve requests whose path starts with `prefix` (e.g. `/.legate/hooks/`) with `svc`
@@ -518,8 +390,8 @@ impl Proxy {
             certs,
             revision: cur.revision.clone(),
             evidence: cur.evidence.clone(),
-            sample_ratio: cur.sample_ratio,
             stats: cur.stats.clone(),
+            sample_ratio: cur.sample_ratio,
         };
         self.shared.store(Arc::new(snap));
         tracing::info!("reloaded TLS certificates after a change under the secrets directory");
@@ -554,219 +426,9 @@ impl Proxy {
         snap.certs.config_for(&snap.graph, sni)
     }
 
-    /// The TLS connectors of a Mapping's `tls: NAME`. A Secret that cannot be read gives
-    /// connectors that trust nothing, so the route answers 503 instead of connecting with
-    /// less than the TLSContext asks for (preflight reports the Secret first).
-    fn origin(&self, spec: &crate::routes::OriginTls) -> client::Origin {
-        let make = |alpn: &[u8]| {
-            crate::tls::context::origin_config(spec, &self.secrets, self.settings.upstream_ca.as_deref(), alpn)
-                .unwrap_or_else(|e| {
-                    tracing::error!(context = %spec.context, error = %e, "TLSContext for origination unusable; its routes fail");
-                    crate::tls::context::refusing_client_config()
-                })
-        };
-        client::Origin {
-            spec: spec.clone(),
-            h1: tokio_rustls::TlsConnector::from(Arc::new(make(b"http/1.1"))),
-            h2: tokio_rustls::TlsConnector::from(Arc::new(make(b"h2"))),
-        }
-    }
-
     /// The certificate source for the TLS listener's resolver.
     pub fn cert_source(&self) -> Arc<dyn CertSource> {
         Arc::new(SnapshotCerts(self.shared.clone()))
-    }
-
-    fn build(&self, graph: Arc<Graph>) -> Snapshot {
-        let mut routes = Vec::with_capacity(graph.routes.len());
-        for route in &graph.routes {
-            let prepared = match &route.action {
-                Action::Forward(f) => Some(self.prepare(route, f)),
-                Action::Redirect(_) => None,
-            };
-            routes.push(prepared);
-        }
-        let certs = CertTable::build(&graph, &self.secrets, self.settings.default_cert.as_deref());
-        self.metrics.set_certificates(certs.states(&graph));
-        Snapshot {
-            sample_ratio: self.sample_ratio(&graph),
-            revision: HeaderValue::from_static(""),
-            evidence: Arc::default(),
-            stats: graph
-                .routes
-                .iter()
-                .map(|r| self.metrics.route(&r.stats_name))
-                .collect(),
-            routes,
-            certs,
-            graph,
-        }
-    }
-
-    /// Where spans go under `graph` (the flag's target wins), and the sampling ratio of its new
-    /// traces.
-    fn sample_ratio(&self, graph: &Graph) -> f64 {
-        let tracing = graph.settings.tracing.as_ref();
-        if let Some(x) = &self.settings.otlp {
-            x.configure(tracing.map(|t| crate::otlp::Target {
-                url: t.collector.clone(),
-                service_name: t.service_name.clone(),
-            }));
-        }
-        let exporting = self.settings.otlp.as_ref().is_some_and(|x| x.enabled());
-        self.settings
-            .trace_sample_ratio
-            .or(tracing.and_then(|t| t.sampling))
-            .unwrap_or(if exporting { 1.0 } else { 0.0 })
-    }
-
-    fn prepare(&self, route: &crate::routes::Route, f: &crate::routes::Forward) -> Prepared {
-        let authority_str = f.upstream.authority();
-        // A compiled Upstream is always a valid authority; the fallback is unreachable in practice.
-        let authority = Authority::try_from(authority_str.as_str())
-            .unwrap_or_else(|_| Authority::from_static("invalid.invalid"));
-        let host_header = if let Some(h) = &f.host_rewrite {
-            HeaderValue::from_str(h).ok()
-        } else if f.auto_host_rewrite {
-            HeaderValue::from_str(&authority_str).ok()
-        } else {
-            None
-        };
-        let ops = |list: &[crate::routes::AddHeader]| -> Vec<HeaderOp> {
-            list.iter()
-                .filter_map(|h| {
-                    let parsed = HeaderName::from_bytes(h.name.as_bytes())
-                        .ok()
-                        .zip(HeaderValue::from_str(&h.value).ok());
-                    if parsed.is_none() {
-                        tracing::warn!(route = %route.name, header = %h.name, "skipping an invalid header");
-                    }
-                    parsed.map(|(name, value)| HeaderOp {
-                        name,
-                        template: h.value.matches('%').count() >= 2,
-                        value,
-                        append: h.append,
-                    })
-                })
-                .collect()
-        };
-        let names = |list: &[String]| -> Vec<HeaderName> {
-            list.iter()
-                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
-                .collect()
-        };
-        let pool_idle = f.cluster_idle_timeout.or(f.idle_timeout);
-        let origin = f.origin_tls.as_ref().map(|o| self.origin(o));
-        let origin = origin.as_ref();
-        let upstream = if f.http2 {
-            UpstreamClient::H2(Box::new(self.clients.get(
-                true,
-                f.connect_timeout,
-                pool_idle,
-                origin,
-                Some(&f.upstream),
-            )))
-        } else {
-            UpstreamClient::H1(
-                self.clients
-                    .pool(&f.upstream, f.connect_timeout, pool_idle, origin),
-            )
-        };
-        let wants_health = f.outlier.is_some() || !f.health_checks.is_empty();
-        let health = wants_health.then(|| {
-            self.health.get(
-                format!("{}|{:?}|{:?}", f.upstream, f.outlier, f.health_checks),
-                &authority_str,
-                f.outlier.as_ref(),
-                &f.health_checks,
-                &self.metrics,
-            )
-        });
-        let make_balancer = || {
-            Arc::new(balance::Balancer::new(
-                f.load_balancer.as_ref().unwrap_or(&DEFAULT_LB),
-                self.clients.resolver().clone(),
-                authority.host(),
-                health.clone(),
-            ))
-        };
-        let balancer = match &upstream {
-            UpstreamClient::H1(_) if f.load_balancer.is_some() || wants_health => {
-                Some(make_balancer())
-            }
-            _ => None,
-        };
-        // Health checks run for gRPC upstreams too (verification, metrics), through an
-        // HTTP/1.1 pool of the same upstream used only to dial the probes.
-        let checked = match (&health, &upstream, &balancer) {
-            (Some(h), _, _) if h.checks.is_empty() => None,
-            (None, _, _) => None,
-            (Some(_), UpstreamClient::H1(pool), Some(b)) => Some((pool.clone(), b.clone())),
-            (Some(_), _, _) => Some((
-                self.clients
-                    .pool(&f.upstream, f.connect_timeout, pool_idle, origin),
-                make_balancer(),
-            )),
-        };
-        Prepared {
-            balancer,
-            checked,
-            scheme: match f.upstream.scheme {
-                Scheme::Http | Scheme::H2c => UriScheme::HTTP,
-                Scheme::Https => UriScheme::HTTPS,
-            },
-            authority,
-            upstream,
-            http2: f.http2,
-            host_header,
-            add_request: ops(&f.add_request_headers),
-            remove_request: names(&f.remove_request_headers),
-            add_response: ops(&f.add_response_headers),
-            remove_response: names(&f.remove_response_headers),
-            // `timeout_ms: 0` turns the route timeout off, as in Envoy.
-            timeout: f.timeout,
-            allow_upgrade: f.allow_upgrade.clone(),
-            // The Mapping's `idle_timeout_ms` (Emissary: the route's stream idle timeout), else
-            // Envoy's default stream idle timeout.
-            tunnel_idle: f.idle_timeout.unwrap_or(DEFAULT_TUNNEL_IDLE),
-            label: HeaderValue::from_str(&format!("{}/{}", route.namespace, route.name))
-                .unwrap_or(HeaderValue::from_static("-")),
-            retry: f.retry.clone(),
-            stats: self.metrics.route(&route.stats_name),
-            cors: f.cors.clone().map(|c| Arc::new(cors::Policy::new(c))),
-            breaker: self.breakers.get(
-                format!("{:?}://{authority_str}/{}", f.upstream.scheme, f.http2),
-                f.breaker,
-            ),
-            guard: self.guards.route(f),
-        }
-    }
-}
-
-impl Clone for Prepared {
-    fn clone(&self) -> Self {
-        Prepared {
-            scheme: self.scheme.clone(),
-            authority: self.authority.clone(),
-            upstream: self.upstream.clone(),
-            http2: self.http2,
-            host_header: self.host_header.clone(),
-            add_request: self.add_request.clone(),
-            remove_request: self.remove_request.clone(),
-            add_response: self.add_response.clone(),
-            remove_response: self.remove_response.clone(),
-            timeout: self.timeout,
-            allow_upgrade: self.allow_upgrade.clone(),
-            tunnel_idle: self.tunnel_idle,
-            label: self.label.clone(),
-            retry: self.retry.clone(),
-            breaker: self.breaker.clone(),
-            stats: self.stats.clone(),
-            cors: self.cors.clone(),
-            balancer: self.balancer.clone(),
-            checked: self.checked.clone(),
-            guard: self.guard.clone(),
-        }
     }
 }
 

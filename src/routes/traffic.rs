@@ -1,5 +1,6 @@
 //! Traffic policy of a forwarding route: when to retry and how much concurrent work its upstream
-//! may take. Plain validated values; the proxy (`proxy::retry`, `proxy::breaker`) acts on them.
+//! may take. Plain validated values; the proxy (`proxy::upstream::retry`,
+//! `proxy::upstream::breaker`) acts on them.
 
 use std::time::Duration;
 

@@ -17,12 +17,12 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::body::{Deadline, ReqBody, RespBody};
-use super::error::ProxyError;
 use super::health::Outcome;
-use super::observe::Attempts;
-use super::{Prepared, UpstreamClient};
+use super::{Target, UpstreamClient};
 use crate::metrics::{BreakerLimit, RetryReason};
+use crate::proxy::body::{Deadline, ReqBody, RespBody};
+use crate::proxy::observe::Attempts;
+use crate::proxy::respond::ProxyError;
 use crate::routes::RetryOn;
 
 /// Largest request body read whole so a retry or a shadow copy can send it again.
@@ -34,7 +34,7 @@ const RETRIABLE_CODES: &str = "x-envoy-retriable-status-codes";
 
 /// The request body to send: read whole when `replayable` is wanted and the declared length is
 /// at most [`REPLAY_CAP`], else streamed as it arrives.
-pub(super) async fn request_body(
+pub(crate) async fn request_body(
     body: Incoming,
     replayable: bool,
     limit: Option<u64>,
@@ -57,8 +57,8 @@ pub(super) async fn request_body(
 /// Admission by the circuit breaker, then the attempts; the breaker's slots stay taken until
 /// the response body is dropped. `seen` receives the retries made and the last attempt's
 /// upstream address, whatever the outcome.
-pub(super) async fn send_upstream(
-    prep: &Prepared,
+pub(crate) async fn send_upstream(
+    prep: &Target,
     parts: Parts,
     body: ReqBody,
     pq: PathAndQuery,
@@ -71,7 +71,7 @@ pub(super) async fn send_upstream(
     // The route timeout covers the whole response, up to its last byte (Envoy's route
     // timeout), except after a 101: a tunnel has its own idle limit.
     let deadline = prep.timeout.map(|t| tokio::time::Instant::now() + t);
-    let grpc = super::headers::is_grpc(&parts.headers);
+    let grpc = crate::proxy::headers::is_grpc(&parts.headers);
     let sent = attempts(prep, parts, body, pq, seen);
     let (resp, conn) = match deadline {
         Some(at) => match tokio::time::timeout_at(at, sent).await {
@@ -98,7 +98,7 @@ pub(super) async fn send_upstream(
 }
 
 async fn attempts(
-    prep: &Prepared,
+    prep: &Target,
     parts: Parts,
     body: ReqBody,
     pq: PathAndQuery,
@@ -164,7 +164,7 @@ async fn attempts(
         };
         if let (Some(t), Some((begun, method))) = (seen.trace.as_mut(), span) {
             let outcome = result.as_ref().map(|r| r.status().as_u16());
-            let s = begun.finish(&t.ctx, &method, prep, seen.peer, tries, outcome);
+            let s = begun.finish(&t.ctx, &method, &prep.authority, seen.peer, tries, outcome);
             t.spans.push(s);
         }
         if let (Some(p), Some(next)) = (policy, spare) {
@@ -195,8 +195,8 @@ async fn attempts(
 
 /// One exchange with the upstream of `prep`; `peer` receives the address it went to (when the
 /// connection gets that far).
-pub(super) async fn send_once(
-    prep: &Prepared,
+pub(crate) async fn send_once(
+    prep: &Target,
     mut parts: Parts,
     body: ReqBody,
     pq: PathAndQuery,
@@ -232,7 +232,7 @@ pub(super) async fn send_once(
                 // The pool waits for a connection slot as a pending request (max_pending_requests).
                 prep.stats.upstream.refused(BreakerLimit::Pending);
             }
-            let resp = sent?.map(RespBody::Pooled);
+            let resp = sent?.map(|b| RespBody::Dyn(Box::new(b)));
             Ok(match busy {
                 None => resp,
                 Some(g) => resp.map(|b| RespBody::Held(Box::new(b), Box::new(g))),
@@ -268,7 +268,7 @@ pub(super) async fn send_once(
 }
 
 /// Method, target, version and headers of a request (extensions are not copied).
-pub(super) fn clone_head(p: &Parts) -> Parts {
+pub(crate) fn clone_head(p: &Parts) -> Parts {
     let mut r = Request::new(());
     *r.method_mut() = p.method.clone();
     *r.uri_mut() = p.uri.clone();
@@ -330,7 +330,7 @@ fn backoff(tries: u32) -> Duration {
         .saturating_mul(1u32 << tries.min(16))
         .min(BACKOFF_MAX);
     let micros = cap.as_micros() as u64;
-    Duration::from_micros(super::headers::rand_u64() % (micros + 1))
+    Duration::from_micros(crate::proxy::headers::rand_u64() % (micros + 1))
 }
 
 #[cfg(test)]
@@ -353,7 +353,7 @@ mod tests {
     #[test]
     fn retry_classes() {
         let status = |s: u16| {
-            let mut r = Response::new(super::super::body::full(Bytes::new()));
+            let mut r = Response::new(crate::proxy::body::full(Bytes::new()));
             *r.status_mut() = http::StatusCode::from_u16(s).unwrap();
             Ok(r)
         };

@@ -19,11 +19,10 @@ use http::{HeaderValue, Method};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::mpsc;
 
-use super::body::RespBody;
-use super::observe::Attempts;
 use super::trace::TraceId;
-use super::Snapshot;
+use super::{Attempts, View};
 use crate::metrics::Metrics;
+use crate::proxy::body::RespBody;
 
 /// Lines buffered between requests and the writer.
 const CAPACITY: usize = 8192;
@@ -107,16 +106,16 @@ pub struct Line {
     pub trace_id: Option<TraceId>,
     pub route: Option<usize>,
     pub(crate) attempts: Attempts,
-    snap: Arc<Snapshot>,
+    snap: Arc<dyn View>,
     status: u16,
     bytes: u64,
 }
 
 impl Line {
     /// Capture the request head before the request is consumed (`started`: when it arrived).
-    pub(crate) fn start<B>(
+    pub(crate) fn start<B, V: View>(
         req: &http::Request<B>,
-        snap: &Arc<Snapshot>,
+        snap: &Arc<V>,
         started: Instant,
         client: SocketAddr,
     ) -> Line {
@@ -127,7 +126,7 @@ impl Line {
         };
         let path = req.uri().path().as_bytes();
         let client_id = h
-            .get(&super::headers::X_REQUEST_ID)
+            .get(&crate::proxy::headers::X_REQUEST_ID)
             .map(HeaderValue::as_bytes);
         let user_agent = h.get(http::header::USER_AGENT).map(HeaderValue::as_bytes);
         let mut text = Vec::with_capacity(
@@ -153,10 +152,10 @@ impl Line {
             failure: None,
             request_id: None,
             // A request that is never forwarded keeps the client's trace id, if any.
-            trace_id: super::trace::incoming(req.headers()),
+            trace_id: crate::proxy::observe::trace::incoming(req.headers()),
             route: None,
             attempts: Attempts::default(),
-            snap: snap.clone(),
+            snap: snap.clone() as Arc<dyn View>,
             status: 0,
             bytes: 0,
         }
@@ -182,7 +181,7 @@ impl Line {
         match &self.trace_id {
             Some(id) => {
                 let mut hex = [b'"'; 34];
-                super::trace::hex(id, &mut hex[1..33]);
+                crate::proxy::observe::trace::hex(id, &mut hex[1..33]);
                 out.extend_from_slice(&hex);
             }
             None => out.extend_from_slice(b"null"),
@@ -213,23 +212,23 @@ impl Line {
             b'0' + (frac % 10) as u8,
         ]);
         out.extend_from_slice(b",\"upstream\":");
-        let prep = self.route.and_then(|i| self.snap.routes.get(i)?.as_ref());
-        opt_str(out, prep.map(|p| p.authority.as_str().as_bytes()));
+        let upstream = self.route.and_then(|i| self.snap.upstream(i));
+        opt_str(out, upstream.map(str::as_bytes));
         out.extend_from_slice(b",\"upstream_addr\":");
         addr(out, self.attempts.peer);
         out.extend_from_slice(b",\"route\":");
-        match self.route.and_then(|i| self.snap.graph.routes.get(i)) {
-            Some(r) => {
+        match self.route.and_then(|i| self.snap.route_name(i)) {
+            Some((namespace, name)) => {
                 out.push(b'"');
-                escape_into(out, r.namespace.as_bytes());
+                escape_into(out, namespace.as_bytes());
                 out.push(b'/');
-                escape_into(out, r.name.as_bytes());
+                escape_into(out, name.as_bytes());
                 out.push(b'"');
             }
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"revision\":");
-        opt_str(out, Some(self.snap.revision.as_bytes()));
+        opt_str(out, Some(self.snap.revision().as_bytes()));
         out.extend_from_slice(b",\"retries\":");
         int(out, u64::from(self.attempts.retries));
         out.extend_from_slice(b",\"error\":");
@@ -431,7 +430,7 @@ impl Drop for Counted {
 
 impl Body for Counted {
     type Data = Bytes;
-    type Error = super::body::BoxError;
+    type Error = crate::proxy::body::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -530,6 +529,27 @@ pub fn rfc3339(t: SystemTime, out: &mut Vec<u8>) {
 mod tests {
     use super::*;
 
+    /// A revision with no routes.
+    struct Revision(HeaderValue, crate::reconcile::Evidence);
+
+    impl View for Revision {
+        fn revision(&self) -> &HeaderValue {
+            &self.0
+        }
+        fn upstream(&self, _: usize) -> Option<&str> {
+            None
+        }
+        fn route_name(&self, _: usize) -> Option<(&str, &str)> {
+            None
+        }
+        fn stats(&self, _: usize) -> Option<&Arc<crate::metrics::RouteStats>> {
+            None
+        }
+        fn evidence(&self) -> &crate::reconcile::Evidence {
+            &self.1
+        }
+    }
+
     #[test]
     fn formats_utc_times() {
         let f = |t| {
@@ -557,15 +577,10 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(1);
         let log = AccessLog { tx };
         let metrics = Metrics::new();
-        let snap = Arc::new(Snapshot {
-            graph: crate::routes::Graph::empty(),
-            routes: Vec::new(),
-            certs: Default::default(),
-            revision: HeaderValue::from_static("abc"),
-            evidence: Arc::default(),
-            stats: Vec::new(),
-            sample_ratio: 0.0,
-        });
+        let snap = Arc::new(Revision(
+            HeaderValue::from_static("abc"),
+            Default::default(),
+        ));
         let req = http::Request::get("http://h.test/p?q=secret")
             .header("user-agent", "curl/8.5")
             .body(())
@@ -576,7 +591,7 @@ mod tests {
         });
         for _ in 0..3 {
             let body = Counted::new(
-                super::super::body::full(Bytes::from_static(b"hi")),
+                crate::proxy::body::full(Bytes::from_static(b"hi")),
                 Line::start(
                     &req,
                     &snap,

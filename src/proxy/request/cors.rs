@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 
-use super::body::{full, RespBody};
+use crate::proxy::body::{full, RespBody};
 use crate::routes::Cors;
 
 /// A route's CORS policy with its header values built once.

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::error::ProxyError;
 use crate::metrics::BreakerLimit;
+use crate::proxy::respond::ProxyError;
 use crate::routes::BreakerLimits;
 
 /// Envoy's retry budget: retries in flight may reach this share of active requests...

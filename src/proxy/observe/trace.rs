@@ -9,7 +9,7 @@
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
-use super::headers::rand_u64;
+use crate::proxy::headers::rand_u64;
 
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");

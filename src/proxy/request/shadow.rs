@@ -15,10 +15,11 @@ use http::uri::PathAndQuery;
 use http_body_util::BodyExt;
 use tokio::sync::Semaphore;
 
-use super::body::ReqBody;
-use super::spans::AttemptTrace;
-use super::{Prepared, Proxy, Snapshot};
+use super::snapshot::{Prepared, Snapshot};
 use crate::metrics::Metrics;
+use crate::proxy::body::ReqBody;
+use crate::proxy::observe::spans::AttemptTrace;
+use crate::proxy::upstream::{retry, Target};
 use crate::routes::Group;
 
 /// Shadow copies in flight at once, over all routes.
@@ -45,13 +46,18 @@ impl Shadows {
             metrics,
         }
     }
+
+    /// Shadow copies in flight now.
+    pub fn in_flight(&self) -> usize {
+        MAX_IN_FLIGHT - self.slots.available_permits()
+    }
 }
 
 /// The shadow route of `group` if this request is to be copied (its weight is the percentage).
-pub(super) fn pick<'s>(snap: &'s Snapshot, group: &Group) -> Option<&'s Prepared> {
+pub(crate) fn pick<'s>(snap: &'s Snapshot, group: &Group) -> Option<&'s Prepared> {
     let (id, pct) = group.shadow?;
     // Independent of the canary roll, so shadowed requests are not tied to one member.
-    let roll = (((super::headers::rand_u64() >> 32) * 100) >> 32) as u32;
+    let roll = (((crate::proxy::headers::rand_u64() >> 32) * 100) >> 32) as u32;
     if roll >= pct {
         return None;
     }
@@ -61,9 +67,9 @@ pub(super) fn pick<'s>(snap: &'s Snapshot, group: &Group) -> Option<&'s Prepared
 impl Shadows {
     /// Start a copy of the request about to go upstream (`parts` after header edits).
     /// With `trace` (a sampled trace), the copy gets its own client span.
-    pub(super) fn copy(
+    pub(crate) fn copy(
         &self,
-        prep: &Prepared,
+        target: &Target,
         parts: &Parts,
         body: &ReqBody,
         pq: &PathAndQuery,
@@ -78,8 +84,8 @@ impl Shadows {
         let Some((body, slot)) = slot else {
             return;
         };
-        let mut head = super::retry::clone_head(parts);
-        let host = prep
+        let mut head = retry::clone_head(parts);
+        let host = target
             .host_header
             .clone()
             .or_else(|| head.headers.get(header::HOST).cloned());
@@ -94,12 +100,12 @@ impl Shadows {
             let begun = t.begin(&mut head.headers);
             (begun, t.ctx, t.exporter.clone(), head.method.clone())
         });
-        let (prep, pq) = (prep.clone(), pq.clone());
+        let (target, pq) = (target.clone(), pq.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let mut peer = None;
             let exchange = async {
-                let resp = super::retry::send_once(&prep, head, body, pq, &mut peer).await?;
+                let resp = retry::send_once(&target, head, body, pq, &mut peer).await?;
                 let status = resp.status().as_u16();
                 // Read to the end so the connection goes back to the pool; nothing is kept.
                 let mut b = resp.into_body();
@@ -108,38 +114,22 @@ impl Shadows {
                         break;
                     }
                 }
-                Ok::<_, super::error::ProxyError>(status)
+                Ok::<_, crate::proxy::respond::ProxyError>(status)
             };
-            let result = match tokio::time::timeout(
-                prep.timeout.unwrap_or(prep.tunnel_idle),
-                exchange,
-            )
-            .await
-            {
+            let limit = target.timeout.unwrap_or(target.tunnel_idle);
+            let result = match tokio::time::timeout(limit, exchange).await {
                 Ok(r) => r,
-                Err(_) => Err(super::error::ProxyError::Timeout),
+                Err(_) => Err(crate::proxy::respond::ProxyError::Timeout),
             };
             if let Err(e) = &result {
                 tracing::debug!(error = %e, "shadow request failed");
             }
             if let Some((begun, ctx, exporter, method)) = span {
-                let mut s = begun.finish(&ctx, &method, &prep, peer, 0, result.as_ref().copied());
+                let outcome = result.as_ref().copied();
+                let mut s = begun.finish(&ctx, &method, &target.authority, peer, 0, outcome);
                 s.str("legate.shadow", "true");
                 exporter.submit(s);
             }
         });
-    }
-}
-
-impl Proxy {
-    /// Shadow copies made and dropped so far.
-    pub fn shadow_stats(&self) -> ShadowStats {
-        let (sent, dropped) = self.metrics.shadow_counts();
-        ShadowStats { sent, dropped }
-    }
-
-    /// Shadow copies in flight now.
-    pub fn shadow_in_flight(&self) -> usize {
-        MAX_IN_FLIGHT - self.shadows.slots.available_permits()
     }
 }

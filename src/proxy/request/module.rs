@@ -8,9 +8,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
 
-use super::body::{full, RespBody};
-use super::error::ProxyError;
-use super::headers::X_FORWARDED_FOR;
+use crate::proxy::body::{full, RespBody};
+use crate::proxy::headers::X_FORWARDED_FOR;
+use crate::proxy::respond::ProxyError;
 use crate::routes::settings::{has_escaped_slash, DIAG_PREFIX};
 use crate::routes::Settings;
 

@@ -1,8 +1,16 @@
 //! What the request path tells metrics and the access log about one exchange.
 //!
-//! `serve` fills an [`Exchange`] as it learns things (the route, the trace id, the attempts);
-//! `handle` hands it to the counters once the response head is known. Nothing here allocates for
-//! metrics: the route's counters were resolved when the snapshot was built.
+//! The request layer fills an [`Exchange`] as it learns things (the route, the trace id, the
+//! attempts) and hands it to the [`Observer`] once the response head is known. Nothing here
+//! allocates for metrics: the route's counters were resolved when the snapshot was built.
+//!
+//! A leaf below the request layer: it reads the snapshot a request was served on through
+//! [`View`], never the request layer's types. `accesslog` writes the JSON lines; `trace` reads
+//! and writes W3C trace context.
+
+pub mod accesslog;
+pub mod spans;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,14 +18,51 @@ use tokio::time::Instant;
 
 use http::{Request, Response};
 
-use super::accesslog::{Counted, Line};
-use super::body::RespBody;
-use super::error::ProxyError;
-use super::spans::{AttemptTrace, Recording};
-use super::trace::{Context, TraceId};
-use super::{Proxy, Snapshot};
-use crate::metrics::{method_class, Metrics};
-use crate::reconcile::Observed;
+use accesslog::{Counted, Line, Logger};
+use spans::{AttemptTrace, Recording};
+use trace::{Context, TraceId};
+
+use crate::metrics::{method_class, Metrics, RouteStats};
+use crate::proxy::body::RespBody;
+use crate::proxy::respond::ProxyError;
+use crate::reconcile::{Evidence, Observed};
+
+/// What observing reads of the revision a request was served on (the request layer's snapshot).
+pub(crate) trait View: Send + Sync + 'static {
+    /// The `x-legate-revision` value.
+    fn revision(&self) -> &http::HeaderValue;
+    /// The upstream authority of route `route`, when it forwards.
+    fn upstream(&self, route: usize) -> Option<&str>;
+    /// `(namespace, name)` of route `route`.
+    fn route_name(&self, route: usize) -> Option<(&str, &str)>;
+    /// The request counters of route `route`.
+    fn stats(&self, route: usize) -> Option<&Arc<RouteStats>>;
+    /// Where answered requests are counted for the revision's verification window.
+    fn evidence(&self) -> &Evidence;
+    /// The path route `route` matches (its prefix, exact path or regex), for `http.route`.
+    fn route_path(&self, _route: usize) -> Option<&str> {
+        None
+    }
+    /// The revision's TracingService settings.
+    fn tracing(&self) -> Option<&crate::routes::settings::Tracing> {
+        None
+    }
+    /// Share of new traces sampled (none unless the revision says).
+    fn sample_ratio(&self) -> f64 {
+        0.0
+    }
+}
+
+/// Where answered requests go: the per-route metrics and the access log.
+pub(crate) struct Observer {
+    pub metrics: Arc<Metrics>,
+    /// The access log with the metrics, when the log is on.
+    pub logger: Option<Arc<Logger>>,
+    /// Count every request in the per-route metrics (`Settings::metrics`).
+    pub count: bool,
+    /// The span exporter, when spans may be exported (`Settings::otlp`).
+    pub otlp: Option<crate::otlp::Exporter>,
+}
 
 /// Facts about one request, filled in along the request path.
 pub(crate) struct Exchange {
@@ -54,17 +99,17 @@ pub(crate) struct Attempts {
 
 impl Exchange {
     /// Begin observing a request (before it is consumed).
-    pub fn start<B>(
+    pub fn start<B, V: View>(
         req: &Request<B>,
-        snap: &Arc<Snapshot>,
-        settings: &super::Settings,
+        snap: &Arc<V>,
+        observer: &Observer,
         client: SocketAddr,
     ) -> Exchange {
         let start = Instant::now();
-        let log = settings.access_log.is_some();
-        let trace = Context::read(req.headers(), snap.sample_ratio);
+        let log = observer.logger.is_some();
+        let trace = Context::read(req.headers(), snap.sample_ratio());
         let (recording, attempt_trace) =
-            match super::spans::start(req, snap, &trace, settings.otlp.as_ref(), client) {
+            match spans::start(req, &**snap, &trace, observer.otlp.as_ref(), client) {
                 Some((r, a)) => (Some(r), Some(a)),
                 None => (None, None),
             };
@@ -105,25 +150,25 @@ impl Exchange {
     }
 }
 
-impl Proxy {
+impl Observer {
     /// Count the answered request and, with the access log on, wrap the body so the line is
     /// written when the body ends.
-    pub(crate) fn observed(
+    pub(crate) fn finish(
         &self,
-        snap: &Snapshot,
+        snap: &dyn View,
         mut ex: Exchange,
         mut resp: Response<RespBody>,
     ) -> Response<RespBody> {
         if let (Some(rec), Some(attempts)) = (ex.recording.take(), ex.attempts.trace.take()) {
-            super::spans::finish(snap, *rec, *attempts, ex.route, resp.status());
+            spans::finish(snap, *rec, *attempts, ex.route, resp.status());
         }
         if let Some(route) = ex.route {
-            snap.evidence.record(route, ex.evidence(resp.status()));
+            snap.evidence().record(route, ex.evidence(resp.status()));
         }
-        if self.settings.metrics {
+        if self.count {
             let stats = ex
                 .route
-                .and_then(|i| snap.stats.get(i))
+                .and_then(|i| snap.stats(i))
                 .unwrap_or(self.metrics.no_route());
             stats.record(ex.method, resp.status(), ex.start.elapsed());
         }
@@ -135,18 +180,16 @@ impl Proxy {
                 if line.request_id.is_none() && !line.has_client_id() {
                     // Not forwarded (404, a policy's refusal, an early failure): the line still
                     // gets an id, and the client sees it to quote.
-                    let id = super::headers::new_request_id();
+                    let id = crate::proxy::headers::new_request_id();
                     resp.headers_mut()
-                        .insert(super::headers::X_REQUEST_ID.clone(), id.clone());
+                        .insert(crate::proxy::headers::X_REQUEST_ID.clone(), id.clone());
                     line.request_id = Some(id);
                 }
                 if ex.trace_id.is_some() {
                     line.trace_id = ex.trace_id;
                 }
                 let status = resp.status().as_u16();
-                resp.map(|b| {
-                    RespBody::Counted(Box::new(Counted::new(b, line, status, logger.clone())))
-                })
+                resp.map(|b| RespBody::Dyn(Box::new(Counted::new(b, line, status, logger.clone()))))
             }
             _ => resp,
         }
@@ -155,10 +198,8 @@ impl Proxy {
 
 /// Count a failure the gateway answered itself, on the route it was for (`none` before one
 /// matched).
-pub(crate) fn count_error(m: &Metrics, snap: &Snapshot, route: Option<usize>, e: &ProxyError) {
-    let stats = route
-        .and_then(|i| snap.stats.get(i))
-        .unwrap_or(m.no_route());
+pub(crate) fn count_error(m: &Metrics, snap: &dyn View, route: Option<usize>, e: &ProxyError) {
+    let stats = route.and_then(|i| snap.stats(i)).unwrap_or(m.no_route());
     match e {
         ProxyError::Connect(_) => stats.connect_failure(),
         ProxyError::Timeout => stats.timeout(),

@@ -19,7 +19,7 @@
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Version};
 
-use super::error::ProxyError;
+use crate::proxy::respond::ProxyError;
 
 /// The request's authority (`host[:port]`, as the client wrote it), checked.
 pub(crate) fn authority<B>(req: &Request<B>) -> Result<HeaderValue, ProxyError> {

@@ -20,7 +20,8 @@ use http::header;
 use http::request::Parts;
 use hyper_util::client::legacy::connect::dns::Name;
 
-use super::client::Resolver;
+use super::connect::Resolver;
+use super::health::{Addresses, Health};
 use crate::routes::{HashKey, LbPolicy, LoadBalancer};
 
 /// Smallest hash ring, in points over all addresses (Envoy's `minimum_ring_size` is 1024; more
@@ -44,7 +45,7 @@ pub(crate) struct Balancer {
     host: String,
     /// The address of an IP-literal upstream (no lookup).
     literal: Option<IpAddr>,
-    pub health: Option<Arc<super::health::Health>>,
+    pub health: Option<Arc<Health>>,
     next: AtomicUsize,
     busy: Arc<Mutex<HashMap<IpAddr, u32>>>,
     /// The table built for the last address set (ring points, or the maglev table).
@@ -95,7 +96,7 @@ impl Balancer {
         lb: &LoadBalancer,
         resolver: Resolver,
         host: &str,
-        health: Option<Arc<super::health::Health>>,
+        health: Option<Arc<Health>>,
     ) -> Self {
         Balancer {
             lb: lb.clone(),
@@ -137,14 +138,16 @@ impl Balancer {
         if n == 0 {
             return None;
         }
-        let random = || (super::headers::rand_u64() % n as u64) as usize;
+        let random = || (crate::proxy::headers::rand_u64() % n as u64) as usize;
         let i = match self.lb.policy {
             LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed) % n,
             LbPolicy::LeastRequest => {
                 let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
                 // Two distinct addresses: with two, the less busy always wins.
                 let a = random();
-                let b = (a + 1 + (super::headers::rand_u64() % (n as u64 - 1).max(1)) as usize) % n;
+                let b =
+                    (a + 1 + (crate::proxy::headers::rand_u64() % (n as u64 - 1).max(1)) as usize)
+                        % n;
                 let load = |i: usize| busy.get(&addrs[i]).copied().unwrap_or(0);
                 if load(b) < load(a) {
                     b
@@ -257,6 +260,12 @@ fn maglev(addrs: &[IpAddr]) -> Vec<(u64, usize)> {
         }
     }
     table
+}
+
+impl Addresses for Balancer {
+    async fn addresses(&self) -> Vec<IpAddr> {
+        Balancer::addresses(self).await
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::pool::HostPool;
+
+/// Where the checkers learn the upstream's current addresses (the balancer, which resolves
+/// them): `health` filters what the balancer picks from, so it must not import it.
+pub trait Addresses: Send + Sync + 'static {
+    /// Every address of the upstream, sorted (empty when the name does not resolve).
+    fn addresses(&self) -> impl std::future::Future<Output = Vec<IpAddr>> + Send;
+}
 use crate::metrics::EndpointStats;
 use crate::routes::{HealthCheck, OutlierDetection, Probe};
 
@@ -258,20 +265,16 @@ impl Health {
 
     /// Run the health checks of this upstream until the returned task is aborted: one task per
     /// address, started and stopped as the upstream's address set changes.
-    pub fn spawn_checkers(
+    pub fn spawn_checkers<A: Addresses>(
         self: &Arc<Self>,
         pool: Arc<HostPool>,
-        balance: Arc<super::balance::Balancer>,
+        balance: Arc<A>,
     ) -> tokio::task::AbortHandle {
         let me = self.clone();
         tokio::spawn(async move { me.supervise(pool, balance).await }).abort_handle()
     }
 
-    async fn supervise(
-        self: Arc<Self>,
-        pool: Arc<HostPool>,
-        balance: Arc<super::balance::Balancer>,
-    ) {
+    async fn supervise<A: Addresses>(self: Arc<Self>, pool: Arc<HostPool>, balance: Arc<A>) {
         // Dropping the map (the supervisor aborted) aborts every address task.
         let mut tasks: HashMap<IpAddr, AbortOnDrop> = HashMap::new();
         let every = self

@@ -1,6 +1,5 @@
-//! Upstream connections. HTTP/1.1 upstreams get one `pool::HostPool` each; HTTP/2 (`grpc`)
-//! upstreams share a hyper-util legacy `Client` per (connect timeout, idle timeout). Both are
-//! kept here across graph swaps, so a swap never drops warm connections.
+//! The one place that dials upstreams: TCP, then TLS origination for `https://` upstreams.
+//! Knows nothing of pools: `pool` and the HTTP/2 client dial through a [`Connector`].
 //! `https://` upstreams get TLS origination with rustls (webpki roots plus `--upstream-ca`),
 //! certificate verified. DNS names go through [`Resolver`]: every address is used (the start
 //! rotates per connection), names are re-resolved after a TTL, and the last good addresses are
@@ -21,35 +20,14 @@ use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::body::ReqBody;
-use super::error::SetupError;
+use crate::proxy::respond::SetupError;
 use crate::routes::OriginTls;
-
-/// The client type every route uses.
-pub type Client = hyper_util::client::legacy::Client<Connector, ReqBody>;
-
-/// Upstream idle connections kept per host.
-const POOL_MAX_IDLE_PER_HOST: usize = 256;
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// HTTP/2?, connect timeout, upstream idle timeout, TLSContext origination, the upstream every
-/// request dials.
-type ClientKey = (
-    bool,
-    Duration,
-    Option<Duration>,
-    Option<OriginTls>,
-    Option<String>,
-);
-
-/// Upstream URL, connect timeout, upstream idle timeout, TLSContext origination.
-type PoolKey = (String, Duration, Option<Duration>, Option<OriginTls>);
 
 /// TLS settings of a Mapping's `tls: NAME`: the connectors (HTTP/1.1, HTTP/2 ALPN) built from
 /// its TLSContext, and the SNI to send.
@@ -60,25 +38,21 @@ pub struct Origin {
     pub h2: TlsConnector,
 }
 
-/// The client registry.
-pub struct Clients {
+/// Makes [`Connector`]s: the shared resolver and the default TLS client configs.
+pub struct Connectors {
     resolver: Resolver,
     h1_tls: TlsConnector,
     h2_tls: TlsConnector,
-    made: Mutex<HashMap<ClientKey, Client>>,
-    pools: Mutex<HashMap<PoolKey, Arc<super::pool::HostPool>>>,
 }
 
-impl Clients {
-    pub fn new(extra_ca: Option<&Path>, resolver: Resolver) -> Result<Clients, SetupError> {
+impl Connectors {
+    pub fn new(extra_ca: Option<&Path>, resolver: Resolver) -> Result<Connectors, SetupError> {
         let h1 = crate::tls::client_config(extra_ca, &[b"http/1.1"])?;
         let h2 = crate::tls::client_config(extra_ca, &[b"h2"])?;
-        Ok(Clients {
+        Ok(Connectors {
             resolver,
             h1_tls: TlsConnector::from(Arc::new(h1)),
             h2_tls: TlsConnector::from(Arc::new(h2)),
-            made: Mutex::new(HashMap::new()),
-            pools: Mutex::new(HashMap::new()),
         })
     }
 
@@ -87,7 +61,7 @@ impl Clients {
         &self.resolver
     }
 
-    fn connector(
+    pub fn connector(
         &self,
         http2: bool,
         connect_timeout: Duration,
@@ -96,7 +70,7 @@ impl Clients {
         self.connector_to(http2, connect_timeout, origin, None)
     }
 
-    fn connector_to(
+    pub fn connector_to(
         &self,
         http2: bool,
         connect_timeout: Duration,
@@ -120,85 +94,6 @@ impl Clients {
             tls,
             sni: origin.and_then(|o| o.spec.sni.clone()),
         }
-    }
-
-    /// The shared HTTP/1.1 pool of this upstream, kept across graph swaps.
-    pub fn pool(
-        &self,
-        up: &crate::routes::Upstream,
-        connect_timeout: Duration,
-        idle: Option<Duration>,
-        origin: Option<&Origin>,
-    ) -> Arc<super::pool::HostPool> {
-        let target = up.to_string();
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        pools
-            .entry((
-                target.clone(),
-                connect_timeout,
-                idle,
-                origin.map(|o| o.spec.clone()),
-            ))
-            .or_insert_with(|| {
-                let uri: Uri = target
-                    .parse()
-                    .unwrap_or_else(|_| Uri::from_static("http://invalid.invalid"));
-                Arc::new(super::pool::HostPool::new(
-                    uri,
-                    self.connector(false, connect_timeout, origin),
-                    self.connector(true, connect_timeout, origin),
-                    idle.unwrap_or(POOL_IDLE_TIMEOUT),
-                ))
-            })
-            .clone()
-    }
-
-    /// Drop the pools no prepared route holds any more (their idle sockets close with them).
-    /// A pool an older snapshot still holds (a request in flight) goes at a later swap.
-    pub fn prune(&self) {
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        pools.retain(|_, p| Arc::strong_count(p) > 1);
-    }
-
-    /// Upstream pools held now (tests: none outlive the graphs that use them).
-    pub fn pool_count(&self) -> usize {
-        self.pools.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// The shared client for this protocol, connect timeout and upstream idle timeout; with
-    /// `upstream`, every request dials it whatever authority its URI carries (an HTTP/2
-    /// upstream receives the client's authority as `:authority`).
-    pub fn get(
-        &self,
-        http2: bool,
-        connect_timeout: Duration,
-        idle: Option<Duration>,
-        origin: Option<&Origin>,
-        upstream: Option<&crate::routes::Upstream>,
-    ) -> Client {
-        let target = upstream.map(|u| u.to_string());
-        let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
-        made.entry((
-            http2,
-            connect_timeout,
-            idle,
-            origin.map(|o| o.spec.clone()),
-            target.clone(),
-        ))
-        .or_insert_with(|| {
-            let fixed = target.and_then(|t| t.parse::<Uri>().ok());
-            let connector = self.connector_to(http2, connect_timeout, origin, fixed);
-            let mut b = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
-            b.pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .pool_idle_timeout(idle.unwrap_or(POOL_IDLE_TIMEOUT))
-                .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-                // The Host header is set by the proxy (client's, or rewritten).
-                .set_host(false)
-                .http2_only(http2);
-            b.build(connector)
-        })
-        .clone()
     }
 }
 

@@ -26,10 +26,10 @@ use hyper::client::conn::http1::{self, SendRequest};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
-use super::body::ReqBody;
 use super::breaker::Breaker;
-use super::client::Connector;
-use super::error::ProxyError;
+use super::connect::Connector;
+use crate::proxy::body::{BoxError, ReqBody};
+use crate::proxy::respond::ProxyError;
 use crate::routes::Probe;
 
 /// Idle connections kept per upstream.
@@ -213,7 +213,7 @@ impl HostPool {
     ) -> Result<
         (
             SendRequest<ReqBody>,
-            http1::Connection<super::client::UpstreamIo, ReqBody>,
+            http1::Connection<super::connect::UpstreamIo, ReqBody>,
             Option<SocketAddr>,
         ),
         ProxyError,
@@ -492,12 +492,12 @@ impl PooledBody {
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         match &r {
             None => {
@@ -508,7 +508,7 @@ impl Body for PooledBody {
             Some(Ok(_)) => self.maybe_return(),
             Some(Err(_)) => self.back = None,
         }
-        Poll::Ready(r)
+        Poll::Ready(r.map(|f| f.map_err(BoxError::from)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -10,13 +10,14 @@ use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
+use http::uri::Authority;
 use http::{HeaderMap, Method};
 use tokio::time::Instant;
 
-use super::error::ProxyError;
 use super::trace::{new_span_id, Context};
-use super::{Prepared, Snapshot};
+use super::View;
 use crate::otlp::{Exporter, Kind, Span};
+use crate::proxy::respond::ProxyError;
 
 /// What the server span needs from the request's arrival.
 pub(crate) struct Recording {
@@ -47,17 +48,14 @@ pub(crate) struct Begun {
 /// Start recording a request, if its trace is sampled and spans are exported.
 pub(crate) fn start<B>(
     req: &http::Request<B>,
-    snap: &Snapshot,
+    snap: &dyn View,
     ctx: &Context,
     exporter: Option<&Exporter>,
     client: SocketAddr,
 ) -> Option<(Box<Recording>, Box<AttemptTrace>)> {
     let exporter = exporter.filter(|x| ctx.sampled() && x.enabled())?;
     let tags = snap
-        .graph
-        .settings
-        .tracing
-        .as_ref()
+        .tracing()
         .map(|t| tag_headers(req.headers(), &t.tag_headers))
         .unwrap_or_default();
     let rec = Recording {
@@ -112,7 +110,7 @@ impl Begun {
         self,
         ctx: &Context,
         method: &Method,
-        prep: &Prepared,
+        upstream: &Authority,
         peer: Option<SocketAddr>,
         resend: u32,
         outcome: Result<u16, &ProxyError>,
@@ -130,8 +128,8 @@ impl Begun {
             attributes: Vec::with_capacity(8),
         };
         s.str("http.request.method", method.as_str());
-        s.str("server.address", prep.authority.host());
-        if let Some(p) = prep.authority.port_u16() {
+        s.str("server.address", upstream.host());
+        if let Some(p) = upstream.port_u16() {
             s.int("server.port", i64::from(p));
         }
         if let Some(p) = peer {
@@ -173,7 +171,7 @@ fn error_type(e: &ProxyError) -> &'static str {
 
 /// Finish the exchange: its client spans and its server span go to the exporter.
 pub(crate) fn finish(
-    snap: &Snapshot,
+    snap: &dyn View,
     rec: Recording,
     attempts: AttemptTrace,
     route: Option<usize>,
@@ -187,10 +185,10 @@ pub(crate) fn finish(
     for s in spans {
         exporter.submit(s);
     }
-    let route = route.and_then(|i| snap.graph.routes.get(i));
+    let path = route.and_then(|i| snap.route_path(i));
     let method = rec.method.as_str();
-    let name = match route {
-        Some(r) => format!("{method} {}", r.matcher.path.as_str()),
+    let name = match path {
+        Some(p) => format!("{method} {p}"),
         None => method.to_string(),
     };
     let mut s = Span {
@@ -211,11 +209,13 @@ pub(crate) fn finish(
     s.str("url.path", rec.path);
     s.str("client.address", rec.client.ip().to_string());
     s.int("http.response.status_code", i64::from(status.as_u16()));
-    if let Some(r) = route {
-        s.str("http.route", r.matcher.path.as_str());
-        s.str("legate.mapping", format!("{}/{}", r.namespace, r.name));
+    if let Some(p) = path {
+        s.str("http.route", p);
     }
-    s.str("legate.revision", snap.revision.to_str().unwrap_or(""));
+    if let Some((ns, name)) = route.and_then(|i| snap.route_name(i)) {
+        s.str("legate.mapping", format!("{ns}/{name}"));
+    }
+    s.str("legate.revision", snap.revision().to_str().unwrap_or(""));
     for (k, v) in rec.tags {
         s.str(k, v);
     }

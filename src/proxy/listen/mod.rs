@@ -4,10 +4,15 @@
 //!
 //! A client that asks for `Upgrade: h2c` over HTTP/1.1 is answered over HTTP/1.1: the upgrade
 //! header is hop-by-hop and ignored, which RFC 9110 allows.
+//!
+//! The top layer: hands each request to [`Proxy::handle`] (the request layer) with the
+//! connection's facts (`conn`); `fds` sizes the connection limit to the file-descriptor limit.
+
+pub mod fds;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -22,8 +27,9 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::handle::{ClientCert, ConnHold, ConnInfo, Sni};
 use super::{Limits, Proxy, SetupError};
+use crate::proxy::conn::{ClientCert, ConnHold, ConnInfo, Sni};
+use crate::proxy::tunnel::LastSeen;
 
 /// hyper's server builder with the limits applied.
 pub(crate) fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -365,34 +371,6 @@ impl Activity {
             return Some(Instant::now() + idle);
         }
         self.seen.idle_deadline(idle)
-    }
-}
-
-/// When something last happened on a connection (a request ended, a tunnel moved bytes), in
-/// milliseconds since it opened: one atomic store per event, for idle timeouts.
-pub(super) struct LastSeen {
-    base: Instant,
-    last_ms: AtomicU64,
-}
-
-impl LastSeen {
-    pub(super) fn new() -> LastSeen {
-        LastSeen {
-            base: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    pub(super) fn touch(&self) {
-        self.last_ms
-            .store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// `None` when nothing happened for `idle`; else when to look again.
-    pub(super) fn idle_deadline(&self, idle: Duration) -> Option<Instant> {
-        let last = self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        let at = last + idle;
-        (at > Instant::now()).then_some(at)
     }
 }
 

@@ -2,11 +2,14 @@
 //!
 //! Bodies are short fixed strings: a client learns the class of failure (its status code), never
 //! an upstream address, an OS error or a Rust type name. Details go to the log.
+//!
+//! A leaf every layer may use (it knows only `body` and `headers`): the request layer answers
+//! its `ProxyError`s here, the upstream layer classifies hyper's errors here.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
-use super::body::{full, RespBody};
+use crate::proxy::body::{full, RespBody};
 
 /// Which side failed (pingora's `ErrorSource`): decides the status code, the log level, and
 /// whether the failure counts against a revision (only `Upstream` does).
@@ -34,7 +37,7 @@ pub enum ProxyError {
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
     #[error("{0}")]
-    ClientBody(#[from] super::body::ClientBody),
+    ClientBody(#[from] crate::proxy::body::ClientBody),
     #[error("WebSocket upgrade asked of a route that does not allow it")]
     UpgradeRefused,
     #[error("route group has no member taking traffic")]
@@ -87,11 +90,11 @@ impl ProxyError {
             UriTooLong => StatusCode::URI_TOO_LONG,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            BadRequest(_) | ClientBody(super::body::ClientBody::Malformed(_)) => {
+            BadRequest(_) | ClientBody(crate::proxy::body::ClientBody::Malformed(_)) => {
                 StatusCode::BAD_REQUEST
             }
             // nginx's "client closed request": what the access log shows for an abort.
-            ClientBody(super::body::ClientBody::Aborted(_)) => {
+            ClientBody(crate::proxy::body::ClientBody::Aborted(_)) => {
                 StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
             }
             NoHealthyUpstream | Overloaded => StatusCode::SERVICE_UNAVAILABLE,
@@ -144,7 +147,7 @@ impl ProxyError {
         );
         if matches!(self, ProxyError::Overloaded) {
             resp.headers_mut().insert(
-                super::headers::X_LEGATE_OVERLOADED.clone(),
+                crate::proxy::headers::X_LEGATE_OVERLOADED.clone(),
                 HeaderValue::from_static("circuit-breaker"),
             );
         }
@@ -229,8 +232,8 @@ impl ProxyError {
 /// The client's failure hidden in an upstream exchange's error: the request body it sent was
 /// too large, broken or cut off.
 fn client_side(e: &(dyn std::error::Error + 'static)) -> Option<ProxyError> {
-    use super::body::ClientBody;
-    if e.is::<super::body::TooLarge>() {
+    use crate::proxy::body::ClientBody;
+    if e.is::<crate::proxy::body::TooLarge>() {
         return Some(ProxyError::BodyTooLarge);
     }
     Some(ProxyError::ClientBody(
