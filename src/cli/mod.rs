@@ -124,6 +124,10 @@ pub struct ConfigArgs {
     /// label is enough. Default: both must match, and every label.
     #[arg(long, env = "DISABLE_STRICT_LABEL_SELECTORS")]
     pub disable_strict_label_selectors: bool,
+    /// Request timeout of Mappings that set no `timeout_ms` and get none from the Module's
+    /// `cluster_request_timeout_ms`, in milliseconds (Emissary's 3000 by default; 0: none).
+    #[arg(long, env = "LEGATE_DEFAULT_TIMEOUT_MS", default_value_t = 3000)]
+    pub default_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -147,6 +151,7 @@ impl ConfigArgs {
             ambassador_id: self.ambassador_id.clone(),
             strict: self.strict,
             skip_invalid: self.on_invalid == OnInvalid::SkipResource,
+            default_timeout_ms: self.default_timeout_ms,
             routing: crate::routes::RoutingOptions {
                 loose_label_selectors: self.disable_strict_label_selectors,
                 ..Default::default()

@@ -190,11 +190,6 @@ pub struct RunArgs {
     /// Add `x-legate-route` (namespace/name of the Mapping) and `x-legate-revision` to responses.
     #[arg(long, env = "LEGATE_DEBUG_HEADERS")]
     pub debug_headers: bool,
-    /// Not read: a Mapping without `timeout_ms` gets 3000 ms (Emissary's default; a Module's
-    /// `cluster_request_timeout_ms` becomes those Mappings' timeout_ms) and `timeout_ms: 0`
-    /// turns the route timeout off; kept so existing command lines run.
-    #[arg(long, env = "LEGATE_DEFAULT_TIMEOUT_MS", default_value_t = 3000)]
-    pub default_timeout_ms: u64,
     /// Also serve the built-in demo echo upstream on this address (for the quickstart).
     #[arg(long, env = "LEGATE_DEMO_ECHO", value_name = "ADDR")]
     pub demo_echo: Option<SocketAddr>,
@@ -274,7 +269,7 @@ impl RunArgs {
         Settings {
             xff_trusted_hops: self.xff_trusted_hops,
             debug_headers: self.debug_headers,
-            default_timeout: Duration::from_millis(self.default_timeout_ms),
+            default_timeout: Duration::from_millis(self.config.default_timeout_ms),
             https_redirect_port: self.https_redirect_port,
             limits: Limits {
                 max_header_bytes: self.max_header_bytes,
@@ -327,25 +322,73 @@ pub fn run(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result<i32> {
 }
 
 async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result<i32> {
-    use crate::reconcile::{self, Settings as RSettings, SourceSpec, VerifySettings};
+    let addrs = Addrs::from_args(&args)?;
+    let hook_secret = hook_secret(&args)?;
+    let proxy = build_proxy(&args)?;
+    // Everyone who follows revision outcomes subscribes before the reconciler starts, so the
+    // first revision is seen too.
+    let (events, _) = tokio::sync::broadcast::channel(64);
+    let notify_events = events.subscribe();
+    crate::reconcile::count_outcomes(proxy.metrics(), events.subscribe());
+    let source = start_source(&args, &cfg, &proxy, events).await?;
+    start_notifications(&args, notify_events, &source.name)?;
+    let admin_state = admin_state(&proxy, &source.handle, hook_secret, addrs.token.clone());
+    mount_hooks(&args, &proxy, &admin_state);
+    start_demo_echo(&args).await?;
+    let running = start_listeners(&proxy, &addrs).await?;
+    start_admin(addrs.admin, admin_state).await?;
+    start_cert_refresh(&args, &proxy);
 
-    let http = listen_addr("http-listen", &args.http_listen)?;
-    let https = listen_addr("https-listen", &args.https_listen)?;
-    let admin = listen_addr("admin-listen", &args.admin_listen)?;
-    let token = admin_token(&args)?;
-    if let Some(a) = admin {
-        if !a.ip().is_loopback() && token.is_none() {
-            bail!("the admin listener {a} is not on loopback: give --admin-token-file (or LEGATE_ADMIN_TOKEN) so mutating calls need a token");
+    wait_for_signal().await;
+    tracing::info!("shutting down: draining connections");
+    source.handle.set_draining();
+    let drained = running
+        .shutdown(Duration::from_secs(args.drain_timeout_secs))
+        .await;
+    tracing::info!(drained, "stopped");
+    drop(source);
+    Ok(0)
+}
+
+/// The listener addresses and the admin token, checked together: a non-loopback admin
+/// listener needs a token.
+struct Addrs {
+    http: Option<SocketAddr>,
+    https: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    token: Option<String>,
+}
+
+impl Addrs {
+    fn from_args(args: &RunArgs) -> anyhow::Result<Addrs> {
+        let addrs = Addrs {
+            http: listen_addr("http-listen", &args.http_listen)?,
+            https: listen_addr("https-listen", &args.https_listen)?,
+            admin: listen_addr("admin-listen", &args.admin_listen)?,
+            token: admin_token(args)?,
+        };
+        if let Some(a) = addrs.admin {
+            if !a.ip().is_loopback() && addrs.token.is_none() {
+                bail!("the admin listener {a} is not on loopback: give --admin-token-file (or LEGATE_ADMIN_TOKEN) so mutating calls need a token");
+            }
         }
+        Ok(addrs)
     }
-    let hook_secret = match &args.webhook_secret_file {
-        Some(f) => Some(crate::admin::hooks::HookSecret::from_file(f).map_err(anyhow::Error::msg)?),
-        None => crate::admin::hooks::HookSecret::from_env("LEGATE_WEBHOOK_SECRET")
-            .map_err(anyhow::Error::msg)?,
-    }
-    .map(Arc::new);
+}
 
-    // In Kubernetes mode the TLS Secrets are written to a private directory the proxy reads.
+/// The webhook secret from `--webhook-secret-file` or `LEGATE_WEBHOOK_SECRET`.
+fn hook_secret(args: &RunArgs) -> anyhow::Result<Option<Arc<crate::admin::hooks::HookSecret>>> {
+    use crate::admin::hooks::HookSecret;
+    let secret = match &args.webhook_secret_file {
+        Some(f) => Some(HookSecret::from_file(f).map_err(anyhow::Error::msg)?),
+        None => HookSecret::from_env("LEGATE_WEBHOOK_SECRET").map_err(anyhow::Error::msg)?,
+    };
+    Ok(secret.map(Arc::new))
+}
+
+/// The proxy, not yet listening: settings from the flags, the connection cap fitted to the
+/// open-file limit, the access log opened, and the outbound client's trust roots set.
+fn build_proxy(args: &RunArgs) -> anyhow::Result<Arc<Proxy>> {
     let mut settings = args.settings();
     // With the common soft limit of 1024 the default 10,000 connections would end in EMFILE:
     // raise the limit, then size the connection cap to it (admin descriptors kept back).
@@ -360,6 +403,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         );
         settings.limits.max_connections = budget;
     }
+    // In Kubernetes mode the TLS Secrets are written to a private directory the proxy reads.
     if args.kubernetes && settings.secrets_dir.is_none() {
         settings.secrets_dir =
             Some(std::env::temp_dir().join(format!("legate-kube-secrets-{}", std::process::id())));
@@ -376,28 +420,29 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
             service_name: args.otlp_service_name.clone(),
         }),
     }));
-    let secrets_dir = settings.secrets_dir.clone();
     // JWKS fetches, notifications and the verification probe trust `--upstream-ca` too.
     crate::outbound::init(settings.upstream_ca.as_deref())?;
-    let proxy = Proxy::new(settings)?;
+    Ok(Proxy::new(settings)?)
+}
 
-    // Everyone who follows revision outcomes subscribes before the reconciler starts, so the
-    // first revision is seen too.
-    let (events, _) = tokio::sync::broadcast::channel(64);
-    let served_events = events.subscribe();
-    let notify_events = events.subscribe();
-    crate::reconcile::count_outcomes(proxy.metrics(), events.subscribe());
-    let rsettings = RSettings {
+/// The reconciler's settings from the flags.
+fn reconcile_settings(
+    args: &RunArgs,
+    cfg: &crate::config::Options,
+    proxy: &Proxy,
+    events: tokio::sync::broadcast::Sender<crate::reconcile::Entry>,
+) -> crate::reconcile::Settings {
+    crate::reconcile::Settings {
         events: Some(events),
         metrics: Some(proxy.metrics().clone()),
         config: cfg.clone(),
-        secrets_dir: secrets_dir.clone(),
+        secrets_dir: proxy.settings().secrets_dir.clone(),
         cache_dir: args.cache_dir.clone(),
         poll: args.poll,
         fetch_timeout: args.fetch_timeout,
         history: args.history,
         allow_force_push: args.allow_force_push,
-        verify: VerifySettings {
+        verify: crate::reconcile::VerifySettings {
             window: args.verify_window,
             probe_path: args.health_path.clone(),
             max_error_ratio: args.verify_max_error_ratio,
@@ -408,108 +453,170 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
             ..Default::default()
         },
         ..Default::default()
+    }
+}
+
+/// The followed source and its reconciler; dropping it stops the source's watches and tasks.
+struct StartedSource {
+    handle: crate::reconcile::Handle,
+    /// How notifications name the source (never with credentials).
+    name: String,
+    _keep: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+/// Start the reconciler on the source the flags name (`--dir`, `--repo` or `--kubernetes`);
+/// in Kubernetes mode also the status writer.
+async fn start_source(
+    args: &RunArgs,
+    cfg: &crate::config::Options,
+    proxy: &Arc<Proxy>,
+    events: tokio::sync::broadcast::Sender<crate::reconcile::Entry>,
+) -> anyhow::Result<StartedSource> {
+    use crate::reconcile;
+    // Subscribed before the reconciler starts, for the Kubernetes status writer.
+    let served_events = events.subscribe();
+    let rsettings = reconcile_settings(args, cfg, proxy, events);
+    let (spec, client) = if args.kubernetes {
+        let (spec, client) = kube_spec(args, cfg, &rsettings).await?;
+        (spec, Some(client))
+    } else {
+        (source_spec(args, cfg)?, None)
     };
+    let name = spec.name();
     let sink: Arc<dyn reconcile::GraphSink> = proxy.clone();
     let errors: Arc<dyn reconcile::UpstreamHealth> = proxy.clone();
-    // Keep-alives for the source's watches and tasks.
-    let mut _keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
-    let (handle, source_name) = if args.kubernetes {
-        let client = crate::source::kube::client(args.kubeconfig.as_deref()).await?;
-        let dir = secrets_dir
-            .clone()
-            .context("kubernetes mode needs a secrets directory")?;
-        let mut k = crate::source::kube::KubeOptions::new(&dir);
-        k.namespace = (!args.all_namespaces).then(|| cfg.namespace.clone());
-        k.selector = args.selector.clone();
-        k.config = crate::config::Options {
-            skip_invalid: true,
-            ..cfg.clone()
-        };
-        let kwatch = crate::source::kube::start(client.clone(), k, None).await?;
-        let source = Arc::new(kwatch.source());
-        let handle = reconcile::start(source, sink, rsettings, Some(errors));
-        // Each new snapshot asks for a pass at once (a set-aside object's replacement too),
-        // instead of waiting for the poll.
-        let mut snaps = kwatch.snapshots();
-        let h = handle.clone();
-        tokio::spawn(async move {
-            while snaps.changed().await.is_ok() {
-                h.trigger();
-            }
-        });
-        // The served revision goes to the objects' status, written by the Lease holder only.
-        let (served_tx, served_rx) = tokio::sync::watch::channel(None::<crate::cluster::Served>);
-        let mut events = served_events;
-        tokio::spawn(async move {
-            use reconcile::Outcome;
-            while let Ok(e) = events.recv().await {
-                let state = match e.outcome {
-                    Outcome::Verifying => "verifying",
-                    Outcome::Degraded => "degraded",
-                    Outcome::Applied => match e.verdict.as_ref().map(|v| v.judgement) {
-                        Some(reconcile::Judgement::VerifiedUnobserved) => "verified-unobserved",
-                        _ => "verified",
-                    },
-                    _ => continue,
-                };
-                served_tx.send_replace(Some(crate::cluster::Served {
-                    revision: e.revision,
-                    state: state.into(),
-                }));
-            }
-        });
-        let lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| cfg.namespace.clone());
-        let status = crate::cluster::start_status(
-            client,
-            kwatch.snapshots(),
-            served_rx,
-            crate::cluster::LeaseConfig::new(lease_ns, crate::cluster::default_identity()),
-        );
-        _keep.push(Box::new(kwatch));
-        _keep.push(Box::new(status));
-        (handle, "kubernetes".to_string())
-    } else {
-        let spec = match (&args.dir, &args.repo) {
-            (Some(d), None) => SourceSpec::Dir(d.clone()),
-            (None, Some(url)) => {
-                use crate::source::git::{GitAuth, GitOptions};
-                let cache_dir = args
-                    .cache_dir
-                    .clone()
-                    .context("--repo needs --cache-dir (where the repository is cached)")?;
-                SourceSpec::Git(Box::new(GitOptions {
-                    url: url.clone(),
-                    reference: args.git_ref.clone(),
-                    subdir: args.path.clone(),
-                    cache_dir,
-                    tree: cfg.tree.clone(),
-                    auth: GitAuth {
-                        userpass: GitAuth::userpass_from(args.git_credentials_file.as_deref())
-                            .map_err(anyhow::Error::msg)?,
-                        ssh_key: args.ssh_key.clone(),
-                        known_hosts: args.known_hosts.clone(),
-                        insecure_skip_host_key_check: args.insecure_skip_host_key_check,
-                    },
-                    allowed_signers: args.verify_signatures.clone(),
-                }))
-            }
-            _ => bail!("give one source: --dir PATH, --repo URL or --kubernetes"),
-        };
-        let name = match &spec {
-            SourceSpec::Dir(d) => d.display().to_string(),
-            SourceSpec::Git(g) => crate::source::git::redact(&g.url),
-        };
-        let running =
-            reconcile::launch(spec, sink, rsettings, Some(errors)).map_err(anyhow::Error::msg)?;
-        let handle = running.handle.clone();
-        _keep.push(Box::new(running));
-        (handle, name)
-    };
+    let running = reconcile::launch(spec, sink, rsettings, Some(errors))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let handle = running.handle.clone();
+    let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+    if let (Some(client), Some(kube)) = (client, running.kube()) {
+        let status = start_cluster_status(client, kube.snapshots(), served_events, cfg);
+        keep.push(Box::new(status));
+    }
+    keep.push(Box::new(running));
+    Ok(StartedSource {
+        handle,
+        name,
+        _keep: keep,
+    })
+}
 
+/// `--dir` or `--repo` and the git flags.
+fn source_spec(
+    args: &RunArgs,
+    cfg: &crate::config::Options,
+) -> anyhow::Result<crate::reconcile::SourceSpec> {
+    use crate::reconcile::SourceSpec;
+    use crate::source::git::{GitAuth, GitOptions};
+    match (&args.dir, &args.repo) {
+        (Some(d), None) => Ok(SourceSpec::Dir(d.clone())),
+        (None, Some(url)) => {
+            let cache_dir = args
+                .cache_dir
+                .clone()
+                .context("--repo needs --cache-dir (where the repository is cached)")?;
+            Ok(SourceSpec::Git(Box::new(GitOptions {
+                url: url.clone(),
+                reference: args.git_ref.clone(),
+                subdir: args.path.clone(),
+                cache_dir,
+                tree: cfg.tree.clone(),
+                auth: GitAuth {
+                    userpass: GitAuth::userpass_from(args.git_credentials_file.as_deref())
+                        .map_err(anyhow::Error::msg)?,
+                    ssh_key: args.ssh_key.clone(),
+                    known_hosts: args.known_hosts.clone(),
+                    insecure_skip_host_key_check: args.insecure_skip_host_key_check,
+                },
+                allowed_signers: args.verify_signatures.clone(),
+            })))
+        }
+        _ => bail!("give one source: --dir PATH, --repo URL or --kubernetes"),
+    }
+}
+
+/// `--kubernetes` and its flags; the client is also the status writer's.
+async fn kube_spec(
+    args: &RunArgs,
+    cfg: &crate::config::Options,
+    rsettings: &crate::reconcile::Settings,
+) -> anyhow::Result<(crate::reconcile::SourceSpec, ::kube::Client)> {
+    let client = crate::source::kube::client(args.kubeconfig.as_deref()).await?;
+    let dir = rsettings
+        .secrets_dir
+        .clone()
+        .context("kubernetes mode needs a secrets directory")?;
+    let mut options = crate::source::kube::KubeOptions::new(&dir);
+    options.namespace = (!args.all_namespaces).then(|| cfg.namespace.clone());
+    options.selector = args.selector.clone();
+    options.config = crate::config::Options {
+        skip_invalid: true,
+        ..cfg.clone()
+    };
+    let spec = crate::reconcile::SourceSpec::Kubernetes(Box::new(crate::reconcile::KubeSpec {
+        client: client.clone(),
+        options,
+    }));
+    Ok((spec, client))
+}
+
+/// The served revision goes to the objects' status, written by the Lease holder only.
+fn start_cluster_status(
+    client: ::kube::Client,
+    snapshots: tokio::sync::watch::Receiver<Option<Arc<crate::source::kube::Snapshot>>>,
+    mut events: tokio::sync::broadcast::Receiver<crate::reconcile::Entry>,
+    cfg: &crate::config::Options,
+) -> crate::cluster::StatusHandle {
+    use crate::reconcile::{Judgement, Outcome};
+    let (served_tx, served_rx) = tokio::sync::watch::channel(None::<crate::cluster::Served>);
+    tokio::spawn(async move {
+        while let Ok(e) = events.recv().await {
+            let state = match e.outcome {
+                Outcome::Verifying => "verifying",
+                Outcome::Degraded => "degraded",
+                Outcome::Applied => match e.verdict.as_ref().map(|v| v.judgement) {
+                    Some(Judgement::VerifiedUnobserved) => "verified-unobserved",
+                    _ => "verified",
+                },
+                _ => continue,
+            };
+            served_tx.send_replace(Some(crate::cluster::Served {
+                revision: e.revision,
+                state: state.into(),
+            }));
+        }
+    });
+    let lease_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| cfg.namespace.clone());
+    crate::cluster::start_status(
+        client,
+        snapshots,
+        served_rx,
+        crate::cluster::LeaseConfig::new(lease_ns, crate::cluster::default_identity()),
+    )
+}
+
+/// `--notify-url`: a message per revision outcome.
+fn start_notifications(
+    args: &RunArgs,
+    events: tokio::sync::broadcast::Receiver<crate::reconcile::Entry>,
+    source_name: &str,
+) -> anyhow::Result<()> {
     if let Some(url) = &args.notify_url {
         let n = crate::notifications::Notifier::new(url).map_err(anyhow::Error::msg)?;
-        n.spawn(notify_events, source_name.clone());
+        n.spawn(events, source_name.to_string());
     }
+    Ok(())
+}
+
+/// What the admin API and the webhooks see: the reconciler, the live graph, the metrics and
+/// the dashboard's recent traffic.
+fn admin_state(
+    proxy: &Arc<Proxy>,
+    handle: &crate::reconcile::Handle,
+    hook_secret: Option<Arc<crate::admin::hooks::HookSecret>>,
+    token: Option<String>,
+) -> crate::admin::AdminState {
     // The dashboard's recent traffic: a snapshot of the per-route counters every 5 s, kept for
     // the longest window it offers (15 min).
     let recent = proxy.settings().metrics.then(|| {
@@ -517,98 +624,109 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
         r.spawn(Duration::from_secs(5));
         r
     });
-    let admin_state = crate::admin::AdminState {
+    let p = proxy.clone();
+    crate::admin::AdminState {
         reconciler: handle.clone(),
-        hook_secret: hook_secret.clone(),
-        graph: Some({
-            let p = proxy.clone();
-            Arc::new(move || p.graph())
-        }),
+        hook_secret,
+        graph: Some(Arc::new(move || p.graph())),
         token: token.map(Arc::new),
         metrics: Some(proxy.metrics().clone()).filter(|_| proxy.settings().metrics),
         recent,
-    };
-    if hook_secret.is_some() {
-        let prefix = if args.hooks_prefix.ends_with('/') {
-            args.hooks_prefix.clone()
-        } else {
-            format!("{}/", args.hooks_prefix)
-        };
-        proxy.set_local(
-            prefix.clone(),
-            Arc::new(Hooks {
-                prefix,
-                state: admin_state.clone(),
-            }),
-        );
     }
+}
 
+/// With a webhook secret, the proxy listeners also take webhooks under `--hooks-prefix`.
+fn mount_hooks(args: &RunArgs, proxy: &Proxy, admin_state: &crate::admin::AdminState) {
+    if admin_state.hook_secret.is_none() {
+        return;
+    }
+    let prefix = if args.hooks_prefix.ends_with('/') {
+        args.hooks_prefix.clone()
+    } else {
+        format!("{}/", args.hooks_prefix)
+    };
+    proxy.set_local(
+        prefix.clone(),
+        Arc::new(Hooks {
+            prefix,
+            state: admin_state.clone(),
+        }),
+    );
+}
+
+/// `--demo-echo`: the built-in echo upstream of the quickstart.
+async fn start_demo_echo(args: &RunArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.demo_echo {
         let l = bind(addr, "demo-echo").await?;
         tracing::info!(%addr, "demo echo upstream listening");
         tokio::spawn(crate::proxy::echo::serve(l));
     }
+    Ok(())
+}
 
-    let http_l = match http {
+/// Bind the HTTP and HTTPS listeners and start serving on them.
+async fn start_listeners(
+    proxy: &Arc<Proxy>,
+    addrs: &Addrs,
+) -> anyhow::Result<crate::proxy::Running> {
+    let http = match addrs.http {
         Some(a) => Some(bind(a, "http-listen").await?),
         None => None,
     };
-    let https_l = match https {
+    let https = match addrs.https {
         Some(a) => {
             let cfg = crate::tls::server_config(proxy.cert_source())?;
             Some((bind(a, "https-listen").await?, Arc::new(cfg)))
         }
         None => None,
     };
-    let running = proxy.start(Listeners {
-        http: http_l,
-        https: https_l,
-    })?;
+    let running = proxy.start(Listeners { http, https })?;
     if let Some(a) = running.http_addr {
         tracing::info!(addr = %a, "HTTP listener ready");
     }
     if let Some(a) = running.https_addr {
         tracing::info!(addr = %a, "HTTPS listener ready");
     }
-    if let Some(a) = admin {
+    Ok(running)
+}
+
+/// The admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`).
+async fn start_admin(
+    addr: Option<SocketAddr>,
+    state: crate::admin::AdminState,
+) -> anyhow::Result<()> {
+    if let Some(a) = addr {
         let l = bind(a, "admin-listen").await?;
         tracing::info!(addr = %a, "admin listener ready");
-        tokio::spawn(crate::admin::serve(l, admin_state));
+        tokio::spawn(crate::admin::serve(l, state));
     }
-    if let Some(dir) = secrets_dir.as_ref().filter(|_| !args.kubernetes) {
+    Ok(())
+}
+
+/// With a secrets directory: poll it for rotated certificates and, outside Kubernetes mode,
+/// order and renew the certificates of ACME Hosts.
+fn start_cert_refresh(args: &RunArgs, proxy: &Arc<Proxy>) {
+    let Some(dir) = proxy.settings().secrets_dir.clone() else {
+        return;
+    };
+    let every = Duration::from_secs(args.secrets_poll_secs.max(1));
+    if !args.kubernetes {
         // ACME Hosts: checked at the secrets poll interval; tokens answered on the listeners.
         // Not in Kubernetes mode: the secrets directory there mirrors Kubernetes Secrets.
-        let acme = crate::tls::acme::Acme::new(
-            dir.clone(),
-            args.upstream_ca.clone(),
-            proxy.metrics().clone(),
-        );
+        let acme =
+            crate::tls::acme::Acme::new(dir, args.upstream_ca.clone(), proxy.metrics().clone());
         proxy.set_acme(acme.clone());
-        let every = Duration::from_secs(args.secrets_poll_secs.max(1));
         tokio::spawn(proxy.clone().run_acme(acme, every));
     }
-    if secrets_dir.is_some() {
-        let proxy = proxy.clone();
-        let every = Duration::from_secs(args.secrets_poll_secs.max(1));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let p = proxy.clone();
-                let _ = tokio::task::spawn_blocking(move || p.refresh_certs()).await;
-            }
-        });
-    }
-
-    wait_for_signal().await;
-    tracing::info!("shutting down: draining connections");
-    handle.set_draining();
-    let drained = running
-        .shutdown(Duration::from_secs(args.drain_timeout_secs))
-        .await;
-    tracing::info!(drained, "stopped");
-    drop(_keep);
-    Ok(0)
+    let proxy = proxy.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let p = proxy.clone();
+            let _ = tokio::task::spawn_blocking(move || p.refresh_certs()).await;
+        }
+    });
 }
 
 /// The admin token from `--admin-token-file` or `LEGATE_ADMIN_TOKEN`.

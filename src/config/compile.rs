@@ -1186,27 +1186,6 @@ fn compile_forward(
     let rewrite = compile_rewrite(res, spec, diags)?;
     let allow_upgrade = allow_upgrade(spec);
     let h2c = upstream.scheme == Scheme::H2c;
-    if spec.grpc || h2c {
-        // One multiplexed HTTP/2 connection per upstream: no per-request address choice yet.
-        for (field, set) in [
-            ("load_balancer", spec.load_balancer.is_some()),
-            ("outlier_detection", spec.outlier_detection.is_some()),
-        ] {
-            if set {
-                diags.push(
-                    Diagnostic::warning(
-                        "http2-not-balanced",
-                        &res.at(&format!("/spec/{field}")),
-                        format!(
-                            "`{field}` is not applied to HTTP/2 (gRPC, h2c) upstreams yet: \
-                             requests share one multiplexed connection per upstream"
-                        ),
-                    )
-                    .with_help("health_checks do apply; remove the field or expect no effect"),
-                );
-            }
-        }
-    }
     warn_stream_timeout(res, spec, diags);
     let add_request_headers =
         added_headers(res, &spec.add_request_headers, "add_request_headers", diags);
@@ -2472,25 +2451,19 @@ mod tests {
     }
 
     #[test]
-    fn balancing_fields_on_http2_upstreams_warn() {
-        let o = compile_text(
-            &(mapping(
-                "g",
-                "hostname: '*'\nprefix: /g/\nservice: g:50051\ngrpc: true\nload_balancer: {policy: round_robin}\noutlier_detection: {consecutive_5xx: 3}",
-            ) + &mapping(
-                "h",
-                "hostname: '*'\nprefix: /h/\nservice: h:80\nload_balancer: {policy: round_robin}",
-            )),
-        );
+    fn balancing_fields_on_http2_upstreams_compile_without_a_warning() {
+        let o = compile_text(&mapping(
+            "g",
+            "hostname: '*'\nprefix: /g/\nservice: g:50051\ngrpc: true\nload_balancer: {policy: round_robin}\noutlier_detection: {consecutive_5xx: 3}",
+        ));
         assert!(o.graph.is_some());
-        let w: Vec<_> = o
-            .diagnostics
-            .iter()
-            .filter(|d| d.code == "http2-not-balanced")
-            .map(|d| d.pointer.as_str())
-            .collect();
-        // The gRPC Mapping's two fields; the HTTP/1.1 Mapping's load_balancer is applied.
-        assert_eq!(w, ["/spec/load_balancer", "/spec/outlier_detection"]);
+        // Balanced per request and ejected per address like HTTP/1.1 upstreams (no
+        // `http2-not-balanced` any more).
+        assert!(
+            !codes(&o).contains(&"http2-not-balanced"),
+            "{:?}",
+            codes(&o)
+        );
     }
 
     fn codes(o: &Outcome) -> Vec<&'static str> {

@@ -358,6 +358,12 @@ pub fn load(tree: &dyn ConfigTree, opts: &Options) -> Loaded {
         }
     }
     super::module::apply_defaults(&mut out);
+    // Emissary's order: the Mapping's own timeout_ms, the Module's, then the gateway default.
+    for r in &mut out.resources {
+        if let Spec::Mapping(m) = &mut r.spec {
+            m.timeout_ms.get_or_insert(opts.default_timeout_ms);
+        }
+    }
     out
 }
 
@@ -706,5 +712,48 @@ fn ambassador_ids(spec: Option<&Value>) -> Vec<String> {
             }
         }
         _ => vec!["default".into()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{MemTree, Options};
+
+    /// Emissary's order for a route's timeout: the Mapping's `timeout_ms`, the Module's
+    /// `cluster_request_timeout_ms`, then the gateway's default (`--default-timeout-ms`).
+    #[test]
+    fn the_default_timeout_fills_mappings_without_their_own_or_the_modules() {
+        let mapping = |name: &str, extra: &str| {
+            format!("---\napiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata:\n  name: {name}\nspec:\n  hostname: '*'\n  prefix: /{name}/\n  service: s\n{extra}")
+        };
+        let module = "---\napiVersion: getambassador.io/v3alpha1\nkind: Module\nmetadata:\n  name: ambassador\nspec:\n  config:\n    cluster_request_timeout_ms: 700\n";
+        let timeouts = |text: String| {
+            let opts = Options {
+                default_timeout_ms: 250,
+                ..Options::default()
+            };
+            let loaded = load(&MemTree::new().with("m.yaml", text), &opts);
+            assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+            let mut out: Vec<(String, Option<u64>)> = loaded
+                .resources
+                .iter()
+                .filter_map(|r| match &r.spec {
+                    Spec::Mapping(m) => Some((r.name.clone(), m.timeout_ms)),
+                    _ => None,
+                })
+                .collect();
+            out.sort();
+            out
+        };
+        let own = || mapping("own", "  timeout_ms: 50\n");
+        assert_eq!(
+            timeouts(mapping("plain", "") + &own()),
+            vec![("own".into(), Some(50)), ("plain".into(), Some(250))]
+        );
+        assert_eq!(
+            timeouts(module.to_string() + &mapping("plain", "") + &own()),
+            vec![("own".into(), Some(50)), ("plain".into(), Some(700))]
+        );
     }
 }

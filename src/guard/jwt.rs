@@ -681,4 +681,68 @@ mod clock_tests {
             "remembered, before nbf"
         );
     }
+
+    /// An unknown key id starts a refresh at once, and again only after
+    /// [`UNKNOWN_KID_INTERVAL`]. Observed on the `refreshing` flag, which is set before
+    /// `check_at` returns (nothing else runs in between on this single-threaded runtime).
+    #[tokio::test(start_paused = true)]
+    async fn unknown_key_ids_refresh_at_most_once_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let doc = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        let key = Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap();
+        let jwks = dir.path().join("jwks.json");
+        let set = serde_json::json!({"keys": [
+            {"kty": "OKP", "kid": "k1", "crv": "Ed25519", "x": b64(key.public_key())},
+        ]});
+        std::fs::write(&jwks, set.to_string()).unwrap();
+        let policy = JwtPolicy {
+            name: "p".into(),
+            issuer: None,
+            audiences: vec![],
+            algorithms: vec![Alg::EdDsa],
+            skew: 0,
+            required: vec![],
+            forward: vec![],
+            source: JwksSource {
+                file: Some(jwks.display().to_string()),
+                url: None,
+                refresh_seconds: Some(3600),
+            },
+        };
+        let reg = Registry::default();
+        let keys = reg.keys(&policy);
+        // Warm: the keys in hand, fetched just now.
+        *keys.current.lock().unwrap() = Arc::new(parse_jwks(set.to_string().as_bytes()).unwrap());
+        *keys.checked.lock().unwrap() = Some((Instant::now(), true));
+        let input = format!(
+            "{}.{}",
+            b64(r#"{"alg":"EdDSA","kid":"k3"}"#),
+            b64(r#"{"sub":"alice"}"#)
+        );
+        let token = format!("{input}.{}", b64(key.sign(input.as_bytes())));
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+        );
+        let refreshing = || keys.refreshing.load(Ordering::SeqCst);
+        let unknown = || async { policy.check_at(&keys, &h, 1).await.map(|_| ()) };
+        assert!(!refreshing());
+        assert!(unknown().await.is_err());
+        assert!(refreshing(), "an unknown key id refreshes at once");
+        while refreshing() {
+            tokio::task::yield_now().await;
+        }
+        for i in 0..10 {
+            tokio::time::advance(Duration::from_millis(900)).await;
+            assert!(unknown().await.is_err());
+            assert!(!refreshing(), "refreshed again {} ms later", (i + 1) * 900);
+        }
+        tokio::time::advance(UNKNOWN_KID_INTERVAL).await;
+        assert!(unknown().await.is_err());
+        assert!(
+            refreshing(),
+            "an interval later an unknown id refreshes again"
+        );
+    }
 }

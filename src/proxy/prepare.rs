@@ -1,5 +1,5 @@
 //! Turns a compiled graph into the [`Snapshot`] requests read: each forwarding route's header
-//! edits parsed, its upstream reachable (pool or HTTP/2 client, balancer, health, breaker) and
+//! edits parsed, its upstream reachable (HTTP/1.1 or HTTP/2 pool, balancer, health, breaker) and
 //! its edge-policy state looked up in the registries the proxy owns.
 //!
 //! Runs on every swap, never per request. Nothing imports this module: the proxy's `swap`
@@ -114,13 +114,12 @@ impl Proxy {
         let origin = f.origin_tls.as_ref().map(|o| self.origin(o));
         let origin = origin.as_ref();
         let upstream = if f.http2 {
-            UpstreamClient::H2(Box::new(self.clients.get(
-                true,
+            UpstreamClient::H2(self.clients.h2_pool(
+                &f.upstream,
                 f.connect_timeout,
                 pool_idle,
                 origin,
-                Some(&f.upstream),
-            )))
+            ))
         } else {
             UpstreamClient::H1(
                 self.clients
@@ -137,31 +136,28 @@ impl Proxy {
                 &self.metrics,
             )
         });
-        let make_balancer = || {
+        let balancer = (f.load_balancer.is_some() || wants_health).then(|| {
             Arc::new(Balancer::new(
                 f.load_balancer.as_ref().unwrap_or(&DEFAULT_LB),
                 self.clients.resolver().clone(),
                 authority.host(),
                 health.clone(),
             ))
-        };
-        let balancer = match &upstream {
-            UpstreamClient::H1(_) if f.load_balancer.is_some() || wants_health => {
-                Some(make_balancer())
+        });
+        // Health checks dial their probes through the upstream's HTTP/1.1 pool (gRPC checks
+        // over its HTTP/2 connector), one fresh connection per check.
+        let checked = match (&health, &balancer) {
+            (Some(h), Some(b)) if !h.checks.is_empty() => {
+                let pool = match &upstream {
+                    UpstreamClient::H1(pool) => pool.clone(),
+                    UpstreamClient::H2(_) => {
+                        self.clients
+                            .pool(&f.upstream, f.connect_timeout, pool_idle, origin)
+                    }
+                };
+                Some((pool, b.clone()))
             }
             _ => None,
-        };
-        // Health checks run for gRPC upstreams too (verification, metrics), through an
-        // HTTP/1.1 pool of the same upstream used only to dial the probes.
-        let checked = match (&health, &upstream, &balancer) {
-            (Some(h), _, _) if h.checks.is_empty() => None,
-            (None, _, _) => None,
-            (Some(_), UpstreamClient::H1(pool), Some(b)) => Some((pool.clone(), b.clone())),
-            (Some(_), _, _) => Some((
-                self.clients
-                    .pool(&f.upstream, f.connect_timeout, pool_idle, origin),
-                make_balancer(),
-            )),
         };
         let target = Target {
             balancer,

@@ -197,26 +197,10 @@ impl ProxyError {
         h.insert("grpc-message", message);
         resp
     }
-
-    /// Classify a failure of the upstream client.
-    pub fn from_client(e: hyper_util::client::legacy::Error) -> ProxyError {
-        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(s) = src {
-            if let Some(c) = client_side(s) {
-                return c;
-            }
-            src = s.source();
-        }
-        if e.is_connect() {
-            ProxyError::Connect(chain(&e))
-        } else {
-            ProxyError::Upstream(chain(&e))
-        }
-    }
 }
 
 impl ProxyError {
-    /// Classify a failure of a pooled HTTP/1.1 exchange.
+    /// Classify a failure of an upstream exchange (HTTP/1.1 or HTTP/2).
     pub fn from_hyper(e: hyper::Error) -> ProxyError {
         let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = src {

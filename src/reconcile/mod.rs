@@ -609,6 +609,17 @@ pub fn start(
     settings: Settings,
     health: Option<Arc<dyn UpstreamHealth>>,
 ) -> Handle {
+    start_with(source, sink, settings, health, Arc::new(Notify::new()))
+}
+
+/// [`start`] with the "something changed" notifier the source was given.
+fn start_with(
+    source: Arc<dyn Source>,
+    sink: Arc<dyn GraphSink>,
+    settings: Settings,
+    health: Option<Arc<dyn UpstreamHealth>>,
+    trigger: Arc<Notify>,
+) -> Handle {
     let (tx, rx) = mpsc::channel(64);
     let shared = Arc::new(Mutex::new(Shared::default()));
     shared
@@ -616,7 +627,6 @@ pub fn start(
         .unwrap_or_else(|e| e.into_inner())
         .status
         .source = source.describe();
-    let trigger = Arc::new(Notify::new());
     let events = settings
         .events
         .clone()
@@ -1670,31 +1680,61 @@ async fn sleep_until_opt(at: Option<Instant>) {
 }
 
 /// Which source `legate run` follows.
-#[derive(Debug, Clone)]
 pub enum SourceSpec {
     /// `--dir PATH`: watched with a 200 ms debounce.
     Dir(PathBuf),
     /// `--repo URL` and friends.
     Git(Box<crate::source::git::GitOptions>),
+    /// `--kubernetes`: the cluster's objects, watched through the client.
+    Kubernetes(Box<KubeSpec>),
 }
 
-/// A started reconciler with its file watches. Dropping it stops the watches (the loop keeps
-/// polling as long as the runtime runs).
+/// What the Kubernetes source watches, and through which API client.
+pub struct KubeSpec {
+    pub client: ::kube::Client,
+    pub options: crate::source::kube::KubeOptions,
+}
+
+impl SourceSpec {
+    /// How notifications name the source (never with credentials).
+    pub fn name(&self) -> String {
+        match self {
+            SourceSpec::Dir(d) => d.display().to_string(),
+            SourceSpec::Git(g) => crate::source::git::redact(&g.url),
+            SourceSpec::Kubernetes(_) => "kubernetes".into(),
+        }
+    }
+}
+
+/// A started reconciler with its source's watches. Dropping it stops the watches (the loop
+/// keeps polling as long as the runtime runs).
 pub struct Running {
     pub handle: Handle,
     _watches: Vec<crate::source::dir::DirWatch>,
+    kube: Option<crate::source::kube::KubeWatch>,
 }
 
-/// Build the source, start the loop, and watch the directory source and the secrets
-/// directory (a secret that appears retries a revision waiting for it).
-pub fn launch(
+impl Running {
+    /// The Kubernetes watches, in Kubernetes mode (their snapshots feed the status writer).
+    pub fn kube(&self) -> Option<&crate::source::kube::KubeWatch> {
+        self.kube.as_ref()
+    }
+}
+
+/// Build the source, start the loop, and watch what says "something changed": the directory
+/// source and the secrets directory (a secret that appears retries a revision waiting for
+/// it), or the Kubernetes watches (each snapshot with news asks for a pass at once, a
+/// set-aside object's replacement too). Every source starts here.
+pub async fn launch(
     spec: SourceSpec,
     sink: Arc<dyn GraphSink>,
     settings: Settings,
     health: Option<Arc<dyn UpstreamHealth>>,
 ) -> Result<Running, String> {
     const QUIET: Duration = Duration::from_millis(200);
+    let trigger = Arc::new(Notify::new());
     let mut watch_dirs = Vec::new();
+    let mut kube = None;
     let source: Arc<dyn Source> = match spec {
         SourceSpec::Dir(path) => {
             watch_dirs.push(path.clone());
@@ -1707,13 +1747,23 @@ pub fn launch(
         SourceSpec::Git(opts) => {
             Arc::new(crate::source::git::GitSource::new(*opts).map_err(|e| e.to_string())?)
         }
+        SourceSpec::Kubernetes(k) => {
+            let KubeSpec { client, options } = *k;
+            let w = crate::source::kube::start(client, options, Some(trigger.clone()))
+                .await
+                .map_err(|e| e.to_string())?;
+            let source = Arc::new(w.source());
+            kube = Some(w);
+            source
+        }
     };
-    if let Some(s) = &settings.secrets_dir {
+    // In Kubernetes mode the source writes the secrets directory itself.
+    if let Some(s) = settings.secrets_dir.as_ref().filter(|_| kube.is_none()) {
         if s.is_dir() {
             watch_dirs.push(s.clone());
         }
     }
-    let handle = start(source, sink, settings, health);
+    let handle = start_with(source, sink, settings, health, trigger);
     let mut watches = Vec::new();
     for d in watch_dirs {
         watches.push(crate::source::dir::watch(
@@ -1725,6 +1775,7 @@ pub fn launch(
     Ok(Running {
         handle,
         _watches: watches,
+        kube,
     })
 }
 

@@ -57,7 +57,7 @@ impl RetryOn {
 /// Emissary's `circuit_breakers` (the `default` priority): limits per upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BreakerLimits {
-    /// Open upstream connections (HTTP/1.1: idle or busy; gRPC: busy with a request).
+    /// Open upstream connections, idle or busy (HTTP/1.1 and HTTP/2 alike).
     pub max_connections: u32,
     /// Requests waiting for a connection.
     pub max_pending_requests: u32,

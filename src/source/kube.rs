@@ -31,8 +31,6 @@ use crate::config::{self, Diagnostic, Severity};
 
 /// How many recent revisions are kept so they can be pinned.
 const RECENT: usize = 8;
-/// Rounds of "drop the invalid objects and compile again" before giving up on a snapshot.
-const MAX_ROUNDS: usize = 6;
 
 /// What to watch and how.
 #[derive(Debug, Clone)]
@@ -318,87 +316,59 @@ pub fn judge_with(
     for (obj, stored) in &store.objects {
         files.insert(obj.file(), (obj.clone(), object_yaml(obj, stored)));
     }
-    let mut rejected: BTreeMap<String, (String, Vec<Diagnostic>)> = BTreeMap::new();
-    for (file, (obj, _)) in &files {
-        let key = (obj.namespace.clone(), obj.name.clone());
-        if let Some(why) = aside.get(&key).filter(|_| obj.kind.kind == "Mapping") {
-            let loc = config::Location {
-                file: file.clone(),
-                line: 1,
-                column: 1,
-                pointer: String::new(),
-            };
-            let d = Diagnostic::error(
-                "verification-failed",
-                &loc,
-                format!("set aside: its route failed the gateway's verification window: {why}"),
-            )
-            .with_help("fix the Mapping or its upstream; a changed object is tried again");
-            rejected.insert(file.clone(), ("VerificationFailed".into(), vec![d]));
+    let mut rejected = verification_failed(&files, aside);
+    let loaded = config::load(&tree_of(&files, &rejected), opts);
+    // A document the schema refused never became a resource: its object is set aside whole.
+    for d in &loaded.diagnostics {
+        let error =
+            d.severity == Severity::Error || (opts.strict && d.severity == Severity::Warning);
+        if error && files.contains_key(&d.file) {
+            rejected
+                .entry(d.file.clone())
+                .or_insert_with(|| ("Invalid".into(), Vec::new()));
         }
     }
-    let mut last = None;
-    for _ in 0..MAX_ROUNDS {
-        let tree = tree_of(&files, &rejected);
-        let outcome = config::load_and_compile(&tree, opts);
-        let mut bad: BTreeMap<String, (String, Vec<Diagnostic>)> = BTreeMap::new();
-        for d in &outcome.diagnostics {
-            if d.severity == Severity::Error && files.contains_key(&d.file) {
-                bad.entry(d.file.clone())
-                    .or_insert_with(|| ("Invalid".into(), Vec::new()))
-                    .1
-                    .push(d.clone());
-            }
-        }
-        for r in &outcome.resources {
-            let Spec::Host(h) = &r.spec else { continue };
-            let Some(secret) = &h.tls_secret else {
-                continue;
+    let preset = loaded
+        .resources
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let (reason, errors) = rejected.get(&r.loc.file)?;
+            let s = config::SetAside {
+                reason: reason.clone(),
+                errors: errors.clone(),
             };
-            let ns = secret
-                .namespace
-                .clone()
-                .unwrap_or_else(|| r.namespace.clone());
-            if !store
-                .secrets
-                .contains_key(&(ns.clone(), secret.name.clone()))
-            {
-                let loc = r.at("/spec/tlsSecret/name");
-                let d = Diagnostic::error(
-                    "tls-secret",
-                    &loc,
-                    format!(
-                        "TLS Secret `{ns}/{}` is not there (or is not of type kubernetes.io/tls)",
-                        secret.name
-                    ),
-                )
-                .with_help("create the Secret with `kubectl create secret tls`, or fix the name");
-                bad.entry(r.loc.file.clone())
-                    .or_insert_with(|| ("SecretMissing".into(), Vec::new()))
-                    .1
-                    .push(d);
-            }
+            Some((i, s))
+        })
+        .collect();
+    let screened = config::compile_setting_aside(&loaded.resources, opts, preset, &|r| {
+        missing_tls_secret(store, r)
+    });
+    let set_aside: Vec<(String, config::SetAside)> = screened
+        .aside
+        .iter()
+        .map(|(i, s)| (loaded.resources[*i].loc.file.clone(), s.clone()))
+        .collect();
+    let outcome = screened.into_outcome(loaded, opts);
+    for (file, s) in set_aside {
+        rejected.entry(file).or_insert((s.reason, s.errors));
+    }
+    for (file, (reason, diags)) in rejected.iter_mut() {
+        if reason == "VerificationFailed" {
+            continue;
         }
-        if bad.is_empty() {
-            last = Some(outcome);
-            break;
-        }
-        for (file, (reason, diags)) in bad {
-            // Keep every finding of the file (warnings too) next to the errors.
-            let mut all: Vec<Diagnostic> = outcome
+        // Keep every finding of the file (warnings too) next to the errors.
+        diags.extend(
+            outcome
                 .diagnostics
                 .iter()
-                .filter(|d| d.file == file && !diags.contains(d))
-                .cloned()
-                .collect();
-            all.extend(diags);
-            all.sort_by_key(|d| (d.line, d.column));
-            all.dedup();
-            rejected.insert(file, (reason, all));
-        }
+                .filter(|d| &d.file == file)
+                .cloned(),
+        );
+        diags.sort_by_key(|d| (d.line, d.column));
+        diags.dedup();
     }
     let tree = tree_of(&files, &rejected);
-    let outcome = last.unwrap_or_else(|| config::load_and_compile(&tree, opts));
     let loaded: BTreeSet<&str> = outcome
         .resources
         .iter()
@@ -471,6 +441,63 @@ pub fn judge_with(
         verdicts,
         tls,
     }
+}
+
+/// Mappings a verification window failed, set aside before anything is compiled, with reason
+/// `VerificationFailed`.
+fn verification_failed(
+    files: &BTreeMap<String, (ObjectRef, String)>,
+    aside: &BTreeMap<(String, String), String>,
+) -> BTreeMap<String, (String, Vec<Diagnostic>)> {
+    let mut rejected = BTreeMap::new();
+    for (file, (obj, _)) in files {
+        let key = (obj.namespace.clone(), obj.name.clone());
+        let Some(why) = aside.get(&key).filter(|_| obj.kind.kind == "Mapping") else {
+            continue;
+        };
+        let loc = config::Location {
+            file: file.clone(),
+            line: 1,
+            column: 1,
+            pointer: String::new(),
+        };
+        let d = Diagnostic::error(
+            "verification-failed",
+            &loc,
+            format!("set aside: its route failed the gateway's verification window: {why}"),
+        )
+        .with_help("fix the Mapping or its upstream; a changed object is tried again");
+        rejected.insert(file.clone(), ("VerificationFailed".into(), vec![d]));
+    }
+    rejected
+}
+
+/// A Host whose TLS Secret is not in the store cannot serve: set it aside (`SecretMissing`).
+fn missing_tls_secret(store: &Store, r: &config::Resource) -> Option<(String, Diagnostic)> {
+    let Spec::Host(h) = &r.spec else {
+        return None;
+    };
+    let secret = h.tls_secret.as_ref()?;
+    let ns = secret
+        .namespace
+        .clone()
+        .unwrap_or_else(|| r.namespace.clone());
+    if store
+        .secrets
+        .contains_key(&(ns.clone(), secret.name.clone()))
+    {
+        return None;
+    }
+    let d = Diagnostic::error(
+        "tls-secret",
+        &r.at("/spec/tlsSecret/name"),
+        format!(
+            "TLS Secret `{ns}/{}` is not there (or is not of type kubernetes.io/tls)",
+            secret.name
+        ),
+    )
+    .with_help("create the Secret with `kubectl create secret tls`, or fix the name");
+    Some(("SecretMissing".into(), d))
 }
 
 fn tree_of(

@@ -394,17 +394,18 @@ async fn the_route_timeout_and_idle_limit_cover_the_whole_response() {
             .await;
     let (grpc, _g) = stalling_h2_upstream().await;
     let yaml = [
-        mapping(
-            "whole",
-            &format!("hostname: '*'\nprefix: /whole/\nservice: {stall}\ntimeout_ms: 300"),
-        ),
-        mapping(
+        route("whole", "/whole/", &stall.to_string(), "timeout_ms: 300"),
+        route(
             "idle",
-            &format!("hostname: '*'\nprefix: /idle/\nservice: {stall}\ntimeout_ms: 0\nidle_timeout_ms: 300"),
+            "/idle/",
+            &stall.to_string(),
+            "timeout_ms: 0\nidle_timeout_ms: 300",
         ),
-        mapping(
+        route(
             "grpc",
-            &format!("hostname: '*'\nprefix: /svc.Greeter/\nservice: {grpc}\ngrpc: true\ntimeout_ms: 300"),
+            "/svc.Greeter/",
+            &grpc.to_string(),
+            "grpc: true\ntimeout_ms: 300",
         ),
     ]
     .concat();
@@ -732,7 +733,7 @@ async fn upstream_framing_faults_are_not_passed_on() {
     ];
     for (answer, status, body) in cases {
         let (up, _t) = stalling_upstream(answer).await;
-        let yaml = mapping("app", &format!("hostname: '*'\nprefix: /\nservice: {up}"));
+        let yaml = route("app", "/", &up.to_string(), "");
         let gw = Gateway::start(&yaml).await;
         let got = tokio::time::timeout(
             Duration::from_secs(20),

@@ -554,6 +554,58 @@ async fn ambassador_v0_is_for_user_mappings_unless_diagnostics_is_enabled() {
     assert_eq!(get(&gw.url("/ambassador/v0/diag/"), &[]).await.status, 404);
 }
 
+/// `legate run --default-timeout-ms` is the timeout of Mappings with no `timeout_ms` of their
+/// own (and no Module's `cluster_request_timeout_ms`); a Mapping's own value wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_default_timeout_applies_to_mappings_without_their_own() {
+    let up = Upstream::start("up").await;
+    let s = up.service();
+    let (http, admin) = (free_addr(), free_addr());
+    let dir = tree(&[(
+        "config.yaml",
+        &(route("plain", "/plain/", &s, "") + &route("own", "/own/", &s, "timeout_ms: 5000")),
+    )]);
+    let _gw = Killed(
+        Command::new(env!("CARGO_BIN_EXE_legate"))
+            .arg("run")
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--default-timeout-ms", "150"])
+            .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--verify-window", "0", "--access-log", "off"])
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(admin).await;
+    let slow = get(&format!("http://{http}/plain/x?sleep_ms=800"), &[]).await;
+    assert_eq!(slow.status, 504, "the flag's 150 ms applies: {}", slow.body);
+    let own = get(&format!("http://{http}/own/x?sleep_ms=800"), &[]).await;
+    assert_eq!(own.status, 200, "a Mapping's own timeout_ms wins");
+}
+
+/// Wait (at most 30 s) until the gateway's admin listener says ready.
+async fn wait_ready(admin: std::net::SocketAddr) {
+    let ready = format!("http://{admin}/readyz");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = crate::support::client()
+            .request(
+                http::Request::get(&ready)
+                    .body(crate::support::empty())
+                    .unwrap(),
+            )
+            .await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emissary_probe_paths_answer_on_the_admin_listener() {
     let (echo, http, admin) = (free_addr(), free_addr(), free_addr());

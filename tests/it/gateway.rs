@@ -12,7 +12,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
-use crate::support::{free_addr as free, get, mapping, send, Killed, TestBody, Tree};
+use crate::support::{free_addr as free, get, route, send, Killed, TestBody, Tree};
 
 fn body(b: &'static [u8]) -> TestBody {
     Full::new(Bytes::from_static(b))
@@ -63,10 +63,7 @@ const ROUTE_TEST: &str = "---\napiVersion: legate.dev/v1alpha1\nkind: RouteTest\
 async fn route_tests_gate_revisions_and_outcomes_are_announced() {
     let (echo, http, admin) = (free(), free(), free());
     let (hook, mut notes) = receiver().await;
-    let good = mapping(
-        "echo",
-        &format!("hostname: '*'\nprefix: /echo/\nservice: {echo}\nrewrite: /"),
-    );
+    let good = route("echo", "/echo/", &echo.to_string(), "rewrite: /");
     let tree = Tree::new(&(good.clone() + ROUTE_TEST));
     let _gw = Killed(
         Command::new(env!("CARGO_BIN_EXE_legate"))
@@ -272,10 +269,7 @@ async fn route_tests_gate_revisions_and_outcomes_are_announced() {
     )
     .await;
     assert_eq!(r.status, 401);
-    let extra = mapping(
-        "echo-two",
-        &format!("hostname: '*'\nprefix: /two/\nservice: {echo}\nrewrite: /"),
-    );
+    let extra = route("echo-two", "/two/", &echo.to_string(), "rewrite: /");
     std::fs::write(tree.path().join("config.yaml"), good + &extra + ROUTE_TEST).unwrap();
     let sig = legate::admin::hooks::sign(b"s3cret", BODY);
     let r = send("POST", &url, &[("x-legate-signature", &sig)], body(BODY)).await;

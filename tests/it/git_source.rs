@@ -12,7 +12,8 @@ use legate::admin::{self, AdminState, HookSecret};
 use legate::reconcile::{self, Handle, Live, Outcome, PassResult, RejectKind, Settings};
 use legate::source::git::{GitOptions, GitSource};
 
-use super::reconcile::{bad_mapping, eventually, mapping, outcome, settings};
+use super::reconcile::{bad_mapping, mapping, outcome, settings};
+use crate::support::eventually;
 
 pub(crate) use crate::support::git::{daemon, git, Repo};
 

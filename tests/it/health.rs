@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::support::*;
-use crate::traffic::{answer, eventually, Scripted};
+use crate::traffic::{answer, Scripted};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -37,10 +37,7 @@ async fn gateway_with(addrs: &[&str], service: &str, extra: &str, base: Settings
         .lock()
         .unwrap()
         .insert("svc.test".into(), addrs.iter().map(|a| ip(a)).collect());
-    let yaml = mapping(
-        "h",
-        &format!("hostname: '*'\nprefix: /h/\nservice: {service}\n{extra}"),
-    );
+    let yaml = route("h", "/h/", service, extra);
     Gateway::with(
         &yaml,
         Settings {
@@ -72,7 +69,7 @@ async fn call(gw: &Gateway) -> (u16, String) {
     (r.status.as_u16(), r.body)
 }
 
-fn metric(gw: &Gateway, line_start: &str) -> Option<u64> {
+pub(crate) fn metric(gw: &Gateway, line_start: &str) -> Option<u64> {
     gw.proxy
         .metrics()
         .render(None)
@@ -379,10 +376,22 @@ async fn checkers_stop_when_the_upstream_leaves_the_graph() {
         &format!("hostname: '*'\nprefix: /h/\nservice: svc.test:{port}"),
     )));
     assert_eq!(gw.proxy.health_checkers(), 0);
-    // Give an in-flight check time to land, then no more come.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The clock for "no more checks": a checker on another upstream, same 30 ms interval,
+    // started by the next graph. Once it has run twice an in-flight check on `a` has landed;
+    // while it runs five more, a checker still alive on `a` would have run too.
+    let (b, _hb, _sb) = checked(at("127.0.0.1", 0), "b").await;
+    gw.proxy.swap(compile(&mapping(
+        "h",
+        &format!(
+            "hostname: '*'\nprefix: /h/\nservice: svc.test:{}\n{CHECKS}",
+            b.addr.port()
+        ),
+    )));
+    assert_eq!(gw.proxy.health_checkers(), 1);
+    eventually("b's checks run", || b.hits() >= 2).await;
     let after = a.hits();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = b.hits();
+    eventually("b's checks go on", || b.hits() >= seen + 5).await;
     assert_eq!(
         a.hits(),
         after,
@@ -662,12 +671,7 @@ fn outlier_detection_compiles_from_an_object_or_a_string_and_bad_values_are_erro
 async fn pools_of_upstreams_that_leave_the_graph_are_dropped() {
     let a = Upstream::start("a").await;
     let b = Upstream::start("b").await;
-    let to = |svc: String| {
-        compile(&mapping(
-            "m",
-            &format!("hostname: '*'\nprefix: /m/\nservice: {svc}"),
-        ))
-    };
+    let to = |svc: String| compile(&route("m", "/m/", &svc, ""));
     let gw = Gateway::start(&route("m", "/m/", &a.service(), "")).await;
     assert_eq!(get(&gw.url("/m/x"), &[]).await.status, 200);
     assert_eq!(gw.proxy.upstream_pools(), 1);

@@ -17,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
+use crate::support::eventually;
+
 const MAPPINGS: &str = "legate.dev/v1alpha1/mappings";
 const HOSTS: &str = "legate.dev/v1alpha1/hosts";
 const SECRETS: &str = "v1/secrets";
@@ -97,6 +99,12 @@ impl FakeApiServer {
         apply_in(&mut st, collection, obj, true);
         drop(st);
         self.changed.notify_waiters();
+    }
+
+    /// Apply a Mapping for any host: `prefix` to `service`.
+    fn apply_route(&self, ns: &str, name: &str, prefix: &str, service: &str) {
+        let spec = json!({"hostname": "*", "prefix": prefix, "service": service});
+        self.apply(MAPPINGS, mapping(ns, name, spec));
     }
 
     fn delete(&self, collection: &str, ns: &str, name: &str) {
@@ -642,17 +650,6 @@ async fn wait_snapshot(
     }
 }
 
-async fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn files(s: &Snapshot) -> Vec<String> {
     s.revision
         .tree
@@ -710,28 +707,14 @@ fn always_leader() -> watch::Receiver<bool> {
 #[tokio::test]
 async fn kube_objects_added_changed_and_deleted_reach_the_graph() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "a",
-            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "a", "/a/", "a.default:80");
     let mut run = start_source(&fake, Some("default")).await;
     let s = wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
     assert_eq!(files(&s), ["kube/default/Mapping/a.yaml"]);
     assert_eq!(run.watch.source().current(None).unwrap().id, s.revision.id);
 
     // Changed: the new prefix is what the graph holds.
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "a",
-            json!({"hostname": "*", "prefix": "/a2/", "service": "a.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "a", "/a2/", "a.default:80");
     let s = wait_snapshot(&mut run.rx, "a changed", |s| {
         text_of(s, "kube/default/Mapping/a.yaml").contains("/a2/")
     })
@@ -739,14 +722,7 @@ async fn kube_objects_added_changed_and_deleted_reach_the_graph() {
     assert!(text_of(&s, "kube/default/Mapping/a.yaml").contains("generation: 2"));
 
     // Added and deleted.
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "b",
-            json!({"hostname": "*", "prefix": "/b/", "service": "b.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "b", "/b/", "b.default:80");
     wait_snapshot(&mut run.rx, "a and b", has_routes(&["a", "b"])).await;
     fake.delete(MAPPINGS, "default", "a");
     let s = wait_snapshot(&mut run.rx, "only b", has_routes(&["b"])).await;
@@ -757,36 +733,15 @@ async fn kube_objects_added_changed_and_deleted_reach_the_graph() {
     );
 
     // Objects in another namespace are not watched in namespace mode.
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "other",
-            "c",
-            json!({"hostname": "*", "prefix": "/c/", "service": "c.other:80"}),
-        ),
-    );
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "d",
-            json!({"hostname": "*", "prefix": "/d/", "service": "d.default:80"}),
-        ),
-    );
+    fake.apply_route("other", "c", "/c/", "c.other:80");
+    fake.apply_route("default", "d", "/d/", "d.default:80");
     wait_snapshot(&mut run.rx, "b and d, not c", has_routes(&["b", "d"])).await;
 }
 
 #[tokio::test]
 async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "good",
-            json!({"hostname": "*", "prefix": "/good/", "service": "good.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "good", "/good/", "good.default:80");
     fake.apply(
         MAPPINGS,
         mapping(
@@ -809,13 +764,13 @@ async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
     let _status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
     served_tx.send_replace(Some(s.revision.id.clone().into()));
     let rev = s.revision.id.clone();
-    wait_until("status of good with its revision", || {
+    eventually("status of good with its revision", || {
         fake.patches_for("good")
             .last()
             .is_some_and(|p| p["status"]["revision"] == json!(rev))
     })
     .await;
-    wait_until("status of bad", || !fake.patches_for("bad").is_empty()).await;
+    eventually("status of bad", || !fake.patches_for("bad").is_empty()).await;
     let p = fake.patches_for("bad").last().unwrap().clone();
     let cond = &p["status"]["conditions"][0];
     assert_eq!(cond["type"], "Accepted");
@@ -832,18 +787,11 @@ async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
     assert_eq!(g["status"]["conditions"][0]["status"], "True");
 
     // Fixing the object accepts it, and both serve from the new revision.
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "bad",
-            json!({"hostname": "*", "prefix": "/bad/", "service": "bad.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "bad", "/bad/", "bad.default:80");
     let s2 = wait_snapshot(&mut run.rx, "both", has_routes(&["bad", "good"])).await;
     served_tx.send_replace(Some(s2.revision.id.clone().into()));
     let rev2 = s2.revision.id.clone();
-    wait_until("bad accepted at generation 2", || {
+    eventually("bad accepted at generation 2", || {
         fake.patches_for("bad").last().is_some_and(|p| {
             p["status"]["conditions"][0]["status"] == "True"
                 && p["status"]["observedGeneration"] == 2
@@ -857,63 +805,62 @@ async fn kube_an_invalid_object_gets_accepted_false_and_the_others_serve() {
 async fn kube_status_is_written_only_when_it_changes() {
     let fake = FakeApiServer::start().await;
     for n in ["m1", "m2", "m3"] {
-        fake.apply(
-            MAPPINGS,
-            mapping(
-                "default",
-                n,
-                json!({"hostname": "*", "prefix": format!("/{n}/"), "service": "x.default:80"}),
-            ),
-        );
+        fake.apply_route("default", n, &format!("/{n}/"), "x.default:80");
     }
     let mut run = start_source(&fake, Some("default")).await;
     let s = wait_snapshot(&mut run.rx, "three", has_routes(&["m1", "m2", "m3"])).await;
     let (served_tx, served) =
         watch::channel(Some(legate::cluster::Served::from(s.revision.id.clone())));
-    let _status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
-    wait_until("three statuses", || fake.patches().len() >= 3).await;
+    let status = spawn_status(fake.client(), run.rx.clone(), served, always_leader());
+    eventually("three statuses", || fake.patches().len() >= 3).await;
+    let once_each = |names: &[&str]| {
+        for n in names {
+            assert_eq!(fake.patches_for(n).len(), 1, "{n}: {:#?}", fake.patches());
+        }
+    };
     // Our own writes come back through the watch as MODIFIED events; a watch restart replays
     // everything; the served revision is re-announced. None of it is a change of status.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     fake.drop_watches();
     served_tx.send_replace(Some(s.revision.id.clone().into()));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(fake.patches().len(), 3, "{:#?}", fake.patches());
+    // Then a change that is one: an invalid object (the revision stays the same). The writer
+    // handles changes in order, so once its status is written the ones before were handled.
+    let invalid = |n: &str| {
+        mapping(
+            "default",
+            n,
+            json!({"hostname": "*", "prefix": "/x/", "servce": "x:80"}),
+        )
+    };
+    fake.apply(MAPPINGS, invalid("bad1"));
+    eventually("bad1's status", || !fake.patches_for("bad1").is_empty()).await;
+    once_each(&["m1", "m2", "m3"]);
 
-    // A restarted writer (a new leader) reads the statuses back and writes nothing either.
+    // A restarted writer (a new leader) reads the statuses back and writes only what changed.
+    wait_snapshot(&mut run.rx, "every status seen", |s| {
+        s.verdicts.len() == 4 && s.verdicts.iter().all(|v| v.status.is_some())
+    })
+    .await;
+    status.abort();
     let (_tx2, served2) =
         watch::channel(Some(legate::cluster::Served::from(s.revision.id.clone())));
     let other = spawn_status(fake.client(), run.rx.clone(), served2, always_leader());
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    fake.apply(MAPPINGS, invalid("bad2"));
+    eventually("bad2's status", || !fake.patches_for("bad2").is_empty()).await;
     other.abort();
-    assert_eq!(fake.patches().len(), 3, "{:#?}", fake.patches());
+    once_each(&["m1", "m2", "m3", "bad1"]);
 }
 
 #[tokio::test]
 async fn kube_watch_restarts_after_the_server_drops_the_connection() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "a",
-            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "a", "/a/", "a.default:80");
     let mut run = start_source(&fake, Some("default")).await;
     wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
-    wait_until("watches open", || fake.lock().watches >= 3).await;
+    eventually("watches open", || fake.lock().watches >= 3).await;
     let watches = fake.lock().watches;
     let lists = fake.lock().lists;
     fake.drop_watches();
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "b",
-            json!({"hostname": "*", "prefix": "/b/", "service": "b.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "b", "/b/", "b.default:80");
     wait_snapshot(&mut run.rx, "b after the drop", has_routes(&["a", "b"])).await;
     let st = fake.lock();
     assert!(st.watches > watches, "the watch was not restarted");
@@ -924,14 +871,7 @@ async fn kube_watch_restarts_after_the_server_drops_the_connection() {
 #[tokio::test]
 async fn kube_a_relist_after_410_gone_heals() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "a",
-            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "a", "/a/", "a.default:80");
     let mut run = start_source(&fake, Some("default")).await;
     wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
     let lists = fake.lock().lists;
@@ -956,22 +896,8 @@ async fn kube_a_relist_after_410_gone_heals() {
 #[tokio::test]
 async fn kube_a_bare_service_means_the_mapping_namespace() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "shop",
-            "quote",
-            json!({"hostname": "*", "prefix": "/q/", "service": "quote"}),
-        ),
-    );
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "web",
-            "other",
-            json!({"hostname": "*", "prefix": "/o/", "service": "other.elsewhere:8080"}),
-        ),
-    );
+    fake.apply_route("shop", "quote", "/q/", "quote");
+    fake.apply_route("web", "other", "/o/", "other.elsewhere:8080");
     // All namespaces.
     let mut run = start_source(&fake, None).await;
     let s = wait_snapshot(&mut run.rx, "both", has_routes(&["other", "quote"])).await;
@@ -1053,14 +979,7 @@ async fn kube_tls_secrets_named_by_hosts_are_written_to_the_secrets_dir() {
 #[tokio::test]
 async fn kube_only_the_lease_holder_writes_status() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "a",
-            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "a", "/a/", "a.default:80");
     // Another replica holds a fresh Lease.
     let now = k8s_openapi::chrono::Utc::now();
     let lease = |holder: &str, renewed: k8s_openapi::chrono::DateTime<k8s_openapi::chrono::Utc>| {
@@ -1086,7 +1005,11 @@ async fn kube_only_the_lease_holder_writes_status() {
     let (_tx, served) = watch::channel(Some(legate::cluster::Served::from(s.revision.id.clone())));
     let status = start_status(fake.client(), run.rx.clone(), served, cfg);
     let leader = status.is_leader();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // A follower retries the Lease every 100 ms: after three looks it has had every chance.
+    eventually("three looks at the Lease", || {
+        fake.lock().lease_calls.len() >= 3
+    })
+    .await;
     assert!(fake.patches().is_empty(), "a follower wrote status");
     assert!(!*leader.borrow());
     assert!(fake.lock().lease_calls.iter().all(|m| m == "GET"));
@@ -1101,7 +1024,7 @@ async fn kube_only_the_lease_holder_writes_status() {
             false,
         );
     }
-    wait_until("status written by the new leader", || {
+    eventually("status written by the new leader", || {
         !fake.patches().is_empty()
     })
     .await;
@@ -1118,7 +1041,7 @@ async fn kube_only_the_lease_holder_writes_status() {
         .iter()
         .filter(|m| *m == "PUT")
         .count();
-    wait_until("renewals", || {
+    eventually("renewals", || {
         fake.lock()
             .lease_calls
             .iter()
@@ -1165,14 +1088,7 @@ async fn kube_emissary_kinds_are_watched_when_installed_and_ambassador_id_is_hon
         AMB,
         amb("theirs", json!({"hostname": "*", "prefix": "/theirs/", "service": "t", "ambassador_id": ["other"]})),
     );
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "native",
-            json!({"hostname": "*", "prefix": "/n/", "service": "n.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "native", "/n/", "n.default:80");
     let mut run = start_source(&fake, Some("default")).await;
     // Legate's six kinds, and the two Emissary kinds the group serves (not its AuthService).
     assert_eq!(run.watch.kinds().len(), 8);
@@ -1196,14 +1112,7 @@ async fn kube_emissary_kinds_are_watched_when_installed_and_ambassador_id_is_hon
 #[tokio::test]
 async fn kube_the_label_selector_limits_what_is_watched() {
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "labelled",
-            json!({"hostname": "*", "prefix": "/l/", "service": "l.default:80"}),
-        ),
-    );
+    fake.apply_route("default", "labelled", "/l/", "l.default:80");
     let mut other = mapping(
         "default",
         "unlabelled",
@@ -1283,6 +1192,55 @@ async fn kube_timings() {
     );
 }
 
+/// `legate run --kubernetes` against `fake` (namespace `default`), with the demo echo upstream
+/// on `echo`, plain HTTP and admin listeners on free ports, and `args`.
+struct KubeRun {
+    http: SocketAddr,
+    admin: SocketAddr,
+    _gw: crate::support::Killed,
+    _dir: tempfile::TempDir,
+}
+
+impl KubeRun {
+    fn start(fake: &FakeApiServer, echo: SocketAddr, args: &[&str]) -> KubeRun {
+        let (http, admin) = (crate::support::free_addr(), crate::support::free_addr());
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+                fake.addr
+            ),
+        )
+        .unwrap();
+        let gw = crate::support::Killed(
+            std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+                .args(["run", "--kubernetes", "--namespace", "default"])
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .arg("--secrets-dir")
+                .arg(dir.path().join("secrets"))
+                .args(["--demo-echo", &echo.to_string()])
+                .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+                .args(["--admin-listen", &admin.to_string()])
+                .args(["--access-log", "off"])
+                .args(args)
+                .env("POD_NAMESPACE", "default")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        KubeRun {
+            http,
+            admin,
+            _gw: gw,
+            _dir: dir,
+        }
+    }
+}
+
 /// The whole `legate run --kubernetes` process against the fake API server: the gateway serves
 /// what the API holds, keeps serving it when an invalid object arrives, and the Lease holder
 /// writes both objects' status.
@@ -1290,7 +1248,7 @@ async fn kube_timings() {
 async fn kube_legate_run_serves_from_the_api_and_writes_status() {
     let fake = FakeApiServer::start().await;
     let free = crate::support::free_addr;
-    let (echo, http, admin) = (free(), free(), free());
+    let echo = free();
     fake.apply(
         MAPPINGS,
         mapping(
@@ -1299,33 +1257,8 @@ async fn kube_legate_run_serves_from_the_api_and_writes_status() {
             json!({"hostname": "*", "prefix": "/k/", "service": echo.to_string(), "rewrite": "/"}),
         ),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
-            fake.addr
-        ),
-    )
-    .unwrap();
-    let _gw = crate::support::Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
-            .args(["run", "--kubernetes", "--namespace", "default"])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--secrets-dir")
-            .arg(dir.path().join("secrets"))
-            .args(["--demo-echo", &echo.to_string()])
-            .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
-            .args(["--admin-listen", &admin.to_string(), "--verify-window", "0"])
-            .args(["--access-log", "off"])
-            .env("POD_NAMESPACE", "default")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let gw = KubeRun::start(&fake, echo, &["--verify-window", "0"]);
+    let (http, admin) = (gw.http, gw.admin);
     let url = format!("http://{http}/k/x");
     let mut served = None;
     for _ in 0..300 {
@@ -1358,7 +1291,7 @@ async fn kube_legate_run_serves_from_the_api_and_writes_status() {
             json!({"hostname": "*", "prefix": "/t/", "servce": "t.default:80"}),
         ),
     );
-    wait_until("Accepted=False on the invalid object", || {
+    eventually("Accepted=False on the invalid object", || {
         fake.patches_for("typo")
             .last()
             .is_some_and(|p| p["status"]["conditions"][0]["status"] == "False")
@@ -1381,7 +1314,7 @@ async fn kube_legate_run_serves_from_the_api_and_writes_status() {
         .as_str()
         .expect("a revision applied")
         .to_string();
-    wait_until("status of echo with the served revision", || {
+    eventually("status of echo with the served revision", || {
         fake.patches_for("echo")
             .last()
             .is_some_and(|p| p["status"]["revision"] == json!(applied))
@@ -1487,14 +1420,7 @@ async fn kube_authservice_jwtpolicy_and_ratelimit_are_watched_and_judged() {
     // A cluster whose CRDs predate these kinds: they are not watched, the rest serves.
     let old = FakeApiServer::start().await;
     old.lock().old_crds = true;
-    old.apply(
-        MAPPINGS,
-        mapping(
-            "default",
-            "a",
-            json!({"hostname": "*", "prefix": "/a/", "service": "a.default:80"}),
-        ),
-    );
+    old.apply_route("default", "a", "/a/", "a.default:80");
     let mut run = start_source(&old, Some("default")).await;
     assert_eq!(run.watch.kinds().len(), 3);
     wait_snapshot(&mut run.rx, "a", has_routes(&["a"])).await;
@@ -1504,7 +1430,7 @@ async fn kube_authservice_jwtpolicy_and_ratelimit_are_watched_and_judged() {
 async fn kube_a_mapping_failing_its_window_is_set_aside_and_the_others_stay() {
     let fake = FakeApiServer::start().await;
     let free = crate::support::free_addr;
-    let (echo, http, admin, dead) = (free(), free(), free(), free());
+    let (echo, dead) = (free(), free());
     fake.apply(
         MAPPINGS,
         mapping(
@@ -1513,34 +1439,12 @@ async fn kube_a_mapping_failing_its_window_is_set_aside_and_the_others_stay() {
             json!({"hostname": "*", "prefix": "/k/", "service": echo.to_string(), "rewrite": "/"}),
         ),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
-            fake.addr
-        ),
-    )
-    .unwrap();
-    let _gw = crate::support::Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
-            .args(["run", "--kubernetes", "--namespace", "default"])
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--secrets-dir")
-            .arg(dir.path().join("secrets"))
-            .args(["--demo-echo", &echo.to_string()])
-            .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
-            .args(["--admin-listen", &admin.to_string()])
-            .args(["--verify-window", "1s", "--verify-min-requests", "3"])
-            .args(["--access-log", "off"])
-            .env("POD_NAMESPACE", "default")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+    let gw = KubeRun::start(
+        &fake,
+        echo,
+        &["--verify-window", "1s", "--verify-min-requests", "3"],
     );
+    let (http, admin) = (gw.http, gw.admin);
     let status = || async {
         crate::support::get(&format!("http://{admin}/api/status"), &[])
             .await
@@ -1563,7 +1467,7 @@ async fn kube_a_mapping_failing_its_window_is_set_aside_and_the_others_stay() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(verified, "the first snapshot is verified");
-    wait_until("echo's status says verified", || {
+    eventually("echo's status says verified", || {
         fake.patches_for("echo")
             .last()
             .is_some_and(|p| p["status"]["rollout"] == "verified-unobserved")
@@ -1581,19 +1485,21 @@ async fn kube_a_mapping_failing_its_window_is_set_aside_and_the_others_stay() {
         ),
     );
     let url = format!("http://{http}/d/x");
+    // Five requests fail at the gateway once `dead` serves (30 s at most: a hang, not timing).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut failures = 0;
-    for _ in 0..500 {
+    while failures < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dead never answered 502 five times ({failures})"
+        );
         if crate::support::get(&url, &[]).await.status == 502 {
             failures += 1;
-            if failures >= 5 {
-                break;
-            }
         } else {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    assert_eq!(failures, 5);
-    wait_until("dead set aside with VerificationFailed", || {
+    eventually("dead set aside with VerificationFailed", || {
         fake.patches_for("dead").last().is_some_and(|p| {
             p["status"]["conditions"][0]["status"] == "False"
                 && p["status"]["conditions"][0]["reason"] == "VerificationFailed"

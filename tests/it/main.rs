@@ -16,6 +16,7 @@ mod emissary;
 mod gateway;
 mod git_source;
 mod golden;
+mod h2_upstreams;
 mod health;
 mod kube;
 mod observability;

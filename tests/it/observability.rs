@@ -15,18 +15,9 @@ use crate::traffic::{flaky, gate, gated, spawn_gets, Scripted};
 fn config(up: &Upstream) -> String {
     let svc = up.service();
     [
-        mapping(
-            "api",
-            &format!("hostname: '*'\nprefix: /api/\nservice: {svc}\nstats_name: api-stats"),
-        ),
-        mapping(
-            "web",
-            &format!("hostname: '*'\nprefix: /web/\nservice: {svc}"),
-        ),
-        mapping(
-            "slow",
-            &format!("hostname: '*'\nprefix: /slow/\nservice: {svc}\ntimeout_ms: 50"),
-        ),
+        route("api", "/api/", &svc, "stats_name: api-stats"),
+        route("web", "/web/", &svc, ""),
+        route("slow", "/slow/", &svc, "timeout_ms: 50"),
         // Nothing listens on port 1: every request is a connect failure.
         mapping(
             "dead",
@@ -315,7 +306,7 @@ async fn log_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     };
-    crate::reconcile::eventually("the access log lines", || read().len() == n).await;
+    crate::support::eventually("the access log lines", || read().len() == n).await;
     read()
 }
 
@@ -392,12 +383,7 @@ async fn traceparent_is_forwarded_with_a_new_parent_or_started() {
 fn policies(flaky: &Scripted, gated: &Scripted, refused: &Scripted, dead: &str) -> String {
     [
         route("r", "/r/", &flaky.service(), "stats_name: retried\nretry_policy:\n  retry_on: 5xx\n  num_retries: 3"),
-        mapping(
-            "c",
-            &format!(
-                "hostname: '*'\nprefix: /c/\nservice: {dead}\nretry_policy:\n  retry_on: connect-failure\n  num_retries: 2"
-            ),
-        ),
+        route("c", "/c/", dead, "retry_policy:\n  retry_on: connect-failure\n  num_retries: 2"),
         route("b", "/b/", &gated.service(), "timeout_ms: 60000\ncircuit_breakers:\n  - max_requests: 2"),
         route("n", "/n/", &refused.service(), "retry_policy:\n  retry_on: 5xx\n  num_retries: 3\ncircuit_breakers:\n  - max_retries: 0"),
     ]
@@ -434,7 +420,7 @@ async fn retry_and_circuit_breaker_counters_match_the_traffic() {
     // Two requests hold the max_requests: 2 breaker; the next ones are refused at once.
     let url = gw.url("/b/x");
     let held = spawn_gets(&url, 2);
-    crate::reconcile::eventually("two requests held", || held_up.hits() == 2).await;
+    crate::support::eventually("two requests held", || held_up.hits() == 2).await;
     let mut breaker_503s = 0;
     for _ in 0..3 {
         let r = get(&url, &[]).await;

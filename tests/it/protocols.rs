@@ -90,10 +90,7 @@ async fn grpc_real_client_and_server_stream_trailers_and_errors() {
             "hostname: '*'\nprefix: /legate.test.Timeout/\nrewrite: /legate.test.Echo/\n\
              service: 127.0.0.1:{port}\ngrpc: true\ntimeout_ms: 300"
         ),
-    ) + &mapping(
-        "dead",
-        &format!("hostname: '*'\nprefix: /legate.test.Dead/\nservice: {dead}\ngrpc: true"),
-    );
+    ) + &route("dead", "/legate.test.Dead/", &dead.to_string(), "grpc: true");
     let gw = Gateway::start(&yaml).await;
     let r = grpc_client(gw.http.to_string()).await;
 

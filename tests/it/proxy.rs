@@ -22,38 +22,40 @@ async fn prefix_exact_regex_and_no_route() {
     let up = Upstream::start("a").await;
     let svc = up.service();
     let yaml = [
-        mapping("pre", &format!("hostname: '*'\nprefix: /pre/\nservice: {svc}")),
-        mapping(
-            "exact",
-            &format!("hostname: '*'\nprefix: /exact\nprefix_exact: true\nservice: {svc}\nrewrite: /was-exact"),
-        ),
-        mapping(
+        route("pre", "/pre/", &svc, ""),
+        route("exact", "/exact", &svc, "prefix_exact: true\nrewrite: /was-exact"),
+        route(
             "rx",
-            &format!(
-                "hostname: '*'\nprefix: '/api/v[0-9]+/items/.*'\nprefix_regex: true\nservice: {svc}\nregex_rewrite:\n  pattern: '^/api/v([0-9]+)/items/(.*)$'\n  substitution: '/items/\\2/v\\1'"
-            ),
+            "'/api/v[0-9]+/items/.*'",
+            &svc,
+            "prefix_regex: true\nregex_rewrite:\n  pattern: '^/api/v([0-9]+)/items/(.*)$'\n  substitution: '/items/\\2/v\\1'",
         ),
     ]
     .concat();
     let gw = Gateway::start(&yaml).await;
 
-    // Prefix with the default rewrite "/": the matched prefix is replaced.
-    let r = get(&gw.url("/pre/a/b?x=1"), &[]).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.json()["path"], "/a/b");
-    assert_eq!(r.json()["query"], "x=1");
-
-    // Exact: only the exact path; the whole path is the matched part of the rewrite.
-    let r = get(&gw.url("/exact"), &[]).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.json()["path"], "/was-exact");
-    assert_eq!(get(&gw.url("/exact/more"), &[]).await.status, 404);
-
-    // Regex: the whole path must match; regex_rewrite with capture groups.
-    let r = get(&gw.url("/api/v2/items/abc"), &[]).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.json()["path"], "/items/abc/v2");
-    assert_eq!(get(&gw.url("/api/vX/items/abc"), &[]).await.status, 404);
+    // (request path, status, the path the upstream saw)
+    let cases = [
+        // Prefix with the default rewrite "/": the matched prefix is replaced.
+        ("/pre/a/b?x=1", 200, Some("/a/b")),
+        // Exact: only the exact path; the whole path is the matched part of the rewrite.
+        ("/exact", 200, Some("/was-exact")),
+        ("/exact/more", 404, None),
+        // Regex: the whole path must match; regex_rewrite with capture groups.
+        ("/api/v2/items/abc", 200, Some("/items/abc/v2")),
+        ("/api/vX/items/abc", 404, None),
+    ];
+    for (path, status, seen) in cases {
+        let r = get(&gw.url(path), &[]).await;
+        assert_eq!(r.status, status, "{path}");
+        if let Some(seen) = seen {
+            assert_eq!(r.json()["path"], seen, "{path}");
+        }
+    }
+    assert_eq!(
+        get(&gw.url("/pre/a/b?x=1"), &[]).await.json()["query"],
+        "x=1"
+    );
 
     // No route: 404 with a short body.
     let r = get(&gw.url("/nothing/here"), &[]).await;
@@ -89,48 +91,53 @@ async fn headers_query_method_case_and_precedence() {
     let b = Upstream::start("b").await;
     let (sa, sb) = (a.service(), b.service());
     let yaml = [
-        mapping("base", &format!("hostname: '*'\nprefix: /r/\nservice: {sa}")),
-        mapping("hdr", &format!("hostname: '*'\nprefix: /r/\nheaders:\n  x-v: two\nservice: {sb}")),
-        mapping(
+        route("base", "/r/", &sa, ""),
+        route("hdr", "/r/", &sb, "headers:\n  x-v: two"),
+        route(
             "rxhdr",
-            &format!("hostname: '*'\nprefix: /r/\nregex_headers:\n  x-tier: '^(gold|platinum)$'\nservice: {sb}"),
+            "/r/",
+            &sb,
+            "regex_headers:\n  x-tier: '^(gold|platinum)$'",
         ),
-        mapping("q", &format!("hostname: '*'\nprefix: /q/\nquery_parameters:\n  mode: preview\nservice: {sb}")),
-        mapping("qbase", &format!("hostname: '*'\nprefix: /q/\nservice: {sa}")),
-        mapping("post", &format!("hostname: '*'\nprefix: /m/\nmethod: POST\nservice: {sb}")),
-        mapping("mbase", &format!("hostname: '*'\nprefix: /m/\nservice: {sa}")),
-        mapping("ci", &format!("hostname: '*'\nprefix: /CaSe/\ncase_sensitive: false\nservice: {sb}")),
-        mapping("cs", &format!("hostname: '*'\nprefix: /Strict/\nservice: {sb}")),
-        mapping("long", &format!("hostname: '*'\nprefix: /p/long/\nservice: {sa}")),
-        mapping("prec", &format!("hostname: '*'\nprefix: /p/\nprecedence: 10\nservice: {sb}")),
+        route("q", "/q/", &sb, "query_parameters:\n  mode: preview"),
+        route("qbase", "/q/", &sa, ""),
+        route("post", "/m/", &sb, "method: POST"),
+        route("mbase", "/m/", &sa, ""),
+        route("ci", "/CaSe/", &sb, "case_sensitive: false"),
+        route("cs", "/Strict/", &sb, ""),
+        route("long", "/p/long/", &sa, ""),
+        route("prec", "/p/", &sb, "precedence: 10"),
     ]
     .concat();
     let gw = Gateway::start(&yaml).await;
-    let up = |r: &Got| r.json()["upstream"].as_str().unwrap().to_string();
 
-    assert_eq!(up(&get(&gw.url("/r/x"), &[]).await), "a");
-    assert_eq!(up(&get(&gw.url("/r/x"), &[("x-v", "two")]).await), "b");
-    assert_eq!(up(&get(&gw.url("/r/x"), &[("x-v", "three")]).await), "a");
-    assert_eq!(up(&get(&gw.url("/r/x"), &[("x-tier", "gold")]).await), "b");
-    assert_eq!(
-        up(&get(&gw.url("/r/x"), &[("x-tier", "golden")]).await),
-        "a"
-    );
-
-    assert_eq!(up(&get(&gw.url("/q/x?mode=preview"), &[]).await), "b");
-    assert_eq!(up(&get(&gw.url("/q/x?a=1&mode=preview"), &[]).await), "b");
-    assert_eq!(up(&get(&gw.url("/q/x?mode=live"), &[]).await), "a");
-
-    assert_eq!(up(&send("POST", &gw.url("/m/x"), &[], empty()).await), "b");
-    assert_eq!(up(&get(&gw.url("/m/x"), &[]).await), "a");
-
-    assert_eq!(up(&get(&gw.url("/case/x"), &[]).await), "b");
-    assert_eq!(up(&get(&gw.url("/CASE/x"), &[]).await), "b");
-    assert_eq!(up(&get(&gw.url("/Strict/x"), &[]).await), "b");
-    assert_eq!(get(&gw.url("/strict/x"), &[]).await.status, 404);
-
-    // Higher precedence wins over a longer prefix.
-    assert_eq!(up(&get(&gw.url("/p/long/x"), &[]).await), "b");
+    // (method, path, headers, the upstream that answers; None: no route, 404)
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], Option<&'a str>);
+    let cases: [Case; 15] = [
+        ("GET", "/r/x", &[], Some("a")),
+        ("GET", "/r/x", &[("x-v", "two")], Some("b")),
+        ("GET", "/r/x", &[("x-v", "three")], Some("a")),
+        ("GET", "/r/x", &[("x-tier", "gold")], Some("b")),
+        ("GET", "/r/x", &[("x-tier", "golden")], Some("a")),
+        ("GET", "/q/x?mode=preview", &[], Some("b")),
+        ("GET", "/q/x?a=1&mode=preview", &[], Some("b")),
+        ("GET", "/q/x?mode=live", &[], Some("a")),
+        ("POST", "/m/x", &[], Some("b")),
+        ("GET", "/m/x", &[], Some("a")),
+        ("GET", "/case/x", &[], Some("b")),
+        ("GET", "/CASE/x", &[], Some("b")),
+        ("GET", "/Strict/x", &[], Some("b")),
+        ("GET", "/strict/x", &[], None),
+        // Higher precedence wins over a longer prefix.
+        ("GET", "/p/long/x", &[], Some("b")),
+    ];
+    for (method, path, headers, want) in cases {
+        let r = send(method, &gw.url(path), headers, empty()).await;
+        match want {
+            Some(up) => assert_eq!(r.json()["upstream"], up, "{method} {path} {headers:?}"),
+            None => assert_eq!(r.status, 404, "{method} {path} {headers:?}"),
+        }
+    }
 }
 
 /// Issue #14 changed this test: an authority that matches no Host is 404 (Emissary has no
@@ -188,22 +195,10 @@ async fn rewrites_and_host_header() {
     let up = Upstream::start("a").await;
     let svc = up.service();
     let yaml = [
-        mapping(
-            "keep",
-            &format!("hostname: '*'\nprefix: /keep/\nservice: {svc}\nrewrite: ''"),
-        ),
-        mapping(
-            "pre",
-            &format!("hostname: '*'\nprefix: /pre/\nservice: {svc}\nrewrite: /new/"),
-        ),
-        mapping(
-            "hr",
-            &format!("hostname: '*'\nprefix: /hr/\nservice: {svc}\nhost_rewrite: internal.test"),
-        ),
-        mapping(
-            "auto",
-            &format!("hostname: '*'\nprefix: /auto/\nservice: {svc}\nauto_host_rewrite: true"),
-        ),
+        route("keep", "/keep/", &svc, "rewrite: ''"),
+        route("pre", "/pre/", &svc, "rewrite: /new/"),
+        route("hr", "/hr/", &svc, "host_rewrite: internal.test"),
+        route("auto", "/auto/", &svc, "auto_host_rewrite: true"),
     ]
     .concat();
     let gw = Gateway::start(&yaml).await;
@@ -224,38 +219,38 @@ async fn rewrites_and_host_header() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects() {
+    let redirect = |name: &str, prefix: &str, to: &str, extra: &str| {
+        route(name, prefix, to, &format!("host_redirect: true\n{extra}"))
+    };
     let yaml = [
-        mapping(
-            "path",
-            "hostname: '*'\nprefix: /old/\nhost_redirect: true\nservice: docs.test\npath_redirect: /docs/\nredirect_response_code: 301",
-        ),
-        mapping(
-            "prefix",
-            "hostname: '*'\nprefix: /blog/\nhost_redirect: true\nservice: www.test\nprefix_redirect: /news/\nredirect_response_code: 302",
-        ),
-        mapping(
+        redirect("path", "/old/", "docs.test", "path_redirect: /docs/\nredirect_response_code: 301"),
+        redirect("prefix", "/blog/", "www.test", "prefix_redirect: /news/\nredirect_response_code: 302"),
+        redirect(
             "rx",
-            "hostname: '*'\nprefix: /rx/\nhost_redirect: true\nservice: www.test\nregex_redirect:\n  pattern: '^/rx/([a-z]+)/(.*)$'\n  substitution: '/\\2/\\1'\nredirect_response_code: 307",
+            "/rx/",
+            "www.test",
+            "regex_redirect:\n  pattern: '^/rx/([a-z]+)/(.*)$'\n  substitution: '/\\2/\\1'\nredirect_response_code: 307",
         ),
-        mapping("hostonly", "hostname: '*'\nprefix: /moved/\nhost_redirect: true\nservice: elsewhere.test"),
+        redirect("hostonly", "/moved/", "elsewhere.test", ""),
     ]
     .concat();
     let gw = Gateway::start(&yaml).await;
-    let r = get(&gw.url("/old/page"), &[]).await;
-    assert_eq!(r.status, 301);
-    assert_eq!(r.header("location"), Some("http://docs.test/docs/"));
-    let r = get(&gw.url("/blog/2024/post?q=1"), &[]).await;
-    assert_eq!(r.status, 302);
-    assert_eq!(
-        r.header("location"),
-        Some("http://www.test/news/2024/post?q=1")
-    );
-    let r = get(&gw.url("/rx/abc/def"), &[]).await;
-    assert_eq!(r.status, 307);
-    assert_eq!(r.header("location"), Some("http://www.test/def/abc"));
-    let r = get(&gw.url("/moved/x"), &[]).await;
-    assert_eq!(r.status, 301);
-    assert_eq!(r.header("location"), Some("http://elsewhere.test/moved/x"));
+    // (request path, status, Location)
+    let cases = [
+        ("/old/page", 301, "http://docs.test/docs/"),
+        (
+            "/blog/2024/post?q=1",
+            302,
+            "http://www.test/news/2024/post?q=1",
+        ),
+        ("/rx/abc/def", 307, "http://www.test/def/abc"),
+        ("/moved/x", 301, "http://elsewhere.test/moved/x"),
+    ];
+    for (path, status, location) in cases {
+        let r = get(&gw.url(path), &[]).await;
+        assert_eq!(r.status, status, "{path}");
+        assert_eq!(r.header("location"), Some(location), "{path}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,10 +393,7 @@ async fn timeout_504_dead_upstream_502_and_weights() {
     };
     let yaml = [
         route("slow", "/slow/", &up.service(), "timeout_ms: 200"),
-        mapping(
-            "dead",
-            &format!("hostname: '*'\nprefix: /dead/\nservice: {dead}"),
-        ),
+        route("dead", "/dead/", &dead.to_string(), ""),
         route("w1", "/w/", &up.service(), "weight: 50"),
         route("w2", "/w/", &b.service(), "weight: 50"),
     ]
@@ -872,10 +864,7 @@ async fn binary_runs_quickstart_and_exits_zero_on_sigterm() {
             .unwrap()
     };
     let (echo, http, admin) = (free(), free(), free());
-    let tree = Tree::new(&mapping(
-        "echo",
-        &format!("hostname: '*'\nprefix: /echo/\nservice: {echo}\nrewrite: /"),
-    ));
+    let tree = Tree::new(&route("echo", "/echo/", &echo.to_string(), "rewrite: /"));
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
         .arg("run")
         .arg("--dir")

@@ -12,6 +12,8 @@ use legate::reconcile::{self, Handle, Live, Outcome, PassResult, RejectKind, Set
 use legate::source::dir::DirSource;
 use legate::source::Source;
 
+use crate::support::eventually;
+
 pub fn mapping(name: &str, prefix: &str, service: &str) -> String {
     format!(
         "apiVersion: legate.dev/v1alpha1\nkind: Mapping\nmetadata:\n  name: {name}\nspec:\n  hostname: \"*\"\n  prefix: {prefix}\n  service: {service}\n"
@@ -42,17 +44,6 @@ pub fn outcome(r: &PassResult) -> Option<Outcome> {
         PassResult::Recorded { entry } => Some(entry.outcome),
         _ => None,
     }
-}
-
-/// Poll `cond` until it holds; panics after a generous deadline (a hang, not a timing check).
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..3000 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn start_dir(dir: &Path, cache: Option<&Path>, s: Settings) -> (Handle, Arc<Live>) {
@@ -539,6 +530,7 @@ async fn directory_watch_ends_on_the_final_content_after_100_writes() {
         settings(None),
         None,
     )
+    .await
     .unwrap();
     let h = running.handle.clone();
     h.sync().await;
@@ -745,6 +737,7 @@ async fn directory_watch_follows_a_root_replaced_by_rename() {
         settings(None),
         None,
     )
+    .await
     .unwrap();
     let h = running.handle.clone();
     h.sync().await;

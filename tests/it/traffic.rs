@@ -7,7 +7,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -105,17 +104,6 @@ pub(crate) fn gate() -> (
     tokio::sync::watch::channel(false)
 }
 
-/// Wait (polling, bounded) until `f` holds; the readiness check for background work.
-pub(crate) async fn eventually(what: &str, f: impl Fn() -> bool) {
-    for _ in 0..1000 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
-
 fn body(b: &'static str) -> TestBody {
     Full::new(Bytes::from_static(b.as_bytes()))
         .map_err(|e| match e {})
@@ -203,13 +191,13 @@ async fn canary_weights_change_on_the_next_request_after_a_swap() {
 }
 
 fn shadowed(real: &str, shadow: &str, extra: &str) -> String {
-    mapping(
-        "real",
-        &format!("hostname: '*'\nprefix: /s/\nservice: {real}"),
-    ) + &mapping(
-        "shadow",
-        &format!("hostname: '*'\nprefix: /s/\nservice: {shadow}\nshadow: true\ntimeout_ms: 60000\n{extra}"),
-    )
+    route("real", "/s/", real, "")
+        + &route(
+            "shadow",
+            "/s/",
+            shadow,
+            &format!("shadow: true\ntimeout_ms: 60000\n{extra}"),
+        )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,65 +323,107 @@ pub(crate) async fn flaky(fails: u64, status: u16) -> Scripted {
 
 fn retrying(up: &Scripted, policy: &str) -> String {
     let policy: String = policy.lines().map(|l| format!("  {l}\n")).collect();
-    mapping(
+    route(
         "r",
-        &format!(
-            "hostname: '*'\nprefix: /r/\nservice: {}\nretry_policy:\n{policy}",
-            up.service()
-        ),
+        "/r/",
+        &up.service(),
+        &format!("retry_policy:\n{policy}"),
     )
+}
+
+/// One retry case: the upstream fails `fails` times with `status` and then answers 200.
+struct RetryCase {
+    what: &'static str,
+    fails: u64,
+    status: u16,
+    /// The Mapping's `retry_policy`; `None`: the Mapping has none.
+    policy: Option<&'static str>,
+    headers: &'static [(&'static str, &'static str)],
+    want: StatusCode,
+    /// The body the client gets, when it is checked.
+    body: Option<&'static str>,
+    attempts: u64,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_until_success_within_num_retries() {
-    // Fails twice, then succeeds: 3 attempts allowed.
-    let up = flaky(2, 503).await;
-    let gw = Gateway::start(&retrying(&up, "retry_on: 5xx\nnum_retries: 3")).await;
-    let r = get(&gw.url("/r/x"), &[]).await;
-    assert_eq!(
-        (r.status, r.body.as_str()),
-        (StatusCode::OK, "ok after 2 body 0")
-    );
-    assert_eq!(up.hits(), 3);
-
-    // num_retries defaults to 1: two failures exhaust it and the last answer goes through.
-    let up = flaky(2, 503).await;
-    let gw = Gateway::start(&retrying(&up, "retry_on: gateway-error")).await;
-    let r = get(&gw.url("/r/x"), &[]).await;
-    assert_eq!(
-        (r.status, r.body.as_str()),
-        (StatusCode::SERVICE_UNAVAILABLE, "failing")
-    );
-    assert_eq!(up.hits(), 2);
-
-    // gateway-error does not cover a 500.
-    let up = flaky(1, 500).await;
-    let gw = Gateway::start(&retrying(&up, "retry_on: gateway-error\nnum_retries: 3")).await;
-    assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 500);
-    assert_eq!(up.hits(), 1);
-
-    // retriable-4xx retries a 409.
-    let up = flaky(1, 409).await;
-    let gw = Gateway::start(&retrying(&up, "retry_on: retriable-4xx")).await;
-    assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 200);
-    assert_eq!(up.hits(), 2);
-
-    // retriable-status-codes: the codes the client lists.
-    let up = flaky(1, 418).await;
-    let gw = Gateway::start(&retrying(&up, "retry_on: retriable-status-codes")).await;
-    let r = get(
-        &gw.url("/r/x"),
-        &[("x-envoy-retriable-status-codes", "429,418")],
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(up.hits(), 2);
-
-    // No policy: no retry.
-    let up = flaky(1, 503).await;
-    let gw = Gateway::start(&route("r", "/r/", &up.service(), "")).await;
-    assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 503);
-    assert_eq!(up.hits(), 1);
+    let cases = [
+        RetryCase {
+            what: "fails twice, then succeeds: 3 attempts allowed",
+            fails: 2,
+            status: 503,
+            policy: Some("retry_on: 5xx\nnum_retries: 3"),
+            headers: &[],
+            want: StatusCode::OK,
+            body: Some("ok after 2 body 0"),
+            attempts: 3,
+        },
+        RetryCase {
+            what:
+                "num_retries defaults to 1: two failures exhaust it, the last answer goes through",
+            fails: 2,
+            status: 503,
+            policy: Some("retry_on: gateway-error"),
+            headers: &[],
+            want: StatusCode::SERVICE_UNAVAILABLE,
+            body: Some("failing"),
+            attempts: 2,
+        },
+        RetryCase {
+            what: "gateway-error does not cover a 500",
+            fails: 1,
+            status: 500,
+            policy: Some("retry_on: gateway-error\nnum_retries: 3"),
+            headers: &[],
+            want: StatusCode::INTERNAL_SERVER_ERROR,
+            body: None,
+            attempts: 1,
+        },
+        RetryCase {
+            what: "retriable-4xx retries a 409",
+            fails: 1,
+            status: 409,
+            policy: Some("retry_on: retriable-4xx"),
+            headers: &[],
+            want: StatusCode::OK,
+            body: None,
+            attempts: 2,
+        },
+        RetryCase {
+            what: "retriable-status-codes: the codes the client lists",
+            fails: 1,
+            status: 418,
+            policy: Some("retry_on: retriable-status-codes"),
+            headers: &[("x-envoy-retriable-status-codes", "429,418")],
+            want: StatusCode::OK,
+            body: None,
+            attempts: 2,
+        },
+        RetryCase {
+            what: "no policy: no retry",
+            fails: 1,
+            status: 503,
+            policy: None,
+            headers: &[],
+            want: StatusCode::SERVICE_UNAVAILABLE,
+            body: None,
+            attempts: 1,
+        },
+    ];
+    for c in cases {
+        let up = flaky(c.fails, c.status).await;
+        let yaml = match c.policy {
+            Some(p) => retrying(&up, p),
+            None => route("r", "/r/", &up.service(), ""),
+        };
+        let gw = Gateway::start(&yaml).await;
+        let r = get(&gw.url("/r/x"), c.headers).await;
+        assert_eq!(r.status, c.want, "{}", c.what);
+        if let Some(body) = c.body {
+            assert_eq!(r.body, body, "{}", c.what);
+        }
+        assert_eq!(up.hits(), c.attempts, "{}", c.what);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -450,11 +480,11 @@ async fn per_try_timeout_retries_a_stalled_attempt() {
     let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = dead.local_addr().unwrap();
     drop(dead);
-    let yaml = mapping(
+    let yaml = route(
         "r",
-        &format!(
-            "hostname: '*'\nprefix: /r/\nservice: {addr}\nretry_policy:\n  retry_on: connect-failure\n  num_retries: 2"
-        ),
+        "/r/",
+        &addr.to_string(),
+        "retry_policy:\n  retry_on: connect-failure\n  num_retries: 2",
     );
     let gw = Gateway::start(&yaml).await;
     assert_eq!(get(&gw.url("/r/x"), &[]).await.status, 502);
@@ -474,13 +504,8 @@ pub(crate) async fn gated(rx: tokio::sync::watch::Receiver<bool>) -> Scripted {
 
 fn breaker(up: &Scripted, limits: &str) -> String {
     let limits: String = limits.lines().map(|l| format!("    {l}\n")).collect();
-    mapping(
-        "b",
-        &format!(
-            "hostname: '*'\nprefix: /b/\nservice: {}\ntimeout_ms: 60000\ncircuit_breakers:\n  - priority: default\n{limits}",
-            up.service()
-        ),
-    )
+    let extra = format!("timeout_ms: 60000\ncircuit_breakers:\n  - priority: default\n{limits}");
+    route("b", "/b/", &up.service(), &extra)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -682,15 +707,13 @@ async fn grpc_requests_get_grpc_status_errors() {
     drop(dead);
     let (_open, rx) = gate();
     let slow = gated(rx).await;
-    let yaml = mapping(
-        "dead",
-        &format!("hostname: '*'\nprefix: /dead.Svc/\nservice: {dead_addr}\ngrpc: true"),
-    ) + &route(
-        "slow",
-        "/slow.Svc/",
-        &slow.service(),
-        "grpc: true\ntimeout_ms: 200",
-    );
+    let yaml = route("dead", "/dead.Svc/", &dead_addr.to_string(), "grpc: true")
+        + &route(
+            "slow",
+            "/slow.Svc/",
+            &slow.service(),
+            "grpc: true\ntimeout_ms: 200",
+        );
     let gw = Gateway::start(&yaml).await;
 
     let (status, h) = grpc_call(&gw, "/dead.Svc/Call").await;

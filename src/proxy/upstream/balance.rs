@@ -1,13 +1,13 @@
-//! Load balancing across the addresses of an HTTP/1.1 upstream (Emissary's `load_balancer`):
+//! Load balancing across the addresses of an upstream (Emissary's `load_balancer`):
 //! round_robin (per request), least_request (the less busy of two distinct random addresses,
 //! Envoy's default choice count), and ring_hash / maglev keyed by a header, a cookie or the
 //! client address, so one key keeps reaching one address while the set is stable and moves as
 //! little as possible when it changes. A request without the key gets a random address.
 //!
-//! Every HTTP/1.1 upstream with a policy, outlier detection or health checks is balanced here:
-//! DNS names with their resolved addresses, IP literals as their one address, `http` and
-//! `https` alike (the pool dials the picked address and keeps the service name for TLS). Before
-//! picking, `health` removes ejected and unhealthy addresses.
+//! Every upstream with a policy, outlier detection or health checks is balanced here, HTTP/1.1
+//! and HTTP/2 alike: DNS names with their resolved addresses, IP literals as their one
+//! address, `http` and `https` (the pool dials the picked address and keeps the service name
+//! for TLS). Before picking, `health` removes ejected and unhealthy addresses.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};

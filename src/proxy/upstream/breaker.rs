@@ -1,6 +1,6 @@
 //! Circuit breakers (Emissary's `circuit_breakers`, Envoy's semantics): per upstream and limit
-//! set, at most `max_requests` requests in flight, `max_connections` connections open (HTTP/1.1:
-//! idle or busy, held by `pool` from dial to close; gRPC: busy with a request),
+//! set, at most `max_requests` requests in flight, `max_connections` connections open (idle or
+//! busy, held from dial to close by `pool` for HTTP/1.1 and by `h2` for HTTP/2),
 //! `max_pending_requests` requests waiting for one, and `max_retries` retries in flight
 //! (also held to the retry budget: 20% of active requests, at least 3). Over a limit the request
 //! is answered 503 at once with `x-legate-overloaded: circuit-breaker`; nothing queues beyond
@@ -110,8 +110,9 @@ impl Breaker {
         Ok(guard)
     }
 
-    /// A connection slot for one attempt; waits as a pending request when all are busy, or
-    /// refuses when `max_pending_requests` already wait.
+    /// A connection slot; waits as a pending request when all are taken, or refuses when
+    /// `max_pending_requests` already wait (the pools do this in steps, to evict in between).
+    #[cfg(test)]
     pub async fn connection(&self) -> Result<OwnedSemaphorePermit, ProxyError> {
         if let Some(p) = self.try_connection() {
             return Ok(p);

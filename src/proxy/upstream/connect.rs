@@ -1,5 +1,5 @@
 //! The one place that dials upstreams: TCP, then TLS origination for `https://` upstreams.
-//! Knows nothing of pools: `pool` and the HTTP/2 client dial through a [`Connector`].
+//! Knows nothing of pools: `pool` (HTTP/1.1) and `h2` dial through a [`Connector`].
 //! `https://` upstreams get TLS origination with rustls (webpki roots plus `--upstream-ca`),
 //! certificate verified. DNS names go through [`Resolver`]: every address is used (the start
 //! rotates per connection), names are re-resolved after a TTL, and the last good addresses are
@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -61,21 +61,12 @@ impl Connectors {
         &self.resolver
     }
 
+    /// A connector for upstream connections (`http2`: TLS offers `h2` by ALPN).
     pub fn connector(
         &self,
         http2: bool,
         connect_timeout: Duration,
         origin: Option<&Origin>,
-    ) -> Connector {
-        self.connector_to(http2, connect_timeout, origin, None)
-    }
-
-    pub fn connector_to(
-        &self,
-        http2: bool,
-        connect_timeout: Duration,
-        origin: Option<&Origin>,
-        target: Option<Uri>,
     ) -> Connector {
         let mut http = HttpConnector::new_with_resolver(self.resolver.clone());
         http.enforce_http(false);
@@ -90,7 +81,6 @@ impl Connectors {
         };
         Connector {
             http,
-            target,
             tls,
             sni: origin.and_then(|o| o.spec.sni.clone()),
         }
@@ -101,29 +91,12 @@ impl Connectors {
 #[derive(Clone)]
 pub struct Connector {
     http: HttpConnector<Resolver>,
-    /// Dial this instead of the request's URI (scheme and authority).
-    target: Option<Uri>,
     tls: TlsConnector,
     /// The TLSContext's `sni`, sent and verified instead of the service's name.
     sni: Option<String>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = UpstreamIo;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.http.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let uri = self.target.clone().unwrap_or(uri);
-        self.dial(uri, None)
-    }
-}
 
 impl Connector {
     /// Connect to `uri`; for TLS, `server_name` (default: the URI's host) is the SNI and the
@@ -169,23 +142,6 @@ impl UpstreamIo {
         match self {
             UpstreamIo::Plain(s) => s.inner().peer_addr().ok(),
             UpstreamIo::Tls(s) => s.inner().get_ref().0.peer_addr().ok(),
-        }
-    }
-}
-
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        match self {
-            UpstreamIo::Plain(s) => s.connected(),
-            UpstreamIo::Tls(s) => {
-                let (tcp, session) = s.inner().get_ref();
-                let c = tcp.connected();
-                if session.alpn_protocol() == Some(b"h2") {
-                    c.negotiated_h2()
-                } else {
-                    c
-                }
-            }
         }
     }
 }

@@ -4,8 +4,8 @@
 //!
 //! hyper-util's legacy client spawns a task per HTTP/1 request to wait for the connection to be
 //! reusable and hashes the authority on every checkout; on a proxy's request path those two cost
-//! more than everything Legate does to the request itself. HTTP/2 upstreams keep the legacy
-//! client (one multiplexed connection needs neither).
+//! more than everything Legate does to the request itself. HTTP/2 upstreams have their own
+//! pool (`h2`): one multiplexed connection per address.
 //!
 //! Every connection holds a slot of the route's circuit breaker (`max_connections`) from dial
 //! to close, idle or busy, as Envoy counts them; a request that finds no idle connection and no
@@ -113,24 +113,6 @@ impl HostPool {
         }
     }
 
-    /// The URI to dial for `addr` (the service's own for `None`) and the TLS name to expect.
-    fn dial_target(&self, addr: Option<IpAddr>) -> Result<(Uri, Option<&str>), ProxyError> {
-        let Some(ip) = addr else {
-            return Ok((self.target.clone(), None));
-        };
-        let https = self.target.scheme() == Some(&http::uri::Scheme::HTTPS);
-        let port = self
-            .target
-            .port_u16()
-            .unwrap_or(if https { 443 } else { 80 });
-        let sa = std::net::SocketAddr::new(ip, port);
-        let scheme = if https { "https" } else { "http" };
-        let uri = format!("{scheme}://{sa}/")
-            .parse()
-            .map_err(|_| ProxyError::Internal("balanced address".into()))?;
-        Ok((uri, https.then(|| self.host())))
-    }
-
     /// An idle connection to `addr`, or a new one within the breaker's `max_connections` and
     /// [`MAX_DIALS`].
     async fn sender(
@@ -219,7 +201,7 @@ impl HostPool {
         ProxyError,
     > {
         let mut c = self.connector.clone();
-        let (target, name) = self.dial_target(addr)?;
+        let (target, name) = dial_target(&self.target, addr)?;
         let io = c
             .dial(target, name)
             .await
@@ -301,7 +283,7 @@ impl HostPool {
         };
         let fut = async {
             let mut c = self.h2_connector.clone();
-            let (target, name) = self.dial_target(Some(ip)).map_err(|e| e.to_string())?;
+            let (target, name) = dial_target(&self.target, Some(ip)).map_err(|e| e.to_string())?;
             let io = c
                 .dial(target, name)
                 .await
@@ -367,11 +349,6 @@ impl HostPool {
         within(timeout, fut).await
     }
 
-    /// The host name this pool dials (for address lookups).
-    pub fn host(&self) -> &str {
-        self.target.host().unwrap_or("")
-    }
-
     /// Send `req` (origin-form URI) on an idle connection, or a new one; a request that a stale
     /// idle connection refused before sending is retried once on a fresh connection.
     /// `addr` pins the upstream address (a load balancer's pick); `None`: any address. `peer`
@@ -409,6 +386,25 @@ impl HostPool {
             }
         }
     }
+}
+
+/// The URI to dial for `addr` (the service's own `target` for `None`) and the TLS name to
+/// expect (the service's host, when a balancer picked an address of an `https` upstream).
+pub(super) fn dial_target(
+    target: &Uri,
+    addr: Option<IpAddr>,
+) -> Result<(Uri, Option<&str>), ProxyError> {
+    let Some(ip) = addr else {
+        return Ok((target.clone(), None));
+    };
+    let https = target.scheme() == Some(&http::uri::Scheme::HTTPS);
+    let port = target.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let sa = std::net::SocketAddr::new(ip, port);
+    let scheme = if https { "https" } else { "http" };
+    let uri = format!("{scheme}://{sa}/")
+        .parse()
+        .map_err(|_| ProxyError::Internal("balanced address".into()))?;
+    Ok((uri, https.then(|| target.host().unwrap_or(""))))
 }
 
 /// A probe's outcome, or a failure when it takes longer than `timeout`.

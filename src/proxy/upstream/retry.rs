@@ -15,7 +15,6 @@ use http::uri::{PathAndQuery, Uri};
 use http::{header, Request, Response, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::health::Outcome;
 use super::{Target, UpstreamClient};
@@ -73,7 +72,7 @@ pub(crate) async fn send_upstream(
     let deadline = prep.timeout.map(|t| tokio::time::Instant::now() + t);
     let grpc = crate::proxy::headers::is_grpc(&parts.headers);
     let sent = attempts(prep, parts, body, pq, seen);
-    let (resp, conn) = match deadline {
+    let resp = match deadline {
         Some(at) => match tokio::time::timeout_at(at, sent).await {
             Err(_) => return Err(ProxyError::Timeout),
             Ok(r) => r?,
@@ -93,7 +92,7 @@ pub(crate) async fn send_upstream(
     };
     Ok(Response::from_parts(
         parts,
-        RespBody::Held(Box::new(body), Box::new((active, conn))),
+        RespBody::Held(Box::new(body), Box::new(active)),
     ))
 }
 
@@ -103,7 +102,7 @@ async fn attempts(
     body: ReqBody,
     pq: PathAndQuery,
     seen: &mut Attempts,
-) -> Result<(Response<RespBody>, Option<OwnedSemaphorePermit>), ProxyError> {
+) -> Result<Response<RespBody>, ProxyError> {
     // An upgrade belongs to one connection; it is never replayed.
     let policy = prep
         .retry
@@ -144,15 +143,6 @@ async fn attempts(
             .trace
             .as_ref()
             .map(|t| (t.begin(&mut this_head.headers), this_head.method.clone()));
-        // HTTP/1.1 connections hold their own slot in the pool; an HTTP/2 attempt holds one.
-        let conn = match prep.upstream {
-            UpstreamClient::H1(_) => None,
-            UpstreamClient::H2(_) => Some(prep.breaker.connection().await.inspect_err(|e| {
-                if matches!(e, ProxyError::Overloaded) {
-                    prep.stats.upstream.refused(BreakerLimit::Pending);
-                }
-            })?),
-        };
         // The address of this attempt only: one that fails to connect has none.
         seen.peer = None;
         let sent = send_once(prep, this_head, cur, pq.clone(), &mut seen.peer);
@@ -171,7 +161,7 @@ async fn attempts(
             if let Some(why) = retry_reason(p.on, &result, &codes) {
                 match prep.breaker.retry() {
                     Ok(slot) => {
-                        drop((result, conn));
+                        drop(result);
                         tokio::time::sleep(backoff(tries)).await;
                         // Counted once the retry starts, so metrics and the log agree when the
                         // route timeout ends the backoff.
@@ -189,12 +179,12 @@ async fn attempts(
                 }
             }
         }
-        return result.map(|r| (r, conn));
+        return result;
     }
 }
 
-/// One exchange with the upstream of `prep`; `peer` receives the address it went to (when the
-/// connection gets that far).
+/// One exchange with the upstream of `prep`, at the address its balancer picks (when it has
+/// one); `peer` receives the address it went to (when the connection gets that far).
 pub(crate) async fn send_once(
     prep: &Target,
     mut parts: Parts,
@@ -202,45 +192,25 @@ pub(crate) async fn send_once(
     pq: PathAndQuery,
     peer: &mut Option<std::net::SocketAddr>,
 ) -> Result<Response<RespBody>, ProxyError> {
-    match &prep.upstream {
+    let (addr, busy) = match &prep.balancer {
+        Some(b) => b
+            .pick(&parts)
+            .await
+            .map_or((None, None), |(a, g)| (Some(a), g)),
+        None => (None, None),
+    };
+    let sent = match &prep.upstream {
         UpstreamClient::H1(pool) => {
             // Origin-form on an HTTP/1.1 connection the pool already dialled.
-            let (addr, busy) = match &prep.balancer {
-                Some(b) => b
-                    .pick(&parts)
-                    .await
-                    .map_or((None, None), |(a, g)| (Some(a), g)),
-                None => (None, None),
-            };
             parts.uri = Uri::from(pq);
             parts.version = Version::HTTP_11;
-            let sent = pool
-                .send_to(addr, Request::from_parts(parts, body), &prep.breaker, peer)
-                .await;
-            if let (Some(h), Some(ip)) =
-                (prep.balancer.as_ref().and_then(|b| b.health.as_ref()), addr)
-            {
-                match &sent {
-                    Ok(r) => h.record(ip, Outcome::Status(r.status().as_u16())),
-                    Err(ProxyError::Connect(_) | ProxyError::Upstream(_)) => {
-                        h.record(ip, Outcome::LocalFailure)
-                    }
-                    Err(_) => {}
-                }
-            }
-            if matches!(sent, Err(ProxyError::Overloaded)) {
-                // The pool waits for a connection slot as a pending request (max_pending_requests).
-                prep.stats.upstream.refused(BreakerLimit::Pending);
-            }
-            let resp = sent?.map(|b| RespBody::Dyn(Box::new(b)));
-            Ok(match busy {
-                None => resp,
-                Some(g) => resp.map(|b| RespBody::Held(Box::new(b), Box::new(g))),
-            })
+            pool.send_to(addr, Request::from_parts(parts, body), &prep.breaker, peer)
+                .await
+                .map(|r| r.map(|b| RespBody::Dyn(Box::new(b))))
         }
-        UpstreamClient::H2(client) => {
+        UpstreamClient::H2(pool) => {
             // The client's authority (or `host_rewrite`) travels as `:authority` only; the
-            // client dials this route's upstream whatever the URI names.
+            // pool dials this route's upstream whatever the URI names.
             let authority = parts
                 .headers
                 .remove(header::HOST)
@@ -253,17 +223,56 @@ pub(crate) async fn send_once(
             parts.uri = Uri::from_parts(up)
                 .map_err(|e| ProxyError::Internal(format!("upstream uri: {e}")))?;
             parts.version = Version::HTTP_2;
-            match client.request(Request::from_parts(parts, body)).await {
-                Err(e) => Err(ProxyError::from_client(e)),
-                Ok(r) => {
-                    *peer = r
-                        .extensions()
-                        .get::<hyper_util::client::legacy::connect::HttpInfo>()
-                        .map(|i| i.remote_addr());
-                    Ok(r.map(RespBody::Streamed))
-                }
-            }
+            pool.send_to(addr, Request::from_parts(parts, body), &prep.breaker, peer)
+                .await
         }
+    };
+    if let (Some(h), Some(ip)) = (prep.balancer.as_ref().and_then(|b| b.health.as_ref()), addr) {
+        match &sent {
+            Ok(r) => h.record(ip, Outcome::Status(outlier_status(r))),
+            Err(ProxyError::Connect(_) | ProxyError::Upstream(_)) => {
+                h.record(ip, Outcome::LocalFailure)
+            }
+            Err(_) => {}
+        }
+    }
+    if matches!(sent, Err(ProxyError::Overloaded)) {
+        // The pool waits for a connection slot as a pending request (max_pending_requests).
+        prep.stats.upstream.refused(BreakerLimit::Pending);
+    }
+    let resp = sent?;
+    Ok(match busy {
+        None => resp,
+        Some(g) => resp.map(|b| RespBody::Held(Box::new(b), Box::new(g))),
+    })
+}
+
+/// The status outlier detection counts for a response: a gRPC answer whose `grpc-status` came
+/// in the head (trailers-only: a failure before any message) counts as the HTTP status Envoy
+/// maps it to (14 UNAVAILABLE is a 503), anything else by its HTTP status.
+fn outlier_status(r: &Response<RespBody>) -> u16 {
+    let grpc = r
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u16>().ok());
+    match grpc {
+        None => r.status().as_u16(),
+        // gRPC's HTTP mapping (grpc/doc/http-grpc-status-mapping.md, Envoy's grpcToHttpStatus).
+        Some(code) => match code {
+            0 => 200,
+            1 => 499,
+            3 | 9 | 11 => 400,
+            4 => 504,
+            5 => 404,
+            6 | 10 => 409,
+            7 => 403,
+            8 => 429,
+            12 => 501,
+            14 => 503,
+            16 => 401,
+            _ => 500,
+        },
     }
 }
 
@@ -336,6 +345,26 @@ fn backoff(tries: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_status_in_the_head_counts_as_its_http_mapping_for_outlier_detection() {
+        let with = |status: u16, grpc: Option<&'static str>| {
+            let mut r = Response::new(crate::proxy::body::full(Bytes::new()));
+            *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            if let Some(g) = grpc {
+                r.headers_mut()
+                    .insert("grpc-status", http::HeaderValue::from_static(g));
+            }
+            outlier_status(&r)
+        };
+        assert_eq!(with(503, None), 503);
+        assert_eq!(with(200, None), 200);
+        assert_eq!(with(200, Some("0")), 200);
+        assert_eq!(with(200, Some("14")), 503);
+        assert_eq!(with(200, Some("4")), 504);
+        assert_eq!(with(200, Some("13")), 500);
+        assert_eq!(with(200, Some("5")), 404);
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

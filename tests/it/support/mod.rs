@@ -606,3 +606,15 @@ pub fn tool_missing(test: &str, what: &str) {
     );
     eprintln!("SKIPPED {test}: {what}");
 }
+
+/// Poll `cond` every 10 ms until it holds; panics after 30 s (a hang, not a timing check).
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
