@@ -11,8 +11,8 @@ use prost::Message;
 use super::{Kind, Span, Value};
 
 /// The protobuf body of one export: every span under one resource (`service.name`) and one
-/// instrumentation scope (`legate`).
-pub fn request(spans: &[Span], service_name: &str) -> Vec<u8> {
+/// instrumentation scope (`legate`). The spans are moved out of `spans`, not copied.
+pub fn request(spans: &mut Vec<Span>, service_name: &str) -> Vec<u8> {
     let resource = Resource {
         attributes: vec![
             kv("service.name", Value::Str(service_name.to_string())),
@@ -33,7 +33,7 @@ pub fn request(spans: &[Span], service_name: &str) -> Vec<u8> {
             resource: Some(resource),
             scope_spans: vec![proto::ScopeSpans {
                 scope: Some(scope),
-                spans: spans.iter().map(span).collect(),
+                spans: spans.drain(..).map(span).collect(),
                 ..Default::default()
             }],
             ..Default::default()
@@ -42,7 +42,7 @@ pub fn request(spans: &[Span], service_name: &str) -> Vec<u8> {
     .encode_to_vec()
 }
 
-fn span(s: &Span) -> proto::Span {
+fn span(s: Span) -> proto::Span {
     let kind = match s.kind {
         Kind::Server => SpanKind::Server,
         Kind::Client => SpanKind::Client,
@@ -70,7 +70,7 @@ fn span(s: &Span) -> proto::Span {
                 (Kind::Server, Some(_)) => 0x300,
                 _ => 0x100,
             },
-        name: s.name.clone(),
+        name: s.name,
         kind: kind as i32,
         start_time_unix_nano: nanos(s.start),
         end_time_unix_nano: nanos(s.end),
@@ -124,7 +124,7 @@ mod tests {
         client.span_id = [4; 8];
         client.parent = Some([2; 8]);
         client.error = Some("503".into());
-        let body = request(&[server, client], "edge");
+        let body = request(&mut vec![server, client], "edge");
         let got = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
         let rs = &got.resource_spans[0];
         let svc = &rs.resource.as_ref().unwrap().attributes[0];

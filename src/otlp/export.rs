@@ -27,6 +27,8 @@ pub const QUEUE_SPANS: usize = 4096;
 const BATCH: usize = 512;
 /// How long the first span of a batch waits for more.
 const LINGER: Duration = Duration::from_secs(1);
+/// How often the export task looks at the queue while a batch fills.
+const TICK: Duration = Duration::from_millis(20);
 /// One export request, whole.
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -125,15 +127,23 @@ async fn run(
     let mut batch = Vec::with_capacity(BATCH);
     let mut failing = false;
     loop {
-        let Some(first) = rx.recv().await else {
+        // An idle gateway's task sleeps here until the first span.
+        if rx.recv_many(&mut batch, BATCH).await == 0 {
             return;
-        };
-        batch.push(first);
+        }
+        // Then it looks every TICK instead of waking for each span (a wake-up per span cost the
+        // request path more than recording it): until a batch is full or LINGER has passed.
         let until = tokio::time::Instant::now() + LINGER;
+        while batch.len() + rx.len() < BATCH
+            && tokio::time::Instant::now() < until
+            && !rx.is_closed()
+        {
+            tokio::time::sleep(TICK).await;
+        }
         while batch.len() < BATCH {
-            match tokio::time::timeout_at(until, rx.recv()).await {
-                Ok(Some(s)) => batch.push(s),
-                Ok(None) | Err(_) => break,
+            match rx.try_recv() {
+                Ok(s) => batch.push(s),
+                Err(_) => break,
             }
         }
         let n = batch.len() as u64;
@@ -142,7 +152,7 @@ async fn run(
                 // The TracingService went away while these waited.
                 counts.dropped.fetch_add(n, Relaxed);
             }
-            Some(t) => match post(&t, &batch).await {
+            Some(t) => match post(&t, &mut batch).await {
                 Ok(()) => {
                     counts.exported.fetch_add(n, Relaxed);
                     failing = false;
@@ -161,7 +171,7 @@ async fn run(
     }
 }
 
-async fn post(t: &Target, batch: &[Span]) -> Result<(), String> {
+async fn post(t: &Target, batch: &mut Vec<Span>) -> Result<(), String> {
     let body = super::encode::request(batch, &t.service_name);
     let req = Request::builder()
         .method(Method::POST)
