@@ -212,5 +212,63 @@ pub fn route_table(g: &Graph) -> String {
             &mut out,
         );
     }
+    port_table(g, &mut out);
     out
+}
+
+/// The revision's own ports (Listeners, TCPMapping ports) and TCP routes, when it has any.
+fn port_table(g: &Graph, out: &mut String) {
+    if g.listeners.is_empty() {
+        return;
+    }
+    let title = if g.has_own_listeners() {
+        "Listeners (the listen flags are not used)"
+    } else {
+        "Listeners (besides the listen flags)"
+    };
+    let _ = writeln!(out, "{title}");
+    for l in &g.listeners {
+        let hosts: Vec<String> = l
+            .hosts
+            .iter()
+            .map(|&i| g.hosts[i].hostname.to_string())
+            .collect();
+        let what = if l.synthesized {
+            "for TCPMappings".to_string()
+        } else {
+            format!("{}/{}", l.namespace, l.name)
+        };
+        let _ = writeln!(
+            out,
+            "  port {:<6} {:<6} {:<9} l7Depth={} {:<28} hosts: {}",
+            l.port,
+            format!("{:?}", l.protocol),
+            format!("{:?}", l.security),
+            l.l7_depth,
+            what,
+            if l.protocol.is_http() {
+                hosts.join(", ")
+            } else {
+                "-".into()
+            }
+        );
+    }
+    for t in &g.tcp {
+        let sni = t.sni.as_ref().map_or("*".to_string(), |p| p.to_string());
+        let tls = match (&t.terminate, &t.sni) {
+            (Some(s), _) => format!("TLS terminated ({})", s.name),
+            (None, Some(_)) => "TLS passed through".into(),
+            (None, None) => "plain".into(),
+        };
+        let _ = writeln!(
+            out,
+            "  tcp  {:<6} sni {:<20} {:<28} {} -> {}",
+            t.port,
+            sni,
+            format!("{}/{}", t.namespace, t.name),
+            tls,
+            t.service
+        );
+    }
+    let _ = writeln!(out);
 }

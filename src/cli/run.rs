@@ -148,10 +148,13 @@ pub struct RunArgs {
     #[command(flatten)]
     pub config: super::ConfigArgs,
 
-    /// Plain HTTP listener (HTTP/1.1 and h2c by prior knowledge); `off` disables it.
+    /// Plain HTTP listener (HTTP/1.1 and h2c by prior knowledge); `off` disables it. Used
+    /// while the revision has no `Listener`; a revision's Listener ports (and TCPMapping
+    /// ports) open on this address (else on --https-listen's).
     #[arg(long, env = "LEGATE_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     pub http_listen: String,
-    /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN); `off` disables it.
+    /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN); `off` disables it. Used while the
+    /// revision has no `Listener`.
     #[arg(long, env = "LEGATE_HTTPS_LISTEN", default_value = "0.0.0.0:8443")]
     pub https_listen: String,
     /// Admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`); `off` disables it.
@@ -160,6 +163,8 @@ pub struct RunArgs {
     /// Directory of mounted Secrets: `<name>/tls.crt` and `<name>/tls.key` per Host `tlsSecret`
     /// (and TLSContext `secret`); `<name>/ca.crt` per `ca_secret`, `<name>/crl.pem` per
     /// `crl_secret`. Hosts with an `acmeProvider` get their certificate written here by ACME.
+    /// An OIDCLogin's `secret` is `<name>/client-secret` and `<name>/session-keys` (base64
+    /// 32-byte keys, one per line, the first seals sessions).
     #[arg(long, env = "LEGATE_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
     /// Secret served to TLS clients whose SNI matches no Host (default: handshake failure).
@@ -170,8 +175,9 @@ pub struct RunArgs {
     #[arg(long, env = "LEGATE_SECRETS_POLL_SECS", default_value_t = 5)]
     pub secrets_poll_secs: u64,
     /// PEM CA bundle trusted for `https://` upstreams, in addition to the webpki roots; also
-    /// for the gateway's own calls (JWKS URLs, `--notify-url`, verification probes), and the
-    /// only root trusted for an ACME directory when given (its first certificate).
+    /// for the gateway's own calls (JWKS URLs, OpenID providers, `--notify-url`, verification
+    /// probes), and the only root trusted for an ACME directory when given (its first
+    /// certificate).
     #[arg(long, env = "LEGATE_UPSTREAM_CA")]
     pub upstream_ca: Option<PathBuf>,
     /// Seconds resolved upstream addresses are used before the name is looked up again.
@@ -227,8 +233,15 @@ pub struct RunArgs {
     #[arg(long, env = "LEGATE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
     /// Runtime worker threads (default: one per CPU; 1 runs a single-threaded runtime).
-    #[arg(long, env = "LEGATE_WORKER_THREADS")]
+    #[arg(long, env = "LEGATE_WORKER_THREADS", conflicts_with = "workers")]
     pub worker_threads: Option<usize>,
+    /// Proxy workers, each a thread with a single-threaded runtime accepting on every listener
+    /// (a revision's Listener ports too): a connection stays on the worker that accepted it, with
+    /// no work stealing or cross-thread wake-ups per request. One per core is the usual choice;
+    /// the control plane (reconciler, admin, health checks) shares the first worker's thread.
+    /// Instead of `--worker-threads`.
+    #[arg(long, env = "LEGATE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
     /// Access log (one JSON line per request): `stdout` (or `-`), a file appended to, or `off`.
     #[arg(long, env = "LEGATE_ACCESS_LOG", default_value = "stdout")]
     pub access_log: String,
@@ -308,6 +321,7 @@ pub fn run(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result<i32> {
     // One worker: a current-thread runtime, with no cross-thread wake-ups or work stealing
     // (what a gateway pinned to one core wants). More: the work-stealing scheduler.
     let mut rt = match args.worker_threads {
+        _ if args.workers.is_some() => tokio::runtime::Builder::new_current_thread(),
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -324,7 +338,7 @@ pub fn run(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result<i32> {
 async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result<i32> {
     let addrs = Addrs::from_args(&args)?;
     let hook_secret = hook_secret(&args)?;
-    let proxy = build_proxy(&args)?;
+    let proxy = build_proxy(&args, &addrs)?;
     // Everyone who follows revision outcomes subscribes before the reconciler starts, so the
     // first revision is seen too.
     let (events, _) = tokio::sync::broadcast::channel(64);
@@ -335,7 +349,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     let admin_state = admin_state(&proxy, &source.handle, hook_secret, addrs.token.clone());
     mount_hooks(&args, &proxy, &admin_state);
     start_demo_echo(&args).await?;
-    let running = start_listeners(&proxy, &addrs).await?;
+    let running = start_listeners(&proxy, &addrs, usize::from(args.workers.unwrap_or(1))).await?;
     start_admin(addrs.admin, admin_state).await?;
     start_cert_refresh(&args, &proxy);
 
@@ -388,8 +402,17 @@ fn hook_secret(args: &RunArgs) -> anyhow::Result<Option<Arc<crate::admin::hooks:
 
 /// The proxy, not yet listening: settings from the flags, the connection cap fitted to the
 /// open-file limit, the access log opened, and the outbound client's trust roots set.
-fn build_proxy(args: &RunArgs) -> anyhow::Result<Arc<Proxy>> {
+fn build_proxy(args: &RunArgs, addrs: &Addrs) -> anyhow::Result<Arc<Proxy>> {
     let mut settings = args.settings();
+    // A revision's Listener ports open on the address of the listen flags.
+    settings.listener_ip = Some(
+        addrs
+            .http
+            .or(addrs.https)
+            .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| {
+                a.ip()
+            }),
+    );
     // With the common soft limit of 1024 the default 10,000 connections would end in EMFILE:
     // raise the limit, then size the connection cap to it (admin descriptors kept back).
     let soft = crate::proxy::fds::raise_nofile_limit();
@@ -664,10 +687,11 @@ async fn start_demo_echo(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Bind the HTTP and HTTPS listeners and start serving on them.
+/// Bind the HTTP and HTTPS listeners and start serving on them with `workers` workers.
 async fn start_listeners(
     proxy: &Arc<Proxy>,
     addrs: &Addrs,
+    workers: usize,
 ) -> anyhow::Result<crate::proxy::Running> {
     let http = match addrs.http {
         Some(a) => Some(bind(a, "http-listen").await?),
@@ -680,7 +704,7 @@ async fn start_listeners(
         }
         None => None,
     };
-    let running = proxy.start(Listeners { http, https })?;
+    let running = proxy.start_workers(Listeners { http, https }, workers)?;
     if let Some(a) = running.http_addr {
         tracing::info!(addr = %a, "HTTP listener ready");
     }
@@ -776,22 +800,8 @@ impl crate::proxy::LocalService for Hooks {
     }
 }
 
-/// Pending connections the kernel queues per listener (capped by `net.core.somaxconn`): room
-/// for bursts, where the usual 128 drops SYNs under load.
-const LISTEN_BACKLOG: u32 = 4096;
-
 async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    let listen = || -> std::io::Result<tokio::net::TcpListener> {
-        let sock = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        sock.set_reuseaddr(true)?;
-        sock.bind(addr)?;
-        sock.listen(LISTEN_BACKLOG)
-    };
-    listen().with_context(|| format!("cannot listen on {addr} (--{flag})"))
+    crate::proxy::bind(addr).with_context(|| format!("cannot listen on {addr} (--{flag})"))
 }
 
 async fn wait_for_signal() {

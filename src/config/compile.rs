@@ -92,6 +92,7 @@ pub fn compile_refs_with(
     let (mut routes, route_of) = number_routes(&mappings);
     let (groups, group_members) =
         build_groups(&mappings, group_list, &mut routes, &route_of, &mut diags);
+    let host_labels: Vec<&BTreeMap<String, String>> = hosts.iter().map(|h| &h.res.labels).collect();
     let host_routes = associate(hosts, &mappings, &group_members, loose, &mut diags);
 
     super::guard::attach(resources, &mut routes, &host_routes, &groups, &mut diags);
@@ -103,6 +104,9 @@ pub fn compile_refs_with(
     let mut graph = Graph::build(host_routes, routes, groups, hash, options);
     super::module::attach(&mut graph, resources, &mut diags);
     graph.settings.tracing = super::tracingservice::compile(resources, &mut diags);
+    let (listeners, tcp) =
+        super::listener::compile(resources, &graph.hosts, &host_labels, &mut diags);
+    graph.set_listeners(listeners, tcp);
     (graph, diags)
 }
 
@@ -126,10 +130,12 @@ fn compile_each<'r>(
             Spec::RouteTest(_)
             | Spec::AuthService(_)
             | Spec::JwtPolicy(_)
+            | Spec::OidcLogin(_)
             | Spec::RateLimit(_)
             | Spec::Module(_)
             | Spec::TlsContext(_)
             | Spec::TracingService(_) => {}
+            Spec::Listener(_) | Spec::TcpMapping(_) => {}
         }
     }
     mappings.sort_by(|a, b| (&a.res.namespace, &a.res.name).cmp(&(&b.res.namespace, &b.res.name)));
@@ -1239,6 +1245,7 @@ fn compile_forward(
         health_checks: super::traffic::health_checks(res, &spec.health_checks, diags),
         ext_auth: None,
         jwt: None,
+        oidc: None,
         rate_limits: Vec::new(),
         origin_tls,
         allow_escaped_slashes: spec.allow_escaped_slashes,

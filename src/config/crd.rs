@@ -19,10 +19,13 @@ pub fn plural(kind: Kind) -> &'static str {
         Kind::RouteTest => "routetests",
         Kind::AuthService => "authservices",
         Kind::JwtPolicy => "jwtpolicies",
+        Kind::OidcLogin => "oidclogins",
         Kind::RateLimit => "ratelimits",
         Kind::Module => "modules",
         Kind::TlsContext => "tlscontexts",
         Kind::TracingService => "tracingservices",
+        Kind::Listener => "listeners",
+        Kind::TcpMapping => "tcpmappings",
     }
 }
 
@@ -47,10 +50,18 @@ fn printer_columns(kind: Kind) -> Value {
         Kind::RouteTest => vec![state, age],
         Kind::AuthService => vec![col("Service", ".spec.auth_service"), state, age],
         Kind::JwtPolicy => vec![col("Issuer", ".spec.issuer"), state, age],
+        Kind::OidcLogin => vec![col("Issuer", ".spec.issuer"), state, age],
         Kind::RateLimit => vec![col("Backend", ".spec.backend"), state, age],
         Kind::Module => vec![state, age],
         Kind::TlsContext => vec![col("Secret", ".spec.secret"), state, age],
         Kind::TracingService => vec![col("Service", ".spec.service"), state, age],
+        Kind::Listener => vec![col("Port", ".spec.port"), state, age],
+        Kind::TcpMapping => vec![
+            col("Port", ".spec.port"),
+            col("Service", ".spec.service"),
+            state,
+            age,
+        ],
     })
 }
 

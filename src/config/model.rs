@@ -18,18 +18,16 @@ pub const API_VERSIONS: [&str; 2] = ["getambassador.io/v3alpha1", "legate.dev/v1
 
 /// getambassador.io kinds (Emissary's and Edge Stack's) that Legate knows of but does not
 /// implement: what a user loses, and the nearest Legate equivalent.
-const EMISSARY_KINDS: [(&str, &str); 14] = [
+const EMISSARY_KINDS: [(&str, &str); 12] = [
     ("ConsulResolver", "services are resolved through DNS, not Consul; point `service` at a name DNS resolves"),
     ("DevPortal", "an Edge Stack developer portal (no effect in Emissary itself); nothing replaces it"),
     ("Filter", "an Edge Stack filter (no effect in Emissary); for JWT checks use a `legate.dev/v1alpha1` JWTPolicy, for external auth an AuthService"),
     ("FilterPolicy", "an Edge Stack filter policy (no effect in Emissary); JWTPolicy's `mappings`/`mappingSelector`/`hosts` say where a check applies"),
     ("KubernetesEndpointResolver", "upstreams are balanced over the addresses DNS returns; use a headless Service name to reach the endpoints"),
     ("KubernetesServiceResolver", "services are resolved through DNS, which is what this resolver does"),
-    ("Listener", "the listen flags (`--http-listen`, `--https-listen`) set the ports; its `securityModel`, `l7Depth` (use `--xff-trusted-hops`) and `hostBinding` are not applied yet"),
     ("LogService", "no remote access-log service; the JSON access log goes to `--access-log`"),
     ("RateLimit", "an Edge Stack rate limit (no effect in Emissary): use Legate's own `legate.dev/v1alpha1` RateLimit with the Mappings' `labels`"),
     ("RateLimitService", "no external rate-limit service: use a `legate.dev/v1alpha1` RateLimit (local or Redis) with the same Mapping `labels`"),
-    ("TCPMapping", "no TCP proxying: only HTTP Mappings are served"),
     ("WebApplicationFirewall", "an Edge Stack firewall; nothing replaces it"),
     ("WebApplicationFirewallPolicy", "an Edge Stack firewall policy; nothing replaces it"),
     ("AuthFilter", "an Edge Stack kind; use an AuthService"),
@@ -37,7 +35,12 @@ const EMISSARY_KINDS: [(&str, &str); 14] = [
 
 /// Legate's own kinds, read only under `legate.dev` (under `getambassador.io` a `RateLimit` is
 /// Edge Stack's, with another spec).
-const LEGATE_ONLY: [Kind; 3] = [Kind::RateLimit, Kind::JwtPolicy, Kind::RouteTest];
+const LEGATE_ONLY: [Kind; 4] = [
+    Kind::RateLimit,
+    Kind::JwtPolicy,
+    Kind::OidcLogin,
+    Kind::RouteTest,
+];
 
 /// A Mapping or Host that passed the schema, for this gateway's ambassador_id.
 #[derive(Debug, Clone)]
@@ -73,10 +76,13 @@ pub enum Spec {
     RouteTest(Box<super::routetest::RouteTestSpec>),
     AuthService(Box<super::guard::AuthServiceSpec>),
     JwtPolicy(Box<super::guard::JwtPolicySpec>),
+    OidcLogin(Box<super::oidc::OidcLoginSpec>),
     RateLimit(Box<super::guard::RateLimitSpec>),
     Module(Box<super::module::ModuleSpec>),
     TlsContext(Box<super::tlscontext::TlsFields>),
     TracingService(Box<super::tracingservice::TracingServiceSpec>),
+    Listener(Box<super::listener::ListenerSpec>),
+    TcpMapping(Box<super::listener::TcpMappingSpec>),
 }
 
 /// A header or query value to match: a string, or `true` for "present".
@@ -520,10 +526,7 @@ fn load_document(
     }
     let kind = Kind::from_name(kind_s)
         .filter(|k| !(group == "getambassador.io" && LEGATE_ONLY.contains(k)))
-        .filter(|k| {
-            !(group == "legate.dev"
-                && matches!(*k, Kind::Module | Kind::TlsContext | Kind::TracingService))
-        });
+        .filter(|k| !(group == "legate.dev" && k.emissary_only()));
     let Some(kind) = kind else {
         let lost = EMISSARY_KINDS.iter().find(|(k, _)| *k == kind_s);
         if let (Some((_, lost)), "getambassador.io") = (lost, group) {
@@ -614,6 +617,8 @@ fn load_document(
             .map(|s| Spec::AuthService(Box::new(s))),
         Kind::JwtPolicy => serde_json::from_value::<super::guard::JwtPolicySpec>(spec_value)
             .map(|s| Spec::JwtPolicy(Box::new(s))),
+        Kind::OidcLogin => serde_json::from_value::<super::oidc::OidcLoginSpec>(spec_value)
+            .map(|s| Spec::OidcLogin(Box::new(s))),
         Kind::RateLimit => serde_json::from_value::<super::guard::RateLimitSpec>(spec_value)
             .map(|s| Spec::RateLimit(Box::new(s))),
         Kind::TlsContext => serde_json::from_value::<super::tlscontext::TlsFields>(spec_value)
@@ -622,6 +627,10 @@ fn load_document(
             serde_json::from_value::<super::tracingservice::TracingServiceSpec>(spec_value)
                 .map(|s| Spec::TracingService(Box::new(s)))
         }
+        Kind::Listener => serde_json::from_value::<super::listener::ListenerSpec>(spec_value)
+            .map(|s| Spec::Listener(Box::new(s))),
+        Kind::TcpMapping => serde_json::from_value::<super::listener::TcpMappingSpec>(spec_value)
+            .map(|s| Spec::TcpMapping(Box::new(s))),
         Kind::Module => {
             let (m, d) = super::module::read(&doc, file, &name, &spec_value);
             let bad = d.iter().any(|d| d.severity == super::Severity::Error);

@@ -51,7 +51,7 @@ const DEFAULTS_KEYS: [&str; 5] = [
 const IGNORED: [(&str, &str); 3] = [
     (
         "xff_num_trusted_hops",
-        "Emissary reads the trusted hop count from the Listener's `l7Depth`; in Legate it is the `--xff-trusted-hops` flag",
+        "Emissary reads the trusted hop count from the Listener's `l7Depth`, and so does Legate (`--xff-trusted-hops` on the listen flags' ports)",
     ),
     (
         "x_forwarded_proto_redirect",

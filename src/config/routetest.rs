@@ -159,6 +159,7 @@ pub fn simulate(graph: &Graph, req: &TestRequest) -> Vec<Verdict> {
     let via = Arrival {
         secure: tls,
         tls_sni: tls.then_some(Some(sni)),
+        listener: None,
     };
     let m = match graph.route_request(&head, via) {
         Routed::Route(m) => m,

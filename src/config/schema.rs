@@ -21,23 +21,29 @@ pub enum Kind {
     RouteTest,
     AuthService,
     JwtPolicy,
+    OidcLogin,
     RateLimit,
     Module,
     TlsContext,
     TracingService,
+    Listener,
+    TcpMapping,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Mapping,
         Kind::Host,
         Kind::RouteTest,
         Kind::AuthService,
         Kind::JwtPolicy,
+        Kind::OidcLogin,
         Kind::RateLimit,
         Kind::Module,
         Kind::TlsContext,
         Kind::TracingService,
+        Kind::Listener,
+        Kind::TcpMapping,
     ];
 
     pub fn name(self) -> &'static str {
@@ -47,11 +53,27 @@ impl Kind {
             Kind::RouteTest => "RouteTest",
             Kind::AuthService => "AuthService",
             Kind::JwtPolicy => "JWTPolicy",
+            Kind::OidcLogin => "OIDCLogin",
             Kind::RateLimit => "RateLimit",
             Kind::Module => "Module",
             Kind::TlsContext => "TLSContext",
             Kind::TracingService => "TracingService",
+            Kind::Listener => "Listener",
+            Kind::TcpMapping => "TCPMapping",
         }
+    }
+
+    /// Kinds that exist only in Emissary's group (`getambassador.io`): never read under
+    /// `legate.dev`, and Legate installs no CRD for them.
+    pub fn emissary_only(self) -> bool {
+        matches!(
+            self,
+            Kind::Module
+                | Kind::TlsContext
+                | Kind::TracingService
+                | Kind::Listener
+                | Kind::TcpMapping
+        )
     }
 
     pub fn from_name(s: &str) -> Option<Kind> {
@@ -66,10 +88,13 @@ impl Kind {
             Kind::RouteTest => include_str!("../../schemas/routetest.schema.json"),
             Kind::AuthService => include_str!("../../schemas/authservice.schema.json"),
             Kind::JwtPolicy => include_str!("../../schemas/jwtpolicy.schema.json"),
+            Kind::OidcLogin => include_str!("../../schemas/oidclogin.schema.json"),
             Kind::RateLimit => include_str!("../../schemas/ratelimit.schema.json"),
             Kind::Module => include_str!("../../schemas/module.schema.json"),
             Kind::TlsContext => include_str!("../../schemas/tlscontext.schema.json"),
             Kind::TracingService => include_str!("../../schemas/tracingservice.schema.json"),
+            Kind::Listener => include_str!("../../schemas/listener.schema.json"),
+            Kind::TcpMapping => include_str!("../../schemas/tcpmapping.schema.json"),
         }
     }
 
@@ -80,10 +105,13 @@ impl Kind {
             Kind::RouteTest => "schemas/routetest.schema.json",
             Kind::AuthService => "schemas/authservice.schema.json",
             Kind::JwtPolicy => "schemas/jwtpolicy.schema.json",
+            Kind::OidcLogin => "schemas/oidclogin.schema.json",
             Kind::RateLimit => "schemas/ratelimit.schema.json",
             Kind::Module => "schemas/module.schema.json",
             Kind::TlsContext => "schemas/tlscontext.schema.json",
             Kind::TracingService => "schemas/tracingservice.schema.json",
+            Kind::Listener => "schemas/listener.schema.json",
+            Kind::TcpMapping => "schemas/tcpmapping.schema.json",
         }
     }
 
@@ -93,20 +121,26 @@ impl Kind {
         static ROUTE_TEST: OnceLock<Compiled> = OnceLock::new();
         static AUTH_SERVICE: OnceLock<Compiled> = OnceLock::new();
         static JWT_POLICY: OnceLock<Compiled> = OnceLock::new();
+        static OIDC_LOGIN: OnceLock<Compiled> = OnceLock::new();
         static RATE_LIMIT: OnceLock<Compiled> = OnceLock::new();
         static MODULE: OnceLock<Compiled> = OnceLock::new();
         static TLS_CONTEXT: OnceLock<Compiled> = OnceLock::new();
         static TRACING_SERVICE: OnceLock<Compiled> = OnceLock::new();
+        static LISTENER: OnceLock<Compiled> = OnceLock::new();
+        static TCP_MAPPING: OnceLock<Compiled> = OnceLock::new();
         let cell = match self {
             Kind::Mapping => &MAPPING,
             Kind::Host => &HOST,
             Kind::RouteTest => &ROUTE_TEST,
             Kind::AuthService => &AUTH_SERVICE,
             Kind::JwtPolicy => &JWT_POLICY,
+            Kind::OidcLogin => &OIDC_LOGIN,
             Kind::RateLimit => &RATE_LIMIT,
             Kind::Module => &MODULE,
             Kind::TlsContext => &TLS_CONTEXT,
             Kind::TracingService => &TRACING_SERVICE,
+            Kind::Listener => &LISTENER,
+            Kind::TcpMapping => &TCP_MAPPING,
         };
         cell.get_or_init(|| Compiled::new(self))
     }

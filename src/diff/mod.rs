@@ -271,6 +271,7 @@ pub fn diff(base: &Graph, head: &Graph) -> RouteDiff {
     let head_routes: Routes<'_> = head.routes.iter().map(|r| (key(r), r)).collect();
     count_mappings(&mut d, base, head, &base_routes, &head_routes);
     diff_hosts(&mut d, base, head);
+    diff_ports(&mut d, base, head);
     let bt = tables(base);
     let ht = tables(head);
     diff_tables(&mut d, base, head, &bt, &ht);
@@ -666,6 +667,75 @@ fn member_names(g: &Graph, gi: usize) -> Vec<String> {
         .collect()
 }
 
+/// Listeners and TCPMappings added, removed or changed, listed with the Hosts (a port that
+/// opens or closes matters as much as a Host).
+fn diff_ports(d: &mut RouteDiff, base: &Graph, head: &Graph) {
+    type Fields = BTreeMap<&'static str, String>;
+    let ports = |g: &Graph| -> BTreeMap<String, Fields> {
+        let mut out = BTreeMap::new();
+        for l in g.listeners.iter().filter(|l| !l.synthesized) {
+            let mut m = Fields::new();
+            m.insert("port", l.port.to_string());
+            m.insert("protocol", format!("{:?}", l.protocol));
+            m.insert("securityModel", format!("{:?}", l.security));
+            m.insert("l7Depth", l.l7_depth.to_string());
+            let hosts: Vec<String> = l
+                .hosts
+                .iter()
+                .map(|&i| g.hosts[i].hostname.to_string())
+                .collect();
+            m.insert("hosts", hosts.join(", "));
+            out.insert(format!("Listener {}/{}", l.namespace, l.name), m);
+        }
+        for t in &g.tcp {
+            let mut m = Fields::new();
+            m.insert("port", t.port.to_string());
+            m.insert("service", t.service.clone());
+            m.insert(
+                "host",
+                t.sni.as_ref().map(|p| p.to_string()).unwrap_or_default(),
+            );
+            m.insert(
+                "weight",
+                t.weight.map(|w| w.to_string()).unwrap_or_default(),
+            );
+            m.insert("idle_timeout_ms", t.idle_timeout.as_millis().to_string());
+            let tls = match (&t.terminate, &t.sni) {
+                (Some(s), _) => format!("terminated (secret {}/{})", s.namespace, s.name),
+                (None, Some(_)) => "passed through".into(),
+                (None, None) => "none".into(),
+            };
+            m.insert("tls", tls);
+            out.insert(format!("TCPMapping {}/{}", t.namespace, t.name), m);
+        }
+        out
+    };
+    let (b, h) = (ports(base), ports(head));
+    for k in b.keys().chain(h.keys()).collect::<BTreeSet<_>>() {
+        let change = match (b.get(k), h.get(k)) {
+            (Some(_), None) => Some((ChangeKind::Removed, vec![])),
+            (None, Some(m)) => Some((
+                ChangeKind::Added,
+                m.iter()
+                    .map(|(f, v)| (f.to_string(), String::new(), v.clone()))
+                    .collect(),
+            )),
+            (Some(x), Some(y)) => {
+                let f = field_changes(x, y);
+                (!f.is_empty()).then_some((ChangeKind::Changed, f))
+            }
+            (None, None) => None,
+        };
+        if let Some((kind, fields)) = change {
+            d.hosts.push(HostChange {
+                kind,
+                host: k.clone(),
+                fields,
+            });
+        }
+    }
+}
+
 fn field_changes(
     b: &BTreeMap<&'static str, String>,
     h: &BTreeMap<&'static str, String>,
@@ -793,6 +863,42 @@ mod tests {
 
     fn doc(kind: &str, name: &str, spec: &str) -> String {
         format!("---\napiVersion: getambassador.io/v3alpha1\nkind: {kind}\nmetadata: {{name: {name}}}\nspec: {spec}\n")
+    }
+
+    /// A Listener whose security model changes and a TCPMapping that appears show with the Hosts.
+    #[test]
+    fn listeners_and_tcp_mappings_are_diffed() {
+        let host = doc("Host", "a", "{hostname: a.example.com}");
+        let listener = |model: &str| {
+            doc(
+                "Listener",
+                "l",
+                &format!("{{port: 8080, protocol: HTTP, securityModel: {model}, hostBinding: {{namespace: {{from: ALL}}}}}}"),
+            )
+        };
+        let base = graph(&(host.clone() + &listener("XFP")));
+        let head = graph(
+            &(host
+                + &listener("SECURE")
+                + &doc("TCPMapping", "db", "{port: 5432, service: \"db:5432\"}")),
+        );
+        let d = diff(&base, &head);
+        let got: Vec<_> = d.hosts.iter().map(|h| (h.kind, h.host.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (ChangeKind::Changed, "Listener default/l"),
+                (ChangeKind::Added, "TCPMapping default/db")
+            ]
+        );
+        assert_eq!(
+            d.hosts[0].fields,
+            vec![(
+                "securityModel".to_string(),
+                "Xfp".to_string(),
+                "Secure".to_string()
+            )]
+        );
     }
 
     /// Dropping `cert_required` from a Host is a finding, and the settings show as a field.

@@ -24,6 +24,9 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The listener's own port (what `strip_matching_host_port` compares with).
     pub local_port: u16,
+    /// Trusted `X-Forwarded-For` hops: `--xff-trusted-hops` on the flags' listeners, the
+    /// Listener's `l7Depth` on a revision's own (set per request from the live graph).
+    pub xff_hops: usize,
 }
 
 /// The SNI a TLS client sent, carried in each request's extensions.

@@ -48,6 +48,7 @@ use crate::tls::{CertSource, CertTable, SecretStore};
 use request::snapshot::Snapshot;
 
 pub use listen::fds;
+pub use listen::ports::bind;
 pub use listen::{Listeners, Running};
 pub use observe::{accesslog, trace};
 pub use request::head::valid_authority;
@@ -125,6 +126,9 @@ pub struct Settings {
     pub otlp: Option<crate::otlp::Exporter>,
     /// Count every request in the per-route metrics (off: only rare events are counted).
     pub metrics: bool,
+    /// The address a revision's Listener ports are opened on; `None`: the address of the
+    /// flags' listeners, else 0.0.0.0.
+    pub listener_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for Settings {
@@ -144,6 +148,7 @@ impl Default for Settings {
             trace_sample_ratio: None,
             otlp: None,
             metrics: true,
+            listener_ip: None,
         }
     }
 }
@@ -155,6 +160,10 @@ impl crate::reconcile::GraphSink for Proxy {
 
     fn serve(&self, graph: Arc<Graph>, revision: &str, evidence: Arc<crate::reconcile::Evidence>) {
         Proxy::swap_revision(self, graph, revision, evidence)
+    }
+
+    fn prepare(&self, graph: &Graph) -> Result<(), String> {
+        self.prepare_listeners(graph)
     }
 }
 
@@ -191,6 +200,12 @@ pub struct Proxy {
     metrics: Arc<crate::metrics::Metrics>,
     /// Where answered requests are counted and logged.
     observer: observe::Observer,
+    /// The sockets served: the flags' and each revision's own ports.
+    listeners: Mutex<listen::ports::ListenerSet>,
+    /// Itself, for the accept loops a swap starts.
+    me: std::sync::Weak<Proxy>,
+    /// Connections accepted on TCP ports, for the weighted split of TCPMappings.
+    tcp_seq: std::sync::atomic::AtomicU64,
 }
 
 /// An in-process handler for a reserved path prefix on the proxy listeners.
@@ -215,10 +230,10 @@ impl Proxy {
         let resolver = upstream::connect::Resolver::new(settings.lookup.clone(), settings.dns_ttl);
         let clients = upstream::Clients::new(settings.upstream_ca.as_deref(), resolver)?;
         // JWKS fetches trust `--upstream-ca` as the upstreams do.
-        let guards = crate::guard::Registry::new(crate::outbound::Outbound::new(
-            settings.upstream_ca.as_deref(),
-            true,
-        )?);
+        let guards = crate::guard::Registry::new(
+            crate::outbound::Outbound::new(settings.upstream_ca.as_deref(), true)?,
+            settings.secrets_dir.clone(),
+        );
         let secrets = SecretStore::new(settings.secrets_dir.clone());
         let builder = listen::http_builder(&settings.limits);
         let settings_metrics = settings.metrics;
@@ -233,7 +248,7 @@ impl Proxy {
                 metrics: metrics.clone(),
             })
         });
-        let proxy = Proxy {
+        Ok(Arc::new_cyclic(|me| Proxy {
             shared: Arc::new(ArcSwap::from_pointee(Snapshot {
                 graph: Graph::empty(),
                 routes: Vec::new(),
@@ -264,8 +279,10 @@ impl Proxy {
                 otlp: otlp_exporter,
             },
             metrics,
-        };
-        Ok(Arc::new(proxy))
+            listeners: Mutex::default(),
+            me: me.clone(),
+            tcp_seq: std::sync::atomic::AtomicU64::new(0),
+        }))
     }
 
     /// Make `graph` the one that new requests see. In-flight requests finish on their graph.
@@ -297,7 +314,11 @@ impl Proxy {
                     Some((name, p.as_ref()?.target.checked.as_ref()?))
                 }),
         );
+        let graph = snap.graph.clone();
         self.shared.store(Arc::new(snap));
+        if let Some(me) = self.me.upgrade() {
+            me.apply_listeners(&graph);
+        }
         // Local rate-limit buckets and JWKS keys outlive a revision that leaves them as they
         // were (the new graph was prepared while the old one still held them); the rest go.
         self.guards.prune();

@@ -1,5 +1,5 @@
-//! Upgraded connections (WebSocket and other `101 Switching Protocols`): bytes copied both ways
-//! until either side closes or the tunnel is idle, and [`LastSeen`], the idle clock shared with
+//! Upgraded connections (WebSocket and other `101 Switching Protocols`) and TCPMapping
+//! connections: bytes copied both ways until either side closes or the tunnel is idle, and [`LastSeen`], the idle clock shared with
 //! the listener's connection idle timeout.
 //!
 //! A leaf: the request layer spawns a tunnel after a switch; the listener times idle
@@ -27,9 +27,24 @@ pub(crate) async fn tunnel<H>(
             return;
         }
     };
+    pipe(
+        hyper_util::rt::TokioIo::new(d),
+        hyper_util::rt::TokioIo::new(u),
+        idle,
+    )
+    .await
+}
+
+/// Copy bytes both ways between two connections until either side closes or no byte has
+/// passed either way for `idle` (upgraded tunnels, TCPMappings).
+pub(crate) async fn pipe<D, U>(d: D, u: U, idle: Duration)
+where
+    D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let seen = Arc::new(LastSeen::new());
-    let mut d = Watched(hyper_util::rt::TokioIo::new(d), seen.clone());
-    let mut u = Watched(hyper_util::rt::TokioIo::new(u), seen.clone());
+    let mut d = Watched(d, seen.clone());
+    let mut u = Watched(u, seen.clone());
     let copy = tokio::io::copy_bidirectional(&mut d, &mut u);
     tokio::pin!(copy);
     let mut check = Box::pin(tokio::time::sleep(idle));
@@ -37,13 +52,13 @@ pub(crate) async fn tunnel<H>(
         tokio::select! {
             r = &mut copy => {
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                    tracing::debug!(error = %e, "tunnel ended with an error");
                 }
                 return;
             }
             _ = &mut check => match seen.idle_deadline(idle) {
                 None => {
-                    tracing::debug!(idle_ms = idle.as_millis() as u64, "upgraded connection idle: closed");
+                    tracing::debug!(idle_ms = idle.as_millis() as u64, "tunnel idle: closed");
                     return;
                 }
                 Some(at) => check.as_mut().reset(at),

@@ -44,6 +44,13 @@ pub trait GraphSink: Send + Sync + 'static {
         let _ = (revision, evidence);
         self.swap(graph)
     }
+
+    /// Get ready to serve `graph` (bind the ports it opens); `Err` rejects the revision with
+    /// that reason, and the serving one goes on.
+    fn prepare(&self, graph: &Graph) -> Result<(), String> {
+        let _ = graph;
+        Ok(())
+    }
 }
 
 /// A [`GraphSink`] that only holds the graph: the current one (`load`), a watch of every swap
@@ -1322,6 +1329,15 @@ impl Reconciler {
                 entry.diagnostics.extend(found);
                 return Err(false);
             }
+        }
+        if let Err(why) = self.sink.prepare(&graph) {
+            entry.reject = Some(RejectKind::External);
+            entry.reason = Some(format!("{why}; retried on the next resync"));
+            entry.diagnostics.push(
+                Diagnostic::error("listener-bind", &Default::default(), why)
+                    .with_help("free the port, or change the Listener's port"),
+            );
+            return Err(false);
         }
         Ok(graph)
     }

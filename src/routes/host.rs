@@ -184,6 +184,15 @@ impl HostIndex {
         HostIndex::of(hosts.iter().map(|h| h.hostname.clone()).enumerate())
     }
 
+    /// The index of some of the Hosts (by index in `hosts`): a Listener's bound Hosts.
+    pub(crate) fn subset(hosts: &[HostRoute], which: &[usize]) -> HostIndex {
+        HostIndex::of(
+            which
+                .iter()
+                .filter_map(|&i| hosts.get(i).map(|h| (i, h.hostname.clone()))),
+        )
+    }
+
     /// The index of the TLS Hosts by name without port: what picks a certificate for an SNI.
     pub(crate) fn for_sni(hosts: &[HostRoute]) -> HostIndex {
         HostIndex::of(

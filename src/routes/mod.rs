@@ -21,6 +21,7 @@ pub mod describe;
 pub mod guard;
 mod host;
 mod index;
+pub mod listener;
 pub mod path;
 pub mod settings;
 pub mod tls;
@@ -30,6 +31,7 @@ mod types;
 pub(crate) use host::split_port;
 pub use host::HostPattern;
 pub use index::Table;
+pub use listener::{ListenerProtocol, ListenerRoute, SecurityModel, TcpRoute};
 pub use settings::Settings;
 pub use traffic::*;
 pub use types::*;
@@ -96,6 +98,9 @@ pub struct Arrival<'a> {
     pub secure: bool,
     /// Over TLS: `Some`, holding the SNI the client sent (if any). Cleartext: `None`.
     pub tls_sni: Option<Option<&'a str>>,
+    /// The Listener (index in `Graph::listeners`) it arrived on: only the Hosts it binds serve
+    /// it. `None`: a listener of the flags, which serves every Host.
+    pub listener: Option<usize>,
 }
 
 impl Arrival<'_> {
@@ -104,6 +109,7 @@ impl Arrival<'_> {
         Arrival {
             secure,
             tls_sni: None,
+            listener: None,
         }
     }
 }
@@ -159,6 +165,13 @@ pub struct Graph {
     chain_of: Vec<usize>,
     /// Graph-wide request settings (the `ambassador` Module).
     pub settings: Settings,
+    /// The ports this revision opens (Listeners, and synthesized ones for TCPMappings);
+    /// without a Listener resource the listen flags apply.
+    pub listeners: Vec<ListenerRoute>,
+    /// Per entry of `listeners`, the index of the Hosts it binds.
+    listener_hosts: Vec<host::HostIndex>,
+    /// TCPMappings, in namespace/name order.
+    pub tcp: Vec<TcpRoute>,
 }
 
 impl Graph {
@@ -220,7 +233,31 @@ impl Graph {
             chains,
             chain_of,
             settings: Settings::default(),
+            listeners: Vec::new(),
+            listener_hosts: Vec::new(),
+            tcp: Vec::new(),
         }
+    }
+
+    /// Attach the revision's listeners and TCP routes (compile's last pass).
+    pub(crate) fn set_listeners(&mut self, listeners: Vec<ListenerRoute>, tcp: Vec<TcpRoute>) {
+        self.listener_hosts = listeners
+            .iter()
+            .map(|l| host::HostIndex::subset(&self.hosts, &l.hosts))
+            .collect();
+        self.listeners = listeners;
+        self.tcp = tcp;
+    }
+
+    /// Whether the revision names its own listeners (a Listener resource): then the listen
+    /// flags do not apply.
+    pub fn has_own_listeners(&self) -> bool {
+        self.listeners.iter().any(|l| !l.synthesized)
+    }
+
+    /// The listener of this revision on `port` (index in `listeners`).
+    pub fn listener_on(&self, port: u16) -> Option<usize> {
+        self.listeners.iter().position(|l| l.port == port)
     }
 
     /// The Host resource that serves `host` (an authority as [`route_authority`] gives it).
@@ -249,24 +286,26 @@ impl Graph {
     /// Emissary builds one filter chain per TLS Host name, holding only the virtual hosts of
     /// that name, so a known SNI with another authority is not routed. Without a TLS Host for
     /// the SNI (the `--default-cert` case) every Host is a candidate.
-    fn host_index_for(&self, authority: &str, tls_sni: Option<Option<&str>>) -> Option<usize> {
-        let Some(t) = tls_sni.and_then(|sni| self.host_for_sni(sni)) else {
-            return self.host_index.find(authority);
+    fn host_index_for(&self, authority: &str, via: &Arrival<'_>) -> Option<usize> {
+        let bound = via.listener.and_then(|l| self.listener_hosts.get(l));
+        let Some(t) = via.tls_sni.and_then(|sni| self.host_for_sni(sni)) else {
+            return bound.unwrap_or(&self.host_index).find(authority);
         };
-        self.chains[self.chain_of[t]].find(authority)
+        let found = self.chains[self.chain_of[t]].find(authority)?;
+        // A Listener serves only the Hosts it binds.
+        match via.listener.and_then(|l| self.listeners.get(l)) {
+            Some(l) if !l.hosts.contains(&found) => None,
+            _ => Some(found),
+        }
     }
 
     /// The group that serves this request head, if any (the insecure action not applied).
     pub fn lookup<'g>(&'g self, req: &RequestHead<'_>) -> Option<Matched<'g>> {
-        self.lookup_via(req, None)
+        self.lookup_via(req, &Arrival::plain(false))
     }
 
-    fn lookup_via<'g>(
-        &'g self,
-        req: &RequestHead<'_>,
-        tls_sni: Option<Option<&str>>,
-    ) -> Option<Matched<'g>> {
-        let host_idx = self.host_index_for(req.host, tls_sni);
+    fn lookup_via<'g>(&'g self, req: &RequestHead<'_>, via: &Arrival<'_>) -> Option<Matched<'g>> {
+        let host_idx = self.host_index_for(req.host, via);
         let table = match host_idx {
             Some(i) => &self.tables[i],
             None if self.hosts.is_empty() => &self.tables[self.hosts.len()],
@@ -285,7 +324,7 @@ impl Graph {
     /// each route: a request no route matches is 404 either way, and a route for
     /// `/.well-known/acme-challenge/` is served even under `Redirect` or `Reject`.
     pub fn route_request<'g>(&'g self, req: &RequestHead<'_>, via: Arrival<'_>) -> Routed<'g> {
-        let Some(m) = self.lookup_via(req, via.tls_sni) else {
+        let Some(m) = self.lookup_via(req, &via) else {
             return Routed::NoRoute;
         };
         let secure = via.secure;

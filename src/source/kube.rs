@@ -1,11 +1,12 @@
 //! Kubernetes source: Mappings, Hosts, RouteTests and the edge-security kinds (AuthService,
-//! JWTPolicy, RateLimit) watched in a cluster become revisions.
+//! JWTPolicy, RateLimit), and Emissary's TLSContexts, Listeners and TCPMappings, watched in a
+//! cluster become revisions.
 //!
 //! Owns: the watches (kube-runtime's watcher, which relists after `410 Gone` and restarts
 //! dropped watches), the in-memory store of watched objects, turning a consistent snapshot of
 //! it into a [`MemTree`] (one file per object, `kube/<namespace>/<Kind>/<name>.yaml`, so a
 //! diagnostic's `file` names its object), setting invalid objects aside one by one, and
-//! materializing the TLS Secrets named by Hosts into a private secrets directory. Like every
+//! materializing the TLS Secrets named by Hosts and TLSContexts into a private secrets directory. Like every
 //! source it only produces revisions: it never swaps a graph (that is `reconcile`) and never
 //! writes status (that is `crate::cluster`, which reads the [`Snapshot`]s published here).
 
@@ -149,7 +150,38 @@ pub fn ambassador_kinds() -> Vec<KindRef> {
             "AuthService",
             "authservices",
         ),
+        KindRef::new("getambassador.io", "v3alpha1", "TLSContext", "tlscontexts"),
+        KindRef::new("getambassador.io", "v3alpha1", "Listener", "listeners"),
+        KindRef::new("getambassador.io", "v3alpha1", "TCPMapping", "tcpmappings"),
     ]
+}
+
+/// The TLS Secrets a resource names, each with the JSON pointer that names it and its
+/// namespace: a Host's `tlsSecret` and its `tls` block's `ca_secret`, a TLSContext's `secret`
+/// and `ca_secret` (a TLSContext's names are in its own namespace, as in Emissary).
+fn named_secrets(r: &config::Resource) -> Vec<(&'static str, String, String)> {
+    let mut out = Vec::new();
+    match &r.spec {
+        Spec::Host(h) => {
+            if let Some(s) = &h.tls_secret {
+                let ns = s.namespace.clone().unwrap_or_else(|| r.namespace.clone());
+                out.push(("/spec/tlsSecret/name", ns, s.name.clone()));
+            }
+            if let Some(ca) = h.tls.as_ref().and_then(|t| t.ca_secret.clone()) {
+                out.push(("/spec/tls/ca_secret", r.namespace.clone(), ca));
+            }
+        }
+        Spec::TlsContext(t) => {
+            if let Some(s) = &t.secret {
+                out.push(("/spec/secret", r.namespace.clone(), s.clone()));
+            }
+            if let Some(ca) = &t.ca_secret {
+                out.push(("/spec/ca_secret", r.namespace.clone(), ca.clone()));
+            }
+        }
+        _ => {}
+    }
+    out
 }
 
 /// Which object: kind, namespace and name.
@@ -295,7 +327,7 @@ pub struct Judged {
     /// The accepted objects, one file each.
     pub tree: MemTree,
     pub verdicts: Vec<Verdict>,
-    /// `(namespace, name)` of the TLS Secrets named by accepted Hosts.
+    /// `(namespace, name)` of the TLS Secrets named by accepted Hosts and TLSContexts.
     pub tls: Vec<(String, String)>,
 }
 
@@ -428,13 +460,8 @@ pub fn judge_with(
     let tls = outcome
         .resources
         .iter()
-        .filter_map(|r| match &r.spec {
-            Spec::Host(h) => h.tls_secret.as_ref().map(|s| {
-                let ns = s.namespace.clone().unwrap_or_else(|| r.namespace.clone());
-                (ns, s.name.clone())
-            }),
-            _ => None,
-        })
+        .flat_map(named_secrets)
+        .map(|(_, ns, name)| (ns, name))
         .collect();
     Judged {
         tree,
@@ -473,28 +500,16 @@ fn verification_failed(
 }
 
 /// A Host whose TLS Secret is not in the store cannot serve: set it aside (`SecretMissing`).
+/// The first TLS Secret `r` names (a Host's or a TLSContext's, see [`named_secrets`]) that the
+/// store does not hold: the object is set aside with `SecretMissing`.
 fn missing_tls_secret(store: &Store, r: &config::Resource) -> Option<(String, Diagnostic)> {
-    let Spec::Host(h) = &r.spec else {
-        return None;
-    };
-    let secret = h.tls_secret.as_ref()?;
-    let ns = secret
-        .namespace
-        .clone()
-        .unwrap_or_else(|| r.namespace.clone());
-    if store
-        .secrets
-        .contains_key(&(ns.clone(), secret.name.clone()))
-    {
-        return None;
-    }
+    let (pointer, ns, name) = named_secrets(r)
+        .into_iter()
+        .find(|(_, ns, name)| !store.secrets.contains_key(&(ns.clone(), name.clone())))?;
     let d = Diagnostic::error(
         "tls-secret",
-        &r.at("/spec/tlsSecret/name"),
-        format!(
-            "TLS Secret `{ns}/{}` is not there (or is not of type kubernetes.io/tls)",
-            secret.name
-        ),
+        &r.at(pointer),
+        format!("TLS Secret `{ns}/{name}` is not there (or is not of type kubernetes.io/tls)"),
     )
     .with_help("create the Secret with `kubectl create secret tls`, or fix the name");
     Some(("SecretMissing".into(), d))

@@ -204,18 +204,60 @@ pub fn origin_config(
     };
     let mut cfg = match &spec.client_cert {
         Some(secret) => {
-            let (certs, key) = store.load_client_pair(&secret.name)?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|source| TlsError::Key {
-                    name: secret.name.clone(),
-                    source,
-                })?
+            // Read now, so an unusable secret fails the route at once (and is watched for
+            // changes); then re-read at each handshake whose files changed since.
+            let (crt, key) = store.paths(&secret.name)?;
+            store.load_client_pair(&secret.name)?;
+            let first = super::load_pair(&secret.name, &crt, &key)?;
+            builder.with_client_cert_resolver(Arc::new(ReloadingClientCert {
+                name: secret.name.clone(),
+                stamp: std::sync::Mutex::new((
+                    (super::mtime(&crt), super::mtime(&key)),
+                    Arc::new(first),
+                )),
+                crt,
+                key,
+            }))
         }
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(cfg)
+}
+
+/// An origination client certificate read from its secret's files, re-read when they change
+/// (a rotated certificate is used from the next handshake on, without a new revision). A
+/// rotation that leaves the files unreadable keeps the last good pair.
+#[derive(Debug)]
+struct ReloadingClientCert {
+    name: String,
+    crt: std::path::PathBuf,
+    key: std::path::PathBuf,
+    stamp: std::sync::Mutex<(super::Stamp, Arc<CertifiedKey>)>,
+}
+
+impl rustls::client::ResolvesClientCert for ReloadingClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        let now = (super::mtime(&self.crt), super::mtime(&self.key));
+        let mut cur = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+        if cur.0 != now {
+            match super::load_pair(&self.name, &self.crt, &self.key) {
+                Ok(k) => *cur = (now, Arc::new(k)),
+                Err(e) => {
+                    tracing::warn!(secret = %self.name, error = %e, "origination client certificate unreadable after a change; the last good one is used");
+                }
+            }
+        }
+        Some(cur.1.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// A client config that trusts no server: connections through it always fail.

@@ -86,7 +86,7 @@ impl SecretStore {
         }
     }
 
-    fn paths(&self, name: &str) -> Result<(PathBuf, PathBuf), TlsError> {
+    pub(crate) fn paths(&self, name: &str) -> Result<(PathBuf, PathBuf), TlsError> {
         let dir = self
             .dir
             .as_ref()
@@ -416,6 +416,26 @@ pub fn server_config(source: Arc<dyn CertSource>) -> Result<rustls::ServerConfig
         .with_cert_resolver(Arc::new(Resolver(source)));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+/// A server config that presents one certificate whatever the SNI, with no ALPN: TLS
+/// terminated for a TCPMapping.
+pub fn single_cert_config(key: Arc<CertifiedKey>) -> Result<rustls::ServerConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Fixed(key))))
+}
+
+/// Always the same certificate.
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
 }
 
 /// The roots an upstream's certificate may chain to: the webpki roots plus an optional extra CA

@@ -182,11 +182,19 @@ fn f05_selector_and_hostname_route_separately() {
 }
 
 #[test]
-fn f06_unimplemented_kinds_warned_and_missing_secret_reported() {
+fn f06_listeners_and_tlscontext_load_and_missing_secret_reported() {
     let o = load("06-");
     assert!(o.is_ok(), "{:?}", errors(&o));
     let kinds = with_code(&o, "kind-not-implemented");
-    assert!(kinds.iter().any(|d| d.message.contains("Listener")));
+    // Listener is implemented: both ports open, each taking both Hosts (`from: ALL`).
+    assert!(!kinds.iter().any(|d| d.message.contains("Listener")));
+    let g = o.graph.as_ref().expect("valid");
+    let ports: Vec<(u16, usize)> = g
+        .listeners
+        .iter()
+        .map(|l| (l.port, l.hosts.len()))
+        .collect();
+    assert_eq!(ports, vec![(8080, 2), (8443, 2)]);
     // TLSContext is implemented: read, and named by both Hosts without a complaint.
     assert!(!kinds.iter().any(|d| d.message.contains("TLSContext")));
     assert!(o

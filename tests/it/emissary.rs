@@ -126,7 +126,7 @@ fn edge_stack_and_unimplemented_kinds_warn_with_what_is_lost() {
         "Filter",
         "FilterPolicy",
         "DevPortal",
-        "Listener",
+        "LogService",
     ] {
         y += &doc(V3, kind, &kind.to_lowercase(), "  domain: ambassador\n");
     }
@@ -146,7 +146,7 @@ fn edge_stack_and_unimplemented_kinds_warn_with_what_is_lost() {
         "{out}"
     );
     assert!(
-        out.contains("securityModel") && out.contains("l7Depth"),
+        out.contains("kind `LogService` is not implemented") && out.contains("--access-log"),
         "{out}"
     );
     assert_eq!(check(dir.path(), &["--strict"]).status.code(), Some(1));

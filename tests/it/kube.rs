@@ -392,7 +392,8 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<Notif
         let list = json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "getambassador.io/v3alpha1",
             "resources": [
                 {"name": "mappings", "singularName": "mapping", "namespaced": true, "kind": "Mapping", "verbs": ["get", "list", "watch"]},
-                {"name": "hosts", "singularName": "host", "namespaced": true, "kind": "Host", "verbs": ["get", "list", "watch"]}]});
+                {"name": "hosts", "singularName": "host", "namespaced": true, "kind": "Host", "verbs": ["get", "list", "watch"]},
+                {"name": "tlscontexts", "singularName": "tlscontext", "namespaced": true, "kind": "TLSContext", "verbs": ["get", "list", "watch"]}]});
         return respond(&mut conn, 200, &list).await;
     }
     if req.path == "/apis/legate.dev/v1alpha1" {
@@ -977,6 +978,69 @@ async fn kube_tls_secrets_named_by_hosts_are_written_to_the_secrets_dir() {
 }
 
 #[tokio::test]
+async fn kube_tlscontexts_are_watched_and_their_secrets_written_to_the_secrets_dir() {
+    let fake = FakeApiServer::start().await;
+    fake.lock().ambassador = true;
+    const CONTEXTS: &str = "getambassador.io/v3alpha1/tlscontexts";
+    let tls_secret = |name: &str, crt: &str| {
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+               "metadata": {"name": name, "namespace": "default"},
+               "data": {"tls.crt": b64(crt), "tls.key": b64("KEY")}})
+    };
+    fake.apply(SECRETS, tls_secret("site-tls", "SITE"));
+    fake.apply(SECRETS, tls_secret("clients", "CLIENT-CA"));
+    let context = |name: &str, spec: Value| {
+        json!({"apiVersion": "getambassador.io/v3alpha1", "kind": "TLSContext",
+               "metadata": {"name": name, "namespace": "default"}, "spec": spec})
+    };
+    fake.apply(
+        CONTEXTS,
+        context(
+            "mtls",
+            json!({"secret": "site-tls", "ca_secret": "clients", "cert_required": true}),
+        ),
+    );
+    fake.apply(CONTEXTS, context("broken", json!({"secret": "nowhere"})));
+    fake.apply(
+        HOSTS,
+        host(
+            "default",
+            "site",
+            json!({"hostname": "site.example.com", "tlsSecret": {"name": "site-tls"}, "tlsContext": {"name": "mtls"}}),
+        ),
+    );
+    let mut run = start_source(&fake, Some("default")).await;
+    let s = wait_snapshot(&mut run.rx, "the Host and its TLSContext", |s| {
+        files(s).contains(&"kube/default/TLSContext.getambassador.io/mtls.yaml".to_string())
+            && files(s).contains(&"kube/default/Host/site.yaml".to_string())
+    })
+    .await;
+    // The context's CA Secret is written beside the certificate, where preflight and the
+    // handshake read it.
+    assert_eq!(
+        std::fs::read_to_string(run.secrets.join("clients/tls.crt")).unwrap(),
+        "CLIENT-CA"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.secrets.join("site-tls/tls.crt")).unwrap(),
+        "SITE"
+    );
+    // A TLSContext whose Secret is missing is set aside alone.
+    let broken = s
+        .verdicts
+        .iter()
+        .find(|v| v.object.name == "broken")
+        .unwrap();
+    assert!(!broken.accepted);
+    assert_eq!(broken.reason, "SecretMissing");
+    assert!(
+        broken.message.contains("default/nowhere"),
+        "{}",
+        broken.message
+    );
+}
+
+#[tokio::test]
 async fn kube_only_the_lease_holder_writes_status() {
     let fake = FakeApiServer::start().await;
     fake.apply_route("default", "a", "/a/", "a.default:80");
@@ -1090,8 +1154,8 @@ async fn kube_emissary_kinds_are_watched_when_installed_and_ambassador_id_is_hon
     );
     fake.apply_route("default", "native", "/n/", "n.default:80");
     let mut run = start_source(&fake, Some("default")).await;
-    // Legate's six kinds, and the two Emissary kinds the group serves (not its AuthService).
-    assert_eq!(run.watch.kinds().len(), 8);
+    // Legate's six kinds, and the three Emissary kinds the group serves (not its AuthService).
+    assert_eq!(run.watch.kinds().len(), 9);
     let s = wait_snapshot(
         &mut run.rx,
         "ours and native",

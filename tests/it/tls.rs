@@ -334,6 +334,65 @@ async fn mapping_tls_context_originates_with_a_client_certificate() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origination_client_certificate_is_reloaded_when_its_files_change() {
+    let up = Upstream::start("a").await;
+    let secrets = tempfile::tempdir().unwrap();
+    let s = secrets.path();
+    make_secret(s, "inner-tls", &["inner.test"]);
+    std::fs::create_dir_all(s.join("inner-ca")).unwrap();
+    std::fs::copy(s.join("inner-tls/tls.crt"), s.join("inner-ca/ca.crt")).unwrap();
+    make_ca(s, "client-ca");
+    make_ca(s, "stranger-ca");
+    // At first the client certificate is signed by a CA the upstream does not trust.
+    make_client(s, "alice", &s.join("stranger-ca"));
+    let inner_yaml = [
+        host(
+            "inner",
+            "inner.test",
+            "tlsSecret:\n  name: inner-tls\ntls:\n  ca_secret: client-ca\n  cert_required: true",
+        ),
+        mapping("m", &format!("prefix: /s/\nservice: {}", up.service())),
+    ]
+    .concat();
+    let inner = start(&inner_yaml, s).await;
+    let outer_yaml = [
+        tlscontext("ctx", "secret: alice\nca_secret: inner-ca\nsni: inner.test"),
+        host("outer", "'*'", "requestPolicy:\n  insecure:\n    action: Route"),
+        mapping(
+            "good",
+            &format!(
+                "prefix: /good/\nrewrite: /s/\nhost_rewrite: inner.test\nservice: https://127.0.0.1:{}\ntls: ctx",
+                inner.https.port()
+            ),
+        ),
+    ]
+    .concat();
+    let outer = start(&outer_yaml, s).await;
+    let r = crate::support::get(&outer.url("/good/x"), &[]).await;
+    assert!(
+        matches!(r.status.as_u16(), 502 | 503),
+        "{:?} {}",
+        r.status,
+        r.body
+    );
+
+    // The secret is rotated to a certificate of the trusted CA: the next handshake uses it,
+    // with no new revision.
+    make_client(s, "alice", &s.join("client-ca"));
+    let mut last = r.status;
+    for _ in 0..200 {
+        let r = crate::support::get(&outer.url("/good/x"), &[]).await;
+        last = r.status;
+        if last == 200 {
+            assert_eq!(r.json()["upstream"], "a", "{}", r.body);
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the rotated client certificate was not used: last status {last}");
+}
+
 /// Revoke `client` (a directory made by `make_client`) and write the CA's CRL as
 /// `<dir>/<secret>/crl.pem`.
 fn revoke(dir: &Path, secret: &str, ca_dir: &Path, client: &Path) {

@@ -55,7 +55,11 @@ static X_FORWARDED_CLIENT_CERT: http::HeaderName =
 pub(crate) struct RequestCtx<'s> {
     /// The snapshot current when the request arrived.
     pub snap: &'s Snapshot,
+    /// The connection's facts; `xff_hops` is the Listener's `l7Depth` on a revision's own port.
     pub conn: ConnInfo,
+    /// The revision's Listener (index in `Graph::listeners`) on the connection's port, if the
+    /// revision has its own: its Hosts and security model apply.
+    pub listener: Option<usize>,
     /// What metrics and the access log learn about the exchange.
     pub ex: Exchange,
     /// The checked authority (`read_head`).
@@ -76,9 +80,18 @@ pub(crate) struct RequestCtx<'s> {
 
 impl<'s> RequestCtx<'s> {
     fn new(snap: &'s Snapshot, conn: ConnInfo, ex: Exchange) -> RequestCtx<'s> {
+        let graph = &*snap.graph;
+        let listener = graph
+            .listener_on(conn.local_port)
+            .filter(|&i| graph.listeners[i].protocol.is_http());
+        let conn = ConnInfo {
+            xff_hops: listener.map_or(conn.xff_hops, |i| graph.listeners[i].l7_depth),
+            ..conn
+        };
         RequestCtx {
             snap,
             conn,
+            listener,
             ex,
             authority: HeaderValue::from_static(""),
             uri: Uri::default(),
@@ -183,7 +196,7 @@ impl Proxy {
             req.uri().path(),
             req.headers(),
             ctx.conn.remote.ip(),
-            self.settings.xff_trusted_hops,
+            ctx.conn.xff_hops,
         )?;
         ctx.authority = head::authority(&req)?;
         let norm = match normalize(req.uri().path(), graph.normalize_options()) {
@@ -228,11 +241,12 @@ impl Proxy {
             .then_some(ctx.conn.local_port);
         let route_host = crate::routes::route_authority(authority_str, strip);
         let via = Arrival {
-            secure: self.is_secure(req, ctx.conn),
+            secure: is_secure(req, ctx.conn, ctx.listener.map(|i| &graph.listeners[i])),
             tls_sni: ctx
                 .conn
                 .tls
                 .then(|| req.extensions().get::<Sni>().map(|s| &*s.0)),
+            listener: ctx.listener,
         };
         let (path, query) = (ctx.uri.path(), ctx.uri.query());
         let head = RequestHead {
@@ -338,9 +352,9 @@ impl Proxy {
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
         if module.use_remote_address {
-            hdr::set_forwarded_for(h, conn.remote.ip(), self.settings.xff_trusted_hops);
+            hdr::set_forwarded_for(h, conn.remote.ip(), conn.xff_hops);
         }
-        if self.settings.xff_trusted_hops == 0 || !h.contains_key(&X_FORWARDED_PROTO) {
+        if conn.xff_hops == 0 || !h.contains_key(&X_FORWARDED_PROTO) {
             h.insert(
                 X_FORWARDED_PROTO.clone(),
                 HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
@@ -358,7 +372,8 @@ impl Proxy {
         h.insert(header::HOST, ctx.authority.clone());
     }
 
-    /// Phase: the route's edge policies (JWT, rate limits, AuthService) on the routed request.
+    /// Phase: the route's edge policies (OIDC login or JWT, rate limits, AuthService) on the
+    /// routed request.
     async fn guards(
         ctx: &RequestCtx<'_>,
         f: &crate::routes::Forward,
@@ -515,18 +530,6 @@ impl Proxy {
         }
     }
 
-    /// Whether a request counts as secure for its Host's insecure action: the connection's own
-    /// scheme, unless hops in front are trusted (`--xff-trusted-hops` >= 1) and one of them sent
-    /// `X-Forwarded-Proto` (Envoy's rule under Emissary's default XFP security model).
-    fn is_secure(&self, req: &Request<Incoming>, conn: ConnInfo) -> bool {
-        if self.settings.xff_trusted_hops > 0 {
-            if let Some(v) = req.headers().get(&X_FORWARDED_PROTO) {
-                return v.as_bytes().eq_ignore_ascii_case(b"https");
-            }
-        }
-        conn.tls
-    }
-
     fn check_limits(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
         let limits = &self.settings.limits;
         let uri = req.uri();
@@ -637,6 +640,23 @@ fn redirect_location(
     let loc = HeaderValue::from_str(&loc)
         .map_err(|_| ProxyError::Internal("redirect location".into()))?;
     Ok((status, loc))
+}
+
+/// Whether a request counts as secure for its Host's insecure action. On a Listener of the
+/// revision, its security model decides. On the flags' listeners: the connection's own scheme,
+/// unless hops in front are trusted (`--xff-trusted-hops` >= 1) and one of them sent
+/// `X-Forwarded-Proto` (Envoy's rule under Emissary's default XFP security model).
+fn is_secure(
+    req: &Request<Incoming>,
+    conn: ConnInfo,
+    listener: Option<&crate::routes::ListenerRoute>,
+) -> bool {
+    let proto = req.headers().get(&X_FORWARDED_PROTO).map(|v| v.as_bytes());
+    match listener {
+        Some(l) => l.secure(conn.tls, proto),
+        None if conn.xff_hops > 0 => proto.map_or(conn.tls, |p| p.eq_ignore_ascii_case(b"https")),
+        None => conn.tls,
+    }
 }
 
 #[cfg(test)]
