@@ -249,9 +249,24 @@ pub struct RunArgs {
     /// skip their counters).
     #[arg(long, env = "LEGATE_METRICS", default_value = "on", value_parser = ["on", "off"])]
     pub metrics: String,
-    /// Share of new traces (requests without a `traceparent`) marked sampled, 0 to 1.
-    #[arg(long, env = "LEGATE_TRACE_SAMPLE_RATIO", default_value_t = 0.0, value_parser = parse_ratio)]
-    pub trace_sample_ratio: f64,
+    /// Export spans (a server span per request, a client span per upstream attempt) as
+    /// OTLP/HTTP protobuf to this collector, e.g. `http://jaeger:4318` (`/v1/traces` is added
+    /// to a URL without a path). Wins over a TracingService in the config.
+    #[arg(long, env = "LEGATE_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint)]
+    pub otlp_endpoint: Option<http::Uri>,
+    /// `service.name` of the exported spans with `--otlp-endpoint`.
+    #[arg(long, env = "LEGATE_OTLP_SERVICE_NAME", default_value = "legate")]
+    pub otlp_service_name: String,
+    /// Share of new traces (requests without a `traceparent`) sampled, 0 to 1; a client's
+    /// `traceparent` decides for its own trace (parent-based). Default: the TracingService's
+    /// `sampling.overall`, else 1 while spans are exported, else 0. Sampled traces are exported
+    /// and marked sampled upstream.
+    #[arg(long, alias = "trace-sample-ratio", env = "LEGATE_OTLP_SAMPLE_RATIO", value_parser = parse_ratio)]
+    pub otlp_sample_ratio: Option<f64>,
+}
+
+fn parse_otlp_endpoint(s: &str) -> Result<http::Uri, String> {
+    crate::config::tracingservice::traces_url(s)
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
@@ -283,7 +298,7 @@ impl RunArgs {
             default_cert: self.default_cert.clone(),
             upstream_ca: self.upstream_ca.clone(),
             dns_ttl: Duration::from_secs(self.dns_ttl_secs),
-            trace_sample_ratio: self.trace_sample_ratio,
+            trace_sample_ratio: self.otlp_sample_ratio,
             metrics: self.metrics == "on",
             ..Settings::default()
         }
@@ -421,6 +436,13 @@ fn build_proxy(args: &RunArgs, addrs: &Addrs) -> anyhow::Result<Arc<Proxy>> {
             .with_context(|| format!("cannot open --access-log {}", args.access_log))?;
         settings.access_log = Some(log);
     }
+    // Always started: a TracingService in a later revision can switch export on.
+    settings.otlp = Some(crate::otlp::Exporter::start(crate::otlp::ExportSettings {
+        target: args.otlp_endpoint.clone().map(|url| crate::otlp::Target {
+            url,
+            service_name: args.otlp_service_name.clone(),
+        }),
+    }));
     // JWKS fetches, notifications and the verification probe trust `--upstream-ca` too.
     crate::outbound::init(settings.upstream_ca.as_deref())?;
     Ok(Proxy::new(settings)?)
