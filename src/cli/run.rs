@@ -481,7 +481,8 @@ async fn start_source(
     let handle = running.handle.clone();
     let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     if let (Some(client), Some(kube)) = (client, running.kube()) {
-        let status = start_cluster_status(client, kube.snapshots(), served_events, cfg);
+        let status = start_cluster_status(client.clone(), kube.snapshots(), served_events, cfg);
+        start_kube_acme(args, proxy, client, status.is_leader());
         keep.push(Box::new(status));
     }
     keep.push(Box::new(running));
@@ -490,6 +491,26 @@ async fn start_source(
         name,
         _keep: keep,
     })
+}
+
+/// Kubernetes mode: ACME Hosts get their certificates (and account keys) in Secrets written
+/// through the API, ordered and renewed by the Lease holder only; every replica serves them
+/// through the Secret watch. Checked at the secrets poll interval.
+fn start_kube_acme(
+    args: &RunArgs,
+    proxy: &Arc<Proxy>,
+    client: ::kube::Client,
+    leader: tokio::sync::watch::Receiver<bool>,
+) {
+    let acme = crate::tls::acme::Acme::kubernetes(
+        client,
+        leader,
+        args.upstream_ca.clone(),
+        proxy.metrics().clone(),
+    );
+    proxy.set_acme(acme.clone());
+    let every = Duration::from_secs(args.secrets_poll_secs.max(1));
+    tokio::spawn(proxy.clone().run_acme(acme, every));
 }
 
 /// `--dir` or `--repo` and the git flags.
@@ -702,7 +723,8 @@ fn start_cert_refresh(args: &RunArgs, proxy: &Arc<Proxy>) {
     let every = Duration::from_secs(args.secrets_poll_secs.max(1));
     if !args.kubernetes {
         // ACME Hosts: checked at the secrets poll interval; tokens answered on the listeners.
-        // Not in Kubernetes mode: the secrets directory there mirrors Kubernetes Secrets.
+        // Not in Kubernetes mode: the secrets directory there mirrors Kubernetes Secrets, and
+        // ACME writes the Secrets themselves (`start_kube_acme`).
         let acme =
             crate::tls::acme::Acme::new(dir, args.upstream_ca.clone(), proxy.metrics().clone());
         proxy.set_acme(acme.clone());

@@ -502,10 +502,14 @@ fn verification_failed(
 /// A Host whose TLS Secret is not in the store cannot serve: set it aside (`SecretMissing`).
 /// The first TLS Secret `r` names (a Host's or a TLSContext's, see [`named_secrets`]) that the
 /// store does not hold: the object is set aside with `SecretMissing`.
+/// A Host with ACME on is the exception for its `tlsSecret`: the gateway creates that Secret
+/// ([`crate::tls::acme`]), so the Host serves (without a certificate) until it exists.
 fn missing_tls_secret(store: &Store, r: &config::Resource) -> Option<(String, Diagnostic)> {
-    let (pointer, ns, name) = named_secrets(r)
-        .into_iter()
-        .find(|(_, ns, name)| !store.secrets.contains_key(&(ns.clone(), name.clone())))?;
+    let acme = matches!(&r.spec, Spec::Host(h) if h.acme_on());
+    let (pointer, ns, name) = named_secrets(r).into_iter().find(|(pointer, ns, name)| {
+        !(acme && *pointer == "/spec/tlsSecret/name")
+            && !store.secrets.contains_key(&(ns.clone(), name.clone()))
+    })?;
     let d = Diagnostic::error(
         "tls-secret",
         &r.at(pointer),
