@@ -154,7 +154,8 @@ pub struct RunArgs {
     #[arg(long, env = "LEGATE_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     pub http_listen: String,
     /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN); `off` disables it. Used while the
-    /// revision has no `Listener`.
+    /// revision has no `Listener`. Both flags' listeners open before the first revision is
+    /// judged: a revision whose Listener port cannot be bound is rejected (`listener-bind`).
     #[arg(long, env = "LEGATE_HTTPS_LISTEN", default_value = "0.0.0.0:8443")]
     pub https_listen: String,
     /// Admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`); `off` disables it.
@@ -318,12 +319,15 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     let (events, _) = tokio::sync::broadcast::channel(64);
     let notify_events = events.subscribe();
     crate::reconcile::count_outcomes(proxy.metrics(), events.subscribe());
+    start_demo_echo(&args).await?;
+    // The flags' listeners open before the first revision is judged, so its Listener ports are
+    // bound like any later revision's: a port that cannot be bound rejects it (`listener-bind`)
+    // while the flags' sockets serve and /readyz stays 503.
+    let running = start_listeners(&proxy, &addrs).await?;
     let source = start_source(&args, &cfg, &proxy, events).await?;
     start_notifications(&args, notify_events, &source.name)?;
     let admin_state = admin_state(&proxy, &source.handle, hook_secret, addrs.token.clone());
     mount_hooks(&args, &proxy, &admin_state);
-    start_demo_echo(&args).await?;
-    let running = start_listeners(&proxy, &addrs).await?;
     start_admin(addrs.admin, admin_state).await?;
     start_cert_refresh(&args, &proxy);
 
