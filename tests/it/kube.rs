@@ -1775,3 +1775,66 @@ async fn kube_acme_the_lease_holder_orders_into_a_secret_and_a_follower_does_not
     let c = serde_json::to_value(c).unwrap();
     assert_eq!(c["acme"]["state"], "valid", "{c}");
 }
+
+/// A TLSContext's `crl_secret` in Kubernetes mode: the Opaque Secret's `crl.pem` is written to
+/// the secrets directory beside the CA (a new revision when it changes), and a context whose
+/// CRL Secret is missing is set aside alone.
+#[tokio::test]
+async fn kube_crl_secrets_named_by_tlscontexts_are_written_to_the_secrets_dir() {
+    let fake = FakeApiServer::start().await;
+    fake.lock().ambassador = true;
+    const CONTEXTS: &str = "getambassador.io/v3alpha1/tlscontexts";
+    fake.apply(
+        SECRETS,
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+               "metadata": {"name": "clients", "namespace": "default"},
+               "data": {"tls.crt": b64("CLIENT-CA"), "tls.key": b64("KEY")}}),
+    );
+    let crl = |body: &str| {
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+               "metadata": {"name": "revoked", "namespace": "default"},
+               "data": {"crl.pem": b64(body)}})
+    };
+    fake.apply(SECRETS, crl("CRL-1"));
+    let context = |name: &str, crl: &str| {
+        json!({"apiVersion": "getambassador.io/v3alpha1", "kind": "TLSContext",
+               "metadata": {"name": name, "namespace": "default"},
+               "spec": {"hosts": [format!("{name}.example.com")], "ca_secret": "clients",
+                        "crl_secret": crl, "cert_required": true}})
+    };
+    fake.apply(CONTEXTS, context("checked", "revoked"));
+    fake.apply(CONTEXTS, context("nocrl", "gone"));
+    let mut run = start_source(&fake, Some("default")).await;
+    let s = wait_snapshot(&mut run.rx, "the TLSContext with its CRL", |s| {
+        files(s) == ["kube/default/TLSContext.getambassador.io/checked.yaml"]
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(run.secrets.join("revoked/crl.pem")).unwrap(),
+        "CRL-1"
+    );
+    let nocrl = s
+        .verdicts
+        .iter()
+        .find(|v| v.object.name == "nocrl")
+        .unwrap();
+    assert!(!nocrl.accepted);
+    assert_eq!(nocrl.reason, "SecretMissing");
+    assert!(
+        nocrl.message.contains("CRL Secret `default/gone`"),
+        "{}",
+        nocrl.message
+    );
+
+    // A new CRL is a new revision, its file swapped in.
+    let first = s.revision.id.clone();
+    fake.apply(SECRETS, crl("CRL-2"));
+    wait_snapshot(&mut run.rx, "a revision with the new CRL", |s| {
+        s.revision.id != first
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(run.secrets.join("revoked/crl.pem")).unwrap(),
+        "CRL-2"
+    );
+}
