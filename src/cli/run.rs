@@ -164,6 +164,8 @@ pub struct RunArgs {
     /// Directory of mounted Secrets: `<name>/tls.crt` and `<name>/tls.key` per Host `tlsSecret`
     /// (and TLSContext `secret`); `<name>/ca.crt` per `ca_secret`, `<name>/crl.pem` per
     /// `crl_secret`. Hosts with an `acmeProvider` get their certificate written here by ACME.
+    /// An OIDCLogin's `secret` is `<name>/client-secret` and `<name>/session-keys` (base64
+    /// 32-byte keys, one per line, the first seals sessions).
     #[arg(long, env = "LEGATE_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
     /// Secret served to TLS clients whose SNI matches no Host (default: handshake failure).
@@ -174,8 +176,9 @@ pub struct RunArgs {
     #[arg(long, env = "LEGATE_SECRETS_POLL_SECS", default_value_t = 5)]
     pub secrets_poll_secs: u64,
     /// PEM CA bundle trusted for `https://` upstreams, in addition to the webpki roots; also
-    /// for the gateway's own calls (JWKS URLs, `--notify-url`, verification probes), and the
-    /// only root trusted for an ACME directory when given (its first certificate).
+    /// for the gateway's own calls (JWKS URLs, OpenID providers, `--notify-url`, verification
+    /// probes), and the only root trusted for an ACME directory when given (its first
+    /// certificate).
     #[arg(long, env = "LEGATE_UPSTREAM_CA")]
     pub upstream_ca: Option<PathBuf>,
     /// Seconds resolved upstream addresses are used before the name is looked up again.

@@ -129,6 +129,7 @@ fn compile_each<'r>(
             Spec::RouteTest(_)
             | Spec::AuthService(_)
             | Spec::JwtPolicy(_)
+            | Spec::OidcLogin(_)
             | Spec::RateLimit(_)
             | Spec::Module(_)
             | Spec::TlsContext(_)
@@ -1243,6 +1244,7 @@ fn compile_forward(
         health_checks: super::traffic::health_checks(res, &spec.health_checks, diags),
         ext_auth: None,
         jwt: None,
+        oidc: None,
         rate_limits: Vec::new(),
         origin_tls,
         allow_escaped_slashes: spec.allow_escaped_slashes,

@@ -44,6 +44,7 @@ pub fn attach(
     diags: &mut Vec<Diagnostic>,
 ) {
     attach_jwt(resources, routes, hosts, groups, diags);
+    super::oidc::attach(resources, routes, hosts, groups, diags);
     attach_rate_limits(resources, routes, diags);
     let auth = compile_auth(resources, diags);
     let Some(auth) = auth else { return };
@@ -78,14 +79,6 @@ fn attach_jwt(
         })
         .collect();
     policies.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
-    let mapping_labels = |route: &Route| {
-        resources.iter().find_map(|r| match &r.spec {
-            Spec::Mapping(_) if r.namespace == route.namespace && r.name == route.name => {
-                Some(&r.labels)
-            }
-            _ => None,
-        })
-    };
     // Which policy covers each route, to report overlaps.
     let mut owner: Vec<Option<String>> = vec![None; routes.len()];
     for (res, spec) in policies {
@@ -98,61 +91,18 @@ fn attach_jwt(
                 continue;
             }
         };
-        let mut targets = vec![false; routes.len()];
-        for (i, name) in spec.mappings.iter().enumerate() {
-            let mut found = false;
-            for (t, route) in targets.iter_mut().zip(routes.iter()) {
-                if route.namespace == res.namespace && &route.name == name {
-                    *t = true;
-                    found = true;
-                }
-            }
-            if !found {
-                diags.push(Diagnostic::warning(
-                    "jwt-unknown-mapping",
-                    &res.at(&format!("/spec/mappings/{i}")),
-                    format!("JWTPolicy `{}` names Mapping `{name}`, which does not exist in namespace `{}`", res.name, res.namespace),
-                ));
-            }
+        let targets = Coverage {
+            kind: "JWTPolicy",
+            codes: [
+                "jwt-unknown-mapping",
+                "jwt-unknown-host",
+                "jwt-selects-nothing",
+            ],
+            mappings: &spec.mappings,
+            selector: spec.mapping_selector.as_ref(),
+            hosts: &spec.hosts,
         }
-        if let Some(sel) = spec.mapping_selector.as_ref().filter(|s| !s.is_empty()) {
-            for (t, route) in targets.iter_mut().zip(routes.iter()) {
-                if mapping_labels(route).is_some_and(|l| sel.matches(l)) {
-                    *t = true;
-                }
-            }
-        }
-        for (i, name) in spec.hosts.iter().enumerate() {
-            let Some(h) = hosts
-                .iter()
-                .find(|h| h.namespace == res.namespace && &h.name == name)
-            else {
-                diags.push(Diagnostic::warning(
-                    "jwt-unknown-host",
-                    &res.at(&format!("/spec/hosts/{i}")),
-                    format!("JWTPolicy `{}` names Host `{name}`, which does not exist in namespace `{}`", res.name, res.namespace),
-                ));
-                continue;
-            };
-            for &g in &h.groups {
-                let Some(group) = groups.get(g) else { continue };
-                for (id, _) in group.members.iter().chain(group.shadow.iter()) {
-                    if let Some(t) = targets.get_mut(id.0) {
-                        *t = true;
-                    }
-                }
-            }
-        }
-        if !targets.contains(&true) {
-            diags.push(
-                Diagnostic::warning(
-                    "jwt-selects-nothing",
-                    &res.at("/spec"),
-                    format!("JWTPolicy `{}` protects no route", res.name),
-                )
-                .with_help("list Mappings in `mappings`, select them with `mappingSelector`, or name Hosts in `hosts`"),
-            );
-        }
+        .targets(res, resources, routes, hosts, groups, diags);
         for (i, route) in routes.iter_mut().enumerate() {
             if !targets[i] {
                 continue;
@@ -178,6 +128,99 @@ fn attach_jwt(
             owner[i] = Some(res.id());
             f.jwt = Some(policy.clone());
         }
+    }
+}
+
+/// Where a policy resource applies: Mappings it names, Mappings its selector matches, and the
+/// Mappings of the Hosts it names (JWTPolicy and OIDCLogin attach alike).
+pub(crate) struct Coverage<'a> {
+    /// The kind, for messages.
+    pub kind: &'static str,
+    /// Diagnostic codes: a named Mapping or Host does not exist, nothing is covered.
+    pub codes: [&'static str; 3],
+    pub mappings: &'a [String],
+    pub selector: Option<&'a LabelSelector>,
+    pub hosts: &'a [String],
+}
+
+impl Coverage<'_> {
+    /// Which of `routes` the policy `res` covers; unknown names and covering nothing are warned.
+    pub(crate) fn targets(
+        &self,
+        res: &Resource,
+        resources: &[&Resource],
+        routes: &[Route],
+        hosts: &[HostRoute],
+        groups: &[Group],
+        diags: &mut Vec<Diagnostic>,
+    ) -> Vec<bool> {
+        let kind = self.kind;
+        let [unknown_mapping, unknown_host, nothing] = self.codes;
+        let mut targets = vec![false; routes.len()];
+        for (i, name) in self.mappings.iter().enumerate() {
+            let mut found = false;
+            for (t, route) in targets.iter_mut().zip(routes.iter()) {
+                if route.namespace == res.namespace && &route.name == name {
+                    *t = true;
+                    found = true;
+                }
+            }
+            if !found {
+                diags.push(Diagnostic::warning(
+                    unknown_mapping,
+                    &res.at(&format!("/spec/mappings/{i}")),
+                    format!("{kind} `{}` names Mapping `{name}`, which does not exist in namespace `{}`", res.name, res.namespace),
+                ));
+            }
+        }
+        if let Some(sel) = self.selector.filter(|s| !s.is_empty()) {
+            for (t, route) in targets.iter_mut().zip(routes.iter()) {
+                let labels = resources.iter().find_map(|r| match &r.spec {
+                    Spec::Mapping(_) if r.namespace == route.namespace && r.name == route.name => {
+                        Some(&r.labels)
+                    }
+                    _ => None,
+                });
+                if labels.is_some_and(|l| sel.matches(l)) {
+                    *t = true;
+                }
+            }
+        }
+        for (i, name) in self.hosts.iter().enumerate() {
+            let Some(h) = hosts
+                .iter()
+                .find(|h| h.namespace == res.namespace && &h.name == name)
+            else {
+                diags.push(Diagnostic::warning(
+                    unknown_host,
+                    &res.at(&format!("/spec/hosts/{i}")),
+                    format!(
+                        "{kind} `{}` names Host `{name}`, which does not exist in namespace `{}`",
+                        res.name, res.namespace
+                    ),
+                ));
+                continue;
+            };
+            for &g in &h.groups {
+                let Some(group) = groups.get(g) else { continue };
+                for (id, _) in group.members.iter().chain(group.shadow.iter()) {
+                    if let Some(t) = targets.get_mut(id.0) {
+                        *t = true;
+                    }
+                }
+            }
+        }
+        if !targets.contains(&true) {
+            diags.push(
+                Diagnostic::warning(
+                    nothing,
+                    &res.at("/spec"),
+                    format!("{kind} `{}` protects no route", res.name),
+                )
+                .with_help("list Mappings in `mappings`, select them with `mappingSelector`, or name Hosts in `hosts`"),
+            );
+        }
+        targets
     }
 }
 
@@ -216,19 +259,19 @@ fn attach_rate_limits(resources: &[&Resource], routes: &mut [Route], diags: &mut
         let has_claims = groups
             .iter()
             .any(|(_, _, entries)| entries.iter().any(|e| matches!(e, Entry::Claim { .. })));
-        if has_claims && f.jwt.is_none() {
+        if has_claims && f.jwt.is_none() && f.oidc.is_none() {
             // Without a validated token there is never a claim, so the limit would never apply.
             diags.push(
                 Diagnostic::error(
                     "ratelimit-claim-without-jwt",
                     &res.at("/spec/labels"),
                     format!(
-                        "Mapping `{}` keys a rate limit on a JWT claim but no JWTPolicy covers it",
+                        "Mapping `{}` keys a rate limit on a JWT claim but no JWTPolicy or OIDCLogin covers it",
                         res.name
                     ),
                 )
                 .with_help(
-                    "cover the Mapping with a JWTPolicy (mappings, mappingSelector or hosts)",
+                    "cover the Mapping with a JWTPolicy or an OIDCLogin (mappings, mappingSelector or hosts)",
                 ),
             );
         }

@@ -14,6 +14,7 @@ pub mod guard;
 pub mod listener;
 pub mod model;
 pub mod module;
+pub mod oidc;
 pub mod routetest;
 pub mod schema;
 pub mod tlscontext;

@@ -36,7 +36,12 @@ const EMISSARY_KINDS: [(&str, &str); 13] = [
 
 /// Legate's own kinds, read only under `legate.dev` (under `getambassador.io` a `RateLimit` is
 /// Edge Stack's, with another spec).
-const LEGATE_ONLY: [Kind; 3] = [Kind::RateLimit, Kind::JwtPolicy, Kind::RouteTest];
+const LEGATE_ONLY: [Kind; 4] = [
+    Kind::RateLimit,
+    Kind::JwtPolicy,
+    Kind::OidcLogin,
+    Kind::RouteTest,
+];
 
 /// A Mapping or Host that passed the schema, for this gateway's ambassador_id.
 #[derive(Debug, Clone)]
@@ -72,6 +77,7 @@ pub enum Spec {
     RouteTest(Box<super::routetest::RouteTestSpec>),
     AuthService(Box<super::guard::AuthServiceSpec>),
     JwtPolicy(Box<super::guard::JwtPolicySpec>),
+    OidcLogin(Box<super::oidc::OidcLoginSpec>),
     RateLimit(Box<super::guard::RateLimitSpec>),
     Module(Box<super::module::ModuleSpec>),
     TlsContext(Box<super::tlscontext::TlsFields>),
@@ -622,6 +628,8 @@ fn load_document(
             .map(|s| Spec::AuthService(Box::new(s))),
         Kind::JwtPolicy => serde_json::from_value::<super::guard::JwtPolicySpec>(spec_value)
             .map(|s| Spec::JwtPolicy(Box::new(s))),
+        Kind::OidcLogin => serde_json::from_value::<super::oidc::OidcLoginSpec>(spec_value)
+            .map(|s| Spec::OidcLogin(Box::new(s))),
         Kind::RateLimit => serde_json::from_value::<super::guard::RateLimitSpec>(spec_value)
             .map(|s| Spec::RateLimit(Box::new(s))),
         Kind::TlsContext => serde_json::from_value::<super::tlscontext::TlsFields>(spec_value)

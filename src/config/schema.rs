@@ -21,6 +21,7 @@ pub enum Kind {
     RouteTest,
     AuthService,
     JwtPolicy,
+    OidcLogin,
     RateLimit,
     Module,
     TlsContext,
@@ -29,12 +30,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Mapping,
         Kind::Host,
         Kind::RouteTest,
         Kind::AuthService,
         Kind::JwtPolicy,
+        Kind::OidcLogin,
         Kind::RateLimit,
         Kind::Module,
         Kind::TlsContext,
@@ -49,6 +51,7 @@ impl Kind {
             Kind::RouteTest => "RouteTest",
             Kind::AuthService => "AuthService",
             Kind::JwtPolicy => "JWTPolicy",
+            Kind::OidcLogin => "OIDCLogin",
             Kind::RateLimit => "RateLimit",
             Kind::Module => "Module",
             Kind::TlsContext => "TLSContext",
@@ -78,6 +81,7 @@ impl Kind {
             Kind::RouteTest => include_str!("../../schemas/routetest.schema.json"),
             Kind::AuthService => include_str!("../../schemas/authservice.schema.json"),
             Kind::JwtPolicy => include_str!("../../schemas/jwtpolicy.schema.json"),
+            Kind::OidcLogin => include_str!("../../schemas/oidclogin.schema.json"),
             Kind::RateLimit => include_str!("../../schemas/ratelimit.schema.json"),
             Kind::Module => include_str!("../../schemas/module.schema.json"),
             Kind::TlsContext => include_str!("../../schemas/tlscontext.schema.json"),
@@ -93,6 +97,7 @@ impl Kind {
             Kind::RouteTest => "schemas/routetest.schema.json",
             Kind::AuthService => "schemas/authservice.schema.json",
             Kind::JwtPolicy => "schemas/jwtpolicy.schema.json",
+            Kind::OidcLogin => "schemas/oidclogin.schema.json",
             Kind::RateLimit => "schemas/ratelimit.schema.json",
             Kind::Module => "schemas/module.schema.json",
             Kind::TlsContext => "schemas/tlscontext.schema.json",
@@ -107,6 +112,7 @@ impl Kind {
         static ROUTE_TEST: OnceLock<Compiled> = OnceLock::new();
         static AUTH_SERVICE: OnceLock<Compiled> = OnceLock::new();
         static JWT_POLICY: OnceLock<Compiled> = OnceLock::new();
+        static OIDC_LOGIN: OnceLock<Compiled> = OnceLock::new();
         static RATE_LIMIT: OnceLock<Compiled> = OnceLock::new();
         static MODULE: OnceLock<Compiled> = OnceLock::new();
         static TLS_CONTEXT: OnceLock<Compiled> = OnceLock::new();
@@ -118,6 +124,7 @@ impl Kind {
             Kind::RouteTest => &ROUTE_TEST,
             Kind::AuthService => &AUTH_SERVICE,
             Kind::JwtPolicy => &JWT_POLICY,
+            Kind::OidcLogin => &OIDC_LOGIN,
             Kind::RateLimit => &RATE_LIMIT,
             Kind::Module => &MODULE,
             Kind::TlsContext => &TLS_CONTEXT,

@@ -287,6 +287,22 @@ impl KeyState {
         }
     }
 
+    /// Validate `token` by `policy` with these keys (an unknown key id triggers an early
+    /// refresh, as for bearer tokens): its claims, or why not.
+    pub(crate) async fn validate_with(
+        self: &Arc<Self>,
+        policy: &JwtPolicy,
+        token: &str,
+        now: u64,
+    ) -> Result<Claims, &'static str> {
+        let keys = self.keys().await;
+        let out = policy.validate(token, &keys, now);
+        if out.as_ref().err() == Some(&UNKNOWN_KID) {
+            self.unknown_kid();
+        }
+        out
+    }
+
     /// Whether any keys are held.
     pub(crate) fn has_keys(&self) -> bool {
         !self.current().is_empty()
@@ -479,7 +495,7 @@ fn decode_json(part: &str) -> Option<Value> {
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme
@@ -488,7 +504,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-fn unauthorized(why: Option<&str>) -> Box<Denial> {
+pub(crate) fn unauthorized(why: Option<&str>) -> Box<Denial> {
     let challenge = match why {
         None => "Bearer".to_string(),
         Some(w) => format!("Bearer error=\"invalid_token\", error_description=\"{w}\""),

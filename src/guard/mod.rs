@@ -1,16 +1,18 @@
 //! Edge security at request time: what a request must pass before it is forwarded (the
-//! route's AuthService, JWTPolicy and RateLimits, compiled by `config::guard` into the plain
+//! route's OIDCLogin, AuthService, JWTPolicy and RateLimits, compiled by `config::guard` into the plain
 //! values of `routes::guard`).
 //!
 //! Owns the state those values need across requests and revisions, in one [`Registry`] the
-//! proxy keeps: JWKS key sets (refreshed in the background) by policy, local token buckets by
-//! limit, Redis connections by address. A route's share is resolved once when a graph is
+//! proxy keeps: JWKS key sets (refreshed in the background) by policy, OIDC providers
+//! (discovery, keys, session keys) by login, local token buckets by limit, Redis connections
+//! by address. A route's share is resolved once when a graph is
 //! prepared ([`Registry::route`]), and state no prepared route holds is dropped
 //! ([`Registry::prune`]). `enforce` applies the policies per request (I/O: JWKS fetches, Redis,
 //! the auth service). Nothing here routes or answers a request itself: refusals become a
 //! [`Denial`] that `proxy::respond` turns into the response.
 //!
-//! Per request the order is JWT, rate limits, AuthService. JWT first: it is local, and its
+//! Per request the order is OIDC login or JWT, rate limits, AuthService. A route has at most
+//! one of OIDCLogin and JWTPolicy (compile refuses both). JWT first: it is local, and its
 //! claims can key rate limits. Rate limits before the AuthService (Emissary runs its ext_authz
 //! filter first): the limits are the cheap guard in front of a network call per request and of
 //! the body buffered for `include_body`; the price is that a descriptor cannot key on a header
@@ -18,9 +20,11 @@
 
 pub mod extauth;
 pub mod jwt;
+pub mod oidc;
 pub mod ratelimit;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -30,7 +34,10 @@ use http::{HeaderMap, StatusCode};
 pub use extauth::ReadAhead;
 pub use ratelimit::Quota;
 
-use crate::routes::guard::{JwtPolicy, Limit, LimitBackend};
+use crate::routes::guard::{JwtPolicy, Limit, LimitBackend, OidcLogin};
+
+/// Set by the proxy before any policy runs: whether the request came over TLS.
+pub(crate) const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
 
 /// The live state of the edge policies, shared across revisions (see the module docs).
 #[derive(Default)]
@@ -39,6 +46,9 @@ pub struct Registry {
     /// process-wide [`crate::outbound::global`].
     client: Option<crate::outbound::Outbound>,
     jwt: Mutex<HashMap<JwtPolicy, Arc<jwt::KeyState>>>,
+    /// Where OIDCLogin secrets are read (`--secrets-dir`).
+    secrets_dir: Option<PathBuf>,
+    oidc: Mutex<HashMap<OidcLogin, Arc<oidc::Login>>>,
     /// By limit id, rate and burst: a revision that changes none of them keeps the buckets (the
     /// descriptor entries are part of each bucket's key already).
     local: Mutex<HashMap<(String, u64, u64), Arc<ratelimit::Buckets>>>,
@@ -49,6 +59,7 @@ impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
             .field("jwt", &lock(&self.jwt).len())
+            .field("oidc", &lock(&self.oidc).len())
             .field("local", &lock(&self.local).len())
             .field("redis", &lock(&self.redis).len())
             .finish()
@@ -59,6 +70,7 @@ impl std::fmt::Debug for Registry {
 #[derive(Default, Clone)]
 pub struct RouteState {
     jwt: Option<Arc<jwt::KeyState>>,
+    oidc: Option<Arc<oidc::Login>>,
     /// One per `Forward::rate_limits`, in order.
     limits: Vec<ratelimit::Counter>,
 }
@@ -68,10 +80,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Registry {
-    /// A registry whose JWKS fetches go through `client`.
-    pub fn new(client: crate::outbound::Outbound) -> Registry {
+    /// A registry whose JWKS and OpenID provider calls go through `client`, reading OIDCLogin
+    /// secrets under `secrets_dir`.
+    pub fn new(client: crate::outbound::Outbound, secrets_dir: Option<PathBuf>) -> Registry {
         Registry {
             client: Some(client),
+            secrets_dir,
             ..Registry::default()
         }
     }
@@ -80,6 +94,17 @@ impl Registry {
     pub fn route(&self, route: &crate::routes::Forward) -> RouteState {
         RouteState {
             jwt: route.jwt.as_ref().map(|p| self.keys(p)),
+            oidc: route.oidc.as_ref().map(|p| {
+                lock(&self.oidc)
+                    .entry((**p).clone())
+                    .or_insert_with(|| {
+                        Arc::new(oidc::Login::new(
+                            self.secrets_dir.clone(),
+                            self.client.clone(),
+                        ))
+                    })
+                    .clone()
+            }),
             limits: route
                 .rate_limits
                 .iter()
@@ -133,6 +158,7 @@ impl Registry {
     /// a graph is swapped in; state of a graph still finishing requests goes at a later call.
     pub fn prune(&self) {
         lock(&self.jwt).retain(|_, k| Arc::strong_count(k) > 1);
+        lock(&self.oidc).retain(|_, k| Arc::strong_count(k) > 1);
         lock(&self.local).retain(|_, b| Arc::strong_count(b) > 1);
         lock(&self.redis).retain(|_, r| Arc::strong_count(r) > 1);
     }
@@ -160,6 +186,8 @@ pub struct Denial {
 pub struct Passed {
     /// The most restrictive limit that counted the request, when it reports headers.
     pub quota: Option<Quota>,
+    /// A renewed OIDC session cookie.
+    pub set_cookie: Option<http::HeaderValue>,
 }
 
 impl Passed {
@@ -167,6 +195,9 @@ impl Passed {
     pub fn decorate(&self, h: &mut HeaderMap) {
         if let Some(q) = &self.quota {
             q.headers(h);
+        }
+        if let Some(c) = &self.set_cookie {
+            h.append(http::header::SET_COOKIE, c.clone());
         }
     }
 }
@@ -181,16 +212,16 @@ pub async fn enforce(
     peer: std::net::SocketAddr,
 ) -> Result<Passed, Box<Denial>> {
     let mut claims = None;
+    let mut set_cookie = None;
+    if let (Some(login), Some(live)) = (&route.oidc, &state.oidc) {
+        let admitted = live.check(login, req).await?;
+        grant(req.headers_mut(), &login.forward, admitted.headers);
+        claims = Some(admitted.claims);
+        set_cookie = admitted.set_cookie;
+    }
     if let (Some(jwt), Some(keys)) = (&route.jwt, &state.jwt) {
         let verified = jwt.check(keys, req.headers()).await?;
-        let h = req.headers_mut();
-        // A client must not choose the values the upstream reads as verified claims.
-        for (_, name) in &jwt.forward {
-            h.remove(name);
-        }
-        for (name, value) in verified.headers {
-            h.append(name, value);
-        }
+        grant(req.headers_mut(), &jwt.forward, verified.headers);
         claims = Some(verified.claims);
     }
     let mut quota: Option<Quota> = None;
@@ -223,7 +254,22 @@ pub async fn enforce(
             h.append(name, value);
         }
     }
-    Ok(Passed { quota })
+    Ok(Passed { quota, set_cookie })
+}
+
+/// Set the claim headers of a validated token or session. A client must not choose the values
+/// the upstream reads as verified claims: every forwarded name is removed first.
+fn grant(
+    h: &mut HeaderMap,
+    forward: &[(String, http::HeaderName)],
+    granted: Vec<(http::HeaderName, http::HeaderValue)>,
+) {
+    for (_, name) in forward {
+        h.remove(name);
+    }
+    for (name, value) in granted {
+        h.append(name, value);
+    }
 }
 
 /// The route's policies as `legate diff` fields (name, value); none when the route has none.
@@ -253,6 +299,9 @@ pub fn describe(route: &crate::routes::Forward) -> Vec<(&'static str, String)> {
     }
     if let Some(j) = &route.jwt {
         out.push(("jwt", j.name.clone()));
+    }
+    if let Some(o) = &route.oidc {
+        out.push(("oidc", format!("{} ({})", o.name, o.issuer)));
     }
     if !route.rate_limits.is_empty() {
         let limits: Vec<String> = route

@@ -225,10 +225,10 @@ impl Proxy {
         let resolver = upstream::connect::Resolver::new(settings.lookup.clone(), settings.dns_ttl);
         let clients = upstream::Clients::new(settings.upstream_ca.as_deref(), resolver)?;
         // JWKS fetches trust `--upstream-ca` as the upstreams do.
-        let guards = crate::guard::Registry::new(crate::outbound::Outbound::new(
-            settings.upstream_ca.as_deref(),
-            true,
-        )?);
+        let guards = crate::guard::Registry::new(
+            crate::outbound::Outbound::new(settings.upstream_ca.as_deref(), true)?,
+            settings.secrets_dir.clone(),
+        );
         let secrets = SecretStore::new(settings.secrets_dir.clone());
         let builder = listen::http_builder(&settings.limits);
         let settings_metrics = settings.metrics;

@@ -1,4 +1,5 @@
-//! Preflight: checks a compiled revision needs from outside the repository (TLS secret files).
+//! Preflight: checks a compiled revision needs from outside the repository (TLS secret files,
+//! OIDCLogin secrets).
 //! Kept out of `config`, which is pure.
 
 use std::path::Path;
@@ -19,6 +20,21 @@ pub fn check_secrets(resources: &[Resource], dir: &Path) -> Vec<Diagnostic> {
             Spec::Host(h) => {
                 if let Some(f) = &h.tls {
                     check_tls_fields(r, "/spec/tls", f, dir, &mut out);
+                }
+            }
+            Spec::OidcLogin(o) => {
+                if let Err(msg) = crate::guard::oidc::read_secrets_checked(&dir.join(&o.secret)) {
+                    out.push(
+                        Diagnostic::error(
+                            "oidc-secret",
+                            &r.at("/spec/secret"),
+                            format!("OIDCLogin `{}`: {msg}", r.name),
+                        )
+                        .with_help(format!(
+                            "provide {0}/client-secret and {0}/session-keys (one base64 32-byte key per line, e.g. `openssl rand -base64 32`)",
+                            dir.join(&o.secret).display()
+                        )),
+                    );
                 }
             }
             _ => {}

@@ -136,3 +136,31 @@ pub struct RouteLimit {
     pub limit: Arc<Limit>,
     pub entries: Vec<Entry>,
 }
+
+/// A compiled OIDCLogin: plain values only. Its discovery document, key set and session keys
+/// live in `guard`'s registry, keyed by this value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OidcLogin {
+    /// `namespace/name`, for logs.
+    pub name: String,
+    /// The provider's issuer URL, exactly as its ID tokens name it (no trailing `/` added).
+    pub issuer: String,
+    pub client_id: String,
+    /// Directory under `--secrets-dir` holding `client-secret` and `session-keys`.
+    pub secret: String,
+    /// Scopes asked for; always holds `openid`.
+    pub scopes: Vec<String>,
+    /// `aud` values accepted on bearer tokens (default: the client id).
+    pub audiences: Vec<String>,
+    /// Path prefix of the callback and logout endpoints, e.g. `/.legate`.
+    pub prefix: String,
+    /// Name of the session cookie; the login cookie is this name with `_login` appended.
+    pub cookie: String,
+    pub forward: Vec<(String, HeaderName)>,
+    /// A session this close to its end (seconds) is renewed with its refresh token.
+    pub refresh_before: u64,
+    /// Where the provider sends the browser after RP-initiated logout.
+    pub post_logout_redirect: Option<String>,
+    /// Leeway for `exp` and `nbf` of tokens (seconds).
+    pub skew: u64,
+}

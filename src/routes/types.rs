@@ -297,6 +297,8 @@ pub struct Forward {
     pub ext_auth: Option<std::sync::Arc<super::guard::ExtAuth>>,
     /// The JWTPolicy whose token the request must carry.
     pub jwt: Option<std::sync::Arc<super::guard::JwtPolicy>>,
+    /// The OIDCLogin a browser logs in with (bearer tokens of its provider also pass).
+    pub oidc: Option<std::sync::Arc<super::guard::OidcLogin>>,
     /// The RateLimit limits counting this route's requests.
     pub rate_limits: Vec<super::guard::RouteLimit>,
     /// TLS origination settings from the TLSContext named by `tls: NAME`.

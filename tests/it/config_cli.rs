@@ -419,14 +419,15 @@ fn committed_crds_match_the_schemas() {
         .map(|e| e.unwrap().file_name())
         .collect();
     names.sort();
-    // Every kind but those that exist only in Emissary's group (Module, TLSContext, ...).
+    // Every kind but those that exist only in Emissary's group (Module, TLSContext, ...) and
+    // OIDCLogin, not served in Kubernetes mode yet.
     let emissary_only = legate::config::schema::Kind::ALL
         .iter()
         .filter(|k| k.emissary_only())
         .count();
     assert_eq!(
         names.len(),
-        legate::config::schema::Kind::ALL.len() - emissary_only
+        legate::config::schema::Kind::ALL.len() - emissary_only - 1
     );
     for n in names {
         let fresh = std::fs::read_to_string(out.path().join(&n)).unwrap();

@@ -21,6 +21,7 @@ mod health;
 mod kube;
 mod listeners;
 mod observability;
+mod oidc;
 mod parity;
 mod protocols;
 mod proxy;

@@ -1286,7 +1286,7 @@ fn ratelimit_problems_are_diagnosed() {
             "limits:\n  - {name: a, group: per_user, requests: 1, per: second}",
         ) + &claim_route),
     );
-    assert!(out.contains("no JWTPolicy covers it"), "{out}");
+    assert!(out.contains("no JWTPolicy or OIDCLogin covers it"), "{out}");
     let out = check(
         &(rate_limit(
             "r",

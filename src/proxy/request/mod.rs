@@ -375,7 +375,8 @@ impl Proxy {
         h.insert(header::HOST, ctx.authority.clone());
     }
 
-    /// Phase: the route's edge policies (JWT, rate limits, AuthService) on the routed request.
+    /// Phase: the route's edge policies (OIDC login or JWT, rate limits, AuthService) on the
+    /// routed request.
     async fn guards(
         ctx: &RequestCtx<'_>,
         f: &crate::routes::Forward,
