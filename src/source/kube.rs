@@ -537,9 +537,10 @@ fn verification_failed(
 /// ([`crate::tls::acme`]), so the Host serves (without a certificate) until it exists.
 fn missing_tls_secret(store: &Store, r: &config::Resource) -> Option<(String, Diagnostic)> {
     let acme = matches!(&r.spec, Spec::Host(h) if h.acme_on());
-    let (pointer, ns, name) = named_secrets(r).into_iter().find(|(pointer, ns, name)| {
-        !(acme && *pointer == "/spec/tlsSecret/name") && !store.holds(pointer, ns, name)
-    })?;
+    let acme_writes = |pointer: &str| acme && pointer == "/spec/tlsSecret/name";
+    let (pointer, ns, name) = named_secrets(r)
+        .into_iter()
+        .find(|(pointer, ns, name)| !acme_writes(pointer) && !store.holds(pointer, ns, name))?;
     let d = if names_crl(pointer) {
         Diagnostic::error(
             "tls-secret",
