@@ -327,11 +327,14 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     // bound like any later revision's: a port that cannot be bound rejects it (`listener-bind`)
     // while the flags' sockets serve and /readyz stays 503.
     let running = start_listeners(&proxy, &addrs).await?;
+    // Bound now too, served once the reconciler exists: a client that finds the proxy port
+    // open can connect to the admin port (its request waits in the backlog).
+    let admin = bind_admin(addrs.admin).await?;
     let source = start_source(&args, &cfg, &proxy, events).await?;
     start_notifications(&args, notify_events, &source.name)?;
     let admin_state = admin_state(&proxy, &source.handle, hook_secret, addrs.token.clone());
     mount_hooks(&args, &proxy, &admin_state);
-    start_admin(addrs.admin, admin_state).await?;
+    start_admin(admin, admin_state);
     start_cert_refresh(&args, &proxy);
 
     wait_for_signal().await;
@@ -708,17 +711,22 @@ async fn start_listeners(
     Ok(running)
 }
 
-/// The admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`).
-async fn start_admin(
-    addr: Option<SocketAddr>,
-    state: crate::admin::AdminState,
-) -> anyhow::Result<()> {
-    if let Some(a) = addr {
-        let l = bind(a, "admin-listen").await?;
-        tracing::info!(addr = %a, "admin listener ready");
+/// Bind the admin listener's socket (`--admin-listen`).
+async fn bind_admin(addr: Option<SocketAddr>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    match addr {
+        Some(a) => Ok(Some(bind(a, "admin-listen").await?)),
+        None => Ok(None),
+    }
+}
+
+/// Serve the admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`).
+fn start_admin(listener: Option<tokio::net::TcpListener>, state: crate::admin::AdminState) {
+    if let Some(l) = listener {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "admin listener ready");
+        }
         tokio::spawn(crate::admin::serve(l, state));
     }
-    Ok(())
 }
 
 /// With a secrets directory: poll it for rotated certificates and, outside Kubernetes mode,
