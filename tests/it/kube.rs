@@ -1333,7 +1333,18 @@ struct KubeRun {
 
 impl KubeRun {
     fn start(fake: &FakeApiServer, echo: SocketAddr, args: &[&str]) -> KubeRun {
-        let (http, admin) = (crate::support::free_addr(), crate::support::free_addr());
+        KubeRun::start_on(fake, echo, crate::support::free_addr(), "off", args)
+    }
+
+    /// [`KubeRun::start`] with the HTTP listener on `http` and `--https-listen https`.
+    fn start_on(
+        fake: &FakeApiServer,
+        echo: SocketAddr,
+        http: SocketAddr,
+        https: &str,
+        args: &[&str],
+    ) -> KubeRun {
+        let admin = crate::support::free_addr();
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(
@@ -1352,7 +1363,7 @@ impl KubeRun {
                 .arg("--secrets-dir")
                 .arg(dir.path().join("secrets"))
                 .args(["--demo-echo", &echo.to_string()])
-                .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+                .args(["--http-listen", &http.to_string(), "--https-listen", https])
                 .args(["--admin-listen", &admin.to_string()])
                 .args(["--access-log", "off"])
                 .args(args)
@@ -1837,4 +1848,54 @@ async fn kube_crl_secrets_named_by_tlscontexts_are_written_to_the_secrets_dir() 
         std::fs::read_to_string(run.secrets.join("revoked/crl.pem")).unwrap(),
         "CRL-2"
     );
+}
+
+/// `legate run --kubernetes` with an ACME Host: the replica (the Lease holder) orders from
+/// pebble, writes the Secret through the API, and serves the certificate by SNI once the
+/// Secret watch brings it back, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_legate_run_orders_an_acme_certificate_into_a_secret() {
+    let test = "kube_legate_run_orders_an_acme_certificate_into_a_secret";
+    let free = crate::support::free_addr;
+    let (http, https, echo) = (free(), free(), free());
+    let Some(pebble) = crate::acme::Pebble::start(test, http.port()).await else {
+        return;
+    };
+    let fake = FakeApiServer::start().await;
+    fake.apply(
+        HOSTS,
+        host(
+            "default",
+            "site",
+            json!({"hostname": "site.acme.test", "tlsSecret": {"name": "site-tls"},
+                   "acmeProvider": {"authority": pebble.directory,
+                                    "privateKeySecret": {"name": "acme-account"}}}),
+        ),
+    );
+    let ca = pebble.ca().display().to_string();
+    let _gw = KubeRun::start_on(
+        &fake,
+        echo,
+        http,
+        &https.to_string(),
+        &[
+            "--upstream-ca",
+            &ca,
+            "--secrets-poll-secs",
+            "1",
+            "--verify-window",
+            "0",
+        ],
+    );
+    eventually("the Lease holder to write the certificate Secret", || {
+        fake.get(SECRETS, "default", "site-tls")
+            .is_some_and(|s| s["type"] == "kubernetes.io/tls")
+    })
+    .await;
+    let root = pebble.root().await;
+    crate::support::eventually_async("the issued certificate served by SNI", || async {
+        let (ok, out, _) = crate::acme::served("site.acme.test", &root, https.port()).await;
+        ok && out == "0"
+    })
+    .await;
 }
