@@ -763,6 +763,18 @@ fn has_routes<'a>(want: &'a [&'a str]) -> impl Fn(&Snapshot) -> bool + 'a {
     move |s| routes(s) == want
 }
 
+/// Host `default/site` for `site.acme.test`, its certificate ordered from `directory` into
+/// Secret `site-tls`, the account key in `acme-account`.
+fn acme_site(directory: &str) -> Value {
+    host(
+        "default",
+        "site",
+        json!({"hostname": "site.acme.test", "tlsSecret": {"name": "site-tls"},
+               "acmeProvider": {"authority": directory, "email": "ops@example.test",
+                                "privateKeySecret": {"name": "acme-account"}}}),
+    )
+}
+
 fn always_leader() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(true);
     std::mem::forget(tx);
@@ -1712,16 +1724,7 @@ async fn kube_acme_the_lease_holder_orders_into_a_secret_and_a_follower_does_not
         return;
     };
     // No Secret `site-tls` yet: an ACME Host is accepted all the same (ACME creates it).
-    fake.apply(
-        HOSTS,
-        host(
-            "default",
-            "site",
-            json!({"hostname": "site.acme.test", "tlsSecret": {"name": "site-tls"},
-                   "acmeProvider": {"authority": pebble.directory, "email": "ops@example.test",
-                                    "privateKeySecret": {"name": "acme-account"}}}),
-        ),
-    );
+    fake.apply(HOSTS, acme_site(&pebble.directory));
     let s = wait_snapshot(&mut run.rx, "the ACME Host accepted", |s| {
         s.verdicts
             .iter()
@@ -1862,16 +1865,7 @@ async fn kube_legate_run_orders_an_acme_certificate_into_a_secret() {
         return;
     };
     let fake = FakeApiServer::start().await;
-    fake.apply(
-        HOSTS,
-        host(
-            "default",
-            "site",
-            json!({"hostname": "site.acme.test", "tlsSecret": {"name": "site-tls"},
-                   "acmeProvider": {"authority": pebble.directory,
-                                    "privateKeySecret": {"name": "acme-account"}}}),
-        ),
-    );
+    fake.apply(HOSTS, acme_site(&pebble.directory));
     let ca = pebble.ca().display().to_string();
     let _gw = KubeRun::start_on(
         &fake,
