@@ -3,6 +3,11 @@
 
 use clap::Parser;
 
+/// mimalloc instead of glibc's malloc: per-thread free lists, no `malloc_consolidate` pauses
+/// (measured in bench/proxy/README.md). Only the binary: library users pick their own.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = legate::cli::Cli::parse();
     // libgit2's network timeouts are process-global and must be set before any thread starts

@@ -43,7 +43,7 @@ run "$LEGATE" 18084 --access-log off; PIDS+=($!); OFF_PID=$!
 run "$LEGATE" 18085 --access-log "$WORK/access.log"; PIDS+=($!); ON_PID=$!
 wait_port 18083; wait_port 18084; wait_port 18085
 if [ -n "$BASE" ]; then
-    run "$BASE" 18086; PIDS+=($!); BASE_PID=$!
+    run "$BASE" 18086 --access-log off; PIDS+=($!); BASE_PID=$!  # compare with `metrics`
     wait_port 18086
 fi
 

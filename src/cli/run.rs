@@ -234,8 +234,15 @@ pub struct RunArgs {
     #[arg(long, env = "LEGATE_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
     /// Runtime worker threads (default: one per CPU; 1 runs a single-threaded runtime).
-    #[arg(long, env = "LEGATE_WORKER_THREADS")]
+    #[arg(long, env = "LEGATE_WORKER_THREADS", conflicts_with = "workers")]
     pub worker_threads: Option<usize>,
+    /// Proxy workers, each a thread with a single-threaded runtime accepting on every listener
+    /// (a revision's Listener ports too): a connection stays on the worker that accepted it, with
+    /// no work stealing or cross-thread wake-ups per request. One per core is the usual choice;
+    /// the control plane (reconciler, admin, health checks) shares the first worker's thread.
+    /// Instead of `--worker-threads`.
+    #[arg(long, env = "LEGATE_WORKERS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
     /// Access log (one JSON line per request): `stdout` (or `-`), a file appended to, or `off`.
     #[arg(long, env = "LEGATE_ACCESS_LOG", default_value = "stdout")]
     pub access_log: String,
@@ -300,6 +307,7 @@ pub fn run(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result<i32> {
     // One worker: a current-thread runtime, with no cross-thread wake-ups or work stealing
     // (what a gateway pinned to one core wants). More: the work-stealing scheduler.
     let mut rt = match args.worker_threads {
+        _ if args.workers.is_some() => tokio::runtime::Builder::new_current_thread(),
         Some(1) => tokio::runtime::Builder::new_current_thread(),
         Some(n) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
@@ -326,7 +334,7 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     // The flags' listeners open before the first revision is judged, so its Listener ports are
     // bound like any later revision's: a port that cannot be bound rejects it (`listener-bind`)
     // while the flags' sockets serve and /readyz stays 503.
-    let running = start_listeners(&proxy, &addrs).await?;
+    let running = start_listeners(&proxy, &addrs, usize::from(args.workers.unwrap_or(1))).await?;
     // Bound now too, served once the reconciler exists: a client that finds the proxy port
     // open can connect to the admin port (its request waits in the backlog).
     let admin = bind_admin(addrs.admin).await?;
@@ -685,10 +693,11 @@ async fn start_demo_echo(args: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Bind the HTTP and HTTPS listeners and start serving on them.
+/// Bind the HTTP and HTTPS listeners and start serving on them with `workers` workers.
 async fn start_listeners(
     proxy: &Arc<Proxy>,
     addrs: &Addrs,
+    workers: usize,
 ) -> anyhow::Result<crate::proxy::Running> {
     let http = match addrs.http {
         Some(a) => Some(bind(a, "http-listen").await?),
@@ -701,7 +710,7 @@ async fn start_listeners(
         }
         None => None,
     };
-    let running = proxy.start(Listeners { http, https })?;
+    let running = proxy.start_workers(Listeners { http, https }, workers)?;
     if let Some(a) = running.http_addr {
         tracing::info!(addr = %a, "HTTP listener ready");
     }

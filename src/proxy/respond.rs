@@ -273,4 +273,7 @@ pub enum SetupError {
     /// A listener handed in has no local address (it was never bound, or its socket failed).
     #[error("listener has no local address: {0}")]
     LocalAddr(std::io::Error),
+    /// A worker's thread, runtime or listener could not be set up (`--workers`).
+    #[error("cannot start a worker: {0}")]
+    Worker(std::io::Error),
 }

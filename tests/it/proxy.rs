@@ -913,6 +913,120 @@ async fn binary_runs_quickstart_and_exits_zero_on_sigterm() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// `--workers 2`: a second thread with a single-threaded runtime accepts on the listener too.
+/// Idle, it sleeps in its reactor; it wakes (voluntary context switches) only because it
+/// watches the listener and serves what it accepted. Every connection is answered, and SIGTERM
+/// drains both workers and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_with_two_workers_serves_every_connection_and_exits_zero_on_sigterm() {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (echo, http) = (free(), free());
+    let tree = Tree::new(&mapping(
+        "echo",
+        &format!("hostname: '*'\nprefix: /echo/\nservice: {echo}\nrewrite: /"),
+    ));
+    // Killed: a failed assertion must not leave the gateway running.
+    let mut child = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+            .arg("run")
+            .arg("--dir")
+            .arg(tree.path())
+            .args(["--demo-echo", &echo.to_string()])
+            .args(["--http-listen", &http.to_string()])
+            .args(["--https-listen", "off", "--admin-listen", "off"])
+            .args(["--workers", "2", "--access-log", "off"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id();
+    let threads = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .map(|c| c.trim().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Ready once a request is routed (the route comes with the first revision).
+    let url = format!("http://{http}/echo/w");
+    let mut ready = false;
+    for _ in 0..500 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            client().request(http::Request::get(&url).body(empty()).unwrap()),
+        );
+        if let Ok(Ok(r)) = r.await {
+            if r.status() == 200 {
+                ready = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready, "gateway became ready");
+    assert!(
+        threads().iter().any(|t| t == "legate-worker-1"),
+        "{:?}",
+        threads()
+    );
+    let worker_wakeups = || -> u64 {
+        let dir = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        for t in dir.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() == "legate-worker-1" {
+                let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+                let line = status
+                    .lines()
+                    .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+                    .unwrap();
+                return line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            }
+        }
+        panic!("no worker thread")
+    };
+    let before = worker_wakeups();
+    // Each `get` is a new client, so a new connection.
+    let answered = futures::future::join_all(
+        (0..64).map(|_| tokio::time::timeout(Duration::from_secs(10), get(&url, &[]))),
+    )
+    .await;
+    let ok = answered
+        .iter()
+        .filter(|r| matches!(r, Ok(g) if g.status == 200))
+        .count();
+    assert_eq!(
+        ok, 64,
+        "every connection answered, whichever worker took it"
+    );
+    let woke = worker_wakeups() - before;
+    assert!(woke >= 5, "the second worker took part ({woke} wake-ups)");
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let mut status = None;
+    for _ in 0..300 {
+        status = child.0.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "exited 0 after SIGTERM"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_and_http2_upstreams() {
     let certs = tempfile::tempdir().unwrap();

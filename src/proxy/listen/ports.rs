@@ -42,6 +42,8 @@ struct Open {
 struct Started {
     conns: Arc<Semaphore>,
     tls: Arc<rustls::ServerConfig>,
+    /// The other workers' runtimes (`--workers`): each runs an accept loop on every socket.
+    workers: Vec<tokio::runtime::Handle>,
 }
 
 /// The open sockets, the ones bound for a revision not yet applied, and the flags' addresses.
@@ -54,6 +56,15 @@ pub(crate) struct ListenerSet {
     flags: Vec<(SocketAddr, Role)>,
     /// Shut down: nothing opens any more.
     closed: bool,
+}
+
+/// A duplicate of `l`'s socket registered with `worker`'s reactor.
+fn dup_listener(l: &TcpListener, worker: &tokio::runtime::Handle) -> std::io::Result<TcpListener> {
+    use std::os::fd::AsFd;
+    let std = std::net::TcpListener::from(l.as_fd().try_clone_to_owned()?);
+    std.set_nonblocking(true)?;
+    let _in = worker.enter();
+    TcpListener::from_std(std)
 }
 
 /// Bind `addr` for listening (address reuse, a deep backlog).
@@ -195,6 +206,24 @@ impl Proxy {
         let started = set.started.as_ref()?;
         let (role_tx, role_rx) = watch::channel(role);
         let (stop_tx, stop_rx) = watch::channel(false);
+        for w in &started.workers {
+            // The same socket, registered with the worker's reactor: whichever worker is free
+            // accepts. The loop ends with the others on `stop`.
+            let dup = match dup_listener(&listener, w) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(%addr, error = %e, "a worker cannot accept on this listener");
+                    continue;
+                }
+            };
+            w.spawn(self.clone().accept_loop(
+                dup,
+                role_rx.clone(),
+                started.tls.clone(),
+                started.conns.clone(),
+                stop_rx.clone(),
+            ));
+        }
         let task = tokio::spawn(self.clone().accept_loop(
             listener,
             role_rx,
@@ -216,10 +245,15 @@ impl Proxy {
         flags: Vec<(TcpListener, Role)>,
         tls: Arc<rustls::ServerConfig>,
         conns: Arc<Semaphore>,
+        workers: Vec<tokio::runtime::Handle>,
     ) -> Result<(), crate::proxy::SetupError> {
         {
             let mut set = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-            set.started = Some(Started { conns, tls });
+            set.started = Some(Started {
+                conns,
+                tls,
+                workers,
+            });
             for (l, role) in flags {
                 let addr = l
                     .local_addr()

@@ -62,6 +62,19 @@ type Idle = (Conn, Instant, Option<IpAddr>);
 struct Conn {
     tx: SendRequest<ReqBody>,
     peer: Option<SocketAddr>,
+    /// The worker whose runtime drives the connection's task (see [`set_worker`]).
+    worker: u16,
+}
+
+thread_local! {
+    static WORKER: std::cell::Cell<u16> = const { std::cell::Cell::new(0) };
+}
+
+/// Mark this thread as worker `n` (`--workers`). A request prefers an idle connection its own
+/// worker dialled: one driven by another worker's runtime costs a cross-thread wake-up each way
+/// per request.
+pub(crate) fn set_worker(n: u16) {
+    WORKER.with(|w| w.set(n));
 }
 
 impl HostPool {
@@ -89,7 +102,11 @@ impl HostPool {
         idle.retain(|(c, since, _)| {
             !c.tx.is_closed() && now.saturating_duration_since(*since) < self.idle_timeout
         });
-        let i = idle.iter().rposition(|(_, _, a)| *a == addr)?;
+        let me = WORKER.with(|w| w.get());
+        let i = idle
+            .iter()
+            .rposition(|(c, _, a)| *a == addr && c.worker == me)
+            .or_else(|| idle.iter().rposition(|(_, _, a)| *a == addr))?;
         Some(idle.swap_remove(i).0)
     }
 
@@ -186,7 +203,11 @@ impl HostPool {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(Conn { tx, peer })
+        Ok(Conn {
+            tx,
+            peer,
+            worker: WORKER.with(|w| w.get()),
+        })
     }
 
     async fn handshake(
