@@ -154,7 +154,8 @@ pub struct RunArgs {
     #[arg(long, env = "LEGATE_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     pub http_listen: String,
     /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN); `off` disables it. Used while the
-    /// revision has no `Listener`.
+    /// revision has no `Listener`. Both flags' listeners open before the first revision is
+    /// judged: a revision whose Listener port cannot be bound is rejected (`listener-bind`).
     #[arg(long, env = "LEGATE_HTTPS_LISTEN", default_value = "0.0.0.0:8443")]
     pub https_listen: String,
     /// Admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`); `off` disables it.
@@ -344,13 +345,19 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     let (events, _) = tokio::sync::broadcast::channel(64);
     let notify_events = events.subscribe();
     crate::reconcile::count_outcomes(proxy.metrics(), events.subscribe());
+    start_demo_echo(&args).await?;
+    // The flags' listeners open before the first revision is judged, so its Listener ports are
+    // bound like any later revision's: a port that cannot be bound rejects it (`listener-bind`)
+    // while the flags' sockets serve and /readyz stays 503.
+    let running = start_listeners(&proxy, &addrs, usize::from(args.workers.unwrap_or(1))).await?;
+    // Bound now too, served once the reconciler exists: a client that finds the proxy port
+    // open can connect to the admin port (its request waits in the backlog).
+    let admin = bind_admin(addrs.admin).await?;
     let source = start_source(&args, &cfg, &proxy, events).await?;
     start_notifications(&args, notify_events, &source.name)?;
     let admin_state = admin_state(&proxy, &source.handle, hook_secret, addrs.token.clone());
     mount_hooks(&args, &proxy, &admin_state);
-    start_demo_echo(&args).await?;
-    let running = start_listeners(&proxy, &addrs, usize::from(args.workers.unwrap_or(1))).await?;
-    start_admin(addrs.admin, admin_state).await?;
+    start_admin(admin, admin_state);
     start_cert_refresh(&args, &proxy);
 
     wait_for_signal().await;
@@ -514,7 +521,8 @@ async fn start_source(
     let handle = running.handle.clone();
     let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     if let (Some(client), Some(kube)) = (client, running.kube()) {
-        let status = start_cluster_status(client, kube.snapshots(), served_events, cfg);
+        let status = start_cluster_status(client.clone(), kube.snapshots(), served_events, cfg);
+        start_kube_acme(args, proxy, client, status.is_leader());
         keep.push(Box::new(status));
     }
     keep.push(Box::new(running));
@@ -523,6 +531,26 @@ async fn start_source(
         name,
         _keep: keep,
     })
+}
+
+/// Kubernetes mode: ACME Hosts get their certificates (and account keys) in Secrets written
+/// through the API, ordered and renewed by the Lease holder only; every replica serves them
+/// through the Secret watch. Checked at the secrets poll interval.
+fn start_kube_acme(
+    args: &RunArgs,
+    proxy: &Arc<Proxy>,
+    client: ::kube::Client,
+    leader: tokio::sync::watch::Receiver<bool>,
+) {
+    let acme = crate::tls::acme::Acme::kubernetes(
+        client,
+        leader,
+        args.upstream_ca.clone(),
+        proxy.metrics().clone(),
+    );
+    proxy.set_acme(acme.clone());
+    let every = Duration::from_secs(args.secrets_poll_secs.max(1));
+    tokio::spawn(proxy.clone().run_acme(acme, every));
 }
 
 /// `--dir` or `--repo` and the git flags.
@@ -714,17 +742,22 @@ async fn start_listeners(
     Ok(running)
 }
 
-/// The admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`).
-async fn start_admin(
-    addr: Option<SocketAddr>,
-    state: crate::admin::AdminState,
-) -> anyhow::Result<()> {
-    if let Some(a) = addr {
-        let l = bind(a, "admin-listen").await?;
-        tracing::info!(addr = %a, "admin listener ready");
+/// Bind the admin listener's socket (`--admin-listen`).
+async fn bind_admin(addr: Option<SocketAddr>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    match addr {
+        Some(a) => Ok(Some(bind(a, "admin-listen").await?)),
+        None => Ok(None),
+    }
+}
+
+/// Serve the admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`).
+fn start_admin(listener: Option<tokio::net::TcpListener>, state: crate::admin::AdminState) {
+    if let Some(l) = listener {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "admin listener ready");
+        }
         tokio::spawn(crate::admin::serve(l, state));
     }
-    Ok(())
 }
 
 /// With a secrets directory: poll it for rotated certificates and, outside Kubernetes mode,
@@ -736,7 +769,8 @@ fn start_cert_refresh(args: &RunArgs, proxy: &Arc<Proxy>) {
     let every = Duration::from_secs(args.secrets_poll_secs.max(1));
     if !args.kubernetes {
         // ACME Hosts: checked at the secrets poll interval; tokens answered on the listeners.
-        // Not in Kubernetes mode: the secrets directory there mirrors Kubernetes Secrets.
+        // Not in Kubernetes mode: the secrets directory there mirrors Kubernetes Secrets, and
+        // ACME writes the Secrets themselves (`start_kube_acme`).
         let acme =
             crate::tls::acme::Acme::new(dir, args.upstream_ca.clone(), proxy.metrics().clone());
         proxy.set_acme(acme.clone());

@@ -273,6 +273,17 @@ pub struct HostSpec {
     pub acme_provider: Option<AcmeProvider>,
 }
 
+impl HostSpec {
+    /// Whether the certificate comes from ACME (an `acmeProvider` authority other than `none`):
+    /// its `tlsSecret` is written by the gateway, so a missing one is not an error.
+    pub fn acme_on(&self) -> bool {
+        self.acme_provider
+            .as_ref()
+            .and_then(|p| p.authority.as_deref())
+            .is_some_and(|a| !a.eq_ignore_ascii_case("none"))
+    }
+}
+
 /// A Host's `acmeProvider`: where to order its certificate from.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(default)]
