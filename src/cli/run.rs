@@ -283,7 +283,6 @@ impl RunArgs {
         Settings {
             xff_trusted_hops: self.xff_trusted_hops,
             debug_headers: self.debug_headers,
-            default_timeout: Duration::from_millis(self.config.default_timeout_ms),
             https_redirect_port: self.https_redirect_port,
             limits: Limits {
                 max_header_bytes: self.max_header_bytes,

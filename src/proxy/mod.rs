@@ -100,9 +100,6 @@ pub struct Settings {
     pub xff_trusted_hops: usize,
     /// Add `x-legate-route` and `x-legate-revision` to responses.
     pub debug_headers: bool,
-    /// Not read any more: compiled Mappings carry their timeout (3000 ms unless `timeout_ms`
-    /// says otherwise; `timeout_ms: 0` is none). Kept for `--default-timeout-ms`.
-    pub default_timeout: Duration,
     /// Port written in insecure-redirect `Location`s (443 is omitted).
     pub https_redirect_port: u16,
     pub limits: Limits,
@@ -136,7 +133,6 @@ impl Default for Settings {
         Settings {
             xff_trusted_hops: 0,
             debug_headers: false,
-            default_timeout: Duration::from_millis(3000),
             https_redirect_port: 443,
             limits: Limits::default(),
             secrets_dir: None,
