@@ -29,6 +29,9 @@ WARMUP=${WARMUP:-3}
 CONNS=${CONNS:-64}
 WORKERS=${WORKERS:-1 2}
 GRPC=${GRPC:-1}
+# OTLP=1: also `legate-otlp` (1 worker, HTTP/1.1), the 1-route Legate exporting every request's
+# spans (sample ratio 1) to the hello upstream standing in for a collector (it answers 200).
+OTLP=${OTLP:-0}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=$(mktemp -d /tmp/legate-bench.XXXXXX)
 BASE=/work/shared/perf-baseline
@@ -140,6 +143,11 @@ start_all() { # workers
     legate legate-10k "$WORK/many" 8085 off --access-log off
     legate legate-log "$WORK/one" 8088 off --access-log "$WORK/access.log"
     legate legate-grpc "$WORK/grpc" 8090 off --access-log off
+    if [ "$OTLP" = 1 ]; then
+        legate legate-otlp "$WORK/one" 8096 off --access-log off \
+            --otlp-endpoint http://127.0.0.1:8081 --otlp-sample-ratio 1
+        wait_port 8096
+    fi
     for p in 8081 8089 8082 8086 8092 8083 8087 8093 8095 8084 8094 8085 8088 8090; do
         wait_port "$p"
     done
@@ -211,6 +219,7 @@ for w in $WORKERS; do
         if [ "$w" = 1 ]; then
             h1 "$w" legate-10k 8085 /api/r5000/x  # a lookup deep in the table
             h1 "$w" legate-log 8088
+            if [ "$OTLP" = 1 ]; then h1 "$w" legate-otlp 8096; fi
         fi
         h2 "$w" h2c nginx http://127.0.0.1:8086/
         h2 "$w" h2c haproxy http://127.0.0.1:8087/
@@ -259,7 +268,7 @@ for w in workers:
 if len(workers) > 1:
     head += f"| {workers[-1]}w/{workers[0]}w"
 print(head)
-order = ["direct", "nginx", "haproxy", "legate", "legate-10k", "legate-log"]
+order = ["direct", "nginx", "haproxy", "legate", "legate-10k", "legate-log", "legate-otlp"]
 for proto in ["http1", "h2c", "h2-tls", "grpc"]:
     for name in order:
         if not any((proto, name, w) in rows for w in workers):

@@ -154,7 +154,8 @@ pub struct RunArgs {
     #[arg(long, env = "LEGATE_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
     pub http_listen: String,
     /// HTTPS listener (HTTP/1.1 and HTTP/2 by ALPN); `off` disables it. Used while the
-    /// revision has no `Listener`.
+    /// revision has no `Listener`. Both flags' listeners open before the first revision is
+    /// judged: a revision whose Listener port cannot be bound is rejected (`listener-bind`).
     #[arg(long, env = "LEGATE_HTTPS_LISTEN", default_value = "0.0.0.0:8443")]
     pub https_listen: String,
     /// Admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`); `off` disables it.
@@ -249,9 +250,24 @@ pub struct RunArgs {
     /// skip their counters).
     #[arg(long, env = "LEGATE_METRICS", default_value = "on", value_parser = ["on", "off"])]
     pub metrics: String,
-    /// Share of new traces (requests without a `traceparent`) marked sampled, 0 to 1.
-    #[arg(long, env = "LEGATE_TRACE_SAMPLE_RATIO", default_value_t = 0.0, value_parser = parse_ratio)]
-    pub trace_sample_ratio: f64,
+    /// Export spans (a server span per request, a client span per upstream attempt) as
+    /// OTLP/HTTP protobuf to this collector, e.g. `http://jaeger:4318` (`/v1/traces` is added
+    /// to a URL without a path). Wins over a TracingService in the config.
+    #[arg(long, env = "LEGATE_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint)]
+    pub otlp_endpoint: Option<http::Uri>,
+    /// `service.name` of the exported spans with `--otlp-endpoint`.
+    #[arg(long, env = "LEGATE_OTLP_SERVICE_NAME", default_value = "legate")]
+    pub otlp_service_name: String,
+    /// Share of new traces (requests without a `traceparent`) sampled, 0 to 1; a client's
+    /// `traceparent` decides for its own trace (parent-based). Default: the TracingService's
+    /// `sampling.overall`, else 1 while spans are exported, else 0. Sampled traces are exported
+    /// and marked sampled upstream.
+    #[arg(long, alias = "trace-sample-ratio", env = "LEGATE_OTLP_SAMPLE_RATIO", value_parser = parse_ratio)]
+    pub otlp_sample_ratio: Option<f64>,
+}
+
+fn parse_otlp_endpoint(s: &str) -> Result<http::Uri, String> {
+    crate::config::tracingservice::traces_url(s)
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
@@ -267,7 +283,6 @@ impl RunArgs {
         Settings {
             xff_trusted_hops: self.xff_trusted_hops,
             debug_headers: self.debug_headers,
-            default_timeout: Duration::from_millis(self.config.default_timeout_ms),
             https_redirect_port: self.https_redirect_port,
             limits: Limits {
                 max_header_bytes: self.max_header_bytes,
@@ -283,7 +298,7 @@ impl RunArgs {
             default_cert: self.default_cert.clone(),
             upstream_ca: self.upstream_ca.clone(),
             dns_ttl: Duration::from_secs(self.dns_ttl_secs),
-            trace_sample_ratio: self.trace_sample_ratio,
+            trace_sample_ratio: self.otlp_sample_ratio,
             metrics: self.metrics == "on",
             ..Settings::default()
         }
@@ -329,13 +344,19 @@ async fn run_async(args: RunArgs, cfg: crate::config::Options) -> anyhow::Result
     let (events, _) = tokio::sync::broadcast::channel(64);
     let notify_events = events.subscribe();
     crate::reconcile::count_outcomes(proxy.metrics(), events.subscribe());
+    start_demo_echo(&args).await?;
+    // The flags' listeners open before the first revision is judged, so its Listener ports are
+    // bound like any later revision's: a port that cannot be bound rejects it (`listener-bind`)
+    // while the flags' sockets serve and /readyz stays 503.
+    let running = start_listeners(&proxy, &addrs, usize::from(args.workers.unwrap_or(1))).await?;
+    // Bound now too, served once the reconciler exists: a client that finds the proxy port
+    // open can connect to the admin port (its request waits in the backlog).
+    let admin = bind_admin(addrs.admin).await?;
     let source = start_source(&args, &cfg, &proxy, events).await?;
     start_notifications(&args, notify_events, &source.name)?;
     let admin_state = admin_state(&proxy, &source.handle, hook_secret, addrs.token.clone());
     mount_hooks(&args, &proxy, &admin_state);
-    start_demo_echo(&args).await?;
-    let running = start_listeners(&proxy, &addrs, usize::from(args.workers.unwrap_or(1))).await?;
-    start_admin(addrs.admin, admin_state).await?;
+    start_admin(admin, admin_state);
     start_cert_refresh(&args, &proxy);
 
     wait_for_signal().await;
@@ -421,6 +442,13 @@ fn build_proxy(args: &RunArgs, addrs: &Addrs) -> anyhow::Result<Arc<Proxy>> {
             .with_context(|| format!("cannot open --access-log {}", args.access_log))?;
         settings.access_log = Some(log);
     }
+    // Always started: a TracingService in a later revision can switch export on.
+    settings.otlp = Some(crate::otlp::Exporter::start(crate::otlp::ExportSettings {
+        target: args.otlp_endpoint.clone().map(|url| crate::otlp::Target {
+            url,
+            service_name: args.otlp_service_name.clone(),
+        }),
+    }));
     // JWKS fetches, notifications and the verification probe trust `--upstream-ca` too.
     crate::outbound::init(settings.upstream_ca.as_deref())?;
     Ok(Proxy::new(settings)?)
@@ -492,7 +520,8 @@ async fn start_source(
     let handle = running.handle.clone();
     let mut keep: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     if let (Some(client), Some(kube)) = (client, running.kube()) {
-        let status = start_cluster_status(client, kube.snapshots(), served_events, cfg);
+        let status = start_cluster_status(client.clone(), kube.snapshots(), served_events, cfg);
+        start_kube_acme(args, proxy, client, status.is_leader());
         keep.push(Box::new(status));
     }
     keep.push(Box::new(running));
@@ -501,6 +530,26 @@ async fn start_source(
         name,
         _keep: keep,
     })
+}
+
+/// Kubernetes mode: ACME Hosts get their certificates (and account keys) in Secrets written
+/// through the API, ordered and renewed by the Lease holder only; every replica serves them
+/// through the Secret watch. Checked at the secrets poll interval.
+fn start_kube_acme(
+    args: &RunArgs,
+    proxy: &Arc<Proxy>,
+    client: ::kube::Client,
+    leader: tokio::sync::watch::Receiver<bool>,
+) {
+    let acme = crate::tls::acme::Acme::kubernetes(
+        client,
+        leader,
+        args.upstream_ca.clone(),
+        proxy.metrics().clone(),
+    );
+    proxy.set_acme(acme.clone());
+    let every = Duration::from_secs(args.secrets_poll_secs.max(1));
+    tokio::spawn(proxy.clone().run_acme(acme, every));
 }
 
 /// `--dir` or `--repo` and the git flags.
@@ -692,17 +741,22 @@ async fn start_listeners(
     Ok(running)
 }
 
-/// The admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`).
-async fn start_admin(
-    addr: Option<SocketAddr>,
-    state: crate::admin::AdminState,
-) -> anyhow::Result<()> {
-    if let Some(a) = addr {
-        let l = bind(a, "admin-listen").await?;
-        tracing::info!(addr = %a, "admin listener ready");
+/// Bind the admin listener's socket (`--admin-listen`).
+async fn bind_admin(addr: Option<SocketAddr>) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    match addr {
+        Some(a) => Ok(Some(bind(a, "admin-listen").await?)),
+        None => Ok(None),
+    }
+}
+
+/// Serve the admin listener (`/healthz`, `/readyz`, `/api/...`, `/hooks/...`).
+fn start_admin(listener: Option<tokio::net::TcpListener>, state: crate::admin::AdminState) {
+    if let Some(l) = listener {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(addr = %a, "admin listener ready");
+        }
         tokio::spawn(crate::admin::serve(l, state));
     }
-    Ok(())
 }
 
 /// With a secrets directory: poll it for rotated certificates and, outside Kubernetes mode,
@@ -714,7 +768,8 @@ fn start_cert_refresh(args: &RunArgs, proxy: &Arc<Proxy>) {
     let every = Duration::from_secs(args.secrets_poll_secs.max(1));
     if !args.kubernetes {
         // ACME Hosts: checked at the secrets poll interval; tokens answered on the listeners.
-        // Not in Kubernetes mode: the secrets directory there mirrors Kubernetes Secrets.
+        // Not in Kubernetes mode: the secrets directory there mirrors Kubernetes Secrets, and
+        // ACME writes the Secrets themselves (`start_kube_acme`).
         let acme =
             crate::tls::acme::Acme::new(dir, args.upstream_ca.clone(), proxy.metrics().clone());
         proxy.set_acme(acme.clone());

@@ -103,6 +103,7 @@ pub fn compile_refs_with(
     let hash = graph_hash(resources, &options);
     let mut graph = Graph::build(host_routes, routes, groups, hash, options);
     super::module::attach(&mut graph, resources, &mut diags);
+    graph.settings.tracing = super::tracingservice::compile(resources, &mut diags);
     let (listeners, tcp) =
         super::listener::compile(resources, &graph.hosts, &host_labels, &mut diags);
     graph.set_listeners(listeners, tcp);
@@ -133,8 +134,8 @@ fn compile_each<'r>(
             | Spec::RateLimit(_)
             | Spec::Module(_)
             | Spec::TlsContext(_)
-            | Spec::Listener(_)
-            | Spec::TcpMapping(_) => {}
+            | Spec::TracingService(_) => {}
+            Spec::Listener(_) | Spec::TcpMapping(_) => {}
         }
     }
     mappings.sort_by(|a, b| (&a.res.namespace, &a.res.name).cmp(&(&b.res.namespace, &b.res.name)));

@@ -23,6 +23,7 @@ pub fn plural(kind: Kind) -> &'static str {
         Kind::RateLimit => "ratelimits",
         Kind::Module => "modules",
         Kind::TlsContext => "tlscontexts",
+        Kind::TracingService => "tracingservices",
         Kind::Listener => "listeners",
         Kind::TcpMapping => "tcpmappings",
     }
@@ -53,6 +54,7 @@ fn printer_columns(kind: Kind) -> Value {
         Kind::RateLimit => vec![col("Backend", ".spec.backend"), state, age],
         Kind::Module => vec![state, age],
         Kind::TlsContext => vec![col("Secret", ".spec.secret"), state, age],
+        Kind::TracingService => vec![col("Service", ".spec.service"), state, age],
         Kind::Listener => vec![col("Port", ".spec.port"), state, age],
         Kind::TcpMapping => vec![
             col("Port", ".spec.port"),

@@ -18,6 +18,7 @@ pub mod oidc;
 pub mod routetest;
 pub mod schema;
 pub mod tlscontext;
+pub mod tracingservice;
 pub mod traffic;
 pub mod tree;
 pub mod yaml;

@@ -18,7 +18,7 @@ pub const API_VERSIONS: [&str; 2] = ["getambassador.io/v3alpha1", "legate.dev/v1
 
 /// getambassador.io kinds (Emissary's and Edge Stack's) that Legate knows of but does not
 /// implement: what a user loses, and the nearest Legate equivalent.
-const EMISSARY_KINDS: [(&str, &str); 13] = [
+const EMISSARY_KINDS: [(&str, &str); 12] = [
     ("ConsulResolver", "services are resolved through DNS, not Consul; point `service` at a name DNS resolves"),
     ("DevPortal", "an Edge Stack developer portal (no effect in Emissary itself); nothing replaces it"),
     ("Filter", "an Edge Stack filter (no effect in Emissary); for JWT checks use a `legate.dev/v1alpha1` JWTPolicy, for external auth an AuthService"),
@@ -28,7 +28,6 @@ const EMISSARY_KINDS: [(&str, &str); 13] = [
     ("LogService", "no remote access-log service; the JSON access log goes to `--access-log`"),
     ("RateLimit", "an Edge Stack rate limit (no effect in Emissary): use Legate's own `legate.dev/v1alpha1` RateLimit with the Mappings' `labels`"),
     ("RateLimitService", "no external rate-limit service: use a `legate.dev/v1alpha1` RateLimit (local or Redis) with the same Mapping `labels`"),
-    ("TracingService", "spans are not exported; W3C `traceparent` is propagated and logged"),
     ("WebApplicationFirewall", "an Edge Stack firewall; nothing replaces it"),
     ("WebApplicationFirewallPolicy", "an Edge Stack firewall policy; nothing replaces it"),
     ("AuthFilter", "an Edge Stack kind; use an AuthService"),
@@ -81,6 +80,7 @@ pub enum Spec {
     RateLimit(Box<super::guard::RateLimitSpec>),
     Module(Box<super::module::ModuleSpec>),
     TlsContext(Box<super::tlscontext::TlsFields>),
+    TracingService(Box<super::tracingservice::TracingServiceSpec>),
     Listener(Box<super::listener::ListenerSpec>),
     TcpMapping(Box<super::listener::TcpMappingSpec>),
 }
@@ -271,6 +271,17 @@ pub struct HostSpec {
     pub selector: Option<LabelSelector>,
     #[serde(rename = "acmeProvider")]
     pub acme_provider: Option<AcmeProvider>,
+}
+
+impl HostSpec {
+    /// Whether the certificate comes from ACME (an `acmeProvider` authority other than `none`):
+    /// its `tlsSecret` is written by the gateway, so a missing one is not an error.
+    pub fn acme_on(&self) -> bool {
+        self.acme_provider
+            .as_ref()
+            .and_then(|p| p.authority.as_deref())
+            .is_some_and(|a| !a.eq_ignore_ascii_case("none"))
+    }
 }
 
 /// A Host's `acmeProvider`: where to order its certificate from.
@@ -623,6 +634,10 @@ fn load_document(
             .map(|s| Spec::RateLimit(Box::new(s))),
         Kind::TlsContext => serde_json::from_value::<super::tlscontext::TlsFields>(spec_value)
             .map(|s| Spec::TlsContext(Box::new(s))),
+        Kind::TracingService => {
+            serde_json::from_value::<super::tracingservice::TracingServiceSpec>(spec_value)
+                .map(|s| Spec::TracingService(Box::new(s)))
+        }
         Kind::Listener => serde_json::from_value::<super::listener::ListenerSpec>(spec_value)
             .map(|s| Spec::Listener(Box::new(s))),
         Kind::TcpMapping => serde_json::from_value::<super::listener::TcpMappingSpec>(spec_value)

@@ -25,12 +25,13 @@ pub enum Kind {
     RateLimit,
     Module,
     TlsContext,
+    TracingService,
     Listener,
     TcpMapping,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Mapping,
         Kind::Host,
         Kind::RouteTest,
@@ -40,6 +41,7 @@ impl Kind {
         Kind::RateLimit,
         Kind::Module,
         Kind::TlsContext,
+        Kind::TracingService,
         Kind::Listener,
         Kind::TcpMapping,
     ];
@@ -55,6 +57,7 @@ impl Kind {
             Kind::RateLimit => "RateLimit",
             Kind::Module => "Module",
             Kind::TlsContext => "TLSContext",
+            Kind::TracingService => "TracingService",
             Kind::Listener => "Listener",
             Kind::TcpMapping => "TCPMapping",
         }
@@ -65,7 +68,11 @@ impl Kind {
     pub fn emissary_only(self) -> bool {
         matches!(
             self,
-            Kind::Module | Kind::TlsContext | Kind::Listener | Kind::TcpMapping
+            Kind::Module
+                | Kind::TlsContext
+                | Kind::TracingService
+                | Kind::Listener
+                | Kind::TcpMapping
         )
     }
 
@@ -85,6 +92,7 @@ impl Kind {
             Kind::RateLimit => include_str!("../../schemas/ratelimit.schema.json"),
             Kind::Module => include_str!("../../schemas/module.schema.json"),
             Kind::TlsContext => include_str!("../../schemas/tlscontext.schema.json"),
+            Kind::TracingService => include_str!("../../schemas/tracingservice.schema.json"),
             Kind::Listener => include_str!("../../schemas/listener.schema.json"),
             Kind::TcpMapping => include_str!("../../schemas/tcpmapping.schema.json"),
         }
@@ -101,6 +109,7 @@ impl Kind {
             Kind::RateLimit => "schemas/ratelimit.schema.json",
             Kind::Module => "schemas/module.schema.json",
             Kind::TlsContext => "schemas/tlscontext.schema.json",
+            Kind::TracingService => "schemas/tracingservice.schema.json",
             Kind::Listener => "schemas/listener.schema.json",
             Kind::TcpMapping => "schemas/tcpmapping.schema.json",
         }
@@ -116,6 +125,7 @@ impl Kind {
         static RATE_LIMIT: OnceLock<Compiled> = OnceLock::new();
         static MODULE: OnceLock<Compiled> = OnceLock::new();
         static TLS_CONTEXT: OnceLock<Compiled> = OnceLock::new();
+        static TRACING_SERVICE: OnceLock<Compiled> = OnceLock::new();
         static LISTENER: OnceLock<Compiled> = OnceLock::new();
         static TCP_MAPPING: OnceLock<Compiled> = OnceLock::new();
         let cell = match self {
@@ -128,6 +138,7 @@ impl Kind {
             Kind::RateLimit => &RATE_LIMIT,
             Kind::Module => &MODULE,
             Kind::TlsContext => &TLS_CONTEXT,
+            Kind::TracingService => &TRACING_SERVICE,
             Kind::Listener => &LISTENER,
             Kind::TcpMapping => &TCP_MAPPING,
         };

@@ -50,6 +50,11 @@ const MAX_PROVIDER_BYTES: usize = 256 * 1024;
 const DEFAULT_SESSION: u64 = 3600;
 /// Browsers keep cookies up to 4096 bytes (name, value and attributes).
 const MAX_COOKIE: usize = 4000;
+/// After a failed refresh the next try waits a sixth of the refresh window (so a window gets
+/// about six tries), at least this long...
+const MIN_REFRESH_RETRY: u64 = 2;
+/// ...and at most this long.
+const MAX_REFRESH_RETRY: u64 = 30;
 
 /// The fields of the provider's `.well-known/openid-configuration` Legate uses.
 #[derive(Debug, Clone, Deserialize)]
@@ -110,6 +115,10 @@ struct Session {
     /// The last ID token, sent back as `id_token_hint` at logout (Okta requires it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     id_token: Option<String>,
+    /// A refresh failed: the next is not tried before this time (seconds since the epoch), so
+    /// a provider that is down is not asked again on every request of the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retry_at: Option<u64>,
 }
 
 /// The login cookie's sealed content: the login in flight.
@@ -207,16 +216,18 @@ impl Login {
             let now = now();
             let mut set_cookie = None;
             let mut s = s;
-            if s.refresh_token.is_some() && now.saturating_add(p.refresh_before) >= s.exp {
-                match self.refresh(p, &secrets, &s).await {
-                    Ok(renewed) => {
-                        set_cookie = Some(session_cookie(p, &secrets, &renewed, req.headers())?);
-                        s = renewed;
-                    }
+            if s.refresh_token.is_some()
+                && now.saturating_add(p.refresh_before) >= s.exp
+                && s.retry_at.is_none_or(|t| now >= t)
+            {
+                s = match self.refresh(p, &secrets, &s).await {
+                    Ok(renewed) => renewed,
                     Err(e) => {
-                        tracing::info!(login = %p.name, error = %e, "session refresh failed")
+                        tracing::info!(login = %p.name, error = %e, "session refresh failed");
+                        refresh_failed(p, s, &e, now)
                     }
-                }
+                };
+                set_cookie = Some(session_cookie(p, &secrets, &s, req.headers())?);
             }
             if now < s.exp {
                 strip_cookies(req.headers_mut(), &p.cookie);
@@ -289,9 +300,10 @@ impl Login {
             let location = format!("{}{sep}{query}", provider.doc.authorization_endpoint);
             let body = serde_json::to_vec(&pending).unwrap_or_default();
             let value = seal(secrets, &aad(p, "login"), &body)?;
+            // One cookie per login in flight, so logins started in several tabs all finish.
             let c = format!(
-                "{}_login={value}; Path={}; Max-Age={LOGIN_TTL}; HttpOnly; SameSite=Lax{}",
-                p.cookie,
+                "{}={value}; Path={}; Max-Age={LOGIN_TTL}; HttpOnly; SameSite=Lax{}",
+                login_cookie(p, &pending.state),
                 p.prefix,
                 secure(req.headers())
             );
@@ -343,16 +355,23 @@ impl Login {
             return Err(bad("the answer comes from another issuer"));
         }
         let secrets = self.secrets(p)?;
-        let pending = cookie(headers, &format!("{}_login", p.cookie))
-            .and_then(|v| open(&secrets.keys, &aad(p, "login"), v))
-            .and_then(|b| serde_json::from_slice::<Pending>(&b).ok())
-            .ok_or_else(|| bad("no valid login cookie"))?;
+        let state = param("state").ok_or_else(|| bad("no state"))?;
+        let name = login_cookie(p, state);
+        let Some(sealed) = cookie(headers, &name) else {
+            // Logins are in flight, but none under this state.
+            return Err(if logins(p, headers).next().is_some() {
+                bad("state does not match")
+            } else {
+                bad("no valid login cookie")
+            });
+        };
+        let pending =
+            open_login(p, &secrets, sealed).ok_or_else(|| bad("no valid login cookie"))?;
         if pending.exp < now() {
             return Err(bad("the login took too long"));
         }
-        let state_ok = param("state")
-            .is_some_and(|s| bool::from(s.as_bytes().ct_eq(pending.state.as_bytes())));
-        if !state_ok {
+        // The name only picks the cookie: the state sealed in it decides.
+        if !bool::from(state.as_bytes().ct_eq(pending.state.as_bytes())) {
             return Err(bad("state does not match"));
         }
         let code = param("code").ok_or_else(|| bad("no code"))?;
@@ -390,13 +409,20 @@ impl Login {
         }
         let session = new_session(p, &claims, &tokens, None);
         let set = session_cookie(p, &secrets, &session, headers)?;
-        let clear = format!(
-            "{}_login=; Path={}; Max-Age=0; HttpOnly; SameSite=Lax{}",
-            p.cookie,
-            p.prefix,
-            secure(headers)
-        );
-        let mut d = redirect(&pending.return_to, &[clear]);
+        // This login's cookie, and those of logins that can no longer finish.
+        let clear: Vec<String> = logins(p, headers)
+            .filter(|(n, v)| {
+                *n == name || open_login(p, &secrets, v).is_none_or(|other| other.exp < now())
+            })
+            .map(|(n, _)| {
+                format!(
+                    "{n}=; Path={}; Max-Age=0; HttpOnly; SameSite=Lax{}",
+                    p.prefix,
+                    secure(headers)
+                )
+            })
+            .collect();
+        let mut d = redirect(&pending.return_to, &clear);
         d.headers.append(header::SET_COOKIE, set);
         Ok(d)
     }
@@ -404,6 +430,13 @@ impl Login {
     /// End the session: clear the cookie, then the provider's RP-initiated logout when it
     /// offers one.
     async fn logout(&self, p: &OidcLogin, headers: &HeaderMap) -> Box<Denial> {
+        if let Some(why) = cross_site(headers) {
+            tracing::info!(login = %p.name, reason = why, "logout refused");
+            return failure(
+                StatusCode::FORBIDDEN,
+                "logout refused: it was asked for by another site; use this site's logout link",
+            );
+        }
         let clear = format!(
             "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{}",
             p.cookie,
@@ -443,8 +476,11 @@ impl Login {
         p: &OidcLogin,
         secrets: &Secrets,
         s: &Session,
-    ) -> Result<Session, String> {
-        let provider = self.provider(p).await.map_err(|_| "provider unavailable")?;
+    ) -> Result<Session, TokenError> {
+        let provider = self
+            .provider(p)
+            .await
+            .map_err(|_| TokenError::Failed("provider unavailable".into()))?;
         let rt = s.refresh_token.as_deref().unwrap_or_default();
         let tokens = self
             .token(
@@ -453,13 +489,12 @@ impl Login {
                 secrets,
                 &[("grant_type", "refresh_token"), ("refresh_token", rt)],
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let claims = match tokens.id_token.as_deref() {
             Some(t) => self
                 .id_claims(&provider, Some(t))
                 .await
-                .map_err(str::to_string)?,
+                .map_err(|e| TokenError::Failed(e.to_string()))?,
             None => s.claims.clone(),
         };
         Ok(new_session(p, &claims, &tokens, Some(s)))
@@ -757,7 +792,21 @@ fn new_session(p: &OidcLogin, claims: &Claims, t: &Tokens, old: Option<&Session>
             .id_token
             .clone()
             .or_else(|| old.and_then(|o| o.id_token.clone())),
+        retry_at: None,
     }
+}
+
+/// The session after a failed refresh: a refused refresh token is dropped (asking again cannot
+/// help); otherwise the next try waits (see `MIN_REFRESH_RETRY`).
+fn refresh_failed(p: &OidcLogin, mut s: Session, e: &TokenError, now: u64) -> Session {
+    match e {
+        TokenError::Refused(_) => s.refresh_token = None,
+        TokenError::Failed(_) => {
+            let wait = (p.refresh_before / 6).clamp(MIN_REFRESH_RETRY, MAX_REFRESH_RETRY);
+            s.retry_at = Some(now + wait);
+        }
+    }
+    s
 }
 
 /// The request's session, if its cookie opens with one of the keys.
@@ -801,20 +850,42 @@ fn forwarded(p: &OidcLogin, claims: &Claims) -> Vec<(HeaderName, HeaderValue)> {
         .collect()
 }
 
-/// The value of cookie `name` in the request's `Cookie` headers.
-fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The request's cookies, name and value.
+fn cookies(h: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
     h.get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
+        .map(|(k, v)| (k, v.trim_matches('"')))
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    cookies(h).find(|(k, _)| *k == name).map(|(_, v)| v)
+}
+
+/// The login cookie of the login in flight with this state: the session cookie's name,
+/// `_login_` and a short hash of the state (the state itself stays sealed inside).
+fn login_cookie(p: &OidcLogin, state: &str) -> String {
+    let h = sha2::Sha256::digest(state.as_bytes());
+    let tag: String = h[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}_login_{tag}", p.cookie)
+}
+
+/// The request's login cookies (every login in flight in this browser).
+fn logins<'a>(p: &OidcLogin, h: &'a HeaderMap) -> impl Iterator<Item = (&'a str, &'a str)> {
+    let prefix = format!("{}_login_", p.cookie);
+    cookies(h).filter(move |(k, _)| k.starts_with(&prefix))
+}
+
+fn open_login(p: &OidcLogin, secrets: &Secrets, sealed: &str) -> Option<Pending> {
+    open(&secrets.keys, &aad(p, "login"), sealed).and_then(|b| serde_json::from_slice(&b).ok())
 }
 
 /// Take the login's own cookies out of the request: the upstream has no use for them.
 fn strip_cookies(h: &mut HeaderMap, name: &str) {
-    let login = format!("{name}_login");
+    let login = format!("{name}_login_");
     let kept: Vec<String> = h
         .get_all(header::COOKIE)
         .iter()
@@ -823,7 +894,7 @@ fn strip_cookies(h: &mut HeaderMap, name: &str) {
         .map(str::trim)
         .filter(|pair| {
             let k = pair.split_once('=').map_or(*pair, |(k, _)| k);
-            !pair.is_empty() && k != name && k != login
+            !pair.is_empty() && k != name && !k.starts_with(&login)
         })
         .map(str::to_string)
         .collect();
@@ -832,6 +903,25 @@ fn strip_cookies(h: &mut HeaderMap, name: &str) {
         if !kept.is_empty() {
             h.insert(header::COOKIE, v);
         }
+    }
+}
+
+/// Why a request was sent by another site (a link, form or script there), if the browser says
+/// so: `Sec-Fetch-Site` other than `same-origin` or `none` (typed, bookmarked), or an `Origin`
+/// that is not this host. A request with neither (older browsers, programs) is taken as
+/// same-site: the session cookie is `SameSite=Lax` in any case.
+fn cross_site(h: &HeaderMap) -> Option<&'static str> {
+    if let Some(site) = h.get("sec-fetch-site") {
+        let ok = site.as_bytes().eq_ignore_ascii_case(b"same-origin")
+            || site.as_bytes().eq_ignore_ascii_case(b"none");
+        return (!ok).then_some("Sec-Fetch-Site is not same-origin");
+    }
+    let origin = h.get(header::ORIGIN)?.to_str().unwrap_or("null");
+    let host = h.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+    match (origin_host, host) {
+        (Some(o), Some(host)) if o.eq_ignore_ascii_case(host) => None,
+        _ => Some("Origin is another site"),
     }
 }
 
@@ -948,11 +1038,34 @@ mod tests {
     fn cookies_are_found_and_the_logins_own_are_stripped() {
         let mut h = HeaderMap::new();
         h.append(header::COOKIE, HeaderValue::from_static("a=1; s=x"));
-        h.append(header::COOKIE, HeaderValue::from_static("s_login=y; b=2"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("s_login_0a1b2c3d=y; b=2; s_login_ffffffff=z"),
+        );
         assert_eq!(cookie(&h, "s"), Some("x"));
-        assert_eq!(cookie(&h, "s_login"), Some("y"));
+        assert_eq!(cookie(&h, "s_login_0a1b2c3d"), Some("y"));
         strip_cookies(&mut h, "s");
         assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
+    }
+
+    #[test]
+    fn cross_site_logouts_are_recognised() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            m.insert(header::HOST, HeaderValue::from_static("app.test"));
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        assert_eq!(cross_site(&h(&[])), None);
+        assert_eq!(cross_site(&h(&[("sec-fetch-site", "same-origin")])), None);
+        assert_eq!(cross_site(&h(&[("sec-fetch-site", "none")])), None);
+        assert!(cross_site(&h(&[("sec-fetch-site", "cross-site")])).is_some());
+        assert!(cross_site(&h(&[("sec-fetch-site", "same-site")])).is_some());
+        assert_eq!(cross_site(&h(&[("origin", "http://app.test")])), None);
+        assert!(cross_site(&h(&[("origin", "http://evil.test")])).is_some());
+        assert!(cross_site(&h(&[("origin", "null")])).is_some());
     }
 
     #[test]

@@ -116,6 +116,16 @@ impl EndpointStats {
     }
 }
 
+/// What became of the spans handed to the OTLP exporter.
+#[derive(Debug, Default)]
+pub struct SpanCounts {
+    pub exported: AtomicU64,
+    /// Not queued: the queue was full.
+    pub dropped: AtomicU64,
+    /// Posted, but the collector refused them or could not be reached.
+    pub failed: AtomicU64,
+}
+
 /// Every metric of one gateway process. Cheap to share: `Arc<Metrics>`.
 #[derive(Debug)]
 pub struct Metrics {
@@ -128,6 +138,8 @@ pub struct Metrics {
     /// Recorded revisions by outcome: applied, rejected, rolled back, superseded.
     outcomes: [AtomicU64; REVISION_OUTCOMES.len()],
     shadow: upstream::ShadowCounts,
+    /// The OTLP exporter's span counts, when tracing export is on.
+    otlp: std::sync::OnceLock<Arc<SpanCounts>>,
     fetch: source::FetchStats,
     /// Each TLS Host's certificate, as last loaded.
     certificates: Mutex<Vec<CertState>>,
@@ -148,6 +160,7 @@ impl Default for Metrics {
             access_log_dropped: AtomicU64::new(0),
             outcomes: Default::default(),
             shadow: Default::default(),
+            otlp: std::sync::OnceLock::new(),
             certificates: Mutex::new(Vec::new()),
             acme: Mutex::new(std::collections::HashMap::new()),
             fetch: Default::default(),
@@ -216,6 +229,11 @@ impl Metrics {
 
     pub fn access_log_dropped(&self) {
         self.access_log_dropped.fetch_add(1, Relaxed);
+    }
+
+    /// Show the OTLP exporter's span counts (once, at start).
+    pub fn attach_otlp(&self, counts: Arc<SpanCounts>) {
+        let _ = self.otlp.set(counts);
     }
 
     /// Count one shadow copy started (`true`) or not made (`false`).
@@ -336,6 +354,25 @@ impl Metrics {
             "legate_access_log_dropped_total {}",
             self.access_log_dropped.load(Relaxed)
         );
+        if let Some(c) = self.otlp.get() {
+            head(
+                &mut out,
+                "legate_otlp_spans_total",
+                "counter",
+                "Trace spans by outcome: exported, dropped (queue full), failed (the collector refused or was unreachable).",
+            );
+            for (o, n) in [
+                ("exported", &c.exported),
+                ("dropped", &c.dropped),
+                ("failed", &c.failed),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "legate_otlp_spans_total{{outcome=\"{o}\"}} {}",
+                    n.load(Relaxed)
+                );
+            }
+        }
         head(
             &mut out,
             "legate_downstream_connections",

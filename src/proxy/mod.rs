@@ -100,9 +100,6 @@ pub struct Settings {
     pub xff_trusted_hops: usize,
     /// Add `x-legate-route` and `x-legate-revision` to responses.
     pub debug_headers: bool,
-    /// Not read any more: compiled Mappings carry their timeout (3000 ms unless `timeout_ms`
-    /// says otherwise; `timeout_ms: 0` is none). Kept for `--default-timeout-ms`.
-    pub default_timeout: Duration,
     /// Port written in insecure-redirect `Location`s (443 is omitted).
     pub https_redirect_port: u16,
     pub limits: Limits,
@@ -118,8 +115,12 @@ pub struct Settings {
     pub lookup: Arc<dyn Lookup>,
     /// Where access log lines go; `None`: no access log.
     pub access_log: Option<accesslog::AccessLog>,
-    /// Share of new traces (no incoming `traceparent`) marked sampled, 0.0..=1.0.
-    pub trace_sample_ratio: f64,
+    /// Share of new traces (no incoming `traceparent`) marked sampled, 0.0..=1.0; `None`: the
+    /// TracingService's `sampling.overall`, else 1 while spans are exported and 0 otherwise.
+    pub trace_sample_ratio: Option<f64>,
+    /// The OTLP span exporter (`legate run` always starts one; it records nothing until a
+    /// target is set by `--otlp-endpoint` or a TracingService).
+    pub otlp: Option<crate::otlp::Exporter>,
     /// Count every request in the per-route metrics (off: only rare events are counted).
     pub metrics: bool,
     /// The address a revision's Listener ports are opened on; `None`: the address of the
@@ -132,7 +133,6 @@ impl Default for Settings {
         Settings {
             xff_trusted_hops: 0,
             debug_headers: false,
-            default_timeout: Duration::from_millis(3000),
             https_redirect_port: 443,
             limits: Limits::default(),
             secrets_dir: None,
@@ -141,7 +141,8 @@ impl Default for Settings {
             dns_ttl: Duration::from_secs(30),
             lookup: Arc::new(upstream::connect::SystemLookup),
             access_log: None,
-            trace_sample_ratio: 0.0,
+            trace_sample_ratio: None,
+            otlp: None,
             metrics: true,
             listener_ip: None,
         }
@@ -232,7 +233,11 @@ impl Proxy {
         let secrets = SecretStore::new(settings.secrets_dir.clone());
         let builder = listen::http_builder(&settings.limits);
         let settings_metrics = settings.metrics;
+        let otlp_exporter = settings.otlp.clone();
         let metrics = crate::metrics::Metrics::new();
+        if let Some(x) = &settings.otlp {
+            metrics.attach_otlp(x.counts());
+        }
         let logger = settings.access_log.clone().map(|log| {
             Arc::new(accesslog::Logger {
                 log,
@@ -247,6 +252,7 @@ impl Proxy {
                 revision: HeaderValue::from_static(""),
                 evidence: Arc::default(),
                 stats: Vec::new(),
+                sample_ratio: settings.trace_sample_ratio.unwrap_or(0.0),
             })),
             settings,
             secrets,
@@ -266,6 +272,7 @@ impl Proxy {
                 metrics: metrics.clone(),
                 logger,
                 count: settings_metrics,
+                otlp: otlp_exporter,
             },
             metrics,
             listeners: Mutex::default(),
@@ -401,6 +408,7 @@ impl Proxy {
             revision: cur.revision.clone(),
             evidence: cur.evidence.clone(),
             stats: cur.stats.clone(),
+            sample_ratio: cur.sample_ratio,
         };
         self.shared.store(Arc::new(snap));
         tracing::info!("reloaded TLS certificates after a change under the secrets directory");

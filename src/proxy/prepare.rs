@@ -44,6 +44,7 @@ impl Proxy {
         let certs = CertTable::build(&graph, &self.secrets, self.settings.default_cert.as_deref());
         self.metrics.set_certificates(certs.states(&graph));
         Snapshot {
+            sample_ratio: self.sample_ratio(&graph),
             revision: HeaderValue::from_static(""),
             evidence: Arc::default(),
             stats: graph
@@ -55,6 +56,23 @@ impl Proxy {
             certs,
             graph,
         }
+    }
+
+    /// Where spans go under `graph` (the flag's target wins), and the sampling ratio of its new
+    /// traces.
+    fn sample_ratio(&self, graph: &Graph) -> f64 {
+        let tracing = graph.settings.tracing.as_ref();
+        if let Some(x) = &self.settings.otlp {
+            x.configure(tracing.map(|t| crate::otlp::Target {
+                url: t.collector.clone(),
+                service_name: t.service_name.clone(),
+            }));
+        }
+        let exporting = self.settings.otlp.as_ref().is_some_and(|x| x.enabled());
+        self.settings
+            .trace_sample_ratio
+            .or(tracing.and_then(|t| t.sampling))
+            .unwrap_or(if exporting { 1.0 } else { 0.0 })
     }
 
     fn prepare(&self, route: &crate::routes::Route, f: &crate::routes::Forward) -> Prepared {

@@ -43,7 +43,7 @@ pub fn check_secrets(resources: &[Resource], dir: &Path) -> Vec<Diagnostic> {
         let Some(secret) = &h.tls_secret else {
             continue;
         };
-        if acme_on(h) {
+        if h.acme_on() {
             // ACME writes this Secret; until then the Host has no certificate, not an error.
             continue;
         }
@@ -63,14 +63,6 @@ pub fn check_secrets(resources: &[Resource], dir: &Path) -> Vec<Diagnostic> {
         }
     }
     out
-}
-
-/// Whether a Host's certificate comes from ACME (an `acmeProvider` authority other than `none`).
-fn acme_on(h: &crate::config::model::HostSpec) -> bool {
-    h.acme_provider
-        .as_ref()
-        .and_then(|p| p.authority.as_deref())
-        .is_some_and(|a| !a.eq_ignore_ascii_case("none"))
 }
 
 /// Load and cross-check one secret directory.

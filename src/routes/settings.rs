@@ -1,5 +1,5 @@
-//! Graph-wide request settings: what Emissary's `Module` (name `ambassador`) sets for every
-//! request rather than per Mapping. Plain data compiled with the routes, so a revision's
+//! Graph-wide request settings: what Emissary's `Module` (name `ambassador`) and
+//! `TracingService` set for every request rather than per Mapping. Plain data compiled with the routes, so a revision's
 //! settings change together with its routes and the proxy reads them per request.
 
 use std::net::IpAddr;
@@ -28,6 +28,21 @@ pub struct Settings {
     pub max_request_header_bytes: Option<usize>,
     /// `diagnostics.enabled`: `/ambassador/v0/` on the proxy listeners is the gateway's own.
     pub diagnostics: bool,
+    /// Span export from a `TracingService` (`--otlp-endpoint` wins over it).
+    pub tracing: Option<Tracing>,
+}
+
+/// Where a `TracingService` sends spans, and how it samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tracing {
+    /// The collector's OTLP/HTTP traces URL (`http://<service>/v1/traces`).
+    pub collector: http::Uri,
+    /// `config.service_name` (default `legate`).
+    pub service_name: String,
+    /// `sampling.overall` as a ratio; `None`: not set.
+    pub sampling: Option<f64>,
+    /// `tag_headers`, lowercase: request headers copied onto the server span.
+    pub tag_headers: Vec<String>,
 }
 
 impl Default for Settings {
@@ -43,6 +58,7 @@ impl Default for Settings {
             max_request_body_bytes: None,
             max_request_header_bytes: None,
             diagnostics: false,
+            tracing: None,
         }
     }
 }

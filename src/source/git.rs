@@ -26,6 +26,16 @@ const APPLIED_REF: &str = "refs/legate/applied";
 /// Ref that receives the fetched head.
 const HEAD_REF: &str = "refs/legate/head";
 /// Concurrent (mostly: hung) fetches allowed per source.
+/// Another fetch holds the remote-tracking ref's lock file. libgit2 reports it either as
+/// `Locked` ("failed to lock file") or as a plain OS error ("failed to create locked file ...:
+/// File exists"), depending on the path that takes the lock.
+fn is_lock_contention(e: &git2::Error) -> bool {
+    e.code() == git2::ErrorCode::Locked
+        || (e.class() == git2::ErrorClass::Os && e.message().contains(".lock"))
+}
+
+/// How long a fetch waits in all for another fetch to release the remote-tracking ref.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 const MAX_FETCHES: usize = 3;
 /// Every fetch leaves a pack; past this many they are merged into one (libgit2 has no gc).
 const MAX_PACKS: usize = 64;
@@ -204,16 +214,19 @@ impl GitSource {
         let refused = Arc::new(std::sync::Mutex::new(None));
         // Two fetches may overlap (a pinned gateway reads the head in the background while a
         // pass fetches): the later one finds the remote-tracking ref locked for a moment.
-        // Wait for the other to write it rather than failing the pass.
-        let mut attempt = 0;
+        // Wait for the other to write it rather than failing the pass: up to LOCK_WAIT in all,
+        // since a loaded machine can deschedule the other fetch while it holds the lock.
+        let mut waited = std::time::Duration::ZERO;
+        let mut pause = std::time::Duration::from_millis(25);
         let fetched = loop {
             let mut fo = FetchOptions::new();
             fo.remote_callbacks(self.callbacks(refused.clone()));
             fo.download_tags(AutotagOption::None);
             match remote.fetch(&refspecs, Some(&mut fo), None) {
-                Err(e) if e.code() == git2::ErrorCode::Locked && attempt < 20 => {
-                    attempt += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(25));
+                Err(e) if is_lock_contention(&e) && waited < LOCK_WAIT => {
+                    std::thread::sleep(pause);
+                    waited += pause;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(400));
                 }
                 other => break other,
             }

@@ -6,7 +6,7 @@
 //! dropped watches), the in-memory store of watched objects, turning a consistent snapshot of
 //! it into a [`MemTree`] (one file per object, `kube/<namespace>/<Kind>/<name>.yaml`, so a
 //! diagnostic's `file` names its object), setting invalid objects aside one by one, and
-//! materializing the TLS Secrets named by Hosts and TLSContexts into a private secrets directory. Like every
+//! materializing the TLS and CRL Secrets named by Hosts and TLSContexts into a private secrets directory. Like every
 //! source it only produces revisions: it never swaps a graph (that is `reconcile`) and never
 //! writes status (that is `crate::cluster`, which reads the [`Snapshot`]s published here).
 
@@ -44,8 +44,9 @@ pub struct KubeOptions {
     pub ambassador: bool,
     /// Quiet time after the last change before a snapshot is taken.
     pub debounce: Duration,
-    /// Where the TLS Secrets named by Hosts are written, as `<dir>/<name>/tls.crt|tls.key`;
-    /// pass the same directory to the proxy as its secrets directory.
+    /// Where the Secrets named by Hosts and TLSContexts are written, as
+    /// `<dir>/<name>/tls.crt|tls.key` (or `crl.pem` for a `crl_secret`); pass the same
+    /// directory to the proxy as its secrets directory.
     pub secrets_dir: PathBuf,
     /// How revisions are read and judged (`ambassador_id`, strictness).
     pub config: config::Options,
@@ -156,9 +157,16 @@ pub fn ambassador_kinds() -> Vec<KindRef> {
     ]
 }
 
-/// The TLS Secrets a resource names, each with the JSON pointer that names it and its
-/// namespace: a Host's `tlsSecret` and its `tls` block's `ca_secret`, a TLSContext's `secret`
-/// and `ca_secret` (a TLSContext's names are in its own namespace, as in Emissary).
+/// Whether the Secret a [`named_secrets`] pointer names is a CRL (an Opaque Secret holding
+/// `crl.pem`) rather than a `kubernetes.io/tls` Secret.
+fn names_crl(pointer: &str) -> bool {
+    pointer.ends_with("/crl_secret")
+}
+
+/// The Secrets a resource names, each with the JSON pointer that names it and its
+/// namespace: a Host's `tlsSecret` and its `tls` block's `ca_secret` and `crl_secret`, a
+/// TLSContext's `secret`, `ca_secret` and `crl_secret` (a TLSContext's names are in its own
+/// namespace, as in Emissary).
 fn named_secrets(r: &config::Resource) -> Vec<(&'static str, String, String)> {
     let mut out = Vec::new();
     match &r.spec {
@@ -170,6 +178,9 @@ fn named_secrets(r: &config::Resource) -> Vec<(&'static str, String, String)> {
             if let Some(ca) = h.tls.as_ref().and_then(|t| t.ca_secret.clone()) {
                 out.push(("/spec/tls/ca_secret", r.namespace.clone(), ca));
             }
+            if let Some(crl) = h.tls.as_ref().and_then(|t| t.crl_secret.clone()) {
+                out.push(("/spec/tls/crl_secret", r.namespace.clone(), crl));
+            }
         }
         Spec::TlsContext(t) => {
             if let Some(s) = &t.secret {
@@ -177,6 +188,9 @@ fn named_secrets(r: &config::Resource) -> Vec<(&'static str, String, String)> {
             }
             if let Some(ca) = &t.ca_secret {
                 out.push(("/spec/ca_secret", r.namespace.clone(), ca.clone()));
+            }
+            if let Some(crl) = &t.crl_secret {
+                out.push(("/spec/crl_secret", r.namespace.clone(), crl.clone()));
             }
         }
         _ => {}
@@ -260,6 +274,20 @@ pub struct Snapshot {
 pub struct Store {
     pub objects: BTreeMap<ObjectRef, StoredObject>,
     pub secrets: BTreeMap<(String, String), TlsPair>,
+    /// The `crl.pem` of Opaque Secrets that hold one.
+    pub crls: BTreeMap<(String, String), Vec<u8>>,
+}
+
+impl Store {
+    /// Whether the Secret a [`named_secrets`] pointer names is there, of the right kind.
+    fn holds(&self, pointer: &str, ns: &str, name: &str) -> bool {
+        let key = (ns.to_string(), name.to_string());
+        if names_crl(pointer) {
+            self.crls.contains_key(&key)
+        } else {
+            self.secrets.contains_key(&key)
+        }
+    }
 }
 
 /// Rewrite a bare `service: quote` to `quote.<namespace>`, as Emissary reads it. Services with
@@ -329,6 +357,8 @@ pub struct Judged {
     pub verdicts: Vec<Verdict>,
     /// `(namespace, name)` of the TLS Secrets named by accepted Hosts and TLSContexts.
     pub tls: Vec<(String, String)>,
+    /// `(namespace, name)` of the CRL Secrets they name.
+    pub crls: Vec<(String, String)>,
 }
 
 /// Judge a store: compile every object, set aside the ones with errors (and Hosts whose TLS
@@ -457,16 +487,17 @@ pub fn judge_with(
         }
         // Otherwise the object is for another ambassador_id: not ours to judge.
     }
-    let tls = outcome
+    let (crls, tls): (Vec<_>, Vec<_>) = outcome
         .resources
         .iter()
         .flat_map(named_secrets)
-        .map(|(_, ns, name)| (ns, name))
-        .collect();
+        .partition(|(pointer, _, _)| names_crl(pointer));
+    let names = |v: Vec<(&str, String, String)>| v.into_iter().map(|(_, ns, n)| (ns, n)).collect();
     Judged {
         tree,
         verdicts,
-        tls,
+        tls: names(tls),
+        crls: names(crls),
     }
 }
 
@@ -502,16 +533,29 @@ fn verification_failed(
 /// A Host whose TLS Secret is not in the store cannot serve: set it aside (`SecretMissing`).
 /// The first TLS Secret `r` names (a Host's or a TLSContext's, see [`named_secrets`]) that the
 /// store does not hold: the object is set aside with `SecretMissing`.
+/// A Host with ACME on is the exception for its `tlsSecret`: the gateway creates that Secret
+/// ([`crate::tls::acme`]), so the Host serves (without a certificate) until it exists.
 fn missing_tls_secret(store: &Store, r: &config::Resource) -> Option<(String, Diagnostic)> {
+    let acme = matches!(&r.spec, Spec::Host(h) if h.acme_on());
+    let acme_writes = |pointer: &str| acme && pointer == "/spec/tlsSecret/name";
     let (pointer, ns, name) = named_secrets(r)
         .into_iter()
-        .find(|(_, ns, name)| !store.secrets.contains_key(&(ns.clone(), name.clone())))?;
-    let d = Diagnostic::error(
-        "tls-secret",
-        &r.at(pointer),
-        format!("TLS Secret `{ns}/{name}` is not there (or is not of type kubernetes.io/tls)"),
-    )
-    .with_help("create the Secret with `kubectl create secret tls`, or fix the name");
+        .find(|(pointer, ns, name)| !acme_writes(pointer) && !store.holds(pointer, ns, name))?;
+    let d = if names_crl(pointer) {
+        Diagnostic::error(
+            "tls-secret",
+            &r.at(pointer),
+            format!("CRL Secret `{ns}/{name}` is not there (or is not Opaque with `crl.pem`)"),
+        )
+        .with_help("create it with `kubectl create secret generic NAME --from-file=crl.pem`, or fix the name")
+    } else {
+        Diagnostic::error(
+            "tls-secret",
+            &r.at(pointer),
+            format!("TLS Secret `{ns}/{name}` is not there (or is not of type kubernetes.io/tls)"),
+        )
+        .with_help("create the Secret with `kubectl create secret tls`, or fix the name")
+    };
     Some(("SecretMissing".into(), d))
 }
 
@@ -541,41 +585,58 @@ pub fn render(diags: &[Diagnostic]) -> String {
         .join("\n")
 }
 
-/// The revision id: the accepted files and the key pairs they serve with.
-fn revision_id(tree: &MemTree, secrets: &[(String, &TlsPair)]) -> String {
+/// The files of one Secret as the secrets directory holds them: `(file name, bytes)`.
+type SecretFiles<'s> = Vec<(&'static str, &'s [u8])>;
+
+/// The revision id: the accepted files and the Secrets they serve with.
+fn revision_id(tree: &MemTree, secrets: &[(String, SecretFiles<'_>)]) -> String {
     let mut h = Sha256::new();
     h.update(tree.hash().as_bytes());
-    for (name, pair) in secrets {
+    for (name, files) in secrets {
         h.update(name.as_bytes());
         h.update([0]);
-        h.update(Sha256::digest(&pair.crt));
-        h.update(Sha256::digest(&pair.key));
+        for (_, bytes) in files {
+            h.update(Sha256::digest(bytes));
+        }
     }
     hex(&h.finalize()[..8])
 }
 
-/// The key pairs named by the accepted Hosts, by directory name.
-fn wanted_secrets<'s>(store: &'s Store, tls: &[(String, String)]) -> Vec<(String, &'s TlsPair)> {
-    let mut out: BTreeMap<String, &TlsPair> = BTreeMap::new();
-    for (ns, name) in tls {
-        if let Some(pair) = store.secrets.get(&(ns.clone(), name.clone())) {
-            if let Some(prev) = out.insert(name.clone(), pair) {
-                if prev != pair {
-                    tracing::warn!(secret = %name, namespace = %ns, "two TLS Secrets of the same name in different namespaces; the secrets directory holds one of them");
-                }
+/// The Secrets named by the accepted objects, by directory name: key pairs (`tls.crt`,
+/// `tls.key`) and CRLs (`crl.pem`).
+fn wanted_secrets<'s>(
+    store: &'s Store,
+    tls: &[(String, String)],
+    crls: &[(String, String)],
+) -> Vec<(String, SecretFiles<'s>)> {
+    let mut out: BTreeMap<String, SecretFiles<'s>> = BTreeMap::new();
+    let pairs = tls.iter().filter_map(|k| {
+        let p = store.secrets.get(k)?;
+        Some((k, vec![("tls.crt", &p.crt[..]), ("tls.key", &p.key[..])]))
+    });
+    let lists = crls
+        .iter()
+        .filter_map(|k| Some((k, vec![("crl.pem", &store.crls.get(k)?[..])])));
+    for ((ns, name), files) in pairs.chain(lists) {
+        if let Some(prev) = out.insert(name.clone(), files.clone()) {
+            if prev != files {
+                tracing::warn!(secret = %name, namespace = %ns, "two Secrets of the same name in different namespaces; the secrets directory holds one of them");
             }
         }
     }
     out.into_iter().collect()
 }
 
-/// Write `<dir>/<name>/tls.crt|tls.key` atomically: the pair goes into a fresh directory and a
-/// symlink `<name>` is renamed over, so the proxy never reads a certificate with the other
-/// revision's key (the kubelet's atomic writer does the same).
-pub fn materialize(dir: &Path, name: &str, pair: &TlsPair) -> std::io::Result<()> {
+/// Write `<dir>/<name>/<file>` for each of `files` (`tls.crt` and `tls.key`, or `crl.pem`)
+/// atomically: they go into a fresh directory and a symlink `<name>` is renamed over, so the
+/// proxy never reads a certificate with the other revision's key (the kubelet's atomic writer
+/// does the same).
+pub fn materialize(dir: &Path, name: &str, files: &[(&str, &[u8])]) -> std::io::Result<()> {
     let mut h = Sha256::new();
-    h.update(&pair.crt);
-    h.update(&pair.key);
+    for (file, bytes) in files {
+        h.update(file.as_bytes());
+        h.update(bytes);
+    }
     let data = format!(".{name}.{}", hex(&h.finalize()[..8]));
     let data_path = dir.join(&data);
     let link = dir.join(name);
@@ -586,8 +647,9 @@ pub fn materialize(dir: &Path, name: &str, pair: &TlsPair) -> std::io::Result<()
         let tmp = dir.join(format!("{data}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp)?;
-        write_private(&tmp.join("tls.crt"), &pair.crt)?;
-        write_private(&tmp.join("tls.key"), &pair.key)?;
+        for (file, bytes) in files {
+            write_private(&tmp.join(file), bytes)?;
+        }
         std::fs::rename(&tmp, &data_path)?;
     }
     let tmp_link = dir.join(format!(".{name}.link"));
@@ -735,6 +797,7 @@ impl Drop for KubeWatch {
 enum Msg {
     Objects(KindRef, ObjEvent),
     Secrets(ObjEvent<TlsPair>),
+    Crls(ObjEvent<Vec<u8>>),
 }
 
 enum ObjEvent<T = StoredObject> {
@@ -791,7 +854,22 @@ pub async fn start(
         None => Api::all(client.clone()),
     };
     let cfg = watcher::Config::default().fields("type=kubernetes.io/tls");
-    tasks.push(tokio::spawn(watch_secrets(secrets, cfg, tx.clone())));
+    tasks.push(tokio::spawn(watch_secrets(
+        secrets.clone(),
+        cfg,
+        tx.clone(),
+        tls_pair,
+        Msg::Secrets,
+    )));
+    // CRLs (`crl_secret`) are Opaque Secrets holding `crl.pem`; only that entry is kept.
+    let cfg = watcher::Config::default().fields("type=Opaque");
+    tasks.push(tokio::spawn(watch_secrets(
+        secrets,
+        cfg,
+        tx.clone(),
+        crl_pem,
+        Msg::Crls,
+    )));
     drop(tx);
 
     let describe = format!(
@@ -914,7 +992,27 @@ async fn watch_objects(
     }
 }
 
-async fn watch_secrets(api: Api<Secret>, cfg: watcher::Config, tx: mpsc::Sender<Msg>) {
+/// A `kubernetes.io/tls` Secret's key pair.
+fn tls_pair(data: &BTreeMap<String, k8s_openapi::ByteString>) -> Option<TlsPair> {
+    Some(TlsPair {
+        crt: data.get("tls.crt")?.0.clone(),
+        key: data.get("tls.key")?.0.clone(),
+    })
+}
+
+/// An Opaque Secret's `crl.pem`.
+fn crl_pem(data: &BTreeMap<String, k8s_openapi::ByteString>) -> Option<Vec<u8>> {
+    Some(data.get("crl.pem")?.0.clone())
+}
+
+/// Watch Secrets, keeping what `pick` takes from each (one without it counts as absent).
+async fn watch_secrets<T>(
+    api: Api<Secret>,
+    cfg: watcher::Config,
+    tx: mpsc::Sender<Msg>,
+    pick: fn(&BTreeMap<String, k8s_openapi::ByteString>) -> Option<T>,
+    wrap: fn(ObjEvent<T>) -> Msg,
+) {
     let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
     while let Some(ev) = stream.next().await {
         let ev = match ev {
@@ -927,15 +1025,8 @@ async fn watch_secrets(api: Api<Secret>, cfg: watcher::Config, tx: mpsc::Sender<
         let conv = |s: Secret| {
             let ns = s.metadata.namespace.clone().unwrap_or_default();
             let name = s.metadata.name.clone().unwrap_or_default();
-            let data = s.data.unwrap_or_default();
-            let pair = match (data.get("tls.crt"), data.get("tls.key")) {
-                (Some(c), Some(k)) => Some(TlsPair {
-                    crt: c.0.clone(),
-                    key: k.0.clone(),
-                }),
-                _ => None,
-            };
-            (ns, name, pair)
+            let kept = pick(&s.data.unwrap_or_default());
+            (ns, name, kept)
         };
         let ev = match ev {
             Event::Init => ObjEvent::Init,
@@ -954,7 +1045,7 @@ async fn watch_secrets(api: Api<Secret>, cfg: watcher::Config, tx: mpsc::Sender<
                 ObjEvent::Delete(ns, n)
             }
         };
-        if tx.send(Msg::Secrets(ev)).await.is_err() {
+        if tx.send(wrap(ev)).await.is_err() {
             return;
         }
     }
@@ -1003,6 +1094,9 @@ async fn aggregate(
     let mut secrets: Keyed<TlsPair> = BTreeMap::new();
     let mut pending_secrets: Option<Keyed<TlsPair>> = None;
     let mut secrets_listed = false;
+    let mut crls: Keyed<Vec<u8>> = BTreeMap::new();
+    let mut pending_crls: Option<Keyed<Vec<u8>>> = None;
+    let mut crls_listed = false;
     let mut last_key: Option<(String, Vec<Verdict>)> = None;
     loop {
         // Wait for a change, then for `debounce` of quiet.
@@ -1034,6 +1128,12 @@ async fn aggregate(
                         }
                         dirty |= apply(&mut secrets, &mut pending_secrets, ev);
                     }
+                    Msg::Crls(ev) => {
+                        if matches!(ev, ObjEvent::InitDone) {
+                            crls_listed = true;
+                        }
+                        dirty |= apply(&mut crls, &mut pending_crls, ev);
+                    }
                 }
             }
             match tokio::time::timeout(opts.debounce, rx.recv()).await {
@@ -1043,12 +1143,14 @@ async fn aggregate(
             }
         }
         // A snapshot is consistent once every kind has been listed completely.
-        if !dirty || !secrets_listed || kinds.iter().any(|k| !listed.contains(k)) {
+        let secrets_ready = secrets_listed && crls_listed;
+        if !dirty || !secrets_ready || kinds.iter().any(|k| !listed.contains(k)) {
             continue;
         }
         let mut store = Store {
             objects: BTreeMap::new(),
             secrets: secrets.clone(),
+            crls: crls.clone(),
         };
         for (kind, map) in &objects {
             for ((ns, name), stored) in map {
@@ -1143,10 +1245,11 @@ fn build(
         tree,
         verdicts,
         tls,
+        crls,
     } = judge_with(store, cfg, aside);
-    let wanted = wanted_secrets(store, &tls);
-    for (name, pair) in &wanted {
-        if let Err(e) = materialize(dir, name, pair) {
+    let wanted = wanted_secrets(store, &tls, &crls);
+    for (name, files) in &wanted {
+        if let Err(e) = materialize(dir, name, files) {
             tracing::error!(secret = %name, dir = %dir.display(), error = %e, "cannot write a TLS Secret to the secrets directory");
         }
     }

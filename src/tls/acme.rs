@@ -1,14 +1,17 @@
 //! ACME (RFC 8555) certificates for Hosts with an `acmeProvider`: orders a certificate by
 //! HTTP-01 (instant-acme does the protocol), answers the challenge tokens of its orders in
-//! flight on the HTTP listener, and writes the issued pair where the Host's `tlsSecret` points
-//! (`<secrets-dir>/<name>/tls.{crt,key}`), where the secret store's reload picks it up.
+//! flight on the HTTP listener, and writes the issued pair where the Host's `tlsSecret` points:
+//! `<secrets-dir>/<name>/tls.{crt,key}`, where the secret store's reload picks it up, or in
+//! Kubernetes mode the `kubernetes.io/tls` Secret itself, through the API, which the Secret
+//! watch then brings to every replica.
 //!
 //! Owns: the account key (`<privateKeySecret>/tls.key`), the per-Host order state shown by
 //! `GET /api/certificates` and the metrics, renewal at two thirds of the lifetime, exponential
-//! backoff after a failure, and the lock file that keeps replicas sharing a secrets directory
-//! from ordering the same certificate. Must not route requests or build TLS configs.
+//! backoff after a failure, and what keeps replicas from ordering the same certificate (a lock
+//! file in a shared secrets directory; the Lease in Kubernetes mode). Must not route requests
+//! or build TLS configs.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -21,9 +24,10 @@ use instant_acme::{
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::watch;
 
 use crate::metrics::AcmeStatus;
-use crate::routes::{AcmeSpec, Graph};
+use crate::routes::{AcmeSpec, Graph, SecretRef};
 
 /// Where HTTP-01 tokens are fetched (RFC 8555 section 8.3).
 pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -45,9 +49,24 @@ struct HostState {
     next_attempt: Option<SystemTime>,
 }
 
+/// Where certificates and account keys are kept, and who may order.
+enum Store {
+    /// `<dir>/<name>/tls.{crt,key}`; a lock file per secret keeps replicas sharing the
+    /// directory from ordering together.
+    Dir(PathBuf),
+    /// Kubernetes Secrets, read and written through the API; only the Lease holder orders.
+    Kube {
+        client: ::kube::Client,
+        leader: watch::Receiver<bool>,
+    },
+}
+
+/// The type of the Secret a certificate is written to.
+const TLS_TYPE: &str = "kubernetes.io/tls";
+
 /// The ACME manager of one gateway process.
 pub struct Acme {
-    dir: PathBuf,
+    store: Store,
     /// Extra CA to trust for the ACME directory (`--upstream-ca`).
     ca: Option<PathBuf>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -59,7 +78,11 @@ pub struct Acme {
 
 impl std::fmt::Debug for Acme {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Acme").field("dir", &self.dir).finish()
+        let store = match &self.store {
+            Store::Dir(d) => d.display().to_string(),
+            Store::Kube { .. } => "kubernetes".to_string(),
+        };
+        f.debug_struct("Acme").field("store", &store).finish()
     }
 }
 
@@ -85,13 +108,33 @@ fn unix(t: SystemTime) -> i64 {
 }
 
 impl Acme {
+    /// Certificates and account keys under the secrets directory `dir`.
     pub fn new(
         dir: PathBuf,
         ca: Option<PathBuf>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Acme> {
+        Self::with_store(Store::Dir(dir), ca, metrics)
+    }
+
+    /// Kubernetes mode: certificates and account keys in Secrets of the Host's namespace,
+    /// ordered and renewed only while `leader` says this replica holds the Lease.
+    pub fn kubernetes(
+        client: ::kube::Client,
+        leader: watch::Receiver<bool>,
+        ca: Option<PathBuf>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Arc<Acme> {
+        Self::with_store(Store::Kube { client, leader }, ca, metrics)
+    }
+
+    fn with_store(
+        store: Store,
+        ca: Option<PathBuf>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Arc<Acme> {
         Arc::new(Acme {
-            dir,
+            store,
             ca,
             metrics,
             tokens: Mutex::new(HashMap::new()),
@@ -137,7 +180,7 @@ impl Acme {
             };
             let host = h.hostname.to_string();
             live.push(host.clone());
-            let valid = self.current(&secret.name);
+            let valid = self.current(secret).await;
             if let Some((nb, na)) = valid {
                 if unix(now) < renew_at(nb, na) {
                     self.set_status(&host, AcmeStatus::valid(na, renew_at(nb, na)));
@@ -150,76 +193,157 @@ impl Acme {
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&host)
                 .and_then(|s| s.next_attempt);
-            if next.is_some_and(|t| t > now) {
+            if next.is_some_and(|t| t > now) || !self.may_order() {
                 continue;
             }
-            due.push((host, spec.clone(), secret.name.clone()));
+            let account = SecretRef {
+                namespace: h.namespace.clone(),
+                name: spec.account_secret.clone(),
+            };
+            due.push((host, spec.clone(), secret.clone(), account));
         }
         self.metrics.retain_acme(&live);
-        let runs = due.into_iter().map(|(host, spec, secret)| {
+        let runs = due.into_iter().map(|(host, spec, secret, account)| {
             let me = self.clone();
             async move {
                 me.set_status(&host, AcmeStatus::ordering());
-                let r = tokio::time::timeout(ORDER_TIMEOUT, me.order(&host, &spec, &secret)).await;
-                let r = match r {
+                let order = me.order(&host, &spec, &secret, &account);
+                let r = match tokio::time::timeout(ORDER_TIMEOUT, order).await {
                     Ok(r) => r,
                     Err(_) => Err(format!("the order took longer than {ORDER_TIMEOUT:?}")),
                 };
-                me.finish(&host, &secret, r, now)
+                me.finish(&host, &secret, r, now).await
             }
         });
         futures::future::join_all(runs).await.into_iter().any(|b| b)
     }
 
+    /// Whether this replica orders: always with a secrets directory (the lock file decides
+    /// per order), only as the Lease holder in Kubernetes mode (followers serve what the
+    /// Secret holds).
+    fn may_order(&self) -> bool {
+        match &self.store {
+            Store::Dir(_) => true,
+            Store::Kube { leader, .. } => *leader.borrow(),
+        }
+    }
+
     /// Record an order's outcome; returns whether a certificate was written.
-    fn finish(&self, host: &str, secret: &str, r: Result<bool, Failure>, now: SystemTime) -> bool {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        let st = hosts.entry(host.to_string()).or_default();
-        match r {
-            Ok(written) => {
-                st.failures = 0;
-                st.next_attempt = None;
-                drop(hosts);
-                if let Some((nb, na)) = self.current(secret) {
+    async fn finish(
+        &self,
+        host: &str,
+        secret: &SecretRef,
+        r: Result<bool, Failure>,
+        now: SystemTime,
+    ) -> bool {
+        let failed = {
+            let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            let st = hosts.entry(host.to_string()).or_default();
+            match &r {
+                Ok(_) => {
+                    st.failures = 0;
+                    st.next_attempt = None;
+                    None
+                }
+                Err(_) => {
+                    st.failures += 1;
+                    let next = now + backoff(self.first_backoff, st.failures);
+                    st.next_attempt = Some(next);
+                    Some((next, st.failures))
+                }
+            }
+        };
+        match (r, failed) {
+            (Ok(written), _) => {
+                if let Some((nb, na)) = self.current(secret).await {
                     self.set_status(host, AcmeStatus::valid(na, renew_at(nb, na)));
                 }
                 written
             }
-            Err(reason) => {
-                st.failures += 1;
-                let next = now + backoff(self.first_backoff, st.failures);
-                st.next_attempt = Some(next);
+            (Err(reason), Some((next, failures))) => {
                 tracing::error!(host, error = %reason, "ACME order failed");
-                self.set_status(host, AcmeStatus::failed(reason, unix(next), st.failures));
+                self.set_status(host, AcmeStatus::failed(reason, unix(next), failures));
                 false
             }
+            (Err(_), None) => false,
         }
     }
 
-    /// Validity of the certificate now stored in secret `name`, when it parses and its key is
+    /// Validity of the certificate now stored in `secret`, when it parses and its key is
     /// there.
-    fn current(&self, name: &str) -> Option<(i64, i64)> {
-        let d = self.dir.join(name);
-        if !d.join("tls.key").exists() {
-            return None;
-        }
-        let pem = std::fs::read(d.join("tls.crt")).ok()?;
+    async fn current(&self, secret: &SecretRef) -> Option<(i64, i64)> {
+        let mut data = self.read(secret).await.ok()??;
+        data.remove("tls.key")?;
+        let pem = data.remove("tls.crt")?;
         let leaf = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
         super::cert::validity(&leaf)
     }
 
+    /// The entries of a secret (`None`: there is none).
+    async fn read(&self, secret: &SecretRef) -> Result<Option<BTreeMap<String, Vec<u8>>>, Failure> {
+        match &self.store {
+            Store::Dir(dir) => {
+                let d = dir.join(&secret.name);
+                let mut out = BTreeMap::new();
+                for k in ["tls.crt", "tls.key"] {
+                    if let Ok(b) = std::fs::read(d.join(k)) {
+                        out.insert(k.to_string(), b);
+                    }
+                }
+                Ok((!out.is_empty()).then_some(out))
+            }
+            Store::Kube { client, .. } => kube_secret::read(client, secret).await,
+        }
+    }
+
+    /// Write `entries` into a secret: files in its directory, or the Kubernetes Secret
+    /// (created with `new_type` when missing; its other entries are kept).
+    async fn write(
+        &self,
+        secret: &SecretRef,
+        new_type: &str,
+        entries: &[(&str, &[u8])],
+    ) -> Result<(), Failure> {
+        match &self.store {
+            Store::Dir(dir) => {
+                let d = dir.join(&secret.name);
+                std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+                for (k, v) in entries {
+                    write_atomic(&d.join(k), v)?;
+                }
+                Ok(())
+            }
+            Store::Kube { client, .. } => {
+                kube_secret::write(client, secret, new_type, entries).await
+            }
+        }
+    }
+
     /// Order one certificate. `Ok(false)`: another replica holds the lock.
-    async fn order(&self, host: &str, spec: &AcmeSpec, secret: &str) -> Result<bool, Failure> {
+    async fn order(
+        &self,
+        host: &str,
+        spec: &AcmeSpec,
+        secret: &SecretRef,
+        account: &SecretRef,
+    ) -> Result<bool, Failure> {
         if host.contains('*') {
             return Err(format!(
                 "`{host}` is a wildcard: HTTP-01 cannot validate it (use a tlsSecret you provide)"
             ));
         }
-        let Some(_lock) = Lock::take(&self.dir.join(secret))? else {
-            tracing::info!(host, "another replica is ordering this certificate");
-            return Ok(false);
+        let _lock = match &self.store {
+            Store::Dir(dir) => match Lock::take(&dir.join(&secret.name))? {
+                Some(l) => Some(l),
+                None => {
+                    tracing::info!(host, "another replica is ordering this certificate");
+                    return Ok(false);
+                }
+            },
+            // The Lease already made this replica the only one ordering.
+            Store::Kube { .. } => None,
         };
-        let account = self.account(spec).await?;
+        let account = self.account(spec, account).await?;
         let ids = [Identifier::Dns(host.to_string())];
         let mut order = account
             .new_order(&NewOrder::new(&ids))
@@ -242,11 +366,12 @@ impl Acme {
             .poll_certificate(&RetryPolicy::default())
             .await
             .map_err(|e| format!("certificate: {e}"))?;
-        let d = self.dir.join(secret);
-        std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
-        write_atomic(&d.join("tls.key"), key_pem.as_bytes())?;
-        write_atomic(&d.join("tls.crt"), chain.as_bytes())?;
-        tracing::info!(host, secret, "ACME certificate issued");
+        let pair: [(&str, &[u8]); 2] = [
+            ("tls.key", key_pem.as_bytes()),
+            ("tls.crt", chain.as_bytes()),
+        ];
+        self.write(secret, TLS_TYPE, &pair).await?;
+        tracing::info!(host, secret = %secret.name, namespace = %secret.namespace, "ACME certificate issued");
         Ok(true)
     }
 
@@ -292,8 +417,8 @@ impl Acme {
 
     /// The ACME account for this authority, with the key in `<privateKeySecret>/tls.key`
     /// (created when missing).
-    async fn account(&self, spec: &AcmeSpec) -> Result<Account, Failure> {
-        let key = self.account_key(&spec.account_secret)?;
+    async fn account(&self, spec: &AcmeSpec, secret: &SecretRef) -> Result<Account, Failure> {
+        let key = self.account_key(secret).await?;
         let builder = match &self.ca {
             Some(ca) => Account::builder_with_root(ca),
             None => Account::builder(),
@@ -318,15 +443,18 @@ impl Acme {
         Ok(account)
     }
 
-    fn account_key(&self, name: &str) -> Result<Vec<u8>, Failure> {
-        let path = self.dir.join(name).join("tls.key");
-        if let Ok(pem) = std::fs::read(&path) {
+    async fn account_key(&self, secret: &SecretRef) -> Result<Vec<u8>, Failure> {
+        if let Some(pem) = self
+            .read(secret)
+            .await?
+            .and_then(|mut d| d.remove("tls.key"))
+        {
             return PrivatePkcs8KeyDer::from_pem_slice(&pem)
                 .map(|k| k.secret_pkcs8_der().to_vec())
                 .map_err(|_| {
                     format!(
-                        "{} holds no PKCS#8 P-256 key (the ACME account key)",
-                        path.display()
+                        "secret `{}` holds no PKCS#8 P-256 key in tls.key (the ACME account key)",
+                        secret.name
                     )
                 });
         }
@@ -338,10 +466,8 @@ impl Acme {
             pem.push('\n');
         }
         pem.push_str("-----END PRIVATE KEY-----\n");
-        if let Some(p) = path.parent() {
-            std::fs::create_dir_all(p).map_err(|e| format!("{}: {e}", p.display()))?;
-        }
-        write_atomic(&path, pem.as_bytes())?;
+        self.write(secret, "Opaque", &[("tls.key", pem.as_bytes())])
+            .await?;
         Ok(der.secret_pkcs8_der().to_vec())
     }
 }
@@ -356,6 +482,94 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
         std::fs::rename(&tmp, path)
     })();
     r.map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Secrets through the Kubernetes API.
+mod kube_secret {
+    use std::collections::BTreeMap;
+
+    use ::kube::api::{Api, PostParams};
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use k8s_openapi::ByteString;
+
+    use super::{Failure, SecretRef};
+
+    fn api(client: &::kube::Client, s: &SecretRef) -> Api<Secret> {
+        Api::namespaced(client.clone(), &s.namespace)
+    }
+
+    pub(super) async fn read(
+        client: &::kube::Client,
+        s: &SecretRef,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, Failure> {
+        let found = api(client, s)
+            .get_opt(&s.name)
+            .await
+            .map_err(|e| format!("cannot read Secret {}/{}: {e}", s.namespace, s.name))?;
+        Ok(found.map(|secret| {
+            secret
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect()
+        }))
+    }
+
+    /// Create the Secret (of `new_type`) or update its entries; an existing Secret must be of
+    /// `new_type` when that is `kubernetes.io/tls` (the Secret watch only reads that type).
+    pub(super) async fn write(
+        client: &::kube::Client,
+        s: &SecretRef,
+        new_type: &str,
+        entries: &[(&str, &[u8])],
+    ) -> Result<(), Failure> {
+        let api = api(client, s);
+        let at = format!("Secret {}/{}", s.namespace, s.name);
+        let fail = |e: ::kube::Error| format!("cannot write {at}: {e}");
+        let put = |data: &mut BTreeMap<String, ByteString>| {
+            for (k, v) in entries {
+                data.insert(k.to_string(), ByteString(v.to_vec()));
+            }
+        };
+        match api.get_opt(&s.name).await.map_err(fail)? {
+            Some(mut secret) => {
+                let ty = secret.type_.clone().unwrap_or_else(|| "Opaque".into());
+                if new_type == super::TLS_TYPE && ty != new_type {
+                    return Err(format!(
+                        "{at} is of type {ty}: ACME stores certificates in a Secret of type {new_type} (delete it or name another tlsSecret)"
+                    ));
+                }
+                put(secret.data.get_or_insert_with(BTreeMap::new));
+                api.replace(&s.name, &PostParams::default(), &secret)
+                    .await
+                    .map_err(fail)?;
+            }
+            None => {
+                let mut data = BTreeMap::new();
+                put(&mut data);
+                let secret = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(s.name.clone()),
+                        namespace: Some(s.namespace.clone()),
+                        labels: Some(BTreeMap::from([(
+                            "app.kubernetes.io/managed-by".to_string(),
+                            "legate".to_string(),
+                        )])),
+                        ..ObjectMeta::default()
+                    },
+                    type_: Some(new_type.to_string()),
+                    data: Some(data),
+                    ..Secret::default()
+                };
+                api.create(&PostParams::default(), &secret)
+                    .await
+                    .map_err(fail)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The lock file of one secret directory, removed when dropped.

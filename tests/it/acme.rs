@@ -51,16 +51,16 @@ fn status(gw: &Gateway, host: &str) -> serde_json::Value {
 
 /// pebble and its DNS (pebble-challtestsrv: every name is 127.0.0.1, the gateway) on loopback,
 /// validating HTTP-01 on `http_port`. `None` (after `tool_missing`) when they are not installed.
-struct Pebble {
+pub(crate) struct Pebble {
     work: tempfile::TempDir,
-    directory: String,
+    pub(crate) directory: String,
     mgmt: std::net::SocketAddr,
     chall_mgmt: std::net::SocketAddr,
     _procs: Vec<Killed>,
 }
 
 impl Pebble {
-    async fn start(test: &str, http_port: u16) -> Option<Pebble> {
+    pub(crate) async fn start(test: &str, http_port: u16) -> Option<Pebble> {
         for tool in ["pebble", "pebble-challtestsrv", "curl"] {
             if Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
@@ -143,7 +143,7 @@ impl Pebble {
     }
 
     /// The CA pebble's own listeners present (pass as `--upstream-ca`).
-    fn ca(&self) -> std::path::PathBuf {
+    pub(crate) fn ca(&self) -> std::path::PathBuf {
         self.work.path().join("ca.pem")
     }
 
@@ -160,7 +160,7 @@ impl Pebble {
     }
 
     /// pebble's issuing root, written to a file for `curl --cacert`.
-    async fn root(&self) -> std::path::PathBuf {
+    pub(crate) async fn root(&self) -> std::path::PathBuf {
         // Pebble's management listener has a certificate of its own making: `-k` on loopback.
         let (ok, pem, err) = curl(&["-k".into(), format!("https://{}/roots/0", self.mgmt)]).await;
         assert!(ok, "{err}");
@@ -172,7 +172,7 @@ impl Pebble {
 
 /// Whether `https://<name>:<port>/` presents a certificate chaining to `root`: curl's verify
 /// result (`0`: verified).
-async fn served(name: &str, root: &Path, port: u16) -> (bool, String, String) {
+pub(crate) async fn served(name: &str, root: &Path, port: u16) -> (bool, String, String) {
     curl(&[
         "-o".into(),
         "/dev/null".into(),

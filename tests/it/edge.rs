@@ -592,14 +592,7 @@ async fn the_admin_listener_outlives_descriptor_exhaustion() {
         .await
         .is_ok_and(|r| r.is_ok_and(|r| r.status() == 200))
     };
-    let up = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !answered().await {
-        assert!(
-            tokio::time::Instant::now() < up,
-            "the gateway did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::support::eventually_async("the gateway to start", answered).await;
     // More idle clients than the process has descriptors.
     let mut idle = Vec::new();
     for _ in 0..700 {

@@ -1,6 +1,7 @@
 //! Kubernetes mode against `FakeApiServer`: a small HTTP/1.1 server started by each test that
 //! serves list and watch (a chunked stream of JSON events) for the Legate CRDs and Secrets,
-//! applies and records status merge patches, and keeps a Lease. No cluster runs here, so what
+//! get, create and replace of single objects (Secrets written by ACME), applies and records
+//! status merge patches, and keeps a Lease. No cluster runs here, so what
 //! only a real API server checks (CRD acceptance, RBAC, the status subresource) stays
 //! unverified; this checks what the gateway does with what an API server says.
 
@@ -36,6 +37,8 @@ struct State {
     /// Bumped to cut every open watch.
     epoch: u64,
     patches: Vec<(String, Value)>,
+    /// Object creates and replaces (method, path), Secrets written by ACME among them.
+    writes: Vec<(String, String)>,
     lease_calls: Vec<String>,
     lists: usize,
     watches: usize,
@@ -130,6 +133,19 @@ impl FakeApiServer {
         st.epoch += 1;
         drop(st);
         self.changed.notify_waiters();
+    }
+
+    fn writes(&self) -> Vec<(String, String)> {
+        self.lock().writes.clone()
+    }
+
+    /// An object as the server holds it.
+    fn get(&self, collection: &str, ns: &str, name: &str) -> Option<Value> {
+        self.lock()
+            .objects
+            .get(collection)
+            .and_then(|c| c.get(&(ns.to_string(), name.to_string())))
+            .cloned()
     }
 
     fn patches(&self) -> Vec<(String, Value)> {
@@ -474,6 +490,25 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<Notif
                 None => respond(&mut conn, 404, &status(404, "NotFound", "gone")).await,
             }
         }
+        ("GET", Some(name)) => {
+            let ns = t.namespace.clone().unwrap_or_default();
+            let found = state
+                .lock()
+                .unwrap()
+                .objects
+                .get(&t.collection)
+                .and_then(|c| c.get(&(ns, name.clone())))
+                .cloned();
+            match found {
+                Some(obj) => respond(&mut conn, 200, &obj).await,
+                None => respond(&mut conn, 404, &status(404, "NotFound", "not found")).await,
+            }
+        }
+        ("POST", None) | ("PUT", Some(_)) if t.subresource.is_none() => {
+            let (code, body) = write_object(&state, &req, &t);
+            changed.notify_waiters();
+            respond(&mut conn, code, &body).await
+        }
         _ => {
             respond(
                 &mut conn,
@@ -483,6 +518,37 @@ async fn serve(mut conn: TcpStream, state: Arc<Mutex<State>>, changed: Arc<Notif
             .await
         }
     }
+}
+
+/// Create (`POST`: 409 when it exists) or replace (`PUT`: 404 when missing, 409 when the
+/// resourceVersion is not the current one) one object; the change reaches the watches.
+fn write_object(state: &Mutex<State>, req: &Request, t: &Target) -> (u16, Value) {
+    let Ok(mut obj) = serde_json::from_slice::<Value>(&req.body) else {
+        return (400, status(400, "BadRequest", "not JSON"));
+    };
+    if obj["metadata"]["namespace"].is_null() {
+        obj["metadata"]["namespace"] = json!(t.namespace.clone().unwrap_or_default());
+    }
+    let key = meta_key(&obj);
+    let mut st = state.lock().unwrap();
+    st.writes.push((req.method.clone(), req.path.clone()));
+    let existing = st
+        .objects
+        .get(&t.collection)
+        .and_then(|c| c.get(&key))
+        .cloned();
+    match (req.method.as_str(), existing) {
+        ("POST", Some(_)) => return (409, status(409, "AlreadyExists", "exists")),
+        ("PUT", None) => return (404, status(404, "NotFound", "not found")),
+        ("PUT", Some(e))
+            if e["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"] =>
+        {
+            return (409, status(409, "Conflict", "the object has been modified"))
+        }
+        _ => {}
+    }
+    apply_in(&mut st, &t.collection, obj, true);
+    (200, st.objects[&t.collection][&key].clone())
 }
 
 async fn lease(conn: &mut TcpStream, state: &Mutex<State>, req: &Request, t: &Target) {
@@ -695,6 +761,18 @@ fn routes(s: &Snapshot) -> Vec<String> {
 
 fn has_routes<'a>(want: &'a [&'a str]) -> impl Fn(&Snapshot) -> bool + 'a {
     move |s| routes(s) == want
+}
+
+/// Host `default/site` for `site.acme.test`, its certificate ordered from `directory` into
+/// Secret `site-tls`, the account key in `acme-account`.
+fn acme_site(directory: &str) -> Value {
+    host(
+        "default",
+        "site",
+        json!({"hostname": "site.acme.test", "tlsSecret": {"name": "site-tls"},
+               "acmeProvider": {"authority": directory, "email": "ops@example.test",
+                                "privateKeySecret": {"name": "acme-account"}}}),
+    )
 }
 
 fn always_leader() -> watch::Receiver<bool> {
@@ -1267,7 +1345,18 @@ struct KubeRun {
 
 impl KubeRun {
     fn start(fake: &FakeApiServer, echo: SocketAddr, args: &[&str]) -> KubeRun {
-        let (http, admin) = (crate::support::free_addr(), crate::support::free_addr());
+        KubeRun::start_on(fake, echo, crate::support::free_addr(), "off", args)
+    }
+
+    /// [`KubeRun::start`] with the HTTP listener on `http` and `--https-listen https`.
+    fn start_on(
+        fake: &FakeApiServer,
+        echo: SocketAddr,
+        http: SocketAddr,
+        https: &str,
+        args: &[&str],
+    ) -> KubeRun {
+        let admin = crate::support::free_addr();
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(
@@ -1286,7 +1375,7 @@ impl KubeRun {
                 .arg("--secrets-dir")
                 .arg(dir.path().join("secrets"))
                 .args(["--demo-echo", &echo.to_string()])
-                .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+                .args(["--http-listen", &http.to_string(), "--https-listen", https])
                 .args(["--admin-listen", &admin.to_string()])
                 .args(["--access-log", "off"])
                 .args(args)
@@ -1612,4 +1701,195 @@ async fn kube_a_mapping_failing_its_window_is_set_aside_and_the_others_stay() {
                     .contains("set aside default/dead")),
         "{h}"
     );
+}
+
+/// ACME in Kubernetes mode, against pebble: the Lease holder orders and writes the certificate
+/// (and the account key) as Secrets through the API; the Secret watch brings the certificate
+/// to the secrets directory and it is served by SNI. A follower orders nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_acme_the_lease_holder_orders_into_a_secret_and_a_follower_does_not() {
+    use legate::tls::acme::Acme;
+    let test = "kube_acme_the_lease_holder_orders_into_a_secret_and_a_follower_does_not";
+    let fake = FakeApiServer::start().await;
+    let mut run = start_source(&fake, Some("default")).await;
+    let gw = crate::support::Gateway::with(
+        "",
+        legate::proxy::Settings {
+            secrets_dir: Some(run.secrets.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let Some(pebble) = crate::acme::Pebble::start(test, gw.http.port()).await else {
+        return;
+    };
+    // No Secret `site-tls` yet: an ACME Host is accepted all the same (ACME creates it).
+    fake.apply(HOSTS, acme_site(&pebble.directory));
+    let s = wait_snapshot(&mut run.rx, "the ACME Host accepted", |s| {
+        s.verdicts
+            .iter()
+            .any(|v| v.object.name == "site" && v.accepted)
+    })
+    .await;
+    let compiled = legate::config::load_and_compile(&*s.revision.tree, &Default::default());
+    let graph = compiled.graph.expect("the snapshot compiles");
+    gw.proxy.swap(graph.clone());
+
+    // A follower: no order, no Secret.
+    let (follower_tx, follower_rx) = watch::channel(false);
+    let follower = Acme::kubernetes(
+        fake.client(),
+        follower_rx,
+        Some(pebble.ca()),
+        gw.proxy.metrics().clone(),
+    );
+    assert!(!follower.pass(&graph).await, "a follower writes nothing");
+    assert!(fake.writes().is_empty(), "{:?}", fake.writes());
+    assert!(fake.get(SECRETS, "default", "site-tls").is_none());
+    drop(follower_tx);
+
+    // The Lease holder orders; the HTTP-01 token is answered by the gateway.
+    let leader = Acme::kubernetes(
+        fake.client(),
+        always_leader(),
+        Some(pebble.ca()),
+        gw.proxy.metrics().clone(),
+    );
+    gw.proxy.set_acme(leader.clone());
+    assert!(leader.pass(&graph).await, "a certificate was written");
+    let secret = fake
+        .get(SECRETS, "default", "site-tls")
+        .expect("the tlsSecret was created");
+    assert_eq!(secret["type"], "kubernetes.io/tls", "{secret}");
+    assert!(secret["data"]["tls.crt"].is_string() && secret["data"]["tls.key"].is_string());
+    let account = fake
+        .get(SECRETS, "default", "acme-account")
+        .expect("the account key Secret was created");
+    assert!(account["data"]["tls.key"].is_string(), "{account}");
+
+    // The Secret watch writes it to the secrets directory in a new revision; served by SNI.
+    let before = s.revision.id.clone();
+    wait_snapshot(&mut run.rx, "a revision with the issued Secret", |s| {
+        s.revision.id != before
+    })
+    .await;
+    let crt = std::fs::read_to_string(run.secrets.join("site-tls/tls.crt")).unwrap();
+    assert!(crt.contains("BEGIN CERTIFICATE"), "{crt}");
+    gw.proxy.reload_certs();
+    let root = pebble.root().await;
+    let (ok, out, err) = crate::acme::served("site.acme.test", &root, gw.https.port()).await;
+    assert!(ok && out == "0", "served by SNI: {out} {err}");
+
+    // The next pass reads the Secret back: valid, not due, nothing written again.
+    let writes = fake.writes().len();
+    assert!(!leader.pass(&graph).await);
+    assert_eq!(fake.writes().len(), writes, "{:?}", fake.writes());
+    let certs = gw.proxy.metrics().certificates();
+    let c = certs.iter().find(|c| c.host == "site.acme.test").unwrap();
+    let c = serde_json::to_value(c).unwrap();
+    assert_eq!(c["acme"]["state"], "valid", "{c}");
+}
+
+/// A TLSContext's `crl_secret` in Kubernetes mode: the Opaque Secret's `crl.pem` is written to
+/// the secrets directory beside the CA (a new revision when it changes), and a context whose
+/// CRL Secret is missing is set aside alone.
+#[tokio::test]
+async fn kube_crl_secrets_named_by_tlscontexts_are_written_to_the_secrets_dir() {
+    let fake = FakeApiServer::start().await;
+    fake.lock().ambassador = true;
+    const CONTEXTS: &str = "getambassador.io/v3alpha1/tlscontexts";
+    fake.apply(
+        SECRETS,
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+               "metadata": {"name": "clients", "namespace": "default"},
+               "data": {"tls.crt": b64("CLIENT-CA"), "tls.key": b64("KEY")}}),
+    );
+    let crl = |body: &str| {
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+               "metadata": {"name": "revoked", "namespace": "default"},
+               "data": {"crl.pem": b64(body)}})
+    };
+    fake.apply(SECRETS, crl("CRL-1"));
+    let context = |name: &str, crl: &str| {
+        json!({"apiVersion": "getambassador.io/v3alpha1", "kind": "TLSContext",
+               "metadata": {"name": name, "namespace": "default"},
+               "spec": {"hosts": [format!("{name}.example.com")], "ca_secret": "clients",
+                        "crl_secret": crl, "cert_required": true}})
+    };
+    fake.apply(CONTEXTS, context("checked", "revoked"));
+    fake.apply(CONTEXTS, context("nocrl", "gone"));
+    let mut run = start_source(&fake, Some("default")).await;
+    let s = wait_snapshot(&mut run.rx, "the TLSContext with its CRL", |s| {
+        files(s) == ["kube/default/TLSContext.getambassador.io/checked.yaml"]
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(run.secrets.join("revoked/crl.pem")).unwrap(),
+        "CRL-1"
+    );
+    let nocrl = s
+        .verdicts
+        .iter()
+        .find(|v| v.object.name == "nocrl")
+        .unwrap();
+    assert!(!nocrl.accepted);
+    assert_eq!(nocrl.reason, "SecretMissing");
+    assert!(
+        nocrl.message.contains("CRL Secret `default/gone`"),
+        "{}",
+        nocrl.message
+    );
+
+    // A new CRL is a new revision, its file swapped in.
+    let first = s.revision.id.clone();
+    fake.apply(SECRETS, crl("CRL-2"));
+    wait_snapshot(&mut run.rx, "a revision with the new CRL", |s| {
+        s.revision.id != first
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(run.secrets.join("revoked/crl.pem")).unwrap(),
+        "CRL-2"
+    );
+}
+
+/// `legate run --kubernetes` with an ACME Host: the replica (the Lease holder) orders from
+/// pebble, writes the Secret through the API, and serves the certificate by SNI once the
+/// Secret watch brings it back, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_legate_run_orders_an_acme_certificate_into_a_secret() {
+    let test = "kube_legate_run_orders_an_acme_certificate_into_a_secret";
+    let free = crate::support::free_addr;
+    let (http, https, echo) = (free(), free(), free());
+    let Some(pebble) = crate::acme::Pebble::start(test, http.port()).await else {
+        return;
+    };
+    let fake = FakeApiServer::start().await;
+    fake.apply(HOSTS, acme_site(&pebble.directory));
+    let ca = pebble.ca().display().to_string();
+    let _gw = KubeRun::start_on(
+        &fake,
+        echo,
+        http,
+        &https.to_string(),
+        &[
+            "--upstream-ca",
+            &ca,
+            "--secrets-poll-secs",
+            "1",
+            "--verify-window",
+            "0",
+        ],
+    );
+    eventually("the Lease holder to write the certificate Secret", || {
+        fake.get(SECRETS, "default", "site-tls")
+            .is_some_and(|s| s["type"] == "kubernetes.io/tls")
+    })
+    .await;
+    let root = pebble.root().await;
+    crate::support::eventually_async("the issued certificate served by SNI", || async {
+        let (ok, out, _) = crate::acme::served("site.acme.test", &root, https.port()).await;
+        ok && out == "0"
+    })
+    .await;
 }

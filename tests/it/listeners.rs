@@ -370,7 +370,6 @@ async fn an_https_listener_serves_the_hosts_certificates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_on_the_flags_ports_reuse_their_sockets_in_the_real_binary() {
-    use crate::support::Killed;
     let up = Upstream::start("up").await;
     let dir = tempfile::tempdir().unwrap();
     let (http, https, admin) = (free_addr(), free_addr(), free_addr());
@@ -388,19 +387,16 @@ async fn listeners_on_the_flags_ports_reuse_their_sockets_in_the_real_binary() {
     ]
     .concat();
     std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
-    let _gw = Killed(
-        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
-            .arg("run")
-            .arg("--dir")
-            .arg(dir.path())
-            .args(["--verify-window", "0", "--access-log", "off"])
-            .args(["--http-listen", &http.to_string()])
-            .args(["--https-listen", &https.to_string()])
-            .args(["--admin-listen", &admin.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+    let _gw = legate_run(
+        dir.path(),
+        &[
+            "--http-listen",
+            &http.to_string(),
+            "--https-listen",
+            &https.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ],
     );
     let mut status = 0;
     for _ in 0..400 {
@@ -416,6 +412,22 @@ async fn listeners_on_the_flags_ports_reuse_their_sockets_in_the_real_binary() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(status, 200, "the Listener on the --http-listen port serves");
+}
+
+/// `legate run --dir <dir>` with no verification window or access log, and `args`.
+fn legate_run(dir: &std::path::Path, args: &[&str]) -> crate::support::Killed {
+    crate::support::Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+            .arg("run")
+            .arg("--dir")
+            .arg(dir)
+            .args(["--verify-window", "0", "--access-log", "off"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// A TCP echo server: every connection gets back what it sends.
@@ -546,4 +558,85 @@ async fn tcp_mappings_route_tls_by_sni_terminating_with_a_hosts_certificate_or_p
     // Passed through: the upstream's own certificate for b.test, end to end.
     let mut b = tls_connect(p, "b.test", &up_cert).await;
     echoes(&mut b, b"to b").await;
+}
+
+/// `legate run`'s first revision asks for a port something else holds: it is rejected with
+/// `listener-bind` like a later revision (the admin API and `legate status` say so, /readyz
+/// stays 503) while the flags' listener answers; once the port is free a resync applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_revision_whose_port_cannot_be_bound_is_rejected_in_the_real_binary() {
+    use crate::support::eventually_async;
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = busy.local_addr().unwrap().port();
+    let (http, admin) = (free_addr(), free_addr());
+    let yaml = [
+        open_host("h", "x.test"),
+        route("r", "/", &up.service(), ""),
+        http_listener("busy", taken, "XFP"),
+    ]
+    .concat();
+    std::fs::write(dir.path().join("config.yaml"), yaml).unwrap();
+    let _gw = legate_run(
+        dir.path(),
+        &[
+            "--poll",
+            "1s",
+            "--http-listen",
+            &http.to_string(),
+            "--https-listen",
+            "off",
+            "--admin-listen",
+            &admin.to_string(),
+        ],
+    );
+    let status_url = format!("http://{admin}/api/status");
+    let rejected = |v: &serde_json::Value| {
+        v["last_attempt"]["outcome"] == "Rejected"
+            && v["last_attempt"]["diagnostics"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["code"] == "listener-bind"))
+    };
+    eventually_async("the first revision rejected with listener-bind", || async {
+        TcpStream::connect(admin).await.is_ok() && rejected(&get(&status_url, &[]).await.json())
+    })
+    .await;
+    let status = get(&status_url, &[]).await.json();
+    assert!(status["applied"].is_null(), "{status}");
+    assert_eq!(
+        get(&format!("http://{admin}/readyz"), &[]).await.status,
+        503,
+        "not ready: no graph serves"
+    );
+    // The flags' listener is open (nothing routes yet).
+    assert_eq!(
+        get(&at(http.port(), "/a"), &[("host", "x.test")])
+            .await
+            .status,
+        404
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_legate"))
+        .args(["status", "--admin", &format!("http://{admin}")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "cannot listen on 127.0.0.1:{taken} for Listener default/busy"
+        )),
+        "{text}"
+    );
+
+    // The port freed, the next resync applies the revision on it.
+    drop(busy);
+    eventually_async("the revision applied once the port is free", || async {
+        TcpStream::connect(("127.0.0.1", taken)).await.is_ok()
+            && get(&at(taken, "/a"), &[("host", "x.test")]).await.status == 200
+    })
+    .await;
+    assert_eq!(
+        get(&format!("http://{admin}/readyz"), &[]).await.status,
+        200
+    );
 }

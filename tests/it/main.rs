@@ -22,6 +22,7 @@ mod kube;
 mod listeners;
 mod observability;
 mod oidc;
+mod otlp;
 mod parity;
 mod protocols;
 mod proxy;

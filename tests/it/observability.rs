@@ -367,7 +367,7 @@ async fn traceparent_is_forwarded_with_a_new_parent_or_started() {
 
     // Sample ratio 1: every new trace is sampled.
     let settings = legate::proxy::Settings {
-        trace_sample_ratio: 1.0,
+        trace_sample_ratio: Some(1.0),
         ..Default::default()
     };
     let all = Gateway::with(&config(&up), settings).await;

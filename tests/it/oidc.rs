@@ -123,6 +123,64 @@ async fn gateway(yaml: &str, secrets: &Path) -> Gateway {
     Gateway::with(yaml, settings).await
 }
 
+/// Where a gateway listens: an in-process `Gateway` or a `legate run` process.
+trait Reach {
+    /// The plain HTTP and the TLS address.
+    fn ends(&self) -> (SocketAddr, SocketAddr);
+}
+
+impl Reach for Gateway {
+    fn ends(&self) -> (SocketAddr, SocketAddr) {
+        (self.http, self.https)
+    }
+}
+
+/// `legate run` (the binary) on a config dir, with `--secrets-dir`; plain HTTP only.
+struct Process {
+    http: SocketAddr,
+    _child: Killed,
+}
+
+impl Reach for Process {
+    fn ends(&self) -> (SocketAddr, SocketAddr) {
+        (self.http, self.http)
+    }
+}
+
+impl Process {
+    async fn start(tree: &Path, secrets: &Path) -> Process {
+        let (http, admin) = (free_addr(), free_addr());
+        let child = Killed(
+            Command::new(env!("CARGO_BIN_EXE_legate"))
+                .arg("run")
+                .arg("--dir")
+                .arg(tree)
+                .arg("--secrets-dir")
+                .arg(secrets)
+                .args(["--http-listen", &http.to_string(), "--https-listen", "off"])
+                .args(["--admin-listen", &admin.to_string(), "--verify-window", "0"])
+                .args(["--access-log", "off"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let ready = format!("http://{admin}/readyz");
+        for _ in 0..600 {
+            if tokio::net::TcpStream::connect(admin).await.is_ok()
+                && crate::support::get(&ready, &[]).await.status == 200
+            {
+                return Process {
+                    http,
+                    _child: child,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("legate run did not become ready");
+    }
+}
+
 /// curl as a browser: one cookie jar, `app.test` pointed at a gateway.
 struct Browser {
     jar: PathBuf,
@@ -167,7 +225,8 @@ impl Browser {
     }
 
     /// GET `url` through `gw` (as `app.test`), following redirects when `follow`.
-    async fn get(&self, gw: &Gateway, url: &str, headers: &[&str], follow: bool) -> Seen {
+    async fn get(&self, gw: &impl Reach, url: &str, headers: &[&str], follow: bool) -> Seen {
+        let (http, https) = gw.ends();
         let dir = tempfile::tempdir().unwrap();
         let hdrs = dir.path().join("h");
         let mut args = vec![
@@ -176,9 +235,9 @@ impl Browser {
             "-c".into(),
             self.jar.display().to_string(),
             "--connect-to".into(),
-            format!("app.test:80:{}", gw.http),
+            format!("app.test:80:{http}"),
             "--connect-to".into(),
-            format!("app.test:443:{}", gw.https),
+            format!("app.test:443:{https}"),
             "-D".into(),
             hdrs.display().to_string(),
             "-w".into(),
@@ -209,12 +268,12 @@ impl Browser {
     }
 
     /// Browse to `url` and follow the whole login chain.
-    async fn browse(&self, gw: &Gateway, url: &str) -> Seen {
+    async fn browse(&self, gw: &impl Reach, url: &str) -> Seen {
         self.get(gw, url, &["Accept: text/html"], true).await
     }
 
     /// A call by a program (no `text/html`), with the jar's cookies.
-    async fn call(&self, gw: &Gateway, url: &str, headers: &[&str]) -> Seen {
+    async fn call(&self, gw: &impl Reach, url: &str, headers: &[&str]) -> Seen {
         let mut h = vec!["Accept: application/json"];
         h.extend_from_slice(headers);
         self.get(gw, url, &h, false).await
@@ -227,6 +286,18 @@ impl Browser {
             let f: Vec<&str> = l.split('\t').collect();
             (f.len() == 7 && f[5] == name).then(|| f[6].to_string())
         })
+    }
+
+    /// The names of the jar's cookies starting with `prefix` that have a value.
+    fn cookie_names(&self, prefix: &str) -> Vec<String> {
+        let jar = std::fs::read_to_string(&self.jar).unwrap_or_default();
+        jar.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f.len() == 7 && f[5].starts_with(prefix) && !f[6].is_empty())
+                    .then(|| f[5].to_string())
+            })
+            .collect()
     }
 
     /// Replace a cookie's value in the jar.
@@ -347,9 +418,30 @@ async fn oidc_login_session_bearer_replicas_rotation_and_logout() {
         .await;
     assert_eq!(r.status, 401, "{r:?}");
 
-    // Logout clears the session and hands over to the provider's end_session_endpoint.
+    // Another site cannot log the user out: a link or form there is refused, as the browser
+    // names it (Sec-Fetch-Site) or by its Origin; the session lives on.
+    for h in [
+        "Sec-Fetch-Site: cross-site",
+        "Sec-Fetch-Site: same-site",
+        "Origin: http://evil.test",
+    ] {
+        let r = alice
+            .get(&a, "http://app.test/.legate/logout", &[h], false)
+            .await;
+        assert_eq!(r.status, 403, "{h}: {r:?}");
+        assert!(r.body.contains("another site"), "{}", r.body);
+    }
+    assert_eq!(alice.call(&a, "http://app.test/api", &[]).await.status, 200);
+
+    // Logout from the site's own page clears the session and hands over to the provider's
+    // end_session_endpoint.
     let r = alice
-        .get(&a, "http://app.test/.legate/logout", &[], false)
+        .get(
+            &a,
+            "http://app.test/.legate/logout",
+            &["Sec-Fetch-Site: same-origin", "Origin: http://app.test"],
+            false,
+        )
         .await;
     assert_eq!(r.status, 302, "{r:?}");
     let loc = r.header("location").unwrap();
@@ -410,7 +502,10 @@ async fn oidc_callback_refuses_tampered_cookies_and_states() {
     let gw = gateway(&config(&idp.issuer, &up.service(), ""), keys.path()).await;
     let b = Browser::new();
     let callback = to_callback(&b, &gw).await;
-    let login = b.cookie("legate_session_login").expect("login cookie");
+    let names = b.cookie_names("legate_session_login_");
+    assert_eq!(names.len(), 1, "one login in flight: {names:?}");
+    let login_name = names[0].clone();
+    let login = b.cookie(&login_name).expect("login cookie");
 
     // Another state than the one sealed in the login cookie.
     let (head, state) = callback.split_once("state=").unwrap();
@@ -440,7 +535,7 @@ async fn oidc_callback_refuses_tampered_cookies_and_states() {
     assert!(r.body.contains("another issuer"), "{}", r.body);
 
     // A tampered login cookie, then none (another browser).
-    b.set_cookie("legate_session_login", &tamper(&login));
+    b.set_cookie(&login_name, &tamper(&login));
     let r = b.get(&gw, &callback, &[], false).await;
     assert_eq!(r.status, 400, "{r:?}");
     assert!(r.body.contains("no valid login cookie"), "{}", r.body);
@@ -479,7 +574,7 @@ async fn oidc_callback_refuses_tampered_cookies_and_states() {
     assert!(ok && out == "401", "{out} {err}");
 
     // The untouched cookie and state complete the login (the code was never spent above).
-    b.set_cookie("legate_session_login", &login);
+    b.set_cookie(&login_name, &login);
     let r = b.get(&gw, &callback, &[], false).await;
     assert_eq!(r.status, 302, "{r:?}");
     assert_eq!(r.header("location").as_deref(), Some("/page"));
@@ -495,7 +590,9 @@ async fn oidc_callback_refuses_tampered_cookies_and_states() {
             && !c.contains("Secure")),
         "{cookies:?}"
     );
-    assert!(cookies.iter().any(|c| c.contains("legate_session_login=;")));
+    assert!(cookies
+        .iter()
+        .any(|c| c.contains(&format!("{login_name}=;"))));
     let r = b.call(&gw, "http://app.test/page", &[]).await;
     assert_eq!(r.status, 200, "{r:?}");
     // The same callback again: the code is spent (whether or not the client dropped the
@@ -506,19 +603,42 @@ async fn oidc_callback_refuses_tampered_cookies_and_states() {
     drop(idp);
 }
 
+/// A browser logged in through a gateway whose ID tokens live `id_ttl` seconds and are renewed
+/// in their last `refresh_before`.
+struct LoggedIn {
+    idp: Idp,
+    gw: Gateway,
+    b: Browser,
+    _up: Upstream,
+    _keys: tempfile::TempDir,
+}
+
+impl LoggedIn {
+    async fn start(test: &str, id_ttl: u64, refresh_before: u64) -> Option<LoggedIn> {
+        let idp = Idp::start(test, id_ttl)?;
+        let up = Upstream::start("app").await;
+        let keys = secrets(K1);
+        let extra = format!("  refresh_before_seconds: {refresh_before}\n");
+        let gw = gateway(&config(&idp.issuer, &up.service(), &extra), keys.path()).await;
+        let b = Browser::new();
+        assert_eq!(b.browse(&gw, "http://app.test/").await.status, 200);
+        Some(LoggedIn {
+            idp,
+            gw,
+            b,
+            _up: up,
+            _keys: keys,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oidc_session_is_renewed_by_refresh_token_and_ends_when_it_cannot_be() {
     let test = "oidc_session_is_renewed_by_refresh_token_and_ends_when_it_cannot_be";
     // ID tokens live 2 s; sessions are renewed within 1 s of their end.
-    let Some(idp) = Idp::start(test, 2) else {
+    let Some(LoggedIn { idp, gw, b, .. }) = LoggedIn::start(test, 2, 1).await else {
         return;
     };
-    let up = Upstream::start("app").await;
-    let keys = secrets(K1);
-    let yaml = config(&idp.issuer, &up.service(), "  refresh_before_seconds: 1\n");
-    let gw = gateway(&yaml, keys.path()).await;
-    let b = Browser::new();
-    assert_eq!(b.browse(&gw, "http://app.test/").await.status, 200);
     let first = b.cookie("legate_session").unwrap();
 
     // The provider's clock decides: wait until the ID token has expired.
@@ -613,4 +733,151 @@ async fn oidc_cookies_are_secure_over_tls() {
         .unwrap();
     // Netscape jar fields: domain, subdomains, path, secure, ...
     assert_eq!(line.split('\t').nth(3), Some("TRUE"), "Secure: {line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_sessions_are_shared_by_two_legate_processes_with_one_key_file() {
+    let test = "oidc_sessions_are_shared_by_two_legate_processes_with_one_key_file";
+    let Some(idp) = Idp::start(test, 300) else {
+        return;
+    };
+    let up = Upstream::start("app").await;
+    let tree = crate::support::Tree::new(&config(&idp.issuer, &up.service(), ""));
+    // Two replicas given the same key file; a third with a key of its own.
+    let shared = secrets(K1);
+    let other = secrets(K2);
+    let (first, second, stranger) = tokio::join!(
+        Process::start(tree.path(), shared.path()),
+        Process::start(tree.path(), shared.path()),
+        Process::start(tree.path(), other.path()),
+    );
+
+    // Log in through the first process; the second accepts the session cookie it set.
+    let alice = Browser::new();
+    let r = alice.browse(&first, "http://app.test/page").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.seen("x-user").as_deref(), Some("alice"));
+    let r = alice.call(&second, "http://app.test/api", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.seen("x-user").as_deref(), Some("alice"));
+    let r = alice
+        .get(
+            &second,
+            "http://app.test/page",
+            &["Accept: text/html"],
+            false,
+        )
+        .await;
+    assert_eq!(r.status, 200, "no login again at the second: {r:?}");
+
+    // A session sealed with a key the second process does not have is refused there: 401 for
+    // a program, a fresh login for a browser.
+    let bob = Browser::new();
+    assert_eq!(bob.browse(&stranger, "http://app.test/").await.status, 200);
+    assert_eq!(
+        bob.call(&stranger, "http://app.test/api", &[]).await.status,
+        200
+    );
+    let r = bob.call(&second, "http://app.test/api", &[]).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    let r = bob
+        .get(
+            &second,
+            "http://app.test/page",
+            &["Accept: text/html"],
+            false,
+        )
+        .await;
+    assert_eq!(r.status, 302, "{r:?}");
+    assert!(r.header("location").unwrap().contains("/auth?"), "{r:?}");
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::Relaxed),
+        5,
+        "only admitted requests reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_two_logins_started_in_parallel_both_finish() {
+    let test = "oidc_two_logins_started_in_parallel_both_finish";
+    let Some(idp) = Idp::start(test, 300) else {
+        return;
+    };
+    let up = Upstream::start("app").await;
+    let keys = secrets(K1);
+    let gw = gateway(&config(&idp.issuer, &up.service(), ""), keys.path()).await;
+    let b = Browser::new();
+    // Two tabs start a login before either comes back from the provider.
+    let first = to_callback(&b, &gw).await;
+    let second = to_callback(&b, &gw).await;
+    assert_ne!(first, second);
+    let names = b.cookie_names("legate_session_login_");
+    assert_eq!(names.len(), 2, "a login cookie each: {names:?}");
+
+    // They come back in the order they started, then the other way round: both finish.
+    // Each callback clears its own login cookie and leaves the other tab's alone.
+    let mut cleared = Vec::new();
+    for callback in [&first, &second] {
+        let r = b.get(&gw, callback, &[], false).await;
+        assert_eq!(r.status, 302, "{r:?}");
+        assert_eq!(r.header("location").as_deref(), Some("/page"));
+        let clears: Vec<&String> = names
+            .iter()
+            .filter(|n| r.headers.contains(&format!("{n}=; ")))
+            .collect();
+        assert_eq!(clears.len(), 1, "{r:?}");
+        cleared.push(clears[0].clone());
+    }
+    assert_ne!(cleared[0], cleared[1]);
+    let r = b.call(&gw, "http://app.test/page", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.seen("x-user").as_deref(), Some("alice"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_a_failed_refresh_is_not_retried_on_every_request() {
+    let test = "oidc_a_failed_refresh_is_not_retried_on_every_request";
+    // ID tokens live 6 s and are renewed in their last 5 s; a failed renewal waits
+    // max(5 s / 6, 2 s) = 2 s before the next try.
+    let Some(LoggedIn { idp, gw, b, .. }) = LoggedIn::start(test, 6, 5).await else {
+        return;
+    };
+
+    // The provider goes away; in its place a listener that counts the gateway's attempts
+    // and closes each connection (the token endpoint fails).
+    let addr: SocketAddr = idp.issuer.trim_start_matches("http://").parse().unwrap();
+    drop(idp);
+    let dead = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let tries = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = tries.clone();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = dead.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let tries = move || tries.load(std::sync::atomic::Ordering::SeqCst);
+    // Into the refresh window (whole seconds on the provider's clock).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // The first request in the window tries, fails, and is still admitted by the session; the
+    // cookie it gets back says when to try again.
+    let r = b.call(&gw, "http://app.test/api", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(tries(), 1, "one refresh attempt");
+    assert!(r
+        .header("set-cookie")
+        .is_some_and(|c| c.starts_with("legate_session=")));
+    // The next ones do not ask the provider again.
+    for _ in 0..3 {
+        let r = b.call(&gw, "http://app.test/api", &[]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(r.header("set-cookie").is_none(), "{r:?}");
+    }
+    assert_eq!(tries(), 1, "the failed refresh was not retried at once");
+    // After the wait it is tried again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = b.call(&gw, "http://app.test/api", &[]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(tries(), 2, "tried again after the wait");
 }

@@ -1176,23 +1176,16 @@ async fn dns_names_use_every_address_and_survive_lookup_failures() {
     drop(b);
 }
 
-/// `timeout_ms: 0` turns the route timeout off (as documented), whatever
-/// `--default-timeout-ms` says: it used to fall back to the flag's value.
+/// `timeout_ms: 0` turns the route timeout off (as documented); `--default-timeout-ms` only
+/// fills Mappings without their own (`emissary::run_default_timeout_applies_...`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_ms_zero_disables_the_route_timeout() {
     let up = Upstream::start("a").await;
     let svc = up.service();
     let yaml = route("off", "/off/", &svc, "timeout_ms: 0")
         + &route("short", "/short/", &svc, "timeout_ms: 50");
-    let gw = Gateway::with(
-        &yaml,
-        legate::proxy::Settings {
-            default_timeout: Duration::from_millis(50),
-            ..Default::default()
-        },
-    )
-    .await;
-    // The upstream answers after 400 ms: past the flag's 50 ms, and past the other route's.
+    let gw = Gateway::start(&yaml).await;
+    // The upstream answers after 400 ms: past the other route's 50 ms.
     assert_eq!(get(&gw.url("/off/?sleep_ms=400"), &[]).await.status, 200);
     assert_eq!(get(&gw.url("/short/?sleep_ms=400"), &[]).await.status, 504);
 }

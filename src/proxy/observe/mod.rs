@@ -9,6 +9,7 @@
 //! and writes W3C trace context.
 
 pub mod accesslog;
+pub mod spans;
 pub mod trace;
 
 use std::net::SocketAddr;
@@ -18,7 +19,8 @@ use tokio::time::Instant;
 use http::{Request, Response};
 
 use accesslog::{Counted, Line, Logger};
-use trace::TraceId;
+use spans::{AttemptTrace, Recording};
+use trace::{Context, TraceId};
 
 use crate::metrics::{method_class, Metrics, RouteStats};
 use crate::proxy::body::RespBody;
@@ -37,6 +39,18 @@ pub(crate) trait View: Send + Sync + 'static {
     fn stats(&self, route: usize) -> Option<&Arc<RouteStats>>;
     /// Where answered requests are counted for the revision's verification window.
     fn evidence(&self) -> &Evidence;
+    /// The path route `route` matches (its prefix, exact path or regex), for `http.route`.
+    fn route_path(&self, _route: usize) -> Option<&str> {
+        None
+    }
+    /// The revision's TracingService settings.
+    fn tracing(&self) -> Option<&crate::routes::settings::Tracing> {
+        None
+    }
+    /// Share of new traces sampled (none unless the revision says).
+    fn sample_ratio(&self) -> f64 {
+        0.0
+    }
 }
 
 /// Where answered requests go: the per-route metrics and the access log.
@@ -46,6 +60,8 @@ pub(crate) struct Observer {
     pub logger: Option<Arc<Logger>>,
     /// Count every request in the per-route metrics (`Settings::metrics`).
     pub count: bool,
+    /// The span exporter, when spans may be exported (`Settings::otlp`).
+    pub otlp: Option<crate::otlp::Exporter>,
 }
 
 /// Facts about one request, filled in along the request path.
@@ -60,6 +76,10 @@ pub(crate) struct Exchange {
     pub request_id: Option<http::HeaderValue>,
     /// The trace id sent upstream (the client's, or a new trace's).
     pub trace_id: Option<TraceId>,
+    /// This hop of the request's trace (continued from the client, or new).
+    pub trace: Context,
+    /// The server span being recorded, when the trace is sampled and spans are exported.
+    recording: Option<Box<Recording>>,
     pub attempts: Attempts,
     /// Set when the gateway answered with an error instead of an upstream response: whether
     /// that error counts against the revision (see [`ProxyError::counts_against_revision`]).
@@ -67,12 +87,14 @@ pub(crate) struct Exchange {
 }
 
 /// What the attempts of one forwarded request came to.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default)]
 pub(crate) struct Attempts {
     /// Retries made (attempts after the first).
     pub retries: u32,
     /// The upstream address the last attempt was sent to, once it had a connection.
     pub peer: Option<SocketAddr>,
+    /// The client spans of the attempts, when the request is being recorded.
+    pub trace: Option<Box<AttemptTrace>>,
 }
 
 impl Exchange {
@@ -80,10 +102,17 @@ impl Exchange {
     pub fn start<B, V: View>(
         req: &Request<B>,
         snap: &Arc<V>,
-        log: bool,
+        observer: &Observer,
         client: SocketAddr,
     ) -> Exchange {
         let start = Instant::now();
+        let log = observer.logger.is_some();
+        let trace = Context::read(req.headers(), snap.sample_ratio());
+        let (recording, attempt_trace) =
+            match spans::start(req, &**snap, &trace, observer.otlp.as_ref(), client) {
+                Some((r, a)) => (Some(r), Some(a)),
+                None => (None, None),
+            };
         Exchange {
             start,
             method: method_class(req.method()),
@@ -91,7 +120,12 @@ impl Exchange {
             route: None,
             request_id: None,
             trace_id: None,
-            attempts: Attempts::default(),
+            trace,
+            recording,
+            attempts: Attempts {
+                trace: attempt_trace,
+                ..Attempts::default()
+            },
             failure: None,
         }
     }
@@ -122,9 +156,12 @@ impl Observer {
     pub(crate) fn finish(
         &self,
         snap: &dyn View,
-        ex: Exchange,
+        mut ex: Exchange,
         mut resp: Response<RespBody>,
     ) -> Response<RespBody> {
+        if let (Some(rec), Some(attempts)) = (ex.recording.take(), ex.attempts.trace.take()) {
+            spans::finish(snap, *rec, *attempts, ex.route, resp.status());
+        }
         if let Some(route) = ex.route {
             snap.evidence().record(route, ex.evidence(resp.status()));
         }

@@ -2,8 +2,10 @@
 //!
 //! The gateway is one hop of a trace: a valid incoming `traceparent` is forwarded with the same
 //! trace id and flags and a new parent (span) id; an absent or malformed one starts a new trace
-//! (random trace and span ids, sampled with `--trace-sample-ratio`), and a `tracestate` that came
-//! with a malformed parent is dropped, as the spec asks. No spans are exported.
+//! (random trace and span ids, sampled with `--otlp-sample-ratio`), and a `tracestate` that came
+//! with a malformed parent is dropped, as the spec asks. The sampling is parent-based: a client's
+//! sampled flag is kept as it came. [`Context`] is the hop's view of its trace; the spans
+//! themselves are recorded (when sampled and exported) in `spans`.
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
@@ -19,11 +21,12 @@ pub type TraceId = [u8; 16];
 
 /// The trace id of the request's one valid `traceparent`, if it has one.
 pub fn incoming(h: &HeaderMap) -> Option<TraceId> {
-    valid(h).map(|(id, _)| id)
+    valid_full(h).map(|(id, _, _)| id)
 }
 
-/// Trace id and flags of the one valid `traceparent` (two headers are invalid).
-fn valid(h: &HeaderMap) -> Option<(TraceId, u8)> {
+/// Trace id, parent span id and flags of the one valid `traceparent` (two headers are
+/// invalid).
+fn valid_full(h: &HeaderMap) -> Option<(TraceId, [u8; 8], u8)> {
     let mut all = h.get_all(&TRACEPARENT).iter();
     match (all.next(), all.next()) {
         (Some(v), None) => parse(v.as_bytes()),
@@ -31,40 +34,90 @@ fn valid(h: &HeaderMap) -> Option<(TraceId, u8)> {
     }
 }
 
-/// Rewrite the request's `traceparent` for the upstream; returns the trace id sent.
-pub fn propagate(h: &mut HeaderMap, sample_ratio: f64) -> TraceId {
-    let (trace_id, flags) = match valid(h) {
-        Some(x) => x,
-        None => {
-            h.remove(&TRACESTATE);
-            let mut id = [0u8; 16];
-            while id == [0; 16] {
-                id[..8].copy_from_slice(&rand_u64().to_be_bytes());
-                id[8..].copy_from_slice(&rand_u64().to_be_bytes());
+/// This hop of a trace: the trace, the client's span (when continued), the flags, and the
+/// gateway's own (server) span id.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    pub trace_id: TraceId,
+    /// The client's span id, from a valid incoming `traceparent`.
+    pub parent: Option<[u8; 8]>,
+    /// The gateway's span for this request.
+    pub span_id: [u8; 8],
+    /// W3C trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+impl Context {
+    /// The request's trace: continued from its one valid `traceparent` (keeping the client's
+    /// sampled flag), or a new one sampled with probability `ratio`.
+    pub fn read(h: &HeaderMap, ratio: f64) -> Context {
+        let (trace_id, parent, flags) = match valid_full(h) {
+            Some((id, parent, flags)) => (id, Some(parent), flags),
+            None => {
+                let mut id = [0u8; 16];
+                while id == [0; 16] {
+                    id[..8].copy_from_slice(&rand_u64().to_be_bytes());
+                    id[8..].copy_from_slice(&rand_u64().to_be_bytes());
+                }
+                (id, None, u8::from(sampled(ratio)))
             }
-            (id, u8::from(sampled(sample_ratio)))
+        };
+        Context {
+            trace_id,
+            parent,
+            span_id: new_span_id(),
+            flags,
         }
-    };
+    }
+
+    /// Whether the trace is sampled (its spans are recorded).
+    pub fn sampled(&self) -> bool {
+        self.flags & 0x01 != 0
+    }
+
+    /// Set the upstream's `traceparent`: this trace, with `span` as the parent. A `tracestate`
+    /// goes with a continued trace only.
+    pub fn write(&self, h: &mut HeaderMap, span: [u8; 8]) {
+        if self.parent.is_none() {
+            h.remove(&TRACESTATE);
+        }
+        let mut out = [0u8; 55];
+        out[..3].copy_from_slice(b"00-");
+        hex(&self.trace_id, &mut out[3..35]);
+        out[35] = b'-';
+        hex(&span, &mut out[36..52]);
+        out[52] = b'-';
+        hex(&[self.flags], &mut out[53..55]);
+        if let Ok(v) = HeaderValue::from_bytes(&out) {
+            h.insert(TRACEPARENT.clone(), v);
+        }
+    }
+
+    /// Rewrite the request's `traceparent` for the upstream (the gateway's span as the parent);
+    /// returns the trace id sent.
+    pub fn propagate(&self, h: &mut HeaderMap) -> TraceId {
+        self.write(h, self.span_id);
+        self.trace_id
+    }
+}
+
+/// A random span id (never all zero).
+pub fn new_span_id() -> [u8; 8] {
     let mut span = [0u8; 8];
     while span == [0; 8] {
         span = rand_u64().to_be_bytes();
     }
-    let mut out = [0u8; 55];
-    out[..3].copy_from_slice(b"00-");
-    hex(&trace_id, &mut out[3..35]);
-    out[35] = b'-';
-    hex(&span, &mut out[36..52]);
-    out[52] = b'-';
-    hex(&[flags], &mut out[53..55]);
-    if let Ok(v) = HeaderValue::from_bytes(&out) {
-        h.insert(TRACEPARENT.clone(), v);
-    }
-    trace_id
+    span
 }
 
-/// The trace id and flags of a valid `traceparent` (version 00, or a later version's first four
-/// fields, as the spec allows).
-fn parse(v: &[u8]) -> Option<([u8; 16], u8)> {
+/// Rewrite the request's `traceparent` for the upstream; returns the trace id sent.
+pub fn propagate(h: &mut HeaderMap, sample_ratio: f64) -> TraceId {
+    Context::read(h, sample_ratio).propagate(h)
+}
+
+/// The trace id, parent id and flags of a valid `traceparent` (version 00, or a later version's
+/// first four fields, as the spec allows).
+fn parse(v: &[u8]) -> Option<([u8; 16], [u8; 8], u8)> {
     if v.len() < 55 || (v.len() > 55 && v[55] != b'-') {
         return None;
     }
@@ -82,7 +135,7 @@ fn parse(v: &[u8]) -> Option<([u8; 16], u8)> {
         return None;
     }
     // Version 00 defines only the sampled bit.
-    Some((trace, flags & 0x01))
+    Some((trace, parent, flags & 0x01))
 }
 
 /// Lowercase hex only, as the spec requires.

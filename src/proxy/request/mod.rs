@@ -127,7 +127,7 @@ impl Proxy {
         }
         let snap = self.shared.load_full();
         let grpc = hdr::is_grpc(req.headers());
-        let ex = Exchange::start(&req, &snap, self.settings.access_log.is_some(), conn.remote);
+        let ex = Exchange::start(&req, &snap, &self.observer, conn.remote);
         let mut ctx = RequestCtx::new(&snap, conn, ex);
         let mut resp = match self.serve(&mut ctx, req).await {
             Ok(r) => r,
@@ -368,10 +368,7 @@ impl Proxy {
             }
             h.insert(X_REQUEST_ID.clone(), id);
         }
-        ctx.ex.trace_id = Some(observe::trace::propagate(
-            h,
-            self.settings.trace_sample_ratio,
-        ));
+        ctx.ex.trace_id = Some(ctx.ex.trace.propagate(h));
         h.insert(header::HOST, ctx.authority.clone());
     }
 
@@ -448,7 +445,9 @@ impl Proxy {
             None => retry::request_body(body, replayable, limit).await?,
         };
         if let Some(sh) = ctx.shadow {
-            self.shadows.copy(&sh.target, &parts, &body, &upstream_pq);
+            let trace = ctx.ex.attempts.trace.as_deref();
+            self.shadows
+                .copy(&sh.target, &parts, &body, &upstream_pq, trace);
         }
         let mut resp =
             retry::send_upstream(&prep.target, parts, body, upstream_pq, &mut ctx.ex.attempts)

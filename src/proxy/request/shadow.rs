@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use super::snapshot::{Prepared, Snapshot};
 use crate::metrics::Metrics;
 use crate::proxy::body::ReqBody;
+use crate::proxy::observe::spans::AttemptTrace;
 use crate::proxy::upstream::{retry, Target};
 use crate::routes::Group;
 
@@ -65,7 +66,15 @@ pub(crate) fn pick<'s>(snap: &'s Snapshot, group: &Group) -> Option<&'s Prepared
 
 impl Shadows {
     /// Start a copy of the request about to go upstream (`parts` after header edits).
-    pub(crate) fn copy(&self, target: &Target, parts: &Parts, body: &ReqBody, pq: &PathAndQuery) {
+    /// With `trace` (a sampled trace), the copy gets its own client span.
+    pub(crate) fn copy(
+        &self,
+        target: &Target,
+        parts: &Parts,
+        body: &ReqBody,
+        pq: &PathAndQuery,
+        trace: Option<&AttemptTrace>,
+    ) {
         // An upgrade belongs to one connection and cannot be copied.
         let body = body
             .replay()
@@ -87,11 +96,17 @@ impl Shadows {
                 head.headers.insert(header::HOST, v);
             }
         }
+        let span = trace.map(|t| {
+            let begun = t.begin(&mut head.headers);
+            (begun, t.ctx, t.exporter.clone(), head.method.clone())
+        });
         let (target, pq) = (target.clone(), pq.clone());
         tokio::spawn(async move {
             let _slot = slot;
+            let mut peer = None;
             let exchange = async {
-                let resp = retry::send_once(&target, head, body, pq, &mut None).await?;
+                let resp = retry::send_once(&target, head, body, pq, &mut peer).await?;
+                let status = resp.status().as_u16();
                 // Read to the end so the connection goes back to the pool; nothing is kept.
                 let mut b = resp.into_body();
                 while let Some(f) = b.frame().await {
@@ -99,13 +114,21 @@ impl Shadows {
                         break;
                     }
                 }
-                Ok::<_, crate::proxy::respond::ProxyError>(())
+                Ok::<_, crate::proxy::respond::ProxyError>(status)
             };
-            match tokio::time::timeout(target.timeout.unwrap_or(target.tunnel_idle), exchange).await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "shadow request failed"),
-                Err(_) => tracing::debug!("shadow request timed out"),
+            let limit = target.timeout.unwrap_or(target.tunnel_idle);
+            let result = match tokio::time::timeout(limit, exchange).await {
+                Ok(r) => r,
+                Err(_) => Err(crate::proxy::respond::ProxyError::Timeout),
+            };
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, "shadow request failed");
+            }
+            if let Some((begun, ctx, exporter, method)) = span {
+                let outcome = result.as_ref().copied();
+                let mut s = begun.finish(&ctx, &method, &target.authority, peer, 0, outcome);
+                s.str("legate.shadow", "true");
+                exporter.submit(s);
             }
         });
     }

@@ -27,6 +27,8 @@ pub(crate) struct Snapshot {
     pub evidence: Arc<Evidence>,
     /// Request counters per route, indexed by `RouteId` (resolved here, not per request).
     pub stats: Vec<Arc<RouteStats>>,
+    /// Share of new traces marked sampled (the flag, else the TracingService, else a default).
+    pub sample_ratio: f64,
 }
 
 /// A `Forward` route with its header names, values and upstream pre-parsed.
@@ -68,5 +70,17 @@ impl View for Snapshot {
 
     fn evidence(&self) -> &Evidence {
         &self.evidence
+    }
+
+    fn route_path(&self, route: usize) -> Option<&str> {
+        Some(self.graph.routes.get(route)?.matcher.path.as_str())
+    }
+
+    fn tracing(&self) -> Option<&crate::routes::settings::Tracing> {
+        self.graph.settings.tracing.as_ref()
+    }
+
+    fn sample_ratio(&self) -> f64 {
+        self.sample_ratio
     }
 }

@@ -143,12 +143,17 @@ async fn attempts(
             Some(p) if tries < p.num_retries => cur.replay(),
             _ => None,
         };
-        let this_head = match (&spare, head.as_ref()) {
+        let mut this_head = match (&spare, head.as_ref()) {
             (Some(_), Some(h)) => clone_head(h),
             _ => head
                 .take()
                 .ok_or_else(|| ProxyError::Internal("request head already sent".into()))?,
         };
+        // A sampled trace: this attempt's client span is the upstream's parent.
+        let span = seen
+            .trace
+            .as_ref()
+            .map(|t| (t.begin(&mut this_head.headers), this_head.method.clone()));
         // The address of this attempt only: one that fails to connect has none.
         seen.peer = None;
         let sent = send_once(prep, this_head, cur, pq.clone(), &mut seen.peer);
@@ -158,6 +163,11 @@ async fn attempts(
                 .unwrap_or(Err(ProxyError::Timeout)),
             None => sent.await,
         };
+        if let (Some(t), Some((begun, method))) = (seen.trace.as_mut(), span) {
+            let outcome = result.as_ref().map(|r| r.status().as_u16());
+            let s = begun.finish(&t.ctx, &method, &prep.authority, seen.peer, tries, outcome);
+            t.spans.push(s);
+        }
         if let (Some(p), Some(next)) = (policy, spare) {
             if let Some(why) = retry_reason(p.on, &result, &codes) {
                 match prep.breaker.retry() {
