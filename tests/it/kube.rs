@@ -1344,6 +1344,11 @@ struct KubeRun {
 }
 
 impl KubeRun {
+    /// What the gateway wrote to stderr so far (for a failing test's message).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("legate.log")).unwrap_or_default()
+    }
+
     fn start(fake: &FakeApiServer, echo: SocketAddr, args: &[&str]) -> KubeRun {
         KubeRun::start_on(fake, echo, crate::support::free_addr(), "off", args)
     }
@@ -1381,7 +1386,7 @@ impl KubeRun {
                 .args(args)
                 .env("POD_NAMESPACE", "default")
                 .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("legate.log")).unwrap())
                 .spawn()
                 .unwrap(),
         );
@@ -1867,7 +1872,7 @@ async fn kube_legate_run_orders_an_acme_certificate_into_a_secret() {
     let fake = FakeApiServer::start().await;
     fake.apply(HOSTS, acme_site(&pebble.directory));
     let ca = pebble.ca().display().to_string();
-    let _gw = KubeRun::start_on(
+    let gw = KubeRun::start_on(
         &fake,
         echo,
         http,
@@ -1881,11 +1886,20 @@ async fn kube_legate_run_orders_an_acme_certificate_into_a_secret() {
             "0",
         ],
     );
-    eventually("the Lease holder to write the certificate Secret", || {
-        fake.get(SECRETS, "default", "site-tls")
-            .is_some_and(|s| s["type"] == "kubernetes.io/tls")
-    })
-    .await;
+    // A hang guard, not a timing check: long enough for one failed first order (a loaded
+    // machine) and its 60 s backoff; the gateway's log is in the message if it never comes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(100);
+    while !fake
+        .get(SECRETS, "default", "site-tls")
+        .is_some_and(|s| s["type"] == "kubernetes.io/tls")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Lease holder wrote no certificate Secret; gateway log:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let root = pebble.root().await;
     crate::support::eventually_async("the issued certificate served by SNI", || async {
         let (ok, out, _) = crate::acme::served("site.acme.test", &root, https.port()).await;

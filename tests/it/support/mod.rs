@@ -546,9 +546,13 @@ pub fn make_secret(dir: &Path, secret: &str, names: &[&str]) -> PathBuf {
     d.join("tls.crt")
 }
 
-/// Peak resident memory of this process (VmHWM), in bytes.
-pub fn peak_rss() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+/// Peak resident set size (VmHWM) of another process, in bytes (0 if unreadable).
+pub fn process_peak_rss(pid: u32) -> u64 {
+    vm_hwm(&format!("/proc/{pid}/status"))
+}
+
+fn vm_hwm(status: &str) -> u64 {
+    let s = std::fs::read_to_string(status).unwrap_or_default();
     s.lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
