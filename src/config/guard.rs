@@ -567,21 +567,7 @@ impl JwtPolicy {
             }
             (Some(_), None) => {}
         }
-        let forward = spec
-            .forward_claims
-            .iter()
-            .map(|(claim, h)| {
-                HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
-                    .map(|n| (claim.clone(), n))
-                    .map_err(|_| {
-                        (
-                            "/spec/forward_claims",
-                            format!("`{h}` is not a valid header name"),
-                            "use letters, digits and `-`".to_string(),
-                        )
-                    })
-            })
-            .collect::<Result<_, _>>()?;
+        let forward = forward_claims(&spec.forward_claims)?;
         Ok(JwtPolicy {
             name: name.clone(),
             issuer: spec.issuer.clone(),
@@ -745,4 +731,24 @@ pub fn descriptor_groups(labels: &Value) -> (Vec<DescriptorGroup>, Vec<String>) 
         }
     }
     (out, unsupported)
+}
+
+/// `forward_claims` (claim -> header) of a JWTPolicy or an OIDCLogin, the header names checked.
+pub(super) fn forward_claims(
+    claims: &BTreeMap<String, String>,
+) -> Result<Vec<(String, HeaderName)>, CompileError> {
+    claims
+        .iter()
+        .map(|(claim, h)| {
+            HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                .map(|n| (claim.clone(), n))
+                .map_err(|_| {
+                    (
+                        "/spec/forward_claims",
+                        format!("`{h}` is not a valid header name"),
+                        "use letters, digits and `-`".to_string(),
+                    )
+                })
+        })
+        .collect()
 }

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use http::header::HeaderName;
 use serde::Deserialize;
 
 use super::guard::Coverage;
@@ -114,21 +113,7 @@ impl OidcLogin {
                 ));
             }
         }
-        let forward = spec
-            .forward_claims
-            .iter()
-            .map(|(claim, h)| {
-                HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
-                    .map(|n| (claim.clone(), n))
-                    .map_err(|_| {
-                        (
-                            "/spec/forward_claims",
-                            format!("`{h}` is not a valid header name"),
-                            "use letters, digits and `-`".to_string(),
-                        )
-                    })
-            })
-            .collect::<Result<_, _>>()?;
+        let forward = super::guard::forward_claims(&spec.forward_claims)?;
         let mut scopes = vec!["openid".to_string()];
         for s in &spec.scopes {
             if !scopes.contains(s) {
