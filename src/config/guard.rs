@@ -71,14 +71,11 @@ fn attach_jwt(
     groups: &[Group],
     diags: &mut Vec<Diagnostic>,
 ) {
-    let mut policies: Vec<(&Resource, &JwtPolicySpec)> = resources
-        .iter()
-        .filter_map(|r| match &r.spec {
-            Spec::JwtPolicy(p) => Some((*r, &**p)),
+    let policies: Vec<(&Resource, &JwtPolicySpec)> =
+        super::model::of_kind(resources, |s| match s {
+            Spec::JwtPolicy(p) => Some(&**p),
             _ => None,
-        })
-        .collect();
-    policies.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+        });
     // Which policy covers each route, to report overlaps.
     let mut owner: Vec<Option<String>> = vec![None; routes.len()];
     for (res, spec) in policies {
@@ -227,14 +224,10 @@ impl Coverage<'_> {
 /// Each RateLimit limit onto the Mappings whose `labels` declare its domain and group.
 fn attach_rate_limits(resources: &[&Resource], routes: &mut [Route], diags: &mut Vec<Diagnostic>) {
     let mut limits = Vec::new();
-    let mut list: Vec<(&Resource, &RateLimitSpec)> = resources
-        .iter()
-        .filter_map(|r| match &r.spec {
-            Spec::RateLimit(s) => Some((*r, &**s)),
-            _ => None,
-        })
-        .collect();
-    list.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+    let list: Vec<(&Resource, &RateLimitSpec)> = super::model::of_kind(resources, |s| match s {
+        Spec::RateLimit(s) => Some(&**s),
+        _ => None,
+    });
     for (res, spec) in list {
         match compile_limits(&res.id(), spec) {
             Ok(l) => limits.extend(l.into_iter().map(|l| (res, Arc::new(l)))),
@@ -318,14 +311,10 @@ fn attach_rate_limits(resources: &[&Resource], routes: &mut [Route], diags: &mut
 /// the last one's settings win); Legate refuses a second one instead, since which settings
 /// apply would depend on the order resources are read in.
 fn compile_auth(resources: &[&Resource], diags: &mut Vec<Diagnostic>) -> Option<Arc<ExtAuth>> {
-    let mut found: Vec<(&Resource, &AuthServiceSpec)> = resources
-        .iter()
-        .filter_map(|r| match &r.spec {
-            Spec::AuthService(a) => Some((*r, &**a)),
-            _ => None,
-        })
-        .collect();
-    found.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+    let found: Vec<(&Resource, &AuthServiceSpec)> = super::model::of_kind(resources, |s| match s {
+        Spec::AuthService(a) => Some(&**a),
+        _ => None,
+    });
     let (first, spec) = *found.first()?;
     for (extra, _) in &found[1..] {
         diags.push(

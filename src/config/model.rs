@@ -735,6 +735,20 @@ fn ambassador_ids(spec: Option<&Value>) -> Vec<String> {
     }
 }
 
+/// The resources of one kind with their specs (`pick` returns the spec of that kind), sorted by
+/// namespace and name so that what compile does with them never depends on file order.
+pub(crate) fn of_kind<'r, T: ?Sized>(
+    resources: &[&'r Resource],
+    pick: impl Fn(&'r Spec) -> Option<&'r T>,
+) -> Vec<(&'r Resource, &'r T)> {
+    let mut found: Vec<(&Resource, &T)> = resources
+        .iter()
+        .filter_map(|r| pick(&r.spec).map(|s| (*r, s)))
+        .collect();
+    found.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

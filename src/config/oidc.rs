@@ -154,14 +154,10 @@ pub fn attach(
     groups: &[Group],
     diags: &mut Vec<Diagnostic>,
 ) {
-    let mut logins: Vec<(&Resource, &OidcLoginSpec)> = resources
-        .iter()
-        .filter_map(|r| match &r.spec {
-            Spec::OidcLogin(p) => Some((*r, &**p)),
-            _ => None,
-        })
-        .collect();
-    logins.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+    let logins: Vec<(&Resource, &OidcLoginSpec)> = super::model::of_kind(resources, |s| match s {
+        Spec::OidcLogin(p) => Some(&**p),
+        _ => None,
+    });
     for (res, spec) in logins {
         let login = match OidcLogin::compile(res.id(), spec) {
             Ok(p) => Arc::new(p),

@@ -65,14 +65,11 @@ pub fn traces_url(s: &str) -> Result<http::Uri, String> {
 
 /// The revision's span export settings, from its one TracingService (if any).
 pub fn compile(resources: &[&Resource], diags: &mut Vec<Diagnostic>) -> Option<Tracing> {
-    let mut found: Vec<(&Resource, &TracingServiceSpec)> = resources
-        .iter()
-        .filter_map(|r| match &r.spec {
-            Spec::TracingService(t) => Some((*r, &**t)),
+    let found: Vec<(&Resource, &TracingServiceSpec)> =
+        super::model::of_kind(resources, |s| match s {
+            Spec::TracingService(t) => Some(&**t),
             _ => None,
-        })
-        .collect();
-    found.sort_by(|a, b| (&a.0.namespace, &a.0.name).cmp(&(&b.0.namespace, &b.0.name)));
+        });
     let (first, spec) = *found.first()?;
     for (extra, _) in &found[1..] {
         diags.push(
